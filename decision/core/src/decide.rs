@@ -1,0 +1,379 @@
+//! The decision, as a pure function in two halves around the one store call:
+//! `plan(policy, request)` answers everything that needs no counter (IP gate, sizes, path,
+//! route, credential, roles, zones) and lists the counter operations; the store applies them
+//! all-or-nothing; `conclude(policy, plan, verdicts)` turns the verdicts into the decision.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::apikey::Lookup;
+use crate::net;
+use crate::path;
+use crate::policy::{OnStoreError, Policy};
+use crate::quota::{Limit, Verdict};
+use crate::units::Micros;
+
+/// One request as any adapter sees it, borrowed from the adapter's message.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// the request target as sent (`:path`, with the query)
+    pub path: &'a str,
+    /// the address the request came from (for Envoy: the downstream address it saw)
+    pub peer: IpAddr,
+    pub forwarded_for: Option<&'a str>,
+    /// the declared body size, when known
+    pub content_length: Option<u64>,
+    /// the size of the request's header block (names and values)
+    pub header_bytes: u64,
+    /// the value of the API key header, if any
+    pub api_key: Option<&'a str>,
+    /// the `authorization` header, if any
+    pub authorization: Option<&'a str>,
+}
+
+/// Why a request was allowed or denied: one table gives each its HTTP status, the error text
+/// clients see, and the gRPC code a failed call maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    Allowed,
+    /// allowed without counting: the store failed and the policy says `on_store_error: allow`
+    AllowedStoreUnavailable,
+    IpDenied,
+    BadForwardedFor,
+    BadMethod,
+    BadPath,
+    HeadersTooLarge,
+    BodyTooLarge,
+    NoRoute,
+    ZoneForbidden,
+    CredentialMissing,
+    ApiKeyUnknown,
+    ApiKeyRevoked,
+    BearerNotEnabled,
+    FreshAuthRequired,
+    RoleForbidden,
+    TierRateExceeded,
+    DailyQuotaExceeded,
+    ZoneRateExceeded,
+    StoreUnavailable,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 20] = [
+        Reason::Allowed,
+        Reason::AllowedStoreUnavailable,
+        Reason::IpDenied,
+        Reason::BadForwardedFor,
+        Reason::BadMethod,
+        Reason::BadPath,
+        Reason::HeadersTooLarge,
+        Reason::BodyTooLarge,
+        Reason::NoRoute,
+        Reason::ZoneForbidden,
+        Reason::CredentialMissing,
+        Reason::ApiKeyUnknown,
+        Reason::ApiKeyRevoked,
+        Reason::BearerNotEnabled,
+        Reason::FreshAuthRequired,
+        Reason::RoleForbidden,
+        Reason::TierRateExceeded,
+        Reason::DailyQuotaExceeded,
+        Reason::ZoneRateExceeded,
+        Reason::StoreUnavailable,
+    ];
+
+    /// The stable name used in logs, metrics and audit events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Allowed => "allowed",
+            Reason::AllowedStoreUnavailable => "allowed_store_unavailable",
+            Reason::IpDenied => "ip_denied",
+            Reason::BadForwardedFor => "bad_forwarded_for",
+            Reason::BadMethod => "bad_method",
+            Reason::BadPath => "bad_path",
+            Reason::HeadersTooLarge => "headers_too_large",
+            Reason::BodyTooLarge => "body_too_large",
+            Reason::NoRoute => "no_route",
+            Reason::ZoneForbidden => "zone_forbidden",
+            Reason::CredentialMissing => "credential_missing",
+            Reason::ApiKeyUnknown => "api_key_unknown",
+            Reason::ApiKeyRevoked => "api_key_revoked",
+            Reason::BearerNotEnabled => "bearer_not_enabled",
+            Reason::FreshAuthRequired => "fresh_auth_required",
+            Reason::RoleForbidden => "role_forbidden",
+            Reason::TierRateExceeded => "tier_rate_exceeded",
+            Reason::DailyQuotaExceeded => "daily_quota_exceeded",
+            Reason::ZoneRateExceeded => "zone_rate_exceeded",
+            Reason::StoreUnavailable => "store_unavailable",
+        }
+    }
+
+    /// The HTTP status the client gets.
+    pub fn status(self) -> u16 {
+        match self {
+            Reason::Allowed | Reason::AllowedStoreUnavailable => 200,
+            Reason::BadForwardedFor | Reason::BadMethod | Reason::BadPath => 400,
+            Reason::CredentialMissing
+            | Reason::ApiKeyUnknown
+            | Reason::ApiKeyRevoked
+            | Reason::BearerNotEnabled
+            | Reason::FreshAuthRequired => 401,
+            Reason::IpDenied | Reason::NoRoute | Reason::ZoneForbidden | Reason::RoleForbidden => 403,
+            Reason::BodyTooLarge => 413,
+            Reason::TierRateExceeded | Reason::DailyQuotaExceeded | Reason::ZoneRateExceeded => 429,
+            Reason::HeadersTooLarge => 431,
+            Reason::StoreUnavailable => 503,
+        }
+    }
+
+    /// The generic text a client sees; the precise reason stays in our logs.
+    pub fn client_error(self) -> &'static str {
+        match self.status() {
+            400 => "Bad request",
+            401 => "Authentication required",
+            403 => "Forbidden",
+            413 => "Payload too large",
+            429 => "Rate limit exceeded",
+            431 => "Request header fields too large",
+            503 => "Service unavailable",
+            _ => "OK",
+        }
+    }
+
+    pub fn is_allowed(self) -> bool {
+        matches!(self, Reason::Allowed | Reason::AllowedStoreUnavailable)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    ApiKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub subject: Arc<str>,
+    /// granted role bits
+    pub roles: u64,
+    pub tier: usize,
+    pub credential: CredentialKind,
+}
+
+/// Which limit an operation enforces (its name in the RateLimit headers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// the tier's token bucket, keyed by identity
+    TierBurst,
+    /// the tier's 24-hour window, keyed by identity
+    TierDaily,
+    /// the zone's per-IP window
+    Zone,
+}
+
+impl OpKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpKind::TierBurst => "burst",
+            OpKind::TierDaily => "daily",
+            OpKind::Zone => "ip",
+        }
+    }
+}
+
+/// One counter operation for the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Op {
+    /// the store key; keys of one identity or one address share a `{hash tag}`
+    pub key: String,
+    pub limit: Limit,
+    pub cost: u64,
+    pub kind: OpKind,
+}
+
+/// What `plan` learned about the request, carried into the decision.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    pub client_ip: Option<IpAddr>,
+    pub zone: u64,
+    /// the normalized path (no query)
+    pub path: Option<String>,
+    pub route: Option<usize>,
+    pub identity: Option<Identity>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    pub ctx: Context,
+}
+
+/// A limit's state as reported to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaReport {
+    pub kind: OpKind,
+    pub limit: Limit,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub reason: Reason,
+    pub ctx: Context,
+    /// every limit checked, in plan order
+    pub quotas: Vec<QuotaReport>,
+    /// for a 429: the longest wait among the limits that refused
+    pub retry_after: Option<Micros>,
+    /// the share of the daily quota used (basis points), when past `quota_warning`
+    pub quota_warning: Option<u32>,
+}
+
+impl Decision {
+    pub fn allowed(&self) -> bool {
+        self.reason.is_allowed()
+    }
+
+    pub fn status(&self) -> u16 {
+        self.reason.status()
+    }
+
+    fn deny(reason: Reason, ctx: Context) -> Decision {
+        Decision { reason, ctx, quotas: Vec::new(), retry_after: None, quota_warning: None }
+    }
+}
+
+fn valid_method(m: &str) -> bool {
+    !m.is_empty() && m.len() <= 32 && m.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
+}
+
+/// Everything that needs no counter; `Err` is a final decision, `Ok` the counters to apply.
+pub fn plan(policy: &Policy, req: &Request<'_>) -> Result<Plan, Box<Decision>> {
+    let mut ctx = Context::default();
+    let deny = |reason, ctx| Err(Box::new(Decision::deny(reason, ctx)));
+
+    let Ok(ip) = net::client_ip(req.peer, req.forwarded_for, &policy.network.trusted_proxies) else {
+        return deny(Reason::BadForwardedFor, ctx);
+    };
+    ctx.client_ip = Some(ip);
+    if policy.network.deny.contains(ip) {
+        return deny(Reason::IpDenied, ctx);
+    }
+    ctx.zone = policy.network.zones.of(ip);
+
+    if !valid_method(req.method) {
+        return deny(Reason::BadMethod, ctx);
+    }
+    if req.header_bytes > policy.max_header_bytes {
+        return deny(Reason::HeadersTooLarge, ctx);
+    }
+    if req.content_length.is_some_and(|n| n > policy.max_body) {
+        return deny(Reason::BodyTooLarge, ctx);
+    }
+    let (raw_path, _query) = path::split_query(req.path);
+    let normalized = match path::normalize(raw_path) {
+        Ok(p) => p,
+        Err(_) => return deny(Reason::BadPath, ctx),
+    };
+    let route = policy.routes.iter().find(|r| r.matches(req.method, &normalized));
+    ctx.path = Some(normalized);
+    let Some(route) = route else {
+        return deny(Reason::NoRoute, ctx);
+    };
+    ctx.route = Some(route.index);
+    if route.zones.is_some_and(|z| z & ctx.zone == 0) {
+        return deny(Reason::ZoneForbidden, ctx);
+    }
+
+    if !route.public {
+        let identity = match (req.api_key, req.authorization) {
+            (Some(key), _) => match policy.api_keys.lookup(key.as_bytes()) {
+                Lookup::Unknown => return deny(Reason::ApiKeyUnknown, ctx),
+                Lookup::Found(k) if k.revoked => return deny(Reason::ApiKeyRevoked, ctx),
+                Lookup::Found(k) => Identity { subject: k.id.clone(), roles: k.roles, tier: k.tier, credential: CredentialKind::ApiKey },
+            },
+            (None, Some(auth)) if auth.len() > 7 && auth[..7].eq_ignore_ascii_case("bearer ") => {
+                return deny(Reason::BearerNotEnabled, ctx);
+            }
+            (None, _) => return deny(Reason::CredentialMissing, ctx),
+        };
+        // An API key carries no authentication time, so it never satisfies a sensitive route.
+        let fresh_needed = route.max_auth_age.is_some() && identity.credential == CredentialKind::ApiKey;
+        let role_ok = identity.roles & route.allow_roles != 0;
+        ctx.identity = Some(identity);
+        if fresh_needed {
+            return deny(Reason::FreshAuthRequired, ctx);
+        }
+        if !role_ok {
+            return deny(Reason::RoleForbidden, ctx);
+        }
+    }
+
+    let mut ops = Vec::with_capacity(3);
+    if let Some(id) = &ctx.identity {
+        if let Some(tier) = policy.tiers.get(id.tier) {
+            ops.push(Op { key: format!("pc:{{s:{}}}:burst", id.subject), limit: tier.bucket, cost: 1, kind: OpKind::TierBurst });
+            ops.push(Op { key: format!("pc:{{s:{}}}:daily", id.subject), limit: tier.daily, cost: 1, kind: OpKind::TierDaily });
+        }
+    }
+    if let Some(limit) = policy.zone_limit(ctx.zone) {
+        ops.push(Op { key: format!("pc:{{ip:{ip}}}:zone"), limit, cost: 1, kind: OpKind::Zone });
+    }
+    Ok(Plan { ops, ctx })
+}
+
+/// The decision from the store's verdicts (one per operation, in order).
+pub fn conclude(policy: &Policy, plan: Plan, verdicts: &[Verdict]) -> Decision {
+    let quotas: Vec<QuotaReport> = plan
+        .ops
+        .iter()
+        .zip(verdicts)
+        .map(|(op, v)| QuotaReport { kind: op.kind, limit: op.limit, verdict: *v })
+        .collect();
+    let refused = quotas.iter().filter(|q| !q.verdict.allowed);
+    let mut reason = Reason::Allowed;
+    let mut retry_after = None;
+    for q in refused {
+        if reason == Reason::Allowed {
+            reason = match q.kind {
+                OpKind::TierBurst => Reason::TierRateExceeded,
+                OpKind::TierDaily => Reason::DailyQuotaExceeded,
+                OpKind::Zone => Reason::ZoneRateExceeded,
+            };
+        }
+        retry_after = Some(retry_after.unwrap_or(0).max(q.verdict.retry_after));
+    }
+    let quota_warning = match (reason, policy.quota_warning) {
+        (Reason::Allowed, Some(threshold)) => quotas.iter().find(|q| q.kind == OpKind::TierDaily).and_then(|q| {
+            let total = q.limit.quota().max(1);
+            let used = total.saturating_sub(q.verdict.remaining);
+            let bp = u32::try_from(used.saturating_mul(10_000) / total).unwrap_or(10_000);
+            (bp >= threshold).then_some(bp)
+        }),
+        _ => None,
+    };
+    Decision { reason, ctx: plan.ctx, quotas, retry_after, quota_warning }
+}
+
+/// The decision when the store failed or timed out, by the policy's `on_store_error`.
+pub fn store_failed(policy: &Policy, plan: Plan) -> Decision {
+    let reason = match policy.on_store_error {
+        OnStoreError::Deny => Reason::StoreUnavailable,
+        OnStoreError::Allow => Reason::AllowedStoreUnavailable,
+    };
+    Decision::deny(reason, plan.ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_one_status_and_a_distinct_name() {
+        let mut names = std::collections::HashSet::new();
+        for r in Reason::ALL {
+            assert!(names.insert(r.as_str()), "duplicate name {}", r.as_str());
+            assert!([200, 400, 401, 403, 413, 429, 431, 503].contains(&r.status()));
+            assert_eq!(r.is_allowed(), r.status() == 200);
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The pure core of portcullis: request normalization, the compiled policy, quota math, the
+//! plan of counter operations and the decision. No I/O, no clock, no async: time is an argument.
+
+pub mod apikey;
+pub mod decide;
+pub mod glob;
+pub mod net;
+pub mod path;
+pub mod policy;
+pub mod quota;
+pub mod roles;
+pub mod units;
+
+pub use decide::{Decision, Plan, Reason, Request, conclude, plan, store_failed};

@@ -1,0 +1,130 @@
+//! The compiled policy: what the config layer builds from a validated file, shaped for fast
+//! lookups on the request path (CIDR tables, role bit masks, digest-indexed keys, parsed globs).
+
+use std::sync::Arc;
+
+use crate::apikey::ApiKeyTable;
+use crate::glob::PathPattern;
+use crate::net::CidrTable;
+use crate::quota::Limit;
+use crate::roles::RoleTable;
+use crate::units::{Micros, Rate};
+
+/// What to answer when the store fails or times out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnStoreError {
+    /// 503, so that the client retries (the safe default)
+    #[default]
+    Deny,
+    /// let the request through, marked as not counted
+    Allow,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tier {
+    pub name: Arc<str>,
+    pub per_minute: u64,
+    pub burst: u64,
+    pub per_day: u64,
+    /// the token bucket (refill per_minute a minute, capacity burst)
+    pub bucket: Limit,
+    /// the 24-hour sliding window
+    pub daily: Limit,
+}
+
+/// Named trust zones; bit i of a zone mask is `names[i]`.
+#[derive(Debug, Clone, Default)]
+pub struct Zones {
+    pub names: Vec<String>,
+    pub table: CidrTable,
+}
+
+/// The pseudo-zone of an address in no named zone.
+pub const UNTRUSTED: &str = "untrusted";
+/// The bit a route's zone mask uses for `untrusted`.
+pub const UNTRUSTED_BIT: u64 = 1 << 63;
+
+impl Zones {
+    /// The zone mask of an address: the bits of its named zones, or [`UNTRUSTED_BIT`].
+    pub fn of(&self, ip: std::net::IpAddr) -> u64 {
+        match self.table.lookup(ip) {
+            0 => UNTRUSTED_BIT,
+            m => m,
+        }
+    }
+
+    /// The name of the first zone in a mask (for logs and headers).
+    pub fn name(&self, mask: u64) -> &str {
+        if mask & UNTRUSTED_BIT != 0 || mask == 0 {
+            return UNTRUSTED;
+        }
+        self.names.get(mask.trailing_zeros() as usize).map_or(UNTRUSTED, String::as_str)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub trusted_proxies: CidrTable,
+    pub deny: CidrTable,
+    pub zones: Zones,
+    /// per client IP: a sliding window for addresses in a named zone, and for the rest
+    pub zone_limit_trusted: Option<Limit>,
+    pub zone_limit_untrusted: Option<Limit>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// the rule's position in `routes` (0-based), for logs and metrics
+    pub index: usize,
+    pub pattern: PathPattern,
+    /// upper-case methods; empty means any method
+    pub methods: Vec<String>,
+    pub public: bool,
+    /// roles allowed (bits; a holder's granted mask must intersect it); 0 with `public`
+    pub allow_roles: u64,
+    /// zones the route may be called from (bits, with [`UNTRUSTED_BIT`]); None: anywhere
+    pub zones: Option<u64>,
+    /// needs an authentication no older than this (API keys never satisfy it)
+    pub max_auth_age: Option<Micros>,
+}
+
+impl Route {
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method))) && self.pattern.matches(path)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub network: Network,
+    pub api_keys: ApiKeyTable,
+    /// JWT issuers are configured (bearer tokens are expected on this deployment)
+    pub bearer_configured: bool,
+    pub roles: RoleTable,
+    pub tiers: Vec<Tier>,
+    /// basis points of `per_day` past which a warning is attached
+    pub quota_warning: Option<u32>,
+    pub routes: Vec<Route>,
+    pub max_body: u64,
+    pub max_header_bytes: u64,
+    pub on_store_error: OnStoreError,
+}
+
+impl Policy {
+    pub fn tier(&self, name: &str) -> Option<usize> {
+        self.tiers.iter().position(|t| &*t.name == name)
+    }
+
+    pub fn zone_limit(&self, zone_mask: u64) -> Option<Limit> {
+        if zone_mask & UNTRUSTED_BIT != 0 {
+            self.network.zone_limit_untrusted
+        } else {
+            self.network.zone_limit_trusted
+        }
+    }
+}
+
+/// A zone limit from its policy rate, as a sliding window.
+pub fn zone_limit(rate: Rate) -> Limit {
+    Limit::SlidingWindow { limit: rate.count, window: rate.per }
+}

@@ -1,0 +1,352 @@
+//! Quota math over a state and a time passed in; no clock, no I/O.
+//!
+//! - Token bucket as GCRA (the generic cell rate algorithm, ITU-T I.371, as in the `governor`
+//!   crate and in Redis-cell): one number per key, the theoretical arrival time (TAT). A bucket
+//!   of `burst` tokens refilled one token per `interval` allows a request of cost n at `now` when
+//!   `max(TAT, now) + n * interval - now <= burst * interval`, and then moves TAT there.
+//! - Sliding-window counter (the weighted previous and current fixed windows, as Cloudflare
+//!   describes it): the count in the last window is estimated as
+//!   `prev * (window - elapsed) / window + cur`; a request fits when that estimate plus its cost
+//!   stays within the limit. Unlike a fixed window, no client gets twice the limit across an edge.
+//!
+//! `check` never mutates: it returns the verdict and the state to store if the whole plan is
+//! allowed, so a store can keep plans all-or-nothing (a denied request consumes nothing).
+
+use crate::units::Micros;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `burst` tokens, one more every `interval` microseconds.
+    TokenBucket { burst: u64, interval: Micros },
+    /// at most `limit` in any `window` (estimated from two fixed windows).
+    SlidingWindow { limit: u64, window: Micros },
+}
+
+impl Limit {
+    /// A bucket that refills `per_period` tokens every `period` and holds at most `burst`.
+    /// The interval is rounded up, so the refill never runs faster than configured.
+    pub fn token_bucket(per_period: u64, period: Micros, burst: u64) -> Limit {
+        let per_period = per_period.max(1);
+        Limit::TokenBucket { burst, interval: period.div_ceil(per_period).max(1) }
+    }
+
+    /// The quota a client sees (`q` of the RateLimit headers).
+    pub fn quota(&self) -> u64 {
+        match *self {
+            Limit::TokenBucket { burst, .. } => burst,
+            Limit::SlidingWindow { limit, .. } => limit,
+        }
+    }
+
+    /// The window a client sees (`w`): the time to refill an empty bucket, or the window.
+    pub fn window(&self) -> Micros {
+        match *self {
+            Limit::TokenBucket { burst, interval } => burst.saturating_mul(interval),
+            Limit::SlidingWindow { window, .. } => window,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Bucket { tat: Micros },
+    Window { start: Micros, prev: u64, cur: u64 },
+}
+
+/// The answer for one operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    /// what is left after this request (if allowed) or now (if denied)
+    pub remaining: u64,
+    /// time until the quota is whole again (bucket full / current window over)
+    pub reset: Micros,
+    /// time until a request of the same cost would fit (0 when allowed)
+    pub retry_after: Micros,
+}
+
+/// The result of checking one operation: the verdict, and the state to store (with the time it
+/// may expire) if the plan it belongs to commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    pub verdict: Verdict,
+    pub next: State,
+    pub expires_at: Micros,
+}
+
+pub fn check(limit: Limit, state: Option<State>, cost: u64, now: Micros) -> Checked {
+    match limit {
+        Limit::TokenBucket { burst, interval } => bucket(burst, interval, state, cost, now),
+        Limit::SlidingWindow { limit, window } => sliding(limit, window, state, cost, now),
+    }
+}
+
+fn bucket(burst: u64, interval: Micros, state: Option<State>, cost: u64, now: Micros) -> Checked {
+    let stored = match state {
+        Some(State::Bucket { tat }) => tat,
+        _ => now,
+    };
+    let tat = stored.max(now);
+    let tau = burst.saturating_mul(interval);
+    let new_tat = tat.saturating_add(cost.saturating_mul(interval));
+    if new_tat - now <= tau {
+        Checked {
+            verdict: Verdict { allowed: true, remaining: (tau - (new_tat - now)) / interval, reset: new_tat - now, retry_after: 0 },
+            next: State::Bucket { tat: new_tat },
+            expires_at: new_tat,
+        }
+    } else {
+        Checked {
+            verdict: Verdict {
+                allowed: false,
+                remaining: tau.saturating_sub(tat - now) / interval,
+                reset: tat - now,
+                retry_after: (new_tat - now) - tau,
+            },
+            next: State::Bucket { tat: stored },
+            expires_at: stored,
+        }
+    }
+}
+
+/// `prev * (window - elapsed) / window`, rounded up so the estimate never under-counts.
+fn weighted(prev: u64, window: Micros, elapsed: Micros) -> u64 {
+    let num = u128::from(prev) * u128::from(window - elapsed);
+    u64::try_from(num.div_ceil(u128::from(window))).unwrap_or(u64::MAX)
+}
+
+fn sliding(limit: u64, window: Micros, state: Option<State>, cost: u64, now: Micros) -> Checked {
+    let window = window.max(1);
+    let aligned = now - now % window;
+    let (start, prev, cur) = match state {
+        Some(State::Window { start, prev, cur }) if start == aligned => (start, prev, cur),
+        Some(State::Window { start, cur, .. }) if start + window == aligned => (aligned, cur, 0),
+        // A state from the future (a clock behind the one that wrote it): keep its counts.
+        Some(State::Window { start, prev, cur }) if start > aligned => (start, prev, cur),
+        _ => (aligned, 0, 0),
+    };
+    let elapsed = now.saturating_sub(start).min(window);
+    let estimate = weighted(prev, window, elapsed).saturating_add(cur);
+    let reset = window - elapsed;
+    if estimate.saturating_add(cost) <= limit {
+        let cur = cur + cost;
+        Checked {
+            verdict: Verdict { allowed: true, remaining: limit - estimate - cost, reset, retry_after: 0 },
+            next: State::Window { start, prev, cur },
+            expires_at: start + 2 * window,
+        }
+    } else {
+        let retry_after = if cost > limit {
+            // can never fit: say "after two windows" rather than never
+            2 * window - elapsed
+        } else if cur + cost <= limit {
+            // wait for the previous window's weight to decay enough
+            let room = limit - cur - cost;
+            let decay_to = if prev == 0 { 0 } else { u64::try_from(u128::from(room) * u128::from(window) / u128::from(prev)).unwrap_or(u64::MAX).min(window) };
+            (window - decay_to).saturating_sub(elapsed).max(1)
+        } else {
+            // the current window alone is too full: into the next one, until it decays
+            let decay_to = u64::try_from(u128::from(limit - cost) * u128::from(window) / u128::from(cur)).unwrap_or(u64::MAX).min(window);
+            reset + (window - decay_to)
+        };
+        Checked {
+            verdict: Verdict { allowed: false, remaining: limit.saturating_sub(estimate), reset, retry_after },
+            next: state.unwrap_or(State::Window { start, prev, cur }),
+            expires_at: start + 2 * window,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::{MICROS_PER_MINUTE, MICROS_PER_SEC};
+    use proptest::prelude::*;
+
+    fn basic() -> Limit {
+        Limit::token_bucket(60, MICROS_PER_MINUTE, 100)
+    }
+
+    /// Runs requests of cost 1 at the given instants, storing state only when allowed.
+    fn run(limit: Limit, times: &[Micros]) -> Vec<bool> {
+        let mut state = None;
+        times
+            .iter()
+            .map(|&t| {
+                let c = check(limit, state, 1, t);
+                if c.verdict.allowed {
+                    state = Some(c.next);
+                }
+                c.verdict.allowed
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_full_bucket_allows_exactly_burst_at_once() {
+        let t0 = 1_700_000_000 * MICROS_PER_SEC;
+        let allowed = run(basic(), &vec![t0; 150]);
+        assert_eq!(allowed.iter().filter(|a| **a).count(), 100);
+        assert!(allowed[..100].iter().all(|a| *a) && !allowed[100]);
+    }
+
+    #[test]
+    fn an_empty_bucket_refills_one_token_per_interval() {
+        let t0 = 1_000 * MICROS_PER_SEC;
+        let mut state = None;
+        for _ in 0..100 {
+            state = Some(check(basic(), state, 1, t0).next);
+        }
+        let denied = check(basic(), state, 1, t0);
+        assert!(!denied.verdict.allowed);
+        assert_eq!(denied.verdict.retry_after, MICROS_PER_SEC);
+        assert_eq!(denied.verdict.remaining, 0);
+        assert_eq!(denied.next, state.expect("state"));
+        let later = check(basic(), state, 1, t0 + MICROS_PER_SEC);
+        assert!(later.verdict.allowed);
+        assert_eq!(later.verdict.remaining, 0);
+        assert!(!check(basic(), Some(later.next), 1, t0 + MICROS_PER_SEC).verdict.allowed);
+    }
+
+    #[test]
+    fn bucket_reports_remaining_and_reset() {
+        let c = check(basic(), None, 1, 5 * MICROS_PER_SEC);
+        assert_eq!(c.verdict, Verdict { allowed: true, remaining: 99, reset: MICROS_PER_SEC, retry_after: 0 });
+        let c = check(basic(), Some(c.next), 10, 5 * MICROS_PER_SEC);
+        assert_eq!(c.verdict.remaining, 89);
+        assert_eq!(c.verdict.reset, 11 * MICROS_PER_SEC);
+    }
+
+    #[test]
+    fn window_counts_exactly_to_the_limit_then_denies() {
+        let limit = Limit::SlidingWindow { limit: 10, window: MICROS_PER_MINUTE };
+        let t0 = 100 * MICROS_PER_MINUTE;
+        let allowed = run(limit, &vec![t0 + 1; 11]);
+        assert_eq!(allowed.iter().filter(|a| **a).count(), 10);
+        assert!(!allowed[10]);
+    }
+
+    #[test]
+    fn window_edge_gives_no_double_burst() {
+        // 10 requests at the very end of one window: right after the edge the previous window
+        // still weighs almost fully, so almost nothing more is allowed.
+        let limit = Limit::SlidingWindow { limit: 10, window: MICROS_PER_MINUTE };
+        let edge = 100 * MICROS_PER_MINUTE;
+        let mut times = vec![edge - 1; 10];
+        times.extend(vec![edge + 1; 10]);
+        let allowed = run(limit, &times);
+        assert_eq!(allowed.iter().filter(|a| **a).count(), 10);
+        // half a window later, half of the previous window has decayed
+        let mut times2 = times.clone();
+        times2.extend(vec![edge + MICROS_PER_MINUTE / 2; 10]);
+        let allowed = run(limit, &times2);
+        assert_eq!(allowed.iter().filter(|a| **a).count(), 15);
+    }
+
+    #[test]
+    fn window_retry_after_is_when_the_request_would_fit() {
+        let limit = Limit::SlidingWindow { limit: 10, window: MICROS_PER_MINUTE };
+        let t0 = 100 * MICROS_PER_MINUTE;
+        let mut state = None;
+        for _ in 0..10 {
+            state = Some(check(limit, state, 1, t0).next);
+        }
+        let denied = check(limit, state, 1, t0);
+        assert!(!denied.verdict.allowed);
+        let retry = denied.verdict.retry_after;
+        assert!(retry > 0);
+        assert!(check(limit, state, 1, t0 + retry).verdict.allowed, "fits after retry_after ({retry} us)");
+        assert!(!check(limit, state, 1, t0 + retry - MICROS_PER_SEC).verdict.allowed, "not a second earlier");
+    }
+
+    #[derive(Debug, Clone)]
+    struct Step {
+        dt: Micros,
+        cost: u64,
+    }
+
+    fn steps() -> impl Strategy<Value = Vec<Step>> {
+        prop::collection::vec(
+            (prop_oneof![Just(0u64), 0..2_000_000u64, 0..90_000_000u64], prop_oneof![4 => Just(1u64), 1 => 1..5u64])
+                .prop_map(|(dt, cost)| Step { dt, cost }),
+            1..400,
+        )
+    }
+
+    /// Applies steps, returning (time, cost) of every allowed request, and checks on the way
+    /// that a denied request leaves the state as it was.
+    fn apply(limit: Limit, steps: &[Step]) -> Result<Vec<(Micros, u64)>, TestCaseError> {
+        let mut now = 1_000_000 * MICROS_PER_SEC;
+        let mut state = None;
+        let mut allowed = Vec::new();
+        for s in steps {
+            now += s.dt;
+            let c = check(limit, state, s.cost, now);
+            if c.verdict.allowed {
+                state = Some(c.next);
+                allowed.push((now, s.cost));
+            } else {
+                prop_assert_eq!(c.next, state.unwrap_or(c.next), "a denied request changed the state");
+                prop_assert!(c.verdict.retry_after > 0);
+            }
+        }
+        Ok(allowed)
+    }
+
+    fn max_in_span(allowed: &[(Micros, u64)], span: Micros) -> u64 {
+        let mut best = 0;
+        let mut lo = 0;
+        let mut sum = 0;
+        for hi in 0..allowed.len() {
+            sum += allowed[hi].1;
+            while allowed[hi].0 - allowed[lo].0 >= span {
+                sum -= allowed[lo].1;
+                lo += 1;
+            }
+            best = best.max(sum);
+        }
+        best
+    }
+
+    proptest! {
+        #[test]
+        fn bucket_never_allows_more_than_burst_plus_rate_in_any_minute(
+            per_minute in 1..2_000u64, burst in 1..3_000u64, steps in steps()
+        ) {
+            let limit = Limit::token_bucket(per_minute, MICROS_PER_MINUTE, burst);
+            let allowed = apply(limit, &steps)?;
+            prop_assert!(max_in_span(&allowed, MICROS_PER_MINUTE) <= burst + per_minute);
+        }
+
+        #[test]
+        fn window_never_allows_more_than_the_limit_in_an_aligned_window_nor_twice_it_in_any_span(
+            limit in 1..500u64, steps in steps()
+        ) {
+            let l = Limit::SlidingWindow { limit, window: MICROS_PER_MINUTE };
+            let allowed = apply(l, &steps)?;
+            let mut per_window = std::collections::HashMap::new();
+            for (t, c) in &allowed {
+                *per_window.entry(t / MICROS_PER_MINUTE).or_insert(0) += c;
+            }
+            prop_assert!(per_window.values().all(|n| *n <= limit));
+            prop_assert!(max_in_span(&allowed, MICROS_PER_MINUTE) < 2 * limit.max(1));
+        }
+
+        #[test]
+        fn a_request_retried_after_retry_after_fits_if_nothing_else_happened(
+            per_minute in 1..600u64, burst in 1..200u64, n in 1..400usize, cost in 1..4u64
+        ) {
+            let limit = Limit::token_bucket(per_minute, MICROS_PER_MINUTE, burst);
+            let now = 77 * MICROS_PER_SEC;
+            let mut state = None;
+            for _ in 0..n {
+                let c = check(limit, state, 1, now);
+                if c.verdict.allowed { state = Some(c.next); }
+            }
+            let c = check(limit, state, cost, now);
+            if !c.verdict.allowed && cost <= burst {
+                prop_assert!(check(limit, state, cost, now + c.verdict.retry_after).verdict.allowed);
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Wire types: Envoy v3 APIs re-exported from `envoy-types`.
