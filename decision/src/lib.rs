@@ -1,1 +1,4 @@
-//! The service.
+//! The portcullis service: configuration, stores, the engine, the gRPC and HTTP adapters,
+//! telemetry and server wiring. Decisions themselves live in `decision-core`.
+
+pub mod config;

@@ -1,0 +1,520 @@
+//! Configuration: the YAML policy file (validated into the core's `Policy`) and the deployment
+//! knobs, which come from flags or these environment variables (read by clap):
+//!
+//! | variable | meaning | default |
+//! | --- | --- | --- |
+//! | `PORTCULLIS_CONFIG` | the policy file | (required) |
+//! | `PORTCULLIS_GRPC_ADDR` | gRPC listen address, overrides `listen.grpc` | `127.0.0.1:8081` |
+//! | `PORTCULLIS_HTTP_ADDR` | admin HTTP listen address, overrides `listen.http` | `127.0.0.1:9102` |
+//! | `PORTCULLIS_LOG_FORMAT` | `json` or `pretty` | `pretty` |
+//! | `PORTCULLIS_LOG` | log filter (tracing's `EnvFilter` syntax) | `info` |
+//!
+//! Raw serde structs (`raw`) stop here: `validate` turns them into domain types and reports
+//! every problem it finds, each with its field path and line.
+
+mod lines;
+pub mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use decision_core::apikey::{self, ApiKey, ApiKeyTable};
+use decision_core::glob::PathPattern;
+use decision_core::net::{self, CidrTable};
+use decision_core::policy::{self, Network, OnStoreError, Policy, Route, Tier, Zones, UNTRUSTED, UNTRUSTED_BIT};
+use decision_core::quota::Limit;
+use decision_core::roles::{RoleError, RoleTable};
+use decision_core::units::{self, MICROS_PER_DAY, MICROS_PER_MINUTE};
+
+use lines::LineIndex;
+use raw::{Ordered, RawPolicy, RawRole, RawTier};
+
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:8081";
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9102";
+pub const DEFAULT_API_KEY_HEADER: &str = "x-api-key";
+pub const DEFAULT_MAX_BODY: &str = "5MB";
+pub const DEFAULT_MAX_HEADER_BYTES: &str = "16KB";
+pub const DEFAULT_QUOTA_WARNING: &str = "80%";
+/// The reference guide's zone limits.
+pub const DEFAULT_ZONE_LIMIT_TRUSTED: &str = "1000/minute";
+pub const DEFAULT_ZONE_LIMIT_UNTRUSTED: &str = "10/minute";
+/// The reference guide's tiers: (name, per minute, burst, per day).
+pub const DEFAULT_TIERS: [(&str, u64, u64, u64); 3] =
+    [("basic", 60, 100, 5_000), ("business", 300, 500, 25_000), ("enterprise", 1_000, 2_000, 100_000)];
+/// The reference guide's roles: (name, inherits).
+pub const DEFAULT_ROLES: [(&str, &[&str]); 4] =
+    [("admin", &["developer"]), ("developer", &["user"]), ("user", &[]), ("service", &[])];
+/// Algorithms a JWT issuer may list; `none` and the HMAC family (shared secrets do not belong
+/// in a JWKS) are refused.
+pub const JWT_ALGORITHMS: [&str; 10] = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"];
+/// Largest policy file read (a policy is configuration, not data).
+pub const MAX_POLICY_BYTES: u64 = 4 << 20;
+
+/// One thing wrong with a policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// field path in serde_yaml notation, e.g. `routes[3].allow_roles[0]` (empty: the file)
+    pub path: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+/// A policy file that was refused, with every problem found.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(f, "{}: {} problem{} found", self.file.display(), n, if n == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            write!(f, "  {}", self.file.display())?;
+            if let Some(l) = p.line {
+                write!(f, ":{l}")?;
+            }
+            if p.path.is_empty() {
+                writeln!(f, ": {}", p.message)?;
+            } else {
+                writeln!(f, ": {}: {}", p.path, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deployment settings that live in the policy file but are not policy.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+}
+
+/// A loaded, validated policy file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub policy: Arc<Policy>,
+    pub settings: Settings,
+}
+
+/// Reads and validates a policy file.
+pub fn load(file: &Path) -> Result<Config, ConfigError> {
+    let fail = |message: String| ConfigError { file: file.to_owned(), problems: vec![Problem { path: String::new(), line: None, message }] };
+    let meta = std::fs::metadata(file).map_err(|e| fail(format!("cannot read the policy file: {e}")))?;
+    if meta.len() > MAX_POLICY_BYTES {
+        return Err(fail(format!("the policy file is {} bytes, more than the {MAX_POLICY_BYTES} allowed", meta.len())));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read the policy file: {e}")))?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    parse(&text, base).map_err(|problems| ConfigError { file: file.to_owned(), problems })
+}
+
+/// Parses and validates policy text; `base` is the folder relative paths start from.
+pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
+    let raw: RawPolicy = match serde_yaml_ng::from_str::<Option<RawPolicy>>(text) {
+        Ok(r) => r.unwrap_or_default(),
+        Err(e) => return Err(vec![structural(&e)]),
+    };
+    let index = LineIndex::build(text);
+    let mut v = Validator { problems: Vec::new(), index: &index, base };
+    let out = v.policy(raw);
+    if v.problems.is_empty() {
+        out.ok_or_else(Vec::new)
+    } else {
+        Err(v.problems)
+    }
+}
+
+/// A deserialization error: serde_yaml's message reads `path: message at line L column C`.
+fn structural(e: &serde_yaml_ng::Error) -> Problem {
+    let line = e.location().map(|l| l.line());
+    let msg = e.to_string();
+    let msg = match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg,
+    };
+    let (path, message) = match msg.split_once(": ") {
+        Some((p, m)) if !p.contains(' ') => (p.to_string(), m.to_string()),
+        _ => (String::new(), msg),
+    };
+    Problem { path, line, message }
+}
+
+struct Validator<'a> {
+    problems: Vec<Problem>,
+    index: &'a LineIndex,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        let path = path.into();
+        let line = self.index.line(&path);
+        self.problems.push(Problem { path, line, message: message.into() });
+    }
+
+    fn parse<T, E: fmt::Display>(&mut self, path: &str, r: Result<T, E>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.err(path, e.to_string());
+                None
+            }
+        }
+    }
+
+    fn addr(&mut self, path: &str, value: Option<&str>, default: &str) -> SocketAddr {
+        let s = value.unwrap_or(default);
+        match s.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                self.err(path, format!("invalid listen address {s:?}: expected HOST:PORT with an IP, e.g. \"127.0.0.1:8081\""));
+                default.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+            }
+        }
+    }
+
+    fn cidrs(&mut self, path: &str, list: &[String], bits: u64, table: &mut CidrTable) {
+        for (i, s) in list.iter().enumerate() {
+            if let Some(n) = self.parse(&format!("{path}[{i}]"), net::parse_cidr(s)) {
+                table.insert(n, bits);
+            }
+        }
+    }
+
+    fn policy(&mut self, raw: RawPolicy) -> Option<Config> {
+        let listen = raw.listen.unwrap_or_default();
+        let settings = Settings {
+            grpc_addr: self.addr("listen.grpc", listen.grpc.as_deref(), DEFAULT_GRPC_ADDR),
+            http_addr: self.addr("listen.http", listen.http.as_deref(), DEFAULT_HTTP_ADDR),
+        };
+        if let Some(store) = &raw.store {
+            if store.memory.is_some() && store.redis.is_some() {
+                self.err("store", "choose one store: memory or redis");
+            }
+            if store.redis.is_some() {
+                self.err("store.redis", "the Redis store is not available in this version yet; use `memory: {}`");
+            }
+        }
+        let on_store_error = match raw.on_store_error {
+            Some(raw::RawOnStoreError::Allow) => OnStoreError::Allow,
+            _ => OnStoreError::Deny,
+        };
+
+        let network = self.network(raw.network.unwrap_or_default());
+        let roles = self.roles(raw.roles);
+        let tiers = self.tiers(raw.tiers);
+        let auth = raw.authentication.unwrap_or_default();
+        let api_keys = self.api_keys(auth.api_keys.unwrap_or_default(), roles.as_ref(), &tiers);
+        self.jwt(&auth.jwt);
+        if let Some(i) = &auth.oauth2_introspection {
+            if !i.endpoint.starts_with("https://") && !i.endpoint.starts_with("http://") {
+                self.err("authentication.oauth2_introspection.endpoint", format!("invalid URL {:?}: expected https://...", i.endpoint));
+            }
+            if let Some(t) = &i.cache_ttl {
+                self.parse("authentication.oauth2_introspection.cache_ttl", units::parse_duration(t));
+            }
+        }
+        let routes = self.routes(&raw.routes, roles.as_ref(), &network.zones);
+        let quota_warning = raw.quota_warning.as_deref().unwrap_or(DEFAULT_QUOTA_WARNING);
+        let quota_warning = self.parse("quota_warning", units::parse_percent(quota_warning));
+        let limits = raw.limits.unwrap_or_default();
+        let max_body = self.parse("limits.max_body", units::parse_size(limits.max_body.as_deref().unwrap_or(DEFAULT_MAX_BODY)));
+        let max_header_bytes =
+            self.parse("limits.max_header_bytes", units::parse_size(limits.max_header_bytes.as_deref().unwrap_or(DEFAULT_MAX_HEADER_BYTES)));
+        self.later_sections(raw.ratelimit, raw.traffic, raw.audit, raw.alerts);
+
+        let policy = Policy {
+            network,
+            api_keys,
+            bearer_configured: !auth.jwt.is_empty() || auth.oauth2_introspection.is_some(),
+            roles: roles?,
+            tiers,
+            quota_warning,
+            routes,
+            max_body: max_body?,
+            max_header_bytes: max_header_bytes?,
+            on_store_error,
+        };
+        Some(Config { file: PathBuf::new(), policy: Arc::new(policy), settings })
+    }
+
+    fn network(&mut self, n: raw::RawNetwork) -> Network {
+        let mut trusted_proxies = CidrTable::default();
+        self.cidrs("network.trusted_proxies", &n.trusted_proxies, 1, &mut trusted_proxies);
+        let mut deny = CidrTable::default();
+        self.cidrs("network.deny", &n.deny, 1, &mut deny);
+        let mut zones = Zones::default();
+        for (i, (name, nets)) in n.zones.0.iter().enumerate() {
+            let path = format!("network.zones.{name}");
+            if name == UNTRUSTED {
+                self.err(&path, "\"untrusted\" is the name of every address outside the named zones; choose another name");
+                continue;
+            }
+            if i >= 63 {
+                self.err(&path, "at most 63 zones");
+                continue;
+            }
+            self.cidrs(&path, nets, 1 << zones.names.len(), &mut zones.table);
+            zones.names.push(name.clone());
+        }
+        let zl = n.zone_limits.unwrap_or_default();
+        let trusted = zl.trusted.as_deref().unwrap_or(DEFAULT_ZONE_LIMIT_TRUSTED);
+        let untrusted = zl.untrusted.as_deref().unwrap_or(DEFAULT_ZONE_LIMIT_UNTRUSTED);
+        let zone_limit_trusted = self.parse("network.zone_limits.trusted", units::parse_rate(trusted)).map(policy::zone_limit);
+        let zone_limit_untrusted = self.parse("network.zone_limits.untrusted", units::parse_rate(untrusted)).map(policy::zone_limit);
+        if let Some(ab) = &n.auto_block {
+            if ab.failed_auth == 0 {
+                self.err("network.auto_block.failed_auth", "must be at least 1");
+            }
+            self.parse("network.auto_block.within", units::parse_duration(&ab.within));
+            self.parse("network.auto_block.block_for", units::parse_duration(&ab.block_for));
+        }
+        Network { trusted_proxies, deny, zones, zone_limit_trusted, zone_limit_untrusted }
+    }
+
+    fn roles(&mut self, raw: Option<Ordered<RawRole>>) -> Option<RoleTable> {
+        let list: Vec<(String, Vec<String>)> = match raw {
+            Some(r) => r.0.into_iter().map(|(n, r)| (n, r.inherits)).collect(),
+            None => DEFAULT_ROLES.iter().map(|(n, i)| (n.to_string(), i.iter().map(|s| s.to_string()).collect())).collect(),
+        };
+        match RoleTable::build(&list) {
+            Ok(t) => Some(t),
+            Err(errors) => {
+                for e in errors {
+                    match e {
+                        RoleError::TooMany(n) => self.err("roles", format!("{n} roles defined; at most {} are supported", decision_core::roles::MAX_ROLES)),
+                        RoleError::UnknownInherited { role, inherits } => {
+                            let i = list.iter().find(|(n, _)| *n == role).and_then(|(_, inh)| inh.iter().position(|x| *x == inherits)).unwrap_or(0);
+                            self.err(format!("roles.{role}.inherits[{i}]"), format!("unknown role {inherits:?}"));
+                        }
+                        RoleError::Cycle(cycle) => {
+                            let first = cycle.first().cloned().unwrap_or_default();
+                            self.err(format!("roles.{first}.inherits"), format!("inheritance cycle: {}", cycle.join(" -> ")));
+                        }
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    fn tiers(&mut self, raw: Option<Ordered<RawTier>>) -> Vec<Tier> {
+        let list: Vec<(String, RawTier)> = match raw {
+            Some(t) => t.0,
+            None => DEFAULT_TIERS.iter().map(|(n, m, b, d)| (n.to_string(), RawTier { per_minute: *m, burst: *b, per_day: *d })).collect(),
+        };
+        let mut out = Vec::new();
+        for (name, t) in list {
+            for (field, value) in [("per_minute", t.per_minute), ("burst", t.burst), ("per_day", t.per_day)] {
+                if value == 0 {
+                    self.err(format!("tiers.{name}.{field}"), "must be at least 1");
+                }
+            }
+            out.push(Tier {
+                name: Arc::from(name.as_str()),
+                per_minute: t.per_minute,
+                burst: t.burst,
+                per_day: t.per_day,
+                bucket: Limit::token_bucket(t.per_minute, MICROS_PER_MINUTE, t.burst),
+                daily: Limit::SlidingWindow { limit: t.per_day, window: MICROS_PER_DAY },
+            });
+        }
+        out
+    }
+
+    fn api_keys(&mut self, raw: raw::RawApiKeys, roles: Option<&RoleTable>, tiers: &[Tier]) -> ApiKeyTable {
+        let header = raw.header.as_deref().unwrap_or(DEFAULT_API_KEY_HEADER);
+        if header.is_empty() || !header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            self.err("authentication.api_keys.header", format!("invalid header name {header:?}"));
+        }
+        let mut table = ApiKeyTable::new(header);
+        let mut seen_ids: Vec<&str> = Vec::new();
+        let mut seen_digests: Vec<[u8; 32]> = Vec::new();
+        for (i, k) in raw.keys.iter().enumerate() {
+            let path = format!("authentication.api_keys.keys[{i}]");
+            if k.id.is_empty() || k.id.len() > 128 || !k.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b)) {
+                self.err(format!("{path}.id"), format!("invalid key id {:?}: use 1 to 128 letters, digits or - _ . : @", k.id));
+            }
+            if seen_ids.contains(&k.id.as_str()) {
+                self.err(format!("{path}.id"), format!("duplicate key id {:?}", k.id));
+            }
+            seen_ids.push(&k.id);
+            let digest = self.parse(&format!("{path}.sha256"), apikey::parse_digest(&k.sha256));
+            if let Some(d) = digest {
+                if seen_digests.contains(&d) {
+                    self.err(format!("{path}.sha256"), "the same digest is listed twice (two ids for one key)");
+                }
+                seen_digests.push(d);
+            }
+            let tier = tiers.iter().position(|t| *t.name == *k.tier);
+            if tier.is_none() {
+                let known: Vec<&str> = tiers.iter().map(|t| &*t.name).collect();
+                self.err(format!("{path}.tier"), format!("unknown tier {:?} (known: {})", k.tier, known.join(", ")));
+            }
+            let mut granted = 0;
+            for (j, r) in k.roles.iter().enumerate() {
+                match roles.map(|t| t.granted(r)) {
+                    Some(Some(bits)) => granted |= bits,
+                    Some(None) => self.err(format!("{path}.roles[{j}]"), format!("unknown role {r:?}")),
+                    None => {}
+                }
+            }
+            if let (Some(digest), Some(tier)) = (digest, tier) {
+                table.push(ApiKey { id: Arc::from(k.id.as_str()), digest, roles: granted, tier, revoked: k.revoked });
+            }
+        }
+        table
+    }
+
+    fn jwt(&mut self, issuers: &[raw::RawJwt]) {
+        for (i, j) in issuers.iter().enumerate() {
+            let path = format!("authentication.jwt[{i}]");
+            match (&j.jwks_file, &j.jwks_url) {
+                (Some(_), Some(_)) => self.err(&path, "give jwks_file or jwks_url, not both"),
+                (None, None) => self.err(&path, "jwks_file or jwks_url is required"),
+                (Some(f), None) => {
+                    if !self.base.join(f).is_file() {
+                        self.err(format!("{path}.jwks_file"), format!("no such file {:?} (relative to the policy file)", f));
+                    }
+                }
+                (None, Some(u)) => {
+                    if !u.starts_with("https://") {
+                        self.err(format!("{path}.jwks_url"), format!("invalid URL {u:?}: keys must be fetched over https://"));
+                    }
+                }
+            }
+            if j.algorithms.is_empty() {
+                self.err(format!("{path}.algorithms"), "list the algorithms the issuer signs with, e.g. [RS256]");
+            }
+            for (k, a) in j.algorithms.iter().enumerate() {
+                if !JWT_ALGORITHMS.contains(&a.as_str()) {
+                    self.err(format!("{path}.algorithms[{k}]"), format!("algorithm {a:?} is not allowed (allowed: {})", JWT_ALGORITHMS.join(", ")));
+                }
+            }
+            if j.audiences.is_empty() {
+                self.err(format!("{path}.audiences"), "at least one audience is required");
+            }
+            if let Some(l) = &j.leeway {
+                self.parse(&format!("{path}.leeway"), units::parse_duration(l));
+            }
+        }
+    }
+
+    fn routes(&mut self, raw: &[raw::RawRoute], roles: Option<&RoleTable>, zones: &Zones) -> Vec<Route> {
+        let mut out = Vec::new();
+        for (i, r) in raw.iter().enumerate() {
+            let path = format!("routes[{i}]");
+            let pattern = self.parse(&format!("{path}.match.path"), PathPattern::parse(&r.matcher.path));
+            let mut methods = Vec::new();
+            for (j, m) in r.matcher.methods.iter().flatten().enumerate() {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    self.err(format!("{path}.match.methods[{j}]"), format!("invalid method {m:?}"));
+                }
+                methods.push(m.to_ascii_uppercase());
+            }
+            if r.public && !r.allow_roles.is_empty() {
+                self.err(format!("{path}.allow_roles"), "a public route needs no roles; remove allow_roles or public");
+            }
+            if !r.public && r.allow_roles.is_empty() {
+                self.err(&path, "a route needs allow_roles, or public: true");
+            }
+            let mut allow_roles = 0;
+            for (j, name) in r.allow_roles.iter().enumerate() {
+                match roles.map(|t| t.bit(name)) {
+                    Some(Some(bit)) => allow_roles |= bit,
+                    Some(None) => self.err(format!("{path}.allow_roles[{j}]"), format!("unknown role {name:?}")),
+                    None => {}
+                }
+            }
+            let zone_mask = r.zones.as_ref().map(|list| {
+                let mut mask = 0;
+                for (j, z) in list.iter().enumerate() {
+                    if z == UNTRUSTED {
+                        mask |= UNTRUSTED_BIT;
+                    } else if let Some(k) = zones.names.iter().position(|n| n == z) {
+                        mask |= 1 << k;
+                    } else {
+                        self.err(format!("{path}.zones[{j}]"), format!("unknown zone {z:?} (known: {}, untrusted)", zones.names.join(", ")));
+                    }
+                }
+                mask
+            });
+            let max_auth_age = r.sensitive.as_ref().and_then(|s| self.parse(&format!("{path}.sensitive.max_auth_age"), units::parse_duration(&s.max_auth_age)));
+            if r.public && r.sensitive.is_some() {
+                self.err(format!("{path}.sensitive"), "a public route cannot be sensitive");
+            }
+            if let Some(pattern) = pattern {
+                out.push(Route { index: i, pattern, methods, public: r.public, allow_roles, zones: zone_mask, max_auth_age });
+            }
+        }
+        out
+    }
+
+    /// Sections whose features land in later versions: read and checked now, so the reference
+    /// policy is accepted unchanged and a typo there is still an error.
+    fn later_sections(&mut self, rl: Option<raw::RawRatelimit>, traffic: Option<raw::RawTraffic>, audit: Option<raw::RawAudit>, alerts: Option<raw::RawAlerts>) {
+        for (i, f) in rl.iter().flat_map(|r| r.files.iter()).enumerate() {
+            if f.is_empty() {
+                self.err(format!("ratelimit.files[{i}]"), "empty file pattern");
+            }
+        }
+        if let Some(t) = traffic {
+            if let Some(q) = &t.queue_timeout {
+                self.parse("traffic.queue_timeout", units::parse_duration(q));
+            }
+            if let Some(cb) = &t.circuit_breaker {
+                if let Some(s) = &cb.error_threshold {
+                    self.parse("traffic.circuit_breaker.error_threshold", units::parse_percent(s));
+                }
+                for (name, v) in [("window", &cb.window), ("reset_timeout", &cb.reset_timeout)] {
+                    if let Some(s) = v {
+                        self.parse(&format!("traffic.circuit_breaker.{name}"), units::parse_duration(s));
+                    }
+                }
+            }
+        }
+        if let Some(a) = audit {
+            for (i, s) in a.sinks.iter().enumerate() {
+                let n = usize::from(s.stdout.is_some()) + usize::from(s.file.is_some()) + usize::from(s.redis_stream.is_some());
+                if n != 1 {
+                    self.err(format!("audit.sinks[{i}]"), "each sink is exactly one of stdout, file, redis_stream");
+                }
+            }
+            if let Some(c) = &a.checkpoint_every {
+                self.parse("audit.checkpoint_every", units::parse_duration(c));
+            }
+        }
+        if let Some(a) = alerts {
+            if let Some(t) = &a.error_rate {
+                self.parse("alerts.error_rate.warn", units::parse_percent(&t.warn));
+                self.parse("alerts.error_rate.critical", units::parse_percent(&t.critical));
+            }
+            if let Some(t) = &a.response_time {
+                self.parse("alerts.response_time.warn", units::parse_duration(&t.warn));
+                self.parse("alerts.response_time.critical", units::parse_duration(&t.critical));
+            }
+            if let Some(t) = &a.failed_auth {
+                self.parse("alerts.failed_auth.warn", units::parse_rate(&t.warn));
+                self.parse("alerts.failed_auth.critical", units::parse_rate(&t.critical));
+            }
+            if let Some(t) = &a.payload_size {
+                self.parse("alerts.payload_size.warn", units::parse_size(&t.warn));
+                self.parse("alerts.payload_size.critical", units::parse_size(&t.critical));
+            }
+            for (i, w) in a.webhooks.iter().enumerate() {
+                if !w.starts_with("https://") && !w.starts_with("http://") {
+                    self.err(format!("alerts.webhooks[{i}]"), format!("invalid URL {w:?}"));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,309 @@
+//! The policy file as written: serde structs that mirror the YAML, with
+//! `deny_unknown_fields` everywhere so a typo can never silently switch a rule off.
+//! Nothing here is used past `validate`.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+/// A YAML mapping read in file order (tiers, roles and zones keep the order they are written
+/// in); a key written twice is an error.
+#[derive(Debug, Clone)]
+pub struct Ordered<V>(pub Vec<(String, V)>);
+
+impl<V> Default for Ordered<V> {
+    fn default() -> Self {
+        Ordered(Vec::new())
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Ordered<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V2<V>(PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for V2<V> {
+            type Value = Ordered<V>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out: Vec<(String, V)> = Vec::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    if out.iter().any(|(e, _)| *e == k) {
+                        return Err(de::Error::custom(format!("duplicate key {k:?}")));
+                    }
+                    let v = map.next_value()?;
+                    out.push((k, v));
+                }
+                Ok(Ordered(out))
+            }
+        }
+        d.deserialize_map(V2(PhantomData))
+    }
+}
+
+/// `{}`: a section whose presence is the setting.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub listen: Option<RawListen>,
+    pub store: Option<RawStore>,
+    pub on_store_error: Option<RawOnStoreError>,
+    pub network: Option<RawNetwork>,
+    pub authentication: Option<RawAuthentication>,
+    pub roles: Option<Ordered<RawRole>>,
+    pub tiers: Option<Ordered<RawTier>>,
+    pub quota_warning: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    pub ratelimit: Option<RawRatelimit>,
+    pub traffic: Option<RawTraffic>,
+    pub limits: Option<RawLimits>,
+    pub audit: Option<RawAudit>,
+    pub alerts: Option<RawAlerts>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    pub grpc: Option<String>,
+    pub http: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub memory: Option<Empty>,
+    pub redis: Option<RawRedis>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    pub url: Option<String>,
+    pub cluster: Option<Vec<String>>,
+    pub timeout: Option<String>,
+    pub pool_size: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawOnStoreError {
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNetwork {
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    #[serde(default)]
+    pub zones: Ordered<Vec<String>>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+    pub zone_limits: Option<RawZoneLimits>,
+    pub auto_block: Option<RawAutoBlock>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawZoneLimits {
+    pub trusted: Option<String>,
+    pub untrusted: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAutoBlock {
+    pub failed_auth: u64,
+    pub within: String,
+    pub block_for: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuthentication {
+    pub api_keys: Option<RawApiKeys>,
+    #[serde(default)]
+    pub jwt: Vec<RawJwt>,
+    pub oauth2_introspection: Option<RawIntrospection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiKeys {
+    pub header: Option<String>,
+    #[serde(default)]
+    pub keys: Vec<RawApiKey>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiKey {
+    pub id: String,
+    pub sha256: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    pub tier: String,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+impl fmt::Debug for RawApiKey {
+    // the digest is not the key, but it is what an attacker would grind against: keep it out
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawApiKey").field("id", &self.id).field("sha256", &"[REDACTED]").field("tier", &self.tier).finish()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub jwks_file: Option<String>,
+    pub jwks_url: Option<String>,
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    pub leeway: Option<String>,
+    pub roles_claim: Option<String>,
+    pub tier_claim: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIntrospection {
+    pub endpoint: String,
+    pub client_id: String,
+    pub client_secret_env: String,
+    pub cache_ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRole {
+    #[serde(default)]
+    pub inherits: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    pub per_minute: u64,
+    pub burst: u64,
+    pub per_day: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    #[serde(rename = "match")]
+    pub matcher: RawMatch,
+    #[serde(default)]
+    pub public: bool,
+    #[serde(default)]
+    pub allow_roles: Vec<String>,
+    pub zones: Option<Vec<String>>,
+    pub sensitive: Option<RawSensitive>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub path: String,
+    pub methods: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSensitive {
+    pub max_auth_age: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRatelimit {
+    #[serde(default)]
+    pub files: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTraffic {
+    pub concurrency_limit: Option<u64>,
+    pub queue_size: Option<u64>,
+    pub queue_timeout: Option<String>,
+    pub circuit_breaker: Option<RawBreaker>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub error_threshold: Option<String>,
+    pub min_requests: Option<u64>,
+    pub window: Option<String>,
+    pub reset_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_body: Option<String>,
+    pub max_header_bytes: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    #[serde(default)]
+    pub sinks: Vec<RawSink>,
+    #[serde(default)]
+    pub mask_headers: Vec<String>,
+    pub checkpoint_every: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSink {
+    pub stdout: Option<Empty>,
+    pub file: Option<RawFileSink>,
+    pub redis_stream: Option<RawRedisStream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFileSink {
+    pub path: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedisStream {
+    pub key: String,
+    pub max_len: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    pub error_rate: Option<RawThreshold>,
+    pub response_time: Option<RawThreshold>,
+    pub failed_auth: Option<RawThreshold>,
+    pub payload_size: Option<RawThreshold>,
+    #[serde(default)]
+    pub webhooks: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawThreshold {
+    pub warn: String,
+    pub critical: String,
+}
