@@ -2,3 +2,5 @@
 //! telemetry and server wiring. Decisions themselves live in `decision-core`.
 
 pub mod config;
+pub mod clock;
+pub mod store;

@@ -1,0 +1,136 @@
+//! The embedded in-memory store: a sharded hash map of quota states with expiry. A plan locks
+//! the shards its keys fall in (in shard order, so plans never deadlock), checks every operation,
+//! and commits only if all are allowed.
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::{Mutex, MutexGuard};
+
+use decision_core::decide::Op;
+use decision_core::quota::{self, State, Verdict};
+use decision_core::units::Micros;
+
+use super::{Store, StoreError};
+
+/// Shards: enough that two cores rarely contend, few enough to sweep quickly.
+const SHARDS: usize = 64;
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    state: State,
+    expires_at: Micros,
+}
+
+pub struct MemoryStore {
+    hasher: RandomState,
+    shards: Vec<Mutex<HashMap<Box<str>, Entry>>>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a shard cannot leave an entry half-written (entries are Copy and
+    // written whole), so a poisoned lock is safe to keep using.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        MemoryStore { hasher: RandomState::new(), shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+    }
+
+    fn shard_of(&self, key: &str) -> usize {
+        (self.hasher.hash_one(key) % SHARDS as u64) as usize
+    }
+
+    /// Applies a plan synchronously (the `Store` impl wraps this).
+    pub fn apply_now(&self, ops: &[Op], now: Micros) -> Vec<Verdict> {
+        let shard_ids: Vec<usize> = ops.iter().map(|op| self.shard_of(&op.key)).collect();
+        let mut order: Vec<usize> = shard_ids.clone();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<(usize, MutexGuard<'_, HashMap<Box<str>, Entry>>)> =
+            order.iter().map(|&i| (i, lock(&self.shards[i]))).collect();
+        let guard_of = |shard: usize| order.iter().position(|&i| i == shard).unwrap_or(0);
+
+        let mut checked: Vec<quota::Checked> = Vec::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            // An earlier operation of this plan on the same key counts as already applied.
+            let earlier = ops[..i].iter().rposition(|o| o.key == op.key).map(|j| checked[j].next);
+            let state = earlier.or_else(|| {
+                guards[guard_of(shard_ids[i])].1.get(op.key.as_str()).filter(|e| e.expires_at > now).map(|e| e.state)
+            });
+            checked.push(quota::check(op.limit, state, op.cost, now));
+        }
+        if checked.iter().all(|c| c.verdict.allowed) {
+            for (i, op) in ops.iter().enumerate() {
+                let c = checked[i];
+                let map = &mut guards[guard_of(shard_ids[i])].1;
+                match map.get_mut(op.key.as_str()) {
+                    Some(e) => *e = Entry { state: c.next, expires_at: c.expires_at },
+                    None => {
+                        map.insert(op.key.as_str().into(), Entry { state: c.next, expires_at: c.expires_at });
+                    }
+                }
+            }
+        }
+        checked.into_iter().map(|c| c.verdict).collect()
+    }
+
+    /// Drops every entry expired at `now`; returns how many remain.
+    pub fn sweep(&self, now: Micros) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                let mut m = lock(s);
+                m.retain(|_, e| e.expires_at > now);
+                m.len()
+            })
+            .sum()
+    }
+
+    /// Live keys (expired ones not yet swept included).
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Store for MemoryStore {
+    async fn apply(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
+        Ok(self.apply_now(ops, now))
+    }
+
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_store_passes_the_conformance_suite() {
+        super::super::conformance::run_all(|| async { MemoryStore::new() }).await;
+    }
+
+    #[test]
+    fn sweep_drops_expired_keys_only() {
+        let s = MemoryStore::new();
+        let ops = super::super::conformance::window_op("k", 10, 60_000_000);
+        s.apply_now(std::slice::from_ref(&ops), 1_000_000_000);
+        let other = super::super::conformance::window_op("k2", 10, 1_000_000);
+        s.apply_now(std::slice::from_ref(&other), 1_000_000_000);
+        assert_eq!(s.sweep(1_000_000_000 + 5_000_000), 1);
+        assert_eq!(s.sweep(1_000_000_000 + 500_000_000), 0);
+    }
+}

@@ -1,0 +1,52 @@
+//! The store seam: one atomic call applies all of a request's counter operations and returns a
+//! verdict for each. All-or-nothing: if any operation is refused, nothing is counted, so a denied
+//! request consumes no quota. The memory store is the embedded default; every store passes the
+//! same conformance suite (`conformance`).
+
+pub mod memory;
+
+#[cfg(test)]
+pub mod conformance;
+
+use std::future::Future;
+use std::time::Duration;
+
+use decision_core::decide::Op;
+use decision_core::quota::Verdict;
+use decision_core::units::Micros;
+
+pub use memory::MemoryStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store call timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Worth retrying later (every store error is, today; a script bug would not be).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Timeout(_) | StoreError::Unavailable(_))
+    }
+}
+
+pub trait Store: Send + Sync + 'static {
+    /// Applies `ops` atomically at `now` (a store with its own clock, like Redis, uses that
+    /// instead): one verdict per operation, in order; state changes only if all are allowed.
+    fn apply(&self, ops: &[Op], now: Micros) -> impl Future<Output = Result<Vec<Verdict>, StoreError>> + Send;
+
+    /// The name used in logs and metrics (`memory`, `redis`).
+    fn backend(&self) -> &'static str;
+
+    /// The longest a call may take before `on_store_error` applies; None for an in-process store.
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Whether the store can take calls now (for `/readyz`).
+    fn ready(&self) -> bool {
+        true
+    }
+}
