@@ -4,3 +4,8 @@
 pub mod config;
 pub mod clock;
 pub mod store;
+pub mod api;
+pub mod engine;
+pub mod explain;
+pub mod telemetry;
+pub mod server;

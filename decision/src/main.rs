@@ -1,1 +1,131 @@
-fn main() {}
+//! The `portcullis` command: `serve`, `check-config`, `explain`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use decision::config;
+use decision::store::MemoryStore;
+use decision::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "Policy decision service for API gateways (Envoy ext_authz v3)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the decision service (gRPC + admin HTTP) on the embedded memory store.
+    Serve {
+        /// The policy file.
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        /// gRPC listen address (overrides listen.grpc); port 0 picks a free port.
+        #[arg(long, env = "PORTCULLIS_GRPC_ADDR")]
+        grpc_addr: Option<SocketAddr>,
+        /// Admin HTTP listen address (overrides listen.http).
+        #[arg(long, env = "PORTCULLIS_HTTP_ADDR")]
+        http_addr: Option<SocketAddr>,
+        #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "pretty")]
+        log_format: LogFormat,
+        /// Log filter, in tracing's EnvFilter syntax.
+        #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]
+        log: String,
+    },
+    /// Validate a policy file: exit 0, or 1 with every problem found (file:line: path: reason).
+    CheckConfig {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+    /// Decide one request against a policy without serving (a fresh memory store: nothing shared is consumed).
+    Explain {
+        #[arg(long, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The request target, e.g. /api/v1/users?x=1
+        #[arg(long)]
+        path: String,
+        /// The address the request comes from.
+        #[arg(long, default_value = "127.0.0.1")]
+        peer: IpAddr,
+        /// A request header, `name: value` (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+    },
+}
+
+#[allow(clippy::print_stdout)]
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("portcullis: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::CheckConfig { config } => match config::load(&config) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok ({} routes, {} API keys, {} tiers)",
+                    config.display(),
+                    cfg.policy.routes.len(),
+                    cfg.policy.api_keys.len(),
+                    cfg.policy.tiers.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprint!("{e}");
+                Ok(ExitCode::from(1))
+            }
+        },
+        Command::Serve { config, grpc_addr, http_addr, log_format, log } => {
+            telemetry::init_logging(log_format, &log);
+            let mut cfg = match config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    tracing::error!(file = %config.display(), "refusing to start: the policy file is invalid");
+                    return Ok(ExitCode::from(1));
+                }
+            };
+            if let Some(a) = grpc_addr {
+                cfg.settings.grpc_addr = a;
+            }
+            if let Some(a) = http_addr {
+                cfg.settings.http_addr = a;
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+            rt.block_on(decision::server::serve(cfg)).context("serving")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain { config, method, path, peer, headers } => {
+            let cfg = match config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return Ok(ExitCode::from(1));
+                }
+            };
+            let mut pairs = Vec::new();
+            for h in &headers {
+                let (k, v) = h.split_once(':').with_context(|| format!("--header {h:?}: expected `name: value`"))?;
+                pairs.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+            }
+            let out = decision::explain::explain(&cfg.policy, MemoryStore::new(), &method, &path, peer, &pairs)?;
+            println!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,1 +1,19 @@
-//! Wire types: Envoy v3 APIs re-exported from `envoy-types`.
+//! Wire types, and the only home of protobuf types in the workspace: Envoy's v3 APIs
+//! (ext_authz, ratelimit, access log) and the Google well-known types they use, re-exported
+//! from the `envoy-types` crate so nothing vendors Envoy's .proto files.
+
+pub use envoy_types::pb;
+
+/// Envoy's external authorization API (`envoy.service.auth.v3`).
+pub mod ext_authz {
+    pub use envoy_types::pb::envoy::service::auth::v3::*;
+}
+
+/// The Envoy and Google types an ext_authz answer is built from.
+pub mod types {
+    pub use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+    pub use envoy_types::pb::envoy::config::core::v3::{Address, HeaderMap, HeaderValue, HeaderValueOption, SocketAddress, address};
+    pub use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+    pub use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value};
+    pub use envoy_types::pb::google::rpc::Status as RpcStatus;
+}

@@ -39,6 +39,8 @@ pub enum Reason {
     Allowed,
     /// allowed without counting: the store failed and the policy says `on_store_error: allow`
     AllowedStoreUnavailable,
+    /// the proxy's message lacked what a decision needs (no HTTP attributes, no peer address)
+    BadRequest,
     IpDenied,
     BadForwardedFor,
     BadMethod,
@@ -60,9 +62,10 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 21] = [
         Reason::Allowed,
         Reason::AllowedStoreUnavailable,
+        Reason::BadRequest,
         Reason::IpDenied,
         Reason::BadForwardedFor,
         Reason::BadMethod,
@@ -88,6 +91,7 @@ impl Reason {
         match self {
             Reason::Allowed => "allowed",
             Reason::AllowedStoreUnavailable => "allowed_store_unavailable",
+            Reason::BadRequest => "bad_request",
             Reason::IpDenied => "ip_denied",
             Reason::BadForwardedFor => "bad_forwarded_for",
             Reason::BadMethod => "bad_method",
@@ -113,7 +117,7 @@ impl Reason {
     pub fn status(self) -> u16 {
         match self {
             Reason::Allowed | Reason::AllowedStoreUnavailable => 200,
-            Reason::BadForwardedFor | Reason::BadMethod | Reason::BadPath => 400,
+            Reason::BadRequest | Reason::BadForwardedFor | Reason::BadMethod | Reason::BadPath => 400,
             Reason::CredentialMissing
             | Reason::ApiKeyUnknown
             | Reason::ApiKeyRevoked
@@ -237,7 +241,8 @@ impl Decision {
         self.reason.status()
     }
 
-    fn deny(reason: Reason, ctx: Context) -> Decision {
+    /// A denial decided before any counter (or without a request to count).
+    pub fn deny(reason: Reason, ctx: Context) -> Decision {
         Decision { reason, ctx, quotas: Vec::new(), retry_after: None, quota_warning: None }
     }
 }

@@ -111,7 +111,9 @@ pub fn load(file: &Path) -> Result<Config, ConfigError> {
     }
     let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read the policy file: {e}")))?;
     let base = file.parent().unwrap_or(Path::new("."));
-    parse(&text, base).map_err(|problems| ConfigError { file: file.to_owned(), problems })
+    let mut cfg = parse(&text, base).map_err(|problems| ConfigError { file: file.to_owned(), problems })?;
+    cfg.file = file.to_owned();
+    Ok(cfg)
 }
 
 /// Parses and validates policy text; `base` is the folder relative paths start from.

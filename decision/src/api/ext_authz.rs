@@ -1,0 +1,209 @@
+//! Envoy's external authorization API (`envoy.service.auth.v3.Authorization/Check`): the
+//! CheckRequest's HTTP attributes become a core `Request`; the decision becomes an OK answer
+//! (identity headers towards the upstream, rate-limit headers towards the client, dynamic
+//! metadata for Envoy's ratelimit filter) or a denied answer (status, JSON body, headers).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use decision_core::policy::Policy;
+use decision_core::{Decision, Reason, Request};
+use proto::ext_authz::attribute_context::HttpRequest;
+use proto::ext_authz::authorization_server::Authorization;
+use proto::ext_authz::check_response::HttpResponse;
+use proto::ext_authz::{CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse};
+use proto::types::{HeaderAppendAction, HeaderValue, HeaderValueOption, HttpStatus, ListValue, RpcStatus, Struct, Value, address, value};
+
+use super::respond;
+use crate::clock;
+use crate::engine::Engine;
+use crate::store::Store;
+
+/// Headers we set towards the upstream; a client's own copies are removed or overwritten, so
+/// they cannot be forged.
+pub const SUBJECT_HEADER: &str = "x-portcullis-subject";
+pub const TIER_HEADER: &str = "x-portcullis-tier";
+pub const ROLES_HEADER: &str = "x-portcullis-roles";
+/// Marks a request let through uncounted because the store failed (`on_store_error: allow`).
+pub const DEGRADED_HEADER: &str = "x-portcullis-degraded";
+
+/// gRPC codes carried in CheckResponse.status (google.rpc.Code).
+const GRPC_OK: i32 = 0;
+const GRPC_PERMISSION_DENIED: i32 = 7;
+const GRPC_UNAVAILABLE: i32 = 14;
+
+pub struct ExtAuthz<S> {
+    engine: Arc<Engine<S>>,
+}
+
+impl<S: Store> ExtAuthz<S> {
+    pub fn new(engine: Arc<Engine<S>>) -> Self {
+        ExtAuthz { engine }
+    }
+}
+
+/// A request header by its lower-case name, from `headers` or, when Envoy sends raw headers,
+/// from `header_map`.
+fn header<'a>(http: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    if let Some(v) = http.headers.get(name) {
+        return Some(v.as_str());
+    }
+    let map = http.header_map.as_ref()?;
+    let h = map.headers.iter().find(|h| h.key.eq_ignore_ascii_case(name))?;
+    if h.raw_value.is_empty() { Some(h.value.as_str()) } else { std::str::from_utf8(&h.raw_value).ok() }
+}
+
+fn header_bytes(http: &HttpRequest) -> u64 {
+    let from_map: usize = http.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let from_raw: usize = http
+        .header_map
+        .as_ref()
+        .map_or(0, |m| m.headers.iter().map(|h| h.key.len() + h.value.len() + h.raw_value.len()).sum());
+    u64::try_from(from_map + from_raw).unwrap_or(u64::MAX)
+}
+
+fn peer_ip(req: &CheckRequest) -> Option<IpAddr> {
+    let addr = req.attributes.as_ref()?.source.as_ref()?.address.as_ref()?.address.as_ref()?;
+    match addr {
+        address::Address::SocketAddress(sa) => sa.address.parse().ok(),
+        _ => None,
+    }
+}
+
+fn option(key: &str, value: String) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue { key: key.to_owned(), value, raw_value: Vec::new() }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value { kind: Some(value::Kind::StringValue(s.to_owned())) }
+}
+
+/// Builds the wire answer for a decision.
+pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse {
+    if d.allowed() {
+        let mut to_upstream = Vec::with_capacity(4);
+        let mut metadata = Struct::default();
+        let mut remove: Vec<String> = Vec::new();
+        if let Some(id) = &d.ctx.identity {
+            let tier = policy.tiers.get(id.tier).map_or("", |t| &*t.name);
+            let roles: Vec<&str> = policy.roles.names_of(id.roles).collect();
+            to_upstream.push(option(SUBJECT_HEADER, id.subject.to_string()));
+            to_upstream.push(option(TIER_HEADER, tier.to_owned()));
+            to_upstream.push(option(ROLES_HEADER, roles.join(",")));
+            metadata.fields.insert("subject".into(), string_value(&id.subject));
+            metadata.fields.insert("tier".into(), string_value(tier));
+            metadata.fields.insert(
+                "roles".into(),
+                Value { kind: Some(value::Kind::ListValue(ListValue { values: roles.iter().map(|r| string_value(r)).collect() })) },
+            );
+        } else {
+            remove.extend([SUBJECT_HEADER, TIER_HEADER, ROLES_HEADER].map(String::from));
+        }
+        if d.reason == Reason::AllowedStoreUnavailable {
+            to_upstream.push(option(DEGRADED_HEADER, "store-unavailable".into()));
+        } else {
+            remove.push(DEGRADED_HEADER.into());
+        }
+        let to_client = respond::ratelimit_headers(d).into_iter().map(|(k, v)| option(k, v)).collect();
+        CheckResponse {
+            status: Some(RpcStatus { code: GRPC_OK, ..Default::default() }),
+            dynamic_metadata: if metadata.fields.is_empty() { None } else { Some(metadata) },
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers: to_upstream,
+                headers_to_remove: remove,
+                response_headers_to_add: to_client,
+                ..Default::default()
+            })),
+        }
+    } else {
+        let mut headers = vec![option("content-type", "application/json".into())];
+        if let Some(c) = respond::www_authenticate(d.reason, policy) {
+            headers.push(option("www-authenticate", c));
+        }
+        if let Some(s) = respond::retry_after_secs(d) {
+            headers.push(option("retry-after", s.to_string()));
+        }
+        headers.extend(respond::ratelimit_headers(d).into_iter().map(|(k, v)| option(k, v)));
+        let code = if d.reason == Reason::StoreUnavailable { GRPC_UNAVAILABLE } else { GRPC_PERMISSION_DENIED };
+        CheckResponse {
+            status: Some(RpcStatus { code, message: d.reason.as_str().to_owned(), details: Vec::new() }),
+            dynamic_metadata: None,
+            http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                status: Some(HttpStatus { code: i32::from(d.status()) }),
+                headers,
+                body: respond::deny_body(d, request_id, clock::now_micros()),
+            })),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> Authorization for ExtAuthz<S> {
+    #[tracing::instrument(name = "ext_authz.check", skip_all, fields(rpc.system = "grpc", rpc.method = "Check"))]
+    async fn check(&self, request: tonic::Request<CheckRequest>) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let started = clock::instant();
+        let msg = request.into_inner();
+        let policy = self.engine.policy();
+        let http = msg.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+        let peer = peer_ip(&msg);
+        let (decision, request_id, method) = match (http, peer) {
+            (Some(http), Some(peer)) => {
+                let req = Request {
+                    method: &http.method,
+                    path: &http.path,
+                    peer,
+                    forwarded_for: header(http, "x-forwarded-for"),
+                    content_length: if http.size >= 0 {
+                        u64::try_from(http.size).ok()
+                    } else {
+                        header(http, "content-length").and_then(|v| v.trim().parse().ok())
+                    },
+                    header_bytes: header_bytes(http),
+                    api_key: header(http, &policy.api_keys.header),
+                    authorization: header(http, "authorization"),
+                };
+                let request_id = header(http, "x-request-id").unwrap_or(&http.id);
+                (self.engine.decide(&policy, &req).await, request_id, http.method.as_str())
+            }
+            (None, _) => {
+                tracing::warn!(reason = "no attributes.request.http in the check request", "malformed check request");
+                (Decision::deny(Reason::BadRequest, Default::default()), "", "")
+            }
+            (Some(http), None) => {
+                tracing::warn!(reason = "no IP source address in the check request", "malformed check request");
+                (Decision::deny(Reason::BadRequest, Default::default()), header(http, "x-request-id").unwrap_or(&http.id), http.method.as_str())
+            }
+        };
+        let response = answer(&decision, &policy, request_id);
+        let took = started.elapsed();
+        self.engine.metrics.decision(decision.reason, took);
+        log_decision(&decision, &policy, request_id, method, took);
+        Ok(tonic::Response::new(response))
+    }
+}
+
+/// One structured line per decision. The path is the normalized one, without the query (a
+/// query can carry secrets); no header value is logged.
+pub fn log_decision(d: &Decision, policy: &Policy, request_id: &str, method: &str, took: std::time::Duration) {
+    let subject = d.ctx.identity.as_ref().map(|i| &*i.subject);
+    let tier = d.ctx.identity.as_ref().and_then(|i| policy.tiers.get(i.tier)).map(|t| &*t.name);
+    tracing::info!(
+        target: "portcullis::decision",
+        request_id,
+        client_ip = d.ctx.client_ip.map(tracing::field::display),
+        method,
+        path = d.ctx.path.as_deref(),
+        subject,
+        tier,
+        outcome = if d.allowed() { "allow" } else { "deny" },
+        reason = d.reason.as_str(),
+        status = d.status(),
+        rule = d.ctx.route,
+        latency_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+        "decision"
+    );
+}

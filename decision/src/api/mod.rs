@@ -1,0 +1,5 @@
+//! Thin adapters: they translate wire messages to the core's `Request` and decisions back to
+//! wire answers; they do not decide.
+
+pub mod ext_authz;
+pub mod respond;

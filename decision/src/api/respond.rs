@@ -1,0 +1,91 @@
+//! How a decision reads to the client, shared by every adapter: the rate-limit headers
+//! (IETF httpapi-ratelimit-headers, plus the older `X-RateLimit-*` for compatibility), the
+//! `WWW-Authenticate` challenge, `Retry-After`, and the JSON body of a denial (for a 429, the
+//! reference guide's shape: status, error, reset_time, remaining_requests, retry_after).
+
+use decision_core::decide::QuotaReport;
+use decision_core::policy::Policy;
+use decision_core::units::{MICROS_PER_SEC, Micros};
+use decision_core::{Decision, Reason};
+
+use crate::clock;
+
+fn secs_ceil(us: Micros) -> u64 {
+    us.div_ceil(MICROS_PER_SEC)
+}
+
+/// The limit a client is closest to: the one with the least left (the first on a tie).
+fn tightest(quotas: &[QuotaReport]) -> Option<&QuotaReport> {
+    let refused = quotas.iter().find(|q| !q.verdict.allowed);
+    refused.or_else(|| quotas.iter().min_by_key(|q| q.verdict.remaining))
+}
+
+/// Headers for the client's response describing every limit that applied.
+pub fn ratelimit_headers(d: &Decision) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if d.quotas.is_empty() {
+        return out;
+    }
+    let policy = d
+        .quotas
+        .iter()
+        .map(|q| format!("\"{}\";q={};w={}", q.kind.as_str(), q.limit.quota(), secs_ceil(q.limit.window())))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let state = d
+        .quotas
+        .iter()
+        .map(|q| format!("\"{}\";r={};t={}", q.kind.as_str(), q.verdict.remaining, secs_ceil(q.verdict.reset)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    out.push(("ratelimit-policy", policy));
+    out.push(("ratelimit", state));
+    if let Some(q) = tightest(&d.quotas) {
+        out.push(("x-ratelimit-limit", q.limit.quota().to_string()));
+        out.push(("x-ratelimit-remaining", q.verdict.remaining.to_string()));
+        out.push(("x-ratelimit-reset", secs_ceil(q.verdict.reset).to_string()));
+    }
+    if let Some(bp) = d.quota_warning {
+        out.push(("x-quota-warning", format!("{}% of the daily quota used", bp / 100)));
+    }
+    out
+}
+
+/// The `WWW-Authenticate` challenge of a 401 (RFC 9110 section 11.6.1, RFC 6750 for Bearer).
+pub fn www_authenticate(reason: Reason, policy: &Policy) -> Option<String> {
+    match reason {
+        Reason::FreshAuthRequired => Some("Bearer error=\"invalid_token\", error_description=\"re-authentication required\"".into()),
+        r if r.status() == 401 => {
+            let api_key = format!("ApiKey realm=\"portcullis\", header=\"{}\"", policy.api_keys.header);
+            Some(if policy.bearer_configured { format!("Bearer realm=\"portcullis\", {api_key}") } else { api_key })
+        }
+        _ => None,
+    }
+}
+
+/// Retry-After in whole seconds (at least 1), for a 429.
+pub fn retry_after_secs(d: &Decision) -> Option<u64> {
+    d.retry_after.map(|us| secs_ceil(us).max(1))
+}
+
+/// The JSON body of a denial.
+pub fn deny_body(d: &Decision, request_id: &str, now: Micros) -> String {
+    let status = d.status();
+    let error = d.reason.client_error();
+    let body = if status == 429 {
+        let retry = retry_after_secs(d).unwrap_or(1);
+        let remaining = tightest(&d.quotas).map_or(0, |q| q.verdict.remaining);
+        serde_json::json!({
+            "status": status,
+            "error": error,
+            "reset_time": clock::rfc3339(now + retry * MICROS_PER_SEC),
+            "remaining_requests": remaining,
+            "retry_after": retry,
+        })
+    } else if request_id.is_empty() {
+        serde_json::json!({ "status": status, "error": error })
+    } else {
+        serde_json::json!({ "status": status, "error": error, "request_id": request_id })
+    };
+    body.to_string()
+}

@@ -1,0 +1,206 @@
+//! Server wiring: the gRPC port (ext_authz v3, grpc.health.v1) with explicit limits, the admin
+//! HTTP port (/healthz, /readyz, /metrics), policy reload on SIGHUP, and graceful shutdown on
+//! SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use proto::ext_authz::authorization_server::AuthorizationServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+
+use crate::api::ext_authz::ExtAuthz;
+use crate::clock;
+use crate::config::{self, Config};
+use crate::engine::Engine;
+use crate::store::{MemoryStore, Store};
+
+/// Largest gRPC message accepted: Envoy's own header limit is 60 KiB by default, so a Check
+/// request is far below this; anything near it is not a real request.
+pub const MAX_GRPC_MESSAGE_BYTES: usize = 4 << 20;
+/// HTTP/2 streams one connection may have open; Envoy multiplexes Check calls on few connections.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Largest HTTP/2 header list of a gRPC call (gRPC metadata, not the checked request's headers).
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections are closed (with a GOAWAY and a grace period) after this long, so that Envoy's
+/// long-lived connections spread over new instances when the fleet scales out.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+pub const MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
+/// How often expired quota keys are swept from the memory store.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("admin HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+struct Admin<S> {
+    engine: Arc<Engine<S>>,
+    serving: Arc<AtomicBool>,
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz<S: Store>(State(a): State<Arc<Admin<S>>>) -> impl IntoResponse {
+    let store_ok = a.engine.store().ready();
+    let serving = a.serving.load(Ordering::Relaxed);
+    let body = format!("serving: {serving}\nstore ({}): {}\n", a.engine.store().backend(), if store_ok { "up" } else { "down" });
+    (if serving && store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
+}
+
+async fn metrics<S: Store>(State(a): State<Arc<Admin<S>>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], a.engine.metrics.encode())
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { what, addr, source })
+}
+
+/// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
+async fn stop_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Reloads the policy on SIGHUP: a valid file is swapped in, an invalid one is refused with
+/// its problems and the old policy keeps serving.
+async fn reload_on_hangup<S: Store>(engine: Arc<Engine<S>>, file: PathBuf) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; policy reload is off");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match config::load(&file) {
+                Ok(cfg) => {
+                    engine.replace_policy(cfg.policy);
+                    engine.metrics.reload(true);
+                    tracing::info!(file = %file.display(), "policy reloaded");
+                }
+                Err(e) => {
+                    engine.metrics.reload(false);
+                    tracing::error!(file = %file.display(), problems = %e, "policy reload refused; the previous policy stays in force");
+                }
+            }
+        }
+    }
+}
+
+/// Runs the service on the embedded memory store until a stop signal.
+pub async fn serve(cfg: Config) -> Result<(), ServeError> {
+    let store = MemoryStore::new();
+    let engine = Arc::new(Engine::new(cfg.policy.clone(), store));
+    {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                tick.tick().await;
+                let left = engine.store().sweep(clock::now_micros());
+                tracing::debug!(keys = left, "memory store swept");
+            }
+        });
+    }
+    run(cfg, engine).await
+}
+
+async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeError> {
+    let grpc_listener = bind("grpc", cfg.settings.grpc_addr).await?;
+    let http_listener = bind("http", cfg.settings.http_addr).await?;
+    let grpc_addr = grpc_listener.local_addr().map_err(ServeError::Http)?;
+    let http_addr = http_listener.local_addr().map_err(ServeError::Http)?;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<AuthorizationServer<ExtAuthz<S>>>().await;
+    let serving = Arc::new(AtomicBool::new(true));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(reload_on_hangup(engine.clone(), cfg.file.clone()));
+    {
+        let serving = serving.clone();
+        let health_reporter = health_reporter.clone();
+        tokio::spawn(async move {
+            stop_signal().await;
+            tracing::info!("stopping: draining connections");
+            serving.store(false, Ordering::Relaxed);
+            health_reporter.set_not_serving::<AuthorizationServer<ExtAuthz<S>>>().await;
+            let _ = stop_tx.send(true);
+        });
+    }
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let admin = Arc::new(Admin { engine: engine.clone(), serving });
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz::<S>))
+        .route("/metrics", get(metrics::<S>))
+        .with_state(admin);
+    let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+
+    let ext_authz = AuthorizationServer::new(ExtAuthz::new(engine.clone()))
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true)).with_keepalive(Some(KEEPALIVE_INTERVAL));
+    let grpc = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_connection_age(MAX_CONNECTION_AGE)
+        .max_connection_age_grace(MAX_CONNECTION_AGE_GRACE)
+        .add_service(health_service)
+        .add_service(ext_authz)
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
+
+    tracing::info!(
+        grpc_addr = %grpc_addr,
+        http_addr = %http_addr,
+        store = engine.store().backend(),
+        policy = %cfg.file.display(),
+        routes = engine.policy().routes.len(),
+        "listening"
+    );
+    let (g, h) = tokio::join!(grpc, async { http.await.map_err(ServeError::Http) });
+    g?;
+    h?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Prometheus metrics. Label values come from closed sets (outcome, reason, backend, result),
+//! never from a subject or an address, so cardinality stays bounded.
+
+use std::time::Duration;
+
+use decision_core::Reason;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels1 = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
+
+pub struct Metrics {
+    registry: Registry,
+    /// one counter per reason, resolved once so the hot path does no map lookup
+    decisions: Vec<Counter>,
+    decision_seconds: Histogram,
+    store_errors: Family<Labels1, Counter>,
+    reloads: Family<Labels1, Counter>,
+    policy_routes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("portcullis");
+        let family = Family::<Labels2, Counter>::default();
+        registry.register("decisions", "Decisions by outcome and reason", family.clone());
+        let decisions = Reason::ALL
+            .iter()
+            .map(|r| family.get_or_create(&[("outcome", if r.is_allowed() { "allow" } else { "deny" }), ("reason", r.as_str())]).clone())
+            .collect();
+        // 10 us .. ~0.33 s
+        let decision_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 16));
+        registry.register("decision_duration_seconds", "Time to decide one request, from receipt to answer", decision_seconds.clone());
+        let store_errors = Family::<Labels1, Counter>::default();
+        registry.register("store_errors", "Store calls that failed or timed out, by backend", store_errors.clone());
+        let reloads = Family::<Labels1, Counter>::default();
+        registry.register("policy_reloads", "Policy reloads by result (ok, rejected)", reloads.clone());
+        let policy_routes = Gauge::default();
+        registry.register("policy_routes", "Routes in the policy being served", policy_routes.clone());
+        Metrics { registry, decisions, decision_seconds, store_errors, reloads, policy_routes }
+    }
+
+    pub fn decision(&self, reason: Reason, took: Duration) {
+        if let Some(i) = Reason::ALL.iter().position(|r| *r == reason) {
+            self.decisions[i].inc();
+        }
+        self.decision_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn store_error(&self, backend: &'static str) {
+        self.store_errors.get_or_create(&[("backend", backend)]).inc();
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.reloads.get_or_create(&[("result", if ok { "ok" } else { "rejected" })]).inc();
+    }
+
+    pub fn policy_loaded(&self, routes: usize) {
+        self.policy_routes.set(i64::try_from(routes).unwrap_or(i64::MAX));
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions_are_counted_by_outcome_and_reason() {
+        let m = Metrics::new();
+        m.decision(Reason::Allowed, Duration::from_micros(50));
+        m.decision(Reason::ApiKeyUnknown, Duration::from_micros(50));
+        m.decision(Reason::ApiKeyUnknown, Duration::from_micros(50));
+        let text = m.encode();
+        assert!(text.contains("portcullis_decisions_total{outcome=\"allow\",reason=\"allowed\"} 1"), "{text}");
+        assert!(text.contains("portcullis_decisions_total{outcome=\"deny\",reason=\"api_key_unknown\"} 2"), "{text}");
+        assert!(text.contains("portcullis_decision_duration_seconds_count 3"), "{text}");
+    }
+}
