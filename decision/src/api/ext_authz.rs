@@ -157,11 +157,10 @@ impl<S: Store> Authorization for ExtAuthz<S> {
                     path: &http.path,
                     peer,
                     forwarded_for: header(http, "x-forwarded-for"),
-                    content_length: if http.size >= 0 {
-                        u64::try_from(http.size).ok()
-                    } else {
-                        header(http, "content-length").and_then(|v| v.trim().parse().ok())
-                    },
+                    // The declared length first: Envoy reports `size` 0 for a body it has not buffered.
+                    content_length: header(http, "content-length")
+                        .and_then(|v| v.trim().parse().ok())
+                        .or_else(|| u64::try_from(http.size).ok().filter(|n| *n > 0)),
                     header_bytes: header_bytes(http),
                     api_key: header(http, &policy.api_keys.header),
                     authorization: header(http, "authorization"),
