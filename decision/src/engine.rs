@@ -58,7 +58,12 @@ impl<S: Store> Engine<S> {
         match result {
             Ok(verdicts) if verdicts.len() == plan.ops.len() => conclude(policy, plan, &verdicts),
             Ok(verdicts) => {
-                tracing::error!(backend = self.store.backend(), expected = plan.ops.len(), got = verdicts.len(), "store answered with the wrong number of verdicts");
+                tracing::error!(
+                    backend = self.store.backend(),
+                    expected = plan.ops.len(),
+                    got = verdicts.len(),
+                    "store answered with the wrong number of verdicts"
+                );
                 self.metrics.store_error(self.store.backend());
                 store_failed(policy, plan)
             }
@@ -68,5 +73,246 @@ impl<S: Store> Engine<S> {
                 store_failed(policy, plan)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+    use std::path::Path;
+
+    use decision_core::Reason;
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    const BASIC: &str = "pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo";
+    const BUSINESS: &str = "pk_demo_business_99y1eL2sdNt83RjrZU5zRn3m";
+    const SERVICE: &str = "pk_demo_service_k1-mDUeWOB7yj39g_aZ3tBG8";
+    const ADMIN: &str = "pk_demo_admin_dgBU1nZu-FWNNXcyKorzEKKe";
+    const REVOKED: &str = "pk_demo_revoked_qRGEEUIheBQGutgkAFQOPeSq";
+
+    fn reference() -> Arc<Policy> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        crate::config::load(&dir.join("policy.yaml")).unwrap_or_else(|e| panic!("{e}")).policy
+    }
+
+    struct Case {
+        method: &'static str,
+        path: &'static str,
+        peer: &'static str,
+        xff: Option<&'static str>,
+        key: Option<&'static str>,
+        bearer: bool,
+        content_length: Option<u64>,
+        want: Reason,
+    }
+
+    const fn case(method: &'static str, path: &'static str, key: Option<&'static str>, want: Reason) -> Case {
+        Case { method, path, peer: "127.0.0.1", xff: None, key, bearer: false, content_length: None, want }
+    }
+
+    #[tokio::test]
+    async fn the_reference_policy_decides_as_its_comments_say() {
+        let policy = reference();
+        let table = [
+            case("GET", "/health", None, Reason::Allowed),
+            case("GET", "/health?verbose=1", None, Reason::Allowed),
+            case("GET", "/api/v1/users", None, Reason::CredentialMissing),
+            case("GET", "/api/v1/users", Some(BASIC), Reason::Allowed),
+            case("get", "/api/v1/users", Some(BASIC), Reason::Allowed),
+            case("HEAD", "/api/v1/users", Some(BASIC), Reason::Allowed),
+            case("POST", "/api/v1/users", Some(BASIC), Reason::RoleForbidden),
+            case("POST", "/api/v1/users", Some(BUSINESS), Reason::Allowed),
+            case("DELETE", "/api/v1/users/1", Some(ADMIN), Reason::Allowed),
+            case("GET", "/api/v1/users", Some(SERVICE), Reason::RoleForbidden),
+            case("GET", "/api/v1/users", Some("pk_guess"), Reason::ApiKeyUnknown),
+            case("GET", "/api/v1/users", Some(""), Reason::ApiKeyUnknown),
+            case("GET", "/api/v1/users", Some(REVOKED), Reason::ApiKeyRevoked),
+            case("GET", "/internal/jobs", Some(SERVICE), Reason::Allowed),
+            case("GET", "/internal/jobs", Some(ADMIN), Reason::RoleForbidden),
+            case("GET", "/admin/users", Some(ADMIN), Reason::FreshAuthRequired),
+            case("GET", "/ADMIN/users", Some(BASIC), Reason::FreshAuthRequired),
+            case("GET", "/api/v1/../../admin/users", Some(BASIC), Reason::FreshAuthRequired),
+            case("GET", "/api/v1/%2e%2e/%2e%2e/admin", Some(BASIC), Reason::FreshAuthRequired),
+            case("GET", "/api/v1/%2e%2e/admin", Some(BASIC), Reason::NoRoute),
+            case("GET", "/api/v1/../../../etc/passwd", Some(BASIC), Reason::BadPath),
+            case("GET", "/api/v1%2f..%2fadmin", Some(BASIC), Reason::BadPath),
+            case("GET", "/nowhere", Some(ADMIN), Reason::NoRoute),
+            case("PATCH", "/health", None, Reason::Allowed),
+            Case { bearer: true, ..case("GET", "/api/v1/users", None, Reason::BearerNotEnabled) },
+            Case { content_length: Some(5 << 20), ..case("POST", "/api/v1/u", Some(BUSINESS), Reason::Allowed) },
+            Case {
+                content_length: Some((5 << 20) + 1),
+                ..case("POST", "/api/v1/u", Some(BUSINESS), Reason::BodyTooLarge)
+            },
+            Case { xff: Some("198.51.100.9"), ..case("GET", "/health", None, Reason::IpDenied) },
+            Case { peer: "198.51.100.9", ..case("GET", "/health", None, Reason::IpDenied) },
+            // an untrusted peer's forwarded-for is not believed: 10.x does not make it internal
+            Case {
+                peer: "8.8.8.8",
+                xff: Some("10.1.2.3"),
+                ..case("GET", "/internal/x", Some(SERVICE), Reason::ZoneForbidden)
+            },
+            Case { xff: Some("10.1.2.3"), ..case("GET", "/internal/x", Some(SERVICE), Reason::Allowed) },
+            Case { xff: Some("192.168.1.7"), ..case("GET", "/admin/x", Some(ADMIN), Reason::FreshAuthRequired) },
+            Case { xff: Some("203.0.113.7"), ..case("GET", "/admin/x", Some(ADMIN), Reason::ZoneForbidden) },
+            Case { xff: Some("not-an-ip"), ..case("GET", "/health", None, Reason::BadForwardedFor) },
+        ];
+        for (i, c) in table.iter().enumerate() {
+            // a fresh store each time, so no case spends another's quota
+            let engine = Engine::new(policy.clone(), MemoryStore::new());
+            let bearer = "Bearer eyJhbGciOiJSUzI1NiJ9.e30.sig";
+            let req = Request {
+                method: c.method,
+                path: c.path,
+                peer: c.peer.parse::<IpAddr>().expect("peer"),
+                forwarded_for: c.xff,
+                content_length: c.content_length,
+                header_bytes: 100,
+                api_key: c.key,
+                authorization: c.bearer.then_some(bearer),
+            };
+            let d = engine.decide(&policy, &req).await;
+            assert_eq!(
+                d.reason,
+                c.want,
+                "case {i}: {} {} (key {:?}, xff {:?})",
+                c.method,
+                c.path,
+                c.key.map(|_| "…"),
+                c.xff
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_denied_request_consumes_no_quota() {
+        // an untrusted client with a basic key: the zone limit (10/minute) refuses long before
+        // the tier does, and the refused requests must not be charged to the tier
+        let policy = reference();
+        let engine = Engine::new(policy.clone(), MemoryStore::new());
+        let req = |ip: &'static str| Request {
+            method: "GET",
+            path: "/api/v1/x",
+            peer: "127.0.0.1".parse().expect("ip"),
+            forwarded_for: Some(ip),
+            content_length: None,
+            header_bytes: 10,
+            api_key: Some(BASIC),
+            authorization: None,
+        };
+        let mut reasons = Vec::new();
+        for _ in 0..30 {
+            reasons.push(engine.decide(&policy, &req("8.8.8.8")).await.reason);
+        }
+        assert_eq!(reasons.iter().filter(|r| **r == Reason::Allowed).count(), 10);
+        assert_eq!(reasons.iter().filter(|r| **r == Reason::ZoneRateExceeded).count(), 20);
+        let d = engine.decide(&policy, &req("10.0.0.1")).await;
+        let burst = d.quotas.iter().find(|q| q.kind == decision_core::decide::OpKind::TierBurst).expect("burst quota");
+        assert_eq!(burst.verdict.remaining, 100 - 11, "only the 10 allowed requests and this one were charged");
+    }
+
+    #[tokio::test]
+    async fn the_daily_quota_warns_past_quota_warning() {
+        let text =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/policy.yaml"))
+                .expect("policy");
+        let text = text.replacen(
+            "basic:      { per_minute: 60,   burst: 100,  per_day: 5000 }",
+            "basic: { per_minute: 60, burst: 100, per_day: 10 }",
+            1,
+        );
+        let policy = crate::config::parse(&text, &Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples"))
+            .expect("policy")
+            .policy;
+        let engine = Engine::new(policy.clone(), MemoryStore::new());
+        let req = Request {
+            method: "GET",
+            path: "/api/v1/x",
+            peer: "127.0.0.1".parse().expect("ip"),
+            forwarded_for: None,
+            content_length: None,
+            header_bytes: 10,
+            api_key: Some(BASIC),
+            authorization: None,
+        };
+        let mut warnings = Vec::new();
+        for _ in 0..11 {
+            let d = engine.decide(&policy, &req).await;
+            warnings.push((d.reason, d.quota_warning));
+        }
+        assert_eq!(warnings[6], (Reason::Allowed, None), "7 of 10 is under 80%");
+        assert_eq!(warnings[7], (Reason::Allowed, Some(8000)), "8 of 10 reaches 80%");
+        assert_eq!(warnings[9], (Reason::Allowed, Some(10000)));
+        assert_eq!(warnings[10].0, Reason::DailyQuotaExceeded);
+    }
+
+    /// A store that fails every call, or never answers: what Redis down or paused looks like to
+    /// the engine (the Redis store itself is its own issue; its fault tests use a real server).
+    struct BrokenStore {
+        hang: bool,
+    }
+
+    impl Store for BrokenStore {
+        async fn apply(
+            &self,
+            _ops: &[decision_core::decide::Op],
+            _now: u64,
+        ) -> Result<Vec<decision_core::quota::Verdict>, StoreError> {
+            if self.hang {
+                std::future::pending::<()>().await;
+            }
+            Err(StoreError::Unavailable("connection refused".into()))
+        }
+
+        fn backend(&self) -> &'static str {
+            "broken"
+        }
+
+        fn timeout(&self) -> Option<std::time::Duration> {
+            Some(std::time::Duration::from_millis(25))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_or_hanging_store_is_answered_by_on_store_error() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let text = std::fs::read_to_string(dir.join("policy.yaml")).expect("policy");
+        let deny = crate::config::parse(&text, &dir).expect("policy").policy;
+        let allow = crate::config::parse(&text.replacen("on_store_error: deny", "on_store_error: allow", 1), &dir)
+            .expect("policy")
+            .policy;
+        let req = Request {
+            method: "GET",
+            path: "/api/v1/x",
+            peer: "127.0.0.1".parse().expect("ip"),
+            forwarded_for: None,
+            content_length: None,
+            header_bytes: 10,
+            api_key: Some(BASIC),
+            authorization: None,
+        };
+        for hang in [false, true] {
+            let engine = Engine::new(deny.clone(), BrokenStore { hang });
+            let d = engine.decide(&deny, &req).await;
+            assert_eq!((d.reason, d.status()), (Reason::StoreUnavailable, 503), "hang: {hang}");
+            let engine = Engine::new(allow.clone(), BrokenStore { hang });
+            let d = engine.decide(&allow, &req).await;
+            assert_eq!((d.reason, d.status()), (Reason::AllowedStoreUnavailable, 200), "hang: {hang}");
+            assert!(engine.metrics.encode().contains("portcullis_store_errors_total{backend=\"broken\"} 1"));
+            let answer = crate::api::ext_authz::answer(&d, &allow, "r1");
+            let Some(proto::ext_authz::check_response::HttpResponse::OkResponse(ok)) = answer.http_response else {
+                panic!("allowed answer expected");
+            };
+            assert!(
+                ok.headers.iter().any(|h| h.header.as_ref().is_some_and(|h| h.key == "x-portcullis-degraded")),
+                "marked"
+            );
+        }
+        // checks that need no counter still answer precisely
+        let engine = Engine::new(deny.clone(), BrokenStore { hang: true });
+        let d = engine.decide(&deny, &Request { api_key: Some(REVOKED), ..req }).await;
+        assert_eq!(d.reason, Reason::ApiKeyRevoked);
     }
 }

@@ -3,8 +3,8 @@
 
 use std::net::IpAddr;
 
-use decision_core::policy::Policy;
 use decision_core::Request;
+use decision_core::policy::Policy;
 
 use crate::api::ext_authz;
 use crate::engine::Engine;
@@ -37,8 +37,12 @@ pub fn explain<S: Store>(
         opts.iter().filter_map(|o| o.header.as_ref()).map(|h| format!("{}: {}", h.key, h.value)).collect()
     };
     let (to_upstream, to_client, body) = match answer.http_response {
-        Some(proto::ext_authz::check_response::HttpResponse::OkResponse(ok)) => (headers_of(&ok.headers), headers_of(&ok.response_headers_to_add), String::new()),
-        Some(proto::ext_authz::check_response::HttpResponse::DeniedResponse(denied)) => (Vec::new(), headers_of(&denied.headers), denied.body),
+        Some(proto::ext_authz::check_response::HttpResponse::OkResponse(ok)) => {
+            (headers_of(&ok.headers), headers_of(&ok.response_headers_to_add), String::new())
+        }
+        Some(proto::ext_authz::check_response::HttpResponse::DeniedResponse(denied)) => {
+            (Vec::new(), headers_of(&denied.headers), denied.body)
+        }
         _ => (Vec::new(), Vec::new(), String::new()),
     };
     let identity = d.ctx.identity.as_ref();

@@ -1,11 +1,11 @@
 //! The portcullis service: configuration, stores, the engine, the gRPC and HTTP adapters,
 //! telemetry and server wiring. Decisions themselves live in `decision-core`.
 
-pub mod config;
-pub mod clock;
-pub mod store;
 pub mod api;
+pub mod clock;
+pub mod config;
 pub mod engine;
 pub mod explain;
-pub mod telemetry;
 pub mod server;
+pub mod store;
+pub mod telemetry;

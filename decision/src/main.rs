@@ -106,7 +106,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(a) = http_addr {
                 cfg.settings.http_addr = a;
             }
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
             rt.block_on(decision::server::serve(cfg)).context("serving")?;
             Ok(ExitCode::SUCCESS)
         }

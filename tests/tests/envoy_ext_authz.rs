@@ -25,7 +25,13 @@ async fn authentication_roles_and_public_routes_through_envoy() {
 
     // a basic key reads: 200 with the rate-limit headers; the upstream learns who it is, and a
     // forged identity header from the client does not survive
-    let r = s.send("GET", "/api/v1/x", &[("x-api-key", BASIC), ("x-portcullis-subject", "demo-admin"), ("x-portcullis-tier", "enterprise")]).await;
+    let r = s
+        .send(
+            "GET",
+            "/api/v1/x",
+            &[("x-api-key", BASIC), ("x-portcullis-subject", "demo-admin"), ("x-portcullis-tier", "enterprise")],
+        )
+        .await;
     assert_eq!(r.status, 200, "{r:?}");
     assert!(r.header("ratelimit-policy").is_some_and(|p| p.contains("\"burst\";q=100")), "{r:?}");
     assert!(r.header("ratelimit").is_some_and(|p| p.contains("\"burst\";r=99")), "{r:?}");
@@ -70,12 +76,25 @@ async fn authentication_roles_and_public_routes_through_envoy() {
     assert!(r.header("www-authenticate").is_some_and(|c| c.contains("re-authentication required")), "{r:?}");
 
     // the decision log names each reason; secrets never appear in it
-    let log = s.portcullis.wait_for_log("the revoked decision", |l| l.contains("api_key_revoked")).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let log = s
+        .portcullis
+        .wait_for_log("the revoked decision", |l| l.contains("api_key_revoked"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let line: serde_json::Value = serde_json::from_str(&log).expect("json log line");
     assert_eq!(line["status"], 401);
     assert_eq!(line["path"], "/api/v1/x");
-    let reasons: Vec<String> = s.portcullis.decisions().iter().map(|d| d["reason"].as_str().unwrap_or("").to_owned()).collect();
-    for want in ["credential_missing", "allowed", "role_forbidden", "api_key_unknown", "api_key_revoked", "no_route", "fresh_auth_required"] {
+    let reasons: Vec<String> =
+        s.portcullis.decisions().iter().map(|d| d["reason"].as_str().unwrap_or("").to_owned()).collect();
+    for want in [
+        "credential_missing",
+        "allowed",
+        "role_forbidden",
+        "api_key_unknown",
+        "api_key_revoked",
+        "no_route",
+        "fresh_auth_required",
+    ] {
         assert!(reasons.iter().any(|r| r == want), "no {want} decision logged: {reasons:?}");
     }
     let all = s.portcullis.logs().join("\n");
@@ -116,7 +135,13 @@ async fn client_addresses_behind_trusted_proxies() {
     assert_eq!(s.send("GET", "/health", &[]).await.status, 200);
 
     // /internal is for internal callers only, whatever their credential
-    let r = s.send("GET", "/internal/jobs", &[("x-forwarded-for", "8.8.4.4"), ("x-api-key", "pk_demo_service_k1-mDUeWOB7yj39g_aZ3tBG8")]).await;
+    let r = s
+        .send(
+            "GET",
+            "/internal/jobs",
+            &[("x-forwarded-for", "8.8.4.4"), ("x-api-key", "pk_demo_service_k1-mDUeWOB7yj39g_aZ3tBG8")],
+        )
+        .await;
     assert_eq!(r.status, 403, "{r:?}");
     let r = s.send("GET", "/internal/jobs", &[("x-api-key", "pk_demo_service_k1-mDUeWOB7yj39g_aZ3tBG8")]).await;
     assert_eq!(r.status, 200, "{r:?}");
@@ -139,7 +164,9 @@ async fn basic_tier_burst_then_429_with_the_reference_body() {
         tasks.push(tokio::spawn(async move {
             let mut codes = Vec::new();
             for _ in 0..(if worker < 8 { 8 } else { 7 }) {
-                codes.push(client.request("GET", &url, &[("x-api-key", BASIC)], "").await.map(|r| r.status).unwrap_or(0));
+                codes.push(
+                    client.request("GET", &url, &[("x-api-key", BASIC)], "").await.map(|r| r.status).unwrap_or(0),
+                );
             }
             codes
         }));
@@ -192,7 +219,13 @@ async fn sizes_and_paths_that_must_not_pass() {
     assert_eq!(r.status, 431, "{r:?}");
 
     // path tricks do not reach the admin route
-    for path in ["/api/v1/%2e%2e/admin", "/api/v1/../../admin", "/api/v1/%2e%2e/%2e%2e/admin/users", "//admin/users", "/api/v1/..%2f..%2fadmin"] {
+    for path in [
+        "/api/v1/%2e%2e/admin",
+        "/api/v1/../../admin",
+        "/api/v1/%2e%2e/%2e%2e/admin/users",
+        "//admin/users",
+        "/api/v1/..%2f..%2fadmin",
+    ] {
         let r = s.send("GET", path, &[("x-api-key", BASIC)]).await;
         assert_ne!(r.status, 200, "{path} got through: {r:?}");
     }

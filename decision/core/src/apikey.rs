@@ -92,9 +92,15 @@ mod tests {
 
     #[test]
     fn digests_parse_only_as_64_hex_digits() {
-        let d = parse_digest("43089ad2666e61a9f0f9dcd5f904b119ff89a44d3c8decdff84a6e8653fe64ba").expect("reference digest");
+        let d =
+            parse_digest("43089ad2666e61a9f0f9dcd5f904b119ff89a44d3c8decdff84a6e8653fe64ba").expect("reference digest");
         assert_eq!(d, digest(b"pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo"));
-        for bad in ["", "43089ad2", "zz089ad2666e61a9f0f9dcd5f904b119ff89a44d3c8decdff84a6e8653fe64ba", "43089ad2666e61a9f0f9dcd5f904b119ff89a44d3c8decdff84a6e8653fe64ba00"] {
+        for bad in [
+            "",
+            "43089ad2",
+            "zz089ad2666e61a9f0f9dcd5f904b119ff89a44d3c8decdff84a6e8653fe64ba",
+            "43089ad2666e61a9f0f9dcd5f904b119ff89a44d3c8decdff84a6e8653fe64ba00",
+        ] {
             assert!(parse_digest(bad).is_err(), "{bad}");
         }
     }

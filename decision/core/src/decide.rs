@@ -294,7 +294,9 @@ pub fn plan(policy: &Policy, req: &Request<'_>) -> Result<Plan, Box<Decision>> {
             (Some(key), _) => match policy.api_keys.lookup(key.as_bytes()) {
                 Lookup::Unknown => return deny(Reason::ApiKeyUnknown, ctx),
                 Lookup::Found(k) if k.revoked => return deny(Reason::ApiKeyRevoked, ctx),
-                Lookup::Found(k) => Identity { subject: k.id.clone(), roles: k.roles, tier: k.tier, credential: CredentialKind::ApiKey },
+                Lookup::Found(k) => {
+                    Identity { subject: k.id.clone(), roles: k.roles, tier: k.tier, credential: CredentialKind::ApiKey }
+                }
             },
             (None, Some(auth)) if auth.len() > 7 && auth[..7].eq_ignore_ascii_case("bearer ") => {
                 return deny(Reason::BearerNotEnabled, ctx);
@@ -314,11 +316,21 @@ pub fn plan(policy: &Policy, req: &Request<'_>) -> Result<Plan, Box<Decision>> {
     }
 
     let mut ops = Vec::with_capacity(3);
-    if let Some(id) = &ctx.identity {
-        if let Some(tier) = policy.tiers.get(id.tier) {
-            ops.push(Op { key: format!("pc:{{s:{}}}:burst", id.subject), limit: tier.bucket, cost: 1, kind: OpKind::TierBurst });
-            ops.push(Op { key: format!("pc:{{s:{}}}:daily", id.subject), limit: tier.daily, cost: 1, kind: OpKind::TierDaily });
-        }
+    if let Some(id) = &ctx.identity
+        && let Some(tier) = policy.tiers.get(id.tier)
+    {
+        ops.push(Op {
+            key: format!("pc:{{s:{}}}:burst", id.subject),
+            limit: tier.bucket,
+            cost: 1,
+            kind: OpKind::TierBurst,
+        });
+        ops.push(Op {
+            key: format!("pc:{{s:{}}}:daily", id.subject),
+            limit: tier.daily,
+            cost: 1,
+            kind: OpKind::TierDaily,
+        });
     }
     if let Some(limit) = policy.zone_limit(ctx.zone) {
         ops.push(Op { key: format!("pc:{{ip:{ip}}}:zone"), limit, cost: 1, kind: OpKind::Zone });

@@ -40,9 +40,7 @@ impl PathPattern {
             if seg == "**" {
                 segments.push(Segment::Any);
             } else if seg.contains("**") {
-                return Err(format!(
-                    "invalid path pattern {src:?}: `**` must be a whole segment"
-                ));
+                return Err(format!("invalid path pattern {src:?}: `**` must be a whole segment"));
             } else if seg == "." || seg == ".." {
                 return Err(format!("invalid path pattern {src:?}: dot segments never match a normalized path"));
             } else if seg.contains('*') {

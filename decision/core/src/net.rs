@@ -49,12 +49,11 @@ impl CidrTable {
             }
             IpNet::V6(n) => {
                 // An IPv4-mapped network is stored as the IPv4 network it denotes.
-                if let Some(v4) = n.network().to_ipv4_mapped() {
-                    if n.prefix_len() >= 96 {
-                        if let Ok(n4) = ipnet::Ipv4Net::new(v4, n.prefix_len() - 96) {
-                            return self.insert(IpNet::V4(n4), bits);
-                        }
-                    }
+                if let Some(v4) = n.network().to_ipv4_mapped()
+                    && n.prefix_len() >= 96
+                    && let Ok(n4) = ipnet::Ipv4Net::new(v4, n.prefix_len() - 96)
+                {
+                    return self.insert(IpNet::V4(n4), bits);
                 }
                 let len = n.prefix_len();
                 let key = u128::from(n.network()) & mask6(len);
@@ -110,14 +109,10 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(IpNet::from(ip));
     }
-    let net: IpNet = s
-        .parse()
-        .map_err(|_| format!("invalid CIDR {s:?}: expected e.g. \"10.0.0.0/8\" or \"::1/128\""))?;
+    let net: IpNet =
+        s.parse().map_err(|_| format!("invalid CIDR {s:?}: expected e.g. \"10.0.0.0/8\" or \"::1/128\""))?;
     if net.trunc() != net {
-        return Err(format!(
-            "invalid CIDR {s:?}: host bits are set (did you mean \"{}\"?)",
-            net.trunc()
-        ));
+        return Err(format!("invalid CIDR {s:?}: host bits are set (did you mean \"{}\"?)", net.trunc()));
     }
     Ok(net)
 }
@@ -192,7 +187,13 @@ mod tests {
 
     #[test]
     fn lookups_or_the_bits_of_every_containing_network() {
-        let t = table(&[("10.0.0.0/8", 1), ("10.1.0.0/16", 2), ("203.0.113.0/24", 4), ("::1/128", 1), ("2001:db8::/32", 8)]);
+        let t = table(&[
+            ("10.0.0.0/8", 1),
+            ("10.1.0.0/16", 2),
+            ("203.0.113.0/24", 4),
+            ("::1/128", 1),
+            ("2001:db8::/32", 8),
+        ]);
         let cases = [
             ("10.2.3.4", 1),
             ("10.1.3.4", 3),

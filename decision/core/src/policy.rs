@@ -90,7 +90,8 @@ pub struct Route {
 
 impl Route {
     pub fn matches(&self, method: &str, path: &str) -> bool {
-        (self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method))) && self.pattern.matches(path)
+        (self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
+            && self.pattern.matches(path)
     }
 }
 
@@ -116,11 +117,7 @@ impl Policy {
     }
 
     pub fn zone_limit(&self, zone_mask: u64) -> Option<Limit> {
-        if zone_mask & UNTRUSTED_BIT != 0 {
-            self.network.zone_limit_untrusted
-        } else {
-            self.network.zone_limit_trusted
-        }
+        if zone_mask & UNTRUSTED_BIT != 0 { self.network.zone_limit_untrusted } else { self.network.zone_limit_trusted }
     }
 }
 

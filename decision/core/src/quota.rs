@@ -91,7 +91,12 @@ fn bucket(burst: u64, interval: Micros, state: Option<State>, cost: u64, now: Mi
     let new_tat = tat.saturating_add(cost.saturating_mul(interval));
     if new_tat - now <= tau {
         Checked {
-            verdict: Verdict { allowed: true, remaining: (tau - (new_tat - now)) / interval, reset: new_tat - now, retry_after: 0 },
+            verdict: Verdict {
+                allowed: true,
+                remaining: (tau - (new_tat - now)) / interval,
+                reset: new_tat - now,
+                retry_after: 0,
+            },
             next: State::Bucket { tat: new_tat },
             expires_at: new_tat,
         }
@@ -142,11 +147,17 @@ fn sliding(limit: u64, window: Micros, state: Option<State>, cost: u64, now: Mic
         } else if cur + cost <= limit {
             // wait for the previous window's weight to decay enough
             let room = limit - cur - cost;
-            let decay_to = if prev == 0 { 0 } else { u64::try_from(u128::from(room) * u128::from(window) / u128::from(prev)).unwrap_or(u64::MAX).min(window) };
+            let decay_to = if prev == 0 {
+                0
+            } else {
+                u64::try_from(u128::from(room) * u128::from(window) / u128::from(prev)).unwrap_or(u64::MAX).min(window)
+            };
             (window - decay_to).saturating_sub(elapsed).max(1)
         } else {
             // the current window alone is too full: into the next one, until it decays
-            let decay_to = u64::try_from(u128::from(limit - cost) * u128::from(window) / u128::from(cur)).unwrap_or(u64::MAX).min(window);
+            let decay_to = u64::try_from(u128::from(limit - cost) * u128::from(window) / u128::from(cur))
+                .unwrap_or(u64::MAX)
+                .min(window);
             reset + (window - decay_to)
         };
         Checked {
@@ -185,7 +196,7 @@ mod tests {
     #[test]
     fn a_full_bucket_allows_exactly_burst_at_once() {
         let t0 = 1_700_000_000 * MICROS_PER_SEC;
-        let allowed = run(basic(), &vec![t0; 150]);
+        let allowed = run(basic(), &[t0; 150]);
         assert_eq!(allowed.iter().filter(|a| **a).count(), 100);
         assert!(allowed[..100].iter().all(|a| *a) && !allowed[100]);
     }
@@ -221,7 +232,7 @@ mod tests {
     fn window_counts_exactly_to_the_limit_then_denies() {
         let limit = Limit::SlidingWindow { limit: 10, window: MICROS_PER_MINUTE };
         let t0 = 100 * MICROS_PER_MINUTE;
-        let allowed = run(limit, &vec![t0 + 1; 11]);
+        let allowed = run(limit, &[t0 + 1; 11]);
         assert_eq!(allowed.iter().filter(|a| **a).count(), 10);
         assert!(!allowed[10]);
     }

@@ -42,7 +42,13 @@ impl RoleTable {
         // Depth-first closure with cycle detection (0 = new, 1 = on the stack, 2 = done).
         let mut state = vec![0u8; roles.len()];
         let mut closure = vec![0u64; roles.len()];
-        fn visit(i: usize, edges: &[Vec<usize>], state: &mut [u8], closure: &mut [u64], stack: &mut Vec<usize>) -> Option<Vec<usize>> {
+        fn visit(
+            i: usize,
+            edges: &[Vec<usize>],
+            state: &mut [u8],
+            closure: &mut [u64],
+            stack: &mut Vec<usize>,
+        ) -> Option<Vec<usize>> {
             state[i] = 1;
             stack.push(i);
             let mut bits = 1u64 << i;
@@ -111,8 +117,13 @@ mod tests {
     }
 
     fn reference() -> RoleTable {
-        RoleTable::build(&roles(&[("admin", &["developer"]), ("developer", &["user"]), ("user", &[]), ("service", &[])]))
-            .expect("reference roles")
+        RoleTable::build(&roles(&[
+            ("admin", &["developer"]),
+            ("developer", &["user"]),
+            ("user", &[]),
+            ("service", &[]),
+        ]))
+        .expect("reference roles")
     }
 
     #[test]

@@ -49,17 +49,13 @@ pub fn parse_duration(s: &str) -> Result<Micros, UnitError> {
         "d" => MICROS_PER_DAY,
         _ => return Err(bad()),
     };
-    n.checked_mul(scale)
-        .ok_or_else(|| UnitError(format!("duration {s:?} is too large")))
+    n.checked_mul(scale).ok_or_else(|| UnitError(format!("duration {s:?} is too large")))
 }
 
 /// `512B`, `16KB`, `5MB`, `1GB` (powers of 1024, as proxies count buffer sizes).
 pub fn parse_size(s: &str) -> Result<u64, UnitError> {
-    let bad = || {
-        UnitError(format!(
-            "invalid size {s:?}: expected a whole number and a unit (B, KB, MB, GB), e.g. \"5MB\""
-        ))
-    };
+    let bad =
+        || UnitError(format!("invalid size {s:?}: expected a whole number and a unit (B, KB, MB, GB), e.g. \"5MB\""));
     let (n, unit) = split_number(s).ok_or_else(bad)?;
     let scale: u64 = match unit.to_ascii_uppercase().as_str() {
         "B" | "" => 1,
@@ -68,8 +64,7 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
         "GB" | "GIB" => 1 << 30,
         _ => return Err(bad()),
     };
-    n.checked_mul(scale)
-        .ok_or_else(|| UnitError(format!("size {s:?} is too large")))
+    n.checked_mul(scale).ok_or_else(|| UnitError(format!("size {s:?} is too large")))
 }
 
 /// A count per period: `10/minute`, `5/s`, `100000/day`.
@@ -105,7 +100,11 @@ pub fn parse_percent(s: &str) -> Result<u32, UnitError> {
     let bad = || UnitError(format!("invalid percentage {s:?}: expected e.g. \"80%\" (0% to 100%)"));
     let num = s.trim().strip_suffix('%').ok_or_else(bad)?.trim();
     let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
-    if whole.is_empty() || frac.len() > 2 || !whole.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+    if whole.is_empty()
+        || frac.len() > 2
+        || !whole.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
         return Err(bad());
     }
     let whole: u32 = whole.parse().map_err(|_| bad())?;
@@ -123,7 +122,14 @@ mod tests {
 
     #[test]
     fn durations_parse_with_every_unit_and_refuse_the_rest() {
-        let ok = [("25ms", 25_000), ("30s", 30_000_000), ("15m", 900_000_000), ("1h", 3_600_000_000), ("0s", 0), ("2d", 2 * MICROS_PER_DAY)];
+        let ok = [
+            ("25ms", 25_000),
+            ("30s", 30_000_000),
+            ("15m", 900_000_000),
+            ("1h", 3_600_000_000),
+            ("0s", 0),
+            ("2d", 2 * MICROS_PER_DAY),
+        ];
         for (s, want) in ok {
             assert_eq!(parse_duration(s), Ok(want), "{s}");
         }

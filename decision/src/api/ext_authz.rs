@@ -12,7 +12,9 @@ use proto::ext_authz::attribute_context::HttpRequest;
 use proto::ext_authz::authorization_server::Authorization;
 use proto::ext_authz::check_response::HttpResponse;
 use proto::ext_authz::{CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse};
-use proto::types::{HeaderAppendAction, HeaderValue, HeaderValueOption, HttpStatus, ListValue, RpcStatus, Struct, Value, address, value};
+use proto::types::{
+    HeaderAppendAction, HeaderValue, HeaderValueOption, HttpStatus, ListValue, RpcStatus, Struct, Value, address, value,
+};
 
 use super::respond;
 use crate::clock;
@@ -98,7 +100,11 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
             metadata.fields.insert("tier".into(), string_value(tier));
             metadata.fields.insert(
                 "roles".into(),
-                Value { kind: Some(value::Kind::ListValue(ListValue { values: roles.iter().map(|r| string_value(r)).collect() })) },
+                Value {
+                    kind: Some(value::Kind::ListValue(ListValue {
+                        values: roles.iter().map(|r| string_value(r)).collect(),
+                    })),
+                },
             );
         } else {
             remove.extend([SUBJECT_HEADER, TIER_HEADER, ROLES_HEADER].map(String::from));
@@ -144,7 +150,10 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
 #[tonic::async_trait]
 impl<S: Store> Authorization for ExtAuthz<S> {
     #[tracing::instrument(name = "ext_authz.check", skip_all, fields(rpc.system = "grpc", rpc.method = "Check"))]
-    async fn check(&self, request: tonic::Request<CheckRequest>) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+    async fn check(
+        &self,
+        request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let started = clock::instant();
         let msg = request.into_inner();
         let policy = self.engine.policy();
@@ -174,7 +183,11 @@ impl<S: Store> Authorization for ExtAuthz<S> {
             }
             (Some(http), None) => {
                 tracing::warn!(reason = "no IP source address in the check request", "malformed check request");
-                (Decision::deny(Reason::BadRequest, Default::default()), header(http, "x-request-id").unwrap_or(&http.id), http.method.as_str())
+                (
+                    Decision::deny(Reason::BadRequest, Default::default()),
+                    header(http, "x-request-id").unwrap_or(&http.id),
+                    http.method.as_str(),
+                )
             }
         };
         let response = answer(&decision, &policy, request_id);

@@ -54,7 +54,9 @@ pub fn ratelimit_headers(d: &Decision) -> Vec<(&'static str, String)> {
 /// The `WWW-Authenticate` challenge of a 401 (RFC 9110 section 11.6.1, RFC 6750 for Bearer).
 pub fn www_authenticate(reason: Reason, policy: &Policy) -> Option<String> {
     match reason {
-        Reason::FreshAuthRequired => Some("Bearer error=\"invalid_token\", error_description=\"re-authentication required\"".into()),
+        Reason::FreshAuthRequired => {
+            Some("Bearer error=\"invalid_token\", error_description=\"re-authentication required\"".into())
+        }
         r if r.status() == 401 => {
             let api_key = format!("ApiKey realm=\"portcullis\", header=\"{}\"", policy.api_keys.header);
             Some(if policy.bearer_configured { format!("Bearer realm=\"portcullis\", {api_key}") } else { api_key })

@@ -96,7 +96,11 @@ impl MarkedEventReceiver for Builder {
                     }
                 }
                 self.record(mark.line());
-                self.stack.push(if matches!(ev, Event::MappingStart(..)) { Frame::Map { key: None } } else { Frame::Seq { index: 0 } });
+                self.stack.push(if matches!(ev, Event::MappingStart(..)) {
+                    Frame::Map { key: None }
+                } else {
+                    Frame::Seq { index: 0 }
+                });
             }
             Event::MappingEnd | Event::SequenceEnd => {
                 self.stack.pop();

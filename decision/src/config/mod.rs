@@ -23,7 +23,7 @@ use std::sync::Arc;
 use decision_core::apikey::{self, ApiKey, ApiKeyTable};
 use decision_core::glob::PathPattern;
 use decision_core::net::{self, CidrTable};
-use decision_core::policy::{self, Network, OnStoreError, Policy, Route, Tier, Zones, UNTRUSTED, UNTRUSTED_BIT};
+use decision_core::policy::{self, Network, OnStoreError, Policy, Route, Tier, UNTRUSTED, UNTRUSTED_BIT, Zones};
 use decision_core::quota::Limit;
 use decision_core::roles::{RoleError, RoleTable};
 use decision_core::units::{self, MICROS_PER_DAY, MICROS_PER_MINUTE};
@@ -48,7 +48,8 @@ pub const DEFAULT_ROLES: [(&str, &[&str]); 4] =
     [("admin", &["developer"]), ("developer", &["user"]), ("user", &[]), ("service", &[])];
 /// Algorithms a JWT issuer may list; `none` and the HMAC family (shared secrets do not belong
 /// in a JWKS) are refused.
-pub const JWT_ALGORITHMS: [&str; 10] = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"];
+pub const JWT_ALGORITHMS: [&str; 10] =
+    ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"];
 /// Largest policy file read (a policy is configuration, not data).
 pub const MAX_POLICY_BYTES: u64 = 4 << 20;
 
@@ -104,7 +105,10 @@ pub struct Config {
 
 /// Reads and validates a policy file.
 pub fn load(file: &Path) -> Result<Config, ConfigError> {
-    let fail = |message: String| ConfigError { file: file.to_owned(), problems: vec![Problem { path: String::new(), line: None, message }] };
+    let fail = |message: String| ConfigError {
+        file: file.to_owned(),
+        problems: vec![Problem { path: String::new(), line: None, message }],
+    };
     let meta = std::fs::metadata(file).map_err(|e| fail(format!("cannot read the policy file: {e}")))?;
     if meta.len() > MAX_POLICY_BYTES {
         return Err(fail(format!("the policy file is {} bytes, more than the {MAX_POLICY_BYTES} allowed", meta.len())));
@@ -125,11 +129,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     let index = LineIndex::build(text);
     let mut v = Validator { problems: Vec::new(), index: &index, base };
     let out = v.policy(raw);
-    if v.problems.is_empty() {
-        out.ok_or_else(Vec::new)
-    } else {
-        Err(v.problems)
-    }
+    if v.problems.is_empty() { out.ok_or_else(Vec::new) } else { Err(v.problems) }
 }
 
 /// A deserialization error: serde_yaml's message reads `path: message at line L column C`.
@@ -175,7 +175,10 @@ impl Validator<'_> {
         match s.parse() {
             Ok(a) => a,
             Err(_) => {
-                self.err(path, format!("invalid listen address {s:?}: expected HOST:PORT with an IP, e.g. \"127.0.0.1:8081\""));
+                self.err(
+                    path,
+                    format!("invalid listen address {s:?}: expected HOST:PORT with an IP, e.g. \"127.0.0.1:8081\""),
+                );
                 default.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
             }
         }
@@ -216,7 +219,10 @@ impl Validator<'_> {
         self.jwt(&auth.jwt);
         if let Some(i) = &auth.oauth2_introspection {
             if !i.endpoint.starts_with("https://") && !i.endpoint.starts_with("http://") {
-                self.err("authentication.oauth2_introspection.endpoint", format!("invalid URL {:?}: expected https://...", i.endpoint));
+                self.err(
+                    "authentication.oauth2_introspection.endpoint",
+                    format!("invalid URL {:?}: expected https://...", i.endpoint),
+                );
             }
             if let Some(t) = &i.cache_ttl {
                 self.parse("authentication.oauth2_introspection.cache_ttl", units::parse_duration(t));
@@ -226,9 +232,12 @@ impl Validator<'_> {
         let quota_warning = raw.quota_warning.as_deref().unwrap_or(DEFAULT_QUOTA_WARNING);
         let quota_warning = self.parse("quota_warning", units::parse_percent(quota_warning));
         let limits = raw.limits.unwrap_or_default();
-        let max_body = self.parse("limits.max_body", units::parse_size(limits.max_body.as_deref().unwrap_or(DEFAULT_MAX_BODY)));
-        let max_header_bytes =
-            self.parse("limits.max_header_bytes", units::parse_size(limits.max_header_bytes.as_deref().unwrap_or(DEFAULT_MAX_HEADER_BYTES)));
+        let max_body =
+            self.parse("limits.max_body", units::parse_size(limits.max_body.as_deref().unwrap_or(DEFAULT_MAX_BODY)));
+        let max_header_bytes = self.parse(
+            "limits.max_header_bytes",
+            units::parse_size(limits.max_header_bytes.as_deref().unwrap_or(DEFAULT_MAX_HEADER_BYTES)),
+        );
         self.later_sections(raw.ratelimit, raw.traffic, raw.audit, raw.alerts);
 
         let policy = Policy {
@@ -255,7 +264,10 @@ impl Validator<'_> {
         for (i, (name, nets)) in n.zones.0.iter().enumerate() {
             let path = format!("network.zones.{name}");
             if name == UNTRUSTED {
-                self.err(&path, "\"untrusted\" is the name of every address outside the named zones; choose another name");
+                self.err(
+                    &path,
+                    "\"untrusted\" is the name of every address outside the named zones; choose another name",
+                );
                 continue;
             }
             if i >= 63 {
@@ -268,8 +280,10 @@ impl Validator<'_> {
         let zl = n.zone_limits.unwrap_or_default();
         let trusted = zl.trusted.as_deref().unwrap_or(DEFAULT_ZONE_LIMIT_TRUSTED);
         let untrusted = zl.untrusted.as_deref().unwrap_or(DEFAULT_ZONE_LIMIT_UNTRUSTED);
-        let zone_limit_trusted = self.parse("network.zone_limits.trusted", units::parse_rate(trusted)).map(policy::zone_limit);
-        let zone_limit_untrusted = self.parse("network.zone_limits.untrusted", units::parse_rate(untrusted)).map(policy::zone_limit);
+        let zone_limit_trusted =
+            self.parse("network.zone_limits.trusted", units::parse_rate(trusted)).map(policy::zone_limit);
+        let zone_limit_untrusted =
+            self.parse("network.zone_limits.untrusted", units::parse_rate(untrusted)).map(policy::zone_limit);
         if let Some(ab) = &n.auto_block {
             if ab.failed_auth == 0 {
                 self.err("network.auto_block.failed_auth", "must be at least 1");
@@ -283,21 +297,33 @@ impl Validator<'_> {
     fn roles(&mut self, raw: Option<Ordered<RawRole>>) -> Option<RoleTable> {
         let list: Vec<(String, Vec<String>)> = match raw {
             Some(r) => r.0.into_iter().map(|(n, r)| (n, r.inherits)).collect(),
-            None => DEFAULT_ROLES.iter().map(|(n, i)| (n.to_string(), i.iter().map(|s| s.to_string()).collect())).collect(),
+            None => {
+                DEFAULT_ROLES.iter().map(|(n, i)| (n.to_string(), i.iter().map(|s| s.to_string()).collect())).collect()
+            }
         };
         match RoleTable::build(&list) {
             Ok(t) => Some(t),
             Err(errors) => {
                 for e in errors {
                     match e {
-                        RoleError::TooMany(n) => self.err("roles", format!("{n} roles defined; at most {} are supported", decision_core::roles::MAX_ROLES)),
+                        RoleError::TooMany(n) => self.err(
+                            "roles",
+                            format!("{n} roles defined; at most {} are supported", decision_core::roles::MAX_ROLES),
+                        ),
                         RoleError::UnknownInherited { role, inherits } => {
-                            let i = list.iter().find(|(n, _)| *n == role).and_then(|(_, inh)| inh.iter().position(|x| *x == inherits)).unwrap_or(0);
+                            let i = list
+                                .iter()
+                                .find(|(n, _)| *n == role)
+                                .and_then(|(_, inh)| inh.iter().position(|x| *x == inherits))
+                                .unwrap_or(0);
                             self.err(format!("roles.{role}.inherits[{i}]"), format!("unknown role {inherits:?}"));
                         }
                         RoleError::Cycle(cycle) => {
                             let first = cycle.first().cloned().unwrap_or_default();
-                            self.err(format!("roles.{first}.inherits"), format!("inheritance cycle: {}", cycle.join(" -> ")));
+                            self.err(
+                                format!("roles.{first}.inherits"),
+                                format!("inheritance cycle: {}", cycle.join(" -> ")),
+                            );
                         }
                     }
                 }
@@ -309,7 +335,10 @@ impl Validator<'_> {
     fn tiers(&mut self, raw: Option<Ordered<RawTier>>) -> Vec<Tier> {
         let list: Vec<(String, RawTier)> = match raw {
             Some(t) => t.0,
-            None => DEFAULT_TIERS.iter().map(|(n, m, b, d)| (n.to_string(), RawTier { per_minute: *m, burst: *b, per_day: *d })).collect(),
+            None => DEFAULT_TIERS
+                .iter()
+                .map(|(n, m, b, d)| (n.to_string(), RawTier { per_minute: *m, burst: *b, per_day: *d }))
+                .collect(),
         };
         let mut out = Vec::new();
         for (name, t) in list {
@@ -340,8 +369,14 @@ impl Validator<'_> {
         let mut seen_digests: Vec<[u8; 32]> = Vec::new();
         for (i, k) in raw.keys.iter().enumerate() {
             let path = format!("authentication.api_keys.keys[{i}]");
-            if k.id.is_empty() || k.id.len() > 128 || !k.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b)) {
-                self.err(format!("{path}.id"), format!("invalid key id {:?}: use 1 to 128 letters, digits or - _ . : @", k.id));
+            if k.id.is_empty()
+                || k.id.len() > 128
+                || !k.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
+            {
+                self.err(
+                    format!("{path}.id"),
+                    format!("invalid key id {:?}: use 1 to 128 letters, digits or - _ . : @", k.id),
+                );
             }
             if seen_ids.contains(&k.id.as_str()) {
                 self.err(format!("{path}.id"), format!("duplicate key id {:?}", k.id));
@@ -382,12 +417,18 @@ impl Validator<'_> {
                 (None, None) => self.err(&path, "jwks_file or jwks_url is required"),
                 (Some(f), None) => {
                     if !self.base.join(f).is_file() {
-                        self.err(format!("{path}.jwks_file"), format!("no such file {:?} (relative to the policy file)", f));
+                        self.err(
+                            format!("{path}.jwks_file"),
+                            format!("no such file {:?} (relative to the policy file)", f),
+                        );
                     }
                 }
                 (None, Some(u)) => {
                     if !u.starts_with("https://") {
-                        self.err(format!("{path}.jwks_url"), format!("invalid URL {u:?}: keys must be fetched over https://"));
+                        self.err(
+                            format!("{path}.jwks_url"),
+                            format!("invalid URL {u:?}: keys must be fetched over https://"),
+                        );
                     }
                 }
             }
@@ -396,7 +437,10 @@ impl Validator<'_> {
             }
             for (k, a) in j.algorithms.iter().enumerate() {
                 if !JWT_ALGORITHMS.contains(&a.as_str()) {
-                    self.err(format!("{path}.algorithms[{k}]"), format!("algorithm {a:?} is not allowed (allowed: {})", JWT_ALGORITHMS.join(", ")));
+                    self.err(
+                        format!("{path}.algorithms[{k}]"),
+                        format!("algorithm {a:?} is not allowed (allowed: {})", JWT_ALGORITHMS.join(", ")),
+                    );
                 }
             }
             if j.audiences.is_empty() {
@@ -442,17 +486,30 @@ impl Validator<'_> {
                     } else if let Some(k) = zones.names.iter().position(|n| n == z) {
                         mask |= 1 << k;
                     } else {
-                        self.err(format!("{path}.zones[{j}]"), format!("unknown zone {z:?} (known: {}, untrusted)", zones.names.join(", ")));
+                        self.err(
+                            format!("{path}.zones[{j}]"),
+                            format!("unknown zone {z:?} (known: {}, untrusted)", zones.names.join(", ")),
+                        );
                     }
                 }
                 mask
             });
-            let max_auth_age = r.sensitive.as_ref().and_then(|s| self.parse(&format!("{path}.sensitive.max_auth_age"), units::parse_duration(&s.max_auth_age)));
+            let max_auth_age = r.sensitive.as_ref().and_then(|s| {
+                self.parse(&format!("{path}.sensitive.max_auth_age"), units::parse_duration(&s.max_auth_age))
+            });
             if r.public && r.sensitive.is_some() {
                 self.err(format!("{path}.sensitive"), "a public route cannot be sensitive");
             }
             if let Some(pattern) = pattern {
-                out.push(Route { index: i, pattern, methods, public: r.public, allow_roles, zones: zone_mask, max_auth_age });
+                out.push(Route {
+                    index: i,
+                    pattern,
+                    methods,
+                    public: r.public,
+                    allow_roles,
+                    zones: zone_mask,
+                    max_auth_age,
+                });
             }
         }
         out
@@ -460,7 +517,13 @@ impl Validator<'_> {
 
     /// Sections whose features land in later versions: read and checked now, so the reference
     /// policy is accepted unchanged and a typo there is still an error.
-    fn later_sections(&mut self, rl: Option<raw::RawRatelimit>, traffic: Option<raw::RawTraffic>, audit: Option<raw::RawAudit>, alerts: Option<raw::RawAlerts>) {
+    fn later_sections(
+        &mut self,
+        rl: Option<raw::RawRatelimit>,
+        traffic: Option<raw::RawTraffic>,
+        audit: Option<raw::RawAudit>,
+        alerts: Option<raw::RawAlerts>,
+    ) {
         for (i, f) in rl.iter().flat_map(|r| r.files.iter()).enumerate() {
             if f.is_empty() {
                 self.err(format!("ratelimit.files[{i}]"), "empty file pattern");
@@ -483,7 +546,9 @@ impl Validator<'_> {
         }
         if let Some(a) = audit {
             for (i, s) in a.sinks.iter().enumerate() {
-                let n = usize::from(s.stdout.is_some()) + usize::from(s.file.is_some()) + usize::from(s.redis_stream.is_some());
+                let n = usize::from(s.stdout.is_some())
+                    + usize::from(s.file.is_some())
+                    + usize::from(s.redis_stream.is_some());
                 if n != 1 {
                     self.err(format!("audit.sinks[{i}]"), "each sink is exactly one of stdout, file, redis_stream");
                 }

@@ -5,8 +5,8 @@
 use std::fmt;
 use std::marker::PhantomData;
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 /// A YAML mapping read in file order (tiers, roles and zones keep the order they are written
 /// in); a key written twice is an error.
@@ -158,7 +158,11 @@ pub struct RawApiKey {
 impl fmt::Debug for RawApiKey {
     // the digest is not the key, but it is what an attacker would grind against: keep it out
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RawApiKey").field("id", &self.id).field("sha256", &"[REDACTED]").field("tier", &self.tier).finish()
+        f.debug_struct("RawApiKey")
+            .field("id", &self.id)
+            .field("sha256", &"[REDACTED]")
+            .field("tier", &self.tier)
+            .finish()
     }
 }
 

@@ -22,7 +22,7 @@ fn problems_after(from: &str, to: &str) -> (String, Vec<Problem>) {
     let text = reference_text();
     assert!(text.contains(from), "{from:?} not in the reference policy");
     let text = text.replacen(from, to, 1);
-    let problems = parse(&text, &examples()).err().expect("the change should be refused");
+    let problems = parse(&text, &examples()).expect_err("the change should be refused");
     (text, problems)
 }
 
@@ -39,11 +39,10 @@ fn the_reference_policy_validates() {
     let p = &cfg.policy;
     assert_eq!(p.api_keys.len(), 6);
     assert_eq!(p.routes.len(), 5);
-    assert_eq!(p.tiers.iter().map(|t| (&*t.name, t.per_minute, t.burst, t.per_day)).collect::<Vec<_>>(), [
-        ("basic", 60, 100, 5000),
-        ("business", 300, 500, 25000),
-        ("enterprise", 1000, 2000, 100000)
-    ]);
+    assert_eq!(
+        p.tiers.iter().map(|t| (&*t.name, t.per_minute, t.burst, t.per_day)).collect::<Vec<_>>(),
+        [("basic", 60, 100, 5000), ("business", 300, 500, 25000), ("enterprise", 1000, 2000, 100000)]
+    );
     assert_eq!(p.max_body, 5 << 20);
     assert_eq!(p.max_header_bytes, 16 << 10);
     assert_eq!(p.quota_warning, Some(8000));
@@ -55,7 +54,8 @@ fn the_reference_policy_validates() {
 
 #[test]
 fn unknown_fields_are_refused_with_path_and_line() {
-    let (text, problems) = problems_after("    allow_roles: [service]\n", "    allow_roles: [service]\n    alow_zones: [internal]\n");
+    let (text, problems) =
+        problems_after("    allow_roles: [service]\n", "    allow_roles: [service]\n    alow_zones: [internal]\n");
     assert_eq!(problems.len(), 1, "{problems:#?}");
     let p = &problems[0];
     assert_eq!(p.path, "routes[3]");
@@ -69,14 +69,25 @@ fn unknown_roles_are_refused() {
     assert_problem(&problems, "routes[4].allow_roles[0]", line_of(&text, "[admn]"), "unknown role \"admn\"");
     let (text, problems) = problems_after("developer: { inherits: [user] }", "developer: { inherits: [usr] }");
     assert_problem(&problems, "roles.developer.inherits[0]", line_of(&text, "[usr]"), "unknown role \"usr\"");
-    let (text, problems) = problems_after("roles: [developer]\n        tier: business", "roles: [dev]\n        tier: business");
-    assert_problem(&problems, "authentication.api_keys.keys[1].roles[0]", line_of(&text, "roles: [dev]"), "unknown role \"dev\"");
+    let (text, problems) =
+        problems_after("roles: [developer]\n        tier: business", "roles: [dev]\n        tier: business");
+    assert_problem(
+        &problems,
+        "authentication.api_keys.keys[1].roles[0]",
+        line_of(&text, "roles: [dev]"),
+        "unknown role \"dev\"",
+    );
 }
 
 #[test]
 fn inheritance_cycles_are_refused() {
     let (text, problems) = problems_after("user: {}", "user: { inherits: [admin] }");
-    assert_problem(&problems, "roles.admin.inherits", line_of(&text, "admin: { inherits"), "inheritance cycle: admin -> developer -> user -> admin");
+    assert_problem(
+        &problems,
+        "roles.admin.inherits",
+        line_of(&text, "admin: { inherits"),
+        "inheritance cycle: admin -> developer -> user -> admin",
+    );
 }
 
 #[test]
@@ -90,7 +101,12 @@ fn bad_cidrs_are_refused() {
 #[test]
 fn bad_durations_sizes_and_rates_are_refused() {
     let (text, problems) = problems_after("max_auth_age: 15m", "max_auth_age: 15 minutes");
-    assert_problem(&problems, "routes[4].sensitive.max_auth_age", line_of(&text, "15 minutes"), "invalid duration \"15 minutes\"");
+    assert_problem(
+        &problems,
+        "routes[4].sensitive.max_auth_age",
+        line_of(&text, "15 minutes"),
+        "invalid duration \"15 minutes\"",
+    );
     let (text, problems) = problems_after("max_body: 5MB", "max_body: 5 megs");
     assert_problem(&problems, "limits.max_body", line_of(&text, "5 megs"), "invalid size");
     let (text, problems) = problems_after("untrusted: 10/minute", "untrusted: 10/fortnight");
@@ -101,13 +117,30 @@ fn bad_durations_sizes_and_rates_are_refused() {
 
 #[test]
 fn bad_digests_and_duplicate_ids_and_unknown_tiers_are_refused() {
-    let (text, problems) = problems_after("sha256: 43089ad2666e61a9f0f9dcd5f904b119ff89a44d3c8decdff84a6e8653fe64ba", "sha256: 43089ad2");
-    assert_problem(&problems, "authentication.api_keys.keys[0].sha256", line_of(&text, "sha256: 43089ad2"), "invalid SHA-256 digest");
+    let (text, problems) =
+        problems_after("sha256: 43089ad2666e61a9f0f9dcd5f904b119ff89a44d3c8decdff84a6e8653fe64ba", "sha256: 43089ad2");
+    assert_problem(
+        &problems,
+        "authentication.api_keys.keys[0].sha256",
+        line_of(&text, "sha256: 43089ad2"),
+        "invalid SHA-256 digest",
+    );
     let (text, problems) = problems_after("id: demo-business", "id: demo-basic");
-    let dup_line = text.lines().enumerate().filter(|(_, l)| l.contains("id: demo-basic")).nth(1).map(|(i, _)| i + 1).expect("second id");
+    let dup_line = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains("id: demo-basic"))
+        .nth(1)
+        .map(|(i, _)| i + 1)
+        .expect("second id");
     assert_problem(&problems, "authentication.api_keys.keys[1].id", dup_line, "duplicate key id \"demo-basic\"");
     let (text, problems) = problems_after("tier: business", "tier: gold");
-    assert_problem(&problems, "authentication.api_keys.keys[1].tier", line_of(&text, "tier: gold"), "unknown tier \"gold\"");
+    assert_problem(
+        &problems,
+        "authentication.api_keys.keys[1].tier",
+        line_of(&text, "tier: gold"),
+        "unknown tier \"gold\"",
+    );
 }
 
 #[test]
@@ -117,9 +150,14 @@ fn every_problem_is_reported_at_once() {
         .replacen("deny: [198.51.100.0/24]", "deny: [nonsense]", 1)
         .replacen("tier: business", "tier: gold", 1)
         .replacen("within: 1m", "within: soon", 1);
-    let problems = parse(&text, &examples()).err().expect("refused");
+    let problems = parse(&text, &examples()).expect_err("refused");
     let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
-    for want in ["routes[4].allow_roles[0]", "network.deny[0]", "authentication.api_keys.keys[1].tier", "network.auto_block.within"] {
+    for want in [
+        "routes[4].allow_roles[0]",
+        "network.deny[0]",
+        "authentication.api_keys.keys[1].tier",
+        "network.auto_block.within",
+    ] {
         assert!(paths.contains(&want), "{want} missing from {paths:?}");
     }
     assert!(problems.iter().all(|p| p.line.is_some()), "{problems:#?}");
@@ -129,20 +167,32 @@ fn every_problem_is_reported_at_once() {
 fn the_error_display_names_file_line_path_and_reason() {
     let err = ConfigError {
         file: PathBuf::from("policy.yaml"),
-        problems: vec![Problem { path: "routes[3].allow_roles[0]".into(), line: Some(97), message: "unknown role \"admn\"".into() }],
+        problems: vec![Problem {
+            path: "routes[3].allow_roles[0]".into(),
+            line: Some(97),
+            message: "unknown role \"admn\"".into(),
+        }],
     };
-    assert_eq!(err.to_string(), "policy.yaml: 1 problem found\n  policy.yaml:97: routes[3].allow_roles[0]: unknown role \"admn\"\n");
+    assert_eq!(
+        err.to_string(),
+        "policy.yaml: 1 problem found\n  policy.yaml:97: routes[3].allow_roles[0]: unknown role \"admn\"\n"
+    );
 }
 
 #[test]
 fn algorithms_outside_the_allow_list_are_refused() {
     let (text, problems) = problems_after("algorithms: [RS256, ES256]", "algorithms: [RS256, none]");
-    assert_problem(&problems, "authentication.jwt[0].algorithms[1]", line_of(&text, "[RS256, none]"), "algorithm \"none\" is not allowed");
+    assert_problem(
+        &problems,
+        "authentication.jwt[0].algorithms[1]",
+        line_of(&text, "[RS256, none]"),
+        "algorithm \"none\" is not allowed",
+    );
 }
 
 #[test]
 fn malformed_yaml_names_its_line() {
-    let problems = parse("routes:\n  - match: { path: /x\n", Path::new(".")).err().expect("refused");
+    let problems = parse("routes:\n  - match: { path: /x\n", Path::new(".")).expect_err("refused");
     assert_eq!(problems.len(), 1);
     assert!(problems[0].line.is_some(), "{problems:?}");
 }

@@ -10,7 +10,12 @@ use decision_core::units::{MICROS_PER_MINUTE, MICROS_PER_SEC, Micros};
 use super::Store;
 
 pub fn bucket_op(key: &str, burst: u64, per_minute: u64) -> Op {
-    Op { key: key.into(), limit: Limit::token_bucket(per_minute, MICROS_PER_MINUTE, burst), cost: 1, kind: OpKind::TierBurst }
+    Op {
+        key: key.into(),
+        limit: Limit::token_bucket(per_minute, MICROS_PER_MINUTE, burst),
+        cost: 1,
+        kind: OpKind::TierBurst,
+    }
 }
 
 pub fn window_op(key: &str, limit: u64, window: Micros) -> Op {

@@ -22,9 +22,11 @@ struct Entry {
     expires_at: Micros,
 }
 
+type Shard = HashMap<Box<str>, Entry>;
+
 pub struct MemoryStore {
     hasher: RandomState,
-    shards: Vec<Mutex<HashMap<Box<str>, Entry>>>,
+    shards: Vec<Mutex<Shard>>,
 }
 
 impl Default for MemoryStore {
@@ -54,8 +56,7 @@ impl MemoryStore {
         let mut order: Vec<usize> = shard_ids.clone();
         order.sort_unstable();
         order.dedup();
-        let mut guards: Vec<(usize, MutexGuard<'_, HashMap<Box<str>, Entry>>)> =
-            order.iter().map(|&i| (i, lock(&self.shards[i]))).collect();
+        let mut guards: Vec<MutexGuard<'_, Shard>> = order.iter().map(|&i| lock(&self.shards[i])).collect();
         let guard_of = |shard: usize| order.iter().position(|&i| i == shard).unwrap_or(0);
 
         let mut checked: Vec<quota::Checked> = Vec::with_capacity(ops.len());
@@ -63,14 +64,14 @@ impl MemoryStore {
             // An earlier operation of this plan on the same key counts as already applied.
             let earlier = ops[..i].iter().rposition(|o| o.key == op.key).map(|j| checked[j].next);
             let state = earlier.or_else(|| {
-                guards[guard_of(shard_ids[i])].1.get(op.key.as_str()).filter(|e| e.expires_at > now).map(|e| e.state)
+                guards[guard_of(shard_ids[i])].get(op.key.as_str()).filter(|e| e.expires_at > now).map(|e| e.state)
             });
             checked.push(quota::check(op.limit, state, op.cost, now));
         }
         if checked.iter().all(|c| c.verdict.allowed) {
             for (i, op) in ops.iter().enumerate() {
                 let c = checked[i];
-                let map = &mut guards[guard_of(shard_ids[i])].1;
+                let map = &mut guards[guard_of(shard_ids[i])];
                 match map.get_mut(op.key.as_str()) {
                     Some(e) => *e = Entry { state: c.next, expires_at: c.expires_at },
                     None => {

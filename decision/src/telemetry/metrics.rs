@@ -37,11 +37,22 @@ impl Metrics {
         registry.register("decisions", "Decisions by outcome and reason", family.clone());
         let decisions = Reason::ALL
             .iter()
-            .map(|r| family.get_or_create(&[("outcome", if r.is_allowed() { "allow" } else { "deny" }), ("reason", r.as_str())]).clone())
+            .map(|r| {
+                family
+                    .get_or_create(&[
+                        ("outcome", if r.is_allowed() { "allow" } else { "deny" }),
+                        ("reason", r.as_str()),
+                    ])
+                    .clone()
+            })
             .collect();
         // 10 us .. ~0.33 s
         let decision_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 16));
-        registry.register("decision_duration_seconds", "Time to decide one request, from receipt to answer", decision_seconds.clone());
+        registry.register(
+            "decision_duration_seconds",
+            "Time to decide one request, from receipt to answer",
+            decision_seconds.clone(),
+        );
         let store_errors = Family::<Labels1, Counter>::default();
         registry.register("store_errors", "Store calls that failed or timed out, by backend", store_errors.clone());
         let reloads = Family::<Labels1, Counter>::default();

