@@ -173,6 +173,8 @@ pub enum OpKind {
     TierDaily,
     /// the zone's per-IP window
     Zone,
+    /// a ratelimit (RLS) descriptor's limit
+    Descriptor,
 }
 
 impl OpKind {
@@ -181,6 +183,7 @@ impl OpKind {
             OpKind::TierBurst => "burst",
             OpKind::TierDaily => "daily",
             OpKind::Zone => "ip",
+            OpKind::Descriptor => "descriptor",
         }
     }
 }
@@ -193,6 +196,8 @@ pub struct Op {
     pub limit: Limit,
     pub cost: u64,
     pub kind: OpKind,
+    /// counted and reported but never enforced: its refusal does not refuse the plan
+    pub shadow: bool,
 }
 
 /// What `plan` learned about the request, carried into the decision.
@@ -324,16 +329,18 @@ pub fn plan(policy: &Policy, req: &Request<'_>) -> Result<Plan, Box<Decision>> {
             limit: tier.bucket,
             cost: 1,
             kind: OpKind::TierBurst,
+            shadow: false,
         });
         ops.push(Op {
             key: format!("pc:{{s:{}}}:daily", id.subject),
             limit: tier.daily,
             cost: 1,
             kind: OpKind::TierDaily,
+            shadow: false,
         });
     }
     if let Some(limit) = policy.zone_limit(ctx.zone) {
-        ops.push(Op { key: format!("pc:{{ip:{ip}}}:zone"), limit, cost: 1, kind: OpKind::Zone });
+        ops.push(Op { key: format!("pc:{{ip:{ip}}}:zone"), limit, cost: 1, kind: OpKind::Zone, shadow: false });
     }
     Ok(Plan { ops, ctx })
 }
@@ -354,7 +361,7 @@ pub fn conclude(policy: &Policy, plan: Plan, verdicts: &[Verdict]) -> Decision {
             reason = match q.kind {
                 OpKind::TierBurst => Reason::TierRateExceeded,
                 OpKind::TierDaily => Reason::DailyQuotaExceeded,
-                OpKind::Zone => Reason::ZoneRateExceeded,
+                OpKind::Zone | OpKind::Descriptor => Reason::ZoneRateExceeded,
             };
         }
         retry_after = Some(retry_after.unwrap_or(0).max(q.verdict.retry_after));

@@ -8,6 +8,7 @@ pub mod net;
 pub mod path;
 pub mod policy;
 pub mod quota;
+pub mod rls;
 pub mod roles;
 pub mod units;
 

@@ -7,6 +7,7 @@ use crate::apikey::ApiKeyTable;
 use crate::glob::PathPattern;
 use crate::net::CidrTable;
 use crate::quota::Limit;
+use crate::rls::RlsConfig;
 use crate::roles::RoleTable;
 use crate::units::{Micros, Rate};
 
@@ -109,6 +110,8 @@ pub struct Policy {
     pub max_body: u64,
     pub max_header_bytes: u64,
     pub on_store_error: OnStoreError,
+    /// Envoy ratelimit (RLS) domains, from `ratelimit.files`
+    pub ratelimit: RlsConfig,
 }
 
 impl Policy {

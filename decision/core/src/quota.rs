@@ -20,6 +20,9 @@ pub enum Limit {
     TokenBucket { burst: u64, interval: Micros },
     /// at most `limit` in any `window` (estimated from two fixed windows).
     SlidingWindow { limit: u64, window: Micros },
+    /// at most `limit` per aligned `window` (envoyproxy/ratelimit's behaviour, for those who
+    /// want it: a client can get twice the limit across a window edge).
+    FixedWindow { limit: u64, window: Micros },
 }
 
 impl Limit {
@@ -34,7 +37,7 @@ impl Limit {
     pub fn quota(&self) -> u64 {
         match *self {
             Limit::TokenBucket { burst, .. } => burst,
-            Limit::SlidingWindow { limit, .. } => limit,
+            Limit::SlidingWindow { limit, .. } | Limit::FixedWindow { limit, .. } => limit,
         }
     }
 
@@ -42,7 +45,7 @@ impl Limit {
     pub fn window(&self) -> Micros {
         match *self {
             Limit::TokenBucket { burst, interval } => burst.saturating_mul(interval),
-            Limit::SlidingWindow { window, .. } => window,
+            Limit::SlidingWindow { window, .. } | Limit::FixedWindow { window, .. } => window,
         }
     }
 }
@@ -78,6 +81,35 @@ pub fn check(limit: Limit, state: Option<State>, cost: u64, now: Micros) -> Chec
     match limit {
         Limit::TokenBucket { burst, interval } => bucket(burst, interval, state, cost, now),
         Limit::SlidingWindow { limit, window } => sliding(limit, window, state, cost, now),
+        Limit::FixedWindow { limit, window } => fixed(limit, window, state, cost, now),
+    }
+}
+
+fn fixed(limit: u64, window: Micros, state: Option<State>, cost: u64, now: Micros) -> Checked {
+    let window = window.max(1);
+    let start = now - now % window;
+    let cur = match state {
+        Some(State::Window { start: s, cur, .. }) if s >= start => cur,
+        _ => 0,
+    };
+    let reset = start + window - now;
+    if cur.saturating_add(cost) <= limit {
+        Checked {
+            verdict: Verdict { allowed: true, remaining: limit - cur - cost, reset, retry_after: 0 },
+            next: State::Window { start, prev: 0, cur: cur + cost },
+            expires_at: start + window,
+        }
+    } else {
+        Checked {
+            verdict: Verdict {
+                allowed: false,
+                remaining: limit.saturating_sub(cur),
+                reset,
+                retry_after: if cost > limit { reset + window } else { reset },
+            },
+            next: state.unwrap_or(State::Window { start, prev: 0, cur }),
+            expires_at: start + window,
+        }
     }
 }
 
@@ -268,6 +300,17 @@ mod tests {
         assert!(retry > 0);
         assert!(check(limit, state, 1, t0 + retry).verdict.allowed, "fits after retry_after ({retry} us)");
         assert!(!check(limit, state, 1, t0 + retry - MICROS_PER_SEC).verdict.allowed, "not a second earlier");
+    }
+
+    #[test]
+    fn fixed_window_resets_at_the_edge() {
+        let limit = Limit::FixedWindow { limit: 3, window: MICROS_PER_MINUTE };
+        let edge = 100 * MICROS_PER_MINUTE;
+        let mut times = vec![edge - 1; 4];
+        times.extend(vec![edge; 4]);
+        assert_eq!(run(limit, &times), [true, true, true, false, true, true, true, false]);
+        let c = check(limit, None, 1, edge - 10);
+        assert_eq!(c.verdict.reset, 10);
     }
 
     #[derive(Debug, Clone)]

@@ -13,6 +13,7 @@
 //! every problem it finds, each with its field path and line.
 
 mod lines;
+pub mod ratelimit;
 pub mod raw;
 
 use std::fmt;
@@ -56,6 +57,8 @@ pub const MAX_POLICY_BYTES: u64 = 4 << 20;
 /// One thing wrong with a policy file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    /// the file, when not the policy file itself (a ratelimit file)
+    pub file: Option<PathBuf>,
     /// field path in serde_yaml notation, e.g. `routes[3].allow_roles[0]` (empty: the file)
     pub path: String,
     pub line: Option<usize>,
@@ -74,7 +77,7 @@ impl fmt::Display for ConfigError {
         let n = self.problems.len();
         writeln!(f, "{}: {} problem{} found", self.file.display(), n, if n == 1 { "" } else { "s" })?;
         for p in &self.problems {
-            write!(f, "  {}", self.file.display())?;
+            write!(f, "  {}", p.file.as_deref().unwrap_or(&self.file).display())?;
             if let Some(l) = p.line {
                 write!(f, ":{l}")?;
             }
@@ -107,7 +110,7 @@ pub struct Config {
 pub fn load(file: &Path) -> Result<Config, ConfigError> {
     let fail = |message: String| ConfigError {
         file: file.to_owned(),
-        problems: vec![Problem { path: String::new(), line: None, message }],
+        problems: vec![Problem { file: None, path: String::new(), line: None, message }],
     };
     let meta = std::fs::metadata(file).map_err(|e| fail(format!("cannot read the policy file: {e}")))?;
     if meta.len() > MAX_POLICY_BYTES {
@@ -133,7 +136,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
 }
 
 /// A deserialization error: serde_yaml's message reads `path: message at line L column C`.
-fn structural(e: &serde_yaml_ng::Error) -> Problem {
+pub(crate) fn structural(e: &serde_yaml_ng::Error) -> Problem {
     let line = e.location().map(|l| l.line());
     let msg = e.to_string();
     let msg = match msg.rfind(" at line ") {
@@ -144,7 +147,7 @@ fn structural(e: &serde_yaml_ng::Error) -> Problem {
         Some((p, m)) if !p.contains(' ') => (p.to_string(), m.to_string()),
         _ => (String::new(), msg),
     };
-    Problem { path, line, message }
+    Problem { file: None, path, line, message }
 }
 
 struct Validator<'a> {
@@ -157,7 +160,7 @@ impl Validator<'_> {
     fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
         let path = path.into();
         let line = self.index.line(&path);
-        self.problems.push(Problem { path, line, message: message.into() });
+        self.problems.push(Problem { file: None, path, line, message: message.into() });
     }
 
     fn parse<T, E: fmt::Display>(&mut self, path: &str, r: Result<T, E>) -> Option<T> {
@@ -238,7 +241,8 @@ impl Validator<'_> {
             "limits.max_header_bytes",
             units::parse_size(limits.max_header_bytes.as_deref().unwrap_or(DEFAULT_MAX_HEADER_BYTES)),
         );
-        self.later_sections(raw.ratelimit, raw.traffic, raw.audit, raw.alerts);
+        let rls = ratelimit::load(raw.ratelimit.as_ref(), self.base, "ratelimit", &mut self.problems, self.index);
+        self.later_sections(raw.traffic, raw.audit, raw.alerts);
 
         let policy = Policy {
             network,
@@ -251,6 +255,7 @@ impl Validator<'_> {
             max_body: max_body?,
             max_header_bytes: max_header_bytes?,
             on_store_error,
+            ratelimit: rls,
         };
         Some(Config { file: PathBuf::new(), policy: Arc::new(policy), settings })
     }
@@ -519,16 +524,10 @@ impl Validator<'_> {
     /// policy is accepted unchanged and a typo there is still an error.
     fn later_sections(
         &mut self,
-        rl: Option<raw::RawRatelimit>,
         traffic: Option<raw::RawTraffic>,
         audit: Option<raw::RawAudit>,
         alerts: Option<raw::RawAlerts>,
     ) {
-        for (i, f) in rl.iter().flat_map(|r| r.files.iter()).enumerate() {
-            if f.is_empty() {
-                self.err(format!("ratelimit.files[{i}]"), "empty file pattern");
-            }
-        }
         if let Some(t) = traffic {
             if let Some(q) = &t.queue_timeout {
                 self.parse("traffic.queue_timeout", units::parse_duration(q));

@@ -236,6 +236,9 @@ pub struct RawSensitive {
 pub struct RawRatelimit {
     #[serde(default)]
     pub files: Vec<String>,
+    /// add the draft-03 `X-RateLimit-*` headers to RLS answers
+    #[serde(default)]
+    pub x_ratelimit_headers: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -310,4 +313,49 @@ pub struct RawAlerts {
 pub struct RawThreshold {
     pub warn: String,
     pub critical: String,
+}
+
+/// One envoyproxy/ratelimit configuration file, read as that service reads it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRlsFile {
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub descriptors: Vec<RawRlsDescriptor>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRlsDescriptor {
+    pub key: Option<String>,
+    pub value: Option<String>,
+    pub rate_limit: Option<RawRlsLimit>,
+    #[serde(default)]
+    pub descriptors: Vec<RawRlsDescriptor>,
+    #[serde(default)]
+    pub shadow_mode: bool,
+    #[serde(default)]
+    pub detailed_metric: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRlsLimit {
+    #[serde(default)]
+    pub requests_per_unit: u32,
+    pub unit: Option<String>,
+    #[serde(default)]
+    pub unlimited: bool,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub replaces: Vec<RawReplaces>,
+    /// our addition (a key envoyproxy/ratelimit does not know): `sliding_window` (default) or
+    /// `fixed_window`
+    pub algorithm: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReplaces {
+    pub name: Option<String>,
 }

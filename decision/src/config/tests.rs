@@ -168,6 +168,7 @@ fn the_error_display_names_file_line_path_and_reason() {
     let err = ConfigError {
         file: PathBuf::from("policy.yaml"),
         problems: vec![Problem {
+            file: None,
             path: "routes[3].allow_roles[0]".into(),
             line: Some(97),
             message: "unknown role \"admn\"".into(),

@@ -15,11 +15,12 @@ pub fn bucket_op(key: &str, burst: u64, per_minute: u64) -> Op {
         limit: Limit::token_bucket(per_minute, MICROS_PER_MINUTE, burst),
         cost: 1,
         kind: OpKind::TierBurst,
+        shadow: false,
     }
 }
 
 pub fn window_op(key: &str, limit: u64, window: Micros) -> Op {
-    Op { key: key.into(), limit: Limit::SlidingWindow { limit, window }, cost: 1, kind: OpKind::Zone }
+    Op { key: key.into(), limit: Limit::SlidingWindow { limit, window }, cost: 1, kind: OpKind::Zone, shadow: false }
 }
 
 const T0: Micros = 1_800_000_000 * MICROS_PER_SEC;
@@ -36,6 +37,32 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     keys_are_independent(&make().await).await;
     expired_state_is_forgotten(&make().await).await;
     the_same_key_twice_in_one_plan_counts_twice(&make().await).await;
+    a_shadow_operation_never_refuses_a_plan(&make().await).await;
+    fixed_windows_count_per_aligned_window(&make().await).await;
+}
+
+async fn a_shadow_operation_never_refuses_a_plan<S: Store>(s: &S) {
+    let shadow = Op { shadow: true, ..window_op("shadow", 1, MICROS_PER_MINUTE) };
+    let plan = [window_op("real", 5, MICROS_PER_MINUTE), shadow];
+    assert_eq!(allowed(s, &plan, T0).await, [true, true]);
+    // the shadow limit is over, the plan still commits: the real limit keeps counting
+    for _ in 0..4 {
+        assert_eq!(allowed(s, &plan, T0).await, [true, false], "{}", s.backend());
+    }
+    assert_eq!(allowed(s, &plan, T0).await, [false, false], "{}: the real limit is spent", s.backend());
+}
+
+async fn fixed_windows_count_per_aligned_window<S: Store>(s: &S) {
+    let op = [Op {
+        limit: Limit::FixedWindow { limit: 2, window: MICROS_PER_MINUTE },
+        ..window_op("f", 2, MICROS_PER_MINUTE)
+    }];
+    let edge = T0 + MICROS_PER_MINUTE;
+    let mut results = Vec::new();
+    for t in [edge - 1, edge - 1, edge - 1, edge, edge, edge] {
+        results.extend(allowed(s, &op, t).await);
+    }
+    assert_eq!(results, [true, true, false, true, true, false], "{}", s.backend());
 }
 
 async fn bucket_allows_exactly_burst<S: Store>(s: &S) {

@@ -68,9 +68,14 @@ impl MemoryStore {
             });
             checked.push(quota::check(op.limit, state, op.cost, now));
         }
-        if checked.iter().all(|c| c.verdict.allowed) {
+        // All-or-nothing over the enforced operations; a shadow operation that is over its
+        // limit neither refuses the plan nor is counted (as if it were enforced).
+        if ops.iter().zip(&checked).all(|(op, c)| op.shadow || c.verdict.allowed) {
             for (i, op) in ops.iter().enumerate() {
                 let c = checked[i];
+                if !c.verdict.allowed {
+                    continue;
+                }
                 let map = &mut guards[guard_of(shard_ids[i])];
                 match map.get_mut(op.key.as_str()) {
                     Some(e) => *e = Entry { state: c.next, expires_at: c.expires_at },

@@ -1,0 +1,603 @@
+//! Envoy's rate limit service (RLS v3) over envoyproxy/ratelimit's configuration format.
+//!
+//! A domain is a tree of descriptor nodes compiled at load. A request descriptor (a list of
+//! key/value entries) is matched level by level as envoyproxy/ratelimit documents: at each level
+//! an exact `key`+`value` node wins, then a `value` ending in `*` (a prefix wildcard, first
+//! declared first), then a key-only node; the limit applies only if the request's last entry
+//! lands on a node with a limit. `replaces` drops a named limit when another limit of the same
+//! request replaces it; `unlimited` counts nothing; `shadow_mode` counts and reports but never
+//! refuses. Counting is a sliding-window counter unless a rule asks for `fixed_window`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::decide::{Op, OpKind};
+use crate::quota::{Limit, Verdict};
+use crate::units::{MICROS_PER_DAY, MICROS_PER_HOUR, MICROS_PER_MINUTE, MICROS_PER_SEC, Micros};
+
+/// Bounds on a request, so a caller cannot make us hash or allocate without limit.
+pub const MAX_DESCRIPTORS: usize = 64;
+pub const MAX_ENTRIES: usize = 16;
+pub const MAX_ENTRY_BYTES: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unit {
+    Second,
+    Minute,
+    Hour,
+    Day,
+    Week,
+    Month,
+    Year,
+}
+
+impl Unit {
+    pub const ALL: [Unit; 7] = [Unit::Second, Unit::Minute, Unit::Hour, Unit::Day, Unit::Week, Unit::Month, Unit::Year];
+
+    /// The unit's name in the configuration (case-insensitive, as envoyproxy/ratelimit reads it).
+    pub fn parse(s: &str) -> Option<Unit> {
+        Unit::ALL.into_iter().find(|u| u.as_str().eq_ignore_ascii_case(s))
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Second => "second",
+            Unit::Minute => "minute",
+            Unit::Hour => "hour",
+            Unit::Day => "day",
+            Unit::Week => "week",
+            Unit::Month => "month",
+            Unit::Year => "year",
+        }
+    }
+
+    /// The window length (a month is 30 days and a year 365, as envoyproxy/ratelimit counts).
+    pub fn micros(self) -> Micros {
+        match self {
+            Unit::Second => MICROS_PER_SEC,
+            Unit::Minute => MICROS_PER_MINUTE,
+            Unit::Hour => MICROS_PER_HOUR,
+            Unit::Day => MICROS_PER_DAY,
+            Unit::Week => 7 * MICROS_PER_DAY,
+            Unit::Month => 30 * MICROS_PER_DAY,
+            Unit::Year => 365 * MICROS_PER_DAY,
+        }
+    }
+
+    /// The `RateLimitResponse.RateLimit.Unit` wire value.
+    pub fn proto(self) -> i32 {
+        match self {
+            Unit::Second => 1,
+            Unit::Minute => 2,
+            Unit::Hour => 3,
+            Unit::Day => 4,
+            Unit::Month => 5,
+            Unit::Year => 6,
+            Unit::Week => 7,
+        }
+    }
+
+    pub fn from_proto(v: i32) -> Option<Unit> {
+        Unit::ALL.into_iter().find(|u| u.proto() == v)
+    }
+}
+
+/// One configured limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub requests_per_unit: u32,
+    /// None when `unlimited`
+    pub unit: Option<Unit>,
+    pub shadow: bool,
+    pub name: Option<Arc<str>>,
+    pub replaces: Vec<Arc<str>>,
+    pub fixed_window: bool,
+    pub detailed_metric: bool,
+    /// the rule's place in the config (`edge.tier_basic.subject`): a bounded metric label
+    pub id: Arc<str>,
+}
+
+impl Rule {
+    pub fn unlimited(&self) -> bool {
+        self.unit.is_none()
+    }
+
+    fn limit(&self) -> Option<Limit> {
+        let unit = self.unit?;
+        let limit = u64::from(self.requests_per_unit);
+        Some(if self.fixed_window {
+            Limit::FixedWindow { limit, window: unit.micros() }
+        } else {
+            Limit::SlidingWindow { limit, window: unit.micros() }
+        })
+    }
+
+    /// The name a client sees in the RateLimit headers.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.id)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Node {
+    /// `key` or `key\0value` -> node
+    children: HashMap<String, usize>,
+    /// (key, value prefix) -> node, in declaration order
+    wildcards: Vec<(String, String, usize)>,
+    rule: Option<Rule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Domain {
+    pub name: Arc<str>,
+    nodes: Vec<Node>,
+}
+
+/// The root of a domain's tree.
+pub const ROOT: usize = 0;
+
+impl Domain {
+    pub fn new(name: &str) -> Domain {
+        Domain { name: Arc::from(name), nodes: vec![Node::default()] }
+    }
+
+    /// Adds a descriptor node under `parent`; refuses a second node with the same key and value.
+    pub fn add(&mut self, parent: usize, key: &str, value: Option<&str>, rule: Option<Rule>) -> Result<usize, String> {
+        let id = self.nodes.len();
+        let composite = match value {
+            Some(v) => format!("{key}\0{v}"),
+            None => key.to_owned(),
+        };
+        let node = self.nodes.get_mut(parent).ok_or("no such parent")?;
+        if node.children.contains_key(&composite)
+            || node.wildcards.iter().any(|(k, p, _)| value == Some(&format!("{p}*")) && k == key)
+        {
+            let shown = value.map_or(key.to_owned(), |v| format!("{key}_{v}"));
+            return Err(format!("duplicate descriptor composite key '{shown}'"));
+        }
+        match value.and_then(|v| v.strip_suffix('*')) {
+            Some(prefix) => node.wildcards.push((key.to_owned(), prefix.to_owned(), id)),
+            None => {
+                node.children.insert(composite, id);
+            }
+        }
+        self.nodes.push(Node { rule, ..Node::default() });
+        Ok(id)
+    }
+
+    /// The rule for a request descriptor, by envoyproxy/ratelimit's matching rules.
+    pub fn lookup(&self, entries: &[(&str, &str)]) -> Option<&Rule> {
+        let mut at = ROOT;
+        let mut found = None;
+        let mut exact = String::new();
+        for (i, (key, value)) in entries.iter().enumerate() {
+            let node = &self.nodes[at];
+            exact.clear();
+            exact.push_str(key);
+            exact.push('\0');
+            exact.push_str(value);
+            let next = node
+                .children
+                .get(&exact)
+                .or_else(|| {
+                    node.wildcards.iter().find(|(k, p, _)| k == key && value.starts_with(p.as_str())).map(|(_, _, n)| n)
+                })
+                .or_else(|| node.children.get(*key))
+                .copied();
+            let Some(next) = next else { break };
+            if i == entries.len() - 1 {
+                found = self.nodes[next].rule.as_ref();
+            }
+            if self.nodes[next].children.is_empty() && self.nodes[next].wildcards.is_empty() {
+                break;
+            }
+            at = next;
+        }
+        found
+    }
+
+    /// Every rule of the domain (for metrics and checks).
+    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+        self.nodes.iter().filter_map(|n| n.rule.as_ref())
+    }
+}
+
+/// All RLS domains of a policy.
+#[derive(Debug, Clone, Default)]
+pub struct RlsConfig {
+    pub domains: HashMap<String, Domain>,
+    /// add the draft-03 `X-RateLimit-*` headers to responses
+    pub x_ratelimit_headers: bool,
+}
+
+/// One descriptor of a request.
+#[derive(Debug, Clone)]
+pub struct DescriptorReq<'a> {
+    pub entries: Vec<(&'a str, &'a str)>,
+    /// the request's own limit (`RateLimitDescriptor.limit`), which replaces the configured one
+    pub limit_override: Option<(u32, Unit)>,
+    pub hits: u64,
+}
+
+/// Why a request could not be read (gRPC INVALID_ARGUMENT).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RlsRequestError(pub String);
+
+/// What happens to each descriptor.
+#[derive(Debug, Clone)]
+pub enum Slot {
+    /// no rule matched
+    NoLimit,
+    /// the rule says `unlimited`
+    Unlimited,
+    /// replaced by another rule of this request
+    Replaced(Rule),
+    /// counted by `ops[op]`
+    Counted { op: usize, rule: Rule },
+}
+
+#[derive(Debug, Clone)]
+pub struct RlsPlan {
+    pub domain: Arc<str>,
+    pub ops: Vec<Op>,
+    pub slots: Vec<Slot>,
+}
+
+/// Checks a request's bounds.
+pub fn validate(descriptors: &[DescriptorReq<'_>]) -> Result<(), RlsRequestError> {
+    if descriptors.len() > MAX_DESCRIPTORS {
+        return Err(RlsRequestError(format!("{} descriptors, more than {MAX_DESCRIPTORS}", descriptors.len())));
+    }
+    for (i, d) in descriptors.iter().enumerate() {
+        if d.entries.is_empty() {
+            return Err(RlsRequestError(format!("descriptor {i} has no entries")));
+        }
+        if d.entries.len() > MAX_ENTRIES {
+            return Err(RlsRequestError(format!(
+                "descriptor {i} has {} entries, more than {MAX_ENTRIES}",
+                d.entries.len()
+            )));
+        }
+        if d.entries.iter().any(|(k, v)| k.len() > MAX_ENTRY_BYTES || v.len() > MAX_ENTRY_BYTES) {
+            return Err(RlsRequestError(format!("descriptor {i} has an entry over {MAX_ENTRY_BYTES} bytes")));
+        }
+    }
+    Ok(())
+}
+
+/// The store key of a descriptor's counter: a fixed-size digest of the domain, the entries and
+/// the window, so a client's values cannot make keys long or collide with each other.
+fn counter_key(domain: &str, entries: &[(&str, &str)], limit: Limit) -> String {
+    let mut h = Sha256::new();
+    h.update(domain.as_bytes());
+    for (k, v) in entries {
+        h.update((k.len() as u64).to_be_bytes());
+        h.update(k.as_bytes());
+        h.update((v.len() as u64).to_be_bytes());
+        h.update(v.as_bytes());
+    }
+    let d = h.finalize();
+    let mut hex = String::with_capacity(32);
+    for b in &d[..16] {
+        hex.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        hex.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    let kind = match limit {
+        Limit::FixedWindow { .. } => "f",
+        _ => "s",
+    };
+    format!("rl:{{{hex}}}:{kind}{}", limit.window() / MICROS_PER_SEC)
+}
+
+/// Plans the counters of a request; an unknown domain matches nothing (every status OK).
+pub fn plan(config: &RlsConfig, domain: &str, descriptors: &[DescriptorReq<'_>]) -> RlsPlan {
+    let d = config.domains.get(domain);
+    let mut slots: Vec<Slot> = descriptors
+        .iter()
+        .map(|desc| {
+            if let Some((rpu, unit)) = desc.limit_override {
+                return Slot::Counted {
+                    op: 0,
+                    rule: Rule {
+                        requests_per_unit: rpu,
+                        unit: Some(unit),
+                        shadow: false,
+                        name: None,
+                        replaces: Vec::new(),
+                        fixed_window: false,
+                        detailed_metric: false,
+                        id: Arc::from("override"),
+                    },
+                };
+            }
+            match d.and_then(|d| d.lookup(&desc.entries)) {
+                None => Slot::NoLimit,
+                Some(r) if r.unlimited() => Slot::Unlimited,
+                Some(r) => Slot::Counted { op: 0, rule: r.clone() },
+            }
+        })
+        .collect();
+    // `replaces`: a named limit is dropped when another limit of the request replaces it.
+    let replaced: Vec<Arc<str>> = slots
+        .iter()
+        .filter_map(|s| match s {
+            Slot::Counted { rule, .. } => Some(rule.replaces.iter().cloned()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let mut ops = Vec::new();
+    for (slot, desc) in slots.iter_mut().zip(descriptors) {
+        if let Slot::Counted { rule, op } = slot {
+            if rule.name.as_ref().is_some_and(|n| replaced.contains(n)) {
+                *slot = Slot::Replaced(rule.clone());
+                continue;
+            }
+            let Some(limit) = rule.limit() else { continue };
+            *op = ops.len();
+            ops.push(Op {
+                key: counter_key(domain, &desc.entries, limit),
+                limit,
+                cost: desc.hits,
+                kind: OpKind::Descriptor,
+                shadow: rule.shadow,
+            });
+        }
+    }
+    RlsPlan { domain: d.map_or_else(|| Arc::from(domain), |d| d.name.clone()), ops, slots }
+}
+
+/// The outcome for one descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// no limit applied (no match, unlimited, or replaced)
+    Unlimited,
+    Ok,
+    /// within the limit, at or past 80% of it
+    NearLimit,
+    OverLimit,
+    /// over a shadow-mode limit: reported, not enforced
+    ShadowOverLimit,
+}
+
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub outcome: Outcome,
+    pub rule: Option<Rule>,
+    pub remaining: u64,
+    pub reset: Micros,
+    pub verdict: Option<Verdict>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RlsDecision {
+    pub domain: Arc<str>,
+    pub over_limit: bool,
+    pub statuses: Vec<Status>,
+    /// the longest wait among the enforced limits that refused
+    pub retry_after: Option<Micros>,
+}
+
+/// The decision from the store's verdicts (one per op, in order).
+pub fn conclude(plan: RlsPlan, verdicts: &[Verdict]) -> RlsDecision {
+    let mut over_limit = false;
+    let mut retry_after: Option<Micros> = None;
+    let statuses = plan
+        .slots
+        .into_iter()
+        .map(|slot| match slot {
+            Slot::NoLimit | Slot::Unlimited => Status {
+                outcome: Outcome::Unlimited,
+                rule: None,
+                remaining: u64::from(u32::MAX),
+                reset: 0,
+                verdict: None,
+            },
+            Slot::Replaced(rule) => Status {
+                outcome: Outcome::Unlimited,
+                rule: Some(rule),
+                remaining: u64::from(u32::MAX),
+                reset: 0,
+                verdict: None,
+            },
+            Slot::Counted { op, rule } => {
+                let v = verdicts.get(op).copied().unwrap_or(Verdict {
+                    allowed: false,
+                    remaining: 0,
+                    reset: 0,
+                    retry_after: 0,
+                });
+                let quota = u64::from(rule.requests_per_unit);
+                let outcome = if v.allowed {
+                    // near the limit: 80% or more of it used
+                    if quota > 0 && (quota - v.remaining.min(quota)) * 5 >= quota * 4 {
+                        Outcome::NearLimit
+                    } else {
+                        Outcome::Ok
+                    }
+                } else if rule.shadow {
+                    Outcome::ShadowOverLimit
+                } else {
+                    over_limit = true;
+                    retry_after = Some(retry_after.unwrap_or(0).max(v.retry_after));
+                    Outcome::OverLimit
+                };
+                Status { outcome, rule: Some(rule), remaining: v.remaining, reset: v.reset, verdict: Some(v) }
+            }
+        })
+        .collect();
+    RlsDecision { domain: plan.domain, over_limit, statuses, retry_after }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(rpu: u32, unit: Unit, id: &str) -> Rule {
+        Rule {
+            requests_per_unit: rpu,
+            unit: Some(unit),
+            shadow: false,
+            name: None,
+            replaces: Vec::new(),
+            fixed_window: false,
+            detailed_metric: false,
+            id: Arc::from(id),
+        }
+    }
+
+    /// The tree of the example `edge.yaml`, plus a wildcard and a nested default.
+    fn edge() -> Domain {
+        let mut d = Domain::new("edge");
+        d.add(ROOT, "remote_address", None, Some(rule(600, Unit::Minute, "remote_address"))).expect("add");
+        let basic = d.add(ROOT, "tier", Some("basic"), None).expect("add");
+        d.add(basic, "subject", None, Some(rule(60, Unit::Minute, "tier_basic.subject"))).expect("add");
+        let ent = d.add(ROOT, "tier", Some("enterprise"), None).expect("add");
+        d.add(ent, "subject", None, Some(rule(1000, Unit::Minute, "tier_enterprise.subject"))).expect("add");
+        d.add(
+            ROOT,
+            "path",
+            Some("/api/v1/search"),
+            Some(Rule { shadow: true, ..rule(5, Unit::Second, "path_search") }),
+        )
+        .expect("add");
+        d.add(ROOT, "path", Some("/health"), Some(Rule { unit: None, ..rule(0, Unit::Second, "path_health") }))
+            .expect("add");
+        d.add(ROOT, "path", Some("/files/*"), Some(rule(7, Unit::Hour, "path_files"))).expect("add");
+        d.add(ROOT, "path", None, Some(rule(100, Unit::Minute, "path"))).expect("add");
+        d
+    }
+
+    fn check(d: &Domain, entries: &[(&str, &str)], want: Option<&str>) {
+        assert_eq!(d.lookup(entries).map(|r| &*r.id), want, "{entries:?}");
+    }
+
+    #[test]
+    fn descriptors_match_level_by_level_with_the_most_specific_entry() {
+        let d = edge();
+        check(&d, &[("remote_address", "10.0.0.1")], Some("remote_address"));
+        check(&d, &[("tier", "basic"), ("subject", "alice")], Some("tier_basic.subject"));
+        check(&d, &[("tier", "enterprise"), ("subject", "bob")], Some("tier_enterprise.subject"));
+        // a tier with no node, and a request that stops above the limit's depth
+        check(&d, &[("tier", "business"), ("subject", "carol")], None);
+        check(&d, &[("tier", "basic")], None);
+        // more entries than the config has levels: no limit
+        check(&d, &[("remote_address", "10.0.0.1"), ("extra", "x")], None);
+        // exact value beats the wildcard, which beats the key-only default
+        check(&d, &[("path", "/api/v1/search")], Some("path_search"));
+        check(&d, &[("path", "/files/a/b.txt")], Some("path_files"));
+        check(&d, &[("path", "/elsewhere")], Some("path"));
+        check(&d, &[("nothing", "x")], None);
+    }
+
+    #[test]
+    fn duplicate_composite_keys_are_refused() {
+        let mut d = edge();
+        assert_eq!(
+            d.add(ROOT, "tier", Some("basic"), None).unwrap_err(),
+            "duplicate descriptor composite key 'tier_basic'"
+        );
+        assert!(d.add(ROOT, "path", Some("/files/*"), None).is_err());
+        assert!(d.add(ROOT, "remote_address", None, None).is_err());
+    }
+
+    fn req<'a>(entries: &[(&'a str, &'a str)]) -> DescriptorReq<'a> {
+        DescriptorReq { entries: entries.to_vec(), limit_override: None, hits: 1 }
+    }
+
+    #[test]
+    fn plans_count_limited_descriptors_and_skip_the_rest() {
+        let config = RlsConfig { domains: [("edge".to_string(), edge())].into(), x_ratelimit_headers: false };
+        let p = plan(
+            &config,
+            "edge",
+            &[
+                req(&[("path", "/health")]),
+                req(&[("tier", "basic"), ("subject", "a")]),
+                req(&[("none", "x")]),
+                req(&[("path", "/api/v1/search")]),
+            ],
+        );
+        assert_eq!(p.ops.len(), 2);
+        assert!(matches!(p.slots[0], Slot::Unlimited));
+        assert!(matches!(p.slots[1], Slot::Counted { op: 0, .. }));
+        assert!(matches!(p.slots[2], Slot::NoLimit));
+        assert!(matches!(p.slots[3], Slot::Counted { op: 1, .. }));
+        assert!(p.ops[1].shadow && !p.ops[0].shadow);
+        // keys are fixed-size and distinct per descriptor value
+        let a = plan(&config, "edge", &[req(&[("tier", "basic"), ("subject", "a")])]).ops[0].key.clone();
+        let b = plan(&config, "edge", &[req(&[("tier", "basic"), ("subject", "b")])]).ops[0].key.clone();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), b.len());
+        // unknown domain: nothing is counted
+        assert!(plan(&config, "other", &[req(&[("remote_address", "1.2.3.4")])]).ops.is_empty());
+    }
+
+    #[test]
+    fn replaces_drops_the_named_limit_when_both_apply() {
+        let mut d = Domain::new("d");
+        d.add(ROOT, "a", None, Some(Rule { name: Some("general".into()), ..rule(10, Unit::Minute, "a") }))
+            .expect("add");
+        d.add(ROOT, "b", None, Some(Rule { replaces: vec!["general".into()], ..rule(100, Unit::Minute, "b") }))
+            .expect("add");
+        let config = RlsConfig { domains: [("d".to_string(), d)].into(), x_ratelimit_headers: false };
+        let p = plan(&config, "d", &[req(&[("a", "1")]), req(&[("b", "1")])]);
+        assert!(matches!(p.slots[0], Slot::Replaced(_)));
+        assert_eq!(p.ops.len(), 1);
+        let p = plan(&config, "d", &[req(&[("a", "1")])]);
+        assert_eq!(p.ops.len(), 1, "without the replacing limit, the named one applies");
+    }
+
+    #[test]
+    fn the_request_override_replaces_the_configured_limit() {
+        let config = RlsConfig { domains: [("edge".to_string(), edge())].into(), x_ratelimit_headers: false };
+        let d = DescriptorReq {
+            entries: vec![("remote_address", "1.2.3.4")],
+            limit_override: Some((3, Unit::Second)),
+            hits: 2,
+        };
+        let p = plan(&config, "edge", &[d]);
+        assert_eq!(p.ops[0].limit, Limit::SlidingWindow { limit: 3, window: MICROS_PER_SEC });
+        assert_eq!(p.ops[0].cost, 2);
+    }
+
+    #[test]
+    fn conclusion_reports_each_descriptor_and_enforces_only_real_limits() {
+        let config = RlsConfig { domains: [("edge".to_string(), edge())].into(), x_ratelimit_headers: false };
+        let p = plan(&config, "edge", &[req(&[("remote_address", "1")]), req(&[("path", "/api/v1/search")])]);
+        let ok = Verdict { allowed: true, remaining: 500, reset: 1, retry_after: 0 };
+        let shadow_over = Verdict { allowed: false, remaining: 0, reset: 1, retry_after: 5 };
+        let d = conclude(p.clone(), &[ok, shadow_over]);
+        assert!(!d.over_limit);
+        assert_eq!(d.statuses[0].outcome, Outcome::Ok);
+        assert_eq!(d.statuses[1].outcome, Outcome::ShadowOverLimit);
+        let near = Verdict { allowed: true, remaining: 100, reset: 1, retry_after: 0 };
+        assert_eq!(conclude(p.clone(), &[near, ok]).statuses[0].outcome, Outcome::NearLimit);
+        let over = Verdict { allowed: false, remaining: 0, reset: 1, retry_after: 7 };
+        let d = conclude(p, &[over, ok]);
+        assert!(d.over_limit);
+        assert_eq!(d.retry_after, Some(7));
+    }
+
+    #[test]
+    fn request_bounds_are_enforced() {
+        let long = "x".repeat(MAX_ENTRY_BYTES + 1);
+        assert!(validate(&[req(&[("k", &long)])]).is_err());
+        assert!(validate(&[DescriptorReq { entries: vec![], limit_override: None, hits: 1 }]).is_err());
+        let many: Vec<DescriptorReq<'_>> = (0..=MAX_DESCRIPTORS).map(|_| req(&[("k", "v")])).collect();
+        assert!(validate(&many).is_err());
+        assert!(validate(&[req(&[("k", "v")])]).is_ok());
+    }
+
+    #[test]
+    fn units_map_to_the_wire_and_back() {
+        for u in Unit::ALL {
+            assert_eq!(Unit::from_proto(u.proto()), Some(u));
+            assert_eq!(Unit::parse(&u.as_str().to_uppercase()), Some(u));
+        }
+        assert_eq!(Unit::from_proto(0), None);
+        assert_eq!(Unit::parse("fortnight"), None);
+    }
+}
