@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use decision_core::policy::Policy;
+use decision_core::quota::Verdict;
+use decision_core::rls::{self, DescriptorReq, RlsDecision};
 use decision_core::{Decision, Request, conclude, plan, store_failed};
 
 use crate::clock;
@@ -38,6 +40,44 @@ impl<S: Store> Engine<S> {
         &self.store
     }
 
+    /// One store call for a plan's operations, bounded by the store's timeout.
+    async fn apply(&self, ops: &[decision_core::decide::Op]) -> Result<Vec<Verdict>, StoreError> {
+        let now = clock::now_micros();
+        let verdicts = match self.store.timeout() {
+            None => self.store.apply(ops, now).await,
+            Some(t) => match tokio::time::timeout(t, self.store.apply(ops, now)).await {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Timeout(t)),
+            },
+        };
+        match verdicts {
+            Ok(v) if v.len() == ops.len() => Ok(v),
+            Ok(v) => {
+                self.metrics.store_error(self.store.backend());
+                Err(StoreError::Unavailable(format!("{} verdicts for {} operations", v.len(), ops.len())))
+            }
+            Err(e) => {
+                tracing::warn!(backend = self.store.backend(), error = %e, "store call failed");
+                self.metrics.store_error(self.store.backend());
+                Err(e)
+            }
+        }
+    }
+
+    /// Decides an Envoy ratelimit (RLS) request: every descriptor in one store call. A store
+    /// failure is an error, so the RLS adapter answers UNAVAILABLE and Envoy's own
+    /// `failure_mode_deny` applies.
+    pub async fn rate_limit(
+        &self,
+        policy: &Policy,
+        domain: &str,
+        descriptors: &[DescriptorReq<'_>],
+    ) -> Result<RlsDecision, StoreError> {
+        let plan = rls::plan(&policy.ratelimit, domain, descriptors);
+        let verdicts = if plan.ops.is_empty() { Vec::new() } else { self.apply(&plan.ops).await? };
+        Ok(rls::conclude(plan, &verdicts))
+    }
+
     /// Decides one request under `policy`: at most one store call.
     pub async fn decide(&self, policy: &Policy, req: &Request<'_>) -> Decision {
         let plan = match plan(policy, req) {
@@ -47,31 +87,9 @@ impl<S: Store> Engine<S> {
         if plan.ops.is_empty() {
             return conclude(policy, plan, &[]);
         }
-        let now = clock::now_micros();
-        let result = match self.store.timeout() {
-            None => self.store.apply(&plan.ops, now).await,
-            Some(t) => match tokio::time::timeout(t, self.store.apply(&plan.ops, now)).await {
-                Ok(r) => r,
-                Err(_) => Err(StoreError::Timeout(t)),
-            },
-        };
-        match result {
-            Ok(verdicts) if verdicts.len() == plan.ops.len() => conclude(policy, plan, &verdicts),
-            Ok(verdicts) => {
-                tracing::error!(
-                    backend = self.store.backend(),
-                    expected = plan.ops.len(),
-                    got = verdicts.len(),
-                    "store answered with the wrong number of verdicts"
-                );
-                self.metrics.store_error(self.store.backend());
-                store_failed(policy, plan)
-            }
-            Err(e) => {
-                tracing::warn!(backend = self.store.backend(), error = %e, "store call failed; answering by on_store_error");
-                self.metrics.store_error(self.store.backend());
-                store_failed(policy, plan)
-            }
+        match self.apply(&plan.ops).await {
+            Ok(verdicts) => conclude(policy, plan, &verdicts),
+            Err(_) => store_failed(policy, plan),
         }
     }
 }
@@ -314,5 +332,25 @@ mod tests {
         let engine = Engine::new(deny.clone(), BrokenStore { hang: true });
         let d = engine.decide(&deny, &Request { api_key: Some(REVOKED), ..req }).await;
         assert_eq!(d.reason, Reason::ApiKeyRevoked);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ratelimit_calls_fail_when_the_store_fails_so_envoy_decides() {
+        let policy = reference();
+        let descriptors = [decision_core::rls::DescriptorReq {
+            entries: vec![("remote_address", "10.0.0.1")],
+            limit_override: None,
+            hits: 1,
+        }];
+        for hang in [false, true] {
+            let engine = Engine::new(policy.clone(), BrokenStore { hang });
+            let r = engine.rate_limit(&policy, "edge", &descriptors).await;
+            assert!(r.is_err(), "hang: {hang}");
+        }
+        // nothing to count: no store call, so no failure
+        let engine = Engine::new(policy.clone(), BrokenStore { hang: true });
+        let unlimited =
+            [decision_core::rls::DescriptorReq { entries: vec![("path", "/health")], limit_override: None, hits: 1 }];
+        assert!(engine.rate_limit(&policy, "edge", &unlimited).await.is_ok());
     }
 }

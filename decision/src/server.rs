@@ -1,4 +1,4 @@
-//! Server wiring: the gRPC port (ext_authz v3, grpc.health.v1) with explicit limits, the admin
+//! Server wiring: the gRPC port (ext_authz v3, ratelimit v3, grpc.health.v1) with explicit limits, the admin
 //! HTTP port (/healthz, /readyz, /metrics), policy reload on SIGHUP, and graceful shutdown on
 //! SIGTERM or Ctrl-C.
 
@@ -14,11 +14,13 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use proto::ext_authz::authorization_server::AuthorizationServer;
+use proto::ratelimit::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::ext_authz::ExtAuthz;
+use crate::api::ratelimit::Rls;
 use crate::clock;
 use crate::config::{self, Config};
 use crate::engine::Engine;
@@ -152,6 +154,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AuthorizationServer<ExtAuthz<S>>>().await;
+    health_reporter.set_serving::<RateLimitServiceServer<Rls<S>>>().await;
     let serving = Arc::new(AtomicBool::new(true));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -164,6 +167,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
             tracing::info!("stopping: draining connections");
             serving.store(false, Ordering::Relaxed);
             health_reporter.set_not_serving::<AuthorizationServer<ExtAuthz<S>>>().await;
+            health_reporter.set_not_serving::<RateLimitServiceServer<Rls<S>>>().await;
             let _ = stop_tx.send(true);
         });
     }
@@ -182,6 +186,9 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
     let ext_authz = AuthorizationServer::new(ExtAuthz::new(engine.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let rls = RateLimitServiceServer::new(Rls::new(engine.clone()))
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true)).with_keepalive(Some(KEEPALIVE_INTERVAL));
     let grpc = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -192,6 +199,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         .max_connection_age_grace(MAX_CONNECTION_AGE_GRACE)
         .add_service(health_service)
         .add_service(ext_authz)
+        .add_service(rls)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
 
     tracing::info!(

@@ -9,6 +9,13 @@ pub mod ext_authz {
     pub use envoy_types::pb::envoy::service::auth::v3::*;
 }
 
+/// Envoy's rate limit service API (`envoy.service.ratelimit.v3`).
+pub mod ratelimit {
+    pub use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    pub use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor;
+    pub use envoy_types::pb::envoy::service::ratelimit::v3::*;
+}
+
 /// The Envoy and Google types an ext_authz answer is built from.
 pub mod types {
     pub use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
@@ -16,6 +23,6 @@ pub mod types {
         Address, HeaderMap, HeaderValue, HeaderValueOption, SocketAddress, address,
     };
     pub use envoy_types::pb::envoy::r#type::v3::HttpStatus;
-    pub use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value};
+    pub use envoy_types::pb::google::protobuf::{Duration, ListValue, Struct, UInt64Value, Value, value};
     pub use envoy_types::pb::google::rpc::Status as RpcStatus;
 }

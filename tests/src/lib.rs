@@ -121,12 +121,25 @@ impl Portcullis {
     /// Starts `portcullis serve` on `policy` (written beside copies of the example jwks.json and
     /// ratelimit files, so relative paths resolve), on free ports, logging JSON.
     pub async fn start(policy: &str) -> anyhow::Result<Portcullis> {
+        Portcullis::start_with(policy, &[]).await
+    }
+
+    /// As `start`, with `files` (path relative to the policy, content) written beside it,
+    /// replacing the example files of the same name.
+    pub async fn start_with(policy: &str, files: &[(&str, &str)]) -> anyhow::Result<Portcullis> {
         let bin = portcullis_bin();
         let dir = TempDir::new("portcullis");
         std::fs::write(dir.0.join("policy.yaml"), policy)?;
         std::fs::copy(examples_dir().join("jwks.json"), dir.0.join("jwks.json"))?;
         std::fs::create_dir_all(dir.0.join("ratelimit"))?;
         std::fs::copy(examples_dir().join("ratelimit/edge.yaml"), dir.0.join("ratelimit/edge.yaml"))?;
+        for (name, content) in files {
+            let path = dir.0.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, content)?;
+        }
         let mut child = Command::new(bin)
             .args(["serve", "--config"])
             .arg(dir.0.join("policy.yaml"))
@@ -340,6 +353,11 @@ impl Response {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// Every line of a header, joined as a list (`a, b`).
+    pub fn header_all(&self, name: &str) -> String {
+        self.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(", ")
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
     }
@@ -417,7 +435,11 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(policy: &str) -> anyhow::Result<Stack> {
-        let portcullis = Portcullis::start(policy).await?;
+        Stack::start_with(policy, &[]).await
+    }
+
+    pub async fn start_with(policy: &str, files: &[(&str, &str)]) -> anyhow::Result<Stack> {
+        let portcullis = Portcullis::start_with(policy, files).await?;
         let upstream = Upstream::start().await?;
         let envoy = Envoy::start(portcullis.grpc, upstream.addr).await?;
         Ok(Stack { portcullis, envoy, upstream, client: HttpClient::new() })

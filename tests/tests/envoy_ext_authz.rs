@@ -33,8 +33,10 @@ async fn authentication_roles_and_public_routes_through_envoy() {
         )
         .await;
     assert_eq!(r.status, 200, "{r:?}");
-    assert!(r.header("ratelimit-policy").is_some_and(|p| p.contains("\"burst\";q=100")), "{r:?}");
-    assert!(r.header("ratelimit").is_some_and(|p| p.contains("\"burst\";r=99")), "{r:?}");
+    // RateLimit headers are lists: ext_authz's limits and the ratelimit filter's side by side
+    assert!(r.header_all("ratelimit-policy").contains("\"burst\";q=100;w=100"), "{r:?}");
+    assert!(r.header_all("ratelimit-policy").contains("\"edge.tier_basic.subject\";q=60;w=60"), "{r:?}");
+    assert!(r.header_all("ratelimit").contains("\"burst\";r=99"), "{r:?}");
     assert_eq!(r.header("x-ratelimit-limit"), Some("100"));
     assert_eq!(r.header("x-ratelimit-remaining"), Some("99"));
     assert!(r.header("x-ratelimit-reset").is_some());
@@ -154,7 +156,11 @@ async fn basic_tier_burst_then_429_with_the_reference_body() {
     // second, and a slow burst would legitimately get one more).
     let policy = reference_policy().replacen("basic:      { per_minute: 60,", "basic:      { per_minute: 1,", 1);
     assert_ne!(policy, reference_policy(), "the reference tier line moved");
-    let s = Stack::start(&policy).await.unwrap_or_else(|e| panic!("{e:#}"));
+    // edge.yaml's per-subject RLS limit (60 a minute for basic) would stop the burst first;
+    // raise it so that this test sees the ext_authz tier bucket alone.
+    let edge = std::fs::read_to_string(tests::examples_dir().join("ratelimit/edge.yaml")).expect("edge.yaml");
+    let edge = edge.replacen("requests_per_unit: 60\n", "requests_per_unit: 1000\n", 1);
+    let s = Stack::start_with(&policy, &[("ratelimit/edge.yaml", &edge)]).await.unwrap_or_else(|e| panic!("{e:#}"));
 
     // 120 requests at once over 16 connections: exactly 100 pass
     let mut tasks = Vec::new();

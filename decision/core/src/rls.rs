@@ -169,6 +169,9 @@ impl Domain {
 
     /// The rule for a request descriptor, by envoyproxy/ratelimit's matching rules.
     pub fn lookup(&self, entries: &[(&str, &str)]) -> Option<&Rule> {
+        if entries.is_empty() {
+            return None;
+        }
         let mut at = ROOT;
         let mut found = None;
         let mut exact = String::new();
@@ -251,9 +254,6 @@ pub fn validate(descriptors: &[DescriptorReq<'_>]) -> Result<(), RlsRequestError
         return Err(RlsRequestError(format!("{} descriptors, more than {MAX_DESCRIPTORS}", descriptors.len())));
     }
     for (i, d) in descriptors.iter().enumerate() {
-        if d.entries.is_empty() {
-            return Err(RlsRequestError(format!("descriptor {i} has no entries")));
-        }
         if d.entries.len() > MAX_ENTRIES {
             return Err(RlsRequestError(format!(
                 "descriptor {i} has {} entries, more than {MAX_ENTRIES}",
@@ -388,16 +388,14 @@ pub fn conclude(plan: RlsPlan, verdicts: &[Verdict]) -> RlsDecision {
         .slots
         .into_iter()
         .map(|slot| match slot {
-            Slot::NoLimit | Slot::Unlimited => Status {
+            // As envoyproxy/ratelimit answers: no limit (none matched, or replaced) reports 0
+            // remaining, an unlimited one the largest count.
+            Slot::NoLimit | Slot::Replaced(_) => {
+                Status { outcome: Outcome::Unlimited, rule: None, remaining: 0, reset: 0, verdict: None }
+            }
+            Slot::Unlimited => Status {
                 outcome: Outcome::Unlimited,
                 rule: None,
-                remaining: u64::from(u32::MAX),
-                reset: 0,
-                verdict: None,
-            },
-            Slot::Replaced(rule) => Status {
-                outcome: Outcome::Unlimited,
-                rule: Some(rule),
                 remaining: u64::from(u32::MAX),
                 reset: 0,
                 verdict: None,
@@ -585,7 +583,8 @@ mod tests {
     fn request_bounds_are_enforced() {
         let long = "x".repeat(MAX_ENTRY_BYTES + 1);
         assert!(validate(&[req(&[("k", &long)])]).is_err());
-        assert!(validate(&[DescriptorReq { entries: vec![], limit_override: None, hits: 1 }]).is_err());
+        // Envoy sends an empty descriptor when all of its actions were skipped: it matches nothing
+        assert!(validate(&[DescriptorReq { entries: vec![], limit_override: None, hits: 1 }]).is_ok());
         let many: Vec<DescriptorReq<'_>> = (0..=MAX_DESCRIPTORS).map(|_| req(&[("k", "v")])).collect();
         assert!(validate(&many).is_err());
         assert!(validate(&[req(&[("k", "v")])]).is_ok());

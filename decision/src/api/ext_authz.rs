@@ -73,11 +73,27 @@ fn peer_ip(req: &CheckRequest) -> Option<IpAddr> {
 }
 
 fn option(key: &str, value: String) -> HeaderValueOption {
+    with_action(key, value, HeaderAppendAction::OverwriteIfExistsOrAdd)
+}
+
+fn with_action(key: &str, value: String, action: HeaderAppendAction) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue { key: key.to_owned(), value, raw_value: Vec::new() }),
-        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        append_action: action as i32,
         ..Default::default()
     }
+}
+
+/// `RateLimit` and `RateLimit-Policy` are Structured Field lists: ours are appended, so that
+/// the ratelimit filter's own (from the RLS answer) survive beside them. Every other header is
+/// overwritten.
+fn client_header(key: &str, value: String) -> HeaderValueOption {
+    let action = if key == "ratelimit" || key == "ratelimit-policy" {
+        HeaderAppendAction::AppendIfExistsOrAdd
+    } else {
+        HeaderAppendAction::OverwriteIfExistsOrAdd
+    };
+    with_action(key, value, action)
 }
 
 fn string_value(s: &str) -> Value {
@@ -114,7 +130,7 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
         } else {
             remove.push(DEGRADED_HEADER.into());
         }
-        let to_client = respond::ratelimit_headers(d).into_iter().map(|(k, v)| option(k, v)).collect();
+        let to_client = respond::ratelimit_headers(d).into_iter().map(|(k, v)| client_header(k, v)).collect();
         CheckResponse {
             status: Some(RpcStatus { code: GRPC_OK, ..Default::default() }),
             dynamic_metadata: if metadata.fields.is_empty() { None } else { Some(metadata) },

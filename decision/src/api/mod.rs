@@ -2,4 +2,5 @@
 //! wire answers; they do not decide.
 
 pub mod ext_authz;
+pub mod ratelimit;
 pub mod respond;

@@ -29,13 +29,13 @@ pub fn ratelimit_headers(d: &Decision) -> Vec<(&'static str, String)> {
     let policy = d
         .quotas
         .iter()
-        .map(|q| format!("\"{}\";q={};w={}", q.kind.as_str(), q.limit.quota(), secs_ceil(q.limit.window())))
+        .map(|q| format!("{};q={};w={}", sf_string(q.kind.as_str()), q.limit.quota(), secs_ceil(q.limit.window())))
         .collect::<Vec<_>>()
         .join(", ");
     let state = d
         .quotas
         .iter()
-        .map(|q| format!("\"{}\";r={};t={}", q.kind.as_str(), q.verdict.remaining, secs_ceil(q.verdict.reset)))
+        .map(|q| format!("{};r={};t={}", sf_string(q.kind.as_str()), q.verdict.remaining, secs_ceil(q.verdict.reset)))
         .collect::<Vec<_>>()
         .join(", ");
     out.push(("ratelimit-policy", policy));
@@ -74,20 +74,50 @@ pub fn retry_after_secs(d: &Decision) -> Option<u64> {
 pub fn deny_body(d: &Decision, request_id: &str, now: Micros) -> String {
     let status = d.status();
     let error = d.reason.client_error();
-    let body = if status == 429 {
-        let retry = retry_after_secs(d).unwrap_or(1);
+    if status == 429 {
         let remaining = tightest(&d.quotas).map_or(0, |q| q.verdict.remaining);
-        serde_json::json!({
-            "status": status,
-            "error": error,
-            "reset_time": clock::rfc3339(now + retry * MICROS_PER_SEC),
-            "remaining_requests": remaining,
-            "retry_after": retry,
-        })
-    } else if request_id.is_empty() {
+        return too_many_requests_body(retry_after_secs(d).unwrap_or(1), remaining, now);
+    }
+    let body = if request_id.is_empty() {
         serde_json::json!({ "status": status, "error": error })
     } else {
         serde_json::json!({ "status": status, "error": error, "request_id": request_id })
     };
     body.to_string()
+}
+
+/// A structured-field string (RFC 8941 section 3.3.3): `"` and `\` escaped, anything outside
+/// printable ASCII replaced, so a configured name can never break the header.
+pub fn sf_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => out.push('?'),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The reference guide's 429 body.
+pub fn too_many_requests_body(retry_after_secs: u64, remaining: u64, now: Micros) -> String {
+    serde_json::json!({
+        "status": 429,
+        "error": Reason::TierRateExceeded.client_error(),
+        "reset_time": clock::rfc3339(now + retry_after_secs * MICROS_PER_SEC),
+        "remaining_requests": remaining,
+        "retry_after": retry_after_secs,
+    })
+    .to_string()
+}
+
+/// Whole seconds, rounded up (the unit of every header and body field we send).
+pub fn whole_secs(us: Micros) -> u64 {
+    secs_ceil(us)
 }

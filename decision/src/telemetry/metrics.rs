@@ -13,6 +13,8 @@ use prometheus_client::registry::Registry;
 
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
+/// domain and rule come from the policy's files (bounded), never from a request's values
+type RlsLabels = [(&'static str, String); 3];
 
 pub struct Metrics {
     registry: Registry,
@@ -22,6 +24,8 @@ pub struct Metrics {
     store_errors: Family<Labels1, Counter>,
     reloads: Family<Labels1, Counter>,
     policy_routes: Gauge,
+    ratelimit: Family<RlsLabels, Counter>,
+    ratelimit_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -59,7 +63,28 @@ impl Metrics {
         registry.register("policy_reloads", "Policy reloads by result (ok, rejected)", reloads.clone());
         let policy_routes = Gauge::default();
         registry.register("policy_routes", "Routes in the policy being served", policy_routes.clone());
-        Metrics { registry, decisions, decision_seconds, store_errors, reloads, policy_routes }
+        let ratelimit = Family::<RlsLabels, Counter>::default();
+        registry.register(
+            "ratelimit_descriptors",
+            "RLS descriptors by domain, rule and outcome (ok, near_limit, over_limit, shadow_over_limit, unlimited)",
+            ratelimit.clone(),
+        );
+        let ratelimit_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 16));
+        registry.register(
+            "ratelimit_duration_seconds",
+            "Time to answer one ShouldRateLimit call",
+            ratelimit_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            decisions,
+            decision_seconds,
+            store_errors,
+            reloads,
+            policy_routes,
+            ratelimit,
+            ratelimit_seconds,
+        }
     }
 
     pub fn decision(&self, reason: Reason, took: Duration) {
@@ -67,6 +92,16 @@ impl Metrics {
             self.decisions[i].inc();
         }
         self.decision_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn ratelimit_descriptor(&self, domain: &str, rule: &str, outcome: &'static str) {
+        self.ratelimit
+            .get_or_create(&[("domain", domain.to_owned()), ("rule", rule.to_owned()), ("outcome", outcome.to_owned())])
+            .inc();
+    }
+
+    pub fn ratelimit_call(&self, took: Duration) {
+        self.ratelimit_seconds.observe(took.as_secs_f64());
     }
 
     pub fn store_error(&self, backend: &'static str) {

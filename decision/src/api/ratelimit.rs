@@ -1,0 +1,222 @@
+//! Envoy's rate limit service (`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`):
+//! descriptors in, one status per descriptor out (in request order), with the RateLimit headers
+//! and, over the limit, the reference 429 body. A store failure is gRPC UNAVAILABLE, so Envoy's
+//! `failure_mode_deny` decides (Envoy reads UNKNOWN as OK).
+
+use std::sync::Arc;
+
+use decision_core::rls::{DescriptorReq, Outcome, RlsDecision, Unit, validate};
+use proto::ratelimit::rate_limit_response::{Code, DescriptorStatus, RateLimit};
+use proto::ratelimit::rate_limit_service_server::RateLimitService;
+use proto::ratelimit::{RateLimitRequest, RateLimitResponse};
+use proto::types::{Duration, HeaderValue};
+
+use super::respond;
+use crate::clock;
+use crate::engine::Engine;
+use crate::store::Store;
+
+pub struct Rls<S> {
+    engine: Arc<Engine<S>>,
+}
+
+impl<S: Store> Rls<S> {
+    pub fn new(engine: Arc<Engine<S>>) -> Self {
+        Rls { engine }
+    }
+}
+
+fn header(key: &str, value: String) -> HeaderValue {
+    HeaderValue { key: key.to_owned(), value, raw_value: Vec::new() }
+}
+
+fn outcome_label(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Unlimited => "unlimited",
+        Outcome::Ok => "ok",
+        Outcome::NearLimit => "near_limit",
+        Outcome::OverLimit => "over_limit",
+        Outcome::ShadowOverLimit => "shadow_over_limit",
+    }
+}
+
+/// Builds the wire answer; `x_ratelimit` adds the draft-03 `X-RateLimit-*` headers.
+pub fn answer(d: &RlsDecision, x_ratelimit: bool) -> RateLimitResponse {
+    let statuses = d
+        .statuses
+        .iter()
+        .map(|s| {
+            let code = if s.outcome == Outcome::OverLimit { Code::OverLimit } else { Code::Ok };
+            let counted = s.verdict.is_some();
+            DescriptorStatus {
+                code: code as i32,
+                current_limit: s.rule.as_ref().filter(|_| counted).map(|r| RateLimit {
+                    name: r.name.as_deref().unwrap_or("").to_owned(),
+                    requests_per_unit: r.requests_per_unit,
+                    unit: r.unit.map_or(0, Unit::proto),
+                }),
+                limit_remaining: u32::try_from(s.remaining).unwrap_or(u32::MAX),
+                duration_until_reset: counted.then(|| Duration {
+                    seconds: i64::try_from(s.reset / 1_000_000).unwrap_or(i64::MAX),
+                    nanos: i32::try_from((s.reset % 1_000_000) * 1_000).unwrap_or(0),
+                }),
+                quota: None,
+            }
+        })
+        .collect();
+
+    // Headers describe the enforced limits (shadow limits are not the client's business).
+    let enforced: Vec<_> =
+        d.statuses.iter().filter(|s| s.verdict.is_some() && s.rule.as_ref().is_some_and(|r| !r.shadow)).collect();
+    let mut headers = Vec::new();
+    if !enforced.is_empty() {
+        let label = |s: &&decision_core::rls::Status| respond::sf_string(s.rule.as_ref().map_or("", |r| r.label()));
+        let window = |s: &&decision_core::rls::Status| {
+            s.rule.as_ref().and_then(|r| r.unit).map_or(0, |u| u.micros() / 1_000_000)
+        };
+        let policy = enforced
+            .iter()
+            .map(|s| format!("{};q={};w={}", label(s), s.rule.as_ref().map_or(0, |r| r.requests_per_unit), window(s)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let state = enforced
+            .iter()
+            .map(|s| format!("{};r={};t={}", label(s), s.remaining, respond::whole_secs(s.reset)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        headers.push(header("ratelimit-policy", policy));
+        headers.push(header("ratelimit", state));
+        if x_ratelimit && let Some(t) = enforced.iter().min_by_key(|s| s.remaining) {
+            let q = t.rule.as_ref().map_or(0, |r| r.requests_per_unit);
+            headers.push(header("x-ratelimit-limit", format!("{q}, {q};w={}", window(t))));
+            headers.push(header("x-ratelimit-remaining", t.remaining.to_string()));
+            headers.push(header("x-ratelimit-reset", respond::whole_secs(t.reset).to_string()));
+        }
+    }
+    let mut raw_body = Vec::new();
+    if d.over_limit {
+        let retry = respond::whole_secs(d.retry_after.unwrap_or(0)).max(1);
+        headers.push(header("content-type", "application/json".into()));
+        headers.push(header("retry-after", retry.to_string()));
+        raw_body = respond::too_many_requests_body(retry, 0, clock::now_micros()).into_bytes();
+    }
+    RateLimitResponse {
+        overall_code: if d.over_limit { Code::OverLimit } else { Code::Ok } as i32,
+        statuses,
+        response_headers_to_add: headers,
+        raw_body,
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> RateLimitService for Rls<S> {
+    #[tracing::instrument(name = "ratelimit.should_rate_limit", skip_all, fields(rpc.system = "grpc", rpc.method = "ShouldRateLimit", ratelimit.domain))]
+    async fn should_rate_limit(
+        &self,
+        request: tonic::Request<RateLimitRequest>,
+    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+        let started = clock::instant();
+        let msg = request.into_inner();
+        tracing::Span::current().record("ratelimit.domain", msg.domain.as_str());
+        if msg.domain.is_empty() {
+            return Err(tonic::Status::invalid_argument("rate limit domain must not be empty"));
+        }
+        // hits_addend 0 means 1 at the request level; a descriptor's own hits_addend wins.
+        let request_hits = u64::from(msg.hits_addend.max(1));
+        let descriptors: Vec<DescriptorReq<'_>> = msg
+            .descriptors
+            .iter()
+            .map(|d| DescriptorReq {
+                entries: d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str())).collect(),
+                limit_override: d
+                    .limit
+                    .as_ref()
+                    .and_then(|l| Unit::from_proto(l.unit).map(|u| (l.requests_per_unit, u))),
+                hits: d.hits_addend.as_ref().map_or(request_hits, |h| h.value),
+            })
+            .collect();
+        validate(&descriptors).map_err(|e| tonic::Status::invalid_argument(e.0))?;
+        let policy = self.engine.policy();
+        let decision = match self.engine.rate_limit(&policy, &msg.domain, &descriptors).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(domain = %msg.domain, error = %e, "ratelimit answered UNAVAILABLE: store failed");
+                return Err(tonic::Status::unavailable("rate limit store unavailable"));
+            }
+        };
+        let known = policy.ratelimit.domains.contains_key(&msg.domain);
+        for s in &decision.statuses {
+            let rule = s.rule.as_ref().map_or("none", |r| &*r.id);
+            self.engine.metrics.ratelimit_descriptor(
+                if known { &msg.domain } else { "unknown" },
+                rule,
+                outcome_label(&s.outcome),
+            );
+        }
+        let response = answer(&decision, policy.ratelimit.x_ratelimit_headers);
+        let took = started.elapsed();
+        self.engine.metrics.ratelimit_call(took);
+        tracing::info!(
+            target: "portcullis::ratelimit",
+            domain = %msg.domain,
+            descriptors = descriptors.len(),
+            outcome = if decision.over_limit { "over_limit" } else { "ok" },
+            latency_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            "ratelimit"
+        );
+        Ok(tonic::Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use decision_core::rls::{self, DescriptorReq, Domain, ROOT, RlsConfig, Rule, Unit};
+    use decision_core::units::MICROS_PER_MINUTE;
+
+    use crate::store::MemoryStore;
+
+    fn config(fixed_window: bool) -> RlsConfig {
+        let mut d = Domain::new("edge");
+        let rule = Rule {
+            requests_per_unit: 10,
+            unit: Some(Unit::Minute),
+            shadow: false,
+            name: None,
+            replaces: Vec::new(),
+            fixed_window,
+            detailed_metric: false,
+            id: Arc::from("edge.client"),
+        };
+        d.add(ROOT, "client", None, Some(rule)).expect("add");
+        RlsConfig { domains: [("edge".to_string(), d)].into(), x_ratelimit_headers: false }
+    }
+
+    /// Requests at the given instants (an injected clock), one descriptor each; how many pass.
+    fn allowed_at(cfg: &RlsConfig, times: &[u64]) -> usize {
+        let store = MemoryStore::new();
+        let desc = [DescriptorReq { entries: vec![("client", "c1")], limit_override: None, hits: 1 }];
+        times
+            .iter()
+            .filter(|&&t| {
+                let plan = rls::plan(cfg, "edge", &desc);
+                let verdicts = store.apply_now(&plan.ops, t);
+                !rls::conclude(plan, &verdicts).over_limit
+            })
+            .count()
+    }
+
+    #[test]
+    fn a_sliding_window_gives_no_double_burst_across_the_window_edge() {
+        let edge = 29_000_000 * MICROS_PER_MINUTE;
+        let mut times = vec![edge - 1_000; 10];
+        times.extend(vec![edge + 1_000; 10]);
+        assert_eq!(allowed_at(&config(false), &times), 10, "sliding window: the limit holds across the edge");
+        assert_eq!(allowed_at(&config(true), &times), 20, "fixed window (envoyproxy/ratelimit's): twice the limit");
+        // a full window later the sliding window has room for the whole limit again
+        times.extend(vec![edge + 2 * MICROS_PER_MINUTE; 12]);
+        assert_eq!(allowed_at(&config(false), &times), 20);
+    }
+}
