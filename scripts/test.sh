@@ -57,3 +57,5 @@ say "the shipped example policy validates"
 ./target/debug/portcullis check-config --config deploy/examples/policy.yaml
 say "cargo test"
 cargo test --workspace --locked
+say "benchmark harness smoke run (checks outcomes, not speed)"
+loadtest/bench.sh --smoke

@@ -91,7 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Serve { config, grpc_addr, http_addr, log_format, log } => {
-            telemetry::init_logging(log_format, &log);
+            let _log_guard = telemetry::init_logging(log_format, &log);
             let mut cfg = match config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {

@@ -165,7 +165,7 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
 
 #[tonic::async_trait]
 impl<S: Store> Authorization for ExtAuthz<S> {
-    #[tracing::instrument(name = "ext_authz.check", skip_all, fields(rpc.system = "grpc", rpc.method = "Check"))]
+    #[tracing::instrument(name = "ext_authz.check", level = "debug", skip_all, fields(rpc.system = "grpc", rpc.method = "Check"))]
     async fn check(
         &self,
         request: tonic::Request<CheckRequest>,

@@ -111,7 +111,7 @@ pub fn answer(d: &RlsDecision, x_ratelimit: bool) -> RateLimitResponse {
 
 #[tonic::async_trait]
 impl<S: Store> RateLimitService for Rls<S> {
-    #[tracing::instrument(name = "ratelimit.should_rate_limit", skip_all, fields(rpc.system = "grpc", rpc.method = "ShouldRateLimit", ratelimit.domain))]
+    #[tracing::instrument(name = "ratelimit.should_rate_limit", level = "debug", skip_all, fields(rpc.system = "grpc", rpc.method = "ShouldRateLimit", ratelimit.domain))]
     async fn should_rate_limit(
         &self,
         request: tonic::Request<RateLimitRequest>,

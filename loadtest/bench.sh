@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The benchmark matrix, side by side in one run, as ratios against a no-op gRPC server built in
+# this workspace (portcullis-noop: same gRPC stack, answers OK without work). It starts and stops
+# everything itself; the server side is pinned to core 0 and the load generator to core 1
+# (taskset) when the machine has two cores or more.
+#
+#   loadtest/bench.sh            # short mode (under 2 minutes), release build
+#   loadtest/bench.sh --full     # longer runs, 1,000,000 keys for the memory figure
+#   loadtest/bench.sh --smoke    # seconds, debug build: checks the harness, not the speed
+#                                #   (scripts/test.sh runs this)
+#
+# Every case checks its outcomes against what loadtest/bench/policy.yaml predicts; a mismatch or
+# any error fails the run. Results: a markdown table on stdout, JSON lines in $BENCH_OUT
+# (default target/bench/results.jsonl).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode="${1:---short}"
+case "$mode" in
+  --smoke) profile=debug;   dur=1s;  conns=2; streams=4; mem_keys=2000 ;;
+  --short) profile=release; dur=8s;  conns=4; streams=8; mem_keys=100000 ;;
+  --full)  profile=release; dur=30s; conns=4; streams=8; mem_keys=1000000 ;;
+  *) echo "usage: loadtest/bench.sh [--smoke|--short|--full]" >&2; exit 2 ;;
+esac
+
+if [ "$profile" = release ]; then
+  cargo build --quiet --release -p decision -p loadtest --bins
+else
+  cargo build --quiet -p decision -p loadtest --bins
+fi
+bin="target/$profile"
+out="${BENCH_OUT:-target/bench/results.jsonl}"
+mkdir -p "$(dirname "$out")"
+: > "$out"
+work="$(mktemp -d)"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+server_cpu=(); client_cpu=()
+if command -v taskset >/dev/null 2>&1 && [ "$(nproc)" -ge 2 ]; then
+  server_cpu=(taskset -c 0); client_cpu=(taskset -c 1)
+  pinning="server on core 0, load generator on core 1 (taskset)"
+else
+  pinning="not pinned (taskset missing or one core)"
+fi
+
+wait_for() { # file pattern
+  for _ in $(seq 1 300); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "bench.sh: timed out waiting for '$2' in $1:" >&2; cat "$1" >&2; return 1
+}
+
+# portcullis on the bench policy; decision logs stay on (they are part of the product) but go to
+# /dev/null, keeping only the line that says where it listens. Sets pc_pid and pc_addr.
+start_portcullis() {
+  rm -f "$work/portcullis.listen"
+  "${server_cpu[@]}" "$bin/portcullis" serve --config loadtest/bench/policy.yaml --log-format json \
+    2> >(grep --line-buffered -m1 '"listening"' > "$work/portcullis.listen"; cat > /dev/null) &
+  pc_pid=$!; pids+=("$pc_pid")
+  wait_for "$work/portcullis.listen" listening
+  pc_addr="$(sed -E 's/.*"grpc_addr":"([^"]+)".*/\1/' "$work/portcullis.listen")"
+}
+
+"${server_cpu[@]}" "$bin/portcullis-noop" --addr 127.0.0.1:0 > "$work/noop.out" &
+noop_pid=$!; pids+=("$noop_pid")
+wait_for "$work/noop.out" listening
+noop_addr="$(awk '/listening/ {print $2}' "$work/noop.out")"
+
+lt() { "${client_cpu[@]}" "$bin/portcullis-loadtest" --json "$@" >> "$out"; }
+common=(--connections "$conns" --streams "$streams" --duration "$dur")
+
+echo "bench.sh $mode: $profile build, $dur a case, ${conns}x${streams} (connections x streams), $pinning" >&2
+# memory first, on a fresh process: one new RLS key per request (a day-long window, so none
+# expires), resident memory growth per key
+start_portcullis
+lt --name memory-per-key          --target rls --addr "$pc_addr" --server-pid "$pc_pid" --connections "$conns" --streams "$streams" --requests "$mem_keys" --keys "$mem_keys" --sequential-keys --descriptor-key mem --expect all
+kill "$pc_pid"; wait "$pc_pid" 2>/dev/null || true
+start_portcullis
+lt --name noop-ext-authz          --target ext-authz --addr "$noop_addr" --server-pid "$noop_pid" "${common[@]}"
+lt --name ext-authz-api-key       --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_open --expect all
+lt --name ext-authz-100k-ips      --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_open --keys 100000 --expect all
+lt --name noop-rls-1              --target rls --addr "$noop_addr" --server-pid "$noop_pid" "${common[@]}"
+lt --name rls-1-desc-1-key        --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --expect all
+lt --name rls-1-desc-100k-keys    --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --keys 100000 --expect all
+lt --name noop-rls-5              --target rls --addr "$noop_addr" --server-pid "$noop_pid" "${common[@]}" --descriptors 5
+lt --name rls-5-desc-1-key        --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --descriptors 5 --expect all
+# correctness under load: exactly what the policy allows, the rest over the limit
+lt --name ext-authz-limited       --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_limited --expect 100
+lt --name rls-limited             --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --descriptor-key limited --expect 100
+# open loop at half of the closed-loop peak: latency without coordinated omission; the no-op
+# server at the same rate shows what the client and the machine add by themselves
+peak="$(python3 -c 'import json,sys; print(int(next(json.loads(l)["rps"] for l in open(sys.argv[1]) if json.loads(l)["name"]=="ext-authz-api-key")))' "$out")"
+lt --name noop-ext-authz-half-peak --target ext-authz --addr "$noop_addr" --server-pid "$noop_pid" --connections "$conns" --duration "$dur" --rate $((peak / 2))
+lt --name ext-authz-half-peak     --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" --connections "$conns" --duration "$dur" --rate $((peak / 2)) --api-key pk_bench_open --expect all
+
+python3 - "$out" "$mode" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+by = {r["name"]: r for r in rows}
+base = {"ext-authz": by["noop-ext-authz"], "rls-1": by["noop-rls-1"], "rls-5": by["noop-rls-5"]}
+def baseline(name):
+    if name.startswith("ext-authz"): return base["ext-authz"]
+    if name.startswith("rls-5"): return base["rls-5"]
+    return base["rls-1"]
+print(f"| case | req/s | vs no-op | p50 us | p99 us | p99.9 us | allowed | over limit | errors | client CPU | server CPU |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    if r["name"] == "memory-per-key": continue
+    b = baseline(r["name"])
+    ratio = "-" if r["name"].startswith("noop") or "open" in r["mode"] else f'{r["rps"] / b["rps"]:.2f}'
+    lat = r["latency_us"]
+    cpu = lambda v: "-" if v is None else f"{v:.0f}%"
+    print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {lat["p50"]} | {lat["p99"]} | {lat["p99.9"]} | {r["outcomes"]["allowed"]} | {r["outcomes"]["over_limit"]} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} |')
+m = by["memory-per-key"]
+keys = m["outcomes"]["allowed"]
+delta = m["server_rss_delta_bytes"]
+if delta is not None and keys:
+    print(f"\nmemory store: {keys} new keys grew portcullis's resident memory by {delta/1e6:.1f} MB = {delta/keys:.0f} bytes per key")
+PY

@@ -1,0 +1,83 @@
+//! `portcullis-noop`: the benchmark's baseline. It serves ext_authz Check and RLS
+//! ShouldRateLimit with the same gRPC stack and limits as portcullis and answers OK without any
+//! work, so a ratio against it isolates what a decision costs.
+//!
+//! ```sh
+//! portcullis-noop --addr 127.0.0.1:0     # prints `listening <addr>` on stdout
+//! ```
+#![allow(clippy::print_stdout)]
+
+use std::net::SocketAddr;
+
+use proto::ext_authz::authorization_server::{Authorization, AuthorizationServer};
+use proto::ext_authz::check_response::HttpResponse;
+use proto::ext_authz::{CheckRequest, CheckResponse, OkHttpResponse};
+use proto::ratelimit::rate_limit_response::{Code, DescriptorStatus};
+use proto::ratelimit::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
+use proto::ratelimit::{RateLimitRequest, RateLimitResponse};
+use proto::types::RpcStatus;
+use tonic::transport::server::TcpIncoming;
+
+struct Noop;
+
+#[tonic::async_trait]
+impl Authorization for Noop {
+    async fn check(&self, _r: tonic::Request<CheckRequest>) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        Ok(tonic::Response::new(CheckResponse {
+            status: Some(RpcStatus { code: 0, ..Default::default() }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
+            dynamic_metadata: None,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl RateLimitService for Noop {
+    async fn should_rate_limit(
+        &self,
+        r: tonic::Request<RateLimitRequest>,
+    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+        let statuses = r
+            .get_ref()
+            .descriptors
+            .iter()
+            .map(|_| DescriptorStatus { code: Code::Ok as i32, ..Default::default() })
+            .collect();
+        Ok(tonic::Response::new(RateLimitResponse { overall_code: Code::Ok as i32, statuses, ..Default::default() }))
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let addr: SocketAddr = std::env::args()
+        .skip_while(|a| a != "--addr")
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("portcullis-noop: cannot listen on {addr}: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let local = listener.local_addr().map_or(addr, |a| a);
+    println!("listening {local}");
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // the same explicit settings as portcullis's server
+    let served = tonic::transport::Server::builder()
+        .max_concurrent_streams(1024)
+        .http2_max_header_list_size(16 << 10)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(AuthorizationServer::new(Noop))
+        .add_service(RateLimitServiceServer::new(Noop))
+        .serve_with_incoming(incoming)
+        .await;
+    match served {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portcullis-noop: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

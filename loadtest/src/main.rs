@@ -1,0 +1,184 @@
+//! `portcullis-loadtest`: drives one case against a gRPC server (portcullis or the no-op
+//! baseline) and prints its figures, checking the outcomes against what the policy predicts.
+//!
+//! ```sh
+//! portcullis-loadtest --target rls --addr 127.0.0.1:8081 --connections 4 --streams 8 --duration 10s
+//! ```
+// The report is this program's output.
+#![allow(clippy::print_stdout, clippy::disallowed_methods)]
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use loadtest::cpu;
+use loadtest::report::Case;
+use loadtest::run::{self, Config};
+use loadtest::target::{Expect, Kind, Spec, check_expectation};
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis-loadtest",
+    about = "Closed- and open-loop gRPC load for ext_authz and RLS, with HDR percentiles"
+)]
+struct Args {
+    #[arg(long, value_enum)]
+    target: Kind,
+    /// the server's gRPC address
+    #[arg(long)]
+    addr: String,
+    /// a name for the report
+    #[arg(long, default_value = "case")]
+    name: String,
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// concurrent streams per connection (closed loop)
+    #[arg(long, default_value_t = 8)]
+    streams: usize,
+    /// how long to run, e.g. 10s (ignored with --requests in closed loop)
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// stop after this many requests (closed loop)
+    #[arg(long)]
+    requests: Option<u64>,
+    /// open loop at this many requests a second
+    #[arg(long)]
+    rate: Option<u64>,
+    /// open loop: most requests in flight before due requests count as errors
+    #[arg(long, default_value_t = 10_000)]
+    max_in_flight: usize,
+    /// distinct keys (client addresses for ext_authz, descriptor values for RLS)
+    #[arg(long, default_value_t = 1)]
+    keys: u64,
+    /// use keys in turn rather than scattered
+    #[arg(long)]
+    sequential_keys: bool,
+    /// descriptors per RLS request
+    #[arg(long, default_value_t = 1)]
+    descriptors: usize,
+    #[arg(long, default_value = "bench")]
+    domain: String,
+    /// the key of every RLS descriptor (default: k0, k1, ... one per descriptor)
+    #[arg(long)]
+    descriptor_key: Option<String>,
+    #[arg(long, default_value = "")]
+    api_key: String,
+    #[arg(long, default_value = "GET")]
+    method: String,
+    #[arg(long, default_value = "/api/v1/items")]
+    path: String,
+    /// the server's pid, to report its CPU use and resident memory
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// what the policy predicts: `all` allowed, or a number allowed (the rest over the limit)
+    #[arg(long)]
+    expect: Option<String>,
+    /// print JSON instead of a markdown row
+    #[arg(long)]
+    json: bool,
+    /// print the markdown table header before the row
+    #[arg(long)]
+    header: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration {s:?}: use ms, s or m")),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let expect = match args.expect.as_deref() {
+        None => None,
+        Some("all") => Some(Expect::AllAllowed),
+        Some(n) => match n.parse() {
+            Ok(n) => Some(Expect::Allowed(n)),
+            Err(_) => {
+                eprintln!("portcullis-loadtest: --expect takes `all` or a number");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portcullis-loadtest: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = Config {
+        addr: args.addr.clone(),
+        connections: args.connections,
+        streams: args.streams,
+        duration: args.duration,
+        requests: args.requests,
+        rate: args.rate,
+        sequential_keys: args.sequential_keys,
+        max_in_flight: args.max_in_flight,
+        spec: Spec {
+            kind: args.target,
+            keys: args.keys,
+            descriptors: args.descriptors,
+            api_key: args.api_key.clone(),
+            method: args.method.clone(),
+            path: args.path.clone(),
+            domain: args.domain.clone(),
+            descriptor_key: args.descriptor_key.clone(),
+        },
+    };
+    let ticks = cpu::ticks_per_second();
+    let server = args.server_pid.map(|p| p.to_string());
+    let server_cpu0 = server.as_deref().and_then(|p| cpu::cpu_time(p, ticks));
+    let server_rss0 = server.as_deref().and_then(cpu::rss_bytes);
+    let self_cpu0 = cpu::cpu_time("self", ticks);
+    let result = rt.block_on(async {
+        match cfg.rate {
+            Some(rate) => run::open_loop(&cfg, rate).await,
+            None => run::closed_loop(&cfg).await,
+        }
+    });
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("portcullis-loadtest: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let mode = match cfg.rate {
+        Some(r) => format!("open {r}/s"),
+        None => "closed".to_owned(),
+    };
+    let mut case = Case::from_run(&args.name, &mode, cfg.connections, cfg.streams, &result);
+    let secs = result.elapsed.as_secs_f64().max(1e-9);
+    let pct = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a).as_secs_f64() / secs * 100.0),
+        _ => None,
+    };
+    case.client_cpu_pct = pct(self_cpu0, cpu::cpu_time("self", ticks));
+    case.server_cpu_pct = pct(server_cpu0, server.as_deref().and_then(|p| cpu::cpu_time(p, ticks)));
+    case.server_rss_delta_bytes = match (server_rss0, server.as_deref().and_then(cpu::rss_bytes)) {
+        (Some(a), Some(b)) => i64::try_from(b).ok().zip(i64::try_from(a).ok()).map(|(b, a)| b - a),
+        _ => None,
+    };
+    if args.json {
+        println!("{}", case.json());
+    } else {
+        if args.header {
+            println!("{}", Case::MARKDOWN_HEADER);
+        }
+        println!("{}", case.markdown_row());
+    }
+    if let Some(e) = expect
+        && let Err(msg) = check_expectation(e, &result.counts)
+    {
+        eprintln!("portcullis-loadtest: {}: {msg}", args.name);
+        return ExitCode::from(3);
+    }
+    ExitCode::SUCCESS
+}
