@@ -58,8 +58,18 @@ impl PathPattern {
         if self.trailing_slash && !path.ends_with('/') {
             return false;
         }
-        let segs: Vec<&str> = body.split('/').filter(|s| !s.is_empty()).collect();
-        match_from(&self.segments, &segs)
+        // Segments on the stack for ordinary paths: a route is tried per request.
+        let mut buf: [&str; 32] = [""; 32];
+        let mut n = 0;
+        for seg in body.split('/').filter(|s| !s.is_empty()) {
+            if n == buf.len() {
+                let segs: Vec<&str> = body.split('/').filter(|s| !s.is_empty()).collect();
+                return match_from(&self.segments, &segs);
+            }
+            buf[n] = seg;
+            n += 1;
+        }
+        match_from(&self.segments, &buf[..n])
     }
 }
 
@@ -85,20 +95,24 @@ fn segment_matches(p: &Segment, s: &str) -> bool {
 /// `parts` are the pieces between stars: the first must be a prefix, the last a suffix, the
 /// middle ones found in order.
 fn wild_matches(parts: &[String], s: &str) -> bool {
-    let lower = s.to_ascii_lowercase();
     let (Some(first), Some(last)) = (parts.first(), parts.last()) else {
         return true;
     };
+    let s = s.as_bytes();
     if parts.len() == 1 {
-        return lower == *first;
+        return s.eq_ignore_ascii_case(first.as_bytes());
     }
-    if !lower.starts_with(first.as_str()) || lower.len() < first.len() + last.len() || !lower.ends_with(last.as_str()) {
+    if s.len() < first.len() + last.len()
+        || !s[..first.len()].eq_ignore_ascii_case(first.as_bytes())
+        || !s[s.len() - last.len()..].eq_ignore_ascii_case(last.as_bytes())
+    {
         return false;
     }
-    let mut rest = &lower[first.len()..lower.len() - last.len()];
+    let mut rest = &s[first.len()..s.len() - last.len()];
     for mid in &parts[1..parts.len() - 1] {
-        match rest.find(mid.as_str()) {
-            Some(i) => rest = &rest[i + mid.len()..],
+        let m = mid.as_bytes();
+        match rest.windows(m.len().max(1)).position(|w| m.is_empty() || w.eq_ignore_ascii_case(m)) {
+            Some(i) => rest = &rest[i + m.len()..],
             None => return false,
         }
     }

@@ -22,22 +22,21 @@ fn tightest(quotas: &[QuotaReport]) -> Option<&QuotaReport> {
 
 /// Headers for the client's response describing every limit that applied.
 pub fn ratelimit_headers(d: &Decision) -> Vec<(&'static str, String)> {
-    let mut out = Vec::new();
+    use std::fmt::Write as _;
+    let mut out = Vec::with_capacity(6);
     if d.quotas.is_empty() {
         return out;
     }
-    let policy = d
-        .quotas
-        .iter()
-        .map(|q| format!("{};q={};w={}", sf_string(q.kind.as_str()), q.limit.quota(), secs_ceil(q.limit.window())))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let state = d
-        .quotas
-        .iter()
-        .map(|q| format!("{};r={};t={}", sf_string(q.kind.as_str()), q.verdict.remaining, secs_ceil(q.verdict.reset)))
-        .collect::<Vec<_>>()
-        .join(", ");
+    // Each list is built in one buffer: this runs for every allowed request.
+    let mut policy = String::with_capacity(24 * d.quotas.len());
+    let mut state = String::with_capacity(24 * d.quotas.len());
+    for (i, q) in d.quotas.iter().enumerate() {
+        let sep = if i == 0 { "" } else { ", " };
+        // kind names are fixed tokens ("burst", "daily", "ip"): no escaping needed
+        let _ = write!(policy, "{sep}\"{}\";q={};w={}", q.kind.as_str(), q.limit.quota(), secs_ceil(q.limit.window()));
+        let _ =
+            write!(state, "{sep}\"{}\";r={};t={}", q.kind.as_str(), q.verdict.remaining, secs_ceil(q.verdict.reset));
+    }
     out.push(("ratelimit-policy", policy));
     out.push(("ratelimit", state));
     if let Some(q) = tightest(&d.quotas) {
