@@ -22,9 +22,9 @@ use tonic::transport::server::TcpIncoming;
 use crate::api::ext_authz::ExtAuthz;
 use crate::api::ratelimit::Rls;
 use crate::clock;
-use crate::config::{self, Config};
+use crate::config::{self, Config, StoreSettings};
 use crate::engine::Engine;
-use crate::store::{MemoryStore, Store};
+use crate::store::{MemoryStore, RedisStore, Store, StoreError};
 
 /// Largest gRPC message accepted: Envoy's own header limit is 60 KiB by default, so a Check
 /// request is far below this; anything near it is not a real request.
@@ -50,6 +50,8 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
     #[error("admin HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
 }
 
 struct Admin<S> {
@@ -128,8 +130,42 @@ async fn reload_on_hangup<S: Store>(engine: Arc<Engine<S>>, file: PathBuf) {
     }
 }
 
-/// Runs the service on the embedded memory store until a stop signal.
+/// How often a Redis store that is down is probed, so /readyz reports it back up on its own.
+pub const STORE_PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs the service on the store the policy names until a stop signal.
 pub async fn serve(cfg: Config) -> Result<(), ServeError> {
+    match cfg.settings.store.clone() {
+        StoreSettings::Memory => serve_memory(cfg).await,
+        StoreSettings::Redis(r) => {
+            let store = RedisStore::connect(&r)?;
+            let engine = Arc::new(Engine::new(cfg.policy.clone(), store));
+            tracing::info!(url = %crate::store::redis::redacted(&r.url), timeout_ms = r.timeout.as_millis(), pool_size = r.pool_size, "using the Redis store");
+            {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(STORE_PROBE_EVERY);
+                    let mut was_up = None;
+                    loop {
+                        tick.tick().await;
+                        let up = engine.store().probe().await;
+                        if was_up != Some(up) {
+                            if up {
+                                tracing::info!("redis store is up");
+                            } else {
+                                tracing::warn!("redis store is down; answering by on_store_error");
+                            }
+                            was_up = Some(up);
+                        }
+                    }
+                });
+            }
+            run(cfg, engine).await
+        }
+    }
+}
+
+async fn serve_memory(cfg: Config) -> Result<(), ServeError> {
     let store = MemoryStore::new();
     let engine = Arc::new(Engine::new(cfg.policy.clone(), store));
     {

@@ -146,10 +146,20 @@ fn bucket(burst: u64, interval: Micros, state: Option<State>, cost: u64, now: Mi
     }
 }
 
+/// The previous window's weight is counted in these units (1e-5 of a window).
+pub const WEIGHT_SCALE: u64 = 100_000;
+
 /// `prev * (window - elapsed) / window`, rounded up so the estimate never under-counts.
-fn weighted(prev: u64, window: Micros, elapsed: Micros) -> u64 {
-    let num = u128::from(prev) * u128::from(window - elapsed);
-    u64::try_from(num.div_ceil(u128::from(window))).unwrap_or(u64::MAX)
+///
+/// Computed in milliseconds with the weight in units of 1e-5, so that every intermediate value
+/// stays below 2^53 for windows up to a year and counts up to 9e10: the Redis store's Lua script
+/// (whose numbers are doubles) computes exactly the same integer.
+pub fn weighted(prev: u64, window: Micros, elapsed: Micros) -> u64 {
+    let window_ms = (window / 1_000).max(1);
+    let elapsed_ms = (elapsed / 1_000).min(window_ms);
+    let weight = (window_ms - elapsed_ms) * WEIGHT_SCALE / window_ms;
+    let num = u128::from(prev) * u128::from(weight);
+    u64::try_from(num.div_ceil(u128::from(WEIGHT_SCALE))).unwrap_or(u64::MAX)
 }
 
 fn sliding(limit: u64, window: Micros, state: Option<State>, cost: u64, now: Micros) -> Checked {

@@ -96,7 +96,22 @@ impl fmt::Display for ConfigError {
 pub struct Settings {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    pub store: StoreSettings,
 }
+
+/// Where counters live.
+#[derive(Debug, Clone)]
+pub enum StoreSettings {
+    /// the embedded default: this process only
+    Memory,
+    /// shared by the fleet
+    Redis(crate::store::RedisSettings),
+}
+
+/// The reference policy's per-call Redis timeout.
+pub const DEFAULT_REDIS_TIMEOUT: &str = "25ms";
+pub const DEFAULT_REDIS_POOL_SIZE: u32 = 4;
+pub const MAX_REDIS_POOL_SIZE: u32 = 256;
 
 /// A loaded, validated policy file.
 #[derive(Debug, Clone)]
@@ -197,18 +212,12 @@ impl Validator<'_> {
 
     fn policy(&mut self, raw: RawPolicy) -> Option<Config> {
         let listen = raw.listen.unwrap_or_default();
+        let store = self.store(raw.store.as_ref());
         let settings = Settings {
             grpc_addr: self.addr("listen.grpc", listen.grpc.as_deref(), DEFAULT_GRPC_ADDR),
             http_addr: self.addr("listen.http", listen.http.as_deref(), DEFAULT_HTTP_ADDR),
+            store,
         };
-        if let Some(store) = &raw.store {
-            if store.memory.is_some() && store.redis.is_some() {
-                self.err("store", "choose one store: memory or redis");
-            }
-            if store.redis.is_some() {
-                self.err("store.redis", "the Redis store is not available in this version yet; use `memory: {}`");
-            }
-        }
         let on_store_error = match raw.on_store_error {
             Some(raw::RawOnStoreError::Allow) => OnStoreError::Allow,
             _ => OnStoreError::Deny,
@@ -258,6 +267,46 @@ impl Validator<'_> {
             ratelimit: rls,
         };
         Some(Config { file: PathBuf::new(), policy: Arc::new(policy), settings })
+    }
+
+    fn store(&mut self, raw: Option<&raw::RawStore>) -> StoreSettings {
+        let Some(store) = raw else { return StoreSettings::Memory };
+        if store.memory.is_some() && store.redis.is_some() {
+            self.err("store", "choose one store: memory or redis");
+        }
+        let Some(r) = &store.redis else { return StoreSettings::Memory };
+        if r.cluster.is_some() {
+            self.err("store.redis.cluster", "Redis Cluster is not supported by this version yet; use url");
+        }
+        let url = r.url.clone().unwrap_or_default();
+        if url.starts_with("rediss://") {
+            self.err("store.redis.url", "TLS to Redis (rediss://) is not supported by this version yet");
+        } else if !url.starts_with("redis://") {
+            self.err(
+                "store.redis.url",
+                format!(
+                    "invalid Redis URL {:?}: expected redis://[user:password@]host:port[/db]",
+                    crate::store::redis::redacted(&url)
+                ),
+            );
+        } else if redis::Client::open(url.as_str()).is_err() {
+            self.err("store.redis.url", format!("invalid Redis URL {:?}", crate::store::redis::redacted(&url)));
+        }
+        let timeout = self
+            .parse("store.redis.timeout", units::parse_duration(r.timeout.as_deref().unwrap_or(DEFAULT_REDIS_TIMEOUT)))
+            .unwrap_or(25_000);
+        if timeout == 0 {
+            self.err("store.redis.timeout", "must be more than 0");
+        }
+        let pool_size = r.pool_size.unwrap_or(DEFAULT_REDIS_POOL_SIZE);
+        if !(1..=MAX_REDIS_POOL_SIZE).contains(&pool_size) {
+            self.err("store.redis.pool_size", format!("must be 1 to {MAX_REDIS_POOL_SIZE}"));
+        }
+        StoreSettings::Redis(crate::store::RedisSettings {
+            url,
+            timeout: std::time::Duration::from_micros(timeout),
+            pool_size: pool_size as usize,
+        })
     }
 
     fn network(&mut self, n: raw::RawNetwork) -> Network {

@@ -4,6 +4,7 @@
 //! same conformance suite (`conformance`).
 
 pub mod memory;
+pub mod redis;
 
 #[cfg(test)]
 pub mod conformance;
@@ -16,6 +17,7 @@ use decision_core::quota::Verdict;
 use decision_core::units::Micros;
 
 pub use memory::MemoryStore;
+pub use redis::{RedisSettings, RedisStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -23,10 +25,13 @@ pub enum StoreError {
     Timeout(Duration),
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// the store answered something the code does not expect (a script bug, not an outage)
+    #[error("store script error: {0}")]
+    Script(String),
 }
 
 impl StoreError {
-    /// Worth retrying later (every store error is, today; a script bug would not be).
+    /// Worth retrying later: outages and timeouts are, a script bug is not.
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Timeout(_) | StoreError::Unavailable(_))
     }

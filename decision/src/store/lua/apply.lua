@@ -1,0 +1,113 @@
+-- apply.lua: applies one plan of quota operations atomically, all-or-nothing over the enforced
+-- ones, with the Redis server's clock. Loaded by store/redis.rs with include_str! and run by
+-- EVALSHA (reloaded on NOSCRIPT).
+--
+-- KEYS[i]   the counter key of operation i
+-- ARGV[1]   the time in microseconds, or -1 to read the server's clock (TIME); only tests pass one
+-- ARGV[2 + 5(i-1) .. 6 + 5(i-1)]   operation i:
+--           kind   "b" token bucket (GCRA) | "s" sliding-window counter | "f" fixed window
+--           a      bucket: burst;           windows: limit
+--           b      bucket: interval (us);   windows: window (us)
+--           cost   hits this request counts
+--           shadow 1: counted and reported, never refusing the plan; 0: enforced
+-- Returns   { now, committed (1|0), then for each operation: allowed (1|0), s1, s2, s3 }
+--           where s1..s3 is the state the operation saw: bucket { tat, 0, 0 }, window
+--           { start, prev, cur }, or { -1, 0, 0 } for none. The caller recomputes the whole verdict
+--           (remaining, reset, retry-after) from it with decision-core's quota::check, so this
+--           script only has to agree on `allowed` and on the state it stores.
+--
+-- Why here: one round trip per decision, and one clock for the whole fleet, so instances with
+-- skewed clocks still agree. The arithmetic mirrors decision-core/src/quota.rs exactly: every
+-- number is an integer below 2^53 (microseconds since the epoch, counts, and the sliding weight
+-- in milliseconds and units of 1e-5), so doubles compute what Rust's integers do.
+-- State is a string: "tat" for a bucket, "start prev cur" for a window. Every key expires when
+-- its state would be forgotten anyway: a bucket at its TAT, a sliding window two windows after
+-- its start, a fixed window one window after.
+
+local SCALE = 100000
+local now = tonumber(ARGV[1])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local pending = {}
+
+local function load(key)
+  local p = pending[key]
+  if p ~= nil then return p end
+  local v = redis.call('GET', key)
+  if not v then return false end
+  local a, b, c = string.match(v, '^(%d+) ?(%d*) ?(%d*)$')
+  if not a then return false end
+  return { tonumber(a), tonumber(b) or 0, tonumber(c) or 0 }
+end
+
+local function weighted(prev, window, elapsed)
+  local wms = math.max(math.floor(window / 1000), 1)
+  local ems = math.min(math.floor(elapsed / 1000), wms)
+  local weight = math.floor((wms - ems) * SCALE / wms)
+  return math.ceil(prev * weight / SCALE)
+end
+
+local out = { now, 0 }
+local writes = {}
+local commit = true
+
+for i = 1, #KEYS do
+  local base = 2 + 5 * (i - 1)
+  local kind, a, b = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+  local cost, shadow = tonumber(ARGV[base + 3]), ARGV[base + 4] == '1'
+  local key = KEYS[i]
+  local st = load(key)
+  local ok, nxt, expires
+  if st then
+    out[#out + 1], out[#out + 2], out[#out + 3], out[#out + 4] = 0, st[1], st[2], st[3]
+  else
+    out[#out + 1], out[#out + 2], out[#out + 3], out[#out + 4] = 0, -1, 0, 0
+  end
+  if kind == 'b' then
+    local stored = st and st[1] or now
+    local tat = math.max(stored, now)
+    local new_tat = tat + cost * b
+    ok = new_tat - now <= a * b
+    if ok then nxt, expires = { new_tat, 0, 0 }, new_tat else nxt = st or { stored, 0, 0 } end
+  elseif kind == 's' then
+    local aligned = now - now % b
+    local start, prev, cur = aligned, 0, 0
+    if st then
+      if st[1] == aligned then start, prev, cur = st[1], st[2], st[3]
+      elseif st[1] + b == aligned then start, prev, cur = aligned, st[3], 0
+      elseif st[1] > aligned then start, prev, cur = st[1], st[2], st[3] end
+    end
+    local elapsed = math.min(math.max(now - start, 0), b)
+    local estimate = weighted(prev, b, elapsed) + cur
+    ok = estimate + cost <= a
+    if ok then nxt, expires = { start, prev, cur + cost }, start + 2 * b else nxt = st or { start, prev, cur } end
+  else
+    local start = now - now % b
+    local cur = 0
+    if st and st[1] >= start then cur = st[3] end
+    ok = cur + cost <= a
+    if ok then nxt, expires = { start, 0, cur + cost }, start + b else nxt = st or { start, 0, cur } end
+  end
+  pending[key] = nxt
+  if ok then
+    out[#out - 3] = 1
+    writes[#writes + 1] = { key, kind, nxt, expires }
+  elseif not shadow then
+    commit = false
+  end
+end
+
+if commit then
+  out[2] = 1
+  for _, w in ipairs(writes) do
+    local v
+    if w[2] == 'b' then v = string.format('%d', w[3][1])
+    else v = string.format('%d %d %d', w[3][1], w[3][2], w[3][3]) end
+    local ttl = math.max(math.ceil((w[4] - now) / 1000), 1)
+    redis.call('SET', w[1], v, 'PX', ttl)
+  end
+end
+return out

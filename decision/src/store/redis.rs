@@ -1,0 +1,190 @@
+//! The fleet store: every counter in Redis, so any number of portcullis instances agree as if
+//! they were one process. A plan is one script call (`lua/apply.lua`, run by EVALSHA and
+//! reloaded on NOSCRIPT after a failover or a SCRIPT FLUSH) on one of `pool_size` multiplexed
+//! connections, which pipeline concurrent calls; time comes from the Redis server.
+//!
+//! The script decides `allowed` and stores the new states; it returns the state each operation
+//! saw, and the verdict (remaining, reset, retry-after) is recomputed here with the same pure
+//! function the memory store uses, so both stores answer alike by construction. A disagreement
+//! on `allowed` between the script and the Rust math is reported as an error, never hidden.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use decision_core::decide::Op;
+use decision_core::quota::{self, Limit, State, Verdict};
+use decision_core::units::Micros;
+use redis::Script;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{Store, StoreError};
+
+/// How a `RedisStore` connects.
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]`; the password is never logged
+    pub url: String,
+    /// the longest one store call may take before `on_store_error` applies
+    pub timeout: Duration,
+    /// multiplexed connections, used in turn
+    pub pool_size: usize,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &redacted(&self.url))
+            .field("timeout", &self.timeout)
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+/// The URL with any password replaced by `****`.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:****@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+pub struct RedisStore {
+    conns: Vec<ConnectionManager>,
+    next: AtomicUsize,
+    script: Script,
+    timeout: Duration,
+    ready: AtomicBool,
+    /// tests only: use the time passed to `apply` instead of the server's clock
+    test_clock: bool,
+}
+
+impl RedisStore {
+    /// Prepares the connections; they are made lazily, so portcullis starts (and reports the
+    /// store down on /readyz) while Redis is unreachable, and reconnects on its own.
+    pub fn connect(s: &RedisSettings) -> Result<RedisStore, StoreError> {
+        let client = redis::Client::open(s.url.as_str())
+            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL {}: {e}", redacted(&s.url))))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(s.timeout))
+            .set_connection_timeout(Some(s.timeout.max(Duration::from_millis(250))))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let mut conns = Vec::with_capacity(s.pool_size.max(1));
+        for _ in 0..s.pool_size.max(1) {
+            let c = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            conns.push(c);
+        }
+        Ok(RedisStore {
+            conns,
+            next: AtomicUsize::new(0),
+            script: Script::new(include_str!("lua/apply.lua")),
+            timeout: s.timeout,
+            ready: AtomicBool::new(false),
+            test_clock: false,
+        })
+    }
+
+    /// Tests only: time comes from `apply`'s argument, so scenarios can step through windows.
+    pub fn with_test_clock(mut self) -> Self {
+        self.test_clock = true;
+        self
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        self.conns[i].clone()
+    }
+
+    /// Checks the server (PING) and records whether it answered; for /readyz.
+    pub async fn probe(&self) -> bool {
+        let mut c = self.conn();
+        let ok = matches!(
+            tokio::time::timeout(
+                self.timeout.max(Duration::from_millis(250)),
+                redis::cmd("PING").query_async::<String>(&mut c)
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        self.ready.store(ok, Ordering::Relaxed);
+        ok
+    }
+}
+
+fn decode(reply: &[i64], ops: &[Op]) -> Result<Vec<Verdict>, StoreError> {
+    if reply.len() != 2 + 4 * ops.len() {
+        return Err(StoreError::Script(format!("reply of {} values for {} operations", reply.len(), ops.len())));
+    }
+    let now = u64::try_from(reply[0]).map_err(|_| StoreError::Script("negative server time".into()))?;
+    let mut verdicts = Vec::with_capacity(ops.len());
+    for (i, op) in ops.iter().enumerate() {
+        let r = &reply[2 + 4 * i..6 + 4 * i];
+        let u = |v: i64| u64::try_from(v).unwrap_or(0);
+        let state = (r[1] >= 0).then(|| match op.limit {
+            Limit::TokenBucket { .. } => State::Bucket { tat: u(r[1]) },
+            _ => State::Window { start: u(r[1]), prev: u(r[2]), cur: u(r[3]) },
+        });
+        let checked = quota::check(op.limit, state, op.cost, now as Micros);
+        if checked.verdict.allowed != (r[0] == 1) {
+            return Err(StoreError::Script(format!(
+                "the script and the quota math disagree on operation {i} ({:?}, state {state:?}, now {now})",
+                op.limit
+            )));
+        }
+        verdicts.push(checked.verdict);
+    }
+    Ok(verdicts)
+}
+
+impl Store for RedisStore {
+    async fn apply(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
+        let mut inv = self.script.prepare_invoke();
+        for op in ops {
+            inv.key(op.key.as_str());
+        }
+        inv.arg(if self.test_clock { i64::try_from(now).unwrap_or(i64::MAX) } else { -1 });
+        for op in ops {
+            let (kind, a, b) = match op.limit {
+                Limit::TokenBucket { burst, interval } => ("b", burst, interval),
+                Limit::SlidingWindow { limit, window } => ("s", limit, window),
+                Limit::FixedWindow { limit, window } => ("f", limit, window),
+            };
+            inv.arg(kind).arg(a).arg(b).arg(op.cost).arg(u8::from(op.shadow));
+        }
+        let mut conn = self.conn();
+        match inv.invoke_async::<Vec<i64>>(&mut conn).await {
+            Ok(reply) => {
+                self.ready.store(true, Ordering::Relaxed);
+                decode(&reply, ops)
+            }
+            Err(e) => {
+                self.ready.store(false, Ordering::Relaxed);
+                Err(if e.is_timeout() {
+                    StoreError::Timeout(self.timeout)
+                } else {
+                    StoreError::Unavailable(e.to_string())
+                })
+            }
+        }
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        Some(self.timeout)
+    }
+
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests;

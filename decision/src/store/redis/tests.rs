@@ -1,0 +1,202 @@
+//! The Redis store against a real redis-server that each test starts on a free loopback port.
+
+use std::time::Duration;
+
+use decision_core::decide::{Op, OpKind};
+use decision_core::quota::Limit;
+use decision_core::units::{MICROS_PER_MINUTE, MICROS_PER_SEC};
+use proptest::prelude::*;
+
+use super::*;
+use crate::store::MemoryStore;
+use crate::store::conformance;
+use ::tests::RedisServer;
+
+fn settings(url: String) -> RedisSettings {
+    RedisSettings { url, timeout: Duration::from_millis(500), pool_size: 2 }
+}
+
+#[tokio::test]
+async fn redis_store_passes_the_conformance_suite() {
+    let server = RedisServer::start();
+    conformance::run_all(|| {
+        assert_eq!(server.command("FLUSHALL"), "+OK\r\n");
+        let store = RedisStore::connect(&settings(server.url())).expect("store").with_test_clock();
+        async move { store }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn keys_expire_by_the_server_clock_no_later_than_needed() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&settings(server.url())).expect("store");
+    let ops = [
+        Op {
+            key: "pc:{s:a}:burst".into(),
+            limit: Limit::token_bucket(60, MICROS_PER_MINUTE, 100),
+            cost: 1,
+            kind: OpKind::TierBurst,
+            shadow: false,
+        },
+        Op {
+            key: "pc:{ip:1}:zone".into(),
+            limit: Limit::SlidingWindow { limit: 10, window: MICROS_PER_MINUTE },
+            cost: 1,
+            kind: OpKind::Zone,
+            shadow: false,
+        },
+        Op {
+            key: "rl:{x}:f60".into(),
+            limit: Limit::FixedWindow { limit: 10, window: MICROS_PER_MINUTE },
+            cost: 1,
+            kind: OpKind::Descriptor,
+            shadow: false,
+        },
+    ];
+    // `now` is ignored: the server's clock decides
+    let v = store.apply(&ops, 0).await.expect("apply");
+    assert!(v.iter().all(|v| v.allowed));
+    assert!(store.ready());
+    let ttl =
+        |k: &str| server.command(&format!("PTTL {k}")).trim().trim_start_matches(':').parse::<i64>().unwrap_or(-9);
+    let bucket = ttl("pc:{s:a}:burst");
+    assert!((1..=1_000).contains(&bucket), "a bucket with one token spent is whole again within a second: {bucket} ms");
+    let window = ttl("pc:{ip:1}:zone");
+    assert!((60_000..=120_000).contains(&window), "a sliding window lives two windows from its start: {window} ms");
+    let fixed = ttl("rl:{x}:f60");
+    assert!((1..=60_000).contains(&fixed), "a fixed window lives to its end: {fixed} ms");
+}
+
+#[tokio::test]
+async fn a_script_flush_or_a_restart_does_not_fail_requests_for_long() {
+    let mut server = RedisServer::start();
+    let port = server.port;
+    let store = RedisStore::connect(&settings(server.url())).expect("store");
+    let op = [conformance::window_op("k", 1000, MICROS_PER_MINUTE)];
+    store.apply(&op, 0).await.expect("first call");
+    // SCRIPT FLUSH (as after a failover): EVALSHA meets NOSCRIPT, the script is reloaded, the
+    // request is answered
+    assert_eq!(server.command("SCRIPT FLUSH"), "+OK\r\n");
+    store.apply(&op, 0).await.expect("answered after SCRIPT FLUSH");
+
+    // down: an error within the timeout, never a hang; /readyz would report it
+    server.kill();
+    let started = crate::clock::instant();
+    assert!(store.apply(&op, 0).await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(!store.ready());
+    assert!(!store.probe().await);
+
+    // back on the same port: service resumes without a restart of ours
+    let _server = RedisServer::start_on(port);
+    let deadline = crate::clock::instant() + Duration::from_secs(20);
+    while store.apply(&op, 0).await.is_err() {
+        assert!(crate::clock::instant() < deadline, "the store did not reconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(store.ready());
+}
+
+#[test]
+fn passwords_never_reach_a_log_line() {
+    assert_eq!(redacted("redis://:s3cret@10.0.0.1:6379/0"), "redis://:****@10.0.0.1:6379/0");
+    assert_eq!(redacted("redis://app:s3cret@host:6379"), "redis://app:****@host:6379");
+    assert_eq!(redacted("redis://host:6379"), "redis://host:6379");
+    let s =
+        RedisSettings { url: "redis://app:s3cret@host:6379".into(), timeout: Duration::from_millis(25), pool_size: 1 };
+    assert!(!format!("{s:?}").contains("s3cret"));
+}
+
+#[derive(Debug, Clone)]
+struct RandomOp {
+    key: usize,
+    limit: Limit,
+    cost: u64,
+    shadow: bool,
+}
+
+fn random_limit() -> impl Strategy<Value = Limit> {
+    prop_oneof![
+        (1..50u64, 1..120u64).prop_map(|(burst, per_minute)| Limit::token_bucket(per_minute, MICROS_PER_MINUTE, burst)),
+        (0..30u64, prop_oneof![Just(MICROS_PER_SEC), Just(MICROS_PER_MINUTE), Just(3_600 * MICROS_PER_SEC)])
+            .prop_map(|(limit, window)| Limit::SlidingWindow { limit, window }),
+        (0..30u64, prop_oneof![Just(MICROS_PER_SEC), Just(MICROS_PER_MINUTE)])
+            .prop_map(|(limit, window)| Limit::FixedWindow { limit, window }),
+    ]
+}
+
+fn plans() -> impl Strategy<Value = Vec<(u64, Vec<RandomOp>)>> {
+    let op = (0..3usize, random_limit(), prop_oneof![4 => Just(1u64), 1 => 0..4u64], prop::bool::weighted(0.2))
+        .prop_map(|(key, limit, cost, shadow)| RandomOp { key, limit, cost, shadow });
+    prop::collection::vec(
+        (prop_oneof![Just(0u64), 0..3_000_000u64, 0..200_000_000u64], prop::collection::vec(op, 1..4)),
+        1..40,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// The Lua script and the Rust quota math agree on every plan of random operations at
+    /// random time steps (the same key always keeps the same kind of limit, as in real plans).
+    #[test]
+    fn the_lua_script_and_the_rust_quota_math_agree(plans in plans()) {
+        static SERVER: std::sync::OnceLock<RedisServer> = std::sync::OnceLock::new();
+        let server = SERVER.get_or_init(RedisServer::start);
+        assert_eq!(server.command("FLUSHALL"), "+OK\r\n");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let _in_runtime = rt.enter();
+        let redis = RedisStore::connect(&settings(server.url())).expect("store").with_test_clock();
+        let memory = MemoryStore::new();
+        let mut now = 1_800_000_000 * MICROS_PER_SEC + 123_456;
+        // one limit per key for the whole sequence, taken from its first use
+        let mut limits: [Option<Limit>; 3] = [None; 3];
+        for (dt, ops) in plans {
+            now += dt;
+            let ops: Vec<Op> = ops
+                .iter()
+                .map(|o| {
+                    let limit = *limits[o.key].get_or_insert(o.limit);
+                    Op { key: format!("k{}", o.key), limit, cost: o.cost, kind: OpKind::Descriptor, shadow: o.shadow }
+                })
+                .collect();
+            let expected = memory.apply_now(&ops, now);
+            let got = rt.block_on(redis.apply(&ops, now)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(got, expected, "at {} with {:?}", now, ops);
+        }
+    }
+}
+
+/// The previous window's weight, exactly at the boundary where one unit more or less changes the
+/// answer: at many instants of a window, a request that just fits by the Rust math must fit by
+/// the script's, and one more must not.
+#[tokio::test]
+async fn the_sliding_weight_agrees_to_the_last_unit() {
+    let server = RedisServer::start();
+    let redis = RedisStore::connect(&settings(server.url())).expect("store").with_test_clock();
+    let window = MICROS_PER_MINUTE;
+    let limit = 1_000_000;
+    let prev = 99_991; // prime, so prev * weight crosses multiples of the scale often
+    let t0 = 1_800_000_000 * MICROS_PER_SEC; // a window start
+    for step in 0..200u64 {
+        let elapsed = step * 299_993 % window;
+        let key = format!("w{step}");
+        let op = |cost| Op {
+            key: key.clone(),
+            limit: Limit::SlidingWindow { limit, window },
+            cost,
+            kind: OpKind::Descriptor,
+            shadow: false,
+        };
+        assert!(redis.apply(&[op(prev)], t0).await.expect("fill")[0].allowed);
+        let now = t0 + window + elapsed;
+        let estimate = decision_core::quota::weighted(prev, window, elapsed);
+        let fits = limit - estimate;
+        assert!(
+            !redis.apply(&[op(fits + 1)], now).await.expect("over")[0].allowed,
+            "one more than fits, at {elapsed} us"
+        );
+        assert!(redis.apply(&[op(fits)], now).await.expect("fits")[0].allowed, "exactly what fits, at {elapsed} us");
+    }
+}
