@@ -20,6 +20,10 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use proto::ext_authz::attribute_context::{HttpRequest, Peer, Request as AttrRequest};
+use proto::ext_authz::check_response::HttpResponse;
+use proto::ext_authz::{AttributeContext, CheckRequest, CheckResponse};
+use proto::types::{Address, SocketAddress, address};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -134,6 +138,8 @@ impl RedisServer {
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            // DEBUG SLEEP is how fault tests make Redis slow; off by default since Redis 7
+            .args(["--enable-debug-command", "local"])
             .arg("--dir")
             .arg(&dir)
             .stdout(Stdio::null())
@@ -190,6 +196,43 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Check request as Envoy would send it, from `peer`.
+pub fn check_request(peer: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> CheckRequest {
+    let headers: HashMap<String, String> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(Peer {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: peer.into(),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            }),
+            request: Some(AttrRequest {
+                http: Some(HttpRequest {
+                    method: method.into(),
+                    path: path.into(),
+                    headers,
+                    size: -1,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The HTTP status of a denied answer (None: allowed).
+pub fn denied_status(r: &CheckResponse) -> Option<i32> {
+    match &r.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => d.status.as_ref().map(|s| s.code),
+        _ => None,
     }
 }
 
@@ -287,6 +330,19 @@ impl Portcullis {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits for a decision log line with this reason (log lines are written by a background
+    /// thread, so a test waits for them rather than reading once).
+    pub async fn wait_for_decision(&self, reason: &str) -> serde_json::Value {
+        let tag = format!("\"reason\":\"{reason}\"");
+        let line = self
+            .wait_for_log(&format!("a {reason} decision"), |l| {
+                l.contains("\"message\":\"decision\"") && l.contains(&tag)
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        serde_json::from_str(&line).unwrap_or(serde_json::Value::Null)
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -1,0 +1,188 @@
+//! A fleet on one real Redis: several portcullis processes hold a key to exactly its quota, and
+//! a Redis that is paused, slow, killed or flushed of its scripts is answered within the store
+//! timeout by the policy's `on_store_error`, with service resuming on its own.
+
+use std::time::Duration;
+
+use proto::ext_authz::authorization_client::AuthorizationClient;
+use proto::ext_authz::check_response::HttpResponse;
+use proto::ratelimit::rate_limit_descriptor::Entry;
+use proto::ratelimit::rate_limit_service_client::RateLimitServiceClient;
+use proto::ratelimit::{RateLimitDescriptor, RateLimitRequest};
+use tests::{HttpClient, Portcullis, RedisServer, check_request, denied_status, reference_policy};
+use tonic::transport::Channel;
+
+const BASIC: &str = "pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo";
+/// The store timeout these tests configure, and the slack allowed on top of it for a loaded CI
+/// machine: an answer must come well before a client would give up, never hang.
+const TIMEOUT_MS: u64 = 100;
+const MARGIN: Duration = Duration::from_millis(900);
+
+/// The reference policy on Redis; the basic tier refills 1 a minute instead of 60, so a burst
+/// counts exactly `burst` however long the test takes.
+fn policy(url: &str, on_store_error: &str) -> String {
+    let p = reference_policy()
+        .replacen(
+            "  memory: {}                    # the embedded default; a fleet uses, instead:",
+            &format!("  redis: {{ url: \"{url}\", timeout: {TIMEOUT_MS}ms, pool_size: 2 }}"),
+            1,
+        )
+        .replacen("basic:      { per_minute: 60,", "basic:      { per_minute: 1,", 1)
+        .replacen("on_store_error: deny", &format!("on_store_error: {on_store_error}"), 1);
+    assert!(p.contains("redis: {") && p.contains("per_minute: 1,"), "the reference policy's lines moved");
+    p
+}
+
+async fn client(p: &Portcullis) -> AuthorizationClient<Channel> {
+    AuthorizationClient::connect(format!("http://{}", p.grpc)).await.unwrap_or_else(|e| panic!("connect: {e}"))
+}
+
+#[tokio::test]
+async fn three_instances_hold_one_key_to_exactly_its_burst() {
+    let redis = RedisServer::start();
+    let policy = policy(&redis.url(), "deny");
+    let mut fleet = Vec::new();
+    for _ in 0..3 {
+        fleet.push(Portcullis::start(&policy).await.unwrap_or_else(|e| panic!("{e:#}")));
+    }
+    let mut clients = Vec::new();
+    for p in &fleet {
+        clients.push(client(p).await);
+    }
+    for repetition in 0..5 {
+        assert_eq!(redis.command("FLUSHALL"), "+OK\r\n");
+        // 20 concurrent clients spread over the three instances, 1,000 requests in all
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let mut c = clients[i % 3].clone();
+            tasks.push(tokio::spawn(async move {
+                let mut allowed = 0;
+                for _ in 0..50 {
+                    let r = c
+                        .check(check_request("10.1.2.3", "GET", "/api/v1/items", &[("x-api-key", BASIC)]))
+                        .await
+                        .expect("answer");
+                    match denied_status(r.get_ref()) {
+                        None => allowed += 1,
+                        Some(429) => {}
+                        Some(other) => panic!("unexpected status {other}"),
+                    }
+                }
+                allowed
+            }));
+        }
+        let mut allowed = 0;
+        for t in tasks {
+            allowed += t.await.expect("client");
+        }
+        assert_eq!(allowed, 100, "repetition {repetition}: the basic burst, exactly, across the fleet");
+    }
+}
+
+async fn wait_until(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One Check for a public route (its zone limit needs the store): the status and how long it took.
+async fn health(c: &mut AuthorizationClient<Channel>) -> (Option<i32>, Duration) {
+    let started = tokio::time::Instant::now();
+    let r = c.check(check_request("10.9.9.9", "GET", "/health", &[])).await.expect("an answer, never a gRPC error");
+    (denied_status(r.get_ref()), started.elapsed())
+}
+
+#[tokio::test]
+async fn redis_faults_are_answered_by_on_store_error_within_the_timeout() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let p = Portcullis::start(&policy(&redis.url(), "deny")).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let mut c = client(&p).await;
+    let http = HttpClient::new();
+    let readyz = |http: HttpClient, addr| async move {
+        http.request("GET", &format!("http://{addr}/readyz"), &[], "").await.map_or(0, |r| r.status)
+    };
+    wait_until("readiness", async || readyz(http.clone(), p.http).await == 200).await;
+    assert_eq!(health(&mut c).await.0, None);
+
+    // paused (SIGSTOP): 503 within the timeout, then back by itself after SIGCONT
+    redis.signal("STOP");
+    let (status, took) = health(&mut c).await;
+    assert_eq!(status, Some(503), "paused Redis, on_store_error: deny");
+    assert!(took < Duration::from_millis(TIMEOUT_MS) + MARGIN, "answered in {took:?}");
+    wait_until("/readyz to report the store down", async || readyz(http.clone(), p.http).await == 503).await;
+    redis.signal("CONT");
+    wait_until("service after SIGCONT", async || health(&mut c).await.0.is_none()).await;
+    wait_until("/readyz to report the store up", async || readyz(http.clone(), p.http).await == 200).await;
+
+    // slow (DEBUG SLEEP): 503 within the timeout while it sleeps
+    let url = redis.url();
+    let sleeper = std::thread::spawn(move || {
+        std::process::Command::new("redis-cli")
+            .args(["-u", &url, "DEBUG", "SLEEP", "1"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, took) = health(&mut c).await;
+    assert_eq!(status, Some(503), "slow Redis");
+    assert!(took < Duration::from_millis(TIMEOUT_MS) + MARGIN, "answered in {took:?}");
+    let slept = sleeper.join().expect("redis-cli thread").expect("redis-cli (Debian: apt-get install redis-tools)");
+    assert_eq!(slept.trim(), "OK", "DEBUG SLEEP ran");
+    wait_until("service after DEBUG SLEEP", async || health(&mut c).await.0.is_none()).await;
+
+    // scripts flushed (as after a failover): the next request is answered, not failed
+    assert_eq!(redis.command("SCRIPT FLUSH"), "+OK\r\n");
+    assert_eq!(health(&mut c).await.0, None, "answered after SCRIPT FLUSH");
+
+    // killed, then restarted on the same port: 503s within the timeout, then service again
+    redis.kill();
+    let (status, took) = health(&mut c).await;
+    assert_eq!(status, Some(503), "Redis down");
+    assert!(took < Duration::from_millis(TIMEOUT_MS) + MARGIN, "answered in {took:?}");
+    // the ratelimit API answers UNAVAILABLE instead, so Envoy's failure_mode_deny applies
+    let mut rls = RateLimitServiceClient::connect(format!("http://{}", p.grpc)).await.expect("connect");
+    let req = RateLimitRequest {
+        domain: "edge".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry { key: "remote_address".into(), value: "1.2.3.4".into() }],
+            ..Default::default()
+        }],
+        hits_addend: 1,
+    };
+    let err = rls.should_rate_limit(req).await.expect_err("store down");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    let _redis = RedisServer::start_on(port);
+    wait_until("service after a Redis restart", async || health(&mut c).await.0.is_none()).await;
+
+    let m = http.request("GET", &format!("http://{}/metrics", p.http), &[], "").await.expect("metrics").body;
+    assert!(m.contains("portcullis_store_errors_total{backend=\"redis\"}"), "{m}");
+    assert!(m.contains("portcullis_decisions_total{outcome=\"deny\",reason=\"store_unavailable\"}"), "{m}");
+}
+
+#[tokio::test]
+async fn on_store_error_allow_lets_requests_through_marked() {
+    let mut redis = RedisServer::start();
+    let p = Portcullis::start(&policy(&redis.url(), "allow")).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let mut c = client(&p).await;
+    redis.kill();
+    let started = tokio::time::Instant::now();
+    let r = c
+        .check(check_request("10.9.9.9", "GET", "/api/v1/x", &[("x-api-key", BASIC)]))
+        .await
+        .expect("answer")
+        .into_inner();
+    assert!(started.elapsed() < Duration::from_millis(TIMEOUT_MS) + MARGIN);
+    let Some(HttpResponse::OkResponse(ok)) = r.http_response else { panic!("allowed expected: {r:?}") };
+    let marked = ok
+        .headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .any(|h| h.key == "x-portcullis-degraded" && h.value == "store-unavailable");
+    assert!(marked, "{:?}", ok.headers);
+    // credentials are still checked without the store
+    let r = c.check(check_request("10.9.9.9", "GET", "/api/v1/x", &[("x-api-key", "pk_wrong")])).await.expect("answer");
+    assert_eq!(denied_status(r.get_ref()), Some(401));
+}
