@@ -61,6 +61,24 @@ start_portcullis() {
   pc_addr="$(sed -E 's/.*"grpc_addr":"([^"]+)".*/\1/' "$work/portcullis.listen")"
 }
 
+# portcullis on the same policy with the Redis store (a redis-server of its own). Sets
+# pcr_pid and pcr_addr.
+start_portcullis_redis() {
+  redis_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  "${server_cpu[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" > /dev/null &
+  redis_pid=$!; pids+=("$redis_pid")
+  for _ in $(seq 1 100); do redis-cli -p "$redis_port" PING 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+  sed -e "s|^  memory: {}|  redis: { url: \"redis://127.0.0.1:$redis_port\", timeout: 1s, pool_size: 4 }|" \
+    loadtest/bench/policy.yaml > "$work/policy-redis.yaml"
+  mkdir -p "$work/ratelimit" && cp loadtest/bench/ratelimit/bench.yaml "$work/ratelimit/"
+  rm -f "$work/portcullis-redis.listen"
+  "${server_cpu[@]}" "$bin/portcullis" serve --config "$work/policy-redis.yaml" --log-format json \
+    2> >(grep --line-buffered -m1 '"listening"' > "$work/portcullis-redis.listen"; cat > /dev/null) &
+  pcr_pid=$!; pids+=("$pcr_pid")
+  wait_for "$work/portcullis-redis.listen" listening
+  pcr_addr="$(sed -E 's/.*"grpc_addr":"([^"]+)".*/\1/' "$work/portcullis-redis.listen")"
+}
+
 "${server_cpu[@]}" "$bin/portcullis-noop" --addr 127.0.0.1:0 > "$work/noop.out" &
 noop_pid=$!; pids+=("$noop_pid")
 wait_for "$work/noop.out" listening
@@ -87,6 +105,17 @@ lt --name rls-5-desc-1-key        --target rls --addr "$pc_addr" --server-pid "$
 # correctness under load: exactly what the policy allows, the rest over the limit
 lt --name ext-authz-limited       --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_limited --expect 100
 lt --name rls-limited             --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --descriptor-key limited --expect 100
+# the Redis store: the same cases, and the ceiling of redis-benchmark running the same script by
+# EVALSHA with the same concurrency (one connection per stream, not pipelined)
+start_portcullis_redis
+lt --name rls-1-desc-1-key-redis  --target rls --addr "$pcr_addr" --server-pid "$pcr_pid" "${common[@]}" --expect all
+lt --name rls-1-desc-100k-keys-redis --target rls --addr "$pcr_addr" --server-pid "$pcr_pid" "${common[@]}" --keys 100000 --expect all
+lt --name ext-authz-api-key-redis --target ext-authz --addr "$pcr_addr" --server-pid "$pcr_pid" "${common[@]}" --api-key pk_bench_open --expect all
+sha="$(redis-cli -p "$redis_port" SCRIPT LOAD "$(cat decision/src/store/lua/apply.lua)")"
+ceiling="$(timeout 120 "${client_cpu[@]}" redis-benchmark -p "$redis_port" -c $((conns * streams)) -n $(( ${dur%s} * 40000 )) -P 1 --csv \
+  EVALSHA "$sha" 1 'rl:{bench}:s1' -1 s 1000000000 1000000 1 0 | tail -n 1 | cut -d, -f2 | tr -d '"')"
+python3 -c 'import json,sys; print(json.dumps({"name": "redis-benchmark-evalsha", "mode": "closed", "rps": float(sys.argv[1]), "connections": int(sys.argv[2]), "streams": 1, "latency_us": {"p50": None, "p99": None, "p99.9": None}, "outcomes": {"allowed": None, "over_limit": None, "errors": 0}, "client_cpu_pct": None, "server_cpu_pct": None}))' "$ceiling" "$((conns * streams))" >> "$out"
+
 # open loop at half of the closed-loop peak: latency without coordinated omission; the no-op
 # server at the same rate shows what the client and the machine add by themselves
 peak="$(python3 -c 'import json,sys; print(int(next(json.loads(l)["rps"] for l in open(sys.argv[1]) if json.loads(l)["name"]=="ext-authz-api-key")))' "$out")"
@@ -99,18 +128,22 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 by = {r["name"]: r for r in rows}
 base = {"ext-authz": by["noop-ext-authz"], "rls-1": by["noop-rls-1"], "rls-5": by["noop-rls-5"]}
 def baseline(name):
+    if name.endswith("-redis"): return by["redis-benchmark-evalsha"]
     if name.startswith("ext-authz"): return base["ext-authz"]
     if name.startswith("rls-5"): return base["rls-5"]
     return base["rls-1"]
-print(f"| case | req/s | vs no-op | p50 us | p99 us | p99.9 us | allowed | over limit | errors | client CPU | server CPU |")
+print(f"| case | req/s | vs baseline | p50 us | p99 us | p99.9 us | allowed | over limit | errors | client CPU | server CPU |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     if r["name"] == "memory-per-key": continue
     b = baseline(r["name"])
-    ratio = "-" if r["name"].startswith("noop") or "open" in r["mode"] else f'{r["rps"] / b["rps"]:.2f}'
+    fixed = r["name"].startswith("noop") or r["name"].startswith("redis-benchmark") or "open" in r["mode"]
+    ratio = "-" if fixed else f'{r["rps"] / b["rps"]:.2f}'
     lat = r["latency_us"]
+    val = lambda v: "-" if v is None else v
     cpu = lambda v: "-" if v is None else f"{v:.0f}%"
-    print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {lat["p50"]} | {lat["p99"]} | {lat["p99.9"]} | {r["outcomes"]["allowed"]} | {r["outcomes"]["over_limit"]} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} |')
+    print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {val(lat["p50"])} | {val(lat["p99"])} | {val(lat["p99.9"])} | {val(r["outcomes"]["allowed"])} | {val(r["outcomes"]["over_limit"])} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} |')
+print("\nbaselines: no-op cases for ext_authz and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis")
 m = by["memory-per-key"]
 keys = m["outcomes"]["allowed"]
 delta = m["server_rss_delta_bytes"]

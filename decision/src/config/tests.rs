@@ -204,3 +204,44 @@ fn an_empty_file_is_a_policy_with_defaults_and_no_routes() {
     assert!(cfg.policy.routes.is_empty());
     assert_eq!(cfg.policy.tiers.len(), 3);
 }
+
+fn with_store(store: &str) -> Result<Config, Vec<Problem>> {
+    let text = reference_text().replacen(
+        "  memory: {}                    # the embedded default; a fleet uses, instead:",
+        store,
+        1,
+    );
+    parse(&text, &examples())
+}
+
+#[test]
+fn the_redis_store_is_read_with_its_defaults() {
+    let cfg = with_store("  redis: { url: \"redis://:pw@127.0.0.1:6379/2\" }").expect("redis store");
+    let StoreSettings::Redis(r) = cfg.settings.store else { panic!("redis expected") };
+    assert_eq!(r.url, "redis://:pw@127.0.0.1:6379/2");
+    assert_eq!(r.timeout, std::time::Duration::from_millis(25));
+    assert_eq!(r.pool_size, 4);
+    assert!(matches!(parse("", Path::new(".")).expect("empty").settings.store, StoreSettings::Memory));
+}
+
+#[test]
+fn unsupported_or_malformed_redis_settings_are_refused() {
+    let cases = [
+        ("  redis: { url: \"rediss://h:6379\" }", "store.redis.url", "TLS"),
+        ("  redis: { url: \"http://h:6379\" }", "store.redis.url", "invalid Redis URL"),
+        ("  redis: { cluster: [\"redis://a:7000\"], url: \"redis://a:7000\" }", "store.redis.cluster", "not supported"),
+        ("  redis: { url: \"redis://h:6379\", pool_size: 0 }", "store.redis.pool_size", "must be 1 to 256"),
+        ("  redis: { url: \"redis://h:6379\", timeout: soon }", "store.redis.timeout", "invalid duration"),
+        ("  memory: {}\n  redis: { url: \"redis://h:6379\" }", "store", "choose one store"),
+    ];
+    for (store, path, message) in cases {
+        let problems = with_store(store).expect_err(store);
+        assert!(
+            problems.iter().any(|p| p.path == path && p.message.contains(message) && p.line.is_some()),
+            "{store}: {problems:#?}"
+        );
+    }
+    // the password never appears in a problem
+    let problems = with_store("  redis: { url: \"redis://:hunter2@h:99999999\" }").expect_err("bad port");
+    assert!(problems.iter().all(|p| !p.message.contains("hunter2")), "{problems:#?}");
+}
