@@ -128,11 +128,24 @@ fn free_port() -> u16 {
 }
 
 impl RedisServer {
+    /// Starts one on a free port. A port found free can be taken by another process before
+    /// redis-server binds it, so the server that answers must prove to be ours (its process id),
+    /// or another port is tried.
     pub fn start() -> RedisServer {
-        Self::start_on(free_port())
+        for _ in 0..10 {
+            if let Some(s) = Self::try_start_on(free_port()) {
+                return s;
+            }
+        }
+        panic!("could not start a redis-server of our own on a free port after 10 tries");
     }
 
+    /// Starts one on `port` (to bring a killed server back where its clients expect it).
     pub fn start_on(port: u16) -> RedisServer {
+        Self::try_start_on(port).unwrap_or_else(|| panic!("could not start redis-server on port {port}"))
+    }
+
+    fn try_start_on(port: u16) -> Option<RedisServer> {
         use std::time::Instant;
         let dir = std::env::temp_dir().join(format!("portcullis-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
@@ -148,13 +161,20 @@ impl RedisServer {
             .unwrap_or_else(|e| {
                 panic!("cannot start redis-server ({e}): install it (Debian: apt-get install redis-server); scripts/test.sh does")
             });
-        let s = RedisServer { child, port, dir };
+        let mut s = RedisServer { child, port, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while s.command("PING") != "+PONG\r\n" {
+        loop {
+            if s.child.try_wait().ok().flatten().is_some() {
+                return None; // it exited: the port was taken
+            }
+            if s.command("PING") == "+PONG\r\n" {
+                let info = s.command("INFO server");
+                let ours = format!("process_id:{}\r\n", s.child.id());
+                return if info.contains(&ours) { Some(s) } else { None };
+            }
             assert!(Instant::now() < deadline, "redis-server on port {port} did not answer PING");
             std::thread::sleep(Duration::from_millis(20));
         }
-        s
     }
 
     pub fn url(&self) -> String {

@@ -18,11 +18,13 @@ use crate::store::Store;
 
 pub struct Rls<S> {
     engine: Arc<Engine<S>>,
+    unknown: Arc<str>,
+    none: Arc<str>,
 }
 
 impl<S: Store> Rls<S> {
     pub fn new(engine: Arc<Engine<S>>) -> Self {
-        Rls { engine }
+        Rls { engine, unknown: Arc::from("unknown"), none: Arc::from("none") }
     }
 }
 
@@ -145,14 +147,11 @@ impl<S: Store> RateLimitService for Rls<S> {
                 return Err(tonic::Status::unavailable("rate limit store unavailable"));
             }
         };
-        let known = policy.ratelimit.domains.contains_key(&msg.domain);
+        // labels from the policy only: an unknown domain is "unknown", an unmatched descriptor "none"
+        let domain = if policy.ratelimit.domains.contains_key(&msg.domain) { &decision.domain } else { &self.unknown };
         for s in &decision.statuses {
-            let rule = s.rule.as_ref().map_or("none", |r| &*r.id);
-            self.engine.metrics.ratelimit_descriptor(
-                if known { &msg.domain } else { "unknown" },
-                rule,
-                outcome_label(&s.outcome),
-            );
+            let rule = s.rule.as_ref().map_or(&self.none, |r| &r.id);
+            self.engine.metrics.ratelimit_descriptor(domain, rule, outcome_label(&s.outcome));
         }
         let response = answer(&decision, policy.ratelimit.x_ratelimit_headers);
         let took = started.elapsed();

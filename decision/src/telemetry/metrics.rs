@@ -1,6 +1,7 @@
 //! Prometheus metrics. Label values come from closed sets (outcome, reason, backend, result),
 //! never from a subject or an address, so cardinality stays bounded.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use decision_core::Reason;
@@ -13,8 +14,14 @@ use prometheus_client::registry::Registry;
 
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
-/// domain and rule come from the policy's files (bounded), never from a request's values
-type RlsLabels = [(&'static str, String); 3];
+/// domain and rule come from the policy's files (bounded), never from a request's values; they
+/// are shared (`Arc<str>`), so counting a descriptor allocates nothing
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RlsLabels {
+    domain: Arc<str>,
+    rule: Arc<str>,
+    outcome: &'static str,
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -94,10 +101,8 @@ impl Metrics {
         self.decision_seconds.observe(took.as_secs_f64());
     }
 
-    pub fn ratelimit_descriptor(&self, domain: &str, rule: &str, outcome: &'static str) {
-        self.ratelimit
-            .get_or_create(&[("domain", domain.to_owned()), ("rule", rule.to_owned()), ("outcome", outcome.to_owned())])
-            .inc();
+    pub fn ratelimit_descriptor(&self, domain: &Arc<str>, rule: &Arc<str>, outcome: &'static str) {
+        self.ratelimit.get_or_create(&RlsLabels { domain: domain.clone(), rule: rule.clone(), outcome }).inc();
     }
 
     pub fn ratelimit_call(&self, took: Duration) {

@@ -135,17 +135,16 @@ fn plans() -> impl Strategy<Value = Vec<(u64, Vec<RandomOp>)>> {
     )
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
-
-    /// The Lua script and the Rust quota math agree on every plan of random operations at
-    /// random time steps (the same key always keeps the same kind of limit, as in real plans).
-    #[test]
-    fn the_lua_script_and_the_rust_quota_math_agree(plans in plans()) {
-        static SERVER: std::sync::OnceLock<RedisServer> = std::sync::OnceLock::new();
-        let server = SERVER.get_or_init(RedisServer::start);
+/// The Lua script and the Rust quota math agree on every plan of random operations at random
+/// time steps (the same key always keeps the same kind of limit, as in real plans). Run through
+/// a TestRunner so the redis-server is owned here and stopped at the end.
+#[test]
+fn the_lua_script_and_the_rust_quota_math_agree() {
+    let server = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 48, ..ProptestConfig::default() });
+    let result = runner.run(&plans(), |plans| {
         assert_eq!(server.command("FLUSHALL"), "+OK\r\n");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let _in_runtime = rt.enter();
         let redis = RedisStore::connect(&settings(server.url())).expect("store").with_test_clock();
         let memory = MemoryStore::new();
@@ -165,6 +164,10 @@ proptest! {
             let got = rt.block_on(redis.apply(&ops, now)).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(got, expected, "at {} with {:?}", now, ops);
         }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
     }
 }
 
