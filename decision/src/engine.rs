@@ -110,6 +110,20 @@ mod tests {
     const ADMIN: &str = "pk_demo_admin_dgBU1nZu-FWNNXcyKorzEKKe";
     const REVOKED: &str = "pk_demo_revoked_qRGEEUIheBQGutgkAFQOPeSq";
 
+    /// GET /api/v1/x with the demo basic key, from loopback.
+    fn basic_get() -> Request<'static> {
+        Request {
+            method: "GET",
+            path: "/api/v1/x",
+            peer: "127.0.0.1".parse().expect("ip"),
+            forwarded_for: None,
+            content_length: None,
+            header_bytes: 10,
+            api_key: Some(BASIC),
+            authorization: None,
+        }
+    }
+
     fn reference() -> Arc<Policy> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
         crate::config::load(&dir.join("policy.yaml")).unwrap_or_else(|e| panic!("{e}")).policy
@@ -210,16 +224,7 @@ mod tests {
         // the tier does, and the refused requests must not be charged to the tier
         let policy = reference();
         let engine = Engine::new(policy.clone(), MemoryStore::new());
-        let req = |ip: &'static str| Request {
-            method: "GET",
-            path: "/api/v1/x",
-            peer: "127.0.0.1".parse().expect("ip"),
-            forwarded_for: Some(ip),
-            content_length: None,
-            header_bytes: 10,
-            api_key: Some(BASIC),
-            authorization: None,
-        };
+        let req = |ip: &'static str| Request { forwarded_for: Some(ip), ..basic_get() };
         let mut reasons = Vec::new();
         for _ in 0..30 {
             reasons.push(engine.decide(&policy, &req("8.8.8.8")).await.reason);
@@ -245,16 +250,7 @@ mod tests {
             .expect("policy")
             .policy;
         let engine = Engine::new(policy.clone(), MemoryStore::new());
-        let req = Request {
-            method: "GET",
-            path: "/api/v1/x",
-            peer: "127.0.0.1".parse().expect("ip"),
-            forwarded_for: None,
-            content_length: None,
-            header_bytes: 10,
-            api_key: Some(BASIC),
-            authorization: None,
-        };
+        let req = basic_get();
         let mut warnings = Vec::new();
         for _ in 0..11 {
             let d = engine.decide(&policy, &req).await;
@@ -301,16 +297,7 @@ mod tests {
         let allow = crate::config::parse(&text.replacen("on_store_error: deny", "on_store_error: allow", 1), &dir)
             .expect("policy")
             .policy;
-        let req = Request {
-            method: "GET",
-            path: "/api/v1/x",
-            peer: "127.0.0.1".parse().expect("ip"),
-            forwarded_for: None,
-            content_length: None,
-            header_bytes: 10,
-            api_key: Some(BASIC),
-            authorization: None,
-        };
+        let req = basic_get();
         for hang in [false, true] {
             let engine = Engine::new(deny.clone(), BrokenStore { hang });
             let d = engine.decide(&deny, &req).await;

@@ -100,6 +100,20 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// An enforced sliding-window rule with no name, replacements or metrics options.
+    pub fn new(requests_per_unit: u32, unit: Unit, id: &str) -> Rule {
+        Rule {
+            requests_per_unit,
+            unit: Some(unit),
+            shadow: false,
+            name: None,
+            replaces: Vec::new(),
+            fixed_window: false,
+            detailed_metric: false,
+            id: Arc::from(id),
+        }
+    }
+
     pub fn unlimited(&self) -> bool {
         self.unit.is_none()
     }
@@ -298,19 +312,7 @@ pub fn plan(config: &RlsConfig, domain: &str, descriptors: &[DescriptorReq<'_>])
         .iter()
         .map(|desc| {
             if let Some((rpu, unit)) = desc.limit_override {
-                return Slot::Counted {
-                    op: 0,
-                    rule: Rule {
-                        requests_per_unit: rpu,
-                        unit: Some(unit),
-                        shadow: false,
-                        name: None,
-                        replaces: Vec::new(),
-                        fixed_window: false,
-                        detailed_metric: false,
-                        id: Arc::from("override"),
-                    },
-                };
+                return Slot::Counted { op: 0, rule: Rule::new(rpu, unit, "override") };
             }
             match d.and_then(|d| d.lookup(&desc.entries)) {
                 None => Slot::NoLimit,
@@ -434,16 +436,7 @@ mod tests {
     use super::*;
 
     fn rule(rpu: u32, unit: Unit, id: &str) -> Rule {
-        Rule {
-            requests_per_unit: rpu,
-            unit: Some(unit),
-            shadow: false,
-            name: None,
-            replaces: Vec::new(),
-            fixed_window: false,
-            detailed_metric: false,
-            id: Arc::from(id),
-        }
+        Rule::new(rpu, unit, id)
     }
 
     /// The tree of the example `edge.yaml`, plus a wildcard and a nested default.

@@ -170,8 +170,6 @@ impl<S: Store> RateLimitService for Rls<S> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use decision_core::rls::{self, DescriptorReq, Domain, ROOT, RlsConfig, Rule, Unit};
     use decision_core::units::MICROS_PER_MINUTE;
 
@@ -179,16 +177,7 @@ mod tests {
 
     fn config(fixed_window: bool) -> RlsConfig {
         let mut d = Domain::new("edge");
-        let rule = Rule {
-            requests_per_unit: 10,
-            unit: Some(Unit::Minute),
-            shadow: false,
-            name: None,
-            replaces: Vec::new(),
-            fixed_window,
-            detailed_metric: false,
-            id: Arc::from("edge.client"),
-        };
+        let rule = Rule { fixed_window, ..Rule::new(10, Unit::Minute, "edge.client") };
         d.add(ROOT, "client", None, Some(rule)).expect("add");
         RlsConfig { domains: [("edge".to_string(), d)].into(), x_ratelimit_headers: false }
     }
