@@ -41,8 +41,7 @@ impl<S: Store> Engine<S> {
     }
 
     /// One store call for a plan's operations, bounded by the store's timeout.
-    async fn apply(&self, ops: &[decision_core::decide::Op]) -> Result<Vec<Verdict>, StoreError> {
-        let now = clock::now_micros();
+    async fn apply(&self, ops: &[decision_core::decide::Op], now: u64) -> Result<Vec<Verdict>, StoreError> {
         let verdicts = match self.store.timeout() {
             None => self.store.apply(ops, now).await,
             Some(t) => match tokio::time::timeout(t, self.store.apply(ops, now)).await {
@@ -74,20 +73,22 @@ impl<S: Store> Engine<S> {
         descriptors: &[DescriptorReq<'_>],
     ) -> Result<RlsDecision, StoreError> {
         let plan = rls::plan(&policy.ratelimit, domain, descriptors);
-        let verdicts = if plan.ops.is_empty() { Vec::new() } else { self.apply(&plan.ops).await? };
+        let verdicts =
+            if plan.ops.is_empty() { Vec::new() } else { self.apply(&plan.ops, clock::now_micros()).await? };
         Ok(rls::conclude(plan, &verdicts))
     }
 
     /// Decides one request under `policy`: at most one store call.
     pub async fn decide(&self, policy: &Policy, req: &Request<'_>) -> Decision {
-        let plan = match plan(policy, req) {
+        let now = clock::now_micros();
+        let plan = match plan(policy, req, now) {
             Ok(p) => p,
             Err(d) => return *d,
         };
         if plan.ops.is_empty() {
             return conclude(policy, plan, &[]);
         }
-        match self.apply(&plan.ops).await {
+        match self.apply(&plan.ops, now).await {
             Ok(verdicts) => conclude(policy, plan, &verdicts),
             Err(_) => store_failed(policy, plan),
         }
@@ -172,7 +173,8 @@ mod tests {
             case("GET", "/api/v1%2f..%2fadmin", Some(BASIC), Reason::BadPath),
             case("GET", "/nowhere", Some(ADMIN), Reason::NoRoute),
             case("PATCH", "/health", None, Reason::Allowed),
-            Case { bearer: true, ..case("GET", "/api/v1/users", None, Reason::BearerNotEnabled) },
+            // the reference issuer is live: a token naming no issuer proves nothing
+            Case { bearer: true, ..case("GET", "/api/v1/users", None, Reason::JwtUnknownIssuer) },
             Case { content_length: Some(5 << 20), ..case("POST", "/api/v1/u", Some(BUSINESS), Reason::Allowed) },
             Case {
                 content_length: Some((5 << 20) + 1),
@@ -339,5 +341,59 @@ mod tests {
         let unlimited =
             [decision_core::rls::DescriptorReq { entries: vec![("path", "/health")], limit_override: None, hits: 1 }];
         assert!(engine.rate_limit(&policy, "edge", &unlimited).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn api_keys_rotate_by_their_validity_window() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let text = std::fs::read_to_string(dir.join("policy.yaml")).expect("policy");
+        // the basic key expired long ago; the business key becomes valid far in the future;
+        // the enterprise key is inside its window
+        let text = text
+            .replacen(
+                "        tier: basic
+",
+                "        tier: basic
+        expires_at: 2001-01-01T00:00:00Z
+",
+                1,
+            )
+            .replacen(
+                "        tier: business
+",
+                "        tier: business
+        not_before: 2999-01-01T00:00:00Z
+",
+                1,
+            )
+            .replacen(
+                "        tier: enterprise
+",
+                "        tier: enterprise
+        not_before: 2001-01-01T00:00:00Z
+        expires_at: 2999-01-01T00:00:00+02:00
+",
+                1,
+            );
+        let policy = crate::config::parse(&text, &dir).unwrap_or_else(|e| panic!("{e:?}")).policy;
+        let engine = Engine::new(policy.clone(), MemoryStore::new());
+        for (key, want) in [
+            (BASIC, Reason::ApiKeyExpired),
+            ("pk_demo_business_99y1eL2sdNt83RjrZU5zRn3m", Reason::ApiKeyNotYetValid),
+            ("pk_demo_enterprise_DR0FrukJrixiiVxml8E7DJmI", Reason::Allowed),
+        ] {
+            let d = engine.decide(&policy, &Request { api_key: Some(key), ..basic_get() }).await;
+            assert_eq!(d.reason, want);
+        }
+        let bad = crate::config::parse(
+            &text.replacen("expires_at: 2001-01-01T00:00:00Z", "expires_at: last tuesday", 1),
+            &dir,
+        )
+        .expect_err("bad timestamp");
+        assert!(
+            bad.iter()
+                .any(|p| p.path == "authentication.api_keys.keys[0].expires_at" && p.message.contains("RFC 3339")),
+            "{bad:?}"
+        );
     }
 }

@@ -2,10 +2,12 @@
 //! telemetry and server wiring. Decisions themselves live in `decision-core`.
 
 pub mod api;
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod explain;
+pub mod keys;
 pub mod server;
 pub mod store;
 pub mod telemetry;

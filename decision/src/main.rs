@@ -41,6 +41,11 @@ enum Command {
         #[arg(long, env = "PORTCULLIS_CONFIG")]
         config: PathBuf,
     },
+    /// API keys: `hash` prints the SHA-256 of a key read from stdin; `generate` makes a new one.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Decide one request against a policy without serving (a fresh memory store: nothing shared is consumed).
     Explain {
         #[arg(long, env = "PORTCULLIS_CONFIG")]
@@ -56,6 +61,22 @@ enum Command {
         /// A request header, `name: value` (repeatable).
         #[arg(long = "header", short = 'H')]
         headers: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print the SHA-256 digest of the key on stdin, for a policy's `sha256` (a key is never
+    /// taken from the command line, where shell history and `ps` would keep it).
+    Hash,
+    /// Make a new random key (printed once) and its digest, ready to paste into a policy.
+    Generate {
+        /// The key's prefix, e.g. pk_live.
+        #[arg(long, default_value = "pk")]
+        prefix: String,
+        /// The key id to put in the snippet.
+        #[arg(long, default_value = "new-key")]
+        id: String,
     },
 }
 
@@ -111,6 +132,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(decision::server::serve(cfg)).context("serving")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys { command: KeysCommand::Hash } => {
+            let mut key = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut key).context("reading the key from stdin")?;
+            let key = key.trim_end_matches(['\n', '\r']);
+            if key.is_empty() {
+                anyhow::bail!("no key on stdin (e.g. `printf %s \"$KEY\" | portcullis keys hash`)");
+            }
+            println!("{}", decision::keys::hex_digest(key));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys { command: KeysCommand::Generate { prefix, id } } => {
+            let key = decision::keys::generate(&prefix).context("reading random bytes")?;
+            println!("key:    {key}");
+            println!("        (shown once: hand it over now; only the digest below goes into the policy)");
+            println!("sha256: {}", decision::keys::hex_digest(&key));
+            println!();
+            println!("      - id: {id}");
+            println!("        sha256: {}", decision::keys::hex_digest(&key));
+            println!("        roles: [user]");
+            println!("        tier: basic");
             Ok(ExitCode::SUCCESS)
         }
         Command::Explain { config, method, path, peer, headers } => {

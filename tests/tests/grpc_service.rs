@@ -165,3 +165,33 @@ async fn an_invalid_policy_never_starts_a_server() {
         .expect("run");
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn keys_hash_reads_stdin_and_generate_makes_a_usable_key() {
+    use std::io::Write;
+    let hash = |key: &str| {
+        let mut child = std::process::Command::new(portcullis_bin())
+            .args(["keys", "hash"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run");
+        child.stdin.take().expect("stdin").write_all(key.as_bytes()).expect("write");
+        let out = child.wait_with_output().expect("output");
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
+    };
+    assert_eq!(
+        hash("pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo\n"),
+        "43089ad2666e61a9f0f9dcd5f904b119ff89a44d3c8decdff84a6e8653fe64ba"
+    );
+    let out = std::process::Command::new(portcullis_bin())
+        .args(["keys", "generate", "--prefix", "pk_test"])
+        .output()
+        .expect("run");
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).expect(name).to_owned();
+    let key = field("key:");
+    assert!(key.starts_with("pk_test_"), "{text}");
+    assert_eq!(hash(&key), field("sha256:"), "the printed digest is the key's");
+}

@@ -16,6 +16,10 @@ pub struct ApiKey {
     pub roles: u64,
     pub tier: usize,
     pub revoked: bool,
+    /// valid from (for a rotation: the new key may be listed before it is handed out)
+    pub not_before: Option<crate::units::Micros>,
+    /// valid until (for a rotation: the old key keeps working until then)
+    pub expires_at: Option<crate::units::Micros>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -109,8 +113,24 @@ mod tests {
     fn lookup_finds_the_key_by_its_digest_and_nothing_else() {
         let mut t = ApiKeyTable::new("X-Api-Key");
         assert_eq!(t.header, "x-api-key");
-        t.push(ApiKey { id: "a".into(), digest: digest(b"secret-a"), roles: 1, tier: 0, revoked: false });
-        t.push(ApiKey { id: "b".into(), digest: digest(b"secret-b"), roles: 2, tier: 1, revoked: true });
+        t.push(ApiKey {
+            id: "a".into(),
+            digest: digest(b"secret-a"),
+            roles: 1,
+            tier: 0,
+            revoked: false,
+            not_before: None,
+            expires_at: None,
+        });
+        t.push(ApiKey {
+            id: "b".into(),
+            digest: digest(b"secret-b"),
+            roles: 2,
+            tier: 1,
+            revoked: true,
+            not_before: None,
+            expires_at: None,
+        });
         assert!(matches!(t.lookup(b"secret-a"), Lookup::Found(k) if &*k.id == "a"));
         assert!(matches!(t.lookup(b"secret-b"), Lookup::Found(k) if k.revoked));
         assert!(matches!(t.lookup(b"secret-c"), Lookup::Unknown));

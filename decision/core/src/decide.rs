@@ -52,7 +52,25 @@ pub enum Reason {
     CredentialMissing,
     ApiKeyUnknown,
     ApiKeyRevoked,
+    ApiKeyExpired,
+    ApiKeyNotYetValid,
     BearerNotEnabled,
+    JwtMalformed,
+    JwtTooLarge,
+    JwtAlgNotAllowed,
+    JwtCritUnsupported,
+    JwtDuplicateMember,
+    JwtUnknownIssuer,
+    JwtUnknownKid,
+    JwtKeyMismatch,
+    JwtBadSignature,
+    JwtMissingExp,
+    JwtExpired,
+    JwtNotYetValid,
+    JwtIssuedInFuture,
+    JwtWrongAudience,
+    JwtMissingSubject,
+    JwtUnknownTier,
     FreshAuthRequired,
     RoleForbidden,
     TierRateExceeded,
@@ -62,7 +80,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 39] = [
         Reason::Allowed,
         Reason::AllowedStoreUnavailable,
         Reason::BadRequest,
@@ -77,7 +95,25 @@ impl Reason {
         Reason::CredentialMissing,
         Reason::ApiKeyUnknown,
         Reason::ApiKeyRevoked,
+        Reason::ApiKeyExpired,
+        Reason::ApiKeyNotYetValid,
         Reason::BearerNotEnabled,
+        Reason::JwtMalformed,
+        Reason::JwtTooLarge,
+        Reason::JwtAlgNotAllowed,
+        Reason::JwtCritUnsupported,
+        Reason::JwtDuplicateMember,
+        Reason::JwtUnknownIssuer,
+        Reason::JwtUnknownKid,
+        Reason::JwtKeyMismatch,
+        Reason::JwtBadSignature,
+        Reason::JwtMissingExp,
+        Reason::JwtExpired,
+        Reason::JwtNotYetValid,
+        Reason::JwtIssuedInFuture,
+        Reason::JwtWrongAudience,
+        Reason::JwtMissingSubject,
+        Reason::JwtUnknownTier,
         Reason::FreshAuthRequired,
         Reason::RoleForbidden,
         Reason::TierRateExceeded,
@@ -103,7 +139,25 @@ impl Reason {
             Reason::CredentialMissing => "credential_missing",
             Reason::ApiKeyUnknown => "api_key_unknown",
             Reason::ApiKeyRevoked => "api_key_revoked",
+            Reason::ApiKeyExpired => "api_key_expired",
+            Reason::ApiKeyNotYetValid => "api_key_not_yet_valid",
             Reason::BearerNotEnabled => "bearer_not_enabled",
+            Reason::JwtMalformed => "jwt_malformed",
+            Reason::JwtTooLarge => "jwt_too_large",
+            Reason::JwtAlgNotAllowed => "jwt_alg_not_allowed",
+            Reason::JwtCritUnsupported => "jwt_crit_unsupported",
+            Reason::JwtDuplicateMember => "jwt_duplicate_member",
+            Reason::JwtUnknownIssuer => "jwt_unknown_issuer",
+            Reason::JwtUnknownKid => "jwt_unknown_kid",
+            Reason::JwtKeyMismatch => "jwt_key_mismatch",
+            Reason::JwtBadSignature => "jwt_bad_signature",
+            Reason::JwtMissingExp => "jwt_missing_exp",
+            Reason::JwtExpired => "jwt_expired",
+            Reason::JwtNotYetValid => "jwt_not_yet_valid",
+            Reason::JwtIssuedInFuture => "jwt_issued_in_future",
+            Reason::JwtWrongAudience => "jwt_wrong_audience",
+            Reason::JwtMissingSubject => "jwt_missing_subject",
+            Reason::JwtUnknownTier => "jwt_unknown_tier",
             Reason::FreshAuthRequired => "fresh_auth_required",
             Reason::RoleForbidden => "role_forbidden",
             Reason::TierRateExceeded => "tier_rate_exceeded",
@@ -121,7 +175,25 @@ impl Reason {
             Reason::CredentialMissing
             | Reason::ApiKeyUnknown
             | Reason::ApiKeyRevoked
+            | Reason::ApiKeyExpired
+            | Reason::ApiKeyNotYetValid
             | Reason::BearerNotEnabled
+            | Reason::JwtMalformed
+            | Reason::JwtTooLarge
+            | Reason::JwtAlgNotAllowed
+            | Reason::JwtCritUnsupported
+            | Reason::JwtDuplicateMember
+            | Reason::JwtUnknownIssuer
+            | Reason::JwtUnknownKid
+            | Reason::JwtKeyMismatch
+            | Reason::JwtBadSignature
+            | Reason::JwtMissingExp
+            | Reason::JwtExpired
+            | Reason::JwtNotYetValid
+            | Reason::JwtIssuedInFuture
+            | Reason::JwtWrongAudience
+            | Reason::JwtMissingSubject
+            | Reason::JwtUnknownTier
             | Reason::FreshAuthRequired => 401,
             Reason::IpDenied | Reason::NoRoute | Reason::ZoneForbidden | Reason::RoleForbidden => 403,
             Reason::BodyTooLarge => 413,
@@ -153,6 +225,7 @@ impl Reason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CredentialKind {
     ApiKey,
+    Jwt,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +235,26 @@ pub struct Identity {
     pub roles: u64,
     pub tier: usize,
     pub credential: CredentialKind,
+    /// when the subject last authenticated (a token's `auth_time`, else its `iat`); API keys
+    /// carry none, so they never satisfy a route that needs a fresh authentication
+    pub auth_time: Option<Micros>,
+}
+
+/// A bearer token that passed every check, as a verifier reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedToken {
+    pub subject: Arc<str>,
+    pub roles: u64,
+    pub tier: usize,
+    pub auth_time: Option<Micros>,
+    pub expires_at: Micros,
+}
+
+/// Verifies bearer tokens (JWT in the decision crate). The core calls it only for a route that
+/// needs a credential, and stays free of cryptography and I/O.
+pub trait BearerVerifier: Send + Sync + std::fmt::Debug {
+    /// The identity a token proves at `now`, or the precise reason it proves none.
+    fn verify(&self, token: &str, now: Micros) -> Result<VerifiedToken, Reason>;
 }
 
 /// Which limit an operation enforces (its name in the RateLimit headers).
@@ -257,7 +350,8 @@ fn valid_method(m: &str) -> bool {
 }
 
 /// Everything that needs no counter; `Err` is a final decision, `Ok` the counters to apply.
-pub fn plan(policy: &Policy, req: &Request<'_>) -> Result<Plan, Box<Decision>> {
+/// `now` is the time credentials are judged at (key validity, token expiry, freshness).
+pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box<Decision>> {
     let mut ctx = Context::default();
     let deny = |reason, ctx| Err(Box::new(Decision::deny(reason, ctx)));
 
@@ -299,17 +393,39 @@ pub fn plan(policy: &Policy, req: &Request<'_>) -> Result<Plan, Box<Decision>> {
             (Some(key), _) => match policy.api_keys.lookup(key.as_bytes()) {
                 Lookup::Unknown => return deny(Reason::ApiKeyUnknown, ctx),
                 Lookup::Found(k) if k.revoked => return deny(Reason::ApiKeyRevoked, ctx),
-                Lookup::Found(k) => {
-                    Identity { subject: k.id.clone(), roles: k.roles, tier: k.tier, credential: CredentialKind::ApiKey }
+                Lookup::Found(k) if k.not_before.is_some_and(|t| now < t) => {
+                    return deny(Reason::ApiKeyNotYetValid, ctx);
                 }
+                Lookup::Found(k) if k.expires_at.is_some_and(|t| now >= t) => return deny(Reason::ApiKeyExpired, ctx),
+                Lookup::Found(k) => Identity {
+                    subject: k.id.clone(),
+                    roles: k.roles,
+                    tier: k.tier,
+                    credential: CredentialKind::ApiKey,
+                    auth_time: None,
+                },
             },
             (None, Some(auth)) if auth.len() > 7 && auth[..7].eq_ignore_ascii_case("bearer ") => {
-                return deny(Reason::BearerNotEnabled, ctx);
+                let Some(verifier) = &policy.bearer else {
+                    return deny(Reason::BearerNotEnabled, ctx);
+                };
+                match verifier.verify(auth[7..].trim(), now) {
+                    Ok(t) => Identity {
+                        subject: t.subject,
+                        roles: t.roles,
+                        tier: t.tier,
+                        credential: CredentialKind::Jwt,
+                        auth_time: t.auth_time,
+                    },
+                    Err(reason) => return deny(reason, ctx),
+                }
             }
             (None, _) => return deny(Reason::CredentialMissing, ctx),
         };
-        // An API key carries no authentication time, so it never satisfies a sensitive route.
-        let fresh_needed = route.max_auth_age.is_some() && identity.credential == CredentialKind::ApiKey;
+        // Freshness: a token's authentication must be recent enough; an API key carries no
+        // authentication time, so it never satisfies a sensitive route.
+        let fresh_needed =
+            route.max_auth_age.is_some_and(|max| identity.auth_time.is_none_or(|at| at.saturating_add(max) < now));
         let role_ok = identity.roles & route.allow_roles != 0;
         ctx.identity = Some(identity);
         if fresh_needed {

@@ -12,4 +12,4 @@ pub mod rls;
 pub mod roles;
 pub mod units;
 
-pub use decide::{Decision, Plan, Reason, Request, conclude, plan, store_failed};
+pub use decide::{BearerVerifier, Decision, Plan, Reason, Request, VerifiedToken, conclude, plan, store_failed};

@@ -100,8 +100,8 @@ impl Route {
 pub struct Policy {
     pub network: Network,
     pub api_keys: ApiKeyTable,
-    /// JWT issuers are configured (bearer tokens are expected on this deployment)
-    pub bearer_configured: bool,
+    /// verifies bearer tokens when JWT issuers are configured
+    pub bearer: Option<std::sync::Arc<dyn crate::decide::BearerVerifier>>,
     pub roles: RoleTable,
     pub tiers: Vec<Tier>,
     /// basis points of `per_day` past which a warning is attached

@@ -103,6 +103,11 @@ impl RoleTable {
         self.id(name).map(|i| self.closure[i])
     }
 
+    /// Every role name, in file order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str)
+    }
+
     pub fn names_of(&self, mask: u64) -> impl Iterator<Item = &str> {
         self.names.iter().enumerate().filter(move |(i, _)| mask & (1u64 << i) != 0).map(|(_, n)| n.as_str())
     }

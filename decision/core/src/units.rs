@@ -116,9 +116,77 @@ pub fn parse_percent(s: &str) -> Result<u32, UnitError> {
     Ok(bp)
 }
 
+/// Days since 1970-01-01 of a civil date (Howard Hinnant's days_from_civil).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// An RFC 3339 timestamp (`2026-01-31T12:00:00Z`, `...12:00:00.5+02:00`) in microseconds since
+/// the epoch; instants before 1970 are refused.
+pub fn parse_rfc3339(s: &str) -> Result<Micros, UnitError> {
+    let bad = || UnitError(format!("invalid timestamp {s:?}: expected RFC 3339, e.g. \"2026-01-31T12:00:00Z\""));
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') || b[13] != b':' || b[16] != b':' {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| {
+        s.get(r).filter(|x| x.bytes().all(|c| c.is_ascii_digit())).and_then(|x| x.parse::<i64>().ok()).ok_or_else(bad)
+    };
+    let (y, mo, d, h, mi, se) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return Err(bad());
+    }
+    let mut rest = &s[19..];
+    let mut micros = 0i64;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(bad());
+        }
+        let f = &frac[..digits.min(6)];
+        micros = f.parse::<i64>().map_err(|_| bad())? * 10i64.pow(6 - f.len() as u32);
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
+            let oh: i64 = o[1..3].parse().map_err(|_| bad())?;
+            let om: i64 = o[4..6].parse().map_err(|_| bad())?;
+            let sign = if o.starts_with('-') { -1 } else { 1 };
+            sign * (oh * 3600 + om * 60)
+        }
+        _ => return Err(bad()),
+    };
+    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se - offset;
+    u64::try_from(secs * 1_000_000 + micros).map_err(|_| bad())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_timestamps_parse_with_offsets_and_fractions() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(parse_rfc3339("2025-03-23T19:00:00Z"), Ok(1_742_756_400 * MICROS_PER_SEC));
+        assert_eq!(parse_rfc3339("2025-03-23T15:00:00-04:00"), Ok(1_742_756_400 * MICROS_PER_SEC));
+        assert_eq!(parse_rfc3339("2000-02-29T00:00:00.25Z"), Ok(951_782_400 * MICROS_PER_SEC + 250_000));
+        for s in [
+            "2025-03-23",
+            "2025-13-01T00:00:00Z",
+            "2025-03-23T19:00:00",
+            "1969-12-31T23:59:59Z",
+            "2025-03-23T19:00:00+0400",
+            "yesterday",
+        ] {
+            assert!(parse_rfc3339(s).is_err(), "{s}");
+        }
+    }
 
     #[test]
     fn durations_parse_with_every_unit_and_refuse_the_rest() {

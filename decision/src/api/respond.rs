@@ -58,7 +58,7 @@ pub fn www_authenticate(reason: Reason, policy: &Policy) -> Option<String> {
         }
         r if r.status() == 401 => {
             let api_key = format!("ApiKey realm=\"portcullis\", header=\"{}\"", policy.api_keys.header);
-            Some(if policy.bearer_configured { format!("Bearer realm=\"portcullis\", {api_key}") } else { api_key })
+            Some(if policy.bearer.is_some() { format!("Bearer realm=\"portcullis\", {api_key}") } else { api_key })
         }
         _ => None,
     }

@@ -51,6 +51,10 @@ pub const DEFAULT_ROLES: [(&str, &[&str]); 4] =
 /// in a JWKS) are refused.
 pub const JWT_ALGORITHMS: [&str; 10] =
     ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"];
+/// Clock skew allowed on a token's exp, nbf and iat when the policy does not say.
+pub const DEFAULT_JWT_LEEWAY: &str = "30s";
+/// The tier of a token without a tier claim (the reference: "missing -> basic").
+pub const DEFAULT_JWT_TIER: &str = "basic";
 /// Largest policy file read (a policy is configuration, not data).
 pub const MAX_POLICY_BYTES: u64 = 4 << 20;
 
@@ -228,7 +232,7 @@ impl Validator<'_> {
         let tiers = self.tiers(raw.tiers);
         let auth = raw.authentication.unwrap_or_default();
         let api_keys = self.api_keys(auth.api_keys.unwrap_or_default(), roles.as_ref(), &tiers);
-        self.jwt(&auth.jwt);
+        let bearer = self.jwt(&auth.jwt, roles.as_ref(), &tiers);
         if let Some(i) = &auth.oauth2_introspection {
             if !i.endpoint.starts_with("https://") && !i.endpoint.starts_with("http://") {
                 self.err(
@@ -256,7 +260,7 @@ impl Validator<'_> {
         let policy = Policy {
             network,
             api_keys,
-            bearer_configured: !auth.jwt.is_empty() || auth.oauth2_introspection.is_some(),
+            bearer,
             roles: roles?,
             tiers,
             quota_warning,
@@ -457,53 +461,126 @@ impl Validator<'_> {
                 }
             }
             if let (Some(digest), Some(tier)) = (digest, tier) {
-                table.push(ApiKey { id: Arc::from(k.id.as_str()), digest, roles: granted, tier, revoked: k.revoked });
+                let not_before = k
+                    .not_before
+                    .as_deref()
+                    .and_then(|t| self.parse(&format!("{path}.not_before"), units::parse_rfc3339(t)));
+                let expires_at = k
+                    .expires_at
+                    .as_deref()
+                    .and_then(|t| self.parse(&format!("{path}.expires_at"), units::parse_rfc3339(t)));
+                if let (Some(a), Some(b)) = (not_before, expires_at)
+                    && a >= b
+                {
+                    self.err(format!("{path}.expires_at"), "must be after not_before");
+                }
+                table.push(ApiKey {
+                    id: Arc::from(k.id.as_str()),
+                    digest,
+                    roles: granted,
+                    tier,
+                    revoked: k.revoked,
+                    not_before,
+                    expires_at,
+                });
             }
         }
         table
     }
 
-    fn jwt(&mut self, issuers: &[raw::RawJwt]) {
+    fn jwt(
+        &mut self,
+        issuers: &[raw::RawJwt],
+        roles: Option<&RoleTable>,
+        tiers: &[Tier],
+    ) -> Option<Arc<dyn decision_core::BearerVerifier>> {
+        let mut built = Vec::new();
         for (i, j) in issuers.iter().enumerate() {
             let path = format!("authentication.jwt[{i}]");
-            match (&j.jwks_file, &j.jwks_url) {
-                (Some(_), Some(_)) => self.err(&path, "give jwks_file or jwks_url, not both"),
-                (None, None) => self.err(&path, "jwks_file or jwks_url is required"),
-                (Some(f), None) => {
-                    if !self.base.join(f).is_file() {
+            let jwks = match (&j.jwks_file, &j.jwks_url) {
+                (Some(_), Some(_)) => {
+                    self.err(&path, "give jwks_file or jwks_url, not both");
+                    None
+                }
+                (None, None) => {
+                    self.err(&path, "jwks_file or jwks_url is required");
+                    None
+                }
+                (Some(f), None) => match std::fs::read_to_string(self.base.join(f)) {
+                    Ok(text) => Some(text),
+                    Err(e) => {
                         self.err(
                             format!("{path}.jwks_file"),
-                            format!("no such file {:?} (relative to the policy file)", f),
+                            format!("cannot read {f:?} (relative to the policy file): {e}"),
                         );
+                        None
                     }
-                }
+                },
                 (None, Some(u)) => {
-                    if !u.starts_with("https://") {
+                    if u.starts_with("https://") {
+                        self.err(
+                            format!("{path}.jwks_url"),
+                            "jwks_url is not supported by this version yet; use jwks_file",
+                        );
+                    } else {
                         self.err(
                             format!("{path}.jwks_url"),
                             format!("invalid URL {u:?}: keys must be fetched over https://"),
                         );
                     }
+                    None
                 }
-            }
+            };
             if j.algorithms.is_empty() {
                 self.err(format!("{path}.algorithms"), "list the algorithms the issuer signs with, e.g. [RS256]");
             }
+            let mut algorithms = Vec::new();
             for (k, a) in j.algorithms.iter().enumerate() {
-                if !JWT_ALGORITHMS.contains(&a.as_str()) {
-                    self.err(
+                match crate::auth::jwt::algorithm(a) {
+                    Some(alg) => algorithms.push(alg),
+                    None => self.err(
                         format!("{path}.algorithms[{k}]"),
                         format!("algorithm {a:?} is not allowed (allowed: {})", JWT_ALGORITHMS.join(", ")),
-                    );
+                    ),
                 }
             }
             if j.audiences.is_empty() {
                 self.err(format!("{path}.audiences"), "at least one audience is required");
             }
-            if let Some(l) = &j.leeway {
-                self.parse(&format!("{path}.leeway"), units::parse_duration(l));
+            let leeway = self
+                .parse(
+                    &format!("{path}.leeway"),
+                    units::parse_duration(j.leeway.as_deref().unwrap_or(DEFAULT_JWT_LEEWAY)),
+                )
+                .unwrap_or(0);
+            let role_bits: std::collections::HashMap<String, u64> = roles
+                .map(|t| t.names().filter_map(|n| t.granted(n).map(|b| (n.to_owned(), b))).collect())
+                .unwrap_or_default();
+            let tier_index: std::collections::HashMap<String, usize> =
+                tiers.iter().enumerate().map(|(i, t)| (t.name.to_string(), i)).collect();
+            let default_tier = tier_index.get(DEFAULT_JWT_TIER).copied();
+            if let Some(jwks) = jwks {
+                match crate::auth::jwt::Issuer::new(
+                    j.issuer.clone(),
+                    j.audiences.clone(),
+                    algorithms,
+                    leeway,
+                    j.roles_claim.clone().unwrap_or_else(|| "roles".into()),
+                    j.tier_claim.clone().unwrap_or_else(|| "tier".into()),
+                    role_bits,
+                    tier_index,
+                    default_tier,
+                    &jwks,
+                ) {
+                    Ok(issuer) => built.push(issuer),
+                    Err(e) => self.err(format!("{path}.jwks_file"), e),
+                }
             }
         }
+        if built.is_empty() {
+            return None;
+        }
+        Some(Arc::new(crate::auth::jwt::JwtVerifier::new(built)))
     }
 
     fn routes(&mut self, raw: &[raw::RawRoute], roles: Option<&RoleTable>, zones: &Zones) -> Vec<Route> {

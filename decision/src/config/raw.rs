@@ -153,6 +153,10 @@ pub struct RawApiKey {
     pub tier: String,
     #[serde(default)]
     pub revoked: bool,
+    /// RFC 3339; the key is refused before (a rotation's new key, listed ahead of time)
+    pub not_before: Option<String>,
+    /// RFC 3339; the key is refused from then on (a rotation's old key)
+    pub expires_at: Option<String>,
 }
 
 impl fmt::Debug for RawApiKey {

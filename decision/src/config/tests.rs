@@ -49,7 +49,7 @@ fn the_reference_policy_validates() {
     assert_eq!(cfg.settings.grpc_addr.to_string(), "127.0.0.1:8081");
     assert_eq!(cfg.settings.http_addr.to_string(), "127.0.0.1:9102");
     assert_eq!(p.network.zones.names, ["internal", "partners", "vpn"]);
-    assert!(p.bearer_configured);
+    assert!(p.bearer.is_some(), "the reference JWT issuer and its jwks_file are loaded");
 }
 
 #[test]

@@ -1,0 +1,350 @@
+//! JWT bearer tokens, verified against keys from the policy's `jwks_file`.
+//!
+//! `jsonwebtoken` is used for the signature only; everything else is checked here, with the
+//! policy's leeway and portcullis's clock, because the crate's defaults are not ours (a 60 s
+//! leeway, a missing `iss` or a future `nbf` accepted unless asked). In order, before any
+//! signature work: size (8 KiB), shape, duplicated JSON members in the header or the claims,
+//! `crit`, the algorithm against the issuer's allow-list (so `none` and anything unlisted never
+//! reach a verifier), the issuer, the key by `kid`, and the key type against the algorithm (an
+//! RSA public key is never used as an HMAC secret). Then the signature, `exp` (required), `nbf`,
+//! `iat`, `aud`, `sub`, roles and tier. A verified token is cached by its SHA-256 until it
+//! expires, so a steady client costs one hash and one lookup.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use decision_core::Reason;
+use decision_core::decide::{BearerVerifier, VerifiedToken};
+use decision_core::units::{MICROS_PER_SEC, Micros};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use sha2::{Digest, Sha256};
+
+/// Longest token accepted.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Verified tokens remembered at most.
+pub const CACHE_ENTRIES: usize = 100_000;
+
+/// Roles named in tokens that the policy does not know (ignored, counted).
+pub static UNKNOWN_ROLES: AtomicU64 = AtomicU64::new(0);
+
+struct Key {
+    kid: Option<String>,
+    /// the algorithm the JWK pins, if any
+    alg: Option<Algorithm>,
+    params: AlgorithmParameters,
+    decoding: DecodingKey,
+}
+
+/// One trusted issuer.
+pub struct Issuer {
+    pub iss: String,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub leeway: Micros,
+    pub roles_claim: String,
+    pub tier_claim: String,
+    /// role name -> granted bits (with inheritance)
+    pub roles: HashMap<String, u64>,
+    /// tier name -> index
+    pub tiers: HashMap<String, usize>,
+    /// the tier of a token without a tier claim
+    pub default_tier: Option<usize>,
+    keys: Vec<Key>,
+}
+
+impl Issuer {
+    /// Builds an issuer from a JWKS document; keys of unsupported types are refused.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        iss: String,
+        audiences: Vec<String>,
+        algorithms: Vec<Algorithm>,
+        leeway: Micros,
+        roles_claim: String,
+        tier_claim: String,
+        roles: HashMap<String, u64>,
+        tiers: HashMap<String, usize>,
+        default_tier: Option<usize>,
+        jwks: &str,
+    ) -> Result<Issuer, String> {
+        let set: JwkSet = serde_json::from_str(jwks).map_err(|e| format!("invalid JWKS: {e}"))?;
+        let mut keys = Vec::with_capacity(set.keys.len());
+        for (i, jwk) in set.keys.iter().enumerate() {
+            keys.push(key(jwk).map_err(|e| format!("JWKS key {i}: {e}"))?);
+        }
+        if keys.is_empty() {
+            return Err("the JWKS holds no key".into());
+        }
+        Ok(Issuer { iss, audiences, algorithms, leeway, roles_claim, tier_claim, roles, tiers, default_tier, keys })
+    }
+}
+
+fn key(jwk: &Jwk) -> Result<Key, String> {
+    if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
+        return Err("symmetric (oct) keys are not accepted in a JWKS".into());
+    }
+    let decoding = DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+    let alg = match &jwk.common.key_algorithm {
+        Some(a) => Some(a.to_string().parse::<Algorithm>().map_err(|_| format!("unsupported alg {a:?}"))?),
+        None => None,
+    };
+    Ok(Key { kid: jwk.common.key_id.clone(), alg, params: jwk.algorithm.clone(), decoding })
+}
+
+/// Whether a key of this type may verify this algorithm (RS/HS confusion and friends refused).
+fn key_fits(params: &AlgorithmParameters, alg: Algorithm) -> bool {
+    use Algorithm::*;
+    match params {
+        AlgorithmParameters::RSA(_) => matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512),
+        AlgorithmParameters::EllipticCurve(ec) => {
+            matches!((&ec.curve, alg), (EllipticCurve::P256, ES256) | (EllipticCurve::P384, ES384))
+        }
+        AlgorithmParameters::OctetKeyPair(okp) => matches!((&okp.curve, alg), (EllipticCurve::Ed25519, EdDSA)),
+        _ => false,
+    }
+}
+
+/// A JSON object whose top-level members must be unique (a duplicated `roles` claim is a
+/// classic way to make two parsers disagree).
+struct Unique(serde_json::Map<String, serde_json::Value>);
+
+impl<'de> serde::Deserialize<'de> for Unique {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Unique;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
+                let mut out = serde_json::Map::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    let v: serde_json::Value = map.next_value()?;
+                    if out.insert(k.clone(), v).is_some() {
+                        return Err(de::Error::custom(format!("duplicate member {k:?}")));
+                    }
+                }
+                Ok(Unique(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+fn b64url(s: &str) -> Option<Vec<u8>> {
+    // RFC 7515: base64url without padding
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+fn object(part: &str) -> Result<serde_json::Map<String, serde_json::Value>, Reason> {
+    let bytes = b64url(part).ok_or(Reason::JwtMalformed)?;
+    match serde_json::from_slice::<Unique>(&bytes) {
+        Ok(u) => Ok(u.0),
+        Err(e) if e.to_string().contains("duplicate member") => Err(Reason::JwtDuplicateMember),
+        Err(_) => Err(Reason::JwtMalformed),
+    }
+}
+
+fn secs(v: Option<&serde_json::Value>) -> Result<Option<Micros>, Reason> {
+    match v {
+        None => Ok(None),
+        Some(v) => v.as_u64().map(|s| Some(s.saturating_mul(MICROS_PER_SEC))).ok_or(Reason::JwtMalformed),
+    }
+}
+
+struct Cached {
+    token: VerifiedToken,
+    not_before: Option<Micros>,
+}
+
+pub struct JwtVerifier {
+    issuers: Vec<Issuer>,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
+}
+
+impl fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("issuers", &self.issuers.iter().map(|i| i.iss.as_str()).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl JwtVerifier {
+    pub fn new(issuers: Vec<Issuer>) -> JwtVerifier {
+        JwtVerifier { issuers, cache: Mutex::new(HashMap::new()) }
+    }
+
+    /// Verified tokens held in the cache.
+    pub fn cached(&self) -> usize {
+        self.cache.lock().map_or(0, |c| c.len())
+    }
+
+    fn verify_uncached(&self, token: &str, now: Micros) -> Result<(VerifiedToken, Option<Micros>), Reason> {
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(Reason::JwtMalformed);
+        };
+        let header = object(h)?;
+        if header.contains_key("crit") {
+            // we implement no JWS extension, so any critical one must be refused (RFC 7515 4.1.11)
+            return Err(Reason::JwtCritUnsupported);
+        }
+        let alg_name = header.get("alg").and_then(|a| a.as_str()).ok_or(Reason::JwtMalformed)?;
+        let claims = object(p)?;
+        let iss = claims.get("iss").and_then(|v| v.as_str()).ok_or(Reason::JwtUnknownIssuer)?;
+        let issuer = self.issuers.iter().find(|i| i.iss == iss).ok_or(Reason::JwtUnknownIssuer)?;
+        let alg: Algorithm = alg_name.parse().map_err(|_| Reason::JwtAlgNotAllowed)?;
+        if !issuer.algorithms.contains(&alg) {
+            return Err(Reason::JwtAlgNotAllowed);
+        }
+        let kid = header.get("kid").and_then(|k| k.as_str());
+        let candidates: Vec<&Key> = match kid {
+            Some(kid) => issuer.keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).collect(),
+            None => issuer.keys.iter().filter(|k| key_fits(&k.params, alg)).collect(),
+        };
+        let key = match candidates.as_slice() {
+            [k] => *k,
+            [] => return Err(Reason::JwtUnknownKid),
+            _ => return Err(Reason::JwtUnknownKid), // several keys and no kid: ambiguous
+        };
+        if !key_fits(&key.params, alg) || key.alg.is_some_and(|a| a != alg) {
+            return Err(Reason::JwtKeyMismatch);
+        }
+        let message_len = h.len() + 1 + p.len();
+        let ok = jsonwebtoken::crypto::verify(sig, &token.as_bytes()[..message_len], &key.decoding, alg)
+            .map_err(|_| Reason::JwtBadSignature)?;
+        if !ok {
+            return Err(Reason::JwtBadSignature);
+        }
+
+        let leeway = issuer.leeway;
+        let exp = secs(claims.get("exp"))?.ok_or(Reason::JwtMissingExp)?;
+        if exp.saturating_add(leeway) <= now {
+            return Err(Reason::JwtExpired);
+        }
+        let nbf = secs(claims.get("nbf"))?;
+        if nbf.is_some_and(|n| n > now.saturating_add(leeway)) {
+            return Err(Reason::JwtNotYetValid);
+        }
+        let iat = secs(claims.get("iat"))?;
+        if iat.is_some_and(|i| i > now.saturating_add(leeway)) {
+            return Err(Reason::JwtIssuedInFuture);
+        }
+        let aud_ok = match claims.get("aud") {
+            Some(serde_json::Value::String(a)) => issuer.audiences.iter().any(|x| x == a),
+            Some(serde_json::Value::Array(list)) => {
+                list.iter().filter_map(|v| v.as_str()).any(|a| issuer.audiences.iter().any(|x| x == a))
+            }
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(Reason::JwtWrongAudience);
+        }
+        let subject =
+            claims.get("sub").and_then(|s| s.as_str()).filter(|s| !s.is_empty()).ok_or(Reason::JwtMissingSubject)?;
+        let mut roles = 0;
+        if let Some(list) = claims.get(&issuer.roles_claim) {
+            let list = list.as_array().ok_or(Reason::JwtMalformed)?;
+            for r in list {
+                match r.as_str().and_then(|r| issuer.roles.get(r)) {
+                    Some(bits) => roles |= bits,
+                    None => {
+                        UNKNOWN_ROLES.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        let tier = match claims.get(&issuer.tier_claim) {
+            None => issuer.default_tier.ok_or(Reason::JwtUnknownTier)?,
+            Some(t) => t.as_str().and_then(|t| issuer.tiers.get(t)).copied().ok_or(Reason::JwtUnknownTier)?,
+        };
+        let auth_time = secs(claims.get("auth_time"))?.or(iat);
+        Ok((
+            VerifiedToken {
+                subject: Arc::from(format!("jwt:{subject}").as_str()),
+                roles,
+                tier,
+                auth_time,
+                expires_at: exp.saturating_add(leeway),
+            },
+            nbf.map(|n| n.saturating_sub(leeway)),
+        ))
+    }
+}
+
+impl BearerVerifier for JwtVerifier {
+    fn verify(&self, token: &str, now: Micros) -> Result<VerifiedToken, Reason> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(Reason::JwtTooLarge);
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Ok(cache) = self.cache.lock()
+            && let Some(c) = cache.get(&digest)
+            && now < c.token.expires_at
+            && c.not_before.is_none_or(|n| now >= n)
+        {
+            return Ok(c.token.clone());
+        }
+        let (token, not_before) = self.verify_uncached(token, now)?;
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_ENTRIES {
+                // bounded: drop what has expired, and if that is not enough, half of the rest
+                cache.retain(|_, c| now < c.token.expires_at);
+                if cache.len() >= CACHE_ENTRIES {
+                    let mut n = 0;
+                    cache.retain(|_, _| {
+                        n += 1;
+                        n % 2 == 0
+                    });
+                }
+            }
+            cache.insert(digest, Cached { token: token.clone(), not_before });
+        }
+        Ok(token)
+    }
+}
+
+/// The algorithms portcullis accepts, by the names a policy uses.
+pub fn algorithm(name: &str) -> Option<Algorithm> {
+    let alg: Algorithm = name.parse().ok()?;
+    let allowed: HashSet<Algorithm> = [
+        Algorithm::RS256,
+        Algorithm::RS384,
+        Algorithm::RS512,
+        Algorithm::PS256,
+        Algorithm::PS384,
+        Algorithm::PS512,
+        Algorithm::ES256,
+        Algorithm::ES384,
+        Algorithm::EdDSA,
+    ]
+    .into();
+    allowed.contains(&alg).then_some(alg)
+}
+
+#[cfg(test)]
+mod tests;
