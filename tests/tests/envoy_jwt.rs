@@ -100,6 +100,18 @@ async fn bearer_tokens_authenticate_and_sensitive_routes_need_a_fresh_one() {
         .await;
     assert_eq!(r.status, 403, "a fresh token without the role");
 
+    // a role the policy does not know is ignored, and counted
+    let r = s
+        .send(
+            "GET",
+            "/api/v1/x",
+            &[("authorization", &bearer(&token(Algorithm::RS256, claims("zed", &["user", "wizard"]))))],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let m = s.admin_get("/metrics").await.body;
+    assert!(m.contains("portcullis_jwt_unknown_roles_total 1"), "{m}");
+
     s.portcullis.wait_for_decision("fresh_auth_required").await;
     let logs = s.portcullis.logs().join("\n");
     assert!(!logs.contains(&rs) && !logs.contains(&fresh), "a token appeared in the log");

@@ -12,14 +12,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use decision_core::Reason;
 use decision_core::decide::{BearerVerifier, VerifiedToken};
 use decision_core::units::{MICROS_PER_SEC, Micros};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey};
+use prometheus_client::metrics::counter::Counter;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use sha2::{Digest, Sha256};
 
@@ -28,8 +28,9 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// Verified tokens remembered at most.
 pub const CACHE_ENTRIES: usize = 100_000;
 
-/// Roles named in tokens that the policy does not know (ignored, counted).
-pub static UNKNOWN_ROLES: AtomicU64 = AtomicU64::new(0);
+/// Roles named in tokens that the policy does not know (ignored, counted); exported as
+/// `portcullis_jwt_unknown_roles_total`.
+pub static UNKNOWN_ROLES: LazyLock<Counter> = LazyLock::new(Counter::default);
 
 struct Key {
     kid: Option<String>,
@@ -273,7 +274,7 @@ impl JwtVerifier {
                 match r.as_str().and_then(|r| issuer.roles.get(r)) {
                     Some(bits) => roles |= bits,
                     None => {
-                        UNKNOWN_ROLES.fetch_add(1, Ordering::Relaxed);
+                        UNKNOWN_ROLES.inc();
                     }
                 }
             }

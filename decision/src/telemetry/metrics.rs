@@ -76,6 +76,11 @@ impl Metrics {
             "RLS descriptors by domain, rule and outcome (ok, near_limit, over_limit, shadow_over_limit, unlimited)",
             ratelimit.clone(),
         );
+        registry.register(
+            "jwt_unknown_roles",
+            "Roles named in verified tokens that the policy does not know (ignored)",
+            crate::auth::jwt::UNKNOWN_ROLES.clone(),
+        );
         let ratelimit_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 16));
         registry.register(
             "ratelimit_duration_seconds",
