@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use decision_core::decide::{block_plan, failure_plan};
 use decision_core::policy::Policy;
 use decision_core::quota::Verdict;
 use decision_core::rls::{self, DescriptorReq, RlsDecision};
-use decision_core::{Decision, Request, conclude, plan, store_failed};
+use decision_core::{Decision, Reason, Request, conclude, plan, store_failed};
 
 use crate::clock;
 use crate::store::{Store, StoreError};
@@ -78,12 +79,37 @@ impl<S: Store> Engine<S> {
         Ok(rls::conclude(plan, &verdicts))
     }
 
+    /// Auto-block: a failed authentication is counted against its address (one store call,
+    /// only on this path); an address already blocked, or whose failures just crossed the
+    /// threshold, is answered 403 `ip_blocked`. A store failure here keeps the 401.
+    async fn after_failed_auth(&self, policy: &Policy, d: Decision, now: u64) -> Decision {
+        let Some(ops) = failure_plan(policy, &d) else { return d };
+        let Ok(v) = self.apply(&ops, now).await else { return d };
+        let blocked = |retry_after| Decision { reason: Reason::IpBlocked, retry_after: Some(retry_after), ..d.clone() };
+        if !v[0].allowed {
+            return blocked(v[0].retry_after);
+        }
+        if v[1].allowed {
+            return d;
+        }
+        let (Some(op), Some(ip)) = (d.ctx.client_ip.and_then(|ip| block_plan(policy, ip)), d.ctx.client_ip) else {
+            return d;
+        };
+        match self.apply(std::slice::from_ref(&op), now).await {
+            Ok(_) => {
+                tracing::warn!(client_ip = %ip, "address blocked after repeated failed authentications");
+                blocked(op.limit.window())
+            }
+            Err(_) => d,
+        }
+    }
+
     /// Decides one request under `policy`: at most one store call.
     pub async fn decide(&self, policy: &Policy, req: &Request<'_>) -> Decision {
         let now = clock::now_micros();
         let plan = match plan(policy, req, now) {
             Ok(p) => p,
-            Err(d) => return *d,
+            Err(d) => return self.after_failed_auth(policy, *d, now).await,
         };
         if plan.ops.is_empty() {
             return conclude(policy, plan, &[]);
@@ -395,5 +421,56 @@ mod tests {
                 .any(|p| p.path == "authentication.api_keys.keys[0].expires_at" && p.message.contains("RFC 3339")),
             "{bad:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn repeated_failed_authentications_block_the_address_fleet_wide() {
+        // reference: 10 failures within 1m block the address for 15m
+        let policy = reference();
+        let engine = Engine::new(policy.clone(), MemoryStore::new());
+        let from = |ip: &'static str, key: &'static str| Request {
+            forwarded_for: Some(ip),
+            api_key: Some(key),
+            ..basic_get()
+        };
+        let mut reasons = Vec::new();
+        for _ in 0..11 {
+            reasons.push(engine.decide(&policy, &from("8.8.8.8", "pk_guess")).await.reason);
+        }
+        assert_eq!(reasons[..9], [Reason::ApiKeyUnknown; 9]);
+        assert_eq!(reasons[9..], [Reason::IpBlocked; 2], "the 10th failure blocks");
+        let d = engine.decide(&policy, &from("8.8.8.8", BASIC)).await;
+        assert_eq!((d.reason, d.status()), (Reason::IpBlocked, 403), "a valid key does not unblock the address");
+        assert!(d.retry_after.is_some_and(|r| r > 14 * 60 * 1_000_000));
+        assert!(
+            d.quotas.iter().all(|q| q.kind != decision_core::decide::OpKind::Block),
+            "no block in RateLimit headers"
+        );
+        assert_eq!(
+            engine.decide(&policy, &from("8.8.4.4", BASIC)).await.reason,
+            Reason::Allowed,
+            "other addresses are unaffected"
+        );
+        // a missing credential is not a failed authentication
+        for _ in 0..12 {
+            let d =
+                engine.decide(&policy, &Request { forwarded_for: Some("9.9.9.9"), api_key: None, ..basic_get() }).await;
+            assert_eq!(d.reason, Reason::CredentialMissing);
+        }
+    }
+
+    #[tokio::test]
+    async fn exempt_zones_are_never_blocked() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let text = std::fs::read_to_string(dir.join("policy.yaml")).expect("policy");
+        let text = text.replacen("    block_for: 15m", "    block_for: 15m\n    exempt_zones: [internal]", 1);
+        let policy = crate::config::parse(&text, &dir).unwrap_or_else(|e| panic!("{e:?}")).policy;
+        let engine = Engine::new(policy.clone(), MemoryStore::new());
+        for _ in 0..15 {
+            let d = engine
+                .decide(&policy, &Request { forwarded_for: Some("10.1.1.1"), api_key: Some("pk_guess"), ..basic_get() })
+                .await;
+            assert_eq!(d.reason, Reason::ApiKeyUnknown);
+        }
     }
 }

@@ -241,3 +241,39 @@ async fn sizes_and_paths_that_must_not_pass() {
         s.upstream.seen()
     );
 }
+
+#[tokio::test]
+async fn repeated_failed_authentications_block_an_address_until_block_for_passes() {
+    let policy = reference_policy().replacen("failed_auth: 10", "failed_auth: 3", 1).replacen(
+        "block_for: 15m",
+        "block_for: 2s",
+        1,
+    );
+    assert!(policy.contains("failed_auth: 3") && policy.contains("block_for: 2s"), "the reference lines moved");
+    let s = Stack::start(&policy).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let attacker = [("x-forwarded-for", "8.8.8.8"), ("x-api-key", "pk_guess")];
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(s.send("GET", "/api/v1/x", &attacker).await.status);
+    }
+    assert_eq!(statuses, [401, 401, 403, 403], "the third failure blocks the address");
+    let r = s.send("GET", "/api/v1/x", &[("x-forwarded-for", "8.8.8.8"), ("x-api-key", BASIC)]).await;
+    assert_eq!(r.status, 403, "blocked, whatever the credential: {r:?}");
+    assert!(r.header("retry-after").is_some(), "{r:?}");
+    // the public route too: the whole address is blocked
+    assert_eq!(s.send("GET", "/health", &[("x-forwarded-for", "8.8.8.8")]).await.status, 403);
+    // other addresses are not
+    assert_eq!(s.send("GET", "/api/v1/x", &[("x-forwarded-for", "8.8.4.4"), ("x-api-key", BASIC)]).await.status, 200);
+    s.portcullis.wait_for_decision("ip_blocked").await;
+    // block_for passes: the address is served again
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let r = s.send("GET", "/api/v1/x", &[("x-forwarded-for", "8.8.8.8"), ("x-api-key", BASIC)]).await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 403);
+        assert!(tokio::time::Instant::now() < deadline, "still blocked long after block_for");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

@@ -42,6 +42,8 @@ pub enum Reason {
     /// the proxy's message lacked what a decision needs (no HTTP attributes, no peer address)
     BadRequest,
     IpDenied,
+    /// blocked after too many failed authentications (`network.auto_block`)
+    IpBlocked,
     BadForwardedFor,
     BadMethod,
     BadPath,
@@ -80,11 +82,12 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 39] = [
+    pub const ALL: [Reason; 40] = [
         Reason::Allowed,
         Reason::AllowedStoreUnavailable,
         Reason::BadRequest,
         Reason::IpDenied,
+        Reason::IpBlocked,
         Reason::BadForwardedFor,
         Reason::BadMethod,
         Reason::BadPath,
@@ -129,6 +132,7 @@ impl Reason {
             Reason::AllowedStoreUnavailable => "allowed_store_unavailable",
             Reason::BadRequest => "bad_request",
             Reason::IpDenied => "ip_denied",
+            Reason::IpBlocked => "ip_blocked",
             Reason::BadForwardedFor => "bad_forwarded_for",
             Reason::BadMethod => "bad_method",
             Reason::BadPath => "bad_path",
@@ -195,7 +199,9 @@ impl Reason {
             | Reason::JwtMissingSubject
             | Reason::JwtUnknownTier
             | Reason::FreshAuthRequired => 401,
-            Reason::IpDenied | Reason::NoRoute | Reason::ZoneForbidden | Reason::RoleForbidden => 403,
+            Reason::IpDenied | Reason::IpBlocked | Reason::NoRoute | Reason::ZoneForbidden | Reason::RoleForbidden => {
+                403
+            }
             Reason::BodyTooLarge => 413,
             Reason::TierRateExceeded | Reason::DailyQuotaExceeded | Reason::ZoneRateExceeded => 429,
             Reason::HeadersTooLarge => 431,
@@ -268,6 +274,10 @@ pub enum OpKind {
     Zone,
     /// a ratelimit (RLS) descriptor's limit
     Descriptor,
+    /// the client address's auto-block flag (checked, cost 0)
+    Block,
+    /// the client address's failed-authentication counter
+    AuthFailure,
 }
 
 impl OpKind {
@@ -277,6 +287,8 @@ impl OpKind {
             OpKind::TierDaily => "daily",
             OpKind::Zone => "ip",
             OpKind::Descriptor => "descriptor",
+            OpKind::Block => "block",
+            OpKind::AuthFailure => "auth_failures",
         }
     }
 }
@@ -436,7 +448,10 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
         }
     }
 
-    let mut ops = Vec::with_capacity(3);
+    let mut ops = Vec::with_capacity(4);
+    if let Some(op) = block_check(policy, ip, ctx.zone) {
+        ops.push(op);
+    }
     if let Some(id) = &ctx.identity
         && let Some(tier) = policy.tiers.get(id.tier)
     {
@@ -461,27 +476,73 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
     Ok(Plan { ops, ctx })
 }
 
+fn block_key(ip: IpAddr) -> String {
+    format!("pc:{{ip:{ip}}}:block")
+}
+
+/// The cost-0 check of an address's auto-block flag, unless auto-block is off or the address's
+/// zone is exempt.
+fn block_check(policy: &Policy, ip: IpAddr, zone: u64) -> Option<Op> {
+    let ab = policy.network.auto_block.as_ref().filter(|ab| ab.exempt_zones & zone == 0)?;
+    Some(Op { key: block_key(ip), limit: ab.block, cost: 0, kind: OpKind::Block, shadow: false })
+}
+
+/// Whether a denial is a failed authentication that counts towards auto-block.
+pub fn is_auth_failure(reason: Reason) -> bool {
+    reason.status() == 401 && !matches!(reason, Reason::CredentialMissing | Reason::FreshAuthRequired)
+}
+
+/// After a failed authentication: the operations that check the address's block and count the
+/// failure (one store call). None when auto-block does not apply.
+pub fn failure_plan(policy: &Policy, d: &Decision) -> Option<Vec<Op>> {
+    if !is_auth_failure(d.reason) {
+        return None;
+    }
+    let ip = d.ctx.client_ip?;
+    let check = block_check(policy, ip, d.ctx.zone)?;
+    let ab = policy.network.auto_block.as_ref()?;
+    let count = Op {
+        key: format!("pc:{{ip:{ip}}}:authfail"),
+        limit: ab.failures,
+        cost: 1,
+        kind: OpKind::AuthFailure,
+        shadow: false,
+    };
+    Some(vec![check, count])
+}
+
+/// The operation that raises an address's block (when its failures crossed the threshold).
+pub fn block_plan(policy: &Policy, ip: IpAddr) -> Option<Op> {
+    let ab = policy.network.auto_block.as_ref()?;
+    Some(Op { key: block_key(ip), limit: ab.block, cost: 1, kind: OpKind::Block, shadow: false })
+}
+
 /// The decision from the store's verdicts (one per operation, in order).
 pub fn conclude(policy: &Policy, plan: Plan, verdicts: &[Verdict]) -> Decision {
+    let mut reason = Reason::Allowed;
+    let mut retry_after = None;
+    for (op, v) in plan.ops.iter().zip(verdicts) {
+        if v.allowed {
+            continue;
+        }
+        if reason == Reason::Allowed {
+            reason = match op.kind {
+                OpKind::TierBurst => Reason::TierRateExceeded,
+                OpKind::TierDaily => Reason::DailyQuotaExceeded,
+                OpKind::Zone | OpKind::Descriptor | OpKind::AuthFailure => Reason::ZoneRateExceeded,
+                OpKind::Block => Reason::IpBlocked,
+            };
+        }
+        retry_after = Some(retry_after.unwrap_or(0).max(v.retry_after));
+    }
+    // what a client is told about: its limits, not the block check
     let quotas: Vec<QuotaReport> = plan
         .ops
         .iter()
         .zip(verdicts)
+        .filter(|(op, _)| op.kind != OpKind::Block)
         .map(|(op, v)| QuotaReport { kind: op.kind, limit: op.limit, verdict: *v })
         .collect();
-    let refused = quotas.iter().filter(|q| !q.verdict.allowed);
-    let mut reason = Reason::Allowed;
-    let mut retry_after = None;
-    for q in refused {
-        if reason == Reason::Allowed {
-            reason = match q.kind {
-                OpKind::TierBurst => Reason::TierRateExceeded,
-                OpKind::TierDaily => Reason::DailyQuotaExceeded,
-                OpKind::Zone | OpKind::Descriptor => Reason::ZoneRateExceeded,
-            };
-        }
-        retry_after = Some(retry_after.unwrap_or(0).max(q.verdict.retry_after));
-    }
     let quota_warning = match (reason, policy.quota_warning) {
         (Reason::Allowed, Some(threshold)) => quotas.iter().find(|q| q.kind == OpKind::TierDaily).and_then(|q| {
             let total = q.limit.quota().max(1);

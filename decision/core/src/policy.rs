@@ -71,6 +71,18 @@ pub struct Network {
     /// per client IP: a sliding window for addresses in a named zone, and for the rest
     pub zone_limit_trusted: Option<Limit>,
     pub zone_limit_untrusted: Option<Limit>,
+    pub auto_block: Option<AutoBlock>,
+}
+
+/// Failed authentications from one address, `failed_auth` of them within `within`, block that
+/// address for `block_for` (fleet-wide: the counters are in the store).
+#[derive(Debug, Clone, Copy)]
+pub struct AutoBlock {
+    /// the failure counter: a sliding window that refuses the `failed_auth`-th failure
+    pub failures: Limit,
+    pub block: Limit,
+    /// zones whose addresses are never blocked (bits, as route zones)
+    pub exempt_zones: u64,
 }
 
 #[derive(Debug, Clone)]

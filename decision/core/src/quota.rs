@@ -23,6 +23,9 @@ pub enum Limit {
     /// at most `limit` per aligned `window` (envoyproxy/ratelimit's behaviour, for those who
     /// want it: a client can get twice the limit across a window edge).
     FixedWindow { limit: u64, window: Micros },
+    /// A flag that stays up for `duration` once raised (an IP block). Cost 0 checks it and
+    /// changes nothing: refused while it is up. Cost 1 or more raises it from now, always allowed.
+    Flag { duration: Micros },
 }
 
 impl Limit {
@@ -38,6 +41,7 @@ impl Limit {
         match *self {
             Limit::TokenBucket { burst, .. } => burst,
             Limit::SlidingWindow { limit, .. } | Limit::FixedWindow { limit, .. } => limit,
+            Limit::Flag { .. } => 0,
         }
     }
 
@@ -46,6 +50,7 @@ impl Limit {
         match *self {
             Limit::TokenBucket { burst, interval } => burst.saturating_mul(interval),
             Limit::SlidingWindow { window, .. } | Limit::FixedWindow { window, .. } => window,
+            Limit::Flag { duration } => duration,
         }
     }
 }
@@ -82,6 +87,30 @@ pub fn check(limit: Limit, state: Option<State>, cost: u64, now: Micros) -> Chec
         Limit::TokenBucket { burst, interval } => bucket(burst, interval, state, cost, now),
         Limit::SlidingWindow { limit, window } => sliding(limit, window, state, cost, now),
         Limit::FixedWindow { limit, window } => fixed(limit, window, state, cost, now),
+        Limit::Flag { duration } => flag(duration, state, cost, now),
+    }
+}
+
+/// The flag's state is the instant it comes down (a `Bucket` state holds one instant).
+fn flag(duration: Micros, state: Option<State>, cost: u64, now: Micros) -> Checked {
+    let until = match state {
+        Some(State::Bucket { tat }) => tat,
+        _ => 0,
+    };
+    if cost == 0 {
+        let up = until > now;
+        let wait = until.saturating_sub(now);
+        return Checked {
+            verdict: Verdict { allowed: !up, remaining: u64::from(!up), reset: wait, retry_after: wait },
+            next: State::Bucket { tat: until },
+            expires_at: until,
+        };
+    }
+    let until = until.max(now.saturating_add(duration));
+    Checked {
+        verdict: Verdict { allowed: true, remaining: 0, reset: until - now, retry_after: 0 },
+        next: State::Bucket { tat: until },
+        expires_at: until,
     }
 }
 
@@ -321,6 +350,22 @@ mod tests {
         assert_eq!(run(limit, &times), [true, true, true, false, true, true, true, false]);
         let c = check(limit, None, 1, edge - 10);
         assert_eq!(c.verdict.reset, 10);
+    }
+
+    #[test]
+    fn a_flag_is_checked_without_change_and_raised_for_its_duration() {
+        let f = Limit::Flag { duration: 60 * MICROS_PER_SEC };
+        let t0 = 1_000 * MICROS_PER_SEC;
+        let down = check(f, None, 0, t0);
+        assert!(down.verdict.allowed, "no flag: not blocked");
+        let raised = check(f, None, 1, t0);
+        assert!(raised.verdict.allowed);
+        let state = Some(raised.next);
+        let up = check(f, state, 0, t0 + 59 * MICROS_PER_SEC);
+        assert!(!up.verdict.allowed);
+        assert_eq!(up.verdict.retry_after, MICROS_PER_SEC);
+        assert_eq!(up.next, raised.next, "a check changes nothing");
+        assert!(check(f, state, 0, t0 + 60 * MICROS_PER_SEC).verdict.allowed, "down after its duration");
     }
 
     #[derive(Debug, Clone)]

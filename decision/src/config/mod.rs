@@ -342,14 +342,29 @@ impl Validator<'_> {
             self.parse("network.zone_limits.trusted", units::parse_rate(trusted)).map(policy::zone_limit);
         let zone_limit_untrusted =
             self.parse("network.zone_limits.untrusted", units::parse_rate(untrusted)).map(policy::zone_limit);
-        if let Some(ab) = &n.auto_block {
+        let auto_block = n.auto_block.as_ref().and_then(|ab| {
             if ab.failed_auth == 0 {
                 self.err("network.auto_block.failed_auth", "must be at least 1");
             }
-            self.parse("network.auto_block.within", units::parse_duration(&ab.within));
-            self.parse("network.auto_block.block_for", units::parse_duration(&ab.block_for));
-        }
-        Network { trusted_proxies, deny, zones, zone_limit_trusted, zone_limit_untrusted }
+            let within = self.parse("network.auto_block.within", units::parse_duration(&ab.within));
+            let block_for = self.parse("network.auto_block.block_for", units::parse_duration(&ab.block_for));
+            let mut exempt_zones = 0;
+            for (j, z) in ab.exempt_zones.iter().enumerate() {
+                if z == UNTRUSTED {
+                    exempt_zones |= UNTRUSTED_BIT;
+                } else if let Some(k) = zones.names.iter().position(|n| n == z) {
+                    exempt_zones |= 1 << k;
+                } else {
+                    self.err(format!("network.auto_block.exempt_zones[{j}]"), format!("unknown zone {z:?}"));
+                }
+            }
+            Some(policy::AutoBlock {
+                failures: Limit::SlidingWindow { limit: ab.failed_auth.saturating_sub(1), window: within?.max(1) },
+                block: Limit::Flag { duration: block_for?.max(1) },
+                exempt_zones,
+            })
+        });
+        Network { trusted_proxies, deny, zones, zone_limit_trusted, zone_limit_untrusted, auto_block }
     }
 
     fn roles(&mut self, raw: Option<Ordered<RawRole>>) -> Option<RoleTable> {

@@ -124,6 +124,9 @@ pub struct RawAutoBlock {
     pub failed_auth: u64,
     pub within: String,
     pub block_for: String,
+    /// our addition: zones whose addresses are never blocked (e.g. [internal])
+    #[serde(default)]
+    pub exempt_zones: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -39,6 +39,33 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     the_same_key_twice_in_one_plan_counts_twice(&make().await).await;
     a_shadow_operation_never_refuses_a_plan(&make().await).await;
     fixed_windows_count_per_aligned_window(&make().await).await;
+    a_flag_blocks_until_it_comes_down(&make().await).await;
+}
+
+async fn a_flag_blocks_until_it_comes_down<S: Store>(s: &S) {
+    let check = Op {
+        key: "blk".into(),
+        limit: Limit::Flag { duration: MICROS_PER_MINUTE },
+        cost: 0,
+        kind: OpKind::Block,
+        shadow: false,
+    };
+    let raise = Op { cost: 1, ..check.clone() };
+    let other = window_op("after-block", 10, MICROS_PER_MINUTE);
+    assert_eq!(allowed(s, &[check.clone(), other.clone()], T0).await, [true, true], "{}: no flag yet", s.backend());
+    assert_eq!(allowed(s, std::slice::from_ref(&raise), T0).await, [true]);
+    // while it is up, plans with the check are refused and count nothing else
+    for _ in 0..3 {
+        assert_eq!(
+            allowed(s, &[check.clone(), other.clone()], T0 + MICROS_PER_SEC).await,
+            [false, true],
+            "{}",
+            s.backend()
+        );
+    }
+    let v = s.apply(&[check.clone(), other.clone()], T0 + MICROS_PER_MINUTE).await.expect("store call");
+    assert!(v[0].allowed && v[1].allowed, "{}: down after its duration", s.backend());
+    assert_eq!(v[1].remaining, 8, "{}: refused plans counted nothing", s.backend());
 }
 
 async fn a_shadow_operation_never_refuses_a_plan<S: Store>(s: &S) {

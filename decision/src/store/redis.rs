@@ -126,7 +126,7 @@ fn decode(reply: &[i64], ops: &[Op]) -> Result<Vec<Verdict>, StoreError> {
         let r = &reply[2 + 4 * i..6 + 4 * i];
         let u = |v: i64| u64::try_from(v).unwrap_or(0);
         let state = (r[1] >= 0).then(|| match op.limit {
-            Limit::TokenBucket { .. } => State::Bucket { tat: u(r[1]) },
+            Limit::TokenBucket { .. } | Limit::Flag { .. } => State::Bucket { tat: u(r[1]) },
             _ => State::Window { start: u(r[1]), prev: u(r[2]), cur: u(r[3]) },
         });
         let checked = quota::check(op.limit, state, op.cost, now as Micros);
@@ -153,6 +153,7 @@ impl Store for RedisStore {
                 Limit::TokenBucket { burst, interval } => ("b", burst, interval),
                 Limit::SlidingWindow { limit, window } => ("s", limit, window),
                 Limit::FixedWindow { limit, window } => ("f", limit, window),
+                Limit::Flag { duration } => ("k", 0, duration),
             };
             inv.arg(kind).arg(a).arg(b).arg(op.cost).arg(u8::from(op.shadow));
         }

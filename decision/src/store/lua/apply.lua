@@ -7,8 +7,9 @@
 --           (and then keys live at least a minute, since Redis expires them by its own clock)
 -- ARGV[2 + 5(i-1) .. 6 + 5(i-1)]   operation i:
 --           kind   "b" token bucket (GCRA) | "s" sliding-window counter | "f" fixed window
---           a      bucket: burst;           windows: limit
---           b      bucket: interval (us);   windows: window (us)
+--                  | "k" flag (an address block: cost 0 checks it, cost 1 raises it)
+--           a      bucket: burst;           windows: limit;       flag: 0
+--           b      bucket: interval (us);   windows: window (us); flag: duration (us)
 --           cost   hits this request counts
 --           shadow 1: counted and reported, never refusing the plan; 0: enforced
 -- Returns   { now, committed (1|0), then for each operation: allowed (1|0), s1, s2, s3 }
@@ -21,7 +22,7 @@
 -- skewed clocks still agree. The arithmetic mirrors decision-core/src/quota.rs exactly: every
 -- number is an integer below 2^53 (microseconds since the epoch, counts, and the sliding weight
 -- in milliseconds and units of 1e-5), so doubles compute what Rust's integers do.
--- State is a string: "tat" for a bucket, "start prev cur" for a window. Every key expires when
+-- State is a string: "tat" for a bucket, "until" for a flag, "start prev cur" for a window. Every key expires when
 -- its state would be forgotten anyway: a bucket at its TAT, a sliding window two windows after
 -- its start, a fixed window one window after.
 
@@ -86,6 +87,16 @@ for i = 1, #KEYS do
     local estimate = weighted(prev, b, elapsed) + cur
     ok = estimate + cost <= a
     if ok then nxt, expires = { start, prev, cur + cost }, start + 2 * b else nxt = st or { start, prev, cur } end
+  elseif kind == 'k' then
+    local untl = st and st[1] or 0
+    if cost == 0 then
+      ok = untl <= now
+      nxt, expires = { untl, 0, 0 }, untl
+    else
+      ok = true
+      nxt = { math.max(untl, now + b), 0, 0 }
+      expires = nxt[1]
+    end
   else
     local start = now - now % b
     local cur = 0
@@ -106,7 +117,7 @@ if commit then
   out[2] = 1
   for _, w in ipairs(writes) do
     local v
-    if w[2] == 'b' then v = string.format('%d', w[3][1])
+    if w[2] == 'b' or w[2] == 'k' then v = string.format('%d', w[3][1])
     else v = string.format('%d %d %d', w[3][1], w[3][2], w[3][3]) end
     local ttl = math.max(math.ceil((w[4] - now) / 1000), 1)
     -- a test's clock is not the one Redis expires keys by: keep its keys at least a minute
