@@ -163,12 +163,14 @@ mod tests {
         xff: Option<&'static str>,
         key: Option<&'static str>,
         bearer: bool,
+        /// a raw authorization header (overrides `bearer`)
+        auth: Option<&'static str>,
         content_length: Option<u64>,
         want: Reason,
     }
 
     const fn case(method: &'static str, path: &'static str, key: Option<&'static str>, want: Reason) -> Case {
-        Case { method, path, peer: "127.0.0.1", xff: None, key, bearer: false, content_length: None, want }
+        Case { method, path, peer: "127.0.0.1", xff: None, key, bearer: false, auth: None, content_length: None, want }
     }
 
     #[tokio::test]
@@ -201,6 +203,12 @@ mod tests {
             case("PATCH", "/health", None, Reason::Allowed),
             // the reference issuer is live: a token naming no issuer proves nothing
             Case { bearer: true, ..case("GET", "/api/v1/users", None, Reason::JwtUnknownIssuer) },
+            Case { auth: Some("Bearer\u{e9}tok"), ..case("GET", "/api/v1/users", None, Reason::CredentialMissing) },
+            Case { auth: Some("Beareré"), ..case("GET", "/api/v1/users", None, Reason::CredentialMissing) },
+            Case {
+                auth: Some("Bearer \u{e9}\u{e9}\u{e9}"),
+                ..case("GET", "/api/v1/users", None, Reason::JwtMalformed)
+            },
             Case { content_length: Some(5 << 20), ..case("POST", "/api/v1/u", Some(BUSINESS), Reason::Allowed) },
             Case {
                 content_length: Some((5 << 20) + 1),
@@ -231,7 +239,7 @@ mod tests {
                 content_length: c.content_length,
                 header_bytes: 100,
                 api_key: c.key,
-                authorization: c.bearer.then_some(bearer),
+                authorization: c.auth.or(c.bearer.then_some(bearer)),
             };
             let d = engine.decide(&policy, &req).await;
             assert_eq!(

@@ -417,7 +417,8 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
                     auth_time: None,
                 },
             },
-            (None, Some(auth)) if auth.len() > 7 && auth[..7].eq_ignore_ascii_case("bearer ") => {
+            // compared as bytes: slicing the str at 7 could split a multi-byte character
+            (None, Some(auth)) if auth.len() > 7 && auth.as_bytes()[..7].eq_ignore_ascii_case(b"bearer ") => {
                 let Some(verifier) = &policy.bearer else {
                     return deny(Reason::BearerNotEnabled, ctx);
                 };

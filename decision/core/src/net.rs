@@ -117,6 +117,9 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     Ok(net)
 }
 
+/// Most X-Forwarded-For hops walked; a longer chain of trusted proxies is refused as malformed.
+pub const MAX_FORWARDED_HOPS: usize = 64;
+
 /// Why a forwarded-for chain could not be read (the request gets a 400).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardedForError;
@@ -159,7 +162,10 @@ pub fn client_ip(
         return Ok(peer);
     };
     let mut client = peer;
-    for hop in xff.rsplit(',') {
+    for (n, hop) in xff.rsplit(',').enumerate() {
+        if n == MAX_FORWARDED_HOPS {
+            return Err(ForwardedForError);
+        }
         let ip = canonical(parse_hop(hop).ok_or(ForwardedForError)?);
         client = ip;
         if !trusted_proxies.contains(ip) {
@@ -245,6 +251,12 @@ mod tests {
             ("127.0.0.1", Some("unknown, 127.0.0.1"), Err(ForwardedForError)),
             ("127.0.0.1", Some("8.8.8.8,,"), Err(ForwardedForError)),
         ];
+        let long: Vec<&str> = std::iter::repeat_n("10.9.0.1", MAX_FORWARDED_HOPS + 1).collect();
+        assert_eq!(
+            client_ip(ip("127.0.0.1"), Some(&long.join(",")), &trusted),
+            Err(ForwardedForError),
+            "an endless chain of trusted hops"
+        );
         for (peer, xff, want) in cases {
             let got = client_ip(ip(peer), *xff, &trusted);
             assert_eq!(got, want.clone().map(ip), "peer {peer} xff {xff:?}");
