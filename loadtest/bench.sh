@@ -70,7 +70,7 @@ start_portcullis_redis() {
   for _ in $(seq 1 100); do redis-cli -p "$redis_port" PING 2>/dev/null | grep -q PONG && break; sleep 0.1; done
   sed -e "s|^  memory: {}|  redis: { url: \"redis://127.0.0.1:$redis_port\", timeout: 1s, pool_size: 4 }|" \
     loadtest/bench/policy.yaml > "$work/policy-redis.yaml"
-  mkdir -p "$work/ratelimit" && cp loadtest/bench/ratelimit/bench.yaml "$work/ratelimit/"
+  mkdir -p "$work/ratelimit" && cp loadtest/bench/ratelimit/bench.yaml "$work/ratelimit/" && cp loadtest/bench/jwks.json "$work/"
   rm -f "$work/portcullis-redis.listen"
   "${server_cpu[@]}" "$bin/portcullis" serve --config "$work/policy-redis.yaml" --log-format json \
     2> >(grep --line-buffered -m1 '"listening"' > "$work/portcullis-redis.listen"; cat > /dev/null) &
@@ -96,6 +96,7 @@ kill "$pc_pid"; wait "$pc_pid" 2>/dev/null || true
 start_portcullis
 lt --name noop-ext-authz          --target ext-authz --addr "$noop_addr" --server-pid "$noop_pid" "${common[@]}"
 lt --name ext-authz-api-key       --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_open --expect all
+lt --name ext-authz-jwt           --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --jwt-key tests/fixtures/jwt/rsa.pem --expect all
 lt --name ext-authz-100k-ips      --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_open --keys 100000 --expect all
 lt --name noop-rls-1              --target rls --addr "$noop_addr" --server-pid "$noop_pid" "${common[@]}"
 lt --name rls-1-desc-1-key        --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --expect all
@@ -134,6 +135,7 @@ def baseline(name):
     return base["rls-1"]
 print(f"| case | req/s | vs baseline | p50 us | p99 us | p99.9 us | allowed | over limit | errors | client CPU | server CPU |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
+jwt, key = by.get("ext-authz-jwt"), by.get("ext-authz-api-key")
 for r in rows:
     if r["name"] == "memory-per-key": continue
     b = baseline(r["name"])
@@ -144,6 +146,8 @@ for r in rows:
     cpu = lambda v: "-" if v is None else f"{v:.0f}%"
     print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {val(lat["p50"])} | {val(lat["p99"])} | {val(lat["p99.9"])} | {val(r["outcomes"]["allowed"])} | {val(r["outcomes"]["over_limit"])} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} |')
 print("\nbaselines: no-op cases for ext_authz and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis")
+if jwt and key:
+    print(f"\nJWT (one RS256 token, cached after its first verification) vs API key: {key['rps'] / jwt['rps']:.2f}x the cost per decision")
 m = by["memory-per-key"]
 keys = m["outcomes"]["allowed"]
 delta = m["server_rss_delta_bytes"]

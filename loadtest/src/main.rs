@@ -63,6 +63,10 @@ struct Args {
     descriptor_key: Option<String>,
     #[arg(long, default_value = "")]
     api_key: String,
+    /// send an RS256 bearer token minted with this PEM key (iss https://bench.test/, aud
+    /// portcullis-bench, as loadtest/bench/policy.yaml expects)
+    #[arg(long)]
+    jwt_key: Option<std::path::PathBuf>,
     #[arg(long, default_value = "GET")]
     method: String,
     #[arg(long, default_value = "/api/v1/items")]
@@ -130,8 +134,20 @@ fn main() -> ExitCode {
             path: args.path.clone(),
             domain: args.domain.clone(),
             descriptor_key: args.descriptor_key.clone(),
+            bearer: None,
         },
     };
+    let mut cfg = cfg;
+    if let Some(key) = &args.jwt_key {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        match loadtest::target::mint_token(key, "https://bench.test/", "portcullis-bench", "bench", now) {
+            Ok(t) => cfg.spec.bearer = Some(t),
+            Err(e) => {
+                eprintln!("portcullis-loadtest: --jwt-key: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let ticks = cpu::ticks_per_second();
     let server = args.server_pid.map(|p| p.to_string());
     let server_cpu0 = server.as_deref().and_then(|p| cpu::cpu_time(p, ticks));

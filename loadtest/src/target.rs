@@ -33,6 +33,8 @@ pub struct Spec {
     pub domain: String,
     /// the descriptor key of every RLS descriptor; None: k0, k1, ... one per descriptor
     pub descriptor_key: Option<String>,
+    /// an `authorization: Bearer ...` token to send with every ext_authz request
+    pub bearer: Option<String>,
 }
 
 /// The key index of request `i`: sequential (each key in turn) or scattered by a fixed hash.
@@ -61,6 +63,9 @@ impl Spec {
         headers.insert(":path".to_owned(), self.path.clone());
         if !self.api_key.is_empty() {
             headers.insert("x-api-key".to_owned(), self.api_key.clone());
+        }
+        if let Some(t) = &self.bearer {
+            headers.insert("authorization".to_owned(), format!("Bearer {t}"));
         }
         CheckRequest {
             attributes: Some(AttributeContext {
@@ -158,6 +163,23 @@ impl Counts {
     }
 }
 
+/// An RS256 token for `sub` from `issuer` to `audience`, valid for an hour from `now_s`, signed
+/// with the PEM private key at `key` (the bench uses the test key of tests/fixtures/jwt).
+pub fn mint_token(
+    key: &std::path::Path,
+    issuer: &str,
+    audience: &str,
+    sub: &str,
+    now_s: u64,
+) -> Result<String, String> {
+    let pem = std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let k = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).map_err(|e| e.to_string())?;
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    h.kid = Some("test-rs".into());
+    let claims = serde_json::json!({ "iss": issuer, "aud": audience, "sub": sub, "iat": now_s, "exp": now_s + 3600, "roles": ["user"], "tier": "open" });
+    jsonwebtoken::encode(&h, &claims, &k).map_err(|e| e.to_string())
+}
+
 /// What the policy predicts, checked after a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
@@ -205,6 +227,7 @@ mod tests {
             path: "/api/v1/x".into(),
             domain: "bench".into(),
             descriptor_key: None,
+            bearer: None,
         };
         let r = spec.rls_request(7);
         assert_eq!(r.descriptors.len(), 3);
