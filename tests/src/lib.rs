@@ -445,12 +445,24 @@ pub struct Envoy {
 
 impl Envoy {
     pub async fn start(portcullis_grpc: SocketAddr, upstream: SocketAddr) -> anyhow::Result<Envoy> {
+        Envoy::start_fleet(&[portcullis_grpc], upstream).await
+    }
+
+    /// Envoy with several portcullis instances as one load-balanced cluster (round robin).
+    pub async fn start_fleet(portcullis: &[SocketAddr], upstream: SocketAddr) -> anyhow::Result<Envoy> {
         let template =
             std::fs::read_to_string(examples_dir().join("envoy.yaml")).context("reading deploy/examples/envoy.yaml")?;
+        let endpoint =
+            "              - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 8081 } } }";
+        anyhow::ensure!(template.contains(endpoint), "the portcullis endpoint line of envoy.yaml moved");
+        let endpoints: Vec<String> = portcullis
+            .iter()
+            .map(|a| endpoint.replace("port_value: 8081", &format!("port_value: {}", a.port())))
+            .collect();
         let config = template
+            .replace(endpoint, &endpoints.join("\n"))
             .replace("port_value: 10000", "port_value: 0")
             .replace("port_value: 9901", "port_value: 0")
-            .replace("port_value: 8081", &format!("port_value: {}", portcullis_grpc.port()))
             .replace("port_value: 8080", &format!("port_value: {}", upstream.port()));
         let dir = TempDir::new("envoy");
         let cfg_path = dir.0.join("envoy.yaml");

@@ -9,7 +9,7 @@ use proto::ext_authz::check_response::HttpResponse;
 use proto::ratelimit::rate_limit_descriptor::Entry;
 use proto::ratelimit::rate_limit_service_client::RateLimitServiceClient;
 use proto::ratelimit::{RateLimitDescriptor, RateLimitRequest};
-use tests::{HttpClient, Portcullis, RedisServer, check_request, denied_status, reference_policy};
+use tests::{Envoy, HttpClient, Portcullis, RedisServer, Upstream, check_request, denied_status, reference_policy};
 use tonic::transport::Channel;
 
 const BASIC: &str = "pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo";
@@ -76,6 +76,51 @@ async fn three_instances_hold_one_key_to_exactly_its_burst() {
             allowed += t.await.expect("client");
         }
         assert_eq!(allowed, 100, "repetition {repetition}: the basic burst, exactly, across the fleet");
+    }
+}
+
+#[tokio::test]
+async fn three_instances_behind_one_envoy_hold_one_key_to_exactly_its_burst() {
+    let redis = RedisServer::start();
+    // edge.yaml's per-subject limit (60 a minute for basic) would stop the burst first
+    let edge = std::fs::read_to_string(tests::examples_dir().join("ratelimit/edge.yaml")).expect("edge.yaml");
+    let edge = edge.replacen("requests_per_unit: 60\n", "requests_per_unit: 1000\n", 1);
+    let policy = policy(&redis.url(), "deny");
+    let mut fleet = Vec::new();
+    for _ in 0..3 {
+        fleet.push(
+            Portcullis::start_with(&policy, &[("ratelimit/edge.yaml", &edge)])
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}")),
+        );
+    }
+    let upstream = Upstream::start().await.expect("upstream");
+    let addrs: Vec<_> = fleet.iter().map(|p| p.grpc).collect();
+    let envoy = Envoy::start_fleet(&addrs, upstream.addr).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let client = HttpClient::new();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let client = client.clone();
+        let url = format!("http://{}/api/v1/items", envoy.listener);
+        tasks.push(tokio::spawn(async move {
+            let mut codes = Vec::new();
+            for _ in 0..10 {
+                codes.push(
+                    client.request("GET", &url, &[("x-api-key", BASIC)], "").await.map(|r| r.status).unwrap_or(0),
+                );
+            }
+            codes
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.extend(t.await.expect("client"));
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 100, "exactly the burst: {codes:?}");
+    assert_eq!(codes.iter().filter(|c| **c == 429).count(), 100, "{codes:?}");
+    // every instance took part in deciding
+    for p in &fleet {
+        p.wait_for_decision("allowed").await;
     }
 }
 
