@@ -148,7 +148,7 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 /// from the right (each proxy appends the address it saw) and the first one that is not itself a
 /// trusted proxy is the client. Hops left of it were written by the client and prove nothing.
 /// When every hop is a trusted proxy, the left-most is the client. A hop that is not an address
-/// is refused rather than skipped: skipping it would hand the client the trust of the proxy.
+/// is refused, never passed over: passing over it would hand the client the trust of the proxy.
 pub fn client_ip(
     peer: IpAddr,
     forwarded_for: Option<&str>,

@@ -81,6 +81,13 @@ fn raw_rs256(header: &str, payload: &str) -> String {
     format!("{msg}.{sig}")
 }
 
+/// The standard claims with one of them replaced, signed RS256.
+fn with(k: &str, val: serde_json::Value) -> String {
+    let mut c = claims();
+    c[k] = val;
+    sign(Algorithm::RS256, "rsa.pem", "test-rs", &c)
+}
+
 fn check(v: &JwtVerifier, token: &str, want: Result<(), Reason>) {
     assert_eq!(v.verify(token, NOW).map(|_| ()), want, "token {}", &token[..token.len().min(40)]);
 }
@@ -124,11 +131,6 @@ fn algorithm_tricks_are_refused_before_any_signature_work() {
 #[test]
 fn time_claims_are_judged_with_the_policys_leeway() {
     let v = verifier();
-    let with = |k: &str, val: serde_json::Value| {
-        let mut c = claims();
-        c[k] = val;
-        sign(Algorithm::RS256, "rsa.pem", "test-rs", &c)
-    };
     check(&v, &with("exp", json!(NOW_S - 20)), Ok(())); // expired, within 30 s of leeway
     check(&v, &with("exp", json!(NOW_S - 31)), Err(Reason::JwtExpired));
     check(&v, &with("nbf", json!(NOW_S + 20)), Ok(()));
@@ -143,11 +145,6 @@ fn time_claims_are_judged_with_the_policys_leeway() {
 #[test]
 fn issuer_audience_subject_roles_and_tier_are_checked() {
     let v = verifier();
-    let with = |k: &str, val: serde_json::Value| {
-        let mut c = claims();
-        c[k] = val;
-        sign(Algorithm::RS256, "rsa.pem", "test-rs", &c)
-    };
     check(&v, &with("iss", json!("https://auth.test")), Err(Reason::JwtUnknownIssuer)); // exact match only
     check(&v, &with("aud", json!("someone-else")), Err(Reason::JwtWrongAudience));
     check(&v, &with("aud", json!(["someone-else", "portcullis-test"])), Ok(()));
