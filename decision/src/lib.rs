@@ -2,6 +2,7 @@
 //! telemetry and server wiring. Decisions themselves live in `decision-core`.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod config;

@@ -195,3 +195,42 @@ fn keys_hash_reads_stdin_and_generate_makes_a_usable_key() {
     assert!(key.starts_with("pk_test_"), "{text}");
     assert_eq!(hash(&key), field("sha256:"), "the printed digest is the key's");
 }
+
+#[test]
+fn audit_verify_reports_ok_or_the_first_tampered_line_with_exit_codes() {
+    let good = tests::workspace_root().join("tests/fixtures/audit/good.jsonl");
+    let run = |file: &std::path::Path| {
+        let out =
+            std::process::Command::new(portcullis_bin()).args(["audit", "verify"]).arg(file).output().expect("run");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, out) = run(&good);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("OK, 8 events in 2 chain(s)"), "{out}");
+
+    let text = std::fs::read_to_string(&good).expect("fixture");
+    let lines: Vec<&str> = text.lines().collect();
+    let dir = tests::TempDir::new("audit");
+    let cases: Vec<(String, &str)> = vec![
+        // one byte changed on line 3
+        (text.replacen("\"req_2\"", "\"req_X\"", 1), "line 3 (chain \"pc-a\", seq 2): the event was changed"),
+        // line 5 deleted
+        ([&lines[..4], &lines[5..]].concat().join("\n"), "line 5 (chain \"pc-a\", seq 4): seq 3 expected"),
+        // lines 2 and 3 (one chain) swapped
+        (
+            [lines[0], lines[2], lines[1]].iter().chain(&lines[3..]).copied().collect::<Vec<_>>().join("\n"),
+            "line 2 (chain \"pc-a\", seq 2)",
+        ),
+        // a line inserted
+        ([&lines[..6], &[lines[1]], &lines[6..]].concat().join("\n"), "line 7"),
+    ];
+    for (i, (content, want)) in cases.iter().enumerate() {
+        let f = dir.0.join(format!("t{i}.jsonl"));
+        std::fs::write(&f, content).expect("write");
+        let (code, out) = run(&f);
+        assert_eq!(code, Some(1), "case {i}: {out}");
+        assert!(out.contains(want), "case {i}: {want:?} not in {out}");
+    }
+    let (code, _) = run(&dir.0.join("missing.jsonl"));
+    assert_eq!(code, Some(2));
+}
