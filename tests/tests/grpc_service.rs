@@ -234,3 +234,36 @@ fn audit_verify_reports_ok_or_the_first_tampered_line_with_exit_codes() {
     let (code, _) = run(&dir.0.join("missing.jsonl"));
     assert_eq!(code, Some(2));
 }
+
+#[test]
+fn explain_decides_one_request_and_shows_the_answer_envoy_would_get() {
+    let policy = tests::examples_dir().join("policy.yaml");
+    let explain = |args: &[&str]| {
+        let out = std::process::Command::new(portcullis_bin())
+            .args(["explain", "--config"])
+            .arg(&policy)
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    let v = explain(&["--path", "/api/v1/users?x=1", "-H", &format!("x-api-key: {BASIC}")]);
+    assert_eq!((v["decision"].as_str(), v["status"].as_u64(), v["rule"].as_u64()), (Some("allow"), Some(200), Some(1)));
+    assert_eq!(v["subject"], "demo-basic");
+    assert_eq!(v["zone"], "internal");
+    assert!(v["headers_to_upstream"].to_string().contains("x-portcullis-subject: demo-basic"), "{v}");
+    let v = explain(&[
+        "--method",
+        "POST",
+        "--path",
+        "/api/v1/../../admin",
+        "--peer",
+        "203.0.113.7",
+        "-H",
+        &format!("x-api-key: {BASIC}"),
+    ]);
+    assert_eq!((v["reason"].as_str(), v["status"].as_u64()), (Some("zone_forbidden"), Some(403)), "{v}");
+    assert_eq!(v["normalized_path"], "/admin");
+    assert!(v["body"].as_str().is_some_and(|b| b.contains("Forbidden")), "{v}");
+}
