@@ -329,15 +329,6 @@ impl Portcullis {
         lock(&self.logs).clone()
     }
 
-    /// Decision log lines, parsed.
-    pub fn decisions(&self) -> Vec<serde_json::Value> {
-        self.logs()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["message"] == "decision")
-            .collect()
-    }
-
     /// Polls the log until a line satisfies `pred`.
     pub async fn wait_for_log(&self, what: &str, pred: impl Fn(&str) -> bool) -> anyhow::Result<String> {
         let deadline = tokio::time::Instant::now() + READY_DEADLINE;
