@@ -4,24 +4,14 @@ use std::io::Read;
 
 /// The lower-case hex SHA-256 of a key, as a policy's `sha256` holds it.
 pub fn hex_digest(key: &str) -> String {
-    decision_core::apikey::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    decision_core::encode::hex(&decision_core::apikey::digest(key.as_bytes()))
 }
 
 /// A new key: `prefix_` and 32 base64url characters (192 random bits from the kernel).
 pub fn generate(prefix: &str) -> std::io::Result<String> {
     let mut bytes = [0u8; 24];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::with_capacity(prefix.len() + 33);
-    out.push_str(prefix);
-    out.push('_');
-    for chunk in bytes.chunks(3) {
-        let n = (u32::from(chunk[0]) << 16) | (u32::from(chunk[1]) << 8) | u32::from(chunk[2]);
-        for shift in [18, 12, 6, 0] {
-            out.push(char::from(A[((n >> shift) & 63) as usize]));
-        }
-    }
-    Ok(out)
+    Ok(format!("{prefix}_{}", decision_core::encode::b64url(&bytes)))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 pub mod apikey;
 pub mod decide;
+pub mod encode;
 pub mod glob;
 pub mod net;
 pub mod path;

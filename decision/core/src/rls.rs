@@ -292,12 +292,7 @@ fn counter_key(domain: &str, entries: &[(&str, &str)], limit: Limit) -> String {
         h.update((v.len() as u64).to_be_bytes());
         h.update(v.as_bytes());
     }
-    let d = h.finalize();
-    let mut hex = String::with_capacity(32);
-    for b in &d[..16] {
-        hex.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
-        hex.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
-    }
+    let hex = crate::encode::hex(&h.finalize()[..16]);
     let kind = match limit {
         Limit::FixedWindow { .. } => "f",
         _ => "s",

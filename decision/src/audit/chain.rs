@@ -13,10 +13,6 @@ use sha2::{Digest, Sha256};
 /// The `prev_hash` of a chain's first event.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The hash of an event (its "hash" member, if any, is left out).
 pub fn hash_of(prev_hash: &str, event: &Map<String, Value>) -> String {
     let mut body = event.clone();
@@ -25,7 +21,7 @@ pub fn hash_of(prev_hash: &str, event: &Map<String, Value>) -> String {
     let mut h = Sha256::new();
     h.update(prev_hash.as_bytes());
     h.update(canonical.as_bytes());
-    hex(&h.finalize())
+    decision_core::encode::hex(&h.finalize())
 }
 
 /// Appends events to one chain.

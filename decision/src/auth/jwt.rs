@@ -136,32 +136,8 @@ impl<'de> serde::Deserialize<'de> for Unique {
     }
 }
 
-fn b64url(s: &str) -> Option<Vec<u8>> {
-    // RFC 7515: base64url without padding
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'-' => 62,
-            b'_' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
-}
-
 fn object(part: &str) -> Result<serde_json::Map<String, serde_json::Value>, Reason> {
-    let bytes = b64url(part).ok_or(Reason::JwtMalformed)?;
+    let bytes = decision_core::encode::b64url_decode(part).ok_or(Reason::JwtMalformed)?;
     match serde_json::from_slice::<Unique>(&bytes) {
         Ok(u) => Ok(u.0),
         Err(e) if e.to_string().contains("duplicate member") => Err(Reason::JwtDuplicateMember),

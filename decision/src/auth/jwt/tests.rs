@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use decision_core::encode::b64url as b64;
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::json;
 
@@ -54,18 +55,6 @@ fn sign(alg: Algorithm, key: &str, kid: &str, claims: &serde_json::Value) -> Str
     }
     .expect("encoding key");
     jsonwebtoken::encode(&h, claims, &k).expect("sign")
-}
-
-fn b64(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
-        for i in 0..=chunk.len() {
-            out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
-        }
-    }
-    out
 }
 
 /// A token from raw header and payload text (for shapes a library would not produce), signed
