@@ -313,6 +313,24 @@ impl Validator<'_> {
         })
     }
 
+    /// Zone names (or `untrusted`) as a mask of zone bits; an unknown name is a problem.
+    fn zone_mask(&mut self, path: &str, names: &[String], zones: &Zones) -> u64 {
+        let mut mask = 0;
+        for (j, z) in names.iter().enumerate() {
+            if z == UNTRUSTED {
+                mask |= UNTRUSTED_BIT;
+            } else if let Some(k) = zones.names.iter().position(|n| n == z) {
+                mask |= 1 << k;
+            } else {
+                self.err(
+                    format!("{path}[{j}]"),
+                    format!("unknown zone {z:?} (known: {}, untrusted)", zones.names.join(", ")),
+                );
+            }
+        }
+        mask
+    }
+
     fn network(&mut self, n: raw::RawNetwork) -> Network {
         let mut trusted_proxies = CidrTable::default();
         self.cidrs("network.trusted_proxies", &n.trusted_proxies, 1, &mut trusted_proxies);
@@ -348,16 +366,7 @@ impl Validator<'_> {
             }
             let within = self.parse("network.auto_block.within", units::parse_duration(&ab.within));
             let block_for = self.parse("network.auto_block.block_for", units::parse_duration(&ab.block_for));
-            let mut exempt_zones = 0;
-            for (j, z) in ab.exempt_zones.iter().enumerate() {
-                if z == UNTRUSTED {
-                    exempt_zones |= UNTRUSTED_BIT;
-                } else if let Some(k) = zones.names.iter().position(|n| n == z) {
-                    exempt_zones |= 1 << k;
-                } else {
-                    self.err(format!("network.auto_block.exempt_zones[{j}]"), format!("unknown zone {z:?}"));
-                }
-            }
+            let exempt_zones = self.zone_mask("network.auto_block.exempt_zones", &ab.exempt_zones, &zones);
             Some(policy::AutoBlock {
                 failures: Limit::SlidingWindow { limit: ab.failed_auth.saturating_sub(1), window: within?.max(1) },
                 block: Limit::Flag { duration: block_for?.max(1) },
@@ -624,22 +633,7 @@ impl Validator<'_> {
                     None => {}
                 }
             }
-            let zone_mask = r.zones.as_ref().map(|list| {
-                let mut mask = 0;
-                for (j, z) in list.iter().enumerate() {
-                    if z == UNTRUSTED {
-                        mask |= UNTRUSTED_BIT;
-                    } else if let Some(k) = zones.names.iter().position(|n| n == z) {
-                        mask |= 1 << k;
-                    } else {
-                        self.err(
-                            format!("{path}.zones[{j}]"),
-                            format!("unknown zone {z:?} (known: {}, untrusted)", zones.names.join(", ")),
-                        );
-                    }
-                }
-                mask
-            });
+            let zone_mask = r.zones.as_ref().map(|list| self.zone_mask(&format!("{path}.zones"), list, zones));
             let max_auth_age = r.sensitive.as_ref().and_then(|s| {
                 self.parse(&format!("{path}.sensitive.max_auth_age"), units::parse_duration(&s.max_auth_age))
             });

@@ -245,3 +245,21 @@ fn unsupported_or_malformed_redis_settings_are_refused() {
     let problems = with_store("  redis: { url: \"redis://:hunter2@h:99999999\" }").expect_err("bad port");
     assert!(problems.iter().all(|p| !p.message.contains("hunter2")), "{problems:#?}");
 }
+
+#[test]
+fn unknown_zone_names_are_refused_wherever_zones_are_named() {
+    let (text, problems) = problems_after("zones: [internal, vpn]", "zones: [internal, vnp]");
+    assert_problem(
+        &problems,
+        "routes[4].zones[1]",
+        line_of(&text, "[internal, vnp]"),
+        "unknown zone \"vnp\" (known: internal, partners, vpn, untrusted)",
+    );
+    let (text, problems) = problems_after("    block_for: 15m", "    block_for: 15m\n    exempt_zones: [intranet]");
+    assert_problem(
+        &problems,
+        "network.auto_block.exempt_zones[0]",
+        line_of(&text, "[intranet]"),
+        "unknown zone \"intranet\" (known: internal, partners, vpn, untrusted)",
+    );
+}
