@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use decision_core::decide::{block_plan, failure_plan};
+use decision_core::decide::{AfterFailure, conclude_failure, failure_plan};
 use decision_core::policy::Policy;
 use decision_core::quota::Verdict;
 use decision_core::rls::{self, DescriptorReq, RlsDecision};
-use decision_core::{Decision, Reason, Request, conclude, plan, store_failed};
+use decision_core::{Decision, Request, conclude, plan, store_failed};
 
 use crate::clock;
 use crate::store::{Store, StoreError};
@@ -85,22 +85,15 @@ impl<S: Store> Engine<S> {
     async fn after_failed_auth(&self, policy: &Policy, d: Decision, now: u64) -> Decision {
         let Some(ops) = failure_plan(policy, &d) else { return d };
         let Ok(v) = self.apply(&ops, now).await else { return d };
-        let blocked = |retry_after| Decision { reason: Reason::IpBlocked, retry_after: Some(retry_after), ..d.clone() };
-        if !v[0].allowed {
-            return blocked(v[0].retry_after);
-        }
-        if v[1].allowed {
-            return d;
-        }
-        let (Some(op), Some(ip)) = (d.ctx.client_ip.and_then(|ip| block_plan(policy, ip)), d.ctx.client_ip) else {
-            return d;
-        };
-        match self.apply(std::slice::from_ref(&op), now).await {
-            Ok(_) => {
-                tracing::warn!(client_ip = %ip, "address blocked after repeated failed authentications");
-                blocked(op.limit.window())
-            }
-            Err(_) => d,
+        match conclude_failure(policy, d.clone(), &v) {
+            AfterFailure::Answer(answer) => answer,
+            AfterFailure::Block { raise, blocked } => match self.apply(std::slice::from_ref(&raise), now).await {
+                Ok(_) => {
+                    tracing::warn!(client_ip = ?blocked.ctx.client_ip, "address blocked after repeated failed authentications");
+                    blocked
+                }
+                Err(_) => d,
+            },
         }
     }
 

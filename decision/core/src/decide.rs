@@ -512,10 +512,31 @@ pub fn failure_plan(policy: &Policy, d: &Decision) -> Option<Vec<Op>> {
     Some(vec![check, count])
 }
 
-/// The operation that raises an address's block (when its failures crossed the threshold).
-pub fn block_plan(policy: &Policy, ip: IpAddr) -> Option<Op> {
-    let ab = policy.network.auto_block.as_ref()?;
-    Some(Op { key: block_key(ip), limit: ab.block, cost: 1, kind: OpKind::Block, shadow: false })
+/// What a counted failed authentication comes to.
+#[derive(Debug, Clone)]
+pub enum AfterFailure {
+    /// the answer: the 401 as it was, or 403 `ip_blocked` when the address already is
+    Answer(Decision),
+    /// the failures just crossed the threshold: apply `raise`, then answer `blocked` (if the
+    /// store fails, the 401 stands)
+    Block { raise: Op, blocked: Decision },
+}
+
+/// Concludes `failure_plan`'s verdicts (the block check, then the failure count).
+pub fn conclude_failure(policy: &Policy, d: Decision, verdicts: &[Verdict]) -> AfterFailure {
+    let blocked =
+        |d: &Decision, retry_after| Decision { reason: Reason::IpBlocked, retry_after: Some(retry_after), ..d.clone() };
+    match verdicts {
+        [check, _] if !check.allowed => AfterFailure::Answer(blocked(&d, check.retry_after)),
+        [_, count] if !count.allowed => match (d.ctx.client_ip, policy.network.auto_block.as_ref()) {
+            (Some(ip), Some(ab)) => {
+                let raise = Op { key: block_key(ip), limit: ab.block, cost: 1, kind: OpKind::Block, shadow: false };
+                AfterFailure::Block { blocked: blocked(&d, ab.block.window()), raise }
+            }
+            _ => AfterFailure::Answer(d),
+        },
+        _ => AfterFailure::Answer(d),
+    }
 }
 
 /// The decision from the store's verdicts (one per operation, in order).
