@@ -14,6 +14,21 @@ use crate::clock;
 use crate::store::{Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 
+/// The longest a request waits for a fetch its bearer token needs (the fetches carry their own,
+/// shorter, timeouts; this bounds waiting behind another request's fetch).
+const FETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Starts what a policy's verifiers do in the background (fetching remote key sets); it ends by
+/// itself when the policy is replaced and dropped. Outside a Tokio runtime (a unit test, the
+/// CLI) nothing is started: the verifiers then fetch on first use.
+fn start_background(policy: &Policy) {
+    if let (Ok(rt), Some(work)) =
+        (tokio::runtime::Handle::try_current(), policy.bearer.as_ref().and_then(|b| b.background()))
+    {
+        rt.spawn(work);
+    }
+}
+
 pub struct Engine<S> {
     policy: ArcSwap<Policy>,
     store: S,
@@ -24,6 +39,7 @@ impl<S: Store> Engine<S> {
     pub fn new(policy: Arc<Policy>, store: S) -> Self {
         let metrics = Metrics::new();
         metrics.policy_loaded(policy.routes.len());
+        start_background(&policy);
         Engine { policy: ArcSwap::new(policy), store, metrics }
     }
 
@@ -34,6 +50,7 @@ impl<S: Store> Engine<S> {
 
     pub fn replace_policy(&self, policy: Arc<Policy>) {
         self.metrics.policy_loaded(policy.routes.len());
+        start_background(&policy);
         self.policy.store(policy);
     }
 
@@ -97,12 +114,38 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    /// Decides one request under `policy`: at most one store call.
+    /// Runs the fetch the bearer verifier asks for after refusing a token, if any: on a task of
+    /// its own, so a client that gives up does not cancel it halfway, and awaited at most
+    /// `FETCH_WAIT`. True when there was one to wait for.
+    async fn fetch_for(&self, policy: &Policy, req: &Request<'_>, reason: decision_core::Reason) -> bool {
+        let (Some(verifier), Some(auth)) = (&policy.bearer, req.authorization) else { return false };
+        let Some(token) =
+            auth.get(7..).filter(|_| auth.len() > 7 && auth.as_bytes()[..7].eq_ignore_ascii_case(b"bearer "))
+        else {
+            return false;
+        };
+        let Some(fetch) = verifier.fetch_for(token.trim(), reason) else { return false };
+        let _ = tokio::time::timeout(FETCH_WAIT, tokio::spawn(fetch)).await;
+        true
+    }
+
+    /// Decides one request under `policy`: at most one store call (a bearer token that needs
+    /// a fetch first, an unknown `kid` or an introspection miss, waits for it and is decided
+    /// again).
     pub async fn decide(&self, policy: &Policy, req: &Request<'_>) -> Decision {
-        let now = clock::now_micros();
+        let mut now = clock::now_micros();
         let plan = match plan(policy, req, now) {
             Ok(p) => p,
-            Err(d) => return self.after_failed_auth(policy, *d, now).await,
+            Err(d) => match self.fetch_for(policy, req, d.reason).await {
+                false => return self.after_failed_auth(policy, *d, now).await,
+                true => {
+                    now = clock::now_micros();
+                    match plan(policy, req, now) {
+                        Ok(p) => p,
+                        Err(d) => return self.after_failed_auth(policy, *d, now).await,
+                    }
+                }
+            },
         };
         if plan.ops.is_empty() {
             return conclude(policy, plan, &[]);

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod explain;
+pub mod https;
 pub mod keys;
 pub mod server;
 pub mod store;

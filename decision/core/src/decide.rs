@@ -73,6 +73,13 @@ pub enum Reason {
     JwtWrongAudience,
     JwtMissingSubject,
     JwtUnknownTier,
+    /// the issuer's key set (`jwks_url`) has never been fetched: the issuer is unreachable
+    JwksUnavailable,
+    /// OAuth 2.0 introspection said the token is not active
+    TokenInactive,
+    /// OAuth 2.0 introspection could not be asked (outage, timeout): 503, so clients retry
+    /// instead of discarding a good token
+    IntrospectionUnavailable,
     FreshAuthRequired,
     RoleForbidden,
     TierRateExceeded,
@@ -82,7 +89,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 40] = [
+    pub const ALL: [Reason; 43] = [
         Reason::Allowed,
         Reason::AllowedStoreUnavailable,
         Reason::BadRequest,
@@ -117,6 +124,9 @@ impl Reason {
         Reason::JwtWrongAudience,
         Reason::JwtMissingSubject,
         Reason::JwtUnknownTier,
+        Reason::JwksUnavailable,
+        Reason::TokenInactive,
+        Reason::IntrospectionUnavailable,
         Reason::FreshAuthRequired,
         Reason::RoleForbidden,
         Reason::TierRateExceeded,
@@ -162,6 +172,9 @@ impl Reason {
             Reason::JwtWrongAudience => "jwt_wrong_audience",
             Reason::JwtMissingSubject => "jwt_missing_subject",
             Reason::JwtUnknownTier => "jwt_unknown_tier",
+            Reason::JwksUnavailable => "jwks_unavailable",
+            Reason::TokenInactive => "token_inactive",
+            Reason::IntrospectionUnavailable => "introspection_unavailable",
             Reason::FreshAuthRequired => "fresh_auth_required",
             Reason::RoleForbidden => "role_forbidden",
             Reason::TierRateExceeded => "tier_rate_exceeded",
@@ -198,6 +211,7 @@ impl Reason {
             | Reason::JwtWrongAudience
             | Reason::JwtMissingSubject
             | Reason::JwtUnknownTier
+            | Reason::TokenInactive
             | Reason::FreshAuthRequired => 401,
             Reason::IpDenied | Reason::IpBlocked | Reason::NoRoute | Reason::ZoneForbidden | Reason::RoleForbidden => {
                 403
@@ -205,7 +219,7 @@ impl Reason {
             Reason::BodyTooLarge => 413,
             Reason::TierRateExceeded | Reason::DailyQuotaExceeded | Reason::ZoneRateExceeded => 429,
             Reason::HeadersTooLarge => 431,
-            Reason::StoreUnavailable => 503,
+            Reason::StoreUnavailable | Reason::JwksUnavailable | Reason::IntrospectionUnavailable => 503,
         }
     }
 
@@ -232,6 +246,8 @@ impl Reason {
 pub enum CredentialKind {
     ApiKey,
     Jwt,
+    /// an opaque OAuth 2.0 token, vouched for by the issuer's introspection endpoint
+    Introspected,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,6 +270,7 @@ pub struct VerifiedToken {
     pub tier: usize,
     pub auth_time: Option<Micros>,
     pub expires_at: Micros,
+    pub credential: CredentialKind,
 }
 
 /// Verifies bearer tokens (JWT in the decision crate). The core calls it only for a route that
@@ -261,7 +278,24 @@ pub struct VerifiedToken {
 pub trait BearerVerifier: Send + Sync + std::fmt::Debug {
     /// The identity a token proves at `now`, or the precise reason it proves none.
     fn verify(&self, token: &str, now: Micros) -> Result<VerifiedToken, Reason>;
+
+    /// Asked after `verify` refused `token` with `reason`: a fetch that could change the
+    /// answer (a newer key set for an unknown `kid`, an introspection answer not yet cached),
+    /// for the host to await before it decides again. None when nothing can help, or when the
+    /// verifier's own rate limits say not now.
+    fn fetch_for(&self, _token: &str, _reason: Reason) -> Option<Fetch> {
+        None
+    }
+
+    /// Work to run in the background for as long as this verifier lives (refreshing remote
+    /// key sets before they go stale); it ends by itself once the verifier is dropped.
+    fn background(&self) -> Option<Fetch> {
+        None
+    }
 }
+
+/// A fetch a verifier asks its host to run; the host bounds it with a timeout.
+pub type Fetch = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
 
 /// Which limit an operation enforces (its name in the RateLimit headers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -427,7 +461,7 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
                         subject: t.subject,
                         roles: t.roles,
                         tier: t.tier,
-                        credential: CredentialKind::Jwt,
+                        credential: t.credential,
                         auth_time: t.auth_time,
                     },
                     Err(reason) => return deny(reason, ctx),

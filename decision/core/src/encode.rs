@@ -26,6 +26,22 @@ pub fn b64url(bytes: &[u8]) -> String {
     out
 }
 
+/// Standard base64 with padding (RFC 4648 section 4; HTTP Basic credentials).
+pub fn b64(bytes: &[u8]) -> String {
+    let mut out: String = b64url(bytes)
+        .chars()
+        .map(|c| match c {
+            '-' => '+',
+            '_' => '/',
+            c => c,
+        })
+        .collect();
+    while !out.len().is_multiple_of(4) {
+        out.push('=');
+    }
+    out
+}
+
 /// Decodes base64url without padding; None for any other character.
 pub fn b64url_decode(s: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
@@ -64,6 +80,9 @@ mod tests {
             assert_eq!(b64url_decode(enc).as_deref(), Some(plain.as_bytes()));
         }
         assert_eq!(b64url(&[0xfb, 0xff]), "-_8");
+        assert_eq!(b64(&[0xfb, 0xff]), "+/8=");
+        assert_eq!(b64(b"foob"), "Zm9vYg==");
+        assert_eq!(b64(b"Aladdin:open sesame"), "QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
         assert_eq!(b64url_decode("a+b"), None, "standard base64 is not base64url");
     }
 }

@@ -1,4 +1,8 @@
-//! JWT bearer tokens, verified against keys from the policy's `jwks_file`.
+//! JWT bearer tokens, verified against keys from the policy's `jwks_file` (read with the
+//! policy) or `jwks_url` (fetched over HTTPS: at once, in the background before it goes stale,
+//! and again when a token names a `kid` we do not hold; those refetches are rate-limited by a
+//! cooldown and a negative cache of unknown kids, so a flood of random kids cannot turn
+//! portcullis into a load generator against the issuer; a failed fetch keeps the last good set).
 //!
 //! `jsonwebtoken` is used for the signature only; everything else is checked here, with the
 //! policy's leeway and portcullis's clock, because the crate's defaults are not ours (a 60 s
@@ -12,10 +16,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use decision_core::Reason;
-use decision_core::decide::{BearerVerifier, VerifiedToken};
+use decision_core::decide::{BearerVerifier, CredentialKind, Fetch, VerifiedToken};
 use decision_core::units::{MICROS_PER_SEC, Micros};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey};
@@ -31,6 +39,15 @@ pub const CACHE_ENTRIES: usize = 100_000;
 /// Roles named in tokens that the policy does not know (ignored, counted); exported as
 /// `portcullis_jwt_unknown_roles_total`.
 pub static UNKNOWN_ROLES: LazyLock<Counter> = LazyLock::new(Counter::default);
+/// JWKS fetches that brought a usable key set (`portcullis_jwks_fetches_total`).
+pub static JWKS_FETCHES: LazyLock<Counter> = LazyLock::new(Counter::default);
+/// JWKS fetches that failed; the last good set stays (`portcullis_jwks_fetch_errors_total`).
+pub static JWKS_FETCH_ERRORS: LazyLock<Counter> = LazyLock::new(Counter::default);
+
+/// Largest JWKS document accepted.
+pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
+/// Unknown kids remembered between two fetches at most.
+const NEGATIVE_KIDS: usize = 4096;
 
 struct Key {
     kid: Option<String>,
@@ -38,6 +55,153 @@ struct Key {
     alg: Option<Algorithm>,
     params: AlgorithmParameters,
     decoding: DecodingKey,
+}
+
+/// The keys an issuer signs with, swapped whole when a fetch brings a new set.
+#[derive(Default)]
+struct KeySet {
+    keys: Vec<Key>,
+    /// false until a `jwks_url` issuer's first fetch succeeds
+    loaded: bool,
+}
+
+/// Where an issuer's keys come from.
+pub enum KeySource<'a> {
+    /// a JWKS document read with the policy (`jwks_file`)
+    Document(&'a str),
+    /// `jwks_url`: fetched now and then
+    Url {
+        url: crate::https::Url,
+        client: crate::https::HttpsClient,
+        /// refresh this often in the background (sooner when the answer's max-age says so)
+        refresh: Duration,
+        /// at most one fetch per cooldown, whatever the tokens say
+        cooldown: Duration,
+    },
+}
+
+/// A `jwks_url` issuer's fetching state.
+struct Remote {
+    iss: String,
+    url: crate::https::Url,
+    client: crate::https::HttpsClient,
+    refresh: Duration,
+    cooldown: Duration,
+    keys: Arc<ArcSwap<KeySet>>,
+    /// held while a fetch runs, so concurrent callers wait for it rather than fetch again
+    gate: tokio::sync::Mutex<()>,
+    /// when the last fetch started
+    last: Mutex<Option<Instant>>,
+    /// bumped by every successful fetch
+    generation: AtomicU64,
+    /// the negative cache: kids still unknown after a fetch, and when; no refetch on their
+    /// account for a cooldown
+    unknown: Mutex<HashMap<String, Instant>>,
+}
+
+impl Remote {
+    /// One fetch; on success the new set replaces the old one. Returns the answer's max-age.
+    async fn fetch(&self) -> Result<Option<u64>, String> {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(crate::clock::instant());
+        }
+        let result = match self.client.get(&self.url).await {
+            Ok(r) if r.status == hyper::StatusCode::OK => std::str::from_utf8(&r.body)
+                .map_err(|e| e.to_string())
+                .and_then(parse_jwks)
+                .map(|keys| (keys, r.max_age)),
+            Ok(r) => Err(format!("HTTP status {}", r.status.as_u16())),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok((keys, max_age)) => {
+                let n = keys.len();
+                self.keys.store(Arc::new(KeySet { keys, loaded: true }));
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                if let Ok(mut u) = self.unknown.lock() {
+                    u.clear();
+                }
+                JWKS_FETCHES.inc();
+                tracing::info!(issuer = %self.iss, url = %self.url, keys = n, "JWKS fetched");
+                Ok(max_age)
+            }
+            Err(e) => {
+                JWKS_FETCH_ERRORS.inc();
+                tracing::warn!(issuer = %self.iss, url = %self.url, error = %e, "JWKS fetch failed; keeping the last good key set");
+                Err(e)
+            }
+        }
+    }
+
+    fn cooling(&self) -> bool {
+        self.last.lock().ok().and_then(|l| *l).is_some_and(|t| t.elapsed() < self.cooldown)
+    }
+
+    fn forget(&self, kid: Option<&str>) {
+        if let (Some(kid), Ok(mut u)) = (kid, self.unknown.lock()) {
+            if u.len() >= NEGATIVE_KIDS {
+                let cooldown = self.cooldown;
+                u.retain(|_, t| t.elapsed() < cooldown);
+                if u.len() >= NEGATIVE_KIDS {
+                    u.clear();
+                }
+            }
+            u.insert(kid.to_owned(), crate::clock::instant());
+        }
+    }
+
+    /// Whether a kid is in the negative cache.
+    fn known_unknown(&self, kid: &str) -> bool {
+        self.unknown.lock().is_ok_and(|u| u.get(kid).is_some_and(|t| t.elapsed() < self.cooldown))
+    }
+
+    /// On demand, for a token whose kid we lack: wait for a fetch already running, else fetch
+    /// unless the cooldown forbids it.
+    async fn refetch(self: Arc<Self>, kid: Option<String>) {
+        let seen = self.generation.load(Ordering::Acquire);
+        let _gate = self.gate.lock().await;
+        if self.generation.load(Ordering::Acquire) != seen {
+            return; // a fetch finished while we waited
+        }
+        if self.cooling() {
+            self.forget(kid.as_deref());
+            return;
+        }
+        let _ = self.fetch().await;
+        if !self.keys.load().keys.iter().any(|k| k.kid == kid) {
+            self.forget(kid.as_deref());
+        }
+    }
+
+    /// In the background: fetch, then again before the set goes stale; after a failure, again
+    /// after the cooldown. Ends once the issuer is dropped (a reload replaced it).
+    async fn run(weak: Weak<Remote>) {
+        loop {
+            let Some(remote) = weak.upgrade() else { return };
+            let wait = {
+                let _gate = remote.gate.lock().await;
+                match remote.fetch().await {
+                    Ok(max_age) => max_age
+                        .map_or(remote.refresh, |a| Duration::from_secs(a).clamp(remote.cooldown, remote.refresh)),
+                    Err(_) => remote.cooldown,
+                }
+            };
+            drop(remote);
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+fn parse_jwks(text: &str) -> Result<Vec<Key>, String> {
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("invalid JWKS: {e}"))?;
+    let mut keys = Vec::with_capacity(set.keys.len());
+    for (i, jwk) in set.keys.iter().enumerate() {
+        keys.push(key(jwk).map_err(|e| format!("JWKS key {i}: {e}"))?);
+    }
+    if keys.is_empty() {
+        return Err("the JWKS holds no key".into());
+    }
+    Ok(keys)
 }
 
 /// One trusted issuer.
@@ -54,11 +218,13 @@ pub struct Issuer {
     pub tiers: HashMap<String, usize>,
     /// the tier of a token without a tier claim
     pub default_tier: Option<usize>,
-    keys: Vec<Key>,
+    keys: Arc<ArcSwap<KeySet>>,
+    remote: Option<Arc<Remote>>,
 }
 
 impl Issuer {
-    /// Builds an issuer from a JWKS document; keys of unsupported types are refused.
+    /// Builds an issuer; keys of unsupported types in a JWKS document are refused. A
+    /// `jwks_url` issuer starts with no key and fetches on first use or in the background.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         iss: String,
@@ -70,17 +236,42 @@ impl Issuer {
         roles: HashMap<String, u64>,
         tiers: HashMap<String, usize>,
         default_tier: Option<usize>,
-        jwks: &str,
+        source: KeySource<'_>,
     ) -> Result<Issuer, String> {
-        let set: JwkSet = serde_json::from_str(jwks).map_err(|e| format!("invalid JWKS: {e}"))?;
-        let mut keys = Vec::with_capacity(set.keys.len());
-        for (i, jwk) in set.keys.iter().enumerate() {
-            keys.push(key(jwk).map_err(|e| format!("JWKS key {i}: {e}"))?);
-        }
-        if keys.is_empty() {
-            return Err("the JWKS holds no key".into());
-        }
-        Ok(Issuer { iss, audiences, algorithms, leeway, roles_claim, tier_claim, roles, tiers, default_tier, keys })
+        let (keys, remote) = match source {
+            KeySource::Document(text) => {
+                (Arc::new(ArcSwap::from_pointee(KeySet { keys: parse_jwks(text)?, loaded: true })), None)
+            }
+            KeySource::Url { url, client, refresh, cooldown } => {
+                let keys = Arc::new(ArcSwap::from_pointee(KeySet::default()));
+                let remote = Remote {
+                    iss: iss.clone(),
+                    url,
+                    client,
+                    refresh,
+                    cooldown,
+                    keys: keys.clone(),
+                    gate: tokio::sync::Mutex::new(()),
+                    last: Mutex::new(None),
+                    generation: AtomicU64::new(0),
+                    unknown: Mutex::new(HashMap::new()),
+                };
+                (keys, Some(Arc::new(remote)))
+            }
+        };
+        Ok(Issuer {
+            iss,
+            audiences,
+            algorithms,
+            leeway,
+            roles_claim,
+            tier_claim,
+            roles,
+            tiers,
+            default_tier,
+            keys,
+            remote,
+        })
     }
 }
 
@@ -199,9 +390,13 @@ impl JwtVerifier {
             return Err(Reason::JwtAlgNotAllowed);
         }
         let kid = header.get("kid").and_then(|k| k.as_str());
+        let set = issuer.keys.load();
+        if !set.loaded {
+            return Err(Reason::JwksUnavailable);
+        }
         let candidates: Vec<&Key> = match kid {
-            Some(kid) => issuer.keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).collect(),
-            None => issuer.keys.iter().filter(|k| key_fits(&k.params, alg)).collect(),
+            Some(kid) => set.keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).collect(),
+            None => set.keys.iter().filter(|k| key_fits(&k.params, alg)).collect(),
         };
         let key = match candidates.as_slice() {
             [k] => *k,
@@ -267,6 +462,7 @@ impl JwtVerifier {
                 tier,
                 auth_time,
                 expires_at: exp.saturating_add(leeway),
+                credential: CredentialKind::Jwt,
             },
             nbf.map(|n| n.saturating_sub(leeway)),
         ))
@@ -302,6 +498,39 @@ impl BearerVerifier for JwtVerifier {
             cache.insert(digest, Cached { token: token.clone(), not_before });
         }
         Ok(token)
+    }
+
+    fn fetch_for(&self, token: &str, reason: Reason) -> Option<Fetch> {
+        if !matches!(reason, Reason::JwtUnknownKid | Reason::JwksUnavailable) {
+            return None;
+        }
+        let mut parts = token.split('.');
+        let (header, claims) = (object(parts.next()?).ok()?, object(parts.next()?).ok()?);
+        let iss = claims.get("iss").and_then(|v| v.as_str())?;
+        let remote = self.issuers.iter().find(|i| i.iss == iss)?.remote.clone()?;
+        let kid = header.get("kid").and_then(|k| k.as_str()).map(str::to_owned);
+        if kid.as_deref().is_some_and(|k| remote.known_unknown(k)) {
+            return None; // still unknown after a recent fetch: no new fetch on its account
+        }
+        if remote.cooling() && remote.gate.try_lock().is_ok() {
+            // no fetch running and none allowed yet: answer now, without queueing behind the gate
+            remote.forget(kid.as_deref());
+            return None;
+        }
+        Some(Box::pin(remote.refetch(kid)))
+    }
+
+    fn background(&self) -> Option<Fetch> {
+        let remotes: Vec<Weak<Remote>> =
+            self.issuers.iter().filter_map(|i| i.remote.as_ref().map(Arc::downgrade)).collect();
+        if remotes.is_empty() {
+            return None;
+        }
+        Some(Box::pin(async move {
+            for r in remotes {
+                tokio::spawn(Remote::run(r));
+            }
+        }))
     }
 }
 

@@ -20,6 +20,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use decision_core::apikey::{self, ApiKey, ApiKeyTable};
 use decision_core::glob::PathPattern;
@@ -55,8 +56,37 @@ pub const JWT_ALGORITHMS: [&str; 10] =
 pub const DEFAULT_JWT_LEEWAY: &str = "30s";
 /// The tier of a token without a tier claim (the reference: "missing -> basic").
 pub const DEFAULT_JWT_TIER: &str = "basic";
+/// `jwks_url` issuers: background refresh period, refetch cooldown and fetch timeout.
+pub const DEFAULT_JWKS_REFRESH: &str = "5m";
+pub const DEFAULT_JWKS_COOLDOWN: &str = "30s";
+pub const DEFAULT_JWKS_TIMEOUT: &str = "5s";
+/// OAuth 2.0 introspection: how long an answer is believed, and the call's timeout (keep it
+/// well under Envoy's ext_authz timeout).
+pub const DEFAULT_INTROSPECTION_CACHE_TTL: &str = "60s";
+pub const DEFAULT_INTROSPECTION_TIMEOUT: &str = "2s";
 /// Largest policy file read (a policy is configuration, not data).
 pub const MAX_POLICY_BYTES: u64 = 4 << 20;
+
+/// What a bearer token's role and tier names mean: role name -> granted bits, tier name ->
+/// index, and the tier of a token that names none.
+#[allow(clippy::type_complexity)]
+fn bearer_tables(
+    roles: Option<&RoleTable>,
+    tiers: &[Tier],
+) -> (std::collections::HashMap<String, u64>, std::collections::HashMap<String, usize>, Option<usize>) {
+    let role_bits =
+        roles.map(|t| t.names().filter_map(|n| t.granted(n).map(|b| (n.to_owned(), b))).collect()).unwrap_or_default();
+    let tier_index: std::collections::HashMap<String, usize> =
+        tiers.iter().enumerate().map(|(i, t)| (t.name.to_string(), i)).collect();
+    let default_tier = tier_index.get(DEFAULT_JWT_TIER).copied();
+    (role_bits, tier_index, default_tier)
+}
+
+/// A secret from the environment (the policy names the variable, never the secret).
+#[allow(clippy::disallowed_methods)]
+fn env_secret(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
 
 /// One thing wrong with a policy file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,18 +262,13 @@ impl Validator<'_> {
         let tiers = self.tiers(raw.tiers);
         let auth = raw.authentication.unwrap_or_default();
         let api_keys = self.api_keys(auth.api_keys.unwrap_or_default(), roles.as_ref(), &tiers);
-        let bearer = self.jwt(&auth.jwt, roles.as_ref(), &tiers);
-        if let Some(i) = &auth.oauth2_introspection {
-            if !i.endpoint.starts_with("https://") && !i.endpoint.starts_with("http://") {
-                self.err(
-                    "authentication.oauth2_introspection.endpoint",
-                    format!("invalid URL {:?}: expected https://...", i.endpoint),
-                );
-            }
-            if let Some(t) = &i.cache_ttl {
-                self.parse("authentication.oauth2_introspection.cache_ttl", units::parse_duration(t));
-            }
-        }
+        let jwt = self.jwt(&auth.jwt, roles.as_ref(), &tiers);
+        let introspection =
+            auth.oauth2_introspection.as_ref().and_then(|i| self.introspection(i, roles.as_ref(), &tiers));
+        let bearer: Option<Arc<dyn decision_core::BearerVerifier>> = match (jwt, introspection) {
+            (None, None) => None,
+            (jwt, introspection) => Some(Arc::new(crate::auth::introspection::Bearer { jwt, introspection })),
+        };
         let routes = self.routes(&raw.routes, roles.as_ref(), &network.zones);
         let quota_warning = raw.quota_warning.as_deref().unwrap_or(DEFAULT_QUOTA_WARNING);
         let quota_warning = self.parse("quota_warning", units::parse_percent(quota_warning));
@@ -517,7 +542,11 @@ impl Validator<'_> {
         issuers: &[raw::RawJwt],
         roles: Option<&RoleTable>,
         tiers: &[Tier],
-    ) -> Option<Arc<dyn decision_core::BearerVerifier>> {
+    ) -> Option<crate::auth::jwt::JwtVerifier> {
+        enum Jwks {
+            Document(String),
+            Url { url: crate::https::Url, client: crate::https::HttpsClient, refresh: Duration, cooldown: Duration },
+        }
         let mut built = Vec::new();
         for (i, j) in issuers.iter().enumerate() {
             let path = format!("authentication.jwt[{i}]");
@@ -531,7 +560,7 @@ impl Validator<'_> {
                     None
                 }
                 (Some(f), None) => match std::fs::read_to_string(self.base.join(f)) {
-                    Ok(text) => Some(text),
+                    Ok(text) => Some(Jwks::Document(text)),
                     Err(e) => {
                         self.err(
                             format!("{path}.jwks_file"),
@@ -541,18 +570,25 @@ impl Validator<'_> {
                     }
                 },
                 (None, Some(u)) => {
-                    if u.starts_with("https://") {
-                        self.err(
-                            format!("{path}.jwks_url"),
-                            "jwks_url is not supported by this version yet; use jwks_file",
-                        );
-                    } else {
-                        self.err(
-                            format!("{path}.jwks_url"),
-                            format!("invalid URL {u:?}: keys must be fetched over https://"),
-                        );
+                    let url = self.parse(&format!("{path}.jwks_url"), crate::https::Url::parse(u));
+                    let client = self.https_client(
+                        &path,
+                        j.ca_file.as_deref(),
+                        j.timeout.as_deref(),
+                        DEFAULT_JWKS_TIMEOUT,
+                        crate::auth::jwt::MAX_JWKS_BYTES,
+                    );
+                    let refresh =
+                        self.duration(&format!("{path}.jwks_refresh"), j.jwks_refresh.as_deref(), DEFAULT_JWKS_REFRESH);
+                    let cooldown = self.duration(
+                        &format!("{path}.jwks_cooldown"),
+                        j.jwks_cooldown.as_deref(),
+                        DEFAULT_JWKS_COOLDOWN,
+                    );
+                    match (url, client) {
+                        (Some(url), Some(client)) => Some(Jwks::Url { url, client, refresh, cooldown }),
+                        _ => None,
                     }
-                    None
                 }
             };
             if j.algorithms.is_empty() {
@@ -577,12 +613,7 @@ impl Validator<'_> {
                     units::parse_duration(j.leeway.as_deref().unwrap_or(DEFAULT_JWT_LEEWAY)),
                 )
                 .unwrap_or(0);
-            let role_bits: std::collections::HashMap<String, u64> = roles
-                .map(|t| t.names().filter_map(|n| t.granted(n).map(|b| (n.to_owned(), b))).collect())
-                .unwrap_or_default();
-            let tier_index: std::collections::HashMap<String, usize> =
-                tiers.iter().enumerate().map(|(i, t)| (t.name.to_string(), i)).collect();
-            let default_tier = tier_index.get(DEFAULT_JWT_TIER).copied();
+            let (role_bits, tier_index, default_tier) = bearer_tables(roles, tiers);
             if let Some(jwks) = jwks {
                 match crate::auth::jwt::Issuer::new(
                     j.issuer.clone(),
@@ -594,17 +625,98 @@ impl Validator<'_> {
                     role_bits,
                     tier_index,
                     default_tier,
-                    &jwks,
+                    match jwks {
+                        Jwks::Document(ref text) => crate::auth::jwt::KeySource::Document(text),
+                        Jwks::Url { url, client, refresh, cooldown } => {
+                            crate::auth::jwt::KeySource::Url { url, client, refresh, cooldown }
+                        }
+                    },
                 ) {
                     Ok(issuer) => built.push(issuer),
-                    Err(e) => self.err(format!("{path}.jwks_file"), e),
+                    Err(e) => {
+                        self.err(format!("{path}.{}", if j.jwks_url.is_some() { "jwks_url" } else { "jwks_file" }), e)
+                    }
                 }
             }
         }
         if built.is_empty() {
             return None;
         }
-        Some(Arc::new(crate::auth::jwt::JwtVerifier::new(built)))
+        Some(crate::auth::jwt::JwtVerifier::new(built))
+    }
+
+    /// A duration setting, or its default.
+    fn duration(&mut self, path: &str, value: Option<&str>, default: &str) -> Duration {
+        let micros = self.parse(path, units::parse_duration(value.unwrap_or(default))).unwrap_or(0);
+        Duration::from_micros(micros)
+    }
+
+    /// The HTTPS client of an outbound call: the CA file (relative to the policy) and timeout.
+    fn https_client(
+        &mut self,
+        path: &str,
+        ca_file: Option<&str>,
+        timeout: Option<&str>,
+        default_timeout: &str,
+        max_body: usize,
+    ) -> Option<crate::https::HttpsClient> {
+        let timeout = self.duration(&format!("{path}.timeout"), timeout, default_timeout);
+        if timeout.is_zero() {
+            self.err(format!("{path}.timeout"), "must be more than zero");
+        }
+        let ca = ca_file.map(|f| self.base.join(f));
+        match crate::https::HttpsClient::new(ca.as_deref(), timeout, max_body) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                self.err(format!("{path}.ca_file"), e);
+                None
+            }
+        }
+    }
+
+    fn introspection(
+        &mut self,
+        i: &raw::RawIntrospection,
+        roles: Option<&RoleTable>,
+        tiers: &[Tier],
+    ) -> Option<Arc<crate::auth::introspection::Introspector>> {
+        let path = "authentication.oauth2_introspection";
+        let endpoint = self.parse(&format!("{path}.endpoint"), crate::https::Url::parse(&i.endpoint));
+        let client = self.https_client(
+            path,
+            i.ca_file.as_deref(),
+            i.timeout.as_deref(),
+            DEFAULT_INTROSPECTION_TIMEOUT,
+            crate::auth::introspection::MAX_ANSWER_BYTES,
+        );
+        let cache_ttl =
+            self.duration(&format!("{path}.cache_ttl"), i.cache_ttl.as_deref(), DEFAULT_INTROSPECTION_CACHE_TTL);
+        if i.client_id.is_empty() {
+            self.err(format!("{path}.client_id"), "must not be empty");
+        }
+        let secret = match env_secret(&i.client_secret_env) {
+            Some(s) if !s.is_empty() => Some(s),
+            _ => {
+                self.err(
+                    format!("{path}.client_secret_env"),
+                    format!("environment variable {:?} is not set (it holds the client secret)", i.client_secret_env),
+                );
+                None
+            }
+        };
+        let (roles, tiers, default_tier) = bearer_tables(roles, tiers);
+        Some(crate::auth::introspection::Introspector::new(crate::auth::introspection::Settings {
+            endpoint: endpoint?,
+            client: client?,
+            client_id: i.client_id.clone(),
+            client_secret: secret?,
+            cache_ttl: u64::try_from(cache_ttl.as_micros()).unwrap_or(u64::MAX),
+            roles_claim: i.roles_claim.clone().unwrap_or_else(|| "scope".into()),
+            tier_claim: i.tier_claim.clone().unwrap_or_else(|| "tier".into()),
+            roles,
+            tiers,
+            default_tier,
+        }))
     }
 
     fn routes(&mut self, raw: &[raw::RawRoute], roles: Option<&RoleTable>, zones: &Zones) -> Vec<Route> {

@@ -181,6 +181,14 @@ pub struct RawJwt {
     pub audiences: Vec<String>,
     pub jwks_file: Option<String>,
     pub jwks_url: Option<String>,
+    /// `jwks_url`: refresh the key set this often (sooner when the answer's max-age says so)
+    pub jwks_refresh: Option<String>,
+    /// `jwks_url`: at most one fetch per cooldown, whatever kids the tokens name
+    pub jwks_cooldown: Option<String>,
+    /// `jwks_url`: PEM CA certificates trusted besides the Mozilla roots
+    pub ca_file: Option<String>,
+    /// `jwks_url`: a fetch gives up after this long
+    pub timeout: Option<String>,
     #[serde(default)]
     pub algorithms: Vec<String>,
     pub leeway: Option<String>,
@@ -195,6 +203,13 @@ pub struct RawIntrospection {
     pub client_id: String,
     pub client_secret_env: String,
     pub cache_ttl: Option<String>,
+    /// a call gives up after this long (the request is then answered 503)
+    pub timeout: Option<String>,
+    /// PEM CA certificates trusted besides the Mozilla roots
+    pub ca_file: Option<String>,
+    /// the answer member with role names (space-separated string or array); default `scope`
+    pub roles_claim: Option<String>,
+    pub tier_claim: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -263,3 +263,27 @@ fn unknown_zone_names_are_refused_wherever_zones_are_named() {
         "unknown zone \"intranet\" (known: internal, partners, vpn, untrusted)",
     );
 }
+
+#[test]
+fn remote_token_settings_are_checked() {
+    let jwks_line = "jwks_file: jwks.json      # or jwks_url (fetched, cached, refreshed on unknown kid)";
+    let (text, problems) = problems_after(jwks_line, "jwks_url: http://auth.example.com/jwks.json");
+    assert_problem(&problems, "authentication.jwt[0].jwks_url", line_of(&text, "jwks_url: http:"), "must be https://");
+    let (text, problems) =
+        problems_after(jwks_line, "jwks_url: https://auth.example.com/jwks.json\n      ca_file: missing-ca.pem");
+    assert_problem(&problems, "authentication.jwt[0].ca_file", line_of(&text, "missing-ca.pem"), "cannot read");
+    let (text, problems) =
+        problems_after(jwks_line, "jwks_url: https://auth.example.com/jwks.json\n      jwks_cooldown: soon");
+    assert_problem(&problems, "authentication.jwt[0].jwks_cooldown", line_of(&text, "soon"), "");
+    // a secret is named by its environment variable; an unset one is refused at load
+    let (text, problems) = problems_after(
+        "  # oauth2_introspection:",
+        "  oauth2_introspection:\n    endpoint: https://auth.example.com/introspect\n    client_id: portcullis\n    client_secret_env: PORTCULLIS_TEST_SURELY_UNSET\n  # was:",
+    );
+    assert_problem(
+        &problems,
+        "authentication.oauth2_introspection.client_secret_env",
+        line_of(&text, "PORTCULLIS_TEST_SURELY_UNSET"),
+        "environment variable \"PORTCULLIS_TEST_SURELY_UNSET\" is not set",
+    );
+}

@@ -81,6 +81,26 @@ impl Metrics {
             "Roles named in verified tokens that the policy does not know (ignored)",
             crate::auth::jwt::UNKNOWN_ROLES.clone(),
         );
+        registry.register(
+            "jwks_fetches",
+            "JWKS fetches (jwks_url) that brought a usable key set",
+            crate::auth::jwt::JWKS_FETCHES.clone(),
+        );
+        registry.register(
+            "jwks_fetch_errors",
+            "JWKS fetches that failed; the last good key set stays in force",
+            crate::auth::jwt::JWKS_FETCH_ERRORS.clone(),
+        );
+        registry.register(
+            "introspection_calls",
+            "OAuth 2.0 introspection calls answered by the endpoint",
+            crate::auth::introspection::CALLS.clone(),
+        );
+        registry.register(
+            "introspection_errors",
+            "OAuth 2.0 introspection calls that failed (the request was answered 503)",
+            crate::auth::introspection::ERRORS.clone(),
+        );
         let ratelimit_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 16));
         registry.register(
             "ratelimit_duration_seconds",

@@ -35,7 +35,7 @@ fn verifier() -> JwtVerifier {
         roles,
         tiers,
         Some(0),
-        &jwks,
+        KeySource::Document(&jwks),
     )
     .expect("issuer");
     JwtVerifier::new(vec![issuer])
