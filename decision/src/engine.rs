@@ -352,6 +352,36 @@ mod tests {
             Err(StoreError::Unavailable("connection refused".into()))
         }
 
+        async fn admit(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: bool,
+            _: &decision_core::traffic::TrafficConfig,
+            _: u64,
+        ) -> Result<(decision_core::traffic::Admit, crate::store::Occupied), StoreError> {
+            if self.hang {
+                std::future::pending::<()>().await;
+            }
+            Err(StoreError::Unavailable("connection refused".into()))
+        }
+
+        async fn leave(&self, _: &str, _: &str) -> Result<(), StoreError> {
+            Err(StoreError::Unavailable("connection refused".into()))
+        }
+
+        async fn complete(
+            &self,
+            _: &str,
+            _: &str,
+            _: bool,
+            _: &decision_core::traffic::TrafficConfig,
+            _: u64,
+        ) -> Result<(bool, crate::store::Occupied), StoreError> {
+            Err(StoreError::Unavailable("connection refused".into()))
+        }
+
         fn backend(&self) -> &'static str {
             "broken"
         }

@@ -85,11 +85,17 @@ pub enum Reason {
     TierRateExceeded,
     DailyQuotaExceeded,
     ZoneRateExceeded,
+    /// the route's upstream's circuit breaker is open (or half-open with its probe out)
+    CircuitOpen,
+    /// every concurrency slot of the upstream is taken and its queue is full
+    QueueFull,
+    /// waited `queue_timeout` in the queue without getting a slot
+    QueueTimeout,
     StoreUnavailable,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 43] = [
+    pub const ALL: [Reason; 46] = [
         Reason::Allowed,
         Reason::AllowedStoreUnavailable,
         Reason::BadRequest,
@@ -132,6 +138,9 @@ impl Reason {
         Reason::TierRateExceeded,
         Reason::DailyQuotaExceeded,
         Reason::ZoneRateExceeded,
+        Reason::CircuitOpen,
+        Reason::QueueFull,
+        Reason::QueueTimeout,
         Reason::StoreUnavailable,
     ];
 
@@ -180,6 +189,9 @@ impl Reason {
             Reason::TierRateExceeded => "tier_rate_exceeded",
             Reason::DailyQuotaExceeded => "daily_quota_exceeded",
             Reason::ZoneRateExceeded => "zone_rate_exceeded",
+            Reason::CircuitOpen => "circuit_open",
+            Reason::QueueFull => "queue_full",
+            Reason::QueueTimeout => "queue_timeout",
             Reason::StoreUnavailable => "store_unavailable",
         }
     }
@@ -219,7 +231,12 @@ impl Reason {
             Reason::BodyTooLarge => 413,
             Reason::TierRateExceeded | Reason::DailyQuotaExceeded | Reason::ZoneRateExceeded => 429,
             Reason::HeadersTooLarge => 431,
-            Reason::StoreUnavailable | Reason::JwksUnavailable | Reason::IntrospectionUnavailable => 503,
+            Reason::StoreUnavailable
+            | Reason::JwksUnavailable
+            | Reason::IntrospectionUnavailable
+            | Reason::CircuitOpen
+            | Reason::QueueFull
+            | Reason::QueueTimeout => 503,
         }
     }
 
@@ -374,6 +391,17 @@ pub struct Decision {
     pub retry_after: Option<Micros>,
     /// the share of the daily quota used (basis points), when past `quota_warning`
     pub quota_warning: Option<u32>,
+    /// the concurrency slot an allowed request holds (policies with `traffic`)
+    pub lease: Option<Lease>,
+}
+
+/// A concurrency slot held for one request until its completion (or the lease's expiry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub upstream: Arc<str>,
+    pub id: String,
+    /// how long the request waited in the queue for it
+    pub waited: Micros,
 }
 
 impl Decision {
@@ -387,7 +415,7 @@ impl Decision {
 
     /// A denial decided before any counter (or without a request to count).
     pub fn deny(reason: Reason, ctx: Context) -> Decision {
-        Decision { reason, ctx, quotas: Vec::new(), retry_after: None, quota_warning: None }
+        Decision { reason, ctx, quotas: Vec::new(), retry_after: None, quota_warning: None, lease: None }
     }
 }
 
@@ -608,7 +636,7 @@ pub fn conclude(policy: &Policy, plan: Plan, verdicts: &[Verdict]) -> Decision {
         }),
         _ => None,
     };
-    Decision { reason, ctx: plan.ctx, quotas, retry_after, quota_warning }
+    Decision { reason, ctx: plan.ctx, quotas, retry_after, quota_warning, lease: None }
 }
 
 /// The decision when the store failed or timed out, by the policy's `on_store_error`.

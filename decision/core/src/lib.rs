@@ -11,6 +11,7 @@ pub mod policy;
 pub mod quota;
 pub mod rls;
 pub mod roles;
+pub mod traffic;
 pub mod units;
 
 pub use decide::{BearerVerifier, Decision, Plan, Reason, Request, VerifiedToken, conclude, plan, store_failed};

@@ -99,6 +99,9 @@ pub struct Route {
     pub zones: Option<u64>,
     /// needs an authentication no older than this (API keys never satisfy it)
     pub max_auth_age: Option<Micros>,
+    /// the upstream whose slots and breaker the route's requests use (`upstream`, else the
+    /// route's path pattern)
+    pub upstream: std::sync::Arc<str>,
 }
 
 impl Route {
@@ -124,6 +127,8 @@ pub struct Policy {
     pub on_store_error: OnStoreError,
     /// Envoy ratelimit (RLS) domains, from `ratelimit.files`
     pub ratelimit: RlsConfig,
+    /// concurrency slots, queue and circuit breaker per upstream (`traffic`)
+    pub traffic: Option<crate::traffic::TrafficConfig>,
 }
 
 impl Policy {

@@ -64,6 +64,16 @@ pub const DEFAULT_JWKS_TIMEOUT: &str = "5s";
 /// well under Envoy's ext_authz timeout).
 pub const DEFAULT_INTROSPECTION_CACHE_TTL: &str = "60s";
 pub const DEFAULT_INTROSPECTION_TIMEOUT: &str = "2s";
+/// The reference's traffic-spike settings, used where `traffic` leaves one out.
+pub const DEFAULT_CONCURRENCY_LIMIT: u64 = 1000;
+pub const DEFAULT_QUEUE_SIZE: u64 = 5000;
+pub const DEFAULT_QUEUE_TIMEOUT: &str = "30s";
+pub const DEFAULT_ERROR_THRESHOLD: &str = "50%";
+pub const DEFAULT_MIN_REQUESTS: u64 = 20;
+pub const DEFAULT_BREAKER_WINDOW: &str = "60s";
+pub const DEFAULT_RESET_TIMEOUT: &str = "300s";
+/// Our addition: a slot whose completion never comes is freed after this long.
+pub const DEFAULT_LEASE_TTL: &str = "60s";
 /// Largest policy file read (a policy is configuration, not data).
 pub const MAX_POLICY_BYTES: u64 = 4 << 20;
 
@@ -280,7 +290,8 @@ impl Validator<'_> {
             units::parse_size(limits.max_header_bytes.as_deref().unwrap_or(DEFAULT_MAX_HEADER_BYTES)),
         );
         let rls = ratelimit::load(raw.ratelimit.as_ref(), self.base, "ratelimit", &mut self.problems, self.index);
-        self.later_sections(raw.traffic, raw.audit, raw.alerts);
+        let traffic = raw.traffic.as_ref().and_then(|t| self.traffic(t));
+        self.later_sections(raw.audit, raw.alerts);
 
         let policy = Policy {
             network,
@@ -294,6 +305,7 @@ impl Validator<'_> {
             max_header_bytes: max_header_bytes?,
             on_store_error,
             ratelimit: rls,
+            traffic,
         };
         Some(Config { file: PathBuf::new(), policy: Arc::new(policy), settings })
     }
@@ -761,6 +773,7 @@ impl Validator<'_> {
                     allow_roles,
                     zones: zone_mask,
                     max_auth_age,
+                    upstream: Arc::from(r.upstream.as_deref().unwrap_or(&r.matcher.path)),
                 });
             }
         }
@@ -769,27 +782,58 @@ impl Validator<'_> {
 
     /// Sections whose features land in later versions: read and checked now, so the reference
     /// policy is accepted unchanged and a typo there is still an error.
-    fn later_sections(
-        &mut self,
-        traffic: Option<raw::RawTraffic>,
-        audit: Option<raw::RawAudit>,
-        alerts: Option<raw::RawAlerts>,
-    ) {
-        if let Some(t) = traffic {
-            if let Some(q) = &t.queue_timeout {
-                self.parse("traffic.queue_timeout", units::parse_duration(q));
-            }
-            if let Some(cb) = &t.circuit_breaker {
-                if let Some(s) = &cb.error_threshold {
-                    self.parse("traffic.circuit_breaker.error_threshold", units::parse_percent(s));
-                }
-                for (name, v) in [("window", &cb.window), ("reset_timeout", &cb.reset_timeout)] {
-                    if let Some(s) = v {
-                        self.parse(&format!("traffic.circuit_breaker.{name}"), units::parse_duration(s));
-                    }
-                }
-            }
+    /// `traffic`: the reference's numbers where the policy says nothing.
+    fn traffic(&mut self, t: &raw::RawTraffic) -> Option<decision_core::traffic::TrafficConfig> {
+        use decision_core::traffic::{BreakerConfig, TrafficConfig};
+        let concurrency_limit = t.concurrency_limit.unwrap_or(DEFAULT_CONCURRENCY_LIMIT);
+        if concurrency_limit == 0 {
+            self.err("traffic.concurrency_limit", "must be at least 1");
         }
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let queue_timeout =
+            micros(self.duration("traffic.queue_timeout", t.queue_timeout.as_deref(), DEFAULT_QUEUE_TIMEOUT));
+        let lease_ttl = micros(self.duration("traffic.lease_ttl", t.lease_ttl.as_deref(), DEFAULT_LEASE_TTL));
+        if lease_ttl == 0 {
+            self.err("traffic.lease_ttl", "must be more than zero");
+        }
+        let breaker = t.circuit_breaker.as_ref().map(|cb| {
+            let threshold = cb.error_threshold.as_deref().unwrap_or(DEFAULT_ERROR_THRESHOLD);
+            let error_threshold =
+                self.parse("traffic.circuit_breaker.error_threshold", units::parse_percent(threshold)).unwrap_or(0);
+            if error_threshold == 0 {
+                self.err("traffic.circuit_breaker.error_threshold", "must be more than 0%");
+            }
+            let window =
+                micros(self.duration("traffic.circuit_breaker.window", cb.window.as_deref(), DEFAULT_BREAKER_WINDOW));
+            let reset_timeout = micros(self.duration(
+                "traffic.circuit_breaker.reset_timeout",
+                cb.reset_timeout.as_deref(),
+                DEFAULT_RESET_TIMEOUT,
+            ));
+            for (name, v) in [("window", window), ("reset_timeout", reset_timeout)] {
+                if v == 0 {
+                    self.err(format!("traffic.circuit_breaker.{name}"), "must be more than zero");
+                }
+            }
+            BreakerConfig {
+                error_threshold: u64::from(error_threshold),
+                min_requests: cb.min_requests.unwrap_or(DEFAULT_MIN_REQUESTS).max(1),
+                window,
+                reset_timeout,
+            }
+        });
+        Some(TrafficConfig {
+            concurrency_limit,
+            queue_size: t.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
+            queue_timeout,
+            lease_ttl,
+            breaker,
+        })
+    }
+
+    /// Sections whose features land in later versions: read and checked now, so the reference
+    /// policy is accepted unchanged and a typo there is still an error.
+    fn later_sections(&mut self, audit: Option<raw::RawAudit>, alerts: Option<raw::RawAlerts>) {
         if let Some(a) = audit {
             for (i, s) in a.sinks.iter().enumerate() {
                 let n = usize::from(s.stdout.is_some())

@@ -238,6 +238,9 @@ pub struct RawRoute {
     pub allow_roles: Vec<String>,
     pub zones: Option<Vec<String>>,
     pub sensitive: Option<RawSensitive>,
+    /// the upstream whose concurrency slots and circuit breaker this route uses (routes naming
+    /// the same upstream share them); default: the route's own path pattern
+    pub upstream: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,6 +272,8 @@ pub struct RawTraffic {
     pub concurrency_limit: Option<u64>,
     pub queue_size: Option<u64>,
     pub queue_timeout: Option<String>,
+    /// a slot whose completion never comes is freed after this long (default 60s)
+    pub lease_ttl: Option<String>,
     pub circuit_breaker: Option<RawBreaker>,
 }
 

@@ -2,9 +2,12 @@
 //! exact counts at the limit, all-or-nothing plans, denied requests consuming nothing, expiry.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 
 use decision_core::decide::{Op, OpKind};
 use decision_core::quota::Limit;
+use decision_core::traffic::{Admit, BreakerConfig, Mode, TrafficConfig};
 use decision_core::units::{MICROS_PER_MINUTE, MICROS_PER_SEC, Micros};
 
 use super::Store;
@@ -40,6 +43,165 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     a_shadow_operation_never_refuses_a_plan(&make().await).await;
     fixed_windows_count_per_aligned_window(&make().await).await;
     a_flag_blocks_until_it_comes_down(&make().await).await;
+    concurrent_acquirers_never_exceed_the_limit(&make().await).await;
+    releases_are_idempotent_and_an_expired_lease_frees_nothing_else(&make().await).await;
+    the_queue_is_first_come_first_served_and_bounded(&make().await).await;
+    the_breaker_opens_and_gives_its_half_open_probe_to_exactly_one(&make().await).await;
+}
+
+fn traffic(limit: u64, queue: u64, breaker: Option<BreakerConfig>) -> TrafficConfig {
+    TrafficConfig {
+        concurrency_limit: limit,
+        queue_size: queue,
+        queue_timeout: 5 * MICROS_PER_SEC,
+        lease_ttl: 10 * MICROS_PER_SEC,
+        breaker,
+    }
+}
+
+/// Polls every future to completion concurrently (so a store that serves calls concurrently,
+/// like Redis on multiplexed connections, really gets them at once).
+async fn join_all<'a, T>(futs: Vec<Pin<Box<dyn Future<Output = T> + Send + 'a>>>) -> Vec<T> {
+    let mut futs: Vec<Option<Pin<Box<dyn Future<Output = T> + Send + 'a>>>> = futs.into_iter().map(Some).collect();
+    let mut out: Vec<Option<T>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if let Some(fut) = f
+                && let Poll::Ready(v) = fut.as_mut().poll(cx)
+            {
+                *o = Some(v);
+                *f = None;
+            }
+        }
+        if futs.iter().all(Option::is_none) { Poll::Ready(()) } else { Poll::Pending }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
+async fn admit<S: Store>(s: &S, lease: &str, waiter: &str, returning: bool, cfg: &TrafficConfig, now: Micros) -> Admit {
+    s.admit("up", lease, waiter, returning, cfg, now).await.expect("admit").0
+}
+
+async fn concurrent_acquirers_never_exceed_the_limit<S: Store>(s: &S) {
+    let cfg = traffic(5, 0, None);
+    let names: Vec<String> = (0..40).map(|i| format!("{i:032x}")).collect();
+    let calls = names.iter().map(|n| {
+        let cfg = &cfg;
+        Box::pin(async move { admit(s, n, n, false, cfg, T0).await })
+            as Pin<Box<dyn Future<Output = Admit> + Send + '_>>
+    });
+    let answers = join_all(calls.collect()).await;
+    let granted: Vec<usize> = answers
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| matches!(a, Admit::Granted { probe: false }))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(granted.len(), 5, "{answers:?}");
+    assert!(answers.iter().all(|a| matches!(a, Admit::Granted { .. } | Admit::QueueFull(_))), "{answers:?}");
+    // two completions free two slots, no more
+    for i in &granted[..2] {
+        let (released, occ) =
+            s.complete("up", &format!("l{}", names[*i]), false, &cfg, T0 + 1).await.expect("complete");
+        assert!(released);
+        assert_eq!(occ.in_use, 4 - u64::try_from(granted.iter().position(|g| g == i).unwrap_or(0)).unwrap_or(0));
+    }
+    let again: Vec<Admit> = join_all(
+        (0..5)
+            .map(|i| {
+                let cfg = &cfg;
+                Box::pin(async move { admit(s, &format!("{:032x}", 100 + i), "w", false, cfg, T0 + 2).await })
+                    as Pin<Box<dyn Future<Output = Admit> + Send + '_>>
+            })
+            .collect(),
+    )
+    .await;
+    assert_eq!(again.iter().filter(|a| matches!(a, Admit::Granted { .. })).count(), 2, "{again:?}");
+}
+
+async fn releases_are_idempotent_and_an_expired_lease_frees_nothing_else<S: Store>(s: &S) {
+    let cfg = traffic(1, 0, None);
+    assert_eq!(admit(s, "aa", "a", false, &cfg, T0).await, Admit::Granted { probe: false });
+    assert!(matches!(admit(s, "bb", "b", false, &cfg, T0 + 1).await, Admit::QueueFull(_)));
+    assert!(s.complete("up", "laa", false, &cfg, T0 + 2).await.expect("complete").0);
+    assert!(!s.complete("up", "laa", false, &cfg, T0 + 3).await.expect("complete").0, "a second release frees nothing");
+    assert!(
+        !s.complete("up", "lforged", true, &cfg, T0 + 3).await.expect("complete").0,
+        "an unknown lease frees nothing"
+    );
+    // B takes the slot and never completes: its lease expires, C gets the slot
+    assert_eq!(admit(s, "bb", "b", false, &cfg, T0 + 4).await, Admit::Granted { probe: false });
+    assert!(matches!(admit(s, "cc", "c", false, &cfg, T0 + 5).await, Admit::QueueFull(_)));
+    let later = T0 + 4 + cfg.lease_ttl;
+    assert_eq!(admit(s, "cc", "c", false, &cfg, later).await, Admit::Granted { probe: false });
+    // B's late completion does not free C's slot
+    assert!(!s.complete("up", "lbb", false, &cfg, later + 1).await.expect("complete").0);
+    assert!(matches!(admit(s, "dd", "d", false, &cfg, later + 2).await, Admit::QueueFull(_)));
+}
+
+async fn the_queue_is_first_come_first_served_and_bounded<S: Store>(s: &S) {
+    let cfg = traffic(1, 2, None);
+    assert_eq!(admit(s, "aa", "a", false, &cfg, T0).await, Admit::Granted { probe: false });
+    assert!(matches!(admit(s, "w1", "w1", false, &cfg, T0 + 1).await, Admit::Wait(o) if o.queued == 1));
+    assert!(matches!(admit(s, "w2", "w2", false, &cfg, T0 + 2).await, Admit::Wait(o) if o.queued == 2));
+    assert!(
+        matches!(admit(s, "w3", "w3", false, &cfg, T0 + 3).await, Admit::QueueFull(o) if o.queued == 2 && o.in_use == 1)
+    );
+    assert!(s.complete("up", "laa", false, &cfg, T0 + 10).await.expect("complete").0);
+    // the slot is free, but it is the oldest waiter's: not the second's, nor a new arrival's
+    assert!(matches!(admit(s, "w2", "w2", true, &cfg, T0 + 11).await, Admit::Wait(_)));
+    assert!(matches!(admit(s, "nn", "n", false, &cfg, T0 + 12).await, Admit::QueueFull(o) if o.queued == 2));
+    assert_eq!(admit(s, "w1", "w1", true, &cfg, T0 + 13).await, Admit::Granted { probe: false });
+    // a waiter that gives up leaves; one past its deadline is dropped
+    assert!(matches!(admit(s, "nn", "n", false, &cfg, T0 + 13).await, Admit::Wait(o) if o.queued == 2));
+    s.leave("up", "n").await.expect("leave");
+    assert!(s.complete("up", "lw1", false, &cfg, T0 + 14).await.expect("complete").0);
+    let past = T0 + 2 + cfg.queue_timeout;
+    assert_eq!(admit(s, "xx", "x", false, &cfg, past).await, Admit::Granted { probe: false }, "w2 timed out");
+}
+
+async fn the_breaker_opens_and_gives_its_half_open_probe_to_exactly_one<S: Store>(s: &S) {
+    let b = BreakerConfig {
+        error_threshold: 5_000,
+        min_requests: 4,
+        window: 60 * MICROS_PER_SEC,
+        reset_timeout: 30 * MICROS_PER_SEC,
+    };
+    let cfg = traffic(100, 0, Some(b));
+    for i in 0..4u64 {
+        let lease = format!("{i:02}");
+        assert_eq!(admit(s, &lease, "w", false, &cfg, T0 + i).await, Admit::Granted { probe: false });
+        let (_, occ) = s.complete("up", &format!("l{lease}"), true, &cfg, T0 + i).await.expect("complete");
+        assert_eq!(occ.mode, if i < 3 { Mode::Closed } else { Mode::Open }, "after {} errors", i + 1);
+    }
+    let opened = T0 + 3;
+    assert_eq!(
+        admit(s, "x", "w", false, &cfg, opened + 1).await,
+        Admit::BreakerOpen { retry_after: b.reset_timeout - 1 }
+    );
+    // half-open: of ten callers at once, exactly one probes
+    let reset = opened + b.reset_timeout;
+    let answers = join_all(
+        (0..10)
+            .map(|i| {
+                let cfg = &cfg;
+                Box::pin(async move { admit(s, &format!("h{i}"), "w", false, cfg, reset).await })
+                    as Pin<Box<dyn Future<Output = Admit> + Send + '_>>
+            })
+            .collect(),
+    )
+    .await;
+    let probes: Vec<usize> =
+        answers.iter().enumerate().filter(|(_, a)| **a == Admit::Granted { probe: true }).map(|(i, _)| i).collect();
+    assert_eq!(probes.len(), 1, "{answers:?}");
+    assert_eq!(answers.iter().filter(|a| matches!(a, Admit::BreakerOpen { .. })).count(), 9);
+    // the probe succeeds: closed again
+    let (released, occ) =
+        s.complete("up", &format!("ph{}", probes[0]), false, &cfg, reset + 1).await.expect("complete");
+    assert!(released);
+    assert_eq!(occ.mode, Mode::Closed);
+    assert_eq!(admit(s, "y", "w", false, &cfg, reset + 2).await, Admit::Granted { probe: false });
 }
 
 async fn a_flag_blocks_until_it_comes_down<S: Store>(s: &S) {

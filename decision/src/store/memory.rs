@@ -14,9 +14,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use decision_core::decide::Op;
 use decision_core::quota::{self, State, Verdict};
+use decision_core::traffic::{self, Admit, Breaker, Gate, Occupancy, TrafficConfig};
 use decision_core::units::Micros;
 
-use super::{Store, StoreError};
+use super::{Occupied, Store, StoreError};
 
 /// Shards: enough that two cores rarely contend, few enough to sweep quickly.
 const SHARDS: usize = 64;
@@ -33,6 +34,31 @@ pub struct MemoryStore {
     hasher: RandomState,
     hasher2: RandomState,
     shards: Vec<Mutex<Shard>>,
+    /// traffic state per upstream (a handful of upstreams: one lock is enough)
+    traffic: Mutex<HashMap<String, Upstream>>,
+}
+
+/// One upstream's slots, queue and breaker.
+#[derive(Default)]
+struct Upstream {
+    /// lease id -> expiry
+    slots: HashMap<String, Micros>,
+    /// waiters in arrival order, with their deadlines
+    queue: std::collections::VecDeque<(String, Micros)>,
+    breaker: Breaker,
+    /// the recent mean time a lease was held
+    hold: Micros,
+}
+
+impl Upstream {
+    fn expire(&mut self, now: Micros) {
+        self.slots.retain(|_, exp| *exp > now);
+        self.queue.retain(|(_, deadline)| *deadline > now);
+    }
+
+    fn occupied(&self) -> Occupied {
+        Occupied { in_use: self.slots.len() as u64, queued: self.queue.len() as u64, mode: self.breaker.mode }
+    }
 }
 
 impl Default for MemoryStore {
@@ -53,7 +79,86 @@ impl MemoryStore {
             hasher: RandomState::new(),
             hasher2: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            traffic: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// `Store::admit`, synchronously.
+    pub fn admit_now(
+        &self,
+        upstream: &str,
+        lease: &str,
+        waiter: &str,
+        returning: bool,
+        cfg: &TrafficConfig,
+        now: Micros,
+    ) -> (Admit, Occupied) {
+        let mut all = lock(&self.traffic);
+        let up = all.entry(upstream.to_owned()).or_default();
+        up.expire(now);
+        let (gate, next) = match &cfg.breaker {
+            Some(b) => up.breaker.gate(b, cfg.lease_ttl, now),
+            None => (Gate::Pass, up.breaker),
+        };
+        if let Gate::Refuse { retry_after } = gate {
+            if returning {
+                up.queue.retain(|(w, _)| w != waiter);
+            }
+            return (Admit::BreakerOpen { retry_after }, up.occupied());
+        }
+        let free = (up.slots.len() as u64) < cfg.concurrency_limit;
+        let my_turn = match up.queue.front() {
+            None => true,
+            Some((head, _)) => returning && head == waiter,
+        };
+        if free && my_turn {
+            let probe = gate == Gate::Probe;
+            let id = format!("{}{lease}", if probe { traffic::PROBE_PREFIX } else { 'l' });
+            up.slots.insert(id, now + cfg.lease_ttl);
+            if returning {
+                up.queue.pop_front();
+            }
+            up.breaker = next;
+            return (Admit::Granted { probe }, up.occupied());
+        }
+        let occupancy =
+            |up: &Upstream| Occupancy { in_use: up.slots.len() as u64, queued: up.queue.len() as u64, hold: up.hold };
+        if returning {
+            return (Admit::Wait(occupancy(up)), up.occupied());
+        }
+        if (up.queue.len() as u64) < cfg.queue_size {
+            up.queue.push_back((waiter.to_owned(), now + cfg.queue_timeout));
+            return (Admit::Wait(occupancy(up)), up.occupied());
+        }
+        (Admit::QueueFull(occupancy(up)), up.occupied())
+    }
+
+    /// `Store::leave`, synchronously.
+    pub fn leave_now(&self, upstream: &str, waiter: &str) {
+        if let Some(up) = lock(&self.traffic).get_mut(upstream) {
+            up.queue.retain(|(w, _)| w != waiter);
+        }
+    }
+
+    /// `Store::complete`, synchronously.
+    pub fn complete_now(
+        &self,
+        upstream: &str,
+        lease: &str,
+        error: bool,
+        cfg: &TrafficConfig,
+        now: Micros,
+    ) -> (bool, Occupied) {
+        let mut all = lock(&self.traffic);
+        let Some(up) = all.get_mut(upstream) else { return (false, Occupied::default()) };
+        up.expire(now);
+        let Some(expiry) = up.slots.remove(lease) else { return (false, up.occupied()) };
+        let held = now.saturating_sub(expiry.saturating_sub(cfg.lease_ttl));
+        up.hold = traffic::mean_hold(up.hold, held);
+        if let Some(b) = &cfg.breaker {
+            up.breaker = up.breaker.record(b, error, traffic::is_probe(lease), now);
+        }
+        (true, up.occupied())
     }
 
     fn id(&self, key: &str) -> u128 {
@@ -122,6 +227,34 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn apply(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
         Ok(self.apply_now(ops, now))
+    }
+
+    async fn admit(
+        &self,
+        upstream: &str,
+        lease: &str,
+        waiter: &str,
+        returning: bool,
+        cfg: &TrafficConfig,
+        now: Micros,
+    ) -> Result<(Admit, Occupied), StoreError> {
+        Ok(self.admit_now(upstream, lease, waiter, returning, cfg, now))
+    }
+
+    async fn leave(&self, upstream: &str, waiter: &str) -> Result<(), StoreError> {
+        self.leave_now(upstream, waiter);
+        Ok(())
+    }
+
+    async fn complete(
+        &self,
+        upstream: &str,
+        lease: &str,
+        error: bool,
+        cfg: &TrafficConfig,
+        now: Micros,
+    ) -> Result<(bool, Occupied), StoreError> {
+        Ok(self.complete_now(upstream, lease, error, cfg, now))
     }
 
     fn backend(&self) -> &'static str {

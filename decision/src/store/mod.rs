@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use decision_core::decide::Op;
 use decision_core::quota::Verdict;
+use decision_core::traffic::{Admit, Mode, TrafficConfig};
 use decision_core::units::Micros;
 
 pub use memory::MemoryStore;
@@ -37,10 +38,46 @@ impl StoreError {
     }
 }
 
+/// An upstream's slots, queue and breaker just after a traffic call, for the gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Occupied {
+    pub in_use: u64,
+    pub queued: u64,
+    pub mode: Mode,
+}
+
 pub trait Store: Send + Sync + 'static {
     /// Applies `ops` atomically at `now` (a store with its own clock, like Redis, uses that
     /// instead): one verdict per operation, in order; state changes only if all are allowed.
     fn apply(&self, ops: &[Op], now: Micros) -> impl Future<Output = Result<Vec<Verdict>, StoreError>> + Send;
+
+    /// Traffic: one atomic admission to `upstream` at `now` (the breaker's gate, expired leases
+    /// and waiters dropped, a slot granted to a new arrival when nobody waits, or to the oldest
+    /// waiter coming back; else a place in the queue, or none). The lease, when granted, is
+    /// `lease` prefixed by `l`, or by `p` for the half-open breaker's probe.
+    fn admit(
+        &self,
+        upstream: &str,
+        lease: &str,
+        waiter: &str,
+        returning: bool,
+        cfg: &TrafficConfig,
+        now: Micros,
+    ) -> impl Future<Output = Result<(Admit, Occupied), StoreError>> + Send;
+
+    /// A waiter that gives up leaves the queue.
+    fn leave(&self, upstream: &str, waiter: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A request completed: its lease is released (true) if it still holds one, and only then
+    /// does its outcome (`error`: 5xx or timeout) count for the breaker. Idempotent.
+    fn complete(
+        &self,
+        upstream: &str,
+        lease: &str,
+        error: bool,
+        cfg: &TrafficConfig,
+        now: Micros,
+    ) -> impl Future<Output = Result<(bool, Occupied), StoreError>> + Send;
 
     /// The name used in logs and metrics (`memory`, `redis`).
     fn backend(&self) -> &'static str;

@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use decision_core::decide::Op;
 use decision_core::quota::{self, Limit, State, Verdict};
+use decision_core::traffic::{Admit, Mode, Occupancy, TrafficConfig};
 use decision_core::units::Micros;
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Store, StoreError};
+use super::{Occupied, Store, StoreError};
 
 /// How a `RedisStore` connects.
 #[derive(Clone)]
@@ -56,6 +57,7 @@ pub struct RedisStore {
     conns: Vec<ConnectionManager>,
     next: AtomicUsize,
     script: Script,
+    traffic: Script,
     timeout: Duration,
     ready: AtomicBool,
     /// tests only: use the time passed to `apply` instead of the server's clock
@@ -83,6 +85,7 @@ impl RedisStore {
             conns,
             next: AtomicUsize::new(0),
             script: Script::new(include_str!("lua/apply.lua")),
+            traffic: Script::new(include_str!("lua/traffic.lua")),
             timeout: s.timeout,
             ready: AtomicBool::new(false),
             test_clock: false,
@@ -141,7 +144,124 @@ fn decode(reply: &[i64], ops: &[Op]) -> Result<Vec<Verdict>, StoreError> {
     Ok(verdicts)
 }
 
+impl RedisStore {
+    fn clock_arg(&self, now: Micros) -> i64 {
+        if self.test_clock { i64::try_from(now).unwrap_or(i64::MAX) } else { -1 }
+    }
+
+    /// One traffic.lua call for `upstream` (a short hex key; its three keys share a hash tag).
+    async fn traffic_call(&self, upstream: &str, args: &[String]) -> Result<Vec<i64>, StoreError> {
+        let mut inv = self.traffic.prepare_invoke();
+        for part in ["slots", "queue", "breaker"] {
+            inv.key(format!("pc:{{up:{upstream}}}:{part}"));
+        }
+        for a in args {
+            inv.arg(a.as_str());
+        }
+        let mut conn = self.conn();
+        match inv.invoke_async::<Vec<i64>>(&mut conn).await {
+            Ok(reply) => {
+                self.ready.store(true, Ordering::Relaxed);
+                Ok(reply)
+            }
+            Err(e) => {
+                self.ready.store(false, Ordering::Relaxed);
+                Err(if e.is_timeout() {
+                    StoreError::Timeout(self.timeout)
+                } else {
+                    StoreError::Unavailable(e.to_string())
+                })
+            }
+        }
+    }
+}
+
+/// The breaker's settings as traffic.lua takes them (zeros without a breaker).
+fn breaker_args(cfg: &TrafficConfig) -> [String; 5] {
+    match &cfg.breaker {
+        Some(b) => [
+            "1".into(),
+            b.error_threshold.to_string(),
+            b.min_requests.to_string(),
+            b.window.to_string(),
+            b.reset_timeout.to_string(),
+        ],
+        None => ["0".into(), "0".into(), "0".into(), "0".into(), "0".into()],
+    }
+}
+
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
 impl Store for RedisStore {
+    async fn admit(
+        &self,
+        upstream: &str,
+        lease: &str,
+        waiter: &str,
+        returning: bool,
+        cfg: &TrafficConfig,
+        now: Micros,
+    ) -> Result<(Admit, Occupied), StoreError> {
+        let mut args = vec![
+            "admit".to_owned(),
+            self.clock_arg(now).to_string(),
+            lease.to_owned(),
+            waiter.to_owned(),
+            u8::from(returning).to_string(),
+            cfg.concurrency_limit.to_string(),
+            cfg.queue_size.to_string(),
+            cfg.queue_timeout.to_string(),
+            cfg.lease_ttl.to_string(),
+        ];
+        args.extend(breaker_args(cfg));
+        let r = self.traffic_call(upstream, &args).await?;
+        let [code, a, b, c, in_use, queued, mode] = r[..] else {
+            return Err(StoreError::Script(format!("traffic.lua admit answered {r:?}")));
+        };
+        let occupied = Occupied { in_use: count(in_use), queued: count(queued), mode: Mode::from_code(count(mode)) };
+        let occupancy = Occupancy { in_use: count(a), queued: count(b), hold: count(c) };
+        let admit = match code {
+            0 => Admit::Granted { probe: a == 1 },
+            1 => Admit::Wait(occupancy),
+            2 => Admit::QueueFull(occupancy),
+            3 => Admit::BreakerOpen { retry_after: count(a) },
+            _ => return Err(StoreError::Script(format!("traffic.lua admit answered {r:?}"))),
+        };
+        Ok((admit, occupied))
+    }
+
+    async fn leave(&self, upstream: &str, waiter: &str) -> Result<(), StoreError> {
+        self.traffic_call(upstream, &["leave".to_owned(), "-1".to_owned(), waiter.to_owned()]).await.map(|_| ())
+    }
+
+    async fn complete(
+        &self,
+        upstream: &str,
+        lease: &str,
+        error: bool,
+        cfg: &TrafficConfig,
+        now: Micros,
+    ) -> Result<(bool, Occupied), StoreError> {
+        let mut args = vec![
+            "complete".to_owned(),
+            self.clock_arg(now).to_string(),
+            lease.to_owned(),
+            u8::from(error).to_string(),
+            cfg.lease_ttl.to_string(),
+        ];
+        args.extend(breaker_args(cfg));
+        let r = self.traffic_call(upstream, &args).await?;
+        let [released, in_use, queued, mode] = r[..] else {
+            return Err(StoreError::Script(format!("traffic.lua complete answered {r:?}")));
+        };
+        Ok((
+            released == 1,
+            Occupied { in_use: count(in_use), queued: count(queued), mode: Mode::from_code(count(mode)) },
+        ))
+    }
+
     async fn apply(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
         let mut inv = self.script.prepare_invoke();
         for op in ops {

@@ -1,0 +1,179 @@
+-- traffic.lua: one upstream's concurrency slots, queue and circuit breaker, changed atomically
+-- with the Redis server's clock. Loaded by store/redis.rs with include_str! and run by EVALSHA
+-- (reloaded on NOSCRIPT). It mirrors MemoryStore::admit_now / complete_now and decision-core's
+-- traffic.rs (Breaker::gate, Breaker::record, mean_hold) line for line; the conformance suite
+-- runs the same scenarios on both stores.
+--
+-- KEYS[1]  slots:   sorted set, member = lease id ("l" or "p" + 32 hex), score = its expiry (us)
+-- KEYS[2]  queue:   sorted set, member = waiter id, score = its deadline (us); FIFO by deadline,
+--                   since every waiter of an upstream waits the same queue_timeout
+-- KEYS[3]  breaker: string "mode until start total errors prev_total prev_errors hold"
+-- ARGV[1]  "admit" | "leave" | "complete"
+-- ARGV[2]  the time in microseconds, or -1 to read the server's clock (TIME); only tests pass one
+-- admit:    ARGV[3] lease (32 hex)  ARGV[4] waiter  ARGV[5] returning (0|1)  ARGV[6] limit
+--           ARGV[7] queue_size  ARGV[8] queue_timeout  ARGV[9] lease_ttl
+--           ARGV[10] breaker (0|1)  ARGV[11] threshold (basis points)  ARGV[12] min_requests
+--           ARGV[13] window  ARGV[14] reset_timeout
+--   returns { code, a, b, c, in_use, queued, mode }: code 0 granted (a: probe 0|1), 1 wait,
+--           2 queue full (a, b, c: in_use, queued, mean hold), 3 breaker open (a: retry after)
+-- leave:    ARGV[3] waiter; returns { 1 }
+-- complete: ARGV[3] lease id  ARGV[4] error (0|1)  ARGV[5] lease_ttl  ARGV[6..10] as admit's
+--           ARGV[10..14]; returns { released (0|1), in_use, queued, mode }
+-- Releasing is idempotent, and only a released lease's outcome counts for the breaker, so a
+-- completion that comes late (its lease expired) or twice, or a forged one, changes nothing.
+--
+-- Why here: every instance of the fleet must see one limit and one breaker; two instances never
+-- both take the half-open probe, since the gate and the grant are one script.
+
+local BASIS = 10000
+local SCALE = 100000
+local op = ARGV[1]
+local now = tonumber(ARGV[2])
+local test_clock = now >= 0
+if not test_clock then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local slots, queue, bkey = KEYS[1], KEYS[2], KEYS[3]
+
+-- a key lives `us` microseconds (at least a minute under a test clock, as Redis expires keys
+-- by its own clock)
+local function expire(key, us)
+  local ms = math.floor(us / 1000) + 1000
+  if test_clock then ms = math.max(ms, 60000) end
+  redis.call('PEXPIRE', key, ms)
+end
+
+if op == 'leave' then
+  redis.call('ZREM', queue, ARGV[3])
+  return { 1 }
+end
+
+-- breaker state
+local b = { 0, 0, 0, 0, 0, 0, 0, 0 }
+local raw = redis.call('GET', bkey)
+if raw then
+  local i = 1
+  for n in string.gmatch(raw, '%d+') do
+    b[i] = tonumber(n)
+    i = i + 1
+  end
+end
+local mode, until_, start, total, errors, ptotal, perrors, hold = b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8]
+local function save(ttl)
+  redis.call('SET', bkey, string.format('%d %d %d %d %d %d %d %d', mode, until_, start, total, errors, ptotal, perrors, hold))
+  expire(bkey, ttl)
+end
+
+local function weighted(prev, window, elapsed)
+  local wms = math.max(math.floor(window / 1000), 1)
+  local ems = math.min(math.floor(elapsed / 1000), wms)
+  local weight = math.floor((wms - ems) * SCALE / wms)
+  return math.ceil(prev * weight / SCALE)
+end
+
+redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+redis.call('ZREMRANGEBYSCORE', queue, '-inf', now)
+
+if op == 'admit' then
+  local lease, waiter, returning = ARGV[3], ARGV[4], ARGV[5] == '1'
+  local limit, qsize, qtimeout, ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+  local has_breaker = ARGV[10] == '1'
+  local reset = tonumber(ARGV[14])
+  local window = tonumber(ARGV[13])
+  -- the gate: 0 pass, 1 probe, 2 refuse
+  local gate, retry = 0, 0
+  local nmode, nuntil = mode, until_
+  if has_breaker then
+    if mode == 1 and now < until_ then
+      gate, retry = 2, until_ - now
+    elseif mode == 2 and until_ ~= 0 and now < until_ then
+      gate, retry = 2, math.min(until_ - now, reset)
+    elseif mode == 1 or mode == 2 then
+      gate, nmode, nuntil = 1, 2, now + ttl
+    end
+  end
+  local in_use = redis.call('ZCARD', slots)
+  local queued = redis.call('ZCARD', queue)
+  if gate == 2 then
+    if returning then
+      redis.call('ZREM', queue, waiter)
+      queued = redis.call('ZCARD', queue)
+    end
+    return { 3, retry, 0, 0, in_use, queued, mode }
+  end
+  local my_turn = true
+  if queued > 0 then
+    local head = redis.call('ZRANGE', queue, 0, 0)[1]
+    my_turn = returning and head == waiter
+  end
+  if in_use < limit and my_turn then
+    local probe = gate == 1
+    local id = (probe and 'p' or 'l') .. lease
+    redis.call('ZADD', slots, now + ttl, id)
+    expire(slots, ttl)
+    if returning then
+      redis.call('ZREM', queue, waiter)
+      queued = queued - 1
+    end
+    if probe then
+      mode, until_ = nmode, nuntil
+      save(math.max(2 * window, reset + ttl))
+    end
+    return { 0, probe and 1 or 0, 0, 0, in_use + 1, queued, mode }
+  end
+  if returning then
+    return { 1, in_use, queued, hold, in_use, queued, mode }
+  end
+  if queued < qsize then
+    redis.call('ZADD', queue, now + qtimeout, waiter)
+    expire(queue, qtimeout)
+    return { 1, in_use, queued + 1, hold, in_use, queued + 1, mode }
+  end
+  return { 2, in_use, queued, hold, in_use, queued, mode }
+end
+
+if op == 'complete' then
+  local lease, is_error, ttl = ARGV[3], ARGV[4] == '1', tonumber(ARGV[5])
+  local has_breaker = ARGV[6] == '1'
+  local threshold, min_requests = tonumber(ARGV[7]), math.max(tonumber(ARGV[8]), 1)
+  local window, reset = math.max(tonumber(ARGV[9]), 1), tonumber(ARGV[10])
+  local expiry = redis.call('ZSCORE', slots, lease)
+  if not expiry then
+    return { 0, redis.call('ZCARD', slots), redis.call('ZCARD', queue), mode }
+  end
+  redis.call('ZREM', slots, lease)
+  local held = math.max(now - math.max(tonumber(expiry) - ttl, 0), 0)
+  if hold == 0 then hold = held else hold = hold - math.floor(hold / 8) + math.floor(held / 8) end
+  if has_breaker then
+    local probe = string.sub(lease, 1, 1) == 'p'
+    if mode == 2 and probe then
+      if is_error then
+        mode, until_, start, total, errors, ptotal, perrors = 1, now + reset, 0, 0, 0, 0, 0
+      else
+        mode, until_, start, total, errors, ptotal, perrors = 0, 0, 0, 0, 0, 0, 0
+      end
+    elseif mode == 0 then
+      local aligned = now - (now % window)
+      if start ~= aligned then
+        if start + window == aligned then
+          ptotal, perrors, start, total, errors = total, errors, aligned, 0, 0
+        elseif start < aligned then
+          ptotal, perrors, start, total, errors = 0, 0, aligned, 0, 0
+        end
+      end
+      total = total + 1
+      if is_error then errors = errors + 1 end
+      local elapsed = math.max(now - start, 0)
+      local t = weighted(ptotal, window, elapsed) + total
+      local e = weighted(perrors, window, elapsed) + errors
+      if is_error and t >= min_requests and e * BASIS >= threshold * t then
+        mode, until_, start, total, errors, ptotal, perrors = 1, now + reset, 0, 0, 0, 0, 0
+      end
+    end
+  end
+  save(math.max(2 * window, reset + ttl))
+  return { 1, redis.call('ZCARD', slots), redis.call('ZCARD', queue), mode }
+end
+
+return redis.error_reply('traffic.lua: unknown operation ' .. tostring(op))
