@@ -33,6 +33,8 @@ pub struct Engine<S> {
     policy: ArcSwap<Policy>,
     store: S,
     pub metrics: Metrics,
+    /// requests of this instance waiting for a slot
+    pub(crate) waiters: crate::traffic::Waiters,
 }
 
 impl<S: Store> Engine<S> {
@@ -40,7 +42,7 @@ impl<S: Store> Engine<S> {
         let metrics = Metrics::new();
         metrics.policy_loaded(policy.routes.len());
         start_background(&policy);
-        Engine { policy: ArcSwap::new(policy), store, metrics }
+        Engine { policy: ArcSwap::new(policy), store, metrics, waiters: Default::default() }
     }
 
     /// The policy in force (one atomic load; hold it for the whole request).
@@ -147,12 +149,22 @@ impl<S: Store> Engine<S> {
                 }
             },
         };
-        if plan.ops.is_empty() {
-            return conclude(policy, plan, &[]);
-        }
-        match self.apply(&plan.ops, now).await {
-            Ok(verdicts) => conclude(policy, plan, &verdicts),
-            Err(_) => store_failed(policy, plan),
+        let d = if plan.ops.is_empty() {
+            conclude(policy, plan, &[])
+        } else {
+            match self.apply(&plan.ops, now).await {
+                Ok(verdicts) => conclude(policy, plan, &verdicts),
+                Err(_) => store_failed(policy, plan),
+            }
+        };
+        self.traffic(policy, d).await
+    }
+
+    /// An allowed request takes a concurrency slot of its route's upstream (`traffic`).
+    async fn traffic(&self, policy: &Policy, d: Decision) -> Decision {
+        match (&policy.traffic, d.reason, d.ctx.route.and_then(|i| policy.routes.get(i))) {
+            (Some(cfg), decision_core::Reason::Allowed, Some(route)) => self.take_slot(policy, cfg, route, d).await,
+            _ => d,
         }
     }
 }

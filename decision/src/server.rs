@@ -13,12 +13,14 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use proto::accesslog::access_log_service_server::AccessLogServiceServer;
 use proto::ext_authz::authorization_server::AuthorizationServer;
 use proto::ratelimit::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
+use crate::api::accesslog::AccessLog;
 use crate::api::ext_authz::ExtAuthz;
 use crate::api::ratelimit::Rls;
 use crate::clock;
@@ -225,6 +227,8 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
     let rls = RateLimitServiceServer::new(Rls::new(engine.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let access_log = AccessLogServiceServer::new(AccessLog::new(engine.clone(), stop_rx.clone()))
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true)).with_keepalive(Some(KEEPALIVE_INTERVAL));
     let grpc = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -236,6 +240,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         .add_service(health_service)
         .add_service(ext_authz)
         .add_service(rls)
+        .add_service(access_log)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
 
     tracing::info!(

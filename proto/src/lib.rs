@@ -16,6 +16,13 @@ pub mod ratelimit {
     pub use envoy_types::pb::envoy::service::ratelimit::v3::*;
 }
 
+/// Envoy's access log service (`envoy.service.accesslog.v3`) and its entries
+/// (`envoy.data.accesslog.v3`).
+pub mod accesslog {
+    pub use envoy_types::pb::envoy::data::accesslog::v3::*;
+    pub use envoy_types::pb::envoy::service::accesslog::v3::*;
+}
+
 /// The Envoy and Google types an ext_authz answer is built from.
 pub mod types {
     pub use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;

@@ -102,6 +102,9 @@ pub struct Route {
     /// the upstream whose slots and breaker the route's requests use (`upstream`, else the
     /// route's path pattern)
     pub upstream: std::sync::Arc<str>,
+    /// the upstream's store key: 16 hex characters of its name's SHA-256 (names may hold any
+    /// character; keys must not)
+    pub upstream_key: std::sync::Arc<str>,
 }
 
 impl Route {
@@ -132,6 +135,11 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The upstream name of a store key (a lease's completion names its upstream by key).
+    pub fn upstream_by_key(&self, key: &str) -> Option<&std::sync::Arc<str>> {
+        self.routes.iter().find(|r| &*r.upstream_key == key).map(|r| &r.upstream)
+    }
+
     pub fn tier(&self, name: &str) -> Option<usize> {
         self.tiers.iter().position(|t| &*t.name == name)
     }

@@ -125,12 +125,22 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
         } else {
             remove.extend([SUBJECT_HEADER, TIER_HEADER, ROLES_HEADER].map(String::from));
         }
+        // the lease travels to the upstream and back to us in the access log; a client's own
+        // header of that name never gets through
+        match &d.lease {
+            Some(lease) => to_upstream.push(option(crate::traffic::LEASE_HEADER, lease.id.clone())),
+            None => remove.push(crate::traffic::LEASE_HEADER.into()),
+        }
         if d.reason == Reason::AllowedStoreUnavailable {
             to_upstream.push(option(DEGRADED_HEADER, "store-unavailable".into()));
         } else {
             remove.push(DEGRADED_HEADER.into());
         }
-        let to_client = respond::ratelimit_headers(d).into_iter().map(|(k, v)| client_header(k, v)).collect();
+        let mut to_client: Vec<_> =
+            respond::ratelimit_headers(d).into_iter().map(|(k, v)| client_header(k, v)).collect();
+        if let Some(lease) = d.lease.as_ref().filter(|l| l.waited > 0) {
+            to_client.push(client_header(crate::traffic::WAIT_HEADER, (lease.waited / 1000).to_string()));
+        }
         CheckResponse {
             status: Some(RpcStatus { code: GRPC_OK, ..Default::default() }),
             dynamic_metadata: if metadata.fields.is_empty() { None } else { Some(metadata) },
@@ -231,6 +241,8 @@ pub fn log_decision(d: &Decision, policy: &Policy, request_id: &str, method: &st
         reason = d.reason.as_str(),
         status = d.status(),
         rule = d.ctx.route,
+        upstream = d.lease.as_ref().map(|l| &*l.upstream),
+        queue_wait_us = d.lease.as_ref().map(|l| l.waited).filter(|w| *w > 0),
         latency_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
         "decision"
     );

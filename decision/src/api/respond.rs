@@ -77,11 +77,16 @@ pub fn deny_body(d: &Decision, request_id: &str, now: Micros) -> String {
         let remaining = tightest(&d.quotas).map_or(0, |q| q.verdict.remaining);
         return too_many_requests_body(retry_after_secs(d).unwrap_or(1), remaining, now);
     }
-    let body = if request_id.is_empty() {
-        serde_json::json!({ "status": status, "error": error })
-    } else {
-        serde_json::json!({ "status": status, "error": error, "request_id": request_id })
-    };
+    let mut body = serde_json::json!({ "status": status, "error": error });
+    if !request_id.is_empty() {
+        body["request_id"] = request_id.into();
+    }
+    if status == 503
+        && let Some(s) = retry_after_secs(d)
+    {
+        // the expected wait, as the reference asks: a client told when to come back
+        body["retry_after"] = s.into();
+    }
     body.to_string()
 }
 

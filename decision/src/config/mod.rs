@@ -92,6 +92,13 @@ fn bearer_tables(
     (role_bits, tier_index, default_tier)
 }
 
+/// An upstream's store key: 16 hex characters of its name's SHA-256.
+fn upstream_key(name: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    decision_core::encode::hex(&digest[..8])
+}
+
 /// A secret from the environment (the policy names the variable, never the secret).
 #[allow(clippy::disallowed_methods)]
 fn env_secret(name: &str) -> Option<String> {
@@ -764,6 +771,10 @@ impl Validator<'_> {
             if r.public && r.sensitive.is_some() {
                 self.err(format!("{path}.sensitive"), "a public route cannot be sensitive");
             }
+            let upstream = r.upstream.as_deref().unwrap_or(&r.matcher.path);
+            if upstream.is_empty() || upstream.len() > 256 {
+                self.err(format!("{path}.upstream"), "an upstream name is 1 to 256 characters");
+            }
             if let Some(pattern) = pattern {
                 out.push(Route {
                     index: i,
@@ -773,7 +784,8 @@ impl Validator<'_> {
                     allow_roles,
                     zones: zone_mask,
                     max_auth_age,
-                    upstream: Arc::from(r.upstream.as_deref().unwrap_or(&r.matcher.path)),
+                    upstream: Arc::from(upstream),
+                    upstream_key: Arc::from(upstream_key(upstream).as_str()),
                 });
             }
         }

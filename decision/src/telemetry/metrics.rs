@@ -23,6 +23,12 @@ struct RlsLabels {
     outcome: &'static str,
 }
 
+/// an upstream is named by the policy (bounded)
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct UpstreamLabel {
+    upstream: Arc<str>,
+}
+
 pub struct Metrics {
     registry: Registry,
     /// one counter per reason, resolved once so the hot path does no map lookup
@@ -33,6 +39,11 @@ pub struct Metrics {
     policy_routes: Gauge,
     ratelimit: Family<RlsLabels, Counter>,
     ratelimit_seconds: Histogram,
+    slots_in_use: Family<UpstreamLabel, Gauge>,
+    queue_length: Family<UpstreamLabel, Gauge>,
+    breaker_state: Family<UpstreamLabel, Gauge>,
+    queue_wait_seconds: Family<UpstreamLabel, Histogram>,
+    completions: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl Default for Metrics {
@@ -107,6 +118,39 @@ impl Metrics {
             "Time to answer one ShouldRateLimit call",
             ratelimit_seconds.clone(),
         );
+        let slots_in_use = Family::<UpstreamLabel, Gauge>::default();
+        registry.register(
+            "traffic_slots_in_use",
+            "Concurrency slots held per upstream (fleet-wide, as last seen by this instance)",
+            slots_in_use.clone(),
+        );
+        let queue_length = Family::<UpstreamLabel, Gauge>::default();
+        registry.register(
+            "traffic_queue_length",
+            "Requests waiting for a slot per upstream (fleet-wide, as last seen)",
+            queue_length.clone(),
+        );
+        let breaker_state = Family::<UpstreamLabel, Gauge>::default();
+        registry.register(
+            "traffic_breaker_state",
+            "Circuit breaker per upstream: 0 closed, 1 open, 2 half-open (as last seen)",
+            breaker_state.clone(),
+        );
+        let queue_wait_seconds = Family::<UpstreamLabel, Histogram>::new_with_constructor(|| {
+            // 1 ms .. ~65 s
+            Histogram::new(exponential_buckets(0.001, 2.0, 17))
+        });
+        registry.register(
+            "traffic_queue_wait_seconds",
+            "How long requests that got a slot waited for it",
+            queue_wait_seconds.clone(),
+        );
+        let completions = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        registry.register(
+            "traffic_completions",
+            "Completions received (access log), by result: released, unknown (no live lease), error",
+            completions.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -116,7 +160,33 @@ impl Metrics {
             policy_routes,
             ratelimit,
             ratelimit_seconds,
+            slots_in_use,
+            queue_length,
+            breaker_state,
+            queue_wait_seconds,
+            completions,
         }
+    }
+
+    /// An upstream's slots, queue and breaker as a traffic call saw them.
+    pub fn traffic_seen(&self, upstream: &Arc<str>, in_use: u64, queued: u64, breaker: u64) {
+        let l = UpstreamLabel { upstream: upstream.clone() };
+        self.slots_in_use.get_or_create(&l).set(i64::try_from(in_use).unwrap_or(i64::MAX));
+        self.queue_length.get_or_create(&l).set(i64::try_from(queued).unwrap_or(i64::MAX));
+        self.breaker_state.get_or_create(&l).set(i64::try_from(breaker).unwrap_or(0));
+    }
+
+    /// A request got its slot after waiting `waited`.
+    pub fn queue_wait(&self, upstream: &Arc<str>, waited: Duration) {
+        self.queue_wait_seconds
+            .get_or_create(&UpstreamLabel { upstream: upstream.clone() })
+            .observe(waited.as_secs_f64());
+    }
+
+    /// A completion: `released`, `unknown` (no live lease: late, repeated or forged) or `error`
+    /// (the store failed; the lease expires by its TTL).
+    pub fn completion(&self, result: &'static str) {
+        self.completions.get_or_create(&[("result", result)]).inc();
     }
 
     pub fn decision(&self, reason: Reason, took: Duration) {

@@ -1,0 +1,69 @@
+//! Envoy's gRPC access log (`envoy.service.accesslog.v3.AccessLogService`), served on the gRPC
+//! port: every finished HTTP request Envoy logs is a completion. The entry's
+//! `x-portcullis-lease` request header (the Envoy config logs it) names the lease to release;
+//! its response code and flags say whether the upstream failed (5xx, timeout, reset,
+//! unreachable), which feeds the breaker. Entries without a lease (denied requests, policies
+//! without `traffic`) are skipped.
+
+use std::sync::Arc;
+
+use proto::accesslog::access_log_service_server::AccessLogService;
+use proto::accesslog::stream_access_logs_message::LogEntries;
+use proto::accesslog::{HttpAccessLogEntry, StreamAccessLogsMessage, StreamAccessLogsResponse};
+
+use crate::engine::Engine;
+use crate::store::Store;
+use crate::traffic::LEASE_HEADER;
+
+pub struct AccessLog<S> {
+    engine: Arc<Engine<S>>,
+    /// true once the server stops: open streams end, so the drain does not wait on Envoy
+    stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl<S> AccessLog<S> {
+    pub fn new(engine: Arc<Engine<S>>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        AccessLog { engine, stopping }
+    }
+}
+
+/// Whether an entry is an upstream failure for the breaker.
+pub fn is_error(entry: &HttpAccessLogEntry) -> bool {
+    let status = entry.response.as_ref().and_then(|r| r.response_code).map_or(0, |c| c.value);
+    let flags = entry.common_properties.as_ref().and_then(|c| c.response_flags.as_ref());
+    status >= 500
+        || flags.is_some_and(|f| {
+            f.upstream_request_timeout
+                || f.upstream_connection_failure
+                || f.upstream_remote_reset
+                || f.upstream_connection_termination
+                || f.no_healthy_upstream
+                || f.upstream_overflow
+        })
+}
+
+#[tonic::async_trait]
+impl<S: Store> AccessLogService for AccessLog<S> {
+    async fn stream_access_logs(
+        &self,
+        request: tonic::Request<tonic::Streaming<StreamAccessLogsMessage>>,
+    ) -> Result<tonic::Response<StreamAccessLogsResponse>, tonic::Status> {
+        let mut stream = request.into_inner();
+        let mut stopping = self.stopping.clone();
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m?,
+                _ = stopping.wait_for(|s| *s) => None,
+            };
+            let Some(msg) = msg else { break };
+            let Some(LogEntries::HttpLogs(logs)) = msg.log_entries else { continue };
+            for entry in &logs.log_entry {
+                let lease = entry.request.as_ref().and_then(|r| r.request_headers.get(LEASE_HEADER));
+                if let Some(lease) = lease {
+                    self.engine.complete(lease, is_error(entry)).await;
+                }
+            }
+        }
+        Ok(tonic::Response::new(StreamAccessLogsResponse {}))
+    }
+}

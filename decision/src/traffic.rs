@@ -1,0 +1,224 @@
+//! Traffic-spike control on the request path: after an allowed decision, a concurrency slot
+//! for the route's upstream (a lease), or a wait in the queue, or a 503 (breaker open, queue
+//! full, waited too long); and completions, from Envoy's access log, that release leases and
+//! feed the breaker. The rules live in `decision_core::traffic`, the state in the store.
+//!
+//! A waiter sleeps until a slot is freed: a completion at this instance wakes it at once, one at
+//! another instance through the store's notification (Redis pub/sub) when the store has one,
+//! and a slow recheck covers leases that expire by TTL, which nobody announces.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use decision_core::Reason;
+use decision_core::decide::{Decision, Lease};
+use decision_core::policy::{OnStoreError, Policy, Route};
+use decision_core::traffic::{self, Admit, TrafficConfig};
+use tokio::sync::Notify;
+
+use crate::clock;
+use crate::engine::Engine;
+use crate::store::{Occupied, Store, StoreError};
+
+/// The header that carries a lease to the upstream, and back to us in the access log:
+/// `<upstream key>.<lease id>`.
+pub const LEASE_HEADER: &str = "x-portcullis-lease";
+/// The response header that tells a client how long it waited for a slot (milliseconds).
+pub const WAIT_HEADER: &str = "x-portcullis-queue-wait-ms";
+/// How often a waiter looks again without a notification (for leases that expired).
+const RECHECK: Duration = Duration::from_millis(250);
+
+/// The waiters of this instance, by upstream key.
+#[derive(Default)]
+pub struct Waiters(Mutex<HashMap<Arc<str>, Arc<Notify>>>);
+
+impl Waiters {
+    fn of(&self, key: &str) -> Arc<Notify> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get(key) {
+            return n.clone();
+        }
+        let n = Arc::new(Notify::new());
+        m.insert(Arc::from(key), n.clone());
+        n
+    }
+
+    /// A slot of `key` was freed: every waiter here looks again (the oldest gets it).
+    pub fn freed(&self, key: &str) {
+        let n = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned();
+        if let Some(n) = n {
+            n.notify_waiters();
+        }
+    }
+}
+
+fn random_hex() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::getrandom(&mut bytes).is_err() {
+        // the kernel's generator does not fail once the system is up; if it ever does, a
+        // clock-and-counter id is still unique, which is all a lease id must be
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        bytes[..8].copy_from_slice(&clock::now_micros().to_be_bytes());
+        bytes[8..].copy_from_slice(&n.to_be_bytes());
+    }
+    decision_core::encode::hex(&bytes)
+}
+
+/// A lease header's two parts, if it is well-formed: 16 hex, a dot, `l` or `p` and 32 hex.
+pub fn parse_lease(header: &str) -> Option<(&str, &str)> {
+    let (key, id) = header.trim().split_once('.')?;
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let ok = hex(key, 16) && id.len() == 33 && matches!(id.as_bytes()[0], b'l' | b'p') && hex(&id[1..], 32);
+    ok.then_some((key, id))
+}
+
+impl<S: Store> Engine<S> {
+    async fn bounded<T>(&self, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        let r = match self.store().timeout() {
+            None => call.await,
+            Some(t) => tokio::time::timeout(t, call).await.unwrap_or(Err(StoreError::Timeout(t))),
+        };
+        if let Err(e) = &r {
+            tracing::warn!(backend = self.store().backend(), error = %e, "store call failed (traffic)");
+            self.metrics.store_error(self.store().backend());
+        }
+        r
+    }
+
+    fn seen(&self, upstream: &Arc<str>, o: Occupied) {
+        self.metrics.traffic_seen(upstream, o.in_use, o.queued, o.mode as u64);
+    }
+
+    /// Takes a slot for an allowed request, waiting in the queue if need be; the decision comes
+    /// back with its lease, or turned into a 503.
+    pub(crate) async fn take_slot(
+        &self,
+        policy: &Policy,
+        cfg: &TrafficConfig,
+        route: &Route,
+        mut d: Decision,
+    ) -> Decision {
+        let key = &*route.upstream_key;
+        let random = random_hex();
+        let started = clock::instant();
+        let deadline = tokio::time::Instant::now() + Duration::from_micros(cfg.queue_timeout);
+        let notify = self.waiters.of(key);
+        let mut returning = false;
+        let mut last: traffic::Occupancy;
+        let refuse = |mut d: Decision, reason: Reason, retry_after: u64| {
+            d.reason = reason;
+            d.retry_after = Some(retry_after);
+            d
+        };
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let answer =
+                self.bounded(self.store().admit(key, &random, &random, returning, cfg, clock::now_micros())).await;
+            match answer {
+                Err(_) => {
+                    if returning {
+                        let _ = self.bounded(self.store().leave(key, &random)).await;
+                    }
+                    return match policy.on_store_error {
+                        OnStoreError::Deny => refuse(d, Reason::StoreUnavailable, 1_000_000),
+                        OnStoreError::Allow => {
+                            d.reason = Reason::AllowedStoreUnavailable;
+                            d
+                        }
+                    };
+                }
+                Ok((admit, occupied)) => {
+                    self.seen(&route.upstream, occupied);
+                    match admit {
+                        Admit::Granted { probe } => {
+                            let waited = if returning { started.elapsed() } else { Duration::ZERO };
+                            if returning {
+                                self.metrics.queue_wait(&route.upstream, waited);
+                            }
+                            let prefix = if probe { traffic::PROBE_PREFIX } else { 'l' };
+                            d.lease = Some(Lease {
+                                upstream: route.upstream.clone(),
+                                id: format!("{key}.{prefix}{random}"),
+                                waited: u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+                            });
+                            return d;
+                        }
+                        Admit::BreakerOpen { retry_after } => return refuse(d, Reason::CircuitOpen, retry_after),
+                        Admit::QueueFull(o) => {
+                            return refuse(d, Reason::QueueFull, o.retry_after(cfg.concurrency_limit));
+                        }
+                        Admit::Wait(o) => {
+                            returning = true;
+                            last = o;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(RECHECK) => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    let _ = self.bounded(self.store().leave(key, &random)).await;
+                    return refuse(d, Reason::QueueTimeout, last.retry_after(cfg.concurrency_limit));
+                }
+            }
+        }
+    }
+
+    /// A request completed (Envoy's access log): release its lease and, if it held one, count
+    /// its outcome for the breaker and wake this instance's waiters. `error`: a 5xx, or the
+    /// upstream timed out, reset or could not be reached.
+    pub async fn complete(&self, lease_header: &str, error: bool) {
+        let policy = self.policy();
+        let Some(cfg) = &policy.traffic else { return };
+        let Some((key, id)) = parse_lease(lease_header) else {
+            self.metrics.completion("unknown");
+            return;
+        };
+        let Some(upstream) = policy.upstream_by_key(key).cloned() else {
+            self.metrics.completion("unknown");
+            return;
+        };
+        match self.bounded(self.store().complete(key, id, error, cfg, clock::now_micros())).await {
+            Ok((released, occupied)) => {
+                self.seen(&upstream, occupied);
+                if released {
+                    self.metrics.completion("released");
+                    self.waiters.freed(key);
+                } else {
+                    self.metrics.completion("unknown");
+                }
+            }
+            Err(_) => self.metrics.completion("error"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_headers_are_parsed_strictly() {
+        let key = "0123456789abcdef";
+        let id = format!("l{}", "a".repeat(32));
+        let header = format!("{key}.{id}");
+        assert_eq!(parse_lease(&header), Some((key, id.as_str())));
+        for bad in [
+            String::new(),
+            key.to_owned(),
+            format!("{key}.x{}", "a".repeat(32)),
+            format!("{key}.l{}", "a".repeat(31)),
+            format!("pc:{{up:x}}.{id}"),
+            format!("{key}.l{}z", "a".repeat(31)),
+        ] {
+            assert_eq!(parse_lease(&bad), None, "{bad:?}");
+        }
+        assert_eq!(random_hex().len(), 32);
+        assert_ne!(random_hex(), random_hex());
+    }
+}
