@@ -45,6 +45,17 @@ impl<S: Store> Engine<S> {
         Engine { policy: ArcSwap::new(policy), store, metrics, waiters: Default::default() }
     }
 
+    /// Wakes this instance's waiters when the store says a slot was freed anywhere in the fleet
+    /// (the server calls it once, inside its runtime).
+    pub fn watch_freed(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        self.store.watch_freed(Arc::new(move |key: &str| {
+            if let Some(engine) = weak.upgrade() {
+                engine.waiters.freed(key);
+            }
+        }));
+    }
+
     /// The policy in force (one atomic load; hold it for the whole request).
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.load_full()
@@ -388,6 +399,7 @@ mod tests {
             _: &str,
             _: &str,
             _: bool,
+            _: u64,
             _: &decision_core::traffic::TrafficConfig,
             _: u64,
         ) -> Result<(bool, crate::store::Occupied), StoreError> {

@@ -185,6 +185,7 @@ async fn serve_memory(cfg: Config) -> Result<(), ServeError> {
 }
 
 async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeError> {
+    engine.watch_freed();
     let grpc_listener = bind("grpc", cfg.settings.grpc_addr).await?;
     let http_listener = bind("http", cfg.settings.http_addr).await?;
     let grpc_addr = grpc_listener.local_addr().map_err(ServeError::Http)?;

@@ -88,7 +88,7 @@ impl<S: Store> Engine<S> {
     }
 
     fn seen(&self, upstream: &Arc<str>, o: Occupied) {
-        self.metrics.traffic_seen(upstream, o.in_use, o.queued, o.mode as u64);
+        self.metrics.traffic_seen(upstream, o.in_use, o.queued, o.mode as u64, o.limit);
     }
 
     /// Takes a slot for an allowed request, waiting in the queue if need be; the decision comes
@@ -172,7 +172,7 @@ impl<S: Store> Engine<S> {
     /// A request completed (Envoy's access log): release its lease and, if it held one, count
     /// its outcome for the breaker and wake this instance's waiters. `error`: a 5xx, or the
     /// upstream timed out, reset or could not be reached.
-    pub async fn complete(&self, lease_header: &str, error: bool) {
+    pub async fn complete(&self, lease_header: &str, error: bool, latency: Duration) {
         let policy = self.policy();
         let Some(cfg) = &policy.traffic else { return };
         let Some((key, id)) = parse_lease(lease_header) else {
@@ -183,7 +183,8 @@ impl<S: Store> Engine<S> {
             self.metrics.completion("unknown");
             return;
         };
-        match self.bounded(self.store().complete(key, id, error, cfg, clock::now_micros())).await {
+        let latency = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        match self.bounded(self.store().complete(key, id, error, latency, cfg, clock::now_micros())).await {
             Ok((released, occupied)) => {
                 self.seen(&upstream, occupied);
                 if released {

@@ -26,6 +26,65 @@ pub struct BreakerConfig {
     pub reset_timeout: Micros,
 }
 
+/// Adaptive concurrency (`traffic.adaptive`): every `interval`, an upstream whose completions in
+/// that interval had too many errors or a p99 latency above `latency` (more than 1% of them
+/// slower) gets its effective limit cut by `decrease`; a healthy one gets `increase` slots back,
+/// up to `concurrency_limit`, never below `min_limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdaptiveConfig {
+    pub min_limit: u64,
+    /// the share of the limit kept on a decrease, in basis points (`50%` = 5,000)
+    pub decrease: u64,
+    pub increase: u64,
+    pub interval: Micros,
+    /// error share (basis points) above which the upstream is unhealthy
+    pub error_rate: u64,
+    /// p99 latency above which the upstream is unhealthy
+    pub latency: Micros,
+}
+
+/// One upstream's effective limit and the completions of the interval being measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AdaptiveState {
+    /// the effective limit (0: not set yet, the configured limit)
+    pub limit: u64,
+    /// the current interval's start
+    pub since: Micros,
+    pub total: u64,
+    pub errors: u64,
+    pub slow: u64,
+}
+
+impl AdaptiveState {
+    /// The limit in force.
+    pub fn effective(&self, max: u64) -> u64 {
+        if self.limit == 0 { max } else { self.limit.min(max) }
+    }
+
+    /// After a completion: counted in its interval; an interval that is over decides a step.
+    pub fn record(&self, cfg: &AdaptiveConfig, max: u64, error: bool, latency: Micros, now: Micros) -> AdaptiveState {
+        let mut next = *self;
+        if next.since == 0 {
+            next.since = now;
+        }
+        if now >= next.since + cfg.interval {
+            let current = next.effective(max);
+            let unhealthy =
+                next.total > 0 && (next.errors * BASIS > cfg.error_rate * next.total || next.slow * 100 > next.total);
+            next.limit = if unhealthy {
+                (current * cfg.decrease / BASIS).max(cfg.min_limit).min(max)
+            } else {
+                (current + cfg.increase).min(max)
+            };
+            (next.since, next.total, next.errors, next.slow) = (now, 0, 0, 0);
+        }
+        next.total += 1;
+        next.errors += u64::from(error);
+        next.slow += u64::from(latency > cfg.latency);
+        next
+    }
+}
+
 /// The reference's traffic-spike settings, compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrafficConfig {
@@ -38,6 +97,7 @@ pub struct TrafficConfig {
     /// a lease whose completion never comes frees its slot after this long
     pub lease_ttl: Micros,
     pub breaker: Option<BreakerConfig>,
+    pub adaptive: Option<AdaptiveConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -277,6 +337,43 @@ mod tests {
         let b = feed(Breaker::default(), &[true, true, true], t0);
         let b = feed(b, &[true], t0 + 60 * S);
         assert_eq!(b.mode, Mode::Open);
+    }
+
+    #[test]
+    fn adaptive_limits_decrease_multiplicatively_and_recover_additively() {
+        let cfg = AdaptiveConfig {
+            min_limit: 10,
+            decrease: 5_000,
+            increase: 5,
+            interval: S,
+            error_rate: 500,
+            latency: 500_000,
+        };
+        let t0 = 1_000 * S;
+        let step = |a: AdaptiveState, n: u64, errors: u64, slow: u64, at: Micros| {
+            (0..n).fold(a, |a, i| a.record(&cfg, 100, i < errors, if i < slow { 600_000 } else { 1_000 }, at))
+        };
+        // an interval with 10% errors: the next interval starts at half the limit
+        let a = step(AdaptiveState::default(), 100, 10, 0, t0);
+        assert_eq!(a.effective(100), 100);
+        let a = step(a, 100, 10, 0, t0 + S);
+        assert_eq!(a.effective(100), 50);
+        let a = step(a, 100, 0, 2, t0 + 2 * S); // 2% slower than 500 ms: p99 above it
+        assert_eq!(a.effective(100), 25);
+        let a = step(a, 100, 0, 0, t0 + 3 * S);
+        assert_eq!(a.effective(100), 12, "halved again, from the slow interval");
+        let a = step(a, 100, 0, 0, t0 + 4 * S);
+        assert_eq!(a.effective(100), 17, "healthy: five slots back");
+        // never below min_limit, never above the configured limit
+        let mut low = AdaptiveState { limit: 12, since: t0, total: 10, errors: 10, slow: 0 };
+        low = low.record(&cfg, 100, true, 0, t0 + S);
+        assert_eq!(low.effective(100), 10);
+        let mut high = AdaptiveState { limit: 98, since: t0, total: 10, errors: 0, slow: 0 };
+        high = high.record(&cfg, 100, false, 0, t0 + S);
+        assert_eq!(high.effective(100), 100);
+        // 1% slow is not above p99
+        let a = step(AdaptiveState { limit: 40, since: t0, ..Default::default() }, 100, 0, 1, t0);
+        assert_eq!(a.record(&cfg, 100, false, 0, t0 + S).effective(100), 45);
     }
 
     #[test]

@@ -42,6 +42,16 @@ pub fn is_error(entry: &HttpAccessLogEntry) -> bool {
         })
 }
 
+/// How long the upstream took: to its last byte if Envoy measured it, else to the last byte
+/// sent to the client.
+pub fn latency(entry: &HttpAccessLogEntry) -> std::time::Duration {
+    let c = entry.common_properties.as_ref();
+    let d = c.and_then(|c| c.time_to_last_upstream_rx_byte.or(c.time_to_last_downstream_tx_byte));
+    d.map_or(std::time::Duration::ZERO, |d| {
+        std::time::Duration::new(u64::try_from(d.seconds).unwrap_or(0), u32::try_from(d.nanos).unwrap_or(0))
+    })
+}
+
 #[tonic::async_trait]
 impl<S: Store> AccessLogService for AccessLog<S> {
     async fn stream_access_logs(
@@ -60,7 +70,7 @@ impl<S: Store> AccessLogService for AccessLog<S> {
             for entry in &logs.log_entry {
                 let lease = entry.request.as_ref().and_then(|r| r.request_headers.get(LEASE_HEADER));
                 if let Some(lease) = lease {
-                    self.engine.complete(lease, is_error(entry)).await;
+                    self.engine.complete(lease, is_error(entry), latency(entry)).await;
                 }
             }
         }

@@ -297,7 +297,7 @@ impl Validator<'_> {
             units::parse_size(limits.max_header_bytes.as_deref().unwrap_or(DEFAULT_MAX_HEADER_BYTES)),
         );
         let rls = ratelimit::load(raw.ratelimit.as_ref(), self.base, "ratelimit", &mut self.problems, self.index);
-        let traffic = raw.traffic.as_ref().and_then(|t| self.traffic(t));
+        let traffic = raw.traffic.as_ref().and_then(|t| self.traffic(t, raw.alerts.as_ref()));
         self.later_sections(raw.audit, raw.alerts);
 
         let policy = Policy {
@@ -795,8 +795,12 @@ impl Validator<'_> {
     /// Sections whose features land in later versions: read and checked now, so the reference
     /// policy is accepted unchanged and a typo there is still an error.
     /// `traffic`: the reference's numbers where the policy says nothing.
-    fn traffic(&mut self, t: &raw::RawTraffic) -> Option<decision_core::traffic::TrafficConfig> {
-        use decision_core::traffic::{BreakerConfig, TrafficConfig};
+    fn traffic(
+        &mut self,
+        t: &raw::RawTraffic,
+        alerts: Option<&raw::RawAlerts>,
+    ) -> Option<decision_core::traffic::TrafficConfig> {
+        use decision_core::traffic::{AdaptiveConfig, BreakerConfig, TrafficConfig};
         let concurrency_limit = t.concurrency_limit.unwrap_or(DEFAULT_CONCURRENCY_LIMIT);
         if concurrency_limit == 0 {
             self.err("traffic.concurrency_limit", "must be at least 1");
@@ -834,12 +838,44 @@ impl Validator<'_> {
                 reset_timeout,
             }
         });
+        let adaptive = t.adaptive.as_ref().map(|a| {
+            let p = "traffic.adaptive";
+            let min_limit = a.min_limit.unwrap_or((concurrency_limit / 10).max(1));
+            if min_limit == 0 || min_limit > concurrency_limit {
+                self.err(format!("{p}.min_limit"), "must be between 1 and concurrency_limit");
+            }
+            let decrease =
+                self.parse(&format!("{p}.decrease"), units::parse_percent(a.decrease.as_deref().unwrap_or("50%")));
+            if decrease.is_some_and(|d| d == 0 || d >= 10_000) {
+                self.err(format!("{p}.decrease"), "the share kept on a decrease is more than 0% and less than 100%");
+            }
+            let alert_warn = |t: Option<&raw::RawThreshold>| t.map(|t| t.warn.clone());
+            let error_rate = a.error_rate.clone().or_else(|| alert_warn(alerts.and_then(|x| x.error_rate.as_ref())));
+            let error_rate = self
+                .parse(&format!("{p}.error_rate"), units::parse_percent(error_rate.as_deref().unwrap_or("5%")))
+                .unwrap_or(500);
+            let latency = a.latency.clone().or_else(|| alert_warn(alerts.and_then(|x| x.response_time.as_ref())));
+            let latency = micros(self.duration(&format!("{p}.latency"), latency.as_deref(), "500ms"));
+            let interval = micros(self.duration(&format!("{p}.interval"), a.interval.as_deref(), "5s"));
+            if interval == 0 {
+                self.err(format!("{p}.interval"), "must be more than zero");
+            }
+            AdaptiveConfig {
+                min_limit: min_limit.max(1),
+                decrease: u64::from(decrease.unwrap_or(5_000)),
+                increase: a.increase.unwrap_or(1).max(1),
+                interval,
+                error_rate: u64::from(error_rate),
+                latency,
+            }
+        });
         Some(TrafficConfig {
             concurrency_limit,
             queue_size: t.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
             queue_timeout,
             lease_ttl,
             breaker,
+            adaptive,
         })
     }
 

@@ -275,6 +275,25 @@ pub struct RawTraffic {
     /// a slot whose completion never comes is freed after this long (default 60s)
     pub lease_ttl: Option<String>,
     pub circuit_breaker: Option<RawBreaker>,
+    /// adaptive concurrency per upstream (present: on)
+    pub adaptive: Option<RawAdaptive>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdaptive {
+    /// the effective limit never goes below this (default: a tenth of concurrency_limit)
+    pub min_limit: Option<u64>,
+    /// the share of the limit kept on each decrease (default 50%)
+    pub decrease: Option<String>,
+    /// slots given back per healthy interval (default 1)
+    pub increase: Option<u64>,
+    /// how often the limit is adjusted (default 5s)
+    pub interval: Option<String>,
+    /// unhealthy above this error share (default: alerts.error_rate.warn, else 5%)
+    pub error_rate: Option<String>,
+    /// unhealthy when p99 latency is above this (default: alerts.response_time.warn, else 500ms)
+    pub latency: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -50,6 +50,30 @@ fn the_reference_policy_validates() {
     assert_eq!(cfg.settings.http_addr.to_string(), "127.0.0.1:9102");
     assert_eq!(p.network.zones.names, ["internal", "partners", "vpn"]);
     assert!(p.bearer.is_some(), "the reference JWT issuer and its jwks_file are loaded");
+    let t = p.traffic.as_ref().expect("traffic");
+    let s = 1_000_000;
+    assert_eq!((t.concurrency_limit, t.queue_size, t.queue_timeout, t.lease_ttl), (1000, 5000, 30 * s, 60 * s));
+    let b = t.breaker.expect("breaker");
+    assert_eq!((b.error_threshold, b.min_requests, b.window, b.reset_timeout), (5000, 20, 60 * s, 300 * s));
+    assert_eq!(t.adaptive, None, "adaptive limits are a switch the reference does not turn on");
+    // every route is its own upstream unless it names one
+    assert_eq!(&*p.routes[0].upstream, "/health");
+    assert_eq!(p.routes[0].upstream_key.len(), 16);
+}
+
+#[test]
+fn adaptive_limits_take_the_alert_thresholds_by_default() {
+    let text = std::fs::read_to_string(examples().join("policy.yaml")).expect("policy");
+    let text = text.replace("    reset_timeout: 300s", "    reset_timeout: 300s\n  adaptive: { increase: 5 }");
+    let cfg = parse(&text, &examples()).unwrap_or_else(|e| panic!("{e:?}"));
+    let a = cfg.policy.traffic.as_ref().and_then(|t| t.adaptive).expect("adaptive");
+    assert_eq!((a.min_limit, a.decrease, a.increase, a.interval), (100, 5000, 5, 5_000_000));
+    assert_eq!((a.error_rate, a.latency), (500, 500_000), "alerts: error_rate.warn 5%, response_time.warn 500ms");
+    let (text, problems) =
+        problems_after("    reset_timeout: 300s", "    reset_timeout: 300s\n  adaptive: { decrease: 100% }");
+    assert_problem(&problems, "traffic.adaptive.decrease", line_of(&text, "decrease: 100%"), "less than 100%");
+    let (text, problems) = problems_after("  concurrency_limit: 1000 ", "  concurrency_limit: 0 ");
+    assert_problem(&problems, "traffic.concurrency_limit", line_of(&text, "concurrency_limit: 0"), "at least 1");
 }
 
 #[test]

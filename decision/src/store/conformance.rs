@@ -7,7 +7,7 @@ use std::task::Poll;
 
 use decision_core::decide::{Op, OpKind};
 use decision_core::quota::Limit;
-use decision_core::traffic::{Admit, BreakerConfig, Mode, TrafficConfig};
+use decision_core::traffic::{AdaptiveConfig, Admit, BreakerConfig, Mode, TrafficConfig};
 use decision_core::units::{MICROS_PER_MINUTE, MICROS_PER_SEC, Micros};
 
 use super::Store;
@@ -47,6 +47,47 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     releases_are_idempotent_and_an_expired_lease_frees_nothing_else(&make().await).await;
     the_queue_is_first_come_first_served_and_bounded(&make().await).await;
     the_breaker_opens_and_gives_its_half_open_probe_to_exactly_one(&make().await).await;
+    the_adaptive_limit_shrinks_on_errors_and_grows_back(&make().await).await;
+}
+
+async fn the_adaptive_limit_shrinks_on_errors_and_grows_back<S: Store>(s: &S) {
+    let mut cfg = traffic(10, 0, None);
+    cfg.adaptive = Some(AdaptiveConfig {
+        min_limit: 2,
+        decrease: 5_000,
+        increase: 1,
+        interval: MICROS_PER_SEC,
+        error_rate: 500,
+        latency: 500_000,
+    });
+    // an interval of errors and slow answers
+    for i in 0..10u64 {
+        let lease = format!("e{i}");
+        assert_eq!(admit(s, &lease, "w", false, &cfg, T0 + i).await, Admit::Granted { probe: false });
+        let (_, occ) =
+            s.complete("up", &format!("l{lease}"), i % 2 == 0, 700_000, &cfg, T0 + i).await.expect("complete");
+        assert_eq!(occ.limit, 10);
+    }
+    // the next interval's first completion halves the limit
+    assert_eq!(admit(s, "n0", "w", false, &cfg, T0 + MICROS_PER_SEC).await, Admit::Granted { probe: false });
+    let (_, occ) = s.complete("up", "ln0", false, 1_000, &cfg, T0 + MICROS_PER_SEC).await.expect("complete");
+    assert_eq!(occ.limit, 5);
+    let at = T0 + MICROS_PER_SEC + 1;
+    let mut granted = 0;
+    for i in 0..8 {
+        if let Admit::Granted { .. } = admit(s, &format!("h{i}"), "w", false, &cfg, at + i).await {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 5, "five slots under the adaptive limit");
+    for i in 0..5 {
+        assert!(s.complete("up", &format!("lh{i}"), false, 1_000, &cfg, at + 10 + i).await.expect("complete").0);
+    }
+    // a healthy interval gives one slot back
+    let later = T0 + 2 * MICROS_PER_SEC + 100;
+    assert_eq!(admit(s, "g0", "w", false, &cfg, later).await, Admit::Granted { probe: false });
+    let (_, occ) = s.complete("up", "lg0", false, 1_000, &cfg, later).await.expect("complete");
+    assert_eq!(occ.limit, 6);
 }
 
 fn traffic(limit: u64, queue: u64, breaker: Option<BreakerConfig>) -> TrafficConfig {
@@ -56,6 +97,7 @@ fn traffic(limit: u64, queue: u64, breaker: Option<BreakerConfig>) -> TrafficCon
         queue_timeout: 5 * MICROS_PER_SEC,
         lease_ttl: 10 * MICROS_PER_SEC,
         breaker,
+        adaptive: None,
     }
 }
 
@@ -103,7 +145,7 @@ async fn concurrent_acquirers_never_exceed_the_limit<S: Store>(s: &S) {
     // two completions free two slots, no more
     for i in &granted[..2] {
         let (released, occ) =
-            s.complete("up", &format!("l{}", names[*i]), false, &cfg, T0 + 1).await.expect("complete");
+            s.complete("up", &format!("l{}", names[*i]), false, 0, &cfg, T0 + 1).await.expect("complete");
         assert!(released);
         assert_eq!(occ.in_use, 4 - u64::try_from(granted.iter().position(|g| g == i).unwrap_or(0)).unwrap_or(0));
     }
@@ -124,10 +166,13 @@ async fn releases_are_idempotent_and_an_expired_lease_frees_nothing_else<S: Stor
     let cfg = traffic(1, 0, None);
     assert_eq!(admit(s, "aa", "a", false, &cfg, T0).await, Admit::Granted { probe: false });
     assert!(matches!(admit(s, "bb", "b", false, &cfg, T0 + 1).await, Admit::QueueFull(_)));
-    assert!(s.complete("up", "laa", false, &cfg, T0 + 2).await.expect("complete").0);
-    assert!(!s.complete("up", "laa", false, &cfg, T0 + 3).await.expect("complete").0, "a second release frees nothing");
+    assert!(s.complete("up", "laa", false, 0, &cfg, T0 + 2).await.expect("complete").0);
     assert!(
-        !s.complete("up", "lforged", true, &cfg, T0 + 3).await.expect("complete").0,
+        !s.complete("up", "laa", false, 0, &cfg, T0 + 3).await.expect("complete").0,
+        "a second release frees nothing"
+    );
+    assert!(
+        !s.complete("up", "lforged", true, 0, &cfg, T0 + 3).await.expect("complete").0,
         "an unknown lease frees nothing"
     );
     // B takes the slot and never completes: its lease expires, C gets the slot
@@ -136,7 +181,7 @@ async fn releases_are_idempotent_and_an_expired_lease_frees_nothing_else<S: Stor
     let later = T0 + 4 + cfg.lease_ttl;
     assert_eq!(admit(s, "cc", "c", false, &cfg, later).await, Admit::Granted { probe: false });
     // B's late completion does not free C's slot
-    assert!(!s.complete("up", "lbb", false, &cfg, later + 1).await.expect("complete").0);
+    assert!(!s.complete("up", "lbb", false, 0, &cfg, later + 1).await.expect("complete").0);
     assert!(matches!(admit(s, "dd", "d", false, &cfg, later + 2).await, Admit::QueueFull(_)));
 }
 
@@ -148,7 +193,7 @@ async fn the_queue_is_first_come_first_served_and_bounded<S: Store>(s: &S) {
     assert!(
         matches!(admit(s, "w3", "w3", false, &cfg, T0 + 3).await, Admit::QueueFull(o) if o.queued == 2 && o.in_use == 1)
     );
-    assert!(s.complete("up", "laa", false, &cfg, T0 + 10).await.expect("complete").0);
+    assert!(s.complete("up", "laa", false, 0, &cfg, T0 + 10).await.expect("complete").0);
     // the slot is free, but it is the oldest waiter's: not the second's, nor a new arrival's
     assert!(matches!(admit(s, "w2", "w2", true, &cfg, T0 + 11).await, Admit::Wait(_)));
     assert!(matches!(admit(s, "nn", "n", false, &cfg, T0 + 12).await, Admit::QueueFull(o) if o.queued == 2));
@@ -156,7 +201,7 @@ async fn the_queue_is_first_come_first_served_and_bounded<S: Store>(s: &S) {
     // a waiter that gives up leaves; one past its deadline is dropped
     assert!(matches!(admit(s, "nn", "n", false, &cfg, T0 + 13).await, Admit::Wait(o) if o.queued == 2));
     s.leave("up", "n").await.expect("leave");
-    assert!(s.complete("up", "lw1", false, &cfg, T0 + 14).await.expect("complete").0);
+    assert!(s.complete("up", "lw1", false, 0, &cfg, T0 + 14).await.expect("complete").0);
     let past = T0 + 2 + cfg.queue_timeout;
     assert_eq!(admit(s, "xx", "x", false, &cfg, past).await, Admit::Granted { probe: false }, "w2 timed out");
 }
@@ -172,7 +217,7 @@ async fn the_breaker_opens_and_gives_its_half_open_probe_to_exactly_one<S: Store
     for i in 0..4u64 {
         let lease = format!("{i:02}");
         assert_eq!(admit(s, &lease, "w", false, &cfg, T0 + i).await, Admit::Granted { probe: false });
-        let (_, occ) = s.complete("up", &format!("l{lease}"), true, &cfg, T0 + i).await.expect("complete");
+        let (_, occ) = s.complete("up", &format!("l{lease}"), true, 0, &cfg, T0 + i).await.expect("complete");
         assert_eq!(occ.mode, if i < 3 { Mode::Closed } else { Mode::Open }, "after {} errors", i + 1);
     }
     let opened = T0 + 3;
@@ -198,7 +243,7 @@ async fn the_breaker_opens_and_gives_its_half_open_probe_to_exactly_one<S: Store
     assert_eq!(answers.iter().filter(|a| matches!(a, Admit::BreakerOpen { .. })).count(), 9);
     // the probe succeeds: closed again
     let (released, occ) =
-        s.complete("up", &format!("ph{}", probes[0]), false, &cfg, reset + 1).await.expect("complete");
+        s.complete("up", &format!("ph{}", probes[0]), false, 0, &cfg, reset + 1).await.expect("complete");
     assert!(released);
     assert_eq!(occ.mode, Mode::Closed);
     assert_eq!(admit(s, "y", "w", false, &cfg, reset + 2).await, Admit::Granted { probe: false });

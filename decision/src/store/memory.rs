@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use decision_core::decide::Op;
 use decision_core::quota::{self, State, Verdict};
-use decision_core::traffic::{self, Admit, Breaker, Gate, Occupancy, TrafficConfig};
+use decision_core::traffic::{self, AdaptiveState, Admit, Breaker, Gate, Occupancy, TrafficConfig};
 use decision_core::units::Micros;
 
 use super::{Occupied, Store, StoreError};
@@ -48,6 +48,7 @@ struct Upstream {
     breaker: Breaker,
     /// the recent mean time a lease was held
     hold: Micros,
+    adaptive: AdaptiveState,
 }
 
 impl Upstream {
@@ -56,8 +57,20 @@ impl Upstream {
         self.queue.retain(|(_, deadline)| *deadline > now);
     }
 
-    fn occupied(&self) -> Occupied {
-        Occupied { in_use: self.slots.len() as u64, queued: self.queue.len() as u64, mode: self.breaker.mode }
+    fn limit(&self, cfg: &TrafficConfig) -> u64 {
+        match cfg.adaptive {
+            Some(_) => self.adaptive.effective(cfg.concurrency_limit),
+            None => cfg.concurrency_limit,
+        }
+    }
+
+    fn occupied(&self, cfg: &TrafficConfig) -> Occupied {
+        Occupied {
+            in_use: self.slots.len() as u64,
+            queued: self.queue.len() as u64,
+            mode: self.breaker.mode,
+            limit: self.limit(cfg),
+        }
     }
 }
 
@@ -104,9 +117,9 @@ impl MemoryStore {
             if returning {
                 up.queue.retain(|(w, _)| w != waiter);
             }
-            return (Admit::BreakerOpen { retry_after }, up.occupied());
+            return (Admit::BreakerOpen { retry_after }, up.occupied(cfg));
         }
-        let free = (up.slots.len() as u64) < cfg.concurrency_limit;
+        let free = (up.slots.len() as u64) < up.limit(cfg);
         let my_turn = match up.queue.front() {
             None => true,
             Some((head, _)) => returning && head == waiter,
@@ -119,18 +132,22 @@ impl MemoryStore {
                 up.queue.pop_front();
             }
             up.breaker = next;
-            return (Admit::Granted { probe }, up.occupied());
+            return (Admit::Granted { probe }, up.occupied(cfg));
         }
         let occupancy =
             |up: &Upstream| Occupancy { in_use: up.slots.len() as u64, queued: up.queue.len() as u64, hold: up.hold };
         if returning {
-            return (Admit::Wait(occupancy(up)), up.occupied());
+            return (Admit::Wait(occupancy(up)), up.occupied(cfg));
         }
-        if (up.queue.len() as u64) < cfg.queue_size {
+        // a waiter id already queued (ids are random: only in tests) moves to the back, as
+        // Redis's ZADD moves it by its new deadline
+        let known = up.queue.iter().any(|(w, _)| w == waiter);
+        if known || (up.queue.len() as u64) < cfg.queue_size {
+            up.queue.retain(|(w, _)| w != waiter);
             up.queue.push_back((waiter.to_owned(), now + cfg.queue_timeout));
-            return (Admit::Wait(occupancy(up)), up.occupied());
+            return (Admit::Wait(occupancy(up)), up.occupied(cfg));
         }
-        (Admit::QueueFull(occupancy(up)), up.occupied())
+        (Admit::QueueFull(occupancy(up)), up.occupied(cfg))
     }
 
     /// `Store::leave`, synchronously.
@@ -146,19 +163,25 @@ impl MemoryStore {
         upstream: &str,
         lease: &str,
         error: bool,
+        latency: Micros,
         cfg: &TrafficConfig,
         now: Micros,
     ) -> (bool, Occupied) {
         let mut all = lock(&self.traffic);
-        let Some(up) = all.get_mut(upstream) else { return (false, Occupied::default()) };
+        let Some(up) = all.get_mut(upstream) else {
+            return (false, Occupied { limit: cfg.concurrency_limit, ..Occupied::default() });
+        };
         up.expire(now);
-        let Some(expiry) = up.slots.remove(lease) else { return (false, up.occupied()) };
+        let Some(expiry) = up.slots.remove(lease) else { return (false, up.occupied(cfg)) };
         let held = now.saturating_sub(expiry.saturating_sub(cfg.lease_ttl));
         up.hold = traffic::mean_hold(up.hold, held);
         if let Some(b) = &cfg.breaker {
             up.breaker = up.breaker.record(b, error, traffic::is_probe(lease), now);
         }
-        (true, up.occupied())
+        if let Some(a) = &cfg.adaptive {
+            up.adaptive = up.adaptive.record(a, cfg.concurrency_limit, error, latency, now);
+        }
+        (true, up.occupied(cfg))
     }
 
     fn id(&self, key: &str) -> u128 {
@@ -251,10 +274,11 @@ impl Store for MemoryStore {
         upstream: &str,
         lease: &str,
         error: bool,
+        latency: Micros,
         cfg: &TrafficConfig,
         now: Micros,
     ) -> Result<(bool, Occupied), StoreError> {
-        Ok(self.complete_now(upstream, lease, error, cfg, now))
+        Ok(self.complete_now(upstream, lease, error, latency, cfg, now))
     }
 
     fn backend(&self) -> &'static str {

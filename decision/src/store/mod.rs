@@ -44,6 +44,8 @@ pub struct Occupied {
     pub in_use: u64,
     pub queued: u64,
     pub mode: Mode,
+    /// the concurrency limit in force (the adaptive one, when adaptive)
+    pub limit: u64,
 }
 
 pub trait Store: Send + Sync + 'static {
@@ -69,15 +71,22 @@ pub trait Store: Send + Sync + 'static {
     fn leave(&self, upstream: &str, waiter: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// A request completed: its lease is released (true) if it still holds one, and only then
-    /// does its outcome (`error`: 5xx or timeout) count for the breaker. Idempotent.
+    /// does its outcome (`error`: 5xx or timeout; its `latency`) count for the breaker and the
+    /// adaptive limit. Idempotent.
     fn complete(
         &self,
         upstream: &str,
         lease: &str,
         error: bool,
+        latency: Micros,
         cfg: &TrafficConfig,
         now: Micros,
     ) -> impl Future<Output = Result<(bool, Occupied), StoreError>> + Send;
+
+    /// Calls `wake` with an upstream's key whenever any instance of the fleet frees one of its
+    /// slots (a shared store's notification), for as long as the store lives. A store private
+    /// to this process has nothing to add: this instance's own completions wake its waiters.
+    fn watch_freed(&self, _wake: std::sync::Arc<dyn Fn(&str) + Send + Sync>) {}
 
     /// The name used in logs and metrics (`memory`, `redis`).
     fn backend(&self) -> &'static str;

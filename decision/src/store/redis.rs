@@ -54,6 +54,7 @@ pub fn redacted(url: &str) -> String {
 }
 
 pub struct RedisStore {
+    client: redis::Client,
     conns: Vec<ConnectionManager>,
     next: AtomicUsize,
     script: Script,
@@ -82,6 +83,7 @@ impl RedisStore {
             conns.push(c);
         }
         Ok(RedisStore {
+            client,
             conns,
             next: AtomicUsize::new(0),
             script: Script::new(include_str!("lua/apply.lua")),
@@ -176,6 +178,9 @@ impl RedisStore {
     }
 }
 
+/// Where traffic.lua announces freed slots.
+pub const FREED_CHANNEL: &str = "pc:traffic:freed";
+
 /// The breaker's settings as traffic.lua takes them (zeros without a breaker).
 fn breaker_args(cfg: &TrafficConfig) -> [String; 5] {
     match &cfg.breaker {
@@ -187,6 +192,22 @@ fn breaker_args(cfg: &TrafficConfig) -> [String; 5] {
             b.reset_timeout.to_string(),
         ],
         None => ["0".into(), "0".into(), "0".into(), "0".into(), "0".into()],
+    }
+}
+
+/// The adaptive limit's settings as traffic.lua takes them (zeros when off).
+fn adaptive_args(cfg: &TrafficConfig) -> [String; 7] {
+    match &cfg.adaptive {
+        Some(a) => [
+            "1".into(),
+            a.min_limit.to_string(),
+            a.decrease.to_string(),
+            a.increase.to_string(),
+            a.interval.to_string(),
+            a.error_rate.to_string(),
+            a.latency.to_string(),
+        ],
+        None => ["0".into(), "0".into(), "0".into(), "0".into(), "0".into(), "0".into(), "0".into()],
     }
 }
 
@@ -216,11 +237,17 @@ impl Store for RedisStore {
             cfg.lease_ttl.to_string(),
         ];
         args.extend(breaker_args(cfg));
+        args.extend(adaptive_args(cfg));
         let r = self.traffic_call(upstream, &args).await?;
-        let [code, a, b, c, in_use, queued, mode] = r[..] else {
+        let [code, a, b, c, in_use, queued, mode, limit] = r[..] else {
             return Err(StoreError::Script(format!("traffic.lua admit answered {r:?}")));
         };
-        let occupied = Occupied { in_use: count(in_use), queued: count(queued), mode: Mode::from_code(count(mode)) };
+        let occupied = Occupied {
+            in_use: count(in_use),
+            queued: count(queued),
+            mode: Mode::from_code(count(mode)),
+            limit: count(limit),
+        };
         let occupancy = Occupancy { in_use: count(a), queued: count(b), hold: count(c) };
         let admit = match code {
             0 => Admit::Granted { probe: a == 1 },
@@ -241,6 +268,7 @@ impl Store for RedisStore {
         upstream: &str,
         lease: &str,
         error: bool,
+        latency: Micros,
         cfg: &TrafficConfig,
         now: Micros,
     ) -> Result<(bool, Occupied), StoreError> {
@@ -252,14 +280,20 @@ impl Store for RedisStore {
             cfg.lease_ttl.to_string(),
         ];
         args.extend(breaker_args(cfg));
+        args.push(latency.to_string());
+        args.extend(adaptive_args(cfg));
+        args.push(cfg.concurrency_limit.to_string());
         let r = self.traffic_call(upstream, &args).await?;
-        let [released, in_use, queued, mode] = r[..] else {
+        let [released, in_use, queued, mode, limit] = r[..] else {
             return Err(StoreError::Script(format!("traffic.lua complete answered {r:?}")));
         };
-        Ok((
-            released == 1,
-            Occupied { in_use: count(in_use), queued: count(queued), mode: Mode::from_code(count(mode)) },
-        ))
+        let occupied = Occupied {
+            in_use: count(in_use),
+            queued: count(queued),
+            mode: Mode::from_code(count(mode)),
+            limit: count(limit),
+        };
+        Ok((released == 1, occupied))
     }
 
     async fn apply(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
@@ -292,6 +326,32 @@ impl Store for RedisStore {
                 })
             }
         }
+    }
+
+    fn watch_freed(&self, wake: std::sync::Arc<dyn Fn(&str) + Send + Sync>) {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            loop {
+                match client.get_async_pubsub().await {
+                    Ok(mut pubsub) => match pubsub.subscribe(FREED_CHANNEL).await {
+                        Ok(()) => {
+                            let mut messages = pubsub.on_message();
+                            while let Some(msg) = messages.next().await {
+                                if let Ok(up) = msg.get_payload::<String>() {
+                                    wake(&up);
+                                }
+                            }
+                            tracing::warn!("redis notification channel closed; resubscribing");
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot subscribe to redis notifications"),
+                    },
+                    Err(e) => tracing::debug!(error = %e, "redis notifications: cannot connect"),
+                }
+                // waiters still look again every quarter second meanwhile
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
     }
 
     fn backend(&self) -> &'static str {

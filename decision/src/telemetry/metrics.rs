@@ -42,6 +42,7 @@ pub struct Metrics {
     slots_in_use: Family<UpstreamLabel, Gauge>,
     queue_length: Family<UpstreamLabel, Gauge>,
     breaker_state: Family<UpstreamLabel, Gauge>,
+    effective_limit: Family<UpstreamLabel, Gauge>,
     queue_wait_seconds: Family<UpstreamLabel, Histogram>,
     completions: Family<[(&'static str, &'static str); 1], Counter>,
 }
@@ -136,6 +137,12 @@ impl Metrics {
             "Circuit breaker per upstream: 0 closed, 1 open, 2 half-open (as last seen)",
             breaker_state.clone(),
         );
+        let effective_limit = Family::<UpstreamLabel, Gauge>::default();
+        registry.register(
+            "traffic_concurrency_limit",
+            "The concurrency limit in force per upstream (the adaptive one, when traffic.adaptive is on)",
+            effective_limit.clone(),
+        );
         let queue_wait_seconds = Family::<UpstreamLabel, Histogram>::new_with_constructor(|| {
             // 1 ms .. ~65 s
             Histogram::new(exponential_buckets(0.001, 2.0, 17))
@@ -163,14 +170,16 @@ impl Metrics {
             slots_in_use,
             queue_length,
             breaker_state,
+            effective_limit,
             queue_wait_seconds,
             completions,
         }
     }
 
     /// An upstream's slots, queue and breaker as a traffic call saw them.
-    pub fn traffic_seen(&self, upstream: &Arc<str>, in_use: u64, queued: u64, breaker: u64) {
+    pub fn traffic_seen(&self, upstream: &Arc<str>, in_use: u64, queued: u64, breaker: u64, limit: u64) {
         let l = UpstreamLabel { upstream: upstream.clone() };
+        self.effective_limit.get_or_create(&l).set(i64::try_from(limit).unwrap_or(i64::MAX));
         self.slots_in_use.get_or_create(&l).set(i64::try_from(in_use).unwrap_or(i64::MAX));
         self.queue_length.get_or_create(&l).set(i64::try_from(queued).unwrap_or(i64::MAX));
         self.breaker_state.get_or_create(&l).set(i64::try_from(breaker).unwrap_or(0));

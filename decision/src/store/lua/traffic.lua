@@ -7,18 +7,27 @@
 -- KEYS[1]  slots:   sorted set, member = lease id ("l" or "p" + 32 hex), score = its expiry (us)
 -- KEYS[2]  queue:   sorted set, member = waiter id, score = its deadline (us); FIFO by deadline,
 --                   since every waiter of an upstream waits the same queue_timeout
--- KEYS[3]  breaker: string "mode until start total errors prev_total prev_errors hold"
+-- KEYS[3]  breaker: string "mode until start total errors prev_total prev_errors hold
+--                   alimit asince atotal aerrors aslow" (the adaptive limit and its interval)"
 -- ARGV[1]  "admit" | "leave" | "complete"
 -- ARGV[2]  the time in microseconds, or -1 to read the server's clock (TIME); only tests pass one
 -- admit:    ARGV[3] lease (32 hex)  ARGV[4] waiter  ARGV[5] returning (0|1)  ARGV[6] limit
 --           ARGV[7] queue_size  ARGV[8] queue_timeout  ARGV[9] lease_ttl
 --           ARGV[10] breaker (0|1)  ARGV[11] threshold (basis points)  ARGV[12] min_requests
 --           ARGV[13] window  ARGV[14] reset_timeout
---   returns { code, a, b, c, in_use, queued, mode }: code 0 granted (a: probe 0|1), 1 wait,
---           2 queue full (a, b, c: in_use, queued, mean hold), 3 breaker open (a: retry after)
+--           ARGV[15] adaptive (0|1)  ARGV[16] min_limit  ARGV[17] decrease (basis points)
+--           ARGV[18] increase  ARGV[19] interval  ARGV[20] error_rate (basis points)
+--           ARGV[21] latency threshold (us)
+--   returns { code, a, b, c, in_use, queued, mode, limit }: code 0 granted (a: probe 0|1),
+--           1 wait, 2 queue full (a, b, c: in_use, queued, mean hold), 3 breaker open (a: retry
+--           after); limit: the concurrency limit in force
 -- leave:    ARGV[3] waiter; returns { 1 }
 -- complete: ARGV[3] lease id  ARGV[4] error (0|1)  ARGV[5] lease_ttl  ARGV[6..10] as admit's
---           ARGV[10..14]; returns { released (0|1), in_use, queued, mode }
+--           ARGV[10..14]  ARGV[11] latency (us)  ARGV[12..18] as admit's ARGV[15..21]
+--           ARGV[19] the configured concurrency limit;
+--           returns { released (0|1), in_use, queued, mode, limit }
+-- A release (and a waiter leaving) is announced on the channel `pc:traffic:freed` with the
+-- upstream's key, so waiters at every instance look again at once.
 -- Releasing is idempotent, and only a released lease's outcome counts for the breaker, so a
 -- completion that comes late (its lease expired) or twice, or a forged one, changes nothing.
 --
@@ -44,13 +53,20 @@ local function expire(key, us)
   redis.call('PEXPIRE', key, ms)
 end
 
+-- tells every instance that a slot of this upstream may be free, so their waiters look again
+-- at once (channel `pc:traffic:freed`, message: the upstream's key)
+local function announce()
+  local up = string.match(slots, '{up:(%x+)}')
+  if up then redis.call('PUBLISH', 'pc:traffic:freed', up) end
+end
+
 if op == 'leave' then
-  redis.call('ZREM', queue, ARGV[3])
+  if redis.call('ZREM', queue, ARGV[3]) == 1 then announce() end
   return { 1 }
 end
 
 -- breaker state
-local b = { 0, 0, 0, 0, 0, 0, 0, 0 }
+local b = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 local raw = redis.call('GET', bkey)
 if raw then
   local i = 1
@@ -60,9 +76,17 @@ if raw then
   end
 end
 local mode, until_, start, total, errors, ptotal, perrors, hold = b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8]
+local alimit, asince, atotal, aerrors, aslow = b[9], b[10], b[11], b[12], b[13]
 local function save(ttl)
-  redis.call('SET', bkey, string.format('%d %d %d %d %d %d %d %d', mode, until_, start, total, errors, ptotal, perrors, hold))
+  redis.call('SET', bkey, string.format('%d %d %d %d %d %d %d %d %d %d %d %d %d', mode, until_, start, total, errors,
+    ptotal, perrors, hold, alimit, asince, atotal, aerrors, aslow))
   expire(bkey, ttl)
+end
+
+-- the concurrency limit in force: AdaptiveState::effective
+local function effective(max, adaptive)
+  if not adaptive or alimit == 0 then return max end
+  return math.min(alimit, max)
 end
 
 local function weighted(prev, window, elapsed)
@@ -81,6 +105,7 @@ if op == 'admit' then
   local has_breaker = ARGV[10] == '1'
   local reset = tonumber(ARGV[14])
   local window = tonumber(ARGV[13])
+  limit = effective(limit, ARGV[15] == '1')
   -- the gate: 0 pass, 1 probe, 2 refuse
   local gate, retry = 0, 0
   local nmode, nuntil = mode, until_
@@ -100,7 +125,7 @@ if op == 'admit' then
       redis.call('ZREM', queue, waiter)
       queued = redis.call('ZCARD', queue)
     end
-    return { 3, retry, 0, 0, in_use, queued, mode }
+    return { 3, retry, 0, 0, in_use, queued, mode, limit }
   end
   local my_turn = true
   if queued > 0 then
@@ -114,23 +139,24 @@ if op == 'admit' then
     expire(slots, ttl)
     if returning then
       redis.call('ZREM', queue, waiter)
-      queued = queued - 1
+      queued = redis.call('ZCARD', queue)
     end
     if probe then
       mode, until_ = nmode, nuntil
       save(math.max(2 * window, reset + ttl))
     end
-    return { 0, probe and 1 or 0, 0, 0, in_use + 1, queued, mode }
+    return { 0, probe and 1 or 0, 0, 0, redis.call('ZCARD', slots), queued, mode, limit }
   end
   if returning then
-    return { 1, in_use, queued, hold, in_use, queued, mode }
+    return { 1, in_use, queued, hold, in_use, queued, mode, limit }
   end
-  if queued < qsize then
+  if queued < qsize or redis.call('ZSCORE', queue, waiter) then
     redis.call('ZADD', queue, now + qtimeout, waiter)
     expire(queue, qtimeout)
-    return { 1, in_use, queued + 1, hold, in_use, queued + 1, mode }
+    queued = redis.call('ZCARD', queue)
+    return { 1, in_use, queued, hold, in_use, queued, mode, limit }
   end
-  return { 2, in_use, queued, hold, in_use, queued, mode }
+  return { 2, in_use, queued, hold, in_use, queued, mode, limit }
 end
 
 if op == 'complete' then
@@ -138,9 +164,14 @@ if op == 'complete' then
   local has_breaker = ARGV[6] == '1'
   local threshold, min_requests = tonumber(ARGV[7]), math.max(tonumber(ARGV[8]), 1)
   local window, reset = math.max(tonumber(ARGV[9]), 1), tonumber(ARGV[10])
+  local latency = tonumber(ARGV[11])
+  local adaptive = ARGV[12] == '1'
+  local amin, adecrease, aincrease = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
+  local ainterval, arate, alatency = tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])
+  local max = tonumber(ARGV[19])
   local expiry = redis.call('ZSCORE', slots, lease)
   if not expiry then
-    return { 0, redis.call('ZCARD', slots), redis.call('ZCARD', queue), mode }
+    return { 0, redis.call('ZCARD', slots), redis.call('ZCARD', queue), mode, effective(max, adaptive) }
   end
   redis.call('ZREM', slots, lease)
   local held = math.max(now - math.max(tonumber(expiry) - ttl, 0), 0)
@@ -172,8 +203,26 @@ if op == 'complete' then
       end
     end
   end
-  save(math.max(2 * window, reset + ttl))
-  return { 1, redis.call('ZCARD', slots), redis.call('ZCARD', queue), mode }
+  if adaptive then
+    -- AdaptiveState::record
+    if asince == 0 then asince = now end
+    if now >= asince + ainterval then
+      local current = effective(max, true)
+      local unhealthy = atotal > 0 and (aerrors * BASIS > arate * atotal or aslow * 100 > atotal)
+      if unhealthy then
+        alimit = math.min(math.max(math.floor(current * adecrease / BASIS), amin), max)
+      else
+        alimit = math.min(current + aincrease, max)
+      end
+      asince, atotal, aerrors, aslow = now, 0, 0, 0
+    end
+    atotal = atotal + 1
+    if is_error then aerrors = aerrors + 1 end
+    if latency > alatency then aslow = aslow + 1 end
+  end
+  save(math.max(2 * window, reset + ttl, 2 * ainterval))
+  announce()
+  return { 1, redis.call('ZCARD', slots), redis.call('ZCARD', queue), mode, effective(max, adaptive) }
 end
 
 return redis.error_reply('traffic.lua: unknown operation ' .. tostring(op))

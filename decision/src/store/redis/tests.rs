@@ -203,3 +203,142 @@ async fn the_sliding_weight_agrees_to_the_last_unit() {
         assert!(redis.apply(&[op(fits)], now).await.expect("fits")[0].allowed, "exactly what fits, at {elapsed} us");
     }
 }
+
+#[tokio::test]
+async fn a_freed_slot_is_announced_to_every_instance() {
+    use decision_core::traffic::{Admit, TrafficConfig};
+    let server = RedisServer::start();
+    let (a, b) = (
+        RedisStore::connect(&settings(server.url())).expect("store"),
+        RedisStore::connect(&settings(server.url())).expect("store"),
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    b.watch_freed(std::sync::Arc::new(move |key: &str| {
+        let _ = tx.send(key.to_owned());
+    }));
+    let cfg = TrafficConfig {
+        concurrency_limit: 1,
+        queue_size: 1,
+        queue_timeout: 5 * MICROS_PER_SEC,
+        lease_ttl: 5 * MICROS_PER_SEC,
+        breaker: None,
+        adaptive: None,
+    };
+    let key = "00112233aabbccdd";
+    // the subscription is made in the background: keep freeing until it is heard
+    let heard = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let (admit, _) = a.admit(key, &"a".repeat(32), "w", false, &cfg, 0).await.expect("admit");
+            assert_eq!(admit, Admit::Granted { probe: false });
+            let (released, _) =
+                a.complete(key, &format!("l{}", "a".repeat(32)), false, 0, &cfg, 0).await.expect("complete");
+            assert!(released);
+            if let Ok(Some(k)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+                return k;
+            }
+        }
+    })
+    .await
+    .expect("a release at one instance is heard at another");
+    assert_eq!(heard, key);
+}
+
+/// One step of a random traffic scenario.
+#[derive(Debug, Clone)]
+enum Step {
+    /// a new arrival (its id) or a waiter coming back
+    Admit {
+        id: u8,
+        returning: bool,
+    },
+    /// the completion of lease `id` (probe or not), with an error or not, this slow
+    Complete {
+        id: u8,
+        probe: bool,
+        error: bool,
+        latency: u64,
+    },
+    Leave {
+        id: u8,
+    },
+}
+
+fn steps() -> impl Strategy<Value = Vec<(u64, Step)>> {
+    let step = prop_oneof![
+        (0u8..12, any::<bool>()).prop_map(|(id, returning)| Step::Admit { id, returning }),
+        (0u8..12, prop::bool::weighted(0.1), any::<bool>(), 0u64..1_000_000)
+            .prop_map(|(id, probe, error, latency)| Step::Complete { id, probe, error, latency }),
+        (0u8..12).prop_map(|id| Step::Leave { id }),
+    ];
+    // time steps from nothing to past every timeout of the scenario's settings
+    prop::collection::vec((prop_oneof![Just(0u64), 1u64..2_000_000, 2_000_000u64..40_000_000], step), 1..60)
+}
+
+/// traffic.lua and the memory store (decision-core's traffic rules) agree on every answer of
+/// random scenarios: arrivals, waiters, completions with errors and latencies, departures, at
+/// random time steps, with a breaker and an adaptive limit on.
+#[test]
+fn traffic_lua_and_the_rust_traffic_rules_agree() {
+    use decision_core::traffic::{AdaptiveConfig, BreakerConfig, TrafficConfig};
+    let server = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 48, ..ProptestConfig::default() });
+    let cfg = TrafficConfig {
+        concurrency_limit: 3,
+        queue_size: 2,
+        queue_timeout: 5 * MICROS_PER_SEC,
+        lease_ttl: 8 * MICROS_PER_SEC,
+        breaker: Some(BreakerConfig {
+            error_threshold: 5_000,
+            min_requests: 3,
+            window: 10 * MICROS_PER_SEC,
+            reset_timeout: 4 * MICROS_PER_SEC,
+        }),
+        adaptive: Some(AdaptiveConfig {
+            min_limit: 1,
+            decrease: 5_000,
+            increase: 1,
+            interval: 3 * MICROS_PER_SEC,
+            error_rate: 2_000,
+            latency: 800_000,
+        }),
+    };
+    let result = runner.run(&steps(), |steps| {
+        assert_eq!(server.command("FLUSHALL"), "+OK\r\n");
+        let _in_runtime = rt.enter();
+        let redis = RedisStore::connect(&settings(server.url())).expect("store").with_test_clock();
+        let memory = MemoryStore::new();
+        let mut now = 1_800_000_000 * MICROS_PER_SEC + 123_456;
+        let up = "0011223344556677";
+        for (dt, step) in steps {
+            now += dt + 1; // distinct instants: the queue's order by deadline is then arrival order
+            let hex = |id: u8| format!("{id:032x}");
+            match step {
+                Step::Admit { id, returning } => {
+                    let w = format!("w{id}");
+                    let expected = memory.admit_now(up, &hex(id), &w, returning, &cfg, now);
+                    let got = rt
+                        .block_on(redis.admit(up, &hex(id), &w, returning, &cfg, now))
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(got, expected, "admit {} at {}", id, now);
+                }
+                Step::Complete { id, probe, error, latency } => {
+                    let lease = format!("{}{}", if probe { 'p' } else { 'l' }, hex(id));
+                    let expected = memory.complete_now(up, &lease, error, latency, &cfg, now);
+                    let got = rt
+                        .block_on(redis.complete(up, &lease, error, latency, &cfg, now))
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(got, expected, "complete {} at {}", lease, now);
+                }
+                Step::Leave { id } => {
+                    memory.leave_now(up, &format!("w{id}"));
+                    rt.block_on(redis.leave(up, &format!("w{id}"))).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                }
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
