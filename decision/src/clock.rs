@@ -1,13 +1,23 @@
 //! The one place that reads the clock. Everything else takes time as an argument.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use decision_core::units::Micros;
 
+/// A shift applied to this instance's clock (tests of clock skew only; zero otherwise).
+static OFFSET_MICROS: AtomicI64 = AtomicI64::new(0);
+
+/// Shifts this instance's clock by `micros` (the hidden `--clock-offset-secs`, for skew tests).
+pub fn set_offset(micros: i64) {
+    OFFSET_MICROS.store(micros, Ordering::Relaxed);
+}
+
 /// Microseconds since the Unix epoch.
 #[allow(clippy::disallowed_methods)]
 pub fn now_micros() -> Micros {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    now.saturating_add_signed(OFFSET_MICROS.load(Ordering::Relaxed))
 }
 
 /// A monotonic instant, for measuring how long something took.

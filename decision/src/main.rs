@@ -35,6 +35,10 @@ enum Command {
         /// Log filter, in tracing's EnvFilter syntax.
         #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]
         log: String,
+        /// Tests only: shift this instance's clock by this many seconds (clock-skew tests; the
+        /// Redis store's quotas must not care).
+        #[arg(long, env = "PORTCULLIS_CLOCK_OFFSET_SECS", default_value_t = 0, allow_hyphen_values = true, hide = true)]
+        clock_offset_secs: i64,
     },
     /// Validate a policy file: exit 0, or 1 with every problem found (file:line: path: reason).
     CheckConfig {
@@ -124,8 +128,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
-        Command::Serve { config, grpc_addr, http_addr, log_format, log } => {
+        Command::Serve { config, grpc_addr, http_addr, log_format, log, clock_offset_secs } => {
             let _log_guard = telemetry::init_logging(log_format, &log);
+            if clock_offset_secs != 0 {
+                decision::clock::set_offset(clock_offset_secs.saturating_mul(1_000_000));
+                tracing::warn!(clock_offset_secs, "this instance's clock is shifted (a test setting)");
+            }
             let mut cfg = match config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {

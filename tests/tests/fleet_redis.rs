@@ -37,6 +37,55 @@ async fn client(p: &Portcullis) -> AuthorizationClient<Channel> {
     AuthorizationClient::connect(format!("http://{}", p.grpc)).await.unwrap_or_else(|e| panic!("connect: {e}"))
 }
 
+/// 20 concurrent clients spread over `clients` send 1,000 requests for one basic key; how many
+/// were allowed.
+async fn burst_over(clients: &[AuthorizationClient<Channel>]) -> usize {
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut c = clients[i % clients.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut allowed = 0;
+            for _ in 0..50 {
+                let r = c
+                    .check(check_request("10.1.2.3", "GET", "/api/v1/items", &[("x-api-key", BASIC)]))
+                    .await
+                    .expect("answer");
+                match denied_status(r.get_ref()) {
+                    None => allowed += 1,
+                    Some(429) => {}
+                    Some(other) => panic!("unexpected status {other}"),
+                }
+            }
+            allowed
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += t.await.expect("client");
+    }
+    allowed
+}
+
+#[tokio::test]
+async fn instances_with_skewed_clocks_still_agree() {
+    let redis = RedisServer::start();
+    let policy = policy(&redis.url(), "deny");
+    // one instance an hour behind, one an hour ahead: the quotas run on Redis's clock
+    let mut fleet = Vec::new();
+    for offset in ["-3600", "3600"] {
+        let p = Portcullis::start_with_env(&policy, &[], &[("PORTCULLIS_CLOCK_OFFSET_SECS", offset)])
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        p.wait_for_log("the clock shift", |l| l.contains("clock is shifted")).await.expect("shifted");
+        fleet.push(p);
+    }
+    let clients = [client(&fleet[0]).await, client(&fleet[1]).await];
+    for repetition in 0..3 {
+        assert_eq!(redis.command("FLUSHALL"), "+OK\r\n");
+        assert_eq!(burst_over(&clients).await, 100, "repetition {repetition}: exactly the burst, two hours apart");
+    }
+}
+
 #[tokio::test]
 async fn three_instances_hold_one_key_to_exactly_its_burst() {
     let redis = RedisServer::start();
@@ -52,29 +101,7 @@ async fn three_instances_hold_one_key_to_exactly_its_burst() {
     for repetition in 0..5 {
         assert_eq!(redis.command("FLUSHALL"), "+OK\r\n");
         // 20 concurrent clients spread over the three instances, 1,000 requests in all
-        let mut tasks = Vec::new();
-        for i in 0..20 {
-            let mut c = clients[i % 3].clone();
-            tasks.push(tokio::spawn(async move {
-                let mut allowed = 0;
-                for _ in 0..50 {
-                    let r = c
-                        .check(check_request("10.1.2.3", "GET", "/api/v1/items", &[("x-api-key", BASIC)]))
-                        .await
-                        .expect("answer");
-                    match denied_status(r.get_ref()) {
-                        None => allowed += 1,
-                        Some(429) => {}
-                        Some(other) => panic!("unexpected status {other}"),
-                    }
-                }
-                allowed
-            }));
-        }
-        let mut allowed = 0;
-        for t in tasks {
-            allowed += t.await.expect("client");
-        }
+        let allowed = burst_over(&clients).await;
         assert_eq!(allowed, 100, "repetition {repetition}: the basic burst, exactly, across the fleet");
     }
 }
