@@ -16,7 +16,8 @@ pub fn set_offset(micros: i64) {
 /// Microseconds since the Unix epoch.
 #[allow(clippy::disallowed_methods)]
 pub fn now_micros() -> Micros {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let now =
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
     now.saturating_add_signed(OFFSET_MICROS.load(Ordering::Relaxed))
 }
 

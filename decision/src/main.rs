@@ -37,7 +37,13 @@ enum Command {
         log: String,
         /// Tests only: shift this instance's clock by this many seconds (clock-skew tests; the
         /// Redis store's quotas must not care).
-        #[arg(long, env = "PORTCULLIS_CLOCK_OFFSET_SECS", default_value_t = 0, allow_hyphen_values = true, hide = true)]
+        #[arg(
+            long,
+            env = "PORTCULLIS_CLOCK_OFFSET_SECS",
+            default_value_t = 0,
+            allow_hyphen_values = true,
+            hide = true
+        )]
         clock_offset_secs: i64,
     },
     /// Validate a policy file: exit 0, or 1 with every problem found (file:line: path: reason).
@@ -99,6 +105,8 @@ enum AuditCommand {
 
 #[allow(clippy::print_stdout)]
 fn main() -> ExitCode {
+    // one TLS provider for the whole process (outbound HTTPS, rediss://): ring
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

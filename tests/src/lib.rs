@@ -117,6 +117,9 @@ impl Drop for TempDir {
 pub struct RedisServer {
     child: std::process::Child,
     pub port: u16,
+    /// with `start_tls`: the TLS port (the plain `port` stays, for the test's own commands)
+    pub tls_port: Option<u16>,
+    password: Option<String>,
     dir: PathBuf,
 }
 
@@ -133,35 +136,57 @@ impl RedisServer {
     /// or another port is tried.
     pub fn start() -> RedisServer {
         for _ in 0..10 {
-            if let Some(s) = Self::try_start_on(free_port()) {
+            if let Some(s) = Self::try_start_on(free_port(), None) {
                 return s;
             }
         }
         panic!("could not start a redis-server of our own on a free port after 10 tries");
     }
 
-    /// Starts one on `port` (to bring a killed server back where its clients expect it).
-    pub fn start_on(port: u16) -> RedisServer {
-        Self::try_start_on(port).unwrap_or_else(|| panic!("could not start redis-server on port {port}"))
+    /// Starts one that also serves TLS (the test certificate of tests/fixtures/tls, for
+    /// 127.0.0.1) on `tls_port`, and requires `password` on every connection.
+    pub fn start_tls(password: &str) -> RedisServer {
+        for _ in 0..10 {
+            if let Some(s) = Self::try_start_on(free_port(), Some((free_port(), password))) {
+                return s;
+            }
+        }
+        panic!("could not start a TLS redis-server of our own after 10 tries");
     }
 
-    fn try_start_on(port: u16) -> Option<RedisServer> {
+    /// Starts one on `port` (to bring a killed server back where its clients expect it).
+    pub fn start_on(port: u16) -> RedisServer {
+        Self::try_start_on(port, None).unwrap_or_else(|| panic!("could not start redis-server on port {port}"))
+    }
+
+    fn try_start_on(port: u16, tls: Option<(u16, &str)>) -> Option<RedisServer> {
         use std::time::Instant;
         let dir = std::env::temp_dir().join(format!("portcullis-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             // DEBUG SLEEP is how fault tests make Redis slow; off by default since Redis 7
             .args(["--enable-debug-command", "local"])
             .arg("--dir")
-            .arg(&dir)
+            .arg(&dir);
+        if let Some((tls_port, password)) = tls {
+            let f = workspace_root().join("tests/fixtures/tls");
+            cmd.args(["--tls-port", &tls_port.to_string(), "--tls-auth-clients", "no", "--requirepass", password])
+                .arg("--tls-cert-file")
+                .arg(f.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(f.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(f.join("ca.pem"));
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("cannot start redis-server ({e}): install it (Debian: apt-get install redis-server); scripts/test.sh does")
             });
-        let mut s = RedisServer { child, port, dir };
+        let mut s = RedisServer { child, port, tls_port: tls.map(|t| t.0), password: tls.map(|t| t.1.to_owned()), dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if s.child.try_wait().ok().flatten().is_some() {
@@ -190,8 +215,12 @@ impl RedisServer {
         use std::io::{Read, Write};
         let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return String::new() };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = s.write_all(format!("{cmd}\r\n").as_bytes());
         let mut buf = [0u8; 4096];
+        if let Some(pw) = &self.password {
+            let _ = s.write_all(format!("AUTH {pw}\r\n").as_bytes());
+            let _ = s.read(&mut buf);
+        }
+        let _ = s.write_all(format!("{cmd}\r\n").as_bytes());
         let n = s.read(&mut buf).unwrap_or(0);
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }

@@ -258,3 +258,39 @@ async fn on_store_error_allow_lets_requests_through_marked() {
     let r = c.check(check_request("10.9.9.9", "GET", "/api/v1/x", &[("x-api-key", "pk_wrong")])).await.expect("answer");
     assert_eq!(denied_status(r.get_ref()), Some(401));
 }
+
+#[tokio::test]
+async fn rediss_with_a_password_and_a_private_ca() {
+    const PASSWORD: &str = "tls-test-s3cret";
+    let redis = RedisServer::start_tls(PASSWORD);
+    let port = redis.tls_port.expect("tls port");
+    let ca = tests::TestIssuer::ca_file();
+    let p = reference_policy().replacen(
+        "  memory: {}                    # the embedded default; a fleet uses, instead:",
+        &format!(
+            "  redis: {{ url: \"rediss://:{PASSWORD}@127.0.0.1:{port}\", ca_file: \"{}\", timeout: 500ms }}",
+            ca.display()
+        ),
+        1,
+    );
+    let portcullis = Portcullis::start(&p).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let mut c = client(&portcullis).await;
+    let r = c.check(check_request("10.1.2.3", "GET", "/api/v1/items", &[("x-api-key", BASIC)])).await.expect("answer");
+    assert_eq!(denied_status(r.get_ref()), None, "{r:?}");
+    // the counters are in this Redis, reached over TLS (the plain port is the test's own)
+    assert!(redis.command("DBSIZE").starts_with(":") && redis.command("DBSIZE") != ":0\r\n");
+    portcullis.wait_for_decision("allowed").await;
+    assert!(!portcullis.logs().iter().any(|l| l.contains(PASSWORD)), "the password is never logged");
+
+    // the same server without the private CA: the system's roots do not trust it, so there is no
+    // store, and on_store_error (deny) answers 503
+    let wrong = reference_policy().replacen(
+        "  memory: {}                    # the embedded default; a fleet uses, instead:",
+        &format!("  redis: {{ url: \"rediss://:{PASSWORD}@localhost:{port}\", timeout: 200ms }}"),
+        1,
+    );
+    let untrusted = Portcullis::start(&wrong).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let mut c = client(&untrusted).await;
+    let r = c.check(check_request("10.1.2.3", "GET", "/api/v1/items", &[("x-api-key", BASIC)])).await.expect("answer");
+    assert_eq!(denied_status(r.get_ref()), Some(503), "a server the system roots do not trust is no store");
+}

@@ -327,13 +327,12 @@ impl Validator<'_> {
             self.err("store.redis.cluster", "Redis Cluster is not supported by this version yet; use url");
         }
         let url = r.url.clone().unwrap_or_default();
-        if url.starts_with("rediss://") {
-            self.err("store.redis.url", "TLS to Redis (rediss://) is not supported by this version yet");
-        } else if !url.starts_with("redis://") {
+        let tls = url.starts_with("rediss://");
+        if !tls && !url.starts_with("redis://") {
             self.err(
                 "store.redis.url",
                 format!(
-                    "invalid Redis URL {:?}: expected redis://[user:password@]host:port[/db]",
+                    "invalid Redis URL {:?}: expected redis://[user:password@]host:port[/db] or rediss://... for TLS",
                     crate::store::redis::redacted(&url)
                 ),
             );
@@ -350,10 +349,19 @@ impl Validator<'_> {
         if !(1..=MAX_REDIS_POOL_SIZE).contains(&pool_size) {
             self.err("store.redis.pool_size", format!("must be 1 to {MAX_REDIS_POOL_SIZE}"));
         }
+        let ca_file = r.ca_file.as_ref().map(|f| self.base.join(f));
+        if let Some(f) = &ca_file {
+            if !tls {
+                self.err("store.redis.ca_file", "a CA file is for TLS: use a rediss:// URL");
+            } else if let Err(e) = std::fs::read(f) {
+                self.err("store.redis.ca_file", format!("cannot read {}: {e}", f.display()));
+            }
+        }
         StoreSettings::Redis(crate::store::RedisSettings {
             url,
             timeout: std::time::Duration::from_micros(timeout),
             pool_size: pool_size as usize,
+            ca_file,
         })
     }
 

@@ -86,6 +86,8 @@ pub struct RawStore {
 #[serde(deny_unknown_fields)]
 pub struct RawRedis {
     pub url: Option<String>,
+    /// `rediss://`: PEM CA certificates to trust instead of the system's
+    pub ca_file: Option<String>,
     pub cluster: Option<Vec<String>>,
     pub timeout: Option<String>,
     pub pool_size: Option<u32>,

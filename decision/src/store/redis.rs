@@ -29,6 +29,8 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// multiplexed connections, used in turn
     pub pool_size: usize,
+    /// `rediss://`: CA certificates (PEM) to trust instead of the system's
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -37,6 +39,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("url", &redacted(&self.url))
             .field("timeout", &self.timeout)
             .field("pool_size", &self.pool_size)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -69,8 +72,18 @@ impl RedisStore {
     /// Prepares the connections; they are made lazily, so portcullis starts (and reports the
     /// store down on /readyz) while Redis is unreachable, and reconnects on its own.
     pub fn connect(s: &RedisSettings) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(s.url.as_str())
-            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL {}: {e}", redacted(&s.url))))?;
+        let invalid =
+            |e: redis::RedisError| StoreError::Unavailable(format!("invalid Redis URL {}: {e}", redacted(&s.url)));
+        let client = match &s.ca_file {
+            // rediss:// with a private CA; without one, rediss:// trusts the system's roots
+            Some(ca) => {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| StoreError::Unavailable(format!("cannot read {}: {e}", ca.display())))?;
+                let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
+                redis::Client::build_with_tls(s.url.as_str(), certs).map_err(invalid)?
+            }
+            None => redis::Client::open(s.url.as_str()).map_err(invalid)?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(s.timeout))
             .set_connection_timeout(Some(s.timeout.max(Duration::from_millis(250))))

@@ -13,7 +13,7 @@ use crate::store::conformance;
 use ::tests::RedisServer;
 
 fn settings(url: String) -> RedisSettings {
-    RedisSettings { url, timeout: Duration::from_millis(500), pool_size: 2 }
+    RedisSettings { url, timeout: Duration::from_millis(500), pool_size: 2, ca_file: None }
 }
 
 #[tokio::test]
@@ -103,8 +103,12 @@ fn passwords_never_reach_a_log_line() {
     assert_eq!(redacted("redis://:s3cret@10.0.0.1:6379/0"), "redis://:****@10.0.0.1:6379/0");
     assert_eq!(redacted("redis://app:s3cret@host:6379"), "redis://app:****@host:6379");
     assert_eq!(redacted("redis://host:6379"), "redis://host:6379");
-    let s =
-        RedisSettings { url: "redis://app:s3cret@host:6379".into(), timeout: Duration::from_millis(25), pool_size: 1 };
+    let s = RedisSettings {
+        url: "redis://app:s3cret@host:6379".into(),
+        timeout: Duration::from_millis(25),
+        pool_size: 1,
+        ca_file: None,
+    };
     assert!(!format!("{s:?}").contains("s3cret"));
 }
 
