@@ -35,6 +35,8 @@ pub struct Engine<S> {
     pub metrics: Metrics,
     /// requests of this instance waiting for a slot
     pub(crate) waiters: crate::traffic::Waiters,
+    /// the audit trail, when the policy has an `audit` section (set once by the server)
+    audit: std::sync::OnceLock<Arc<crate::audit::Audit>>,
 }
 
 impl<S: Store> Engine<S> {
@@ -42,7 +44,7 @@ impl<S: Store> Engine<S> {
         let metrics = Metrics::new();
         metrics.policy_loaded(policy.routes.len());
         start_background(&policy);
-        Engine { policy: ArcSwap::new(policy), store, metrics, waiters: Default::default() }
+        Engine { policy: ArcSwap::new(policy), store, metrics, waiters: Default::default(), audit: Default::default() }
     }
 
     /// Wakes this instance's waiters when the store says a slot was freed anywhere in the fleet
@@ -69,6 +71,15 @@ impl<S: Store> Engine<S> {
 
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// Turns the audit trail on (once; later calls change nothing).
+    pub fn set_audit(&self, audit: Arc<crate::audit::Audit>) {
+        let _ = self.audit.set(audit);
+    }
+
+    pub fn audit(&self) -> Option<&Arc<crate::audit::Audit>> {
+        self.audit.get()
     }
 
     /// One store call for a plan's operations, bounded by the store's timeout.

@@ -118,6 +118,11 @@ impl HttpsClient {
         self.send(url, Method::GET, &[], Bytes::new()).await
     }
 
+    /// POSTs a JSON body.
+    pub async fn post_json(&self, url: &Url, json: String) -> Result<Reply, FetchError> {
+        self.send(url, Method::POST, &[("content-type", "application/json")], Bytes::from(json)).await
+    }
+
     /// POSTs an `application/x-www-form-urlencoded` body.
     pub async fn post_form(&self, url: &Url, authorization: &str, form: String) -> Result<Reply, FetchError> {
         let headers = [("authorization", authorization), ("content-type", "application/x-www-form-urlencoded")];

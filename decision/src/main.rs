@@ -97,10 +97,29 @@ enum KeysCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Replay every chain of an audit file. Exit 0: intact (counts and heads printed);
-    /// 1: the first event that was changed, removed, inserted or reordered, by line and seq;
-    /// 2: the file cannot be read.
-    Verify { file: PathBuf },
+    /// Replay every chain of an audit log. Exit 0: intact (counts and heads printed);
+    /// 1: the first event that was changed, removed, inserted or reordered, by line and seq, a
+    /// log cut short after a checkpoint, or a bad checkpoint signature; 2: a file cannot be read.
+    Verify {
+        /// The log; several files (a rotated log, oldest first) are read as one.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The checkpoints file the writer appends (`audit.checkpoint_file`): finds truncation.
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
+        /// PEM Ed25519 public key: every checkpoint must carry a valid signature by it.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
+    /// Print a Redis stream sink's events as JSON lines (oldest first), for `audit verify`.
+    Export {
+        /// The Redis URL (redis:// or rediss://).
+        #[arg(long, env = "PORTCULLIS_AUDIT_REDIS_URL")]
+        url: String,
+        /// The stream key (`audit.sinks[].redis_stream.key`).
+        #[arg(long)]
+        key: String,
+    },
 }
 
 #[allow(clippy::print_stdout)]
@@ -163,21 +182,82 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(decision::server::serve(cfg)).context("serving")?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit { command: AuditCommand::Verify { file } } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            match decision::audit::chain::verify(&text) {
+        Command::Audit { command: AuditCommand::Verify { files, checkpoints, public_key } } => {
+            let mut text = String::new();
+            for f in &files {
+                match std::fs::read_to_string(f) {
+                    Ok(t) => text.push_str(&t),
+                    Err(e) => {
+                        eprintln!("portcullis: reading {}: {e}", f.display());
+                        return Ok(ExitCode::from(2));
+                    }
+                }
+                if !text.ends_with('\n') && !text.is_empty() {
+                    text.push('\n');
+                }
+            }
+            let cps = match &checkpoints {
+                Some(f) => match std::fs::read_to_string(f) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        eprintln!("portcullis: reading {}: {e}", f.display());
+                        return Ok(ExitCode::from(2));
+                    }
+                },
+                None => None,
+            };
+            let key = match &public_key {
+                Some(f) => match decision::audit::checkpoint::load_public_key(f) {
+                    Ok(k) => Some(k),
+                    Err(e) => {
+                        eprintln!("portcullis: {e}");
+                        return Ok(ExitCode::from(2));
+                    }
+                },
+                None => None,
+            };
+            let name = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(" + ");
+            match decision::audit::chain::verify_with(&text, cps.as_deref(), key.as_ref()) {
                 Ok(v) => {
-                    println!("{}: OK, {} events in {} chain(s)", file.display(), v.events, v.chains.len());
+                    println!("{name}: OK, {} events in {} chain(s)", v.events, v.chains.len());
                     for (chain, seq, head) in &v.chains {
                         println!("  chain {chain}: {seq} events, head {head}");
                     }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(t) => {
-                    println!("{}: TAMPERED: {t}", file.display());
+                    println!("{name}: TAMPERED: {t}");
                     Ok(ExitCode::from(1))
                 }
             }
+        }
+        Command::Audit { command: AuditCommand::Export { url, key } } => {
+            let client = redis::Client::open(url.as_str()).context("the Redis URL")?;
+            let mut conn =
+                client.get_connection_with_timeout(std::time::Duration::from_secs(5)).context("connecting to Redis")?;
+            let mut from = "-".to_owned();
+            let mut out = std::io::stdout().lock();
+            loop {
+                let page: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg(&from)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(&mut conn)
+                    .context("XRANGE")?;
+                let Some((last, _)) = page.last() else { break };
+                from = format!("({last}");
+                for (_, fields) in &page {
+                    for (name, value) in fields {
+                        if name == "event" {
+                            std::io::Write::write_all(&mut out, value.as_bytes())?;
+                            std::io::Write::write_all(&mut out, b"\n")?;
+                        }
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Keys { command: KeysCommand::Hash } => {
             let mut key = String::new();

@@ -186,6 +186,16 @@ async fn serve_memory(cfg: Config) -> Result<(), ServeError> {
 
 async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeError> {
     engine.watch_freed();
+    let audit = match &cfg.settings.audit {
+        Some(a) => {
+            let audit =
+                crate::audit::Audit::start(a, Some(tokio::runtime::Handle::current())).map_err(ServeError::Http)?;
+            tracing::info!(instance = %a.instance, sinks = a.sinks.len(), "audit trail on");
+            engine.set_audit(audit.clone());
+            Some(audit)
+        }
+        None => None,
+    };
     let grpc_listener = bind("grpc", cfg.settings.grpc_addr).await?;
     let http_listener = bind("http", cfg.settings.http_addr).await?;
     let grpc_addr = grpc_listener.local_addr().map_err(ServeError::Http)?;
@@ -253,6 +263,10 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         "listening"
     );
     let (g, h) = tokio::join!(grpc, async { http.await.map_err(ServeError::Http) });
+    if let Some(audit) = audit {
+        // a last checkpoint, and every queued event delivered
+        let _ = tokio::task::spawn_blocking(move || audit.stop()).await;
+    }
     g?;
     h?;
     tracing::info!("stopped");

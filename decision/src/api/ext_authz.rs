@@ -220,8 +220,45 @@ impl<S: Store> Authorization for ExtAuthz<S> {
         let took = started.elapsed();
         self.engine.metrics.decision(decision.reason, took);
         log_decision(&decision, &policy, request_id, method, took);
+        if let Some(audit) = self.engine.audit() {
+            audit.record(audit_event(audit, &decision, &policy, http, request_id, method, took));
+        }
         Ok(tonic::Response::new(response))
     }
+}
+
+/// The audit event of a decision: the reference's record, credentials masked as it is built.
+fn audit_event(
+    audit: &crate::audit::Audit,
+    d: &Decision,
+    policy: &Policy,
+    http: Option<&proto::ext_authz::attribute_context::HttpRequest>,
+    request_id: &str,
+    method: &str,
+    took: std::time::Duration,
+) -> serde_json::Map<String, serde_json::Value> {
+    let raw_path = http.map_or("", |h| h.path.as_str());
+    let (path, query) = raw_path.split_once('?').unwrap_or((raw_path, ""));
+    let input = crate::audit::event::EventInput {
+        request_id,
+        timestamp: clock::rfc3339(clock::now_micros()),
+        client_ip: d.ctx.client_ip.map(|ip| ip.to_string()),
+        method,
+        endpoint: d.ctx.path.as_deref().unwrap_or(path),
+        query,
+        headers: http.map(|h| h.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()).unwrap_or_default(),
+        response_code: d.status(),
+        processing_time_ms: (took.as_secs_f64() * 1e6).round() / 1e3,
+        decision: if d.allowed() { "allow" } else { "deny" },
+        reason: d.reason.as_str(),
+        subject: d.ctx.identity.as_ref().map(|i| &*i.subject),
+        tier: d.ctx.identity.as_ref().and_then(|i| policy.tiers.get(i.tier)).map(|t| &*t.name),
+        rule: d.ctx.route,
+        instance: &audit.instance,
+    };
+    let mut ev = crate::audit::event::build(&input, &audit.mask);
+    ev.insert("event".into(), "decision".into());
+    ev
 }
 
 /// One structured line per decision. The path is the normalized one, without the query (a

@@ -87,6 +87,67 @@ pub struct Verified {
 
 /// Replays every chain of a JSON-lines audit file; the first problem found stops it.
 pub fn verify(text: &str) -> Result<Verified, Tampering> {
+    verify_with(text, None, None)
+}
+
+/// A checkpoint and its line in the checkpoints file.
+type Numbered = (usize, Map<String, Value>);
+
+/// A checkpoints file, parsed: each line a checkpoint as the writer appends them.
+fn parse_checkpoints(text: &str) -> Result<Vec<Numbered>, Tampering> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Value>(line) {
+            Ok(Value::Object(cp)) if cp.get("event").and_then(Value::as_str) == Some("checkpoint") => {
+                out.push((i + 1, cp))
+            }
+            _ => {
+                return Err(Tampering {
+                    line: i + 1,
+                    chain: String::new(),
+                    seq: None,
+                    what: "checkpoints file: not a checkpoint".into(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// As `verify`, and also: every checkpoint sealed in the log must name the event before it; with
+/// `checkpoints` (the writer's checkpoint file), every chain must reach each checkpoint's event
+/// with that very hash (a log cut short after a checkpoint is found); with `key`, every
+/// checkpoint must carry a valid Ed25519 signature.
+pub fn verify_with(
+    text: &str,
+    checkpoints: Option<&str>,
+    key: Option<&ed25519_dalek::VerifyingKey>,
+) -> Result<Verified, Tampering> {
+    let external = match checkpoints {
+        Some(t) => parse_checkpoints(t)?,
+        None => Vec::new(),
+    };
+    let cp_problem = |line: usize, chain: &str, seq: Option<u64>, what: String| Tampering {
+        line,
+        chain: chain.to_owned(),
+        seq,
+        what: format!("checkpoints file line {line}: {what}"),
+    };
+    if let Some(key) = key {
+        for (line, cp) in &external {
+            let chain = cp.get("chain").and_then(Value::as_str).unwrap_or_default();
+            super::checkpoint::check_signature(cp, key)
+                .map_err(|e| cp_problem(*line, chain, cp.get("covers").and_then(Value::as_u64), e))?;
+        }
+    }
+    // the hashes the external checkpoints name, found during the replay
+    let mut wanted: HashMap<(String, u64), Option<String>> = external
+        .iter()
+        .filter_map(|(_, cp)| Some(((cp.get("chain")?.as_str()?.to_owned(), cp.get("covers")?.as_u64()?), None)))
+        .collect();
     let mut heads: HashMap<String, (u64, String)> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
     let mut events = 0;
@@ -120,11 +181,55 @@ pub fn verify(text: &str) -> Result<Verified, Tampering> {
             };
             return Err(bad(&chain, seq, what));
         }
+        if ev.get("event").and_then(Value::as_str) == Some("checkpoint") {
+            let covers = ev.get("covers").and_then(Value::as_u64);
+            let head = ev.get("head").and_then(Value::as_str);
+            if covers != Some(seq_v - 1) || head != Some(prev) {
+                return Err(bad(&chain, seq, "a checkpoint that does not name the event before it".into()));
+            }
+            if let Some(key) = key {
+                super::checkpoint::check_signature(&ev, key)
+                    .map_err(|e| bad(&chain, seq, format!("checkpoint: {e}")))?;
+            }
+        }
+        if let Some(slot) = wanted.get_mut(&(chain.clone(), seq_v)) {
+            *slot = Some(hash.to_owned());
+        }
         if !heads.contains_key(&chain) {
             order.push(chain.clone());
         }
         heads.insert(chain, (seq_v, hash.to_owned()));
         events += 1;
+    }
+    for (line, cp) in &external {
+        let chain = cp.get("chain").and_then(Value::as_str).unwrap_or_default();
+        let covers = cp.get("covers").and_then(Value::as_u64).unwrap_or(0);
+        let head = cp.get("head").and_then(Value::as_str).unwrap_or_default();
+        if covers == 0 {
+            continue; // a checkpoint of an empty chain
+        }
+        match wanted.get(&(chain.to_owned(), covers)) {
+            Some(Some(h)) if h == head => {}
+            Some(Some(_)) => {
+                return Err(cp_problem(
+                    *line,
+                    chain,
+                    Some(covers),
+                    "the log's event at this seq is not the one checkpointed".into(),
+                ));
+            }
+            _ => {
+                let last = heads.get(chain).map_or(0, |(s, _)| *s);
+                return Err(cp_problem(
+                    *line,
+                    chain,
+                    Some(covers),
+                    format!(
+                        "the log was truncated: chain {chain:?} ends at seq {last}, but a checkpoint covers seq {covers}"
+                    ),
+                ));
+            }
+        }
     }
     let chains = order
         .into_iter()
@@ -155,6 +260,67 @@ mod tests {
 
     fn tampered(lines: &[String]) -> Tampering {
         verify(&lines.join("\n")).expect_err("tampering must be found")
+    }
+
+    /// A log of one chain with a signed checkpoint after event 5 (as the writer seals it), and
+    /// the checkpoints file the writer would append.
+    fn checkpointed(key: &ed25519_dalek::SigningKey) -> (Vec<String>, String) {
+        let mut c = Chain::new("pc-a/1");
+        let mut lines = Vec::new();
+        let mut file = String::new();
+        for i in 0..8 {
+            if i == 5 {
+                let (head, seq) = c.head();
+                let cp =
+                    super::super::checkpoint::build("pc-a/1", seq, head, "2026-11-27T10:00:00Z", "pc-a", Some(key));
+                file.push_str(&Value::Object(cp.clone()).to_string());
+                file.push('\n');
+                lines.push(c.seal(cp));
+            }
+            let mut ev = Map::new();
+            ev.insert("request_id".into(), Value::from(format!("req_{i}")));
+            lines.push(c.seal(ev));
+        }
+        (lines, file)
+    }
+
+    #[test]
+    fn checkpoints_find_truncation_and_bad_signatures() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]);
+        let public = key.verifying_key();
+        let (lines, cps) = checkpointed(&key);
+        let v = verify_with(&lines.join("\n"), Some(&cps), Some(&public)).expect("intact");
+        assert_eq!(v.events, 9);
+        // cut after the checkpoint: the chain alone cannot tell, the checkpoints file can
+        let cut = lines[..4].join("\n");
+        assert!(verify(&cut).is_ok(), "a plain prefix of a chain verifies on its own");
+        let t = verify_with(&cut, Some(&cps), None).expect_err("truncation");
+        assert!(t.what.contains("truncated") && t.what.contains("ends at seq 4"), "{t}");
+        // a checkpoint signed by another key
+        let other = ed25519_dalek::SigningKey::from_bytes(&[4u8; 32]);
+        let t = verify_with(&lines.join("\n"), Some(&cps), Some(&other.verifying_key())).expect_err("wrong key");
+        assert!(t.what.contains("signature"), "{t}");
+        // a forged checkpoints file naming another head
+        let forged = cps.replacen("\"head\":\"", "\"head\":\"0", 1);
+        let t = verify_with(&lines.join("\n"), Some(&forged), None).expect_err("forged");
+        assert!(t.what.contains("not the one checkpointed"), "{t}");
+        // a sealed checkpoint whose signature was tampered with (and the chain re-hashed by a
+        // forger who has no key): the signature check finds it
+        let mut resigned = Chain::new("pc-a/1");
+        let mut forged_log = Vec::new();
+        for l in &lines {
+            let Ok(Value::Object(mut ev)) = serde_json::from_str::<Value>(l) else { panic!("json") };
+            for k in ["chain", "seq", "prev_hash", "hash"] {
+                ev.remove(k);
+            }
+            if ev.get("event").and_then(Value::as_str) == Some("checkpoint") {
+                ev.insert("time".into(), Value::from("2030-01-01T00:00:00Z"));
+            }
+            forged_log.push(resigned.seal(ev));
+        }
+        assert!(verify(&forged_log.join("\n")).is_ok(), "without a key, a re-hashed log is consistent");
+        let t = verify_with(&forged_log.join("\n"), None, Some(&public)).expect_err("signature");
+        assert!(t.what.contains("signature"), "{t}");
     }
 
     #[test]

@@ -13,8 +13,21 @@ pub const MASKED: &str = "[MASKED]";
 pub const ALWAYS_MASKED: [&str; 6] =
     ["authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "x-auth-token"];
 /// A query parameter whose name contains one of these is masked.
-pub const SECRET_PARAM_WORDS: [&str; 9] =
-    ["token", "key", "secret", "password", "passwd", "pwd", "auth", "signature", "session"];
+pub const SECRET_PARAM_WORDS: [&str; 13] = [
+    "token",
+    "key",
+    "secret",
+    "password",
+    "passwd",
+    "pwd",
+    "auth",
+    "signature",
+    "session",
+    "code",
+    "credential",
+    "jwt",
+    "assertion",
+];
 
 /// What an event is built from.
 #[derive(Debug, Clone, Default)]
@@ -37,6 +50,19 @@ pub struct EventInput<'a> {
     pub tier: Option<&'a str>,
     pub rule: Option<usize>,
     pub instance: &'a str,
+}
+
+/// Headers that carry a URL or a request target, whose query is masked like the request's own
+/// (Envoy sends the `:path` pseudo-header, query and all).
+pub const URL_HEADERS: [&str; 6] =
+    [":path", "referer", "x-envoy-original-path", "x-original-uri", "x-original-url", "x-forwarded-uri"];
+
+/// A URL or request target with its query's credential-like parameters masked.
+pub fn mask_url(value: &str) -> String {
+    match value.split_once('?') {
+        Some((base, query)) => format!("{base}?{}", mask_query(query)),
+        None => value.to_owned(),
+    }
 }
 
 fn masked_header(name: &str, mask: &[String]) -> bool {
@@ -64,7 +90,13 @@ pub fn mask_query(query: &str) -> String {
 pub fn build(e: &EventInput<'_>, mask: &[String]) -> Map<String, Value> {
     let mut headers = Map::new();
     for (name, value) in &e.headers {
-        let v = if masked_header(name, mask) { MASKED } else { value };
+        let v = if masked_header(name, mask) {
+            MASKED.to_owned()
+        } else if URL_HEADERS.iter().any(|h| h.eq_ignore_ascii_case(name)) {
+            mask_url(value)
+        } else {
+            (*value).to_owned()
+        };
         headers.insert((*name).to_owned(), Value::from(v));
     }
     let mut ev = Map::new();
@@ -114,6 +146,8 @@ mod tests {
                 ("cookie", "session=abc123secret"),
                 ("user-agent", "Mozilla/5.0"),
                 ("x-custom-secret", "hunter2"),
+                (":path", "/api/v1/users?page=2&api_key=s3cr3t-query-key"),
+                ("referer", "https://app.example/cb?code=1&access_token=eyJhbGciOiJSUzI1NiJ9.secret-token"),
             ],
             response_code: 200,
             processing_time_ms: 235.0,
@@ -132,6 +166,8 @@ mod tests {
         assert_eq!(ev["headers"]["authorization"], MASKED);
         assert_eq!(ev["headers"]["user-agent"], "Mozilla/5.0");
         assert_eq!(ev["query"], "page=2&api_key=[MASKED]&password=[MASKED]&sort=name");
+        assert_eq!(ev["headers"][":path"], "/api/v1/users?page=2&api_key=[MASKED]");
+        assert_eq!(ev["headers"]["referer"], "https://app.example/cb?code=[MASKED]&access_token=[MASKED]");
         for field in [
             "request_id",
             "timestamp",

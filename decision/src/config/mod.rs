@@ -72,6 +72,10 @@ pub const DEFAULT_ERROR_THRESHOLD: &str = "50%";
 pub const DEFAULT_MIN_REQUESTS: u64 = 20;
 pub const DEFAULT_BREAKER_WINDOW: &str = "60s";
 pub const DEFAULT_RESET_TIMEOUT: &str = "300s";
+/// Audit events one sink may have waiting in memory before it spills to disk.
+pub const DEFAULT_SINK_QUEUE: usize = 8192;
+/// How often the audit chain is checkpointed (the reference: hourly).
+pub const DEFAULT_CHECKPOINT_EVERY: &str = "1h";
 /// Our addition: a slot whose completion never comes is freed after this long.
 pub const DEFAULT_LEASE_TTL: &str = "60s";
 /// Largest policy file read (a policy is configuration, not data).
@@ -148,6 +152,8 @@ pub struct Settings {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub store: StoreSettings,
+    /// None: no `audit` section, no audit trail
+    pub audit: Option<crate::audit::AuditSettings>,
 }
 
 /// Where counters live.
@@ -264,10 +270,12 @@ impl Validator<'_> {
     fn policy(&mut self, raw: RawPolicy) -> Option<Config> {
         let listen = raw.listen.unwrap_or_default();
         let store = self.store(raw.store.as_ref());
+        let audit = raw.audit.as_ref().map(|a| self.audit(a, &store));
         let settings = Settings {
             grpc_addr: self.addr("listen.grpc", listen.grpc.as_deref(), DEFAULT_GRPC_ADDR),
             http_addr: self.addr("listen.http", listen.http.as_deref(), DEFAULT_HTTP_ADDR),
             store,
+            audit,
         };
         let on_store_error = match raw.on_store_error {
             Some(raw::RawOnStoreError::Allow) => OnStoreError::Allow,
@@ -298,7 +306,7 @@ impl Validator<'_> {
         );
         let rls = ratelimit::load(raw.ratelimit.as_ref(), self.base, "ratelimit", &mut self.problems, self.index);
         let traffic = raw.traffic.as_ref().and_then(|t| self.traffic(t, raw.alerts.as_ref()));
-        self.later_sections(raw.audit, raw.alerts);
+        self.later_sections(raw.alerts);
 
         let policy = Policy {
             network,
@@ -802,6 +810,104 @@ impl Validator<'_> {
 
     /// Sections whose features land in later versions: read and checked now, so the reference
     /// policy is accepted unchanged and a typo there is still an error.
+    /// `audit`: sinks, masking, checkpoints.
+    fn audit(&mut self, a: &raw::RawAudit, store: &StoreSettings) -> crate::audit::AuditSettings {
+        use crate::audit::{AuditSettings, Fsync, SinkSettings};
+        let mut sinks = Vec::new();
+        for (i, s) in a.sinks.iter().enumerate() {
+            let path = format!("audit.sinks[{i}]");
+            let n =
+                usize::from(s.stdout.is_some()) + usize::from(s.file.is_some()) + usize::from(s.redis_stream.is_some());
+            if n != 1 {
+                self.err(&path, "each sink is exactly one of stdout, file, redis_stream");
+                continue;
+            }
+            if s.stdout.is_some() {
+                sinks.push(SinkSettings::Stdout);
+            } else if let Some(f) = &s.file {
+                let fsync = match f.fsync.as_deref().unwrap_or("interval") {
+                    "always" => Fsync::Always,
+                    "interval" => Fsync::Interval,
+                    "never" => Fsync::Never,
+                    other => {
+                        self.err(
+                            format!("{path}.file.fsync"),
+                            format!("{other:?}: expected always, interval or never"),
+                        );
+                        Fsync::Interval
+                    }
+                };
+                let max_size = f
+                    .max_size
+                    .as_deref()
+                    .and_then(|m| self.parse(&format!("{path}.file.max_size"), units::parse_size(m)));
+                sinks.push(SinkSettings::File { path: self.base.join(&f.path), fsync, max_size });
+            } else if let Some(r) = &s.redis_stream {
+                let url = match (&r.url, store) {
+                    (Some(u), _) => u.clone(),
+                    (None, StoreSettings::Redis(rs)) => rs.url.clone(),
+                    (None, StoreSettings::Memory) => {
+                        self.err(format!("{path}.redis_stream"), "give url: the store is not Redis");
+                        String::new()
+                    }
+                };
+                if !url.is_empty() && redis::Client::open(url.as_str()).is_err() {
+                    self.err(
+                        format!("{path}.redis_stream.url"),
+                        format!("invalid Redis URL {:?}", crate::store::redis::redacted(&url)),
+                    );
+                }
+                let ca_file = match store {
+                    StoreSettings::Redis(rs) if r.url.is_none() => rs.ca_file.clone(),
+                    _ => None,
+                };
+                if r.key.is_empty() {
+                    self.err(format!("{path}.redis_stream.key"), "must not be empty");
+                }
+                sinks.push(SinkSettings::RedisStream {
+                    url,
+                    ca_file,
+                    key: r.key.clone(),
+                    max_len: r.max_len.unwrap_or(1_000_000),
+                });
+            }
+        }
+        let every = self.duration("audit.checkpoint_every", a.checkpoint_every.as_deref(), DEFAULT_CHECKPOINT_EVERY);
+        if every.is_zero() {
+            self.err("audit.checkpoint_every", "must be more than zero");
+        }
+        let signing_key = a.signing_key.as_ref().and_then(|k| {
+            let path = self.base.join(k);
+            match crate::audit::checkpoint::load_signing_key(&path) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    self.err("audit.signing_key", e);
+                    None
+                }
+            }
+        });
+        let mut anchors = Vec::new();
+        for (i, u) in a.anchor_webhooks.iter().enumerate() {
+            if let Some(url) = self.parse(&format!("audit.anchor_webhooks[{i}]"), crate::https::Url::parse(u)) {
+                anchors.push(url);
+            }
+        }
+        AuditSettings {
+            sinks,
+            mask_headers: a.mask_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            checkpoint_every: every,
+            instance: a.instance.clone().unwrap_or_else(crate::audit::host_name),
+            spill_dir: a
+                .spill_dir
+                .as_ref()
+                .map_or_else(|| std::env::temp_dir().join("portcullis-audit"), |d| self.base.join(d)),
+            signing_key,
+            checkpoint_file: a.checkpoint_file.as_ref().map(|f| self.base.join(f)),
+            anchor_webhooks: anchors,
+            sink_queue: a.sink_queue.unwrap_or(DEFAULT_SINK_QUEUE).max(1),
+        }
+    }
+
     /// `traffic`: the reference's numbers where the policy says nothing.
     fn traffic(
         &mut self,
@@ -889,20 +995,7 @@ impl Validator<'_> {
 
     /// Sections whose features land in later versions: read and checked now, so the reference
     /// policy is accepted unchanged and a typo there is still an error.
-    fn later_sections(&mut self, audit: Option<raw::RawAudit>, alerts: Option<raw::RawAlerts>) {
-        if let Some(a) = audit {
-            for (i, s) in a.sinks.iter().enumerate() {
-                let n = usize::from(s.stdout.is_some())
-                    + usize::from(s.file.is_some())
-                    + usize::from(s.redis_stream.is_some());
-                if n != 1 {
-                    self.err(format!("audit.sinks[{i}]"), "each sink is exactly one of stdout, file, redis_stream");
-                }
-            }
-            if let Some(c) = &a.checkpoint_every {
-                self.parse("audit.checkpoint_every", units::parse_duration(c));
-            }
-        }
+    fn later_sections(&mut self, alerts: Option<raw::RawAlerts>) {
         if let Some(a) = alerts {
             if let Some(t) = &a.error_rate {
                 self.parse("alerts.error_rate.warn", units::parse_percent(&t.warn));

@@ -322,6 +322,19 @@ pub struct RawAudit {
     #[serde(default)]
     pub mask_headers: Vec<String>,
     pub checkpoint_every: Option<String>,
+    /// this instance's name in events and chain names (default: the host name)
+    pub instance: Option<String>,
+    /// where a slow sink's events wait on disk (default: the system temp dir)
+    pub spill_dir: Option<String>,
+    /// PEM (PKCS#8) Ed25519 private key that signs checkpoints
+    pub signing_key: Option<String>,
+    /// checkpoints are also appended here (keep it apart from the log)
+    pub checkpoint_file: Option<String>,
+    /// every checkpoint is POSTed (JSON) to each of these (an external notary)
+    #[serde(default)]
+    pub anchor_webhooks: Vec<String>,
+    /// events a sink may have waiting in memory before it spills to disk (default 8192)
+    pub sink_queue: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -336,6 +349,10 @@ pub struct RawSink {
 #[serde(deny_unknown_fields)]
 pub struct RawFileSink {
     pub path: String,
+    /// always (every event) | interval (once a second, the default) | never (the OS decides)
+    pub fsync: Option<String>,
+    /// rotate when the file reaches this size (e.g. 100MB)
+    pub max_size: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -343,6 +360,8 @@ pub struct RawFileSink {
 pub struct RawRedisStream {
     pub key: String,
     pub max_len: Option<u64>,
+    /// default: the store's Redis
+    pub url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

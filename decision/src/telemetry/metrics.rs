@@ -94,6 +94,26 @@ impl Metrics {
             crate::auth::jwt::UNKNOWN_ROLES.clone(),
         );
         registry.register(
+            "audit_events",
+            "Audit events sealed and handed to the sinks",
+            crate::audit::writer::EVENTS.clone(),
+        );
+        registry.register(
+            "audit_dropped",
+            "Audit events lost because the writer's queue was full (target: zero)",
+            crate::audit::writer::DROPPED.clone(),
+        );
+        registry.register(
+            "audit_spilled",
+            "Audit events a slow sink spilled to local disk (replayed in order)",
+            crate::audit::writer::SPILLED.clone(),
+        );
+        registry.register(
+            "audit_sink_errors",
+            "Failed audit sink writes (each retried)",
+            crate::audit::writer::SINK_ERRORS.clone(),
+        );
+        registry.register(
             "jwks_fetches",
             "JWKS fetches (jwks_url) that brought a usable key set",
             crate::auth::jwt::JWKS_FETCHES.clone(),
