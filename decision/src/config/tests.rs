@@ -251,7 +251,8 @@ fn the_redis_store_is_read_with_its_defaults() {
 #[test]
 fn unsupported_or_malformed_redis_settings_are_refused() {
     let cases = [
-        ("  redis: { url: \"rediss://h:6379\" }", "store.redis.url", "TLS"),
+        ("  redis: { url: \"redis://h:6379\", ca_file: ca.pem }", "store.redis.ca_file", "use a rediss:// URL"),
+        ("  redis: { url: \"rediss://h:6379\", ca_file: missing.pem }", "store.redis.ca_file", "cannot read"),
         ("  redis: { url: \"http://h:6379\" }", "store.redis.url", "invalid Redis URL"),
         ("  redis: { cluster: [\"redis://a:7000\"], url: \"redis://a:7000\" }", "store.redis.cluster", "not supported"),
         ("  redis: { url: \"redis://h:6379\", pool_size: 0 }", "store.redis.pool_size", "must be 1 to 256"),
