@@ -37,6 +37,8 @@ pub struct Engine<S> {
     pub(crate) waiters: crate::traffic::Waiters,
     /// the audit trail, when the policy has an `audit` section (set once by the server)
     audit: std::sync::OnceLock<Arc<crate::audit::Audit>>,
+    /// live monitoring, when the policy has an `alerts` section (set once by the server)
+    alerts: std::sync::OnceLock<Arc<crate::alerts::Monitor>>,
 }
 
 impl<S: Store> Engine<S> {
@@ -44,7 +46,14 @@ impl<S: Store> Engine<S> {
         let metrics = Metrics::new();
         metrics.policy_loaded(policy.routes.len());
         start_background(&policy);
-        Engine { policy: ArcSwap::new(policy), store, metrics, waiters: Default::default(), audit: Default::default() }
+        Engine {
+            policy: ArcSwap::new(policy),
+            store,
+            metrics,
+            waiters: Default::default(),
+            audit: Default::default(),
+            alerts: Default::default(),
+        }
     }
 
     /// Wakes this instance's waiters when the store says a slot was freed anywhere in the fleet
@@ -80,6 +89,45 @@ impl<S: Store> Engine<S> {
 
     pub fn audit(&self) -> Option<&Arc<crate::audit::Audit>> {
         self.audit.get()
+    }
+
+    /// Turns live monitoring on (once).
+    pub fn set_alerts(&self, monitor: Arc<crate::alerts::Monitor>) {
+        let _ = self.alerts.set(monitor);
+    }
+
+    pub fn alerts(&self) -> Option<&Arc<crate::alerts::Monitor>> {
+        self.alerts.get()
+    }
+
+    /// An alert goes to the audit trail; a critical failed-auth alert that asks for it blocks
+    /// the address (one store call, off the decision's own path).
+    pub async fn raised(&self, policy: &Policy, raised: crate::alerts::Raised, zone: u64) {
+        if let Some(ip) = raised.block
+            && let Some(op) = decision_core::decide::block_raise(policy, ip, zone)
+            && self.apply(std::slice::from_ref(&op), clock::now_micros()).await.is_ok()
+        {
+            tracing::warn!(client_ip = %ip, "address blocked by a critical failed-authentication alert");
+        }
+        if let Some(audit) = self.audit() {
+            audit.record(raised.event);
+        }
+    }
+
+    /// What live monitoring learns from a decision: failed authentications, payload sizes.
+    async fn observe(&self, policy: &Policy, req: &Request<'_>, d: &Decision) {
+        let Some(m) = self.alerts() else { return };
+        if let Some(size) = req.content_length
+            && let Some(r) = m.payload(size)
+        {
+            self.raised(policy, r, d.ctx.zone).await;
+        }
+        if decision_core::decide::is_auth_failure(d.reason)
+            && let Some(ip) = d.ctx.client_ip
+            && let Some(r) = m.failed_auth(ip)
+        {
+            self.raised(policy, r, d.ctx.zone).await;
+        }
     }
 
     /// One store call for a plan's operations, bounded by the store's timeout.
@@ -157,6 +205,14 @@ impl<S: Store> Engine<S> {
     /// a fetch first, an unknown `kid` or an introspection miss, waits for it and is decided
     /// again).
     pub async fn decide(&self, policy: &Policy, req: &Request<'_>) -> Decision {
+        let d = self.decide_inner(policy, req).await;
+        if self.alerts.get().is_some() {
+            self.observe(policy, req, &d).await;
+        }
+        d
+    }
+
+    async fn decide_inner(&self, policy: &Policy, req: &Request<'_>) -> Decision {
         let mut now = clock::now_micros();
         let plan = match plan(policy, req, now) {
             Ok(p) => p,

@@ -19,6 +19,8 @@ use tokio_rustls::TlsConnector;
 /// Where an `https://` URL points.
 #[derive(Debug, Clone)]
 pub struct Url {
+    /// false only for `http://` URLs taken by `parse_web` (webhooks)
+    tls: bool,
     host: String,
     port: u16,
     /// `host[:port]` as written, for the Host header
@@ -29,18 +31,32 @@ pub struct Url {
 impl Url {
     /// Parses an absolute `https://` URL; anything else is refused with the reason.
     pub fn parse(s: &str) -> Result<Url, String> {
+        Self::parse_scheme(s, false)
+    }
+
+    /// Parses an `https://` or `http://` URL (webhooks to automation services inside a
+    /// cluster often speak plain HTTP).
+    pub fn parse_web(s: &str) -> Result<Url, String> {
+        Self::parse_scheme(s, true)
+    }
+
+    fn parse_scheme(s: &str, http_too: bool) -> Result<Url, String> {
         let uri: Uri = s.parse().map_err(|e| format!("invalid URL {s:?}: {e}"))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(format!("invalid URL {s:?}: must be https://"));
-        }
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") if http_too => false,
+            _ if http_too => return Err(format!("invalid URL {s:?}: must be http:// or https://")),
+            _ => return Err(format!("invalid URL {s:?}: must be https://")),
+        };
         let authority = uri.authority().ok_or_else(|| format!("invalid URL {s:?}: no host"))?;
         if authority.as_str().contains('@') {
             return Err(format!("invalid URL {s:?}: credentials do not belong in the URL"));
         }
         let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
         Ok(Url {
+            tls,
             host,
-            port: authority.port_u16().unwrap_or(443),
+            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
             authority: authority.as_str().to_owned(),
             path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
         })
@@ -49,7 +65,7 @@ impl Url {
 
 impl std::fmt::Display for Url {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "https://{}{}", self.authority, self.path_and_query)
+        write!(f, "{}://{}{}", if self.tls { "https" } else { "http" }, self.authority, self.path_and_query)
     }
 }
 
@@ -151,13 +167,30 @@ impl HttpsClient {
     ) -> Result<Reply, FetchError> {
         let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.map_err(FetchError::Connect)?;
         let _ = tcp.set_nodelay(true);
+        if !url.tls {
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|e| FetchError::Http(e.to_string()))?;
+            return self.exchange(url, method, headers, body, sender, tokio::spawn(conn)).await;
+        }
         let name = ServerName::try_from(url.host.clone())
             .map_err(|e| FetchError::Tls(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
         let tls = self.tls.connect(name, tcp).await.map_err(FetchError::Tls)?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| FetchError::Http(e.to_string()))?;
-        let conn = tokio::spawn(conn);
+        self.exchange(url, method, headers, body, sender, tokio::spawn(conn)).await
+    }
+
+    async fn exchange<E>(
+        &self,
+        url: &Url,
+        method: Method,
+        headers: &[(&str, &str)],
+        body: Bytes,
+        mut sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        conn: tokio::task::JoinHandle<E>,
+    ) -> Result<Reply, FetchError> {
         let mut req = Request::builder()
             .method(method)
             .uri(url.path_and_query.as_str())
@@ -214,6 +247,9 @@ mod tests {
         let u = Url::parse("https://[::1]:8443").expect("ok");
         assert_eq!((u.host.as_str(), u.port, u.path_and_query.as_str()), ("::1", 8443, "/"));
         assert!(Url::parse("http://auth.example.com/jwks").is_err());
+        let w = Url::parse_web("http://hooks.internal:8080/alert").expect("ok");
+        assert_eq!((w.tls, w.port, w.to_string().as_str()), (false, 8080, "http://hooks.internal:8080/alert"));
+        assert!(Url::parse_web("ftp://x/").is_err());
         assert!(Url::parse("https://user:pw@auth.example.com/").is_err());
         assert!(Url::parse("/jwks.json").is_err());
     }

@@ -196,6 +196,23 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         }
         None => None,
     };
+    if let Some(a) = &cfg.settings.alerts {
+        let instance = cfg.settings.audit.as_ref().map_or_else(crate::audit::host_name, |a| a.instance.clone());
+        let monitor =
+            Arc::new(crate::alerts::Monitor::new(a.clone(), instance, Some(&tokio::runtime::Handle::current())));
+        engine.set_alerts(monitor.clone());
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let policy = engine.policy();
+                for r in monitor.tick() {
+                    engine.raised(&policy, r, 0).await;
+                }
+            }
+        });
+    }
     let grpc_listener = bind("grpc", cfg.settings.grpc_addr).await?;
     let http_listener = bind("http", cfg.settings.http_addr).await?;
     let grpc_addr = grpc_listener.local_addr().map_err(ServeError::Http)?;

@@ -550,6 +550,13 @@ fn block_check(policy: &Policy, ip: IpAddr, zone: u64) -> Option<Op> {
     Some(Op { key: block_key(ip), limit: ab.block, cost: 0, kind: OpKind::Block, shadow: false })
 }
 
+/// The operation that blocks `ip` for `network.auto_block`'s duration (a critical failed-auth
+/// alert asking for it); None without auto-block or for an exempt zone.
+pub fn block_raise(policy: &Policy, ip: IpAddr, zone: u64) -> Option<Op> {
+    let ab = policy.network.auto_block.as_ref().filter(|ab| ab.exempt_zones & zone == 0)?;
+    Some(Op { key: block_key(ip), limit: ab.block, cost: 1, kind: OpKind::Block, shadow: false })
+}
+
 /// Whether a denial is a failed authentication that counts towards auto-block.
 pub fn is_auth_failure(reason: Reason) -> bool {
     reason.status() == 401 && !matches!(reason, Reason::CredentialMissing | Reason::FreshAuthRequired)

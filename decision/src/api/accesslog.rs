@@ -92,6 +92,9 @@ impl<S: Store> AccessLogService for AccessLog<S> {
                 if let Some(lease) = lease {
                     self.engine.complete(lease, is_error(entry), latency(entry)).await;
                 }
+                if let Some(m) = self.engine.alerts() {
+                    m.completion(is_error(entry), latency(entry));
+                }
                 if let Some(audit) = self.engine.audit() {
                     audit.record(completion_event(&audit.instance, entry));
                 }

@@ -154,6 +154,8 @@ pub struct Settings {
     pub store: StoreSettings,
     /// None: no `audit` section, no audit trail
     pub audit: Option<crate::audit::AuditSettings>,
+    /// None: no `alerts` section
+    pub alerts: Option<crate::alerts::AlertSettings>,
 }
 
 /// Where counters live.
@@ -271,11 +273,13 @@ impl Validator<'_> {
         let listen = raw.listen.unwrap_or_default();
         let store = self.store(raw.store.as_ref());
         let audit = raw.audit.as_ref().map(|a| self.audit(a, &store));
+        let alerts = raw.alerts.as_ref().map(|a| self.alerts(a));
         let settings = Settings {
             grpc_addr: self.addr("listen.grpc", listen.grpc.as_deref(), DEFAULT_GRPC_ADDR),
             http_addr: self.addr("listen.http", listen.http.as_deref(), DEFAULT_HTTP_ADDR),
             store,
             audit,
+            alerts,
         };
         let on_store_error = match raw.on_store_error {
             Some(raw::RawOnStoreError::Allow) => OnStoreError::Allow,
@@ -306,7 +310,6 @@ impl Validator<'_> {
         );
         let rls = ratelimit::load(raw.ratelimit.as_ref(), self.base, "ratelimit", &mut self.problems, self.index);
         let traffic = raw.traffic.as_ref().and_then(|t| self.traffic(t, raw.alerts.as_ref()));
-        self.later_sections(raw.alerts);
 
         let policy = Policy {
             network,
@@ -808,8 +811,6 @@ impl Validator<'_> {
         out
     }
 
-    /// Sections whose features land in later versions: read and checked now, so the reference
-    /// policy is accepted unchanged and a typo there is still an error.
     /// `audit`: sinks, masking, checkpoints.
     fn audit(&mut self, a: &raw::RawAudit, store: &StoreSettings) -> crate::audit::AuditSettings {
         use crate::audit::{AuditSettings, Fsync, SinkSettings};
@@ -993,32 +994,67 @@ impl Validator<'_> {
         })
     }
 
-    /// Sections whose features land in later versions: read and checked now, so the reference
-    /// policy is accepted unchanged and a typo there is still an error.
-    fn later_sections(&mut self, alerts: Option<raw::RawAlerts>) {
-        if let Some(a) = alerts {
-            if let Some(t) = &a.error_rate {
-                self.parse("alerts.error_rate.warn", units::parse_percent(&t.warn));
-                self.parse("alerts.error_rate.critical", units::parse_percent(&t.critical));
+    /// `alerts`: the reference's thresholds, compiled.
+    fn alerts(&mut self, a: &raw::RawAlerts) -> crate::alerts::AlertSettings {
+        use crate::alerts::{AlertSettings, Levels};
+        let percent = |s: &str| units::parse_percent(s).map(u64::from).map_err(|e| e.to_string());
+        let duration = |s: &str| units::parse_duration(s).map_err(|e| e.to_string());
+        let size = |s: &str| units::parse_size(s).map_err(|e| e.to_string());
+        let error_rate = a.error_rate.as_ref().and_then(|t| self.levels("error_rate", t, &percent));
+        let response_time = a.response_time.as_ref().and_then(|t| self.levels("response_time", t, &duration));
+        let payload_size = a.payload_size.as_ref().and_then(|t| self.levels("payload_size", t, &size));
+        let mut window = Duration::from_secs(60);
+        let failed_auth = a.failed_auth.as_ref().and_then(|t| {
+            let w = self.parse("alerts.failed_auth.warn", units::parse_rate(&t.warn));
+            let c = self.parse("alerts.failed_auth.critical", units::parse_rate(&t.critical));
+            let (w, c) = (w?, c?);
+            if w.per != c.per {
+                self.err(
+                    "alerts.failed_auth",
+                    "warn and critical must use the same period, e.g. 10/minute and 50/minute",
+                );
             }
-            if let Some(t) = &a.response_time {
-                self.parse("alerts.response_time.warn", units::parse_duration(&t.warn));
-                self.parse("alerts.response_time.critical", units::parse_duration(&t.critical));
+            if w.count > c.count {
+                self.err("alerts.failed_auth", "warn must not be above critical");
             }
-            if let Some(t) = &a.failed_auth {
-                self.parse("alerts.failed_auth.warn", units::parse_rate(&t.warn));
-                self.parse("alerts.failed_auth.critical", units::parse_rate(&t.critical));
-            }
-            if let Some(t) = &a.payload_size {
-                self.parse("alerts.payload_size.warn", units::parse_size(&t.warn));
-                self.parse("alerts.payload_size.critical", units::parse_size(&t.critical));
-            }
-            for (i, w) in a.webhooks.iter().enumerate() {
-                if !w.starts_with("https://") && !w.starts_with("http://") {
-                    self.err(format!("alerts.webhooks[{i}]"), format!("invalid URL {w:?}"));
-                }
+            window = Duration::from_micros(w.per);
+            Some(Levels { warn: w.count, critical: c.count })
+        });
+        let block_on_critical = a.failed_auth.as_ref().and_then(|t| t.block).unwrap_or(false);
+        let mut webhooks = Vec::new();
+        for (i, w) in a.webhooks.iter().enumerate() {
+            if let Some(u) = self.parse(&format!("alerts.webhooks[{i}]"), crate::https::Url::parse_web(w)) {
+                webhooks.push(u);
             }
         }
+        AlertSettings {
+            error_rate,
+            response_time,
+            failed_auth,
+            failed_auth_window: window,
+            block_on_critical,
+            payload_size,
+            webhooks,
+        }
+    }
+
+    /// One alert's warn and critical levels.
+    fn levels(
+        &mut self,
+        name: &str,
+        t: &raw::RawThreshold,
+        parse: &dyn Fn(&str) -> Result<u64, String>,
+    ) -> Option<crate::alerts::Levels<u64>> {
+        let warn = self.parse(&format!("alerts.{name}.warn"), parse(&t.warn));
+        let critical = self.parse(&format!("alerts.{name}.critical"), parse(&t.critical));
+        if t.block.is_some() {
+            self.err(format!("alerts.{name}.block"), "only failed_auth alerts can block an address");
+        }
+        let (warn, critical) = (warn?, critical?);
+        if warn > critical {
+            self.err(format!("alerts.{name}"), "warn must not be above critical");
+        }
+        Some(crate::alerts::Levels { warn, critical })
     }
 }
 

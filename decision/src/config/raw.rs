@@ -380,6 +380,8 @@ pub struct RawAlerts {
 pub struct RawThreshold {
     pub warn: String,
     pub critical: String,
+    /// failed_auth only: block the address at its critical alert
+    pub block: Option<bool>,
 }
 
 /// One envoyproxy/ratelimit configuration file, read as that service reads it.

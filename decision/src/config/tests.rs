@@ -312,3 +312,29 @@ fn remote_token_settings_are_checked() {
         "environment variable \"PORTCULLIS_TEST_SURELY_UNSET\" is not set",
     );
 }
+
+#[test]
+fn alert_thresholds_are_compiled_and_checked() {
+    let cfg = load(&examples().join("policy.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let a = cfg.settings.alerts.expect("alerts");
+    assert_eq!(a.failed_auth.map(|l| (l.warn, l.critical)), Some((10, 50)));
+    assert_eq!(a.failed_auth_window, std::time::Duration::from_secs(60));
+    assert_eq!(a.error_rate.map(|l| (l.warn, l.critical)), Some((500, 1000)));
+    assert_eq!(a.response_time.map(|l| (l.warn, l.critical)), Some((500_000, 2_000_000)));
+    assert_eq!(a.payload_size.map(|l| (l.warn, l.critical)), Some((1 << 20, 5 << 20)));
+    assert!(!a.block_on_critical);
+    let (text, problems) = problems_after("response_time: { warn: 500ms,", "response_time: { warn: 5000ms,");
+    assert_problem(
+        &problems,
+        "alerts.response_time",
+        line_of(&text, "warn: 5000ms"),
+        "warn must not be above critical",
+    );
+    let (text, problems) = problems_after(
+        "payload_size:  { warn: 1MB,         critical: 5MB }",
+        "payload_size:  { warn: 1MB, critical: 5MB, block: true }",
+    );
+    assert_problem(&problems, "alerts.payload_size.block", line_of(&text, "block: true"), "only failed_auth");
+    let (text, problems) = problems_after("webhooks: []", "webhooks: [\"ftp://x/\"]");
+    assert_problem(&problems, "alerts.webhooks[0]", line_of(&text, "ftp://x/"), "http:// or https://");
+}

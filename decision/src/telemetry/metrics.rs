@@ -93,6 +93,12 @@ impl Metrics {
             "Roles named in verified tokens that the policy does not know (ignored)",
             crate::auth::jwt::UNKNOWN_ROLES.clone(),
         );
+        registry.register("alerts", "Alerts raised, by kind and level", crate::alerts::ALERTS.clone());
+        registry.register(
+            "alert_webhook_failures",
+            "Alert webhook deliveries that failed after every retry (or found the queue full)",
+            crate::alerts::WEBHOOK_FAILURES.clone(),
+        );
         registry.register(
             "audit_events",
             "Audit events sealed and handed to the sinks",
