@@ -63,9 +63,16 @@ async fn concurrency_slots_queue_the_excess_and_never_exceed_the_limit() {
         answers.iter().filter_map(|r| r.header("x-portcullis-queue-wait-ms")).filter_map(|v| v.parse().ok()).collect();
     assert!(waited.len() >= 7, "at least 8 of 10 waited: {waited:?}");
     assert!(waited.iter().any(|w| *w >= 250), "the last ones waited for slots to turn over: {waited:?}");
-    // every slot came back through the access log
-    let m = s.admin_get("/metrics").await.body;
-    assert!(m.contains("portcullis_traffic_completions_total{result=\"released\"} 10"), "{m}");
+    // every slot came back through the access log (which arrives a moment after the answers)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = s.admin_get("/metrics").await.body;
+        if m.contains("portcullis_traffic_completions_total{result=\"released\"} 10") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
