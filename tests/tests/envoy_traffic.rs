@@ -78,7 +78,8 @@ async fn concurrency_slots_queue_the_excess_and_never_exceed_the_limit() {
 #[tokio::test]
 async fn a_full_queue_is_a_503_with_retry_after() {
     let s = Stack::start(&policy(2, 3, "")).await.unwrap_or_else(|e| panic!("{e:#}"));
-    s.upstream.set_delay(Duration::from_millis(800));
+    // long enough that all ten clients arrive while the first two still hold their slots
+    s.upstream.set_delay(Duration::from_millis(1500));
     let answers = burst(&s.envoy, 10).await;
     let ok = answers.iter().filter(|r| r.status == 200).count();
     let refused: Vec<&Response> = answers.iter().filter(|r| r.status == 503).collect();
@@ -123,7 +124,12 @@ async fn failing_upstreams_trip_the_breaker_and_a_healthy_one_closes_it() {
     s.upstream.set_status(0);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(get(&s.client, &s.envoy).await.status, 200, "the half-open probe");
-    tokio::time::sleep(Duration::from_millis(200)).await; // its completion closes the breaker
+    // its completion (through the access log, a moment later) closes the breaker
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&s.client, &s.envoy).await.status != 200 {
+        assert!(Instant::now() < deadline, "the breaker did not close after a good probe");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for _ in 0..3 {
         assert_eq!(get(&s.client, &s.envoy).await.status, 200);
     }
