@@ -11,6 +11,7 @@ pub mod engine;
 pub mod explain;
 pub mod https;
 pub mod keys;
+pub mod report;
 pub mod server;
 pub mod store;
 pub mod telemetry;

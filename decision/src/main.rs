@@ -61,6 +61,21 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Summarize audit logs: the reference's daily (24h), weekly (7d) and monthly (30d) reviews.
+    Report {
+        /// How far back: 24h, 7d, 30d, ...
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// The end of the period (RFC 3339); default: now.
+        #[arg(long)]
+        until: Option<String>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Audit logs (JSON lines), e.g. a file sink's files or an `audit export`.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Decide one request against a policy without serving (a fresh memory store: nothing shared is consumed).
     Explain {
         #[arg(long, env = "PORTCULLIS_CONFIG")]
@@ -256,6 +271,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         }
                     }
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { since, until, json, files } => {
+            let span = decision::report::parse_since(&since).map_err(anyhow::Error::msg).context("--since")?;
+            let until = match until {
+                Some(u) => {
+                    decision_core::units::parse_rfc3339(&u).map_err(|e| anyhow::anyhow!("{e}")).context("--until")?
+                }
+                None => decision::clock::now_micros(),
+            };
+            let mut text = String::new();
+            for f in &files {
+                text.push_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?);
+                text.push('\n');
+            }
+            let r = decision::report::build(&text, until.saturating_sub(span), until);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).context("encoding the report")?);
+            } else {
+                print!("{}", decision::report::text(&r));
             }
             Ok(ExitCode::SUCCESS)
         }

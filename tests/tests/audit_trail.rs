@@ -104,6 +104,16 @@ async fn no_credential_reaches_the_trail_and_the_signed_chain_verifies() {
         let at = everything.find(secret).map(|i| &everything[i.saturating_sub(300)..(i + 100).min(everything.len())]);
         assert!(at.is_none(), "{secret} leaked: {at:?}");
     }
+    // the review of the day, from the same file
+    let out = std::process::Command::new(portcullis_bin())
+        .args(["report", "--since", "24h", "--json"])
+        .arg(&log)
+        .output()
+        .expect("report");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report JSON");
+    assert_eq!((report["decisions"].as_u64(), report["allowed"].as_u64()), (Some(2), Some(1)), "{report}");
+    assert_eq!(report["auth_failures_by_reason"]["jwt_malformed"], 1, "{report}");
+    assert!(report["completions"].as_u64().is_some_and(|n| n >= 2), "{report}");
     // intact and signed; then cut short after the last checkpoint
     let (code, out) = verify(&[&log], Some(&cps));
     assert_eq!(code, 0, "{out}");
