@@ -45,6 +45,15 @@ enum Command {
             hide = true
         )]
         clock_offset_secs: i64,
+        /// OTLP/gRPC endpoint for traces (the standard OpenTelemetry variable); unset: no traces.
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", hide = true)]
+        otlp_traces_endpoint: Option<String>,
+        /// OTLP/gRPC endpoint, for traces when the traces-specific one is unset.
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", hide = true)]
+        otlp_endpoint: Option<String>,
+        /// The service name traces carry.
+        #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "portcullis", hide = true)]
+        otel_service_name: String,
     },
     /// Validate a policy file: exit 0, or 1 with every problem found (file:line: path: reason).
     CheckConfig {
@@ -170,8 +179,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
-        Command::Serve { config, grpc_addr, http_addr, log_format, log, clock_offset_secs } => {
-            let _log_guard = telemetry::init_logging(log_format, &log);
+        Command::Serve {
+            config,
+            grpc_addr,
+            http_addr,
+            log_format,
+            log,
+            clock_offset_secs,
+            otlp_traces_endpoint,
+            otlp_endpoint,
+            otel_service_name,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let otlp = otlp_traces_endpoint
+                .or(otlp_endpoint)
+                .filter(|e| !e.is_empty())
+                .map(|endpoint| telemetry::Otlp { endpoint, service_name: otel_service_name });
+            // inside the runtime: the OTLP exporter's channel lives there
+            let (_log_guard, traces) = rt.block_on(async { telemetry::init(log_format, &log, otlp.as_ref()) });
             if clock_offset_secs != 0 {
                 decision::clock::set_offset(clock_offset_secs.saturating_mul(1_000_000));
                 tracing::warn!(clock_offset_secs, "this instance's clock is shifted (a test setting)");
@@ -190,11 +218,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(a) = http_addr {
                 cfg.settings.http_addr = a;
             }
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            rt.block_on(decision::server::serve(cfg)).context("serving")?;
+            let served = rt.block_on(decision::server::serve(cfg));
+            if let Some(t) = traces {
+                // the last batch of spans
+                let _ = t.shutdown();
+            }
+            served.context("serving")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { command: AuditCommand::Verify { files, checkpoints, public_key } } => {

@@ -182,6 +182,50 @@ impl<S: Store> Authorization for ExtAuthz<S> {
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let started = clock::instant();
         let msg = request.into_inner();
+        if crate::telemetry::tracing_on() {
+            // a span of its own, child of the request's traceparent, exported over OTLP
+            use tracing::Instrument;
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let headers = msg
+                .attributes
+                .as_ref()
+                .and_then(|a| a.request.as_ref())
+                .and_then(|r| r.http.as_ref())
+                .map(|h| &h.headers);
+            let span = tracing::info_span!(
+                target: crate::telemetry::TRACE_TARGET,
+                "ext_authz.check",
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = "envoy.service.auth.v3.Authorization",
+                rpc.method = "Check",
+                decision.outcome = tracing::field::Empty,
+                decision.reason = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty,
+            );
+            if let Some(h) = headers {
+                let _ = span.set_parent(crate::telemetry::parent_context(h));
+            }
+            let answer = self.check_inner(msg, started).instrument(span.clone()).await;
+            if let Ok(r) = &answer {
+                let denied = matches!(r.get_ref().http_response, Some(HttpResponse::DeniedResponse(_)));
+                span.record("decision.outcome", if denied { "deny" } else { "allow" });
+                if let Some(st) = &r.get_ref().status {
+                    span.record("decision.reason", st.message.as_str());
+                }
+            }
+            return answer;
+        }
+        self.check_inner(msg, started).await
+    }
+}
+
+impl<S: Store> ExtAuthz<S> {
+    async fn check_inner(
+        &self,
+        msg: CheckRequest,
+        started: std::time::Instant,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let policy = self.engine.policy();
         let http = msg.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
         let peer = peer_ip(&msg);
