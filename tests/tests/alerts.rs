@@ -43,7 +43,13 @@ async fn failed_authentications_raise_warn_then_critical_and_block_the_address()
             1,
         )
         .replacen("webhooks: []", &format!("webhooks: [\"http://{hook}/hook\", \"http://{dead}/hook\"]"), 1)
-        .replacen("    - stdout: {}", &format!("    - file: {{ path: \"{}\" }}", log.display()), 1);
+        .replacen("    - stdout: {}", &format!("    - file: {{ path: \"{}\" }}", log.display()), 1)
+        // checkpoints every second, anchored at the same receiver
+        .replacen(
+            "  checkpoint_every: 1h",
+            &format!("  anchor_webhooks: [\"http://{hook}/hook\"]\n  checkpoint_every: 1s"),
+            1,
+        );
     assert!(p.contains("block: true") && p.contains("/hook"), "the reference policy's alert lines moved");
     let portcullis = Portcullis::start(&p).await.unwrap_or_else(|e| panic!("{e:#}"));
     let mut c = AuthorizationClient::connect(format!("http://{}", portcullis.grpc)).await.expect("connect");
@@ -56,7 +62,10 @@ async fn failed_authentications_raise_warn_then_critical_and_block_the_address()
         assert!(started.elapsed() < Duration::from_millis(500), "a failing webhook never slows a decision");
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while got.lock().expect("lock").len() < 2 {
+    let alerts_in = |got: &Arc<Mutex<Vec<serde_json::Value>>>| {
+        got.lock().expect("lock").iter().filter(|a| a["event"] == "alert").cloned().collect::<Vec<_>>()
+    };
+    while alerts_in(&got).len() < 2 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the webhook got {:?}; log: {}",
@@ -65,7 +74,7 @@ async fn failed_authentications_raise_warn_then_critical_and_block_the_address()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let alerts = got.lock().expect("lock").clone();
+    let alerts = alerts_in(&got);
     let levels: Vec<&str> = alerts.iter().filter_map(|a| a["level"].as_str()).collect();
     assert_eq!(levels, ["warn", "critical"], "{alerts:?}");
     assert!(alerts.iter().all(|a| a["alert"] == "failed_auth" && a["client_ip"] == "10.2.3.4"), "{alerts:?}");
@@ -84,6 +93,12 @@ async fn failed_authentications_raise_warn_then_critical_and_block_the_address()
         .expect("metrics")
         .body;
     assert!(metrics.contains("portcullis_alerts_total{kind=\"failed_auth\",level=\"critical\"} 1"), "{metrics}");
+    // the audit checkpoints reached the anchor, signed or not, naming this instance's chain
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !got.lock().expect("lock").iter().any(|a| a["event"] == "checkpoint" && a["covers"].as_u64() > Some(0)) {
+        assert!(tokio::time::Instant::now() < deadline, "no checkpoint was anchored: {:?}", got.lock().expect("lock"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // and the alerts are in the audit trail
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {

@@ -555,3 +555,43 @@ fn replay(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file_is_rotated_and_no_line_is_split() {
+        let dir = std::env::temp_dir().join(format!("portcullis-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("audit.log");
+        let mut out = FileOut {
+            path: path.clone(),
+            file: None,
+            size: 0,
+            fsync: Fsync::Always,
+            max_size: Some(100),
+            dirty: false,
+            last_sync: clock::instant(),
+        };
+        let lines: Vec<String> = (0..10).map(|i| format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(20))).collect();
+        for l in &lines {
+            out.write(l).expect("write");
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).expect("ls").map(|e| e.expect("entry").path()).collect();
+        files.sort();
+        assert!(files.len() >= 3, "rotated: {files:?}");
+        let mut seen = Vec::new();
+        for f in &files {
+            let text = std::fs::read_to_string(f).expect("read");
+            assert!(text.len() <= 100, "{} holds {} bytes", f.display(), text.len());
+            seen.extend(text.lines().map(str::to_owned));
+        }
+        seen.sort();
+        let mut want = lines.clone();
+        want.sort();
+        assert_eq!(seen, want, "every line whole, in one file or another");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -889,7 +889,7 @@ impl Validator<'_> {
         });
         let mut anchors = Vec::new();
         for (i, u) in a.anchor_webhooks.iter().enumerate() {
-            if let Some(url) = self.parse(&format!("audit.anchor_webhooks[{i}]"), crate::https::Url::parse(u)) {
+            if let Some(url) = self.parse(&format!("audit.anchor_webhooks[{i}]"), crate::https::Url::parse_web(u)) {
                 anchors.push(url);
             }
         }
