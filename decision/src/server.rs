@@ -257,6 +257,9 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let access_log = AccessLogServiceServer::new(AccessLog::new(engine.clone(), stop_rx.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let native =
+        proto::portcullis_v1::decision_server::DecisionServer::new(crate::api::native::Native::new(engine.clone()))
+            .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true)).with_keepalive(Some(KEEPALIVE_INTERVAL));
     let grpc = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -269,6 +272,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         .add_service(ext_authz)
         .add_service(rls)
         .add_service(access_log)
+        .add_service(native)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
 
     tracing::info!(

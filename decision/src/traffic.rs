@@ -172,16 +172,16 @@ impl<S: Store> Engine<S> {
     /// A request completed (Envoy's access log): release its lease and, if it held one, count
     /// its outcome for the breaker and wake this instance's waiters. `error`: a 5xx, or the
     /// upstream timed out, reset or could not be reached.
-    pub async fn complete(&self, lease_header: &str, error: bool, latency: Duration) {
+    pub async fn complete(&self, lease_header: &str, error: bool, latency: Duration) -> bool {
         let policy = self.policy();
-        let Some(cfg) = &policy.traffic else { return };
+        let Some(cfg) = &policy.traffic else { return false };
         let Some((key, id)) = parse_lease(lease_header) else {
             self.metrics.completion("unknown");
-            return;
+            return false;
         };
         let Some(upstream) = policy.upstream_by_key(key).cloned() else {
             self.metrics.completion("unknown");
-            return;
+            return false;
         };
         let latency = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         match self.bounded(self.store().complete(key, id, error, latency, cfg, clock::now_micros())).await {
@@ -193,10 +193,55 @@ impl<S: Store> Engine<S> {
                 } else {
                     self.metrics.completion("unknown");
                 }
+                released
             }
-            Err(_) => self.metrics.completion("error"),
+            Err(_) => {
+                self.metrics.completion("error");
+                false
+            }
         }
     }
+
+    /// Everything a finished request teaches (Envoy's access log or the native `Complete`):
+    /// its lease released, live monitoring fed, a completion event in the audit trail. True when
+    /// a lease was released.
+    pub async fn completed(&self, c: &Completion<'_>) -> bool {
+        let released = match c.lease {
+            Some(lease) => self.complete(lease, c.upstream_error, c.latency).await,
+            None => false,
+        };
+        if let Some(m) = self.alerts() {
+            m.completion(c.upstream_error, c.latency);
+        }
+        if let Some(audit) = self.audit() {
+            let mut ev = serde_json::Map::new();
+            ev.insert("event".into(), "completion".into());
+            ev.insert("request_id".into(), c.request_id.into());
+            ev.insert("timestamp".into(), clock::rfc3339(clock::now_micros()).into());
+            ev.insert("response_code".into(), c.status.into());
+            ev.insert("processing_time".into(), c.total_ms.into());
+            ev.insert("upstream_error".into(), c.upstream_error.into());
+            ev.insert("instance".into(), audit.instance.clone().into());
+            audit.record(ev);
+        }
+        released
+    }
+}
+
+/// A finished request, as a proxy reports it.
+#[derive(Debug, Clone, Default)]
+pub struct Completion<'a> {
+    /// the `x-portcullis-lease` the upstream request carried, if any
+    pub lease: Option<&'a str>,
+    pub request_id: &'a str,
+    /// the status the client got (0: none)
+    pub status: u32,
+    /// a 5xx, or the upstream timed out, reset or could not be reached
+    pub upstream_error: bool,
+    /// how long the upstream took
+    pub latency: Duration,
+    /// the whole request, in milliseconds (the audit event's processing_time)
+    pub total_ms: f64,
 }
 
 #[cfg(test)]

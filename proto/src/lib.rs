@@ -23,6 +23,9 @@ pub mod accesslog {
     pub use envoy_types::pb::envoy::service::accesslog::v3::*;
 }
 
+/// portcullis's own API (`proto/portcullis/v1/decision.proto`).
+pub mod portcullis_v1;
+
 /// The Envoy and Google types an ext_authz answer is built from.
 pub mod types {
     pub use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;

@@ -267,3 +267,49 @@ fn explain_decides_one_request_and_shows_the_answer_envoy_would_get() {
     assert_eq!(v["normalized_path"], "/admin");
     assert!(v["body"].as_str().is_some_and(|b| b.contains("Forbidden")), "{v}");
 }
+
+/// The lease an allowed answer sends to the upstream.
+fn lease_of(r: &proto::ext_authz::CheckResponse) -> Option<String> {
+    match &r.http_response {
+        Some(proto::ext_authz::check_response::HttpResponse::OkResponse(ok)) => ok
+            .headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .find(|h| h.key == "x-portcullis-lease")
+            .map(|h| h.value.clone()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn the_native_complete_call_releases_a_lease_once() {
+    use proto::portcullis_v1::CompleteRequest;
+    use proto::portcullis_v1::decision_client::DecisionClient;
+    let start_ = reference_policy().find("traffic:").expect("traffic");
+    let end = reference_policy().find("\nlimits:").expect("limits");
+    let mut policy = reference_policy();
+    policy.replace_range(start_..end, "traffic:\n  concurrency_limit: 1\n  queue_size: 0\n  lease_ttl: 60s\n");
+    let p = start(&policy).await;
+    let mut c = client(&p).await;
+    let ask = || check_request("10.0.0.1", "GET", "/api/v1/items", &[("x-api-key", BASIC)]);
+    let first = c.check(ask()).await.expect("check").into_inner();
+    let lease = lease_of(&first).expect("a lease");
+    // the one slot is taken and nobody may wait
+    assert_eq!(denied_status(&c.check(ask()).await.expect("check").into_inner()), Some(503));
+    let mut native = DecisionClient::connect(format!("http://{}", p.grpc)).await.expect("connect");
+    let done = |lease: &str| CompleteRequest {
+        lease: lease.to_owned(),
+        status_code: 200,
+        upstream_error: false,
+        latency_us: 1500,
+        request_id: "req-1".into(),
+    };
+    assert!(native.complete(done(&lease)).await.expect("complete").into_inner().released);
+    assert!(!native.complete(done(&lease)).await.expect("complete").into_inner().released, "once only");
+    assert!(!native.complete(done("forged")).await.expect("complete").into_inner().released);
+    let too_long = native.complete(done(&"x".repeat(300))).await.expect_err("refused");
+    assert_eq!(too_long.code(), tonic::Code::InvalidArgument);
+    // the slot is free again
+    let again = c.check(ask()).await.expect("check").into_inner();
+    assert!(lease_of(&again).is_some(), "{again:?}");
+}

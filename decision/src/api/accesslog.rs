@@ -13,7 +13,7 @@ use proto::accesslog::{HttpAccessLogEntry, StreamAccessLogsMessage, StreamAccess
 
 use crate::engine::Engine;
 use crate::store::Store;
-use crate::traffic::LEASE_HEADER;
+use crate::traffic::{Completion, LEASE_HEADER};
 
 pub struct AccessLog<S> {
     engine: Arc<Engine<S>>,
@@ -52,26 +52,6 @@ pub fn latency(entry: &HttpAccessLogEntry) -> std::time::Duration {
     })
 }
 
-/// The audit event of a completion: the response the client got and how long it all took.
-fn completion_event(instance: &str, entry: &HttpAccessLogEntry) -> serde_json::Map<String, serde_json::Value> {
-    let mut ev = serde_json::Map::new();
-    let request_id = entry.request.as_ref().map_or("", |r| r.request_id.as_str());
-    let status = entry.response.as_ref().and_then(|r| r.response_code).map_or(0, |c| c.value);
-    let total = entry
-        .common_properties
-        .as_ref()
-        .and_then(|c| c.time_to_last_downstream_tx_byte)
-        .map_or(0.0, |d| ((d.seconds as f64 * 1e9 + f64::from(d.nanos)) / 1e3).round() / 1e3);
-    ev.insert("event".into(), "completion".into());
-    ev.insert("request_id".into(), request_id.into());
-    ev.insert("timestamp".into(), crate::clock::rfc3339(crate::clock::now_micros()).into());
-    ev.insert("response_code".into(), status.into());
-    ev.insert("processing_time".into(), total.into());
-    ev.insert("upstream_error".into(), is_error(entry).into());
-    ev.insert("instance".into(), instance.into());
-    ev
-}
-
 #[tonic::async_trait]
 impl<S: Store> AccessLogService for AccessLog<S> {
     async fn stream_access_logs(
@@ -88,16 +68,21 @@ impl<S: Store> AccessLogService for AccessLog<S> {
             let Some(msg) = msg else { break };
             let Some(LogEntries::HttpLogs(logs)) = msg.log_entries else { continue };
             for entry in &logs.log_entry {
-                let lease = entry.request.as_ref().and_then(|r| r.request_headers.get(LEASE_HEADER));
-                if let Some(lease) = lease {
-                    self.engine.complete(lease, is_error(entry), latency(entry)).await;
-                }
-                if let Some(m) = self.engine.alerts() {
-                    m.completion(is_error(entry), latency(entry));
-                }
-                if let Some(audit) = self.engine.audit() {
-                    audit.record(completion_event(&audit.instance, entry));
-                }
+                let request = entry.request.as_ref();
+                let total = entry
+                    .common_properties
+                    .as_ref()
+                    .and_then(|c| c.time_to_last_downstream_tx_byte)
+                    .map_or(0.0, |d| ((d.seconds as f64 * 1e9 + f64::from(d.nanos)) / 1e3).round() / 1e3);
+                let c = Completion {
+                    lease: request.and_then(|r| r.request_headers.get(LEASE_HEADER)).map(String::as_str),
+                    request_id: request.map_or("", |r| r.request_id.as_str()),
+                    status: entry.response.as_ref().and_then(|r| r.response_code).map_or(0, |c| c.value),
+                    upstream_error: is_error(entry),
+                    latency: latency(entry),
+                    total_ms: total,
+                };
+                self.engine.completed(&c).await;
             }
         }
         Ok(tonic::Response::new(StreamAccessLogsResponse {}))

@@ -3,5 +3,6 @@
 
 pub mod accesslog;
 pub mod ext_authz;
+pub mod native;
 pub mod ratelimit;
 pub mod respond;
