@@ -61,6 +61,24 @@ start_portcullis() {
   pc_addr="$(sed -E 's/.*"grpc_addr":"([^"]+)".*/\1/' "$work/portcullis.listen")"
 }
 
+# portcullis on the bench policy plus an audit trail (a file sink, fsync once a second) and
+# traffic control (a concurrency slot per request): what a production policy pays for them.
+# Sets pcf_pid, pcf_addr and pcf_http.
+start_portcullis_full() {
+  mkdir -p "$work/ratelimit" && cp loadtest/bench/ratelimit/bench.yaml "$work/ratelimit/" && cp loadtest/bench/jwks.json "$work/"
+  { cat loadtest/bench/policy.yaml
+    printf 'audit:\n  sinks:\n    - file: { path: "%s/audit.log", fsync: interval }\n  spill_dir: "%s/spill"\n' "$work" "$work"
+    printf 'traffic:\n  concurrency_limit: 100000\n  queue_size: 0\n'
+  } > "$work/policy-full.yaml"
+  rm -f "$work/portcullis-full.listen"
+  "${server_cpu[@]}" "$bin/portcullis" serve --config "$work/policy-full.yaml" --log-format json \
+    2> >(grep --line-buffered -m1 '"listening"' > "$work/portcullis-full.listen"; cat > /dev/null) &
+  pcf_pid=$!; pids+=("$pcf_pid")
+  wait_for "$work/portcullis-full.listen" listening
+  pcf_addr="$(sed -E 's/.*"grpc_addr":"([^"]+)".*/\1/' "$work/portcullis-full.listen")"
+  pcf_http="$(sed -E 's/.*"http_addr":"([^"]+)".*/\1/' "$work/portcullis-full.listen")"
+}
+
 # portcullis on the same policy with the Redis store (a redis-server of its own). Sets
 # pcr_pid and pcr_addr.
 start_portcullis_redis() {
@@ -103,6 +121,17 @@ lt --name rls-1-desc-1-key        --target rls --addr "$pc_addr" --server-pid "$
 lt --name rls-1-desc-100k-keys    --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --keys 100000 --expect all
 lt --name noop-rls-5              --target rls --addr "$noop_addr" --server-pid "$noop_pid" "${common[@]}" --descriptors 5
 lt --name rls-5-desc-1-key        --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --descriptors 5 --expect all
+# the same, with an audit trail and a concurrency slot per request; then how many audit events
+# were written and dropped under that load (the target is zero dropped)
+start_portcullis_full
+lt --name ext-authz-audit-traffic --target ext-authz --addr "$pcf_addr" --server-pid "$pcf_pid" "${common[@]}" --api-key pk_bench_open --expect all
+python3 - "$pcf_http" > "$out.audit" <<'PY'
+import sys, urllib.request
+m = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=10).read().decode()
+val = lambda name: next((int(float(l.split()[-1])) for l in m.splitlines() if l.startswith(name + " ")), 0)
+print(f"audit under load: {val('portcullis_audit_events_total')} events sealed, {val('portcullis_audit_spilled_total')} spilled, {val('portcullis_audit_dropped_total')} dropped")
+PY
+kill "$pcf_pid"; wait "$pcf_pid" 2>/dev/null || true
 # correctness under load: exactly what the policy allows, the rest over the limit
 lt --name ext-authz-limited       --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_limited --expect 100
 lt --name rls-limited             --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --descriptor-key limited --expect 100
@@ -145,6 +174,7 @@ for r in rows:
     val = lambda v: "-" if v is None else v
     cpu = lambda v: "-" if v is None else f"{v:.0f}%"
     print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {val(lat["p50"])} | {val(lat["p99"])} | {val(lat["p99.9"])} | {val(r["outcomes"]["allowed"])} | {val(r["outcomes"]["over_limit"])} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} |')
+print(open(sys.argv[1] + ".audit").read().strip())
 print("\nbaselines: no-op cases for ext_authz and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis")
 if jwt and key:
     print(f"\nJWT (one RS256 token, cached after its first verification) vs API key: {key['rps'] / jwt['rps']:.2f}x the cost per decision")
