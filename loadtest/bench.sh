@@ -97,10 +97,43 @@ start_portcullis_redis() {
   pcr_addr="$(sed -E 's/.*"grpc_addr":"([^"]+)".*/\1/' "$work/portcullis-redis.listen")"
 }
 
-"${server_cpu[@]}" "$bin/portcullis-noop" --addr 127.0.0.1:0 > "$work/noop.out" &
+"${server_cpu[@]}" "$bin/portcullis-noop" --addr 127.0.0.1:0 --http-addr 127.0.0.1:0 > "$work/noop.out" &
 noop_pid=$!; pids+=("$noop_pid")
 wait_for "$work/noop.out" listening
 noop_addr="$(awk '/listening/ {print $2}' "$work/noop.out")"
+upstream_addr="$(awk '/^http / {print $2}' "$work/noop.out")"
+
+# Envoy: $PORTCULLIS_ENVOY, the virtualenv scripts/test.sh installs, or PATH
+envoy_bin="${PORTCULLIS_ENVOY:-}"
+[ -z "$envoy_bin" ] && [ -x "${PORTCULLIS_VENV:-$HOME/.cache/portcullis/venv}/bin/envoy" ] && envoy_bin="${PORTCULLIS_VENV:-$HOME/.cache/portcullis/venv}/bin/envoy"
+[ -z "$envoy_bin" ] && envoy_bin="$(command -v envoy || true)"
+[ -n "$envoy_bin" ] || { echo "bench.sh: no envoy binary (scripts/test.sh installs one; or set PORTCULLIS_ENVOY)" >&2; exit 1; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Envoy on `config` (ports filled in), one worker, on the servers' core. Sets envoy_addr.
+start_envoy() { # name config-file
+  local listen admin
+  listen="$(free_port)"; admin="$(free_port)"
+  sed -e "s/port_value: 10000/port_value: $listen/; s/LISTEN_PORT/$listen/" \
+      -e "s/port_value: 9901/port_value: $admin/; s/ADMIN_PORT/$admin/" \
+      -e "s/port_value: 8080/port_value: ${upstream_addr##*:}/; s/UPSTREAM_PORT/${upstream_addr##*:}/" \
+      -e "s/port_value: 8081/port_value: ${pc_addr##*:}/" "$2" > "$work/envoy-$1.yaml"
+  "${server_cpu[@]}" "$envoy_bin" -c "$work/envoy-$1.yaml" --concurrency 1 --disable-hot-restart -l error \
+    > "$work/envoy-$1.log" 2>&1 &
+  envoy_pid=$!; pids+=("$envoy_pid")
+  python3 - "$admin" <<'PY' || { echo "bench.sh: envoy ($1) did not become ready:" >&2; cat "$work/envoy-$1.log" >&2; exit 1; }
+import sys, time, urllib.request
+for _ in range(300):
+    try:
+        if urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/ready", timeout=1).status == 200:
+            sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.1)
+sys.exit(1)
+PY
+  envoy_addr="127.0.0.1:$listen"
+}
 
 lt() { "${client_cpu[@]}" "$bin/portcullis-loadtest" --json "$@" >> "$out"; }
 common=(--connections "$conns" --streams "$streams" --duration "$dur")
@@ -121,6 +154,12 @@ lt --name rls-1-desc-1-key        --target rls --addr "$pc_addr" --server-pid "$
 lt --name rls-1-desc-100k-keys    --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --keys 100000 --expect all
 lt --name noop-rls-5              --target rls --addr "$noop_addr" --server-pid "$noop_pid" "${common[@]}" --descriptors 5
 lt --name rls-5-desc-1-key        --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --descriptors 5 --expect all
+# HTTP end to end: what a request pays through Envoy with portcullis (ext_authz, ratelimit and
+# the access log, as deploy/examples/envoy.yaml sets them up) against Envoy alone
+start_envoy direct loadtest/bench/envoy-direct.yaml
+lt --name http-envoy-direct        --target http --addr "$envoy_addr" --server-pid "$envoy_pid" "${common[@]}" --path /api/v1/bench --expect all
+start_envoy portcullis deploy/examples/envoy.yaml
+lt --name http-envoy-portcullis    --target http --addr "$envoy_addr" --server-pid "$pc_pid" "${common[@]}" --path /api/v1/bench --api-key pk_bench_open --expect all
 # the same, with an audit trail and a concurrency slot per request; then how many audit events
 # were written and dropped under that load (the target is zero dropped)
 start_portcullis_full
@@ -158,6 +197,7 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 by = {r["name"]: r for r in rows}
 base = {"ext-authz": by["noop-ext-authz"], "rls-1": by["noop-rls-1"], "rls-5": by["noop-rls-5"]}
 def baseline(name):
+    if name.startswith("http-"): return by["http-envoy-direct"]
     if name.endswith("-redis"): return by["redis-benchmark-evalsha"]
     if name.startswith("ext-authz"): return base["ext-authz"]
     if name.startswith("rls-5"): return base["rls-5"]
@@ -168,14 +208,14 @@ jwt, key = by.get("ext-authz-jwt"), by.get("ext-authz-api-key")
 for r in rows:
     if r["name"] == "memory-per-key": continue
     b = baseline(r["name"])
-    fixed = r["name"].startswith("noop") or r["name"].startswith("redis-benchmark") or "open" in r["mode"]
+    fixed = r["name"].startswith("noop") or r["name"].startswith("redis-benchmark") or r["name"] == "http-envoy-direct" or "open" in r["mode"]
     ratio = "-" if fixed else f'{r["rps"] / b["rps"]:.2f}'
     lat = r["latency_us"]
     val = lambda v: "-" if v is None else v
     cpu = lambda v: "-" if v is None else f"{v:.0f}%"
     print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {val(lat["p50"])} | {val(lat["p99"])} | {val(lat["p99.9"])} | {val(r["outcomes"]["allowed"])} | {val(r["outcomes"]["over_limit"])} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} |')
 print(open(sys.argv[1] + ".audit").read().strip())
-print("\nbaselines: no-op cases for ext_authz and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis")
+print("\nbaselines: no-op cases for ext_authz and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis; Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis")
 if jwt and key:
     print(f"\nJWT (one RS256 token, cached after its first verification) vs API key: {key['rps'] / jwt['rps']:.2f}x the cost per decision")
 m = by["memory-per-key"]

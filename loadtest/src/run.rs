@@ -14,7 +14,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::hist;
 use crate::schedule;
-use crate::target::{Counts, Kind, Outcome, Spec, classify_check, classify_rls, key_index};
+use crate::target::{Counts, Kind, Outcome, Spec, classify_check, classify_http, classify_rls, key_index};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -38,10 +38,17 @@ pub struct RunResult {
     pub elapsed: Duration,
 }
 
+type HttpPool = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<hyper::body::Bytes>,
+>;
+
 #[derive(Clone)]
 enum Client {
     ExtAuthz(AuthorizationClient<Channel>),
     Rls(RateLimitServiceClient<Channel>),
+    /// a keep-alive pool: as many HTTP/1.1 connections as requests in flight
+    Http(HttpPool, Arc<str>),
 }
 
 impl Client {
@@ -55,11 +62,38 @@ impl Client {
                 Ok(r) => classify_rls(r.get_ref()),
                 Err(_) => Outcome::Error,
             },
+            Client::Http(pool, authority) => {
+                let mut req = spec.http_request(authority, key);
+                *req.uri_mut() = match format!("http://{authority}{}", spec.path).parse() {
+                    Ok(u) => u,
+                    Err(_) => return Outcome::Error,
+                };
+                match pool.request(req).await {
+                    Ok(res) => {
+                        let status = res.status().as_u16();
+                        // read the body to its end, so the connection can be reused
+                        use http_body_util::BodyExt;
+                        match res.into_body().collect().await {
+                            Ok(_) => classify_http(status),
+                            Err(_) => Outcome::Error,
+                        }
+                    }
+                    Err(_) => Outcome::Error,
+                }
+            }
         }
     }
 }
 
 async fn connect(cfg: &Config) -> anyhow::Result<Vec<Client>> {
+    if cfg.spec.kind == Kind::Http {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        let pool = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(cfg.connections.max(1) * cfg.streams.max(1))
+            .build(connector);
+        return Ok(vec![Client::Http(pool, Arc::from(cfg.addr.as_str())); cfg.connections.max(1)]);
+    }
     let mut clients = Vec::with_capacity(cfg.connections);
     for _ in 0..cfg.connections.max(1) {
         // one Endpoint per connection: each connect() opens its own HTTP/2 connection
@@ -70,7 +104,7 @@ async fn connect(cfg: &Config) -> anyhow::Result<Vec<Client>> {
             .await?;
         clients.push(match cfg.spec.kind {
             Kind::ExtAuthz => Client::ExtAuthz(AuthorizationClient::new(channel)),
-            Kind::Rls => Client::Rls(RateLimitServiceClient::new(channel)),
+            Kind::Rls | Kind::Http => Client::Rls(RateLimitServiceClient::new(channel)),
         });
     }
     Ok(clients)

@@ -17,6 +17,8 @@ pub enum Kind {
     ExtAuthz,
     /// envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit
     Rls,
+    /// plain HTTP/1.1 GET `path` (through Envoy or any proxy); `--addr` is the proxy's listener
+    Http,
 }
 
 /// How request `i` is built.
@@ -93,6 +95,24 @@ impl Spec {
         }
     }
 
+    /// Request `key` as plain HTTP: the path, the API key or bearer token, and the client address
+    /// in X-Forwarded-For (the bench's Envoy trusts nothing it is sent, so only the key varies
+    /// what portcullis counts).
+    pub fn http_request(&self, authority: &str, key: u64) -> hyper::Request<http_body_util::Empty<hyper::body::Bytes>> {
+        let mut b = hyper::Request::builder()
+            .method(self.method.as_str())
+            .uri(self.path.as_str())
+            .header("host", authority)
+            .header("x-forwarded-for", peer_of(key));
+        if !self.api_key.is_empty() {
+            b = b.header("x-api-key", self.api_key.as_str());
+        }
+        if let Some(t) = &self.bearer {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(http_body_util::Empty::new()).unwrap_or_default()
+    }
+
     pub fn rls_request(&self, key: u64) -> RateLimitRequest {
         let descriptors = (0..self.descriptors)
             .map(|d| RateLimitDescriptor {
@@ -125,6 +145,16 @@ pub fn classify_check(r: &CheckResponse) -> Outcome {
             Outcome::OverLimit
         }
         _ => Outcome::Denied,
+    }
+}
+
+/// An HTTP status as an outcome: 2xx allowed, 429 over a limit, other 4xx denied, else an error.
+pub fn classify_http(status: u16) -> Outcome {
+    match status {
+        200..=299 => Outcome::Allowed,
+        429 => Outcome::OverLimit,
+        400..=499 => Outcome::Denied,
+        _ => Outcome::Error,
     }
 }
 

@@ -2,9 +2,12 @@
 //! ShouldRateLimit with the same gRPC stack and limits as portcullis and answers OK without any
 //! work, so a ratio against it isolates what a decision costs.
 //!
+//! With `--http-addr` it is also the benchmark's HTTP upstream: every request gets `200 ok` at
+//! once (what Envoy forwards to in the HTTP cases).
+//!
 //! ```sh
-//! portcullis-noop --addr 127.0.0.1:0     # prints `listening <addr>` on stdout
-//! ```
+//! portcullis-noop --addr 127.0.0.1:0 [--http-addr 127.0.0.1:0]   # prints `listening <addr>`
+//! ```                                                            # (and `http <addr>`)
 #![allow(clippy::print_stdout)]
 
 use std::net::SocketAddr;
@@ -47,6 +50,24 @@ impl RateLimitService for Noop {
     }
 }
 
+/// `200 ok` to every HTTP/1.1 request, keep-alive.
+async fn serve_http(listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                    hyper::body::Bytes::from_static(b"ok"),
+                )))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let addr: SocketAddr = std::env::args()
@@ -62,6 +83,18 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let local = listener.local_addr().map_or(addr, |a| a);
+    if let Some(http) = std::env::args().skip_while(|a| a != "--http-addr").nth(1).and_then(|a| a.parse::<SocketAddr>().ok()) {
+        match tokio::net::TcpListener::bind(http).await {
+            Ok(l) => {
+                println!("http {}", l.local_addr().map_or(http, |a| a));
+                tokio::spawn(serve_http(l));
+            }
+            Err(e) => {
+                eprintln!("portcullis-noop: cannot listen on {http}: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        }
+    }
     println!("listening {local}");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // the same explicit settings as portcullis's server
