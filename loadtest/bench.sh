@@ -148,6 +148,7 @@ start_portcullis
 lt --name noop-ext-authz          --target ext-authz --addr "$noop_addr" --server-pid "$noop_pid" "${common[@]}"
 lt --name ext-authz-api-key       --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_open --expect all
 lt --name ext-authz-jwt           --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --jwt-key tests/fixtures/jwt/rsa.pem --expect all
+lt --name ext-authz-mix            --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --scenario loadtest/bench/scenario.yaml --jwt-key tests/fixtures/jwt/rsa.pem --expect all
 lt --name ext-authz-100k-ips      --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_open --keys 100000 --expect all
 lt --name noop-rls-1              --target rls --addr "$noop_addr" --server-pid "$noop_pid" "${common[@]}"
 lt --name rls-1-desc-1-key        --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --expect all
@@ -190,6 +191,12 @@ python3 -c 'import json,sys; print(json.dumps({"name": "redis-benchmark-evalsha"
 peak="$(python3 -c 'import json,sys; print(int(next(json.loads(l)["rps"] for l in open(sys.argv[1]) if json.loads(l)["name"]=="ext-authz-api-key")))' "$out")"
 lt --name noop-ext-authz-half-peak --target ext-authz --addr "$noop_addr" --server-pid "$noop_pid" --connections "$conns" --duration "$dur" --rate $((peak / 2))
 lt --name ext-authz-half-peak     --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" --connections "$conns" --duration "$dur" --rate $((peak / 2)) --api-key pk_bench_open --expect all
+
+# latency against offered load, open loop at 20% to 80% of the closed-loop peak: rows and an SVG
+svg="${out%.jsonl}-latency.svg"
+lt --name ext-authz-sweep         --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" --connections "$conns" --duration "$dur" --api-key pk_bench_open --expect all \
+  --rates "$((peak / 5)),$((peak * 2 / 5)),$((peak * 3 / 5)),$((peak * 4 / 5))" --svg "$svg"
+echo "latency chart: $svg" >&2
 
 python3 - "$out" "$mode" <<'PY'
 import json, sys

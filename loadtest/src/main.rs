@@ -83,6 +83,15 @@ struct Args {
     /// print the markdown table header before the row
     #[arg(long)]
     header: bool,
+    /// a request mix: a YAML list of `{ weight, method, path, api_key, jwt }` (ext_authz, http)
+    #[arg(long)]
+    scenario: Option<std::path::PathBuf>,
+    /// open-loop sweep: one run per rate (comma-separated, requests a second), a row each
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<u64>,
+    /// with --rates: write an SVG chart of the latency percentiles against offered load
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -94,6 +103,101 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => Ok(Duration::from_secs(n * 60)),
         _ => Err(format!("invalid duration {s:?}: use ms, s or m")),
     }
+}
+
+/// A progress line on a terminal (stderr), until dropped; nothing when stderr is not a terminal.
+struct Progress(Option<(std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>);
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some((stop, t)) = self.0.take() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = t.join();
+        }
+    }
+}
+
+fn progress(name: &str, cfg: &Config) -> Progress {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return Progress(None);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (done, total, name, flag) = (cfg.progress.clone(), cfg.duration, name.to_owned(), stop.clone());
+    let t = std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let el = start.elapsed();
+            let n = done.load(std::sync::atomic::Ordering::Relaxed);
+            let frac = (el.as_secs_f64() / total.as_secs_f64().max(1e-9)).min(1.0);
+            let bar = "#".repeat((frac * 30.0) as usize);
+            eprint!(
+                "\r{name} [{bar:<30}] {:>5.1}s  {n} requests  {:.0}/s   ",
+                el.as_secs_f64(),
+                n as f64 / el.as_secs_f64().max(1e-9)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprint!("\r{:width$}\r", "", width = name.len() + 80);
+    });
+    Progress(Some((stop, t)))
+}
+
+/// One open-loop run per `--rates` entry: a row each, and the SVG chart.
+fn sweep(args: &Args, rt: &tokio::runtime::Runtime, cfg: &Config, expect: Option<Expect>) -> ExitCode {
+    let mut points = Vec::new();
+    for (i, rate) in args.rates.iter().enumerate() {
+        let mut c = cfg.clone();
+        c.rate = Some(*rate);
+        c.progress = Default::default();
+        let shown = progress(&format!("{}@{rate}", args.name), &c);
+        let result = rt.block_on(run::open_loop(&c, *rate));
+        drop(shown);
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("portcullis-loadtest: {e:#}");
+                return ExitCode::from(2);
+            }
+        };
+        let case = Case::from_run(
+            &format!("{}@{rate}", args.name),
+            &format!("open {rate}/s"),
+            c.connections,
+            c.streams,
+            &result,
+        );
+        let [p50, _, p99, p999, _] = loadtest::hist::percentiles(&result.hist);
+        points.push(loadtest::report::SweepPoint {
+            offered: *rate,
+            achieved: result.counts.total() as f64 / result.elapsed.as_secs_f64().max(1e-9),
+            p50,
+            p99,
+            p999,
+        });
+        if args.json {
+            println!("{}", case.json());
+        } else {
+            if args.header && i == 0 {
+                println!("{}", Case::MARKDOWN_HEADER);
+            }
+            println!("{}", case.markdown_row());
+        }
+        if let Some(e) = expect
+            && let Err(msg) = check_expectation(e, &result.counts)
+        {
+            eprintln!("portcullis-loadtest: {}@{rate}: {msg}", args.name);
+            return ExitCode::from(3);
+        }
+    }
+    if let Some(path) = &args.svg {
+        let title = format!("{}: latency against offered load", args.name);
+        if let Err(e) = std::fs::write(path, loadtest::report::svg(&title, &points)) {
+            eprintln!("portcullis-loadtest: writing {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
@@ -135,7 +239,9 @@ fn main() -> ExitCode {
             domain: args.domain.clone(),
             descriptor_key: args.descriptor_key.clone(),
             bearer: None,
+            mix: Vec::new(),
         },
+        progress: Default::default(),
     };
     let mut cfg = cfg;
     if let Some(key) = &args.jwt_key {
@@ -148,17 +254,41 @@ fn main() -> ExitCode {
             }
         }
     }
+    if let Some(path) = &args.scenario {
+        match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| loadtest::target::parse_scenario(&t))
+        {
+            Ok(mut mix) => {
+                for v in &mut mix {
+                    if v.jwt {
+                        v.bearer.clone_from(&cfg.spec.bearer);
+                    }
+                }
+                cfg.spec.mix = mix;
+            }
+            Err(e) => {
+                eprintln!("portcullis-loadtest: --scenario {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if !args.rates.is_empty() {
+        return sweep(&args, &rt, &cfg, expect);
+    }
     let ticks = cpu::ticks_per_second();
     let server = args.server_pid.map(|p| p.to_string());
     let server_cpu0 = server.as_deref().and_then(|p| cpu::cpu_time(p, ticks));
     let server_rss0 = server.as_deref().and_then(cpu::rss_bytes);
     let self_cpu0 = cpu::cpu_time("self", ticks);
+    let shown = progress(&args.name, &cfg);
     let result = rt.block_on(async {
         match cfg.rate {
             Some(rate) => run::open_loop(&cfg, rate).await,
             None => run::closed_loop(&cfg).await,
         }
     });
+    drop(shown);
     let result = match result {
         Ok(r) => r,
         Err(e) => {

@@ -109,3 +109,107 @@ mod tests {
         );
     }
 }
+
+/// One open-loop run of a sweep: the offered rate and the latency percentiles it got (µs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SweepPoint {
+    pub offered: u64,
+    pub achieved: f64,
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+}
+
+/// An SVG chart of latency percentiles (log scale) against offered load.
+pub fn svg(title: &str, points: &[SweepPoint]) -> String {
+    use std::fmt::Write;
+    let (w, h, left, right, top, bottom) = (720.0, 420.0, 70.0, 20.0, 40.0, 50.0);
+    let max_rate = points.iter().map(|p| p.offered).max().unwrap_or(1).max(1) as f64;
+    let lat = |p: &SweepPoint| [p.p50, p.p99, p.p999];
+    let lo = points.iter().flat_map(lat).filter(|v| *v > 0).min().unwrap_or(1).max(1) as f64;
+    let hi = points.iter().flat_map(lat).max().unwrap_or(10).max(10) as f64;
+    let (log_lo, log_hi) = (lo.log10().floor(), hi.log10().ceil().max(lo.log10().floor() + 1.0));
+    let x = |rate: f64| left + (w - left - right) * rate / max_rate;
+    let y = |us: f64| {
+        let v = us.max(1.0).log10().clamp(log_lo, log_hi);
+        top + (h - top - bottom) * (1.0 - (v - log_lo) / (log_hi - log_lo))
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(s, r#"<text x="{}" y="22" font-size="15">{}</text>"#, left, escape(title));
+    // axes, decades on the latency axis, five steps on the load axis
+    let _ =
+        writeln!(s, r#"<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, h - bottom, w - right, h - bottom);
+    let _ = writeln!(s, r#"<line x1="{left}" y1="{top}" x2="{left}" y2="{}" stroke="black"/>"#, h - bottom);
+    let mut d = log_lo;
+    while d <= log_hi {
+        let us = 10f64.powf(d);
+        let label = if us >= 1000.0 { format!("{} ms", us / 1000.0) } else { format!("{us} µs") };
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" y1="{0}" x2="{1}" y2="{0}" stroke="#ddd"/><text x="{2}" y="{3}" text-anchor="end">{label}</text>"##,
+            y(us),
+            w - right,
+            left - 6.0,
+            y(us) + 4.0
+        );
+        d += 1.0;
+    }
+    for i in 0..=5 {
+        let rate = max_rate * f64::from(i) / 5.0;
+        let _ =
+            writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">{:.0}</text>"#, x(rate), h - bottom + 18.0, rate);
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">offered load (requests/s)</text>"#,
+        (left + w - right) / 2.0,
+        h - 10.0
+    );
+    for (k, (name, color)) in [("p50", "#1f77b4"), ("p99", "#ff7f0e"), ("p99.9", "#d62728")].iter().enumerate() {
+        let pts: Vec<String> =
+            points.iter().map(|p| format!("{:.1},{:.1}", x(p.offered as f64), y(lat(p)[k] as f64))).collect();
+        let _ = writeln!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, pts.join(" "));
+        for p in &pts {
+            let (px, py) = p.split_once(',').unwrap_or(("0", "0"));
+            let _ = writeln!(s, r#"<circle cx="{px}" cy="{py}" r="3" fill="{color}"/>"#);
+        }
+        let ly = top + 16.0 * k as f64;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2"/><text x="{}" y="{}">{name}</text>"#,
+            w - 110.0,
+            w - 90.0,
+            w - 84.0,
+            ly + 4.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn escape(t: &str) -> String {
+    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod svg_tests {
+    use super::*;
+
+    #[test]
+    fn the_chart_has_a_line_per_percentile_and_a_point_per_rate() {
+        let pts: Vec<SweepPoint> = [(100, 200, 900, 1500), (200, 210, 1200, 4000), (400, 300, 9000, 30000)]
+            .map(|(r, a, b, c)| SweepPoint { offered: r, achieved: r as f64, p50: a, p99: b, p999: c })
+            .to_vec();
+        let s = svg("ext_authz <api key>", &pts);
+        assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
+        assert_eq!(s.matches("<polyline").count(), 3);
+        assert_eq!(s.matches("<circle").count(), 9);
+        assert!(s.contains("ext_authz &lt;api key&gt;"));
+        assert!(s.contains("10 ms") && s.contains("100 µs"), "decade labels");
+    }
+}

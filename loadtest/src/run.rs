@@ -30,6 +30,8 @@ pub struct Config {
     /// open loop: requests in flight at most; a request due beyond it counts as an error
     pub max_in_flight: usize,
     pub spec: Spec,
+    /// requests answered so far (for a progress display)
+    pub progress: Arc<AtomicU64>,
 }
 
 pub struct RunResult {
@@ -52,9 +54,9 @@ enum Client {
 }
 
 impl Client {
-    async fn send(&mut self, spec: &Spec, key: u64) -> Outcome {
+    async fn send(&mut self, spec: &Spec, i: u64, key: u64) -> Outcome {
         match self {
-            Client::ExtAuthz(c) => match c.check(spec.check_request(key)).await {
+            Client::ExtAuthz(c) => match c.check(spec.check_request(i, key)).await {
                 Ok(r) => classify_check(r.get_ref()),
                 Err(_) => Outcome::Error,
             },
@@ -63,12 +65,7 @@ impl Client {
                 Err(_) => Outcome::Error,
             },
             Client::Http(pool, authority) => {
-                let mut req = spec.http_request(authority, key);
-                *req.uri_mut() = match format!("http://{authority}{}", spec.path).parse() {
-                    Ok(u) => u,
-                    Err(_) => return Outcome::Error,
-                };
-                match pool.request(req).await {
+                match pool.request(spec.http_request(authority, i, key)).await {
                     Ok(res) => {
                         let status = res.status().as_u16();
                         // read the body to its end, so the connection can be reused
@@ -120,6 +117,7 @@ pub async fn closed_loop(cfg: &Config) -> anyhow::Result<RunResult> {
         for _ in 0..cfg.streams.max(1) {
             let mut client = client.clone();
             let next = next.clone();
+            let progress = cfg.progress.clone();
             let spec = cfg.spec.clone();
             let (requests, sequential) = (cfg.requests, cfg.sequential_keys);
             tasks.push(tokio::spawn(async move {
@@ -131,7 +129,8 @@ pub async fn closed_loop(cfg: &Config) -> anyhow::Result<RunResult> {
                         break;
                     }
                     let sent = Instant::now();
-                    let outcome = client.send(&spec, key_index(i, spec.keys, sequential)).await;
+                    let outcome = client.send(&spec, i, key_index(i, spec.keys, sequential)).await;
+                    progress.fetch_add(1, Ordering::Relaxed);
                     hist::record(&mut h, u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX));
                     counts.add(outcome);
                 }
@@ -169,9 +168,11 @@ pub async fn open_loop(cfg: &Config, rate: u64) -> anyhow::Result<RunResult> {
         let mut client = clients[usize::try_from(i).unwrap_or(0) % clients.len()].clone();
         let spec = cfg.spec.clone();
         let shared = shared.clone();
+        let progress = cfg.progress.clone();
         let key = key_index(i, spec.keys, cfg.sequential_keys);
         tasks.push(tokio::spawn(async move {
-            let outcome = client.send(&spec, key).await;
+            let outcome = client.send(&spec, i, key).await;
+            progress.fetch_add(1, Ordering::Relaxed);
             let latency = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
             if let Ok(mut g) = shared.lock() {
                 hist::record(&mut g.0, latency);

@@ -37,6 +37,53 @@ pub struct Spec {
     pub descriptor_key: Option<String>,
     /// an `authorization: Bearer ...` token to send with every ext_authz request
     pub bearer: Option<String>,
+    /// a request mix (`--scenario`): request `i` takes one of these by weight instead of the
+    /// fields above (ext_authz and HTTP targets)
+    pub mix: Vec<Variant>,
+}
+
+/// One kind of request in a scenario's mix.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default = "get")]
+    pub method: String,
+    pub path: String,
+    #[serde(default)]
+    pub api_key: String,
+    /// send the run's bearer token (`--jwt-key`)
+    #[serde(default)]
+    pub jwt: bool,
+    #[serde(skip)]
+    pub bearer: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn get() -> String {
+    "GET".into()
+}
+
+/// A scenario file: a YAML list of variants, e.g.
+/// `- { weight: 9, path: /api/v1/items, api_key: pk_bench_open }`.
+pub fn parse_scenario(text: &str) -> Result<Vec<Variant>, String> {
+    let mix: Vec<Variant> = serde_yaml_ng::from_str(text).map_err(|e| format!("scenario: {e}"))?;
+    if mix.is_empty() || mix.iter().all(|v| v.weight == 0) {
+        return Err("scenario: list at least one request with a weight above 0".into());
+    }
+    Ok(mix)
+}
+
+/// What request `i` sends: method, path, API key, bearer token.
+struct Shape<'a> {
+    method: &'a str,
+    path: &'a str,
+    api_key: &'a str,
+    bearer: Option<&'a str>,
 }
 
 /// The key index of request `i`: sequential (each key in turn) or scattered by a fixed hash.
@@ -59,14 +106,36 @@ pub fn peer_of(key: u64) -> String {
 }
 
 impl Spec {
-    pub fn check_request(&self, key: u64) -> CheckRequest {
-        let mut headers = HashMap::with_capacity(4);
-        headers.insert(":method".to_owned(), self.method.clone());
-        headers.insert(":path".to_owned(), self.path.clone());
-        if !self.api_key.is_empty() {
-            headers.insert("x-api-key".to_owned(), self.api_key.clone());
+    /// The mix entry of request `i` (by weight, scattered reproducibly), or the spec's own fields.
+    fn shape(&self, i: u64) -> Shape<'_> {
+        let total: u64 = self.mix.iter().map(|v| u64::from(v.weight)).sum();
+        if total > 0 {
+            let mut at = key_index(i, total, false);
+            for v in &self.mix {
+                if at < u64::from(v.weight) {
+                    return Shape {
+                        method: &v.method,
+                        path: &v.path,
+                        api_key: &v.api_key,
+                        bearer: v.bearer.as_deref(),
+                    };
+                }
+                at -= u64::from(v.weight);
+            }
         }
-        if let Some(t) = &self.bearer {
+        Shape { method: &self.method, path: &self.path, api_key: &self.api_key, bearer: self.bearer.as_deref() }
+    }
+
+    /// Request `i` (from client `key`) as an ext_authz Check.
+    pub fn check_request(&self, i: u64, key: u64) -> CheckRequest {
+        let shape = self.shape(i);
+        let mut headers = HashMap::with_capacity(4);
+        headers.insert(":method".to_owned(), shape.method.to_owned());
+        headers.insert(":path".to_owned(), shape.path.to_owned());
+        if !shape.api_key.is_empty() {
+            headers.insert("x-api-key".to_owned(), shape.api_key.to_owned());
+        }
+        if let Some(t) = shape.bearer {
             headers.insert("authorization".to_owned(), format!("Bearer {t}"));
         }
         CheckRequest {
@@ -82,8 +151,8 @@ impl Spec {
                 }),
                 request: Some(AttrRequest {
                     http: Some(HttpRequest {
-                        method: self.method.clone(),
-                        path: self.path.clone(),
+                        method: shape.method.to_owned(),
+                        path: shape.path.to_owned(),
                         headers,
                         size: -1,
                         ..Default::default()
@@ -98,16 +167,22 @@ impl Spec {
     /// Request `key` as plain HTTP: the path, the API key or bearer token, and the client address
     /// in X-Forwarded-For (the bench's Envoy trusts nothing it is sent, so only the key varies
     /// what portcullis counts).
-    pub fn http_request(&self, authority: &str, key: u64) -> hyper::Request<http_body_util::Empty<hyper::body::Bytes>> {
+    pub fn http_request(
+        &self,
+        authority: &str,
+        i: u64,
+        key: u64,
+    ) -> hyper::Request<http_body_util::Empty<hyper::body::Bytes>> {
+        let shape = self.shape(i);
         let mut b = hyper::Request::builder()
-            .method(self.method.as_str())
-            .uri(self.path.as_str())
+            .method(shape.method)
+            .uri(format!("http://{authority}{}", shape.path))
             .header("host", authority)
             .header("x-forwarded-for", peer_of(key));
-        if !self.api_key.is_empty() {
-            b = b.header("x-api-key", self.api_key.as_str());
+        if !shape.api_key.is_empty() {
+            b = b.header("x-api-key", shape.api_key);
         }
-        if let Some(t) = &self.bearer {
+        if let Some(t) = shape.bearer {
             b = b.header("authorization", format!("Bearer {t}"));
         }
         b.body(http_body_util::Empty::new()).unwrap_or_default()
@@ -246,9 +321,8 @@ mod tests {
         assert_eq!(peer_of(0x01_02_03), "10.1.2.3");
     }
 
-    #[test]
-    fn requests_carry_the_chosen_key() {
-        let spec = Spec {
+    fn spec_for_tests() -> Spec {
+        Spec {
             kind: Kind::Rls,
             keys: 10,
             descriptors: 3,
@@ -258,12 +332,18 @@ mod tests {
             domain: "bench".into(),
             descriptor_key: None,
             bearer: None,
-        };
+            mix: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn requests_carry_the_chosen_key() {
+        let spec = spec_for_tests();
         let r = spec.rls_request(7);
         assert_eq!(r.descriptors.len(), 3);
         assert_eq!(r.descriptors[2].entries[0].key, "k2");
         assert_eq!(r.descriptors[2].entries[0].value, "v7");
-        let c = spec.check_request(7);
+        let c = spec.check_request(0, 7);
         let http = c.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref()).expect("http");
         assert_eq!(http.headers.get("x-api-key").map(String::as_str), Some("k"));
     }
@@ -285,5 +365,35 @@ mod tests {
         other.add(Outcome::Denied);
         c.merge(&other);
         assert_eq!(c.total(), 103);
+    }
+
+    #[test]
+    fn a_scenario_mixes_requests_by_weight() {
+        let mix = parse_scenario(
+            "- { weight: 3, path: /api/v1/items, api_key: pk_a }\n- { weight: 1, method: POST, path: /api/v1/orders, jwt: true }\n",
+        )
+        .expect("scenario");
+        assert_eq!(mix.len(), 2);
+        assert_eq!((mix[1].method.as_str(), mix[1].jwt, mix[0].weight), ("POST", true, 3));
+        let mut spec = Spec { mix, ..spec_for_tests() };
+        spec.mix[1].bearer = Some("tok".into());
+        let posts = (0..4000)
+            .filter(|i| {
+                spec.check_request(*i, 0)
+                    .attributes
+                    .and_then(|a| a.request)
+                    .and_then(|r| r.http)
+                    .is_some_and(|h| h.method == "POST")
+            })
+            .count();
+        assert!((900..1100).contains(&posts), "about a quarter: {posts}");
+        let r = spec.check_request(1, 0);
+        let h = r.attributes.and_then(|a| a.request).and_then(|r| r.http).expect("http");
+        assert!(
+            h.headers.contains_key("x-api-key") != h.headers.contains_key("authorization"),
+            "one credential or the other"
+        );
+        assert!(parse_scenario("[]").is_err());
+        assert!(parse_scenario("- { path: /x, colour: red }").is_err(), "unknown fields are refused");
     }
 }

@@ -83,7 +83,9 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let local = listener.local_addr().map_or(addr, |a| a);
-    if let Some(http) = std::env::args().skip_while(|a| a != "--http-addr").nth(1).and_then(|a| a.parse::<SocketAddr>().ok()) {
+    if let Some(http) =
+        std::env::args().skip_while(|a| a != "--http-addr").nth(1).and_then(|a| a.parse::<SocketAddr>().ok())
+    {
         match tokio::net::TcpListener::bind(http).await {
             Ok(l) => {
                 println!("http {}", l.local_addr().map_or(http, |a| a));
