@@ -207,7 +207,7 @@ impl<S: Store> Engine<S> {
     pub async fn decide(&self, policy: &Policy, req: &Request<'_>) -> Decision {
         let d = self.decide_inner(policy, req).await;
         if self.alerts.get().is_some() {
-            self.observe(policy, req, &d).await;
+            Box::pin(self.observe(policy, req, &d)).await;
         }
         d
     }
@@ -216,13 +216,13 @@ impl<S: Store> Engine<S> {
         let mut now = clock::now_micros();
         let plan = match plan(policy, req, now) {
             Ok(p) => p,
-            Err(d) => match self.fetch_for(policy, req, d.reason).await {
-                false => return self.after_failed_auth(policy, *d, now).await,
+            Err(d) => match Box::pin(self.fetch_for(policy, req, d.reason)).await {
+                false => return Box::pin(self.after_failed_auth(policy, *d, now)).await,
                 true => {
                     now = clock::now_micros();
                     match plan(policy, req, now) {
                         Ok(p) => p,
-                        Err(d) => return self.after_failed_auth(policy, *d, now).await,
+                        Err(d) => return Box::pin(self.after_failed_auth(policy, *d, now)).await,
                     }
                 }
             },
@@ -241,7 +241,10 @@ impl<S: Store> Engine<S> {
     /// An allowed request takes a concurrency slot of its route's upstream (`traffic`).
     async fn traffic(&self, policy: &Policy, d: Decision) -> Decision {
         match (&policy.traffic, d.reason, d.ctx.route.and_then(|i| policy.routes.get(i))) {
-            (Some(cfg), decision_core::Reason::Allowed, Some(route)) => self.take_slot(policy, cfg, route, d).await,
+            // boxed: the waiting loop's future is large, and every decision would carry it
+            (Some(cfg), decision_core::Reason::Allowed, Some(route)) => {
+                Box::pin(self.take_slot(policy, cfg, route, d)).await
+            }
             _ => d,
         }
     }

@@ -71,10 +71,8 @@ pub fn init(
         .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_target(true);
     let fmt = match format {
-        LogFormat::Json => {
-            fmt.json().flatten_event(true).with_current_span(false).with_span_list(false).with_filter(filter).boxed()
-        }
-        LogFormat::Pretty => fmt.with_ansi(false).with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(false).with_span_list(false).boxed(),
+        LogFormat::Pretty => fmt.with_ansi(false).boxed(),
     };
     let provider = otlp.and_then(|o| match tracer_provider(o) {
         Ok(p) => Some(p),
@@ -83,15 +81,21 @@ pub fn init(
             None
         }
     });
-    let otel = provider.as_ref().map(|p| {
-        use opentelemetry::trace::TracerProvider;
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("portcullis"))
-            .with_filter(tracing_subscriber::filter::Targets::new().with_target(TRACE_TARGET, tracing::Level::INFO))
-    });
     TRACING_ON.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
-    // A second call (tests) keeps the first subscriber.
-    let _ = tracing_subscriber::registry().with(fmt).with(otel).try_init();
+    // One global filter, so that what it rejects (the debug and trace events of every library)
+    // is rejected once per call site, not per event. The OpenTelemetry layer, only when it
+    // exports, takes just `portcullis::trace` spans. A second call (tests) keeps the first.
+    let base = tracing_subscriber::registry().with(filter).with(fmt);
+    let _ = match &provider {
+        Some(p) => {
+            use opentelemetry::trace::TracerProvider;
+            let otel = tracing_opentelemetry::layer().with_tracer(p.tracer("portcullis")).with_filter(
+                tracing_subscriber::filter::Targets::new().with_target(TRACE_TARGET, tracing::Level::INFO),
+            );
+            base.with(otel).try_init()
+        }
+        None => base.try_init(),
+    };
     (guard, provider)
 }
 
