@@ -173,21 +173,17 @@ impl RedisStore {
         for a in args {
             inv.arg(a.as_str());
         }
+        self.invoke(&inv).await
+    }
+
+    /// One script call on the next connection; records whether the server answered.
+    async fn invoke(&self, inv: &redis::ScriptInvocation<'_>) -> Result<Vec<i64>, StoreError> {
         let mut conn = self.conn();
-        match inv.invoke_async::<Vec<i64>>(&mut conn).await {
-            Ok(reply) => {
-                self.ready.store(true, Ordering::Relaxed);
-                Ok(reply)
-            }
-            Err(e) => {
-                self.ready.store(false, Ordering::Relaxed);
-                Err(if e.is_timeout() {
-                    StoreError::Timeout(self.timeout)
-                } else {
-                    StoreError::Unavailable(e.to_string())
-                })
-            }
-        }
+        let answered = inv.invoke_async::<Vec<i64>>(&mut conn).await;
+        self.ready.store(answered.is_ok(), Ordering::Relaxed);
+        answered.map_err(|e| {
+            if e.is_timeout() { StoreError::Timeout(self.timeout) } else { StoreError::Unavailable(e.to_string()) }
+        })
     }
 }
 
@@ -324,21 +320,7 @@ impl Store for RedisStore {
             };
             inv.arg(kind).arg(a).arg(b).arg(op.cost).arg(u8::from(op.shadow));
         }
-        let mut conn = self.conn();
-        match inv.invoke_async::<Vec<i64>>(&mut conn).await {
-            Ok(reply) => {
-                self.ready.store(true, Ordering::Relaxed);
-                decode(&reply, ops)
-            }
-            Err(e) => {
-                self.ready.store(false, Ordering::Relaxed);
-                Err(if e.is_timeout() {
-                    StoreError::Timeout(self.timeout)
-                } else {
-                    StoreError::Unavailable(e.to_string())
-                })
-            }
-        }
+        decode(&self.invoke(&inv).await?, ops)
     }
 
     fn watch_freed(&self, wake: std::sync::Arc<dyn Fn(&str) + Send + Sync>) {
