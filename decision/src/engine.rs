@@ -39,6 +39,10 @@ pub struct Engine<S> {
     audit: std::sync::OnceLock<Arc<crate::audit::Audit>>,
     /// live monitoring, when the policy has an `alerts` section (set once by the server)
     alerts: std::sync::OnceLock<Arc<crate::alerts::Monitor>>,
+    /// the counters of the `local_share` degraded mode (used only while the store fails)
+    local: crate::store::MemoryStore,
+    /// whether the last store call failed and was answered from local shares
+    degraded: std::sync::atomic::AtomicBool,
 }
 
 impl<S: Store> Engine<S> {
@@ -53,6 +57,8 @@ impl<S: Store> Engine<S> {
             waiters: Default::default(),
             audit: Default::default(),
             alerts: Default::default(),
+            local: crate::store::MemoryStore::new(),
+            degraded: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -80,6 +86,11 @@ impl<S: Store> Engine<S> {
 
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// The counters of the `local_share` degraded mode.
+    pub(crate) fn local_store(&self) -> &crate::store::MemoryStore {
+        &self.local
     }
 
     /// Turns the audit trail on (once; later calls change nothing).
@@ -139,17 +150,33 @@ impl<S: Store> Engine<S> {
                 Err(_) => Err(StoreError::Timeout(t)),
             },
         };
-        match verdicts {
-            Ok(v) if v.len() == ops.len() => Ok(v),
-            Ok(v) => {
-                self.metrics.store_error(self.store.backend());
-                Err(StoreError::Unavailable(format!("{} verdicts for {} operations", v.len(), ops.len())))
+        let failed = match verdicts {
+            Ok(v) if v.len() == ops.len() => {
+                if self.degraded.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::info!(backend = self.store.backend(), "store reachable again: shared limits are back");
+                }
+                return Ok(v);
             }
-            Err(e) => {
-                tracing::warn!(backend = self.store.backend(), error = %e, "store call failed");
-                self.metrics.store_error(self.store.backend());
-                Err(e)
+            Ok(v) => StoreError::Unavailable(format!("{} verdicts for {} operations", v.len(), ops.len())),
+            Err(e) => e,
+        };
+        tracing::warn!(backend = self.store.backend(), error = %failed, "store call failed");
+        self.metrics.store_error(self.store.backend());
+        match self.store.local_share() {
+            // `local_share`: each instance enforces its share of every limit from memory
+            Some(n) => {
+                if !self.degraded.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        expected_instances = n,
+                        "store unreachable: enforcing each limit's local share (1/{n}) from memory"
+                    );
+                }
+                self.metrics.local_share();
+                let shared: Vec<decision_core::decide::Op> =
+                    ops.iter().map(|op| decision_core::decide::Op { limit: op.limit.share(n), ..op.clone() }).collect();
+                Ok(self.local.apply_now(&shared, now))
             }
+            None => Err(failed),
         }
     }
 
@@ -431,6 +458,8 @@ mod tests {
     /// the engine (the Redis store itself is its own issue; its fault tests use a real server).
     struct BrokenStore {
         hang: bool,
+        /// `local_share`'s expected instances
+        share: Option<u64>,
     }
 
     impl Store for BrokenStore {
@@ -480,9 +509,35 @@ mod tests {
             "broken"
         }
 
+        fn local_share(&self) -> Option<u64> {
+            self.share
+        }
+
         fn timeout(&self) -> Option<std::time::Duration> {
             Some(std::time::Duration::from_millis(25))
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn local_share_enforces_a_fraction_of_each_limit_while_the_store_fails() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let text = std::fs::read_to_string(dir.join("policy.yaml")).expect("policy");
+        let policy = crate::config::parse(&text, &dir).expect("policy").policy;
+        let engine = Engine::new(policy.clone(), BrokenStore { hang: false, share: Some(3) });
+        let req = basic_get();
+        let mut allowed = 0;
+        for _ in 0..50 {
+            let d = engine.decide(&policy, &req).await;
+            match d.reason {
+                Reason::Allowed => allowed += 1,
+                Reason::TierRateExceeded => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(allowed, 33, "the basic burst (100) shared by 3 instances, instead of on_store_error");
+        // 50 quota calls, and a concurrency slot for each of the 33 allowed
+        let m = engine.metrics.encode();
+        assert!(m.contains("portcullis_store_local_share_calls_total 83"), "{m}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -495,10 +550,10 @@ mod tests {
             .policy;
         let req = basic_get();
         for hang in [false, true] {
-            let engine = Engine::new(deny.clone(), BrokenStore { hang });
+            let engine = Engine::new(deny.clone(), BrokenStore { hang, share: None });
             let d = engine.decide(&deny, &req).await;
             assert_eq!((d.reason, d.status()), (Reason::StoreUnavailable, 503), "hang: {hang}");
-            let engine = Engine::new(allow.clone(), BrokenStore { hang });
+            let engine = Engine::new(allow.clone(), BrokenStore { hang, share: None });
             let d = engine.decide(&allow, &req).await;
             assert_eq!((d.reason, d.status()), (Reason::AllowedStoreUnavailable, 200), "hang: {hang}");
             assert!(engine.metrics.encode().contains("portcullis_store_errors_total{backend=\"broken\"} 1"));
@@ -512,7 +567,7 @@ mod tests {
             );
         }
         // checks that need no counter still answer precisely
-        let engine = Engine::new(deny.clone(), BrokenStore { hang: true });
+        let engine = Engine::new(deny.clone(), BrokenStore { hang: true, share: None });
         let d = engine.decide(&deny, &Request { api_key: Some(REVOKED), ..req }).await;
         assert_eq!(d.reason, Reason::ApiKeyRevoked);
     }
@@ -526,12 +581,12 @@ mod tests {
             hits: 1,
         }];
         for hang in [false, true] {
-            let engine = Engine::new(policy.clone(), BrokenStore { hang });
+            let engine = Engine::new(policy.clone(), BrokenStore { hang, share: None });
             let r = engine.rate_limit(&policy, "edge", &descriptors).await;
             assert!(r.is_err(), "hang: {hang}");
         }
         // nothing to count: no store call, so no failure
-        let engine = Engine::new(policy.clone(), BrokenStore { hang: true });
+        let engine = Engine::new(policy.clone(), BrokenStore { hang: true, share: None });
         let unlimited =
             [decision_core::rls::DescriptorReq { entries: vec![("path", "/health")], limit_override: None, hits: 1 }];
         assert!(engine.rate_limit(&policy, "edge", &unlimited).await.is_ok());

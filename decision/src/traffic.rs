@@ -87,6 +87,47 @@ impl<S: Store> Engine<S> {
         r
     }
 
+    /// An admission by the store, or, while it fails under `local_share`, by this instance's
+    /// share of the limit and the queue, from memory.
+    async fn admit_or_share(
+        &self,
+        key: &str,
+        random: &str,
+        returning: bool,
+        cfg: &TrafficConfig,
+    ) -> Result<(Admit, Occupied), StoreError> {
+        let now = clock::now_micros();
+        let answer = self.bounded(self.store().admit(key, random, random, returning, cfg, now)).await;
+        match (answer, self.store().local_share()) {
+            (Err(_), Some(n)) => {
+                self.metrics.local_share();
+                let mut shared = cfg.clone();
+                shared.concurrency_limit = (cfg.concurrency_limit / n).max(1);
+                shared.queue_size = cfg.queue_size / n;
+                Ok(self.local_store().admit_now(key, random, random, returning, &shared, now))
+            }
+            (answer, _) => answer,
+        }
+    }
+
+    /// A completion for the store, or, while it fails under `local_share`, for the local shares
+    /// (a lease granted by the store before it failed expires there by its TTL).
+    async fn complete_or_share(
+        &self,
+        key: &str,
+        id: &str,
+        error: bool,
+        latency: u64,
+        cfg: &TrafficConfig,
+    ) -> Result<(bool, Occupied), StoreError> {
+        let now = clock::now_micros();
+        let answer = self.bounded(self.store().complete(key, id, error, latency, cfg, now)).await;
+        match (answer, self.store().local_share()) {
+            (Err(_), Some(_)) => Ok(self.local_store().complete_now(key, id, error, latency, cfg, now)),
+            (answer, _) => answer,
+        }
+    }
+
     fn seen(&self, upstream: &Arc<str>, o: Occupied) {
         self.metrics.traffic_seen(upstream, o.in_use, o.queued, o.mode as u64, o.limit);
     }
@@ -116,8 +157,7 @@ impl<S: Store> Engine<S> {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let answer =
-                self.bounded(self.store().admit(key, &random, &random, returning, cfg, clock::now_micros())).await;
+            let answer = self.admit_or_share(key, &random, returning, cfg).await;
             match answer {
                 Err(_) => {
                     if returning {
@@ -184,7 +224,7 @@ impl<S: Store> Engine<S> {
             return false;
         };
         let latency = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        match self.bounded(self.store().complete(key, id, error, latency, cfg, clock::now_micros())).await {
+        match self.complete_or_share(key, id, error, latency, cfg).await {
             Ok((released, occupied)) => {
                 self.seen(&upstream, occupied);
                 if released {

@@ -294,3 +294,32 @@ async fn rediss_with_a_password_and_a_private_ca() {
     let r = c.check(check_request("10.1.2.3", "GET", "/api/v1/items", &[("x-api-key", BASIC)])).await.expect("answer");
     assert_eq!(denied_status(r.get_ref()), Some(503), "a server the system roots do not trust is no store");
 }
+
+#[tokio::test]
+async fn local_share_keeps_a_fraction_of_each_limit_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let p = policy(&redis.url(), "deny").replacen(
+        &format!("timeout: {TIMEOUT_MS}ms, pool_size: 2 }}"),
+        &format!("timeout: {TIMEOUT_MS}ms, pool_size: 2, local_share: {{ expected_instances: 4 }} }}"),
+        1,
+    );
+    assert!(p.contains("local_share"), "the store line moved");
+    let portcullis = Portcullis::start(&p).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let mut c = client(&portcullis).await;
+    redis.kill();
+    let mut allowed = 0;
+    for _ in 0..30 {
+        let r =
+            c.check(check_request("10.1.2.3", "GET", "/api/v1/items", &[("x-api-key", BASIC)])).await.expect("answer");
+        match denied_status(r.get_ref()) {
+            None => allowed += 1,
+            Some(429) => {}
+            Some(other) => panic!("unexpected status {other}: local shares, not on_store_error"),
+        }
+    }
+    assert_eq!(allowed, 25, "a quarter of the basic burst (100), from memory");
+    portcullis
+        .wait_for_log("the degraded mode", |l| l.contains("enforcing each limit's local share"))
+        .await
+        .expect("said so");
+}

@@ -45,6 +45,20 @@ impl Limit {
         }
     }
 
+    /// This limit shared among `instances` that cannot coordinate (the Redis store's
+    /// `local_share` degraded mode): each enforces its share, at least one.
+    pub fn share(&self, instances: u64) -> Limit {
+        let n = instances.max(1);
+        match *self {
+            Limit::TokenBucket { burst, interval } => {
+                Limit::TokenBucket { burst: (burst / n).max(1), interval: interval.saturating_mul(n) }
+            }
+            Limit::SlidingWindow { limit, window } => Limit::SlidingWindow { limit: (limit / n).max(1), window },
+            Limit::FixedWindow { limit, window } => Limit::FixedWindow { limit: (limit / n).max(1), window },
+            Limit::Flag { duration } => Limit::Flag { duration },
+        }
+    }
+
     /// The window a client sees (`w`): the time to refill an empty bucket, or the window.
     pub fn window(&self) -> Micros {
         match *self {
@@ -236,6 +250,24 @@ fn sliding(limit: u64, window: Micros, state: Option<State>, cost: u64, now: Mic
             next: state.unwrap_or(State::Window { start, prev, cur }),
             expires_at: start + 2 * window,
         }
+    }
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::*;
+
+    #[test]
+    fn a_share_is_a_fraction_of_the_limit_and_never_zero() {
+        let b = Limit::token_bucket(60, 60_000_000, 100);
+        assert_eq!(b.share(3), Limit::TokenBucket { burst: 33, interval: 3_000_000 });
+        assert_eq!(
+            Limit::SlidingWindow { limit: 10, window: 60 }.share(3),
+            Limit::SlidingWindow { limit: 3, window: 60 }
+        );
+        assert_eq!(Limit::FixedWindow { limit: 2, window: 60 }.share(5), Limit::FixedWindow { limit: 1, window: 60 });
+        assert_eq!(Limit::Flag { duration: 9 }.share(4), Limit::Flag { duration: 9 });
+        assert_eq!(b.share(0), b.share(1));
     }
 }
 

@@ -368,11 +368,16 @@ impl Validator<'_> {
                 self.err("store.redis.ca_file", format!("cannot read {}: {e}", f.display()));
             }
         }
+        let local_share = r.local_share.as_ref().map(|l| l.expected_instances);
+        if local_share == Some(0) {
+            self.err("store.redis.local_share.expected_instances", "must be at least 1");
+        }
         StoreSettings::Redis(crate::store::RedisSettings {
             url,
             timeout: std::time::Duration::from_micros(timeout),
             pool_size: pool_size as usize,
             ca_file,
+            local_share,
         })
     }
 

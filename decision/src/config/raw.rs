@@ -91,6 +91,15 @@ pub struct RawRedis {
     pub cluster: Option<Vec<String>>,
     pub timeout: Option<String>,
     pub pool_size: Option<u32>,
+    /// ours: while Redis is unreachable, enforce each limit divided among this many instances
+    /// from memory, instead of on_store_error
+    pub local_share: Option<RawLocalShare>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocalShare {
+    pub expected_instances: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

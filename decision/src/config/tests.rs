@@ -256,6 +256,11 @@ fn unsupported_or_malformed_redis_settings_are_refused() {
         ("  redis: { url: \"http://h:6379\" }", "store.redis.url", "invalid Redis URL"),
         ("  redis: { cluster: [\"redis://a:7000\"], url: \"redis://a:7000\" }", "store.redis.cluster", "not supported"),
         ("  redis: { url: \"redis://h:6379\", pool_size: 0 }", "store.redis.pool_size", "must be 1 to 256"),
+        (
+            "  redis: { url: \"redis://h:6379\", local_share: { expected_instances: 0 } }",
+            "store.redis.local_share.expected_instances",
+            "at least 1",
+        ),
         ("  redis: { url: \"redis://h:6379\", timeout: soon }", "store.redis.timeout", "invalid duration"),
         ("  memory: {}\n  redis: { url: \"redis://h:6379\" }", "store", "choose one store"),
     ];

@@ -88,6 +88,12 @@ pub trait Store: Send + Sync + 'static {
     /// to this process has nothing to add: this instance's own completions wake its waiters.
     fn watch_freed(&self, _wake: std::sync::Arc<dyn Fn(&str) + Send + Sync>) {}
 
+    /// With `local_share`: how many instances share each limit while this store fails (each then
+    /// enforces its share from memory). None: failures are answered by `on_store_error`.
+    fn local_share(&self) -> Option<u64> {
+        None
+    }
+
     /// The name used in logs and metrics (`memory`, `redis`).
     fn backend(&self) -> &'static str;
 

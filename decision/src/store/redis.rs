@@ -31,6 +31,8 @@ pub struct RedisSettings {
     pub pool_size: usize,
     /// `rediss://`: CA certificates (PEM) to trust instead of the system's
     pub ca_file: Option<std::path::PathBuf>,
+    /// `local_share.expected_instances`: while Redis fails, each limit divided by this, in memory
+    pub local_share: Option<u64>,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -40,6 +42,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("timeout", &self.timeout)
             .field("pool_size", &self.pool_size)
             .field("ca_file", &self.ca_file)
+            .field("local_share", &self.local_share)
             .finish()
     }
 }
@@ -63,6 +66,7 @@ pub struct RedisStore {
     script: Script,
     traffic: Script,
     timeout: Duration,
+    local_share: Option<u64>,
     ready: AtomicBool,
     /// tests only: use the time passed to `apply` instead of the server's clock
     test_clock: bool,
@@ -102,6 +106,7 @@ impl RedisStore {
             script: Script::new(include_str!("lua/apply.lua")),
             traffic: Script::new(include_str!("lua/traffic.lua")),
             timeout: s.timeout,
+            local_share: s.local_share,
             ready: AtomicBool::new(false),
             test_clock: false,
         })
@@ -351,6 +356,10 @@ impl Store for RedisStore {
 
     fn backend(&self) -> &'static str {
         "redis"
+    }
+
+    fn local_share(&self) -> Option<u64> {
+        self.local_share
     }
 
     fn timeout(&self) -> Option<Duration> {

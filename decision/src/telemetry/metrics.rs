@@ -45,6 +45,7 @@ pub struct Metrics {
     effective_limit: Family<UpstreamLabel, Gauge>,
     queue_wait_seconds: Family<UpstreamLabel, Histogram>,
     completions: Family<[(&'static str, &'static str); 1], Counter>,
+    local_share_calls: Counter,
 }
 
 impl Default for Metrics {
@@ -184,6 +185,12 @@ impl Metrics {
             "Completions received (access log), by result: released, unknown (no live lease), error",
             completions.clone(),
         );
+        let local_share_calls = Counter::default();
+        registry.register(
+            "store_local_share_calls",
+            "Store calls answered from this instance's share of each limit while the store failed",
+            local_share_calls.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -199,6 +206,7 @@ impl Metrics {
             effective_limit,
             queue_wait_seconds,
             completions,
+            local_share_calls,
         }
     }
 
@@ -209,6 +217,11 @@ impl Metrics {
         self.slots_in_use.get_or_create(&l).set(i64::try_from(in_use).unwrap_or(i64::MAX));
         self.queue_length.get_or_create(&l).set(i64::try_from(queued).unwrap_or(i64::MAX));
         self.breaker_state.get_or_create(&l).set(i64::try_from(breaker).unwrap_or(0));
+    }
+
+    /// A store call answered from local shares (`local_share`, the store failing).
+    pub fn local_share(&self) {
+        self.local_share_calls.inc();
     }
 
     /// A request got its slot after waiting `waited`.

@@ -13,7 +13,7 @@ use crate::store::conformance;
 use ::tests::RedisServer;
 
 fn settings(url: String) -> RedisSettings {
-    RedisSettings { url, timeout: Duration::from_millis(500), pool_size: 2, ca_file: None }
+    RedisSettings { url, timeout: Duration::from_millis(500), pool_size: 2, ca_file: None, local_share: None }
 }
 
 #[tokio::test]
@@ -108,6 +108,7 @@ fn passwords_never_reach_a_log_line() {
         timeout: Duration::from_millis(25),
         pool_size: 1,
         ca_file: None,
+        local_share: None,
     };
     assert!(!format!("{s:?}").contains("s3cret"));
 }
