@@ -1,6 +1,6 @@
 -- apply.lua: applies one plan of quota operations atomically, all-or-nothing over the enforced
--- ones, with the Redis server's clock. Loaded by store/redis.rs with include_str! and run by
--- EVALSHA (reloaded on NOSCRIPT).
+-- ones, with the Redis server's clock. Loaded by store/redis.rs with include_str!, after
+-- common.lua (clock, weighted), and run by EVALSHA (reloaded on NOSCRIPT).
 --
 -- KEYS[i]   the counter key of operation i
 -- ARGV[1]   the time in microseconds, or -1 to read the server's clock (TIME); only tests pass one
@@ -26,13 +26,7 @@
 -- its state would be forgotten anyway: a bucket at its TAT, a sliding window two windows after
 -- its start, a fixed window one window after.
 
-local SCALE = 100000
-local now = tonumber(ARGV[1])
-local test_clock = now >= 0
-if not test_clock then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+local now, test_clock = clock(ARGV[1])
 
 local pending = {}
 
@@ -44,13 +38,6 @@ local function load(key)
   local a, b, c = string.match(v, '^(%d+) ?(%d*) ?(%d*)$')
   if not a then return false end
   return { tonumber(a), tonumber(b) or 0, tonumber(c) or 0 }
-end
-
-local function weighted(prev, window, elapsed)
-  local wms = math.max(math.floor(window / 1000), 1)
-  local ems = math.min(math.floor(elapsed / 1000), wms)
-  local weight = math.floor((wms - ems) * SCALE / wms)
-  return math.ceil(prev * weight / SCALE)
 end
 
 local out = { now, 0 }

@@ -1,6 +1,7 @@
 -- traffic.lua: one upstream's concurrency slots, queue and circuit breaker, changed atomically
--- with the Redis server's clock. Loaded by store/redis.rs with include_str! and run by EVALSHA
--- (reloaded on NOSCRIPT). It mirrors MemoryStore::admit_now / complete_now and decision-core's
+-- with the Redis server's clock. Loaded by store/redis.rs with include_str!, after common.lua
+-- (clock, weighted), and run by EVALSHA (reloaded on NOSCRIPT).
+-- It mirrors MemoryStore::admit_now / complete_now and decision-core's
 -- traffic.rs (Breaker::gate, Breaker::record, mean_hold) line for line; the conformance suite
 -- runs the same scenarios on both stores.
 --
@@ -35,14 +36,8 @@
 -- both take the half-open probe, since the gate and the grant are one script.
 
 local BASIS = 10000
-local SCALE = 100000
 local op = ARGV[1]
-local now = tonumber(ARGV[2])
-local test_clock = now >= 0
-if not test_clock then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+local now, test_clock = clock(ARGV[2])
 local slots, queue, bkey = KEYS[1], KEYS[2], KEYS[3]
 
 -- a key lives `us` microseconds (at least a minute under a test clock, as Redis expires keys
@@ -87,13 +82,6 @@ end
 local function effective(max, adaptive)
   if not adaptive or alimit == 0 then return max end
   return math.min(alimit, max)
-end
-
-local function weighted(prev, window, elapsed)
-  local wms = math.max(math.floor(window / 1000), 1)
-  local ems = math.min(math.floor(elapsed / 1000), wms)
-  local weight = math.floor((wms - ems) * SCALE / wms)
-  return math.ceil(prev * weight / SCALE)
 end
 
 redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
