@@ -175,19 +175,8 @@ fn sweep(args: &Args, rt: &tokio::runtime::Runtime, cfg: &Config, expect: Option
             p99,
             p999,
         });
-        if args.json {
-            println!("{}", case.json());
-        } else {
-            if args.header && i == 0 {
-                println!("{}", Case::MARKDOWN_HEADER);
-            }
-            println!("{}", case.markdown_row());
-        }
-        if let Some(e) = expect
-            && let Err(msg) = check_expectation(e, &result.counts)
-        {
-            eprintln!("portcullis-loadtest: {}@{rate}: {msg}", args.name);
-            return ExitCode::from(3);
+        if let Err(code) = emit(args, &case, i == 0, expect, &result) {
+            return code;
         }
     }
     if let Some(path) = &args.svg {
@@ -312,10 +301,25 @@ fn main() -> ExitCode {
         (Some(a), Some(b)) => i64::try_from(b).ok().zip(i64::try_from(a).ok()).map(|(b, a)| b - a),
         _ => None,
     };
+    match emit(&args, &case, true, expect, &result) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
+}
+
+/// Prints a case (JSON, or a markdown row after the header if asked and `first`), then checks
+/// its outcomes against the prediction: Err(exit code 3) when they differ.
+fn emit(
+    args: &Args,
+    case: &Case,
+    first: bool,
+    expect: Option<Expect>,
+    result: &run::RunResult,
+) -> Result<(), ExitCode> {
     if args.json {
         println!("{}", case.json());
     } else {
-        if args.header {
+        if args.header && first {
             println!("{}", Case::MARKDOWN_HEADER);
         }
         println!("{}", case.markdown_row());
@@ -323,8 +327,8 @@ fn main() -> ExitCode {
     if let Some(e) = expect
         && let Err(msg) = check_expectation(e, &result.counts)
     {
-        eprintln!("portcullis-loadtest: {}: {msg}", args.name);
-        return ExitCode::from(3);
+        eprintln!("portcullis-loadtest: {}: {msg}", case.name);
+        return Err(ExitCode::from(3));
     }
-    ExitCode::SUCCESS
+    Ok(())
 }

@@ -129,7 +129,9 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
         // header of that name never gets through
         match &d.lease {
             Some(lease) => to_upstream.push(option(crate::traffic::LEASE_HEADER, lease.id.clone())),
-            None => remove.push(crate::traffic::LEASE_HEADER.into()),
+            // only a policy with `traffic` reads the header back; without it, nothing to strip
+            None if policy.traffic.is_some() => remove.push(crate::traffic::LEASE_HEADER.into()),
+            None => {}
         }
         if d.reason == Reason::AllowedStoreUnavailable {
             to_upstream.push(option(DEGRADED_HEADER, "store-unavailable".into()));
