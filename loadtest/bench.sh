@@ -183,7 +183,7 @@ lt --name rls-1-desc-100k-keys-redis --target rls --addr "$pcr_addr" --server-pi
 lt --name ext-authz-api-key-redis --target ext-authz --addr "$pcr_addr" --server-pid "$pcr_pid" "${common[@]}" --api-key pk_bench_open --expect all
 sha="$(redis-cli -p "$redis_port" SCRIPT LOAD "$(cat decision/src/store/lua/common.lua decision/src/store/lua/apply.lua)")"
 ceiling="$(timeout 120 "${client_cpu[@]}" redis-benchmark -p "$redis_port" -c $((conns * streams)) -n $(( ${dur%s} * 40000 )) -P 1 --csv \
-  EVALSHA "$sha" 1 'rl:{bench}:s1' -1 s 1000000000 1000000 1 0 | tail -n 1 | cut -d, -f2 | tr -d '"')"
+  EVALSHA "$sha" 1 'rl:{bench}:s1' -1 1 s 1000000000 1000000 1 0 | tail -n 1 | cut -d, -f2 | tr -d '"')"
 python3 -c 'import json,sys; print(json.dumps({"name": "redis-benchmark-evalsha", "mode": "closed", "rps": float(sys.argv[1]), "connections": int(sys.argv[2]), "streams": 1, "latency_us": {"p50": None, "p99": None, "p99.9": None}, "outcomes": {"allowed": None, "over_limit": None, "errors": 0}, "client_cpu_pct": None, "server_cpu_pct": None}))' "$ceiling" "$((conns * streams))" >> "$out"
 
 # open loop at half of the closed-loop peak: latency without coordinated omission; the no-op

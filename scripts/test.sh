@@ -18,7 +18,8 @@ say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'scripts/test.sh: %s\n' "$*" >&2; exit 1; }
 
 # --- redis-server -----------------------------------------------------------------------------
-if ! command -v redis-server >/dev/null 2>&1; then
+# redis-cli too: the Redis Cluster tests make their cluster with `redis-cli --cluster create`
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     say "installing redis-server from Debian's packages"
     apt-get update -qq >/dev/null
@@ -27,6 +28,8 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 command -v redis-server >/dev/null 2>&1 \
   || die "redis-server is missing and could not be installed: install it (Debian: apt-get install redis-server)"
+command -v redis-cli >/dev/null 2>&1 \
+  || die "redis-cli is missing and could not be installed: install it (Debian: apt-get install redis-tools)"
 
 # --- Envoy ------------------------------------------------------------------------------------
 if ! "$VENV/bin/envoy" --version >/dev/null 2>&1; then

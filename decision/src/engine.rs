@@ -47,7 +47,7 @@ pub struct Engine<S> {
 
 impl<S: Store> Engine<S> {
     pub fn new(policy: Arc<Policy>, store: S) -> Self {
-        let metrics = Metrics::new();
+        let metrics = Metrics::with_store_cache(store.over_limit_hits());
         metrics.policy_loaded(policy.routes.len());
         start_background(&policy);
         Engine {

@@ -142,7 +142,12 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         StoreSettings::Redis(r) => {
             let store = RedisStore::connect(&r)?;
             let engine = Arc::new(Engine::new(cfg.policy.clone(), store));
-            tracing::info!(url = %crate::store::redis::redacted(&r.url), timeout_ms = r.timeout.as_millis(), pool_size = r.pool_size, "using the Redis store");
+            if r.cluster.is_empty() {
+                tracing::info!(url = %crate::store::redis::redacted(&r.url), timeout_ms = r.timeout.as_millis(), pool_size = r.pool_size, "using the Redis store");
+            } else {
+                let nodes: Vec<String> = r.cluster.iter().map(|u| crate::store::redis::redacted(u)).collect();
+                tracing::info!(cluster = ?nodes, timeout_ms = r.timeout.as_millis(), pool_size = r.pool_size, "using the Redis Cluster store");
+            }
             {
                 let engine = engine.clone();
                 tokio::spawn(async move {

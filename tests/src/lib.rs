@@ -136,7 +136,7 @@ impl RedisServer {
     /// or another port is tried.
     pub fn start() -> RedisServer {
         for _ in 0..10 {
-            if let Some(s) = Self::try_start_on(free_port(), None) {
+            if let Some(s) = Self::try_start_on(free_port(), None, &[]) {
                 return s;
             }
         }
@@ -147,7 +147,7 @@ impl RedisServer {
     /// 127.0.0.1) on `tls_port`, and requires `password` on every connection.
     pub fn start_tls(password: &str) -> RedisServer {
         for _ in 0..10 {
-            if let Some(s) = Self::try_start_on(free_port(), Some((free_port(), password))) {
+            if let Some(s) = Self::try_start_on(free_port(), Some((free_port(), password)), &[]) {
                 return s;
             }
         }
@@ -156,10 +156,10 @@ impl RedisServer {
 
     /// Starts one on `port` (to bring a killed server back where its clients expect it).
     pub fn start_on(port: u16) -> RedisServer {
-        Self::try_start_on(port, None).unwrap_or_else(|| panic!("could not start redis-server on port {port}"))
+        Self::try_start_on(port, None, &[]).unwrap_or_else(|| panic!("could not start redis-server on port {port}"))
     }
 
-    fn try_start_on(port: u16, tls: Option<(u16, &str)>) -> Option<RedisServer> {
+    fn try_start_on(port: u16, tls: Option<(u16, &str)>, extra: &[&str]) -> Option<RedisServer> {
         use std::time::Instant;
         let dir = std::env::temp_dir().join(format!("portcullis-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
@@ -167,6 +167,7 @@ impl RedisServer {
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             // DEBUG SLEEP is how fault tests make Redis slow; off by default since Redis 7
             .args(["--enable-debug-command", "local"])
+            .args(extra)
             .arg("--dir")
             .arg(&dir);
         if let Some((tls_port, password)) = tls {
@@ -225,6 +226,16 @@ impl RedisServer {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 
+    /// One command through redis-cli (for replies longer than `command` reads); its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): install redis-tools; scripts/test.sh does"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Sends a signal by name (STOP, CONT) with kill(1).
     pub fn signal(&self, sig: &str) {
         let ok = std::process::Command::new("kill")
@@ -245,6 +256,112 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of the test's own on loopback: `masters` redis-servers sharing the 16,384
+/// slots, each with `replicas` replicas, made by `redis-cli --cluster create`; killed when
+/// dropped.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+        let mut nodes = Vec::new();
+        while nodes.len() < masters * (1 + replicas) {
+            // a node also listens on its port + 10000 (the cluster bus)
+            let port = free_port();
+            if port > 55_000 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
+                continue;
+            }
+            let conf = format!("nodes-{port}.conf");
+            let args = ["--cluster-enabled", "yes", "--cluster-config-file", &conf, "--cluster-node-timeout", "2000"];
+            if let Some(s) = RedisServer::try_start_on(port, None, &args) {
+                nodes.push(s);
+            }
+        }
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): install redis-tools; scripts/test.sh does"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_until_settled();
+        cluster
+    }
+
+    /// Waits until every node reports the cluster ok and every replica is in sync with its
+    /// master.
+    pub fn wait_until_settled(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let settled = self.nodes.iter().all(|n| {
+                let info = n.cli(&["INFO", "replication"]);
+                n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                    && (info.contains("role:master") || info.contains("master_link_status:up"))
+            });
+            if settled {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "the Redis Cluster did not settle in 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The seed URLs a client is given (every node).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The node serving `key`'s slot now, and that node's replicas.
+    pub fn owner_of(&self, key: &str) -> (&RedisServer, Vec<&RedisServer>) {
+        let slot: u16 = self.nodes[0].cli(&["CLUSTER", "KEYSLOT", key]).trim().parse().expect("a slot");
+        let table = self.nodes[0].cli(&["CLUSTER", "NODES"]);
+        let mut master = None;
+        let mut ids = std::collections::HashMap::new();
+        for line in table.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 {
+                continue;
+            }
+            let port: u16 = f[1].split(['@', ':']).nth(1).and_then(|p| p.parse().ok()).expect("a node's port");
+            ids.insert(f[0], port);
+            let serves = f[8..].iter().any(|r| match r.split_once('-') {
+                Some((a, b)) => a.parse::<u16>().is_ok_and(|a| a <= slot) && b.parse::<u16>().is_ok_and(|b| slot <= b),
+                None => r.parse::<u16>() == Ok(slot),
+            });
+            if f[2].contains("master") && serves {
+                master = Some((f[0], port));
+            }
+        }
+        let (id, port) = master.unwrap_or_else(|| panic!("no master serves slot {slot}:\n{table}"));
+        let replicas: Vec<u16> = table
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 3 && f[3] == id).then(|| ids[f[0]])
+            })
+            .collect();
+        let node = |p: u16| self.nodes.iter().find(|n| n.port == p).expect("a node of ours");
+        (node(port), replicas.into_iter().map(node).collect())
+    }
+
+    /// FLUSHALL on every master (replicas follow).
+    pub fn flush_all(&self) {
+        for n in &self.nodes {
+            if n.cli(&["INFO", "replication"]).contains("role:master") {
+                assert_eq!(n.cli(&["FLUSHALL"]).trim(), "OK");
+            }
+        }
     }
 }
 

@@ -171,6 +171,9 @@ pub enum StoreSettings {
 pub const DEFAULT_REDIS_TIMEOUT: &str = "25ms";
 pub const DEFAULT_REDIS_POOL_SIZE: u32 = 4;
 pub const MAX_REDIS_POOL_SIZE: u32 = 256;
+/// Refused plans the Redis store remembers (about 100 bytes each, plus the keys' states).
+pub const DEFAULT_OVER_LIMIT_CACHE: u64 = 100_000;
+pub const MAX_OVER_LIMIT_CACHE: u64 = 10_000_000;
 
 /// A loaded, validated policy file.
 #[derive(Debug, Clone)]
@@ -334,22 +337,36 @@ impl Validator<'_> {
             self.err("store", "choose one store: memory or redis");
         }
         let Some(r) = &store.redis else { return StoreSettings::Memory };
-        if r.cluster.is_some() {
-            self.err("store.redis.cluster", "Redis Cluster is not supported by this version yet; use url");
-        }
-        let url = r.url.clone().unwrap_or_default();
+        let cluster = r.cluster.clone().unwrap_or_default();
+        let (url, nodes) = match (&r.url, r.cluster.is_some()) {
+            (Some(_), true) => {
+                self.err("store.redis", "choose one of url (a single node) and cluster (Redis Cluster nodes)");
+                (String::new(), Vec::new())
+            }
+            (None, false) => {
+                self.err("store.redis", "url (a single node) or cluster (Redis Cluster nodes) is required");
+                (String::new(), Vec::new())
+            }
+            (Some(url), false) => {
+                self.redis_url("store.redis.url", url);
+                (url.clone(), Vec::new())
+            }
+            (None, true) => {
+                if cluster.is_empty() {
+                    self.err("store.redis.cluster", "list at least one node of the cluster");
+                }
+                for (i, u) in cluster.iter().enumerate() {
+                    self.redis_url(&format!("store.redis.cluster[{i}]"), u);
+                }
+                if cluster.iter().any(|u| u.starts_with("rediss://"))
+                    && !cluster.iter().all(|u| u.starts_with("rediss://"))
+                {
+                    self.err("store.redis.cluster", "mixes redis:// and rediss:// nodes: use one scheme for all");
+                }
+                (cluster.first().cloned().unwrap_or_default(), cluster)
+            }
+        };
         let tls = url.starts_with("rediss://");
-        if !tls && !url.starts_with("redis://") {
-            self.err(
-                "store.redis.url",
-                format!(
-                    "invalid Redis URL {:?}: expected redis://[user:password@]host:port[/db] or rediss://... for TLS",
-                    crate::store::redis::redacted(&url)
-                ),
-            );
-        } else if redis::Client::open(url.as_str()).is_err() {
-            self.err("store.redis.url", format!("invalid Redis URL {:?}", crate::store::redis::redacted(&url)));
-        }
         let timeout = self
             .parse("store.redis.timeout", units::parse_duration(r.timeout.as_deref().unwrap_or(DEFAULT_REDIS_TIMEOUT)))
             .unwrap_or(25_000);
@@ -368,17 +385,35 @@ impl Validator<'_> {
                 self.err("store.redis.ca_file", format!("cannot read {}: {e}", f.display()));
             }
         }
+        let over_limit_cache = r.over_limit_cache.unwrap_or(DEFAULT_OVER_LIMIT_CACHE);
+        if over_limit_cache > MAX_OVER_LIMIT_CACHE {
+            self.err("store.redis.over_limit_cache", format!("must be 0 (off) to {MAX_OVER_LIMIT_CACHE}"));
+        }
         let local_share = r.local_share.as_ref().map(|l| l.expected_instances);
         if local_share == Some(0) {
             self.err("store.redis.local_share.expected_instances", "must be at least 1");
         }
         StoreSettings::Redis(crate::store::RedisSettings {
             url,
+            cluster: nodes,
             timeout: std::time::Duration::from_micros(timeout),
             pool_size: pool_size as usize,
             ca_file,
             local_share,
+            over_limit_cache: usize::try_from(over_limit_cache).unwrap_or(usize::MAX),
         })
+    }
+
+    fn redis_url(&mut self, path: &str, url: &str) {
+        let shown = crate::store::redis::redacted(url);
+        if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+            self.err(
+                path,
+                format!("invalid Redis URL {shown:?}: expected redis://[user:password@]host:port[/db] or rediss://... for TLS"),
+            );
+        } else if redis::Client::open(url).is_err() {
+            self.err(path, format!("invalid Redis URL {shown:?}"));
+        }
     }
 
     /// Zone names (or `untrusted`) as a mask of zone bits; an unknown name is a problem.

@@ -94,6 +94,9 @@ pub struct RawRedis {
     /// ours: while Redis is unreachable, enforce each limit divided among this many instances
     /// from memory, instead of on_store_error
     pub local_share: Option<RawLocalShare>,
+    /// refused plans remembered locally, answered without a Redis call while they stay refused
+    /// (0: off)
+    pub over_limit_cache: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -254,8 +254,21 @@ fn unsupported_or_malformed_redis_settings_are_refused() {
         ("  redis: { url: \"redis://h:6379\", ca_file: ca.pem }", "store.redis.ca_file", "use a rediss:// URL"),
         ("  redis: { url: \"rediss://h:6379\", ca_file: missing.pem }", "store.redis.ca_file", "cannot read"),
         ("  redis: { url: \"http://h:6379\" }", "store.redis.url", "invalid Redis URL"),
-        ("  redis: { cluster: [\"redis://a:7000\"], url: \"redis://a:7000\" }", "store.redis.cluster", "not supported"),
+        ("  redis: { cluster: [\"redis://a:7000\"], url: \"redis://a:7000\" }", "store.redis", "choose one of url"),
+        ("  redis: { timeout: 10ms }", "store.redis", "is required"),
+        ("  redis: { cluster: [] }", "store.redis.cluster", "at least one node"),
+        ("  redis: { cluster: [\"redis://a:7000\", \"tcp://b:7000\"] }", "store.redis.cluster[1]", "invalid Redis URL"),
+        (
+            "  redis: { cluster: [\"redis://a:7000\", \"rediss://b:7000\"] }",
+            "store.redis.cluster",
+            "use one scheme for all",
+        ),
         ("  redis: { url: \"redis://h:6379\", pool_size: 0 }", "store.redis.pool_size", "must be 1 to 256"),
+        (
+            "  redis: { url: \"redis://h:6379\", over_limit_cache: 20000000 }",
+            "store.redis.over_limit_cache",
+            "must be 0 (off)",
+        ),
         (
             "  redis: { url: \"redis://h:6379\", local_share: { expected_instances: 0 } }",
             "store.redis.local_share.expected_instances",

@@ -4,6 +4,7 @@
 //! same conformance suite (`conformance`).
 
 pub mod memory;
+pub mod over_limit;
 pub mod redis;
 
 #[cfg(test)]
@@ -91,6 +92,12 @@ pub trait Store: Send + Sync + 'static {
     /// With `local_share`: how many instances share each limit while this store fails (each then
     /// enforces its share from memory). None: failures are answered by `on_store_error`.
     fn local_share(&self) -> Option<u64> {
+        None
+    }
+
+    /// The over-limit cache's hits (plans answered without a store call), for the metrics; None
+    /// for a store without one.
+    fn over_limit_hits(&self) -> Option<prometheus_client::metrics::counter::Counter> {
         None
     }
 

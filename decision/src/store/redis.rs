@@ -3,6 +3,12 @@
 //! reloaded on NOSCRIPT after a failover or a SCRIPT FLUSH) on one of `pool_size` multiplexed
 //! connections, which pipeline concurrent calls; time comes from the Redis server.
 //!
+//! On Redis Cluster the keys of one plan may live in several slots (an address's keys and an
+//! identity's keys carry different hash tags). Such a plan is split by slot and kept
+//! all-or-nothing by checking every part (the script with commit 0) before counting any; only
+//! a race between the check and the count (another instance taking the last unit meanwhile) can
+//! count a part of a refused plan, which errs towards refusing, never towards allowing.
+//!
 //! The script decides `allowed` and stores the new states; it returns the state each operation
 //! saw, and the verdict (remaining, reset, retry-after) is recomputed here with the same pure
 //! function the memory store uses, so both stores answer alike by construction. A disagreement
@@ -17,14 +23,20 @@ use decision_core::traffic::{Admit, Mode, Occupancy, TrafficConfig};
 use decision_core::units::Micros;
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
 
+use super::over_limit::{self, OverLimitCache};
 use super::{Occupied, Store, StoreError};
 
 /// How a `RedisStore` connects.
 #[derive(Clone)]
 pub struct RedisSettings {
-    /// `redis://[user:password@]host:port[/db]`; the password is never logged
+    /// `redis://[user:password@]host:port[/db]`; the password is never logged (with `cluster`: its
+    /// first node)
     pub url: String,
+    /// Redis Cluster: the nodes to discover the cluster from (empty: `url` is a single node)
+    pub cluster: Vec<String>,
     /// the longest one store call may take before `on_store_error` applies
     pub timeout: Duration,
     /// multiplexed connections, used in turn
@@ -33,16 +45,20 @@ pub struct RedisSettings {
     pub ca_file: Option<std::path::PathBuf>,
     /// `local_share.expected_instances`: while Redis fails, each limit divided by this, in memory
     pub local_share: Option<u64>,
+    /// refused plans remembered at most (0: no over-limit cache)
+    pub over_limit_cache: usize,
 }
 
 impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
             .field("url", &redacted(&self.url))
+            .field("cluster", &self.cluster.iter().map(|u| redacted(u)).collect::<Vec<_>>())
             .field("timeout", &self.timeout)
             .field("pool_size", &self.pool_size)
             .field("ca_file", &self.ca_file)
             .field("local_share", &self.local_share)
+            .field("over_limit_cache", &self.over_limit_cache)
             .finish()
     }
 }
@@ -59,14 +75,26 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
+/// Multiplexed connections, used in turn.
+enum Conns {
+    Single(Vec<ConnectionManager>),
+    /// each one knows the whole cluster: it routes a call by its first key's slot, follows MOVED
+    /// and ASK, and learns the new layout after a failover
+    Cluster(Vec<ClusterConnection>),
+}
+
 pub struct RedisStore {
-    client: redis::Client,
-    conns: Vec<ConnectionManager>,
+    /// where to subscribe to the freed-slot notifications: the node, or each cluster node in turn
+    /// (a cluster delivers a PUBLISH to subscribers on every node)
+    notify: Vec<redis::Client>,
+    conns: Conns,
     next: AtomicUsize,
     script: Script,
     traffic: Script,
     timeout: Duration,
     local_share: Option<u64>,
+    /// refused plans, answered without a call while they stay refused
+    over_limit: Option<OverLimitCache>,
     ready: AtomicBool,
     /// tests only: use the time passed to `apply` instead of the server's clock
     test_clock: bool,
@@ -76,37 +104,63 @@ impl RedisStore {
     /// Prepares the connections; they are made lazily, so portcullis starts (and reports the
     /// store down on /readyz) while Redis is unreachable, and reconnects on its own.
     pub fn connect(s: &RedisSettings) -> Result<RedisStore, StoreError> {
-        let invalid =
-            |e: redis::RedisError| StoreError::Unavailable(format!("invalid Redis URL {}: {e}", redacted(&s.url)));
-        let client = match &s.ca_file {
-            // rediss:// with a private CA; without one, rediss:// trusts the system's roots
+        let invalid = |url: &str, e: redis::RedisError| {
+            StoreError::Unavailable(format!("invalid Redis URL {}: {e}", redacted(url)))
+        };
+        // rediss:// with a private CA; without one, rediss:// trusts the system's roots
+        let certs = match &s.ca_file {
             Some(ca) => {
                 let pem = std::fs::read(ca)
                     .map_err(|e| StoreError::Unavailable(format!("cannot read {}: {e}", ca.display())))?;
-                let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
-                redis::Client::build_with_tls(s.url.as_str(), certs).map_err(invalid)?
+                Some(redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
             }
-            None => redis::Client::open(s.url.as_str()).map_err(invalid)?,
+            None => None,
         };
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(s.timeout))
-            .set_connection_timeout(Some(s.timeout.max(Duration::from_millis(250))))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let mut conns = Vec::with_capacity(s.pool_size.max(1));
-        for _ in 0..s.pool_size.max(1) {
-            let c = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            conns.push(c);
-        }
+        let client = |url: &str| match &certs {
+            Some(c) => redis::Client::build_with_tls(url, c.clone()).map_err(|e| invalid(url, e)),
+            None => redis::Client::open(url).map_err(|e| invalid(url, e)),
+        };
+        let connect_timeout = s.timeout.max(Duration::from_millis(250));
+        let pool = s.pool_size.max(1);
+        let (notify, conns) = if s.cluster.is_empty() {
+            let client = client(&s.url)?;
+            let config = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(s.timeout))
+                .set_connection_timeout(Some(connect_timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_secs(1));
+            let mut conns = Vec::with_capacity(pool);
+            for _ in 0..pool {
+                let c = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                conns.push(c);
+            }
+            (vec![client], Conns::Single(conns))
+        } else {
+            let mut builder = redis::cluster::ClusterClientBuilder::new(s.cluster.iter().map(String::as_str))
+                .connection_timeout(connect_timeout)
+                .response_timeout(s.timeout)
+                .retries(2);
+            if let Some(c) = &certs {
+                builder = builder.certs(c.clone());
+            }
+            let cluster = builder.build().map_err(|e| invalid(&s.cluster[0], e))?;
+            let config = redis::cluster::ClusterConfig::new()
+                .set_connection_timeout(connect_timeout)
+                .set_response_timeout(s.timeout);
+            let conns = (0..pool).map(|_| cluster.get_pending_async_connection_with_config(config.clone())).collect();
+            let notify = s.cluster.iter().map(|u| client(u)).collect::<Result<_, _>>()?;
+            (notify, Conns::Cluster(conns))
+        };
         Ok(RedisStore {
-            client,
+            notify,
             conns,
             next: AtomicUsize::new(0),
             script: Script::new(concat!(include_str!("lua/common.lua"), include_str!("lua/apply.lua"))),
             traffic: Script::new(concat!(include_str!("lua/common.lua"), include_str!("lua/traffic.lua"))),
             timeout: s.timeout,
             local_share: s.local_share,
+            over_limit: (s.over_limit_cache > 0).then(|| OverLimitCache::new(s.over_limit_cache)),
             ready: AtomicBool::new(false),
             test_clock: false,
         })
@@ -118,40 +172,40 @@ impl RedisStore {
         self
     }
 
-    fn conn(&self) -> ConnectionManager {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        self.conns[i].clone()
+    fn turn(&self, n: usize) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % n
     }
 
-    /// Checks the server (PING) and records whether it answered; for /readyz.
+    /// Checks the server (PING; on a cluster, every node) and records whether it answered; for
+    /// /readyz.
     pub async fn probe(&self) -> bool {
-        let mut c = self.conn();
-        let ok = matches!(
-            tokio::time::timeout(
-                self.timeout.max(Duration::from_millis(250)),
-                redis::cmd("PING").query_async::<String>(&mut c)
-            )
-            .await,
-            Ok(Ok(_))
-        );
+        let ping = redis::cmd("PING");
+        let answered = async {
+            match &self.conns {
+                Conns::Single(c) => ping.query_async::<redis::Value>(&mut c[self.turn(c.len())].clone()).await,
+                Conns::Cluster(c) => ping.query_async::<redis::Value>(&mut c[self.turn(c.len())].clone()).await,
+            }
+        };
+        let ok =
+            matches!(tokio::time::timeout(self.timeout.max(Duration::from_millis(250)), answered).await, Ok(Ok(_)));
         self.ready.store(ok, Ordering::Relaxed);
         ok
     }
 }
 
-fn decode(reply: &[i64], ops: &[Op]) -> Result<Vec<Verdict>, StoreError> {
+/// The verdicts of one apply.lua call on `ops`, appended to `verdicts`.
+fn decode<'a>(
+    reply: &[i64],
+    ops: impl ExactSizeIterator<Item = &'a Op>,
+    verdicts: &mut Vec<Verdict>,
+) -> Result<(), StoreError> {
     if reply.len() != 2 + 4 * ops.len() {
         return Err(StoreError::Script(format!("reply of {} values for {} operations", reply.len(), ops.len())));
     }
     let now = u64::try_from(reply[0]).map_err(|_| StoreError::Script("negative server time".into()))?;
-    let mut verdicts = Vec::with_capacity(ops.len());
-    for (i, op) in ops.iter().enumerate() {
+    for (i, op) in ops.enumerate() {
         let r = &reply[2 + 4 * i..6 + 4 * i];
-        let u = |v: i64| u64::try_from(v).unwrap_or(0);
-        let state = (r[1] >= 0).then(|| match op.limit {
-            Limit::TokenBucket { .. } | Limit::Flag { .. } => State::Bucket { tat: u(r[1]) },
-            _ => State::Window { start: u(r[1]), prev: u(r[2]), cur: u(r[3]) },
-        });
+        let state = state_seen(op, r);
         let checked = quota::check(op.limit, state, op.cost, now as Micros);
         if checked.verdict.allowed != (r[0] == 1) {
             return Err(StoreError::Script(format!(
@@ -161,12 +215,124 @@ fn decode(reply: &[i64], ops: &[Op]) -> Result<Vec<Verdict>, StoreError> {
         }
         verdicts.push(checked.verdict);
     }
-    Ok(verdicts)
+    Ok(())
+}
+
+/// The state an operation saw, from its four values in a reply (allowed, s1, s2, s3).
+fn state_seen(op: &Op, r: &[i64]) -> Option<State> {
+    let u = |v: i64| u64::try_from(v).unwrap_or(0);
+    (r[1] >= 0).then(|| match op.limit {
+        Limit::TokenBucket { .. } | Limit::Flag { .. } => State::Bucket { tat: u(r[1]) },
+        _ => State::Window { start: u(r[1]), prev: u(r[2]), cur: u(r[3]) },
+    })
+}
+
+/// The replies behind a plan's verdicts (already checked by `decode`).
+enum Replies {
+    One(Vec<i64>),
+    /// a plan split by slot: each part's operations (indices into the plan) and its reply
+    Parts(Vec<(Vec<usize>, Vec<i64>)>),
+}
+
+impl Replies {
+    /// The store's time and the state each of `ops` saw (for the over-limit cache). A split
+    /// plan's parts have each their node's clock: the latest is taken, which can only make the
+    /// cache send a plan to the store earlier.
+    fn seen(&self, ops: &[Op]) -> (Micros, Vec<Option<State>>) {
+        let time = |r: &[i64]| Micros::try_from(r[0]).unwrap_or(0);
+        match self {
+            Replies::One(r) => {
+                (time(r), ops.iter().enumerate().map(|(i, op)| state_seen(op, &r[2 + 4 * i..])).collect())
+            }
+            Replies::Parts(parts) => {
+                let mut states = vec![None; ops.len()];
+                let mut at = 0;
+                for (idx, r) in parts {
+                    at = at.max(time(r));
+                    for (j, &i) in idx.iter().enumerate() {
+                        states[i] = state_seen(&ops[i], &r[2 + 4 * j..]);
+                    }
+                }
+                (at, states)
+            }
+        }
+    }
 }
 
 impl RedisStore {
     fn clock_arg(&self, now: Micros) -> i64 {
         if self.test_clock { i64::try_from(now).unwrap_or(i64::MAX) } else { -1 }
+    }
+
+    /// One plan in Redis: one script call, or on a cluster, one per slot its keys fall in.
+    async fn apply_in_store(&self, ops: &[Op], now: Micros) -> Result<(Vec<Verdict>, Replies), StoreError> {
+        let split = matches!(self.conns, Conns::Cluster(_))
+            && ops.iter().skip(1).any(|op| Slot::for_key(&op.key) != Slot::for_key(&ops[0].key));
+        if !split {
+            let reply = self.invoke(&self.plan_call(ops.iter(), true, now)).await?;
+            let mut verdicts = Vec::with_capacity(ops.len());
+            decode(&reply, ops.iter(), &mut verdicts)?;
+            return Ok((verdicts, Replies::One(reply)));
+        }
+        // a plan over several slots: the operations of each slot (in plan order), checked
+        // everywhere before anything is counted anywhere
+        let mut parts: Vec<(Slot, Vec<usize>)> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let slot = Slot::for_key(&op.key);
+            match parts.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, idx)) => idx.push(i),
+                None => parts.push((slot, vec![i])),
+            }
+        }
+        let parts = &parts;
+        let round = |commit: bool| async move {
+            let calls = parts.iter().map(|(_, idx)| async move {
+                let reply = self.invoke(&self.plan_call(idx.iter().map(|&i| &ops[i]), commit, now)).await?;
+                let mut part = Vec::with_capacity(idx.len());
+                decode(&reply, idx.iter().map(|&i| &ops[i]), &mut part)?;
+                Ok::<_, StoreError>((part, reply))
+            });
+            let answers = futures_util::future::try_join_all(calls).await?;
+            let mut placed = vec![None; ops.len()];
+            let mut replies = Vec::with_capacity(parts.len());
+            for ((_, idx), (part, reply)) in parts.iter().zip(answers) {
+                for (&i, v) in idx.iter().zip(part) {
+                    placed[i] = Some(v);
+                }
+                replies.push((idx.clone(), reply));
+            }
+            let verdicts: Vec<Verdict> = placed.into_iter().flatten().collect();
+            Ok::<_, StoreError>((verdicts, Replies::Parts(replies)))
+        };
+        let checked = round(false).await?;
+        if over_limit::refuses(ops, &checked.0) {
+            return Ok(checked);
+        }
+        round(true).await
+    }
+
+    /// The apply.lua call for `ops` (all in one slot); `commit` false only checks them.
+    fn plan_call<'a>(
+        &'a self,
+        ops: impl Iterator<Item = &'a Op> + Clone,
+        commit: bool,
+        now: Micros,
+    ) -> redis::ScriptInvocation<'a> {
+        let mut inv = self.script.prepare_invoke();
+        for op in ops.clone() {
+            inv.key(op.key.as_str());
+        }
+        inv.arg(self.clock_arg(now)).arg(u8::from(commit));
+        for op in ops {
+            let (kind, a, b) = match op.limit {
+                Limit::TokenBucket { burst, interval } => ("b", burst, interval),
+                Limit::SlidingWindow { limit, window } => ("s", limit, window),
+                Limit::FixedWindow { limit, window } => ("f", limit, window),
+                Limit::Flag { duration } => ("k", 0, duration),
+            };
+            inv.arg(kind).arg(a).arg(b).arg(op.cost).arg(u8::from(op.shadow));
+        }
+        inv
     }
 
     /// One traffic.lua call for `upstream` (a short hex key; its three keys share a hash tag).
@@ -183,9 +349,16 @@ impl RedisStore {
 
     /// One script call on the next connection; records whether the server answered.
     async fn invoke(&self, inv: &redis::ScriptInvocation<'_>) -> Result<Vec<i64>, StoreError> {
-        let mut conn = self.conn();
-        let answered = inv.invoke_async::<Vec<i64>>(&mut conn).await;
+        let answered = match &self.conns {
+            Conns::Single(c) => inv.invoke_async::<Vec<i64>>(&mut c[self.turn(c.len())].clone()).await,
+            Conns::Cluster(c) => inv.invoke_async::<Vec<i64>>(&mut c[self.turn(c.len())].clone()).await,
+        };
         self.ready.store(answered.is_ok(), Ordering::Relaxed);
+        if answered.is_err()
+            && let Some(cache) = &self.over_limit
+        {
+            cache.forget_all();
+        }
         answered.map_err(|e| {
             if e.is_timeout() { StoreError::Timeout(self.timeout) } else { StoreError::Unavailable(e.to_string()) }
         })
@@ -311,28 +484,28 @@ impl Store for RedisStore {
     }
 
     async fn apply(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
-        let mut inv = self.script.prepare_invoke();
-        for op in ops {
-            inv.key(op.key.as_str());
+        let cached = self.over_limit.as_ref().and_then(|c| Some((c, c.fingerprint(ops)?)));
+        if let Some((cache, plan)) = cached
+            && let Some(verdicts) = cache.refused(plan, ops, self.test_clock.then_some(now))
+        {
+            return Ok(verdicts);
         }
-        inv.arg(if self.test_clock { i64::try_from(now).unwrap_or(i64::MAX) } else { -1 });
-        for op in ops {
-            let (kind, a, b) = match op.limit {
-                Limit::TokenBucket { burst, interval } => ("b", burst, interval),
-                Limit::SlidingWindow { limit, window } => ("s", limit, window),
-                Limit::FixedWindow { limit, window } => ("f", limit, window),
-                Limit::Flag { duration } => ("k", 0, duration),
-            };
-            inv.arg(kind).arg(a).arg(b).arg(op.cost).arg(u8::from(op.shadow));
+        let sent = cached.map_or(0, |(c, _)| c.clock());
+        let (verdicts, replies) = self.apply_in_store(ops, now).await?;
+        if let Some((cache, plan)) = cached
+            && over_limit::refuses(ops, &verdicts)
+        {
+            let (at, states) = replies.seen(ops);
+            cache.remember(plan, ops, &verdicts, at, sent, states);
         }
-        decode(&self.invoke(&inv).await?, ops)
+        Ok(verdicts)
     }
 
     fn watch_freed(&self, wake: std::sync::Arc<dyn Fn(&str) + Send + Sync>) {
-        let client = self.client.clone();
+        let clients = self.notify.clone();
         tokio::spawn(async move {
             use futures_util::StreamExt;
-            loop {
+            for client in clients.iter().cycle() {
                 match client.get_async_pubsub().await {
                     Ok(mut pubsub) => match pubsub.subscribe(FREED_CHANNEL).await {
                         Ok(()) => {
@@ -360,6 +533,10 @@ impl Store for RedisStore {
 
     fn local_share(&self) -> Option<u64> {
         self.local_share
+    }
+
+    fn over_limit_hits(&self) -> Option<prometheus_client::metrics::counter::Counter> {
+        self.over_limit.as_ref().map(OverLimitCache::hits)
     }
 
     fn timeout(&self) -> Option<Duration> {

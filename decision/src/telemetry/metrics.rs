@@ -56,6 +56,11 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::with_store_cache(None)
+    }
+
+    /// With the store's over-limit cache hits, when it has one.
+    pub fn with_store_cache(over_limit_hits: Option<Counter>) -> Self {
         let mut registry = Registry::with_prefix("portcullis");
         let family = Family::<Labels2, Counter>::default();
         registry.register("decisions", "Decisions by outcome and reason", family.clone());
@@ -191,6 +196,13 @@ impl Metrics {
             "Store calls answered from this instance's share of each limit while the store failed",
             local_share_calls.clone(),
         );
+        if let Some(hits) = over_limit_hits {
+            registry.register(
+                "store_over_limit_cache_hits",
+                "Refused plans answered from the over-limit cache, without a store call",
+                hits,
+            );
+        }
         Metrics {
             registry,
             decisions,

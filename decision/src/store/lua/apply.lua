@@ -5,14 +5,16 @@
 -- KEYS[i]   the counter key of operation i
 -- ARGV[1]   the time in microseconds, or -1 to read the server's clock (TIME); only tests pass one
 --           (and then keys live at least a minute, since Redis expires them by its own clock)
--- ARGV[2 + 5(i-1) .. 6 + 5(i-1)]   operation i:
+-- ARGV[2]   1: store the new states when every enforced operation allows; 0: only check (a plan
+--           that Redis Cluster splits by slot is checked in every slot before it counts in any)
+-- ARGV[3 + 5(i-1) .. 7 + 5(i-1)]   operation i:
 --           kind   "b" token bucket (GCRA) | "s" sliding-window counter | "f" fixed window
 --                  | "k" flag (an address block: cost 0 checks it, cost 1 raises it)
 --           a      bucket: burst;           windows: limit;       flag: 0
 --           b      bucket: interval (us);   windows: window (us); flag: duration (us)
 --           cost   hits this request counts
 --           shadow 1: counted and reported, never refusing the plan; 0: enforced
--- Returns   { now, committed (1|0), then for each operation: allowed (1|0), s1, s2, s3 }
+-- Returns   { now, committed (1|0; 0 when only checking), then for each operation: allowed (1|0), s1, s2, s3 }
 --           where s1..s3 is the state the operation saw: bucket { tat, 0, 0 }, window
 --           { start, prev, cur }, or { -1, 0, 0 } for none. The caller recomputes the whole verdict
 --           (remaining, reset, retry-after) from it with decision-core's quota::check, so this
@@ -27,6 +29,7 @@
 -- its start, a fixed window one window after.
 
 local now, test_clock = clock(ARGV[1])
+local store = ARGV[2] == '1'
 
 local pending = {}
 
@@ -45,7 +48,7 @@ local writes = {}
 local commit = true
 
 for i = 1, #KEYS do
-  local base = 2 + 5 * (i - 1)
+  local base = 3 + 5 * (i - 1)
   local kind, a, b = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
   local cost, shadow = tonumber(ARGV[base + 3]), ARGV[base + 4] == '1'
   local key = KEYS[i]
@@ -100,7 +103,7 @@ for i = 1, #KEYS do
   end
 end
 
-if commit then
+if commit and store then
   out[2] = 1
   for _, w in ipairs(writes) do
     local v

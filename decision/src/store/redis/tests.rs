@@ -10,10 +10,27 @@ use proptest::prelude::*;
 use super::*;
 use crate::store::MemoryStore;
 use crate::store::conformance;
-use ::tests::RedisServer;
+use ::tests::{RedisCluster, RedisServer};
 
 fn settings(url: String) -> RedisSettings {
-    RedisSettings { url, timeout: Duration::from_millis(500), pool_size: 2, ca_file: None, local_share: None }
+    RedisSettings {
+        url,
+        cluster: Vec::new(),
+        timeout: Duration::from_millis(500),
+        pool_size: 2,
+        ca_file: None,
+        local_share: None,
+        over_limit_cache: 0,
+    }
+}
+
+/// With an over-limit cache of 1,000 plans.
+fn cached(url: String) -> RedisSettings {
+    RedisSettings { over_limit_cache: 1_000, ..settings(url) }
+}
+
+fn cluster_settings(cluster: &RedisCluster) -> RedisSettings {
+    RedisSettings { cluster: cluster.urls(), ..settings(String::new()) }
 }
 
 #[tokio::test]
@@ -25,6 +42,162 @@ async fn redis_store_passes_the_conformance_suite() {
         async move { store }
     })
     .await;
+}
+
+#[tokio::test]
+async fn redis_cluster_store_passes_the_conformance_suite() {
+    let cluster = RedisCluster::start(3, 0);
+    conformance::run_all(|| {
+        cluster.flush_all();
+        let store = RedisStore::connect(&cluster_settings(&cluster)).expect("store").with_test_clock();
+        async move { store }
+    })
+    .await;
+}
+
+/// A manual failover of the master holding a key, while calls keep coming: every call is
+/// answered (a verdict, or an error within the timeout that on_store_error answers), none is
+/// allowed past the limit, the count survives on the promoted replica, and exactness resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_mid_run_loses_no_decisions() {
+    let cluster = RedisCluster::start(3, 1);
+    let store = std::sync::Arc::new(RedisStore::connect(&cluster_settings(&cluster)).expect("store"));
+    let key = "pc:{s:failover}:burst";
+    // 100 at once, then one an hour: nothing refills during the test
+    let op = Op {
+        key: key.into(),
+        limit: Limit::token_bucket(1, 60 * MICROS_PER_MINUTE, 100),
+        cost: 1,
+        kind: OpKind::TierBurst,
+        shadow: false,
+    };
+    let (master, replicas) = cluster.owner_of(key);
+    let replica = replicas[0];
+    let run = |n: usize| {
+        let (store, op) = (store.clone(), op.clone());
+        tokio::spawn(async move {
+            let (mut allowed, mut errors, mut slowest) = (0, 0, Duration::ZERO);
+            for _ in 0..n {
+                let started = crate::clock::instant();
+                let answer = tokio::time::timeout(store.timeout, store.apply(std::slice::from_ref(&op), 0)).await;
+                slowest = slowest.max(started.elapsed());
+                match answer {
+                    Ok(Ok(v)) => allowed += usize::from(v[0].allowed),
+                    _ => errors += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (allowed, errors, slowest)
+        })
+    };
+    let workers: Vec<_> = (0..4).map(|_| run(60)).collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(replica.cli(&["CLUSTER", "FAILOVER"]).trim(), "OK");
+    let (mut allowed, mut errors) = (0, 0);
+    for w in workers {
+        let (a, e, slowest) = w.await.expect("worker");
+        assert!(slowest < store.timeout + Duration::from_millis(900), "a call took {slowest:?}");
+        allowed += a;
+        errors += e;
+    }
+    // the replica took over the key's slot
+    let deadline = crate::clock::instant() + Duration::from_secs(20);
+    while cluster.owner_of(key).0.port != replica.port {
+        assert!(crate::clock::instant() < deadline, "the replica never took over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.wait_until_settled();
+    assert!(allowed <= 100, "{allowed} allowed past a burst of 100");
+    // a manual failover loses no write: the promoted replica holds every counted call, so what
+    // is left of the burst is exactly what no call took (a call that failed may have counted)
+    let mut rest = 0;
+    for _ in 0..120 {
+        let v = tokio::time::timeout(Duration::from_secs(2), store.apply(std::slice::from_ref(&op), 0))
+            .await
+            .expect("answered in time")
+            .expect("answered after the failover");
+        rest += usize::from(v[0].allowed);
+    }
+    assert!(
+        allowed + rest <= 100 && allowed + rest + errors >= 100,
+        "allowed {allowed} during and {rest} after the failover, {errors} errors: not one burst of 100"
+    );
+    assert_ne!(master.port, replica.port);
+    // exactness on a fresh key, through the new layout
+    let fresh = Op { key: "pc:{s:failover-after}:burst".into(), ..op.clone() };
+    let mut after = 0;
+    for _ in 0..150 {
+        after += usize::from(store.apply(std::slice::from_ref(&fresh), 0).await.expect("answered")[0].allowed);
+    }
+    assert_eq!(after, 100);
+}
+
+fn evalsha_calls(server: &RedisServer) -> u64 {
+    let stats = server.cli(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A client hammering past its quota is answered from the over-limit cache, at no Redis call,
+/// with the verdict Redis would give; the moment its limit would let it through, it goes to
+/// Redis again. Other clients are not affected, and another instance's counts still show.
+#[tokio::test]
+async fn a_client_over_its_limit_costs_no_redis_call_until_its_limit_would_allow_it() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&cached(server.url())).expect("store").with_test_clock();
+    let memory = MemoryStore::new();
+    let t0 = 1_800_000_000 * MICROS_PER_SEC;
+    let hammer = [conformance::bucket_op("hammer", 5, 60), conformance::window_op("zone", 1_000, MICROS_PER_MINUTE)];
+    for i in 0..5 {
+        assert!(store.apply(&hammer, t0 + i).await.expect("apply").iter().all(|v| v.allowed));
+        memory.apply_now(&hammer, t0 + i);
+    }
+    let before = evalsha_calls(&server);
+    for i in 0..100 {
+        let now = t0 + 1_000 + i * 1_000;
+        let got = store.apply(&hammer, now).await.expect("apply");
+        assert!(!got[0].allowed);
+        assert_eq!(got, memory.apply_now(&hammer, now), "the cached answer is the one Redis gives, at {now}");
+    }
+    assert_eq!(evalsha_calls(&server) - before, 1, "only the first refusal reached Redis");
+    assert_eq!(store.over_limit.as_ref().expect("cache").hits().get(), 99);
+    // a client that is not over its limit is not answered from the cache
+    let other = [conformance::bucket_op("other", 5, 60)];
+    assert!(store.apply(&other, t0 + 200_000).await.expect("apply")[0].allowed);
+    assert_eq!(evalsha_calls(&server) - before, 2);
+    // a second later the bucket holds one token again: the plan goes to Redis and is allowed
+    let later = t0 + MICROS_PER_SEC + 5;
+    let got = store.apply(&hammer, later).await.expect("apply");
+    assert!(got[0].allowed);
+    assert_eq!(got, memory.apply_now(&hammer, later));
+    assert_eq!(evalsha_calls(&server) - before, 3);
+}
+
+/// Another instance can only consume more while a plan is refused, never give back, so a
+/// refusal remembered here holds; and a limit changed by a reload is a different plan.
+#[tokio::test]
+async fn the_over_limit_cache_never_refuses_what_redis_would_allow() {
+    let server = RedisServer::start();
+    let here = RedisStore::connect(&cached(server.url())).expect("store");
+    let there = RedisStore::connect(&settings(server.url())).expect("store");
+    let op = [conformance::window_op("shared", 3, MICROS_PER_MINUTE)];
+    for _ in 0..3 {
+        assert!(there.apply(&op, 0).await.expect("apply")[0].allowed);
+    }
+    assert!(!here.apply(&op, 0).await.expect("apply")[0].allowed);
+    assert!(!here.apply(&op, 0).await.expect("apply")[0].allowed);
+    assert_eq!(here.over_limit.as_ref().expect("cache").hits().get(), 1);
+    // the policy now allows 4: a new plan, decided by Redis
+    let raised = [conformance::window_op("shared", 4, MICROS_PER_MINUTE)];
+    assert!(here.apply(&raised, 0).await.expect("apply")[0].allowed);
+    // a plan naming a key twice is never remembered
+    let twice =
+        [conformance::window_op("twice", 1, MICROS_PER_MINUTE), conformance::window_op("twice", 1, MICROS_PER_MINUTE)];
+    assert!(here.over_limit.as_ref().expect("cache").fingerprint(&twice).is_none());
 }
 
 #[tokio::test]
@@ -72,9 +245,15 @@ async fn keys_expire_by_the_server_clock_no_later_than_needed() {
 async fn a_script_flush_or_a_restart_does_not_fail_requests_for_long() {
     let mut server = RedisServer::start();
     let port = server.port;
-    let store = RedisStore::connect(&settings(server.url())).expect("store");
+    let store = RedisStore::connect(&cached(server.url())).expect("store");
     let op = [conformance::window_op("k", 1000, MICROS_PER_MINUTE)];
     store.apply(&op, 0).await.expect("first call");
+    // a client over its limit, refused from the over-limit cache
+    let over = [conformance::window_op("over", 1, MICROS_PER_MINUTE)];
+    assert!(store.apply(&over, 0).await.expect("counted")[0].allowed);
+    assert!(!store.apply(&over, 0).await.expect("refused by Redis")[0].allowed);
+    assert!(!store.apply(&over, 0).await.expect("refused from the cache")[0].allowed);
+    assert_eq!(store.over_limit.as_ref().expect("cache").hits().get(), 1);
     // SCRIPT FLUSH (as after a failover): EVALSHA meets NOSCRIPT, the script is reloaded, the
     // request is answered
     assert_eq!(server.command("SCRIPT FLUSH"), "+OK\r\n");
@@ -96,6 +275,8 @@ async fn a_script_flush_or_a_restart_does_not_fail_requests_for_long() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(store.ready());
+    // the restarted Redis lost its counters, and the cache forgot its refusals with the outage
+    assert!(store.apply(&over, 0).await.expect("answered")[0].allowed);
 }
 
 #[test]
@@ -105,10 +286,12 @@ fn passwords_never_reach_a_log_line() {
     assert_eq!(redacted("redis://host:6379"), "redis://host:6379");
     let s = RedisSettings {
         url: "redis://app:s3cret@host:6379".into(),
+        cluster: vec!["redis://app:s3cret@host:6379".into()],
         timeout: Duration::from_millis(25),
         pool_size: 1,
         ca_file: None,
         local_share: None,
+        over_limit_cache: 0,
     };
     assert!(!format!("{s:?}").contains("s3cret"));
 }
@@ -146,12 +329,43 @@ fn plans() -> impl Strategy<Value = Vec<(u64, Vec<RandomOp>)>> {
 #[test]
 fn the_lua_script_and_the_rust_quota_math_agree() {
     let server = RedisServer::start();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 48, ..ProptestConfig::default() });
-    let result = runner.run(&plans(), |plans| {
+    lua_and_rust_agree(48, || {
         assert_eq!(server.command("FLUSHALL"), "+OK\r\n");
+        settings(server.url())
+    });
+}
+
+/// With the over-limit cache, every plan is allowed or refused exactly as without it, and an
+/// allowed plan's verdicts are exact (it went to Redis). A refused plan answered from the cache
+/// reports what its operations saw at the refusal, advanced in time: its other operations may
+/// since have been counted by other plans, which it does not see.
+#[test]
+fn the_over_limit_cache_decides_every_plan_as_redis_would() {
+    let server = RedisServer::start();
+    lua_and_rust_agree(32, || {
+        assert_eq!(server.command("FLUSHALL"), "+OK\r\n");
+        cached(server.url())
+    });
+}
+
+/// The same on a Redis Cluster, where the keys k0, k1 and k2 sit in three slots, so plans are
+/// split by slot, checked, then counted: they must still be all-or-nothing.
+#[test]
+fn split_plans_on_a_redis_cluster_agree_with_the_rust_quota_math() {
+    let cluster = RedisCluster::start(3, 0);
+    lua_and_rust_agree(16, || {
+        cluster.flush_all();
+        cluster_settings(&cluster)
+    });
+}
+
+fn lua_and_rust_agree(cases: u32, fresh: impl Fn() -> RedisSettings) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases, ..ProptestConfig::default() });
+    let result = runner.run(&plans(), |plans| {
+        let settings = fresh();
         let _in_runtime = rt.enter();
-        let redis = RedisStore::connect(&settings(server.url())).expect("store").with_test_clock();
+        let redis = RedisStore::connect(&settings).expect("store").with_test_clock();
         let memory = MemoryStore::new();
         let mut now = 1_800_000_000 * MICROS_PER_SEC + 123_456;
         // one limit per key for the whole sequence, taken from its first use
@@ -167,7 +381,11 @@ fn the_lua_script_and_the_rust_quota_math_agree() {
                 .collect();
             let expected = memory.apply_now(&ops, now);
             let got = rt.block_on(redis.apply(&ops, now)).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert_eq!(got, expected, "at {} with {:?}", now, ops);
+            let refused = over_limit::refuses(&ops, &expected);
+            prop_assert_eq!(over_limit::refuses(&ops, &got), refused, "at {} with {:?}", now, ops);
+            if !refused || settings.over_limit_cache == 0 {
+                prop_assert_eq!(got, expected, "at {} with {:?}", now, ops);
+            }
         }
         Ok(())
     });
