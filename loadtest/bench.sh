@@ -178,13 +178,21 @@ lt --name rls-limited             --target rls --addr "$pc_addr" --server-pid "$
 # the Redis store: the same cases, and the ceiling of redis-benchmark running the same script by
 # EVALSHA with the same concurrency (one connection per stream, not pipelined)
 start_portcullis_redis
-lt --name rls-1-desc-1-key-redis  --target rls --addr "$pcr_addr" --server-pid "$pcr_pid" "${common[@]}" --expect all
-lt --name rls-1-desc-100k-keys-redis --target rls --addr "$pcr_addr" --server-pid "$pcr_pid" "${common[@]}" --keys 100000 --expect all
-lt --name ext-authz-api-key-redis --target ext-authz --addr "$pcr_addr" --server-pid "$pcr_pid" "${common[@]}" --api-key pk_bench_open --expect all
+lt --name rls-1-desc-1-key-redis  --target rls --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --expect all
+lt --name rls-1-desc-100k-keys-redis --target rls --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --keys 100000 --expect all
+lt --name ext-authz-api-key-redis --target ext-authz --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --api-key pk_bench_open --expect all
 sha="$(redis-cli -p "$redis_port" SCRIPT LOAD "$(cat decision/src/store/lua/common.lua decision/src/store/lua/apply.lua)")"
-ceiling="$(timeout 120 "${client_cpu[@]}" redis-benchmark -p "$redis_port" -c $((conns * streams)) -n $(( ${dur%s} * 40000 )) -P 1 --csv \
-  EVALSHA "$sha" 1 'rl:{bench}:s1' -1 1 s 1000000000 1000000 1 0 | tail -n 1 | cut -d, -f2 | tr -d '"')"
-python3 -c 'import json,sys; print(json.dumps({"name": "redis-benchmark-evalsha", "mode": "closed", "rps": float(sys.argv[1]), "connections": int(sys.argv[2]), "streams": 1, "latency_us": {"p50": None, "p99": None, "p99.9": None}, "outcomes": {"allowed": None, "over_limit": None, "errors": 0}, "client_cpu_pct": None, "server_cpu_pct": None}))' "$ceiling" "$((conns * streams))" >> "$out"
+redis_ticks() { awk '{print $14 + $15}' "/proc/$redis_pid/stat"; }
+# not pipelined (the target's baseline), then 16 deep (what Redis itself can do with the script)
+for depth in 1 16; do
+  t0="$(date +%s.%N)"; c0="$(redis_ticks)"
+  rps="$(timeout 120 "${client_cpu[@]}" redis-benchmark -p "$redis_port" -c $((conns * streams)) -n $(( ${dur%s} * 40000 )) -P "$depth" --csv \
+    EVALSHA "$sha" 1 'rl:{bench}:s1' -1 1 s 1000000000 1000000 1 0 | tail -n 1 | cut -d, -f2 | tr -d '"')"
+  t1="$(date +%s.%N)"; c1="$(redis_ticks)"
+  name=redis-benchmark-evalsha; [ "$depth" = 1 ] || name="redis-benchmark-evalsha-pipelined-$depth"
+  python3 -c 'import json,os,sys; rps,conns,t0,t1,c0,c1,name=sys.argv[1:]; print(json.dumps({"name": name, "mode": "closed", "rps": float(rps), "connections": int(conns), "streams": 1, "latency_us": {"p50": None, "p99": None, "p99.9": None}, "outcomes": {"allowed": None, "over_limit": None, "errors": 0}, "client_cpu_pct": None, "server_cpu_pct": None, "store_cpu_pct": (float(c1) - float(c0)) / os.sysconf("SC_CLK_TCK") / (float(t1) - float(t0)) * 100}))' \
+    "$rps" "$((conns * streams))" "$t0" "$t1" "$c0" "$c1" "$name" >> "$out"
+done
 
 # open loop at half of the closed-loop peak: latency without coordinated omission; the no-op
 # server at the same rate shows what the client and the machine add by themselves
@@ -209,8 +217,8 @@ def baseline(name):
     if name.startswith("ext-authz"): return base["ext-authz"]
     if name.startswith("rls-5"): return base["rls-5"]
     return base["rls-1"]
-print(f"| case | req/s | vs baseline | p50 us | p99 us | p99.9 us | allowed | over limit | errors | client CPU | server CPU |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print(f"| case | req/s | vs baseline | p50 us | p99 us | p99.9 us | allowed | over limit | errors | client CPU | server CPU | redis CPU |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 jwt, key = by.get("ext-authz-jwt"), by.get("ext-authz-api-key")
 for r in rows:
     if r["name"] == "memory-per-key": continue
@@ -220,9 +228,16 @@ for r in rows:
     lat = r["latency_us"]
     val = lambda v: "-" if v is None else v
     cpu = lambda v: "-" if v is None else f"{v:.0f}%"
-    print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {val(lat["p50"])} | {val(lat["p99"])} | {val(lat["p99.9"])} | {val(r["outcomes"]["allowed"])} | {val(r["outcomes"]["over_limit"])} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} |')
+    print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {val(lat["p50"])} | {val(lat["p99"])} | {val(lat["p99.9"])} | {val(r["outcomes"]["allowed"])} | {val(r["outcomes"]["over_limit"])} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} | {cpu(r.get("store_cpu_pct"))} |')
 print(open(sys.argv[1] + ".audit").read().strip())
 print("\nbaselines: no-op cases for ext_authz and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis; Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis")
+ceil, piped = by.get("redis-benchmark-evalsha"), by.get("redis-benchmark-evalsha-pipelined-16")
+us = lambda r, k: r[k] / 100 / r["rps"] * 1e6 if r and r.get(k) is not None and r["rps"] else float("nan")
+for name in ("rls-1-desc-100k-keys-redis", "ext-authz-api-key-redis"):
+    r = by.get(name)
+    if r and ceil and piped:
+        print(f"\nCPU per decision, {name}: portcullis {us(r, 'server_cpu_pct'):.0f} us, redis-server {us(r, 'store_cpu_pct'):.0f} us, load generator {us(r, 'client_cpu_pct'):.0f} us"
+              f" (redis-server per EVALSHA under redis-benchmark: {us(ceil, 'store_cpu_pct'):.0f} us not pipelined, {us(piped, 'store_cpu_pct'):.0f} us 16 deep)")
 if jwt and key:
     print(f"\nJWT (one RS256 token, cached after its first verification) vs API key: {key['rps'] / jwt['rps']:.2f}x the cost per decision")
 m = by["memory-per-key"]

@@ -74,6 +74,9 @@ struct Args {
     /// the server's pid, to report its CPU use and resident memory
     #[arg(long)]
     server_pid: Option<u32>,
+    /// the store's pid (a redis-server), to report its CPU use beside the server's
+    #[arg(long)]
+    store_pid: Option<u32>,
     /// what the policy predicts: `all` allowed, or a number allowed (the rest over the limit)
     #[arg(long)]
     expect: Option<String>,
@@ -269,6 +272,8 @@ fn main() -> ExitCode {
     let server = args.server_pid.map(|p| p.to_string());
     let server_cpu0 = server.as_deref().and_then(|p| cpu::cpu_time(p, ticks));
     let server_rss0 = server.as_deref().and_then(cpu::rss_bytes);
+    let store = args.store_pid.map(|p| p.to_string());
+    let store_cpu0 = store.as_deref().and_then(|p| cpu::cpu_time(p, ticks));
     let self_cpu0 = cpu::cpu_time("self", ticks);
     let shown = progress(&args.name, &cfg);
     let result = rt.block_on(async {
@@ -297,6 +302,7 @@ fn main() -> ExitCode {
     };
     case.client_cpu_pct = pct(self_cpu0, cpu::cpu_time("self", ticks));
     case.server_cpu_pct = pct(server_cpu0, server.as_deref().and_then(|p| cpu::cpu_time(p, ticks)));
+    case.store_cpu_pct = pct(store_cpu0, store.as_deref().and_then(|p| cpu::cpu_time(p, ticks)));
     case.server_rss_delta_bytes = match (server_rss0, server.as_deref().and_then(cpu::rss_bytes)) {
         (Some(a), Some(b)) => i64::try_from(b).ok().zip(i64::try_from(a).ok()).map(|(b, a)| b - a),
         _ => None,

@@ -18,6 +18,8 @@ pub struct Case {
     pub errors: u64,
     pub client_cpu_pct: Option<f64>,
     pub server_cpu_pct: Option<f64>,
+    /// the store's (a redis-server's), when its pid was given
+    pub store_cpu_pct: Option<f64>,
     pub server_rss_delta_bytes: Option<i64>,
 }
 
@@ -38,6 +40,7 @@ impl Case {
             errors: r.counts.errors,
             client_cpu_pct: None,
             server_cpu_pct: None,
+            store_cpu_pct: None,
             server_rss_delta_bytes: None,
         }
     }
@@ -55,17 +58,18 @@ impl Case {
             "outcomes": { "allowed": self.allowed, "denied": self.denied, "over_limit": self.over_limit, "errors": self.errors },
             "client_cpu_pct": self.client_cpu_pct,
             "server_cpu_pct": self.server_cpu_pct,
+            "store_cpu_pct": self.store_cpu_pct,
             "server_rss_delta_bytes": self.server_rss_delta_bytes,
         })
     }
 
-    pub const MARKDOWN_HEADER: &'static str = "| case | mode | conns x streams | req/s | p50 us | p90 us | p99 us | p99.9 us | max us | allowed | over | denied | errors | client CPU | server CPU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+    pub const MARKDOWN_HEADER: &'static str = "| case | mode | conns x streams | req/s | p50 us | p90 us | p99 us | p99.9 us | max us | allowed | over | denied | errors | client CPU | server CPU | store CPU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
     pub fn markdown_row(&self) -> String {
         let [p50, p90, p99, p999, max] = self.percentiles_us;
         let pct = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}%"));
         format!(
-            "| {} | {} | {}x{} | {:.0} | {p50} | {p90} | {p99} | {p999} | {max} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {}x{} | {:.0} | {p50} | {p90} | {p99} | {p999} | {max} | {} | {} | {} | {} | {} | {} | {} |",
             self.name,
             self.mode,
             self.connections,
@@ -76,7 +80,8 @@ impl Case {
             self.denied,
             self.errors,
             pct(self.client_cpu_pct),
-            pct(self.server_cpu_pct)
+            pct(self.server_cpu_pct),
+            pct(self.store_cpu_pct)
         )
     }
 }
