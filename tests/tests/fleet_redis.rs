@@ -146,6 +146,15 @@ async fn three_instances_on_a_redis_cluster_hold_one_key_to_exactly_its_burst() 
     for p in &fleet {
         clients.push(client(p).await);
     }
+    // every instance reports the cluster ready (a PING answered by every node)
+    for p in &fleet {
+        let http = HttpClient::new();
+        let url = format!("http://{}/readyz", p.http);
+        wait_until("readiness on the cluster", async || {
+            http.request("GET", &url, &[], "").await.is_ok_and(|r| r.status == 200)
+        })
+        .await;
+    }
     for repetition in 0..5 {
         cluster.flush_all();
         let allowed = burst_over(&clients, repetition).await;

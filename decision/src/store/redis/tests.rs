@@ -200,6 +200,39 @@ async fn the_over_limit_cache_never_refuses_what_redis_would_allow() {
     assert!(here.over_limit.as_ref().expect("cache").fingerprint(&twice).is_none());
 }
 
+/// A cluster master dies (no replica to take over): calls for its slots fail within the timeout,
+/// never hang, and the store reports itself down; keys served by the other masters still work.
+#[tokio::test]
+async fn a_dead_cluster_master_fails_its_calls_within_the_timeout() {
+    let mut cluster = RedisCluster::start(3, 0);
+    let s = RedisSettings { timeout: Duration::from_millis(100), ..cluster_settings(&cluster) };
+    let store = RedisStore::connect(&s).expect("store");
+    let keys: Vec<String> = (0..30).map(|i| format!("pc:{{s:k{i}}}:burst")).collect();
+    let op = |k: &str| [conformance::bucket_op(k, 100, 60)];
+    for k in &keys {
+        assert!(store.apply(&op(k), 0).await.expect("answered")[0].allowed);
+    }
+    assert!(store.probe().await);
+    let dead = cluster.owner_of(&keys[0]).0.port;
+    let on_dead: Vec<bool> = keys.iter().map(|k| cluster.owner_of(k).0.port == dead).collect();
+    assert!(on_dead.iter().any(|d| !d), "30 keys all on one master");
+    cluster.nodes.iter_mut().find(|n| n.port == dead).expect("the master").kill();
+    for _ in 0..3 {
+        for (k, dead) in keys.iter().zip(&on_dead) {
+            let started = crate::clock::instant();
+            let answer = tokio::time::timeout(Duration::from_secs(5), store.apply(&op(k), 0)).await.expect("no hang");
+            let took = started.elapsed();
+            if *dead {
+                assert!(answer.is_err(), "a call to a dead master answered {answer:?}");
+                assert!(took < s.timeout + Duration::from_millis(900), "a failed call took {took:?}");
+            } else {
+                assert!(answer.expect("a live master answers")[0].allowed);
+            }
+        }
+    }
+    assert!(!store.probe().await, "a cluster with a dead master is not ready");
+}
+
 #[tokio::test]
 async fn keys_expire_by_the_server_clock_no_later_than_needed() {
     let server = RedisServer::start();
