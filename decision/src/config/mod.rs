@@ -886,7 +886,14 @@ impl Validator<'_> {
             } else if let Some(r) = &s.redis_stream {
                 let url = match (&r.url, store) {
                     (Some(u), _) => u.clone(),
-                    (None, StoreSettings::Redis(rs)) => rs.url.clone(),
+                    (None, StoreSettings::Redis(rs)) if rs.cluster.is_empty() => rs.url.clone(),
+                    (None, StoreSettings::Redis(_)) => {
+                        self.err(
+                            format!("{path}.redis_stream"),
+                            "give url: the stream is written to one Redis node, and the store is a Redis Cluster",
+                        );
+                        String::new()
+                    }
                     (None, StoreSettings::Memory) => {
                         self.err(format!("{path}.redis_stream"), "give url: the store is not Redis");
                         String::new()

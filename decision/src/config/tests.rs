@@ -246,6 +246,33 @@ fn the_redis_store_is_read_with_its_defaults() {
     assert_eq!(r.timeout, std::time::Duration::from_millis(25));
     assert_eq!(r.pool_size, 4);
     assert!(matches!(parse("", Path::new(".")).expect("empty").settings.store, StoreSettings::Memory));
+    assert_eq!(r.over_limit_cache, 100_000);
+    assert!(r.cluster.is_empty());
+}
+
+#[test]
+fn a_redis_cluster_store_is_read_from_its_nodes() {
+    let cfg = with_store(
+        "  redis: { cluster: [\"redis://:pw@10.0.0.1:7000\", \"redis://:pw@10.0.0.2:7000\"], over_limit_cache: 0 }",
+    )
+    .expect("cluster store");
+    let StoreSettings::Redis(r) = cfg.settings.store else { panic!("redis expected") };
+    assert_eq!(r.cluster, ["redis://:pw@10.0.0.1:7000", "redis://:pw@10.0.0.2:7000"]);
+    assert_eq!(r.over_limit_cache, 0);
+    // an audit stream has no node to default to on a cluster
+    let text = reference_text()
+        .replacen(
+            "  memory: {}                    # the embedded default; a fleet uses, instead:",
+            "  redis: { cluster: [\"redis://10.0.0.1:7000\"] }",
+            1,
+        )
+        .replacen("    - stdout: {}\n", "    - redis_stream: { key: pc:audit }\n", 1);
+    assert!(text.contains("redis_stream: { key: pc:audit }"), "the reference policy's lines moved");
+    let problems = parse(&text, &examples()).expect_err("no url for the stream");
+    assert!(
+        problems.iter().any(|p| p.path == "audit.sinks[0].redis_stream" && p.message.contains("Redis Cluster")),
+        "{problems:#?}"
+    );
 }
 
 #[test]
