@@ -228,8 +228,12 @@ impl RedisServer {
 
     /// One command through redis-cli (for replies longer than `command` reads); its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+        let mut cmd = std::process::Command::new("redis-cli");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some(pw) = &self.password {
+            cmd.args(["-a", pw, "--no-auth-warning"]);
+        }
+        let out = cmd
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): install redis-tools; scripts/test.sh does"));
@@ -268,29 +272,65 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+        Self::start_with(masters, replicas, None)
+    }
+
+    /// Masters only, serving TLS (the test certificate of tests/fixtures/tls) with `password`;
+    /// the nodes announce their TLS ports and talk TLS among themselves.
+    pub fn start_tls(masters: usize, password: &str) -> RedisCluster {
+        Self::start_with(masters, 0, Some(password))
+    }
+
+    fn start_with(masters: usize, replicas: usize, password: Option<&str>) -> RedisCluster {
         let mut nodes = Vec::new();
-        while nodes.len() < masters * (1 + replicas) {
-            // a node also listens on its port + 10000 (the cluster bus)
+        // a node's cluster bus listens on its announced port + 10000: the plain port, or with TLS
+        // the TLS port (set as cluster-port, since Redis counts from the plain port)
+        let with_bus = || loop {
             let port = free_port();
-            if port > 55_000 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
-                continue;
+            if port <= 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+                return port;
             }
+        };
+        while nodes.len() < masters * (1 + replicas) {
+            let port = with_bus();
             let conf = format!("nodes-{port}.conf");
-            let args = ["--cluster-enabled", "yes", "--cluster-config-file", &conf, "--cluster-node-timeout", "2000"];
-            if let Some(s) = RedisServer::try_start_on(port, None, &args) {
+            let mut args =
+                vec!["--cluster-enabled", "yes", "--cluster-config-file", &conf, "--cluster-node-timeout", "2000"];
+            let tls = password.map(|pw| (with_bus(), pw));
+            let bus = tls.map(|(t, _)| (t + 10_000).to_string());
+            if let Some(bus) = &bus {
+                args.extend(["--tls-cluster", "yes", "--tls-replication", "yes", "--cluster-port", bus]);
+            }
+            if let Some(s) = RedisServer::try_start_on(port, tls, &args) {
                 nodes.push(s);
             }
         }
-        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-        let out = std::process::Command::new("redis-cli")
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.tls_port.unwrap_or(n.port))).collect();
+        let mut create = std::process::Command::new("redis-cli");
+        if let Some(pw) = password {
+            let ca = workspace_root().join("tests/fixtures/tls/ca.pem");
+            create.args(["--tls", "--cacert"]).arg(ca).args(["-a", pw, "--no-auth-warning"]);
+        }
+        let mut child = create
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): install redis-tools; scripts/test.sh does"));
+        // it waits for the nodes to meet, forever if they cannot
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while child.try_wait().ok().flatten().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().expect("redis-cli's output");
         assert!(
             out.status.success(),
-            "redis-cli --cluster create failed: {}{}",
+            "redis-cli --cluster create failed (or took over 60 s): {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -317,9 +357,15 @@ impl RedisCluster {
         }
     }
 
-    /// The seed URLs a client is given (every node).
+    /// The seed URLs a client is given (every node; rediss:// with the password for TLS).
     pub fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(RedisServer::url).collect()
+        self.nodes
+            .iter()
+            .map(|n| match (&n.password, n.tls_port) {
+                (Some(pw), Some(tls)) => format!("rediss://:{pw}@127.0.0.1:{tls}"),
+                _ => n.url(),
+            })
+            .collect()
     }
 
     /// The node serving `key`'s slot now, and that node's replicas.

@@ -233,6 +233,32 @@ async fn a_dead_cluster_master_fails_its_calls_within_the_timeout() {
     assert!(!store.probe().await, "a cluster with a dead master is not ready");
 }
 
+/// rediss:// to a cluster that talks TLS everywhere, with AUTH and the test CA: plans over two
+/// slots are counted exactly; without the CA, the system's roots refuse the nodes.
+#[tokio::test]
+async fn a_tls_cluster_with_a_password_and_a_private_ca() {
+    let cluster = RedisCluster::start_tls(3, "cluster-s3cret");
+    let ca = ::tests::workspace_root().join("tests/fixtures/tls/ca.pem");
+    let s = RedisSettings { ca_file: Some(ca), ..cluster_settings(&cluster) };
+    assert!(s.cluster.iter().all(|u| u.starts_with("rediss://")));
+    assert!(!format!("{s:?}").contains("cluster-s3cret"));
+    let store = RedisStore::connect(&s).expect("store");
+    let plan = [
+        conformance::bucket_op("pc:{s:tls}:burst", 5, 1),
+        conformance::window_op("pc:{ip:tls}:zone", 1_000, MICROS_PER_MINUTE),
+    ];
+    assert_ne!(Slot::for_key(&plan[0].key), Slot::for_key(&plan[1].key));
+    let mut allowed = 0;
+    for _ in 0..8 {
+        allowed += usize::from(store.apply(&plan, 0).await.expect("answered over TLS")[0].allowed);
+    }
+    assert_eq!(allowed, 5);
+    let untrusted =
+        RedisStore::connect(&RedisSettings { timeout: Duration::from_millis(200), ..cluster_settings(&cluster) })
+            .expect("store");
+    assert!(untrusted.apply(&plan, 0).await.is_err(), "the test CA is not among the system's roots");
+}
+
 #[tokio::test]
 async fn keys_expire_by_the_server_clock_no_later_than_needed() {
     let server = RedisServer::start();
