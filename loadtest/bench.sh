@@ -181,6 +181,9 @@ start_portcullis_redis
 lt --name rls-1-desc-1-key-redis  --target rls --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --expect all
 lt --name rls-1-desc-100k-keys-redis --target rls --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --keys 100000 --expect all
 lt --name ext-authz-api-key-redis --target ext-authz --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --api-key pk_bench_open --expect all
+# a client hammering past its limit: after the first refusal, the over-limit cache answers
+# without a Redis call (compare with rls-limited on the memory store, and the redis CPU column)
+lt --name rls-limited-redis       --target rls --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --descriptor-key limited --expect 100
 sha="$(redis-cli -p "$redis_port" SCRIPT LOAD "$(cat decision/src/store/lua/common.lua decision/src/store/lua/apply.lua)")"
 redis_ticks() { awk '{print $14 + $15}' "/proc/$redis_pid/stat"; }
 # not pipelined (the target's baseline), then 16 deep (what Redis itself can do with the script)
@@ -213,6 +216,7 @@ by = {r["name"]: r for r in rows}
 base = {"ext-authz": by["noop-ext-authz"], "rls-1": by["noop-rls-1"], "rls-5": by["noop-rls-5"]}
 def baseline(name):
     if name.startswith("http-"): return by["http-envoy-direct"]
+    if name == "rls-limited-redis": return by["rls-limited"]
     if name.endswith("-redis"): return by["redis-benchmark-evalsha"]
     if name.startswith("ext-authz"): return base["ext-authz"]
     if name.startswith("rls-5"): return base["rls-5"]
@@ -230,7 +234,7 @@ for r in rows:
     cpu = lambda v: "-" if v is None else f"{v:.0f}%"
     print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {val(lat["p50"])} | {val(lat["p99"])} | {val(lat["p99.9"])} | {val(r["outcomes"]["allowed"])} | {val(r["outcomes"]["over_limit"])} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} | {cpu(r.get("store_cpu_pct"))} |')
 print(open(sys.argv[1] + ".audit").read().strip())
-print("\nbaselines: no-op cases for ext_authz and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis; Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis")
+print("\nbaselines: no-op cases for ext_authz and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis (rls-limited-redis: rls-limited on the memory store); Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis")
 ceil, piped = by.get("redis-benchmark-evalsha"), by.get("redis-benchmark-evalsha-pipelined-16")
 us = lambda r, k: r[k] / 100 / r["rps"] * 1e6 if r and r.get(k) is not None and r["rps"] else float("nan")
 for name in ("rls-1-desc-100k-keys-redis", "ext-authz-api-key-redis"):
