@@ -95,24 +95,33 @@ async fn instances_with_skewed_clocks_still_agree() {
     }
 }
 
+/// Three instances on `policy`, and a client of each.
+async fn fleet_of_three(policy: &str) -> (Vec<Portcullis>, Vec<AuthorizationClient<Channel>>) {
+    let mut fleet = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let p = Portcullis::start(policy).await.unwrap_or_else(|e| panic!("{e:#}"));
+        clients.push(client(&p).await);
+        fleet.push(p);
+    }
+    (fleet, clients)
+}
+
+/// Five bursts over the fleet, the store emptied by `flush` before each: exactly 100 allowed each
+/// time (20 concurrent clients spread over the instances, 1,000 requests in all).
+async fn exactly_the_burst_five_times(clients: &[AuthorizationClient<Channel>], flush: impl Fn()) {
+    for repetition in 0..5 {
+        flush();
+        let allowed = burst_over(clients, repetition).await;
+        assert_eq!(allowed, 100, "repetition {repetition}: the basic burst, exactly, across the fleet");
+    }
+}
+
 #[tokio::test]
 async fn three_instances_hold_one_key_to_exactly_its_burst() {
     let redis = RedisServer::start();
-    let policy = policy(&redis.url(), "deny");
-    let mut fleet = Vec::new();
-    for _ in 0..3 {
-        fleet.push(Portcullis::start(&policy).await.unwrap_or_else(|e| panic!("{e:#}")));
-    }
-    let mut clients = Vec::new();
-    for p in &fleet {
-        clients.push(client(p).await);
-    }
-    for repetition in 0..5 {
-        assert_eq!(redis.command("FLUSHALL"), "+OK\r\n");
-        // 20 concurrent clients spread over the three instances, 1,000 requests in all
-        let allowed = burst_over(&clients, repetition).await;
-        assert_eq!(allowed, 100, "repetition {repetition}: the basic burst, exactly, across the fleet");
-    }
+    let (fleet, clients) = fleet_of_three(&policy(&redis.url(), "deny")).await;
+    exactly_the_burst_five_times(&clients, || assert_eq!(redis.command("FLUSHALL"), "+OK\r\n")).await;
     // most of the 4,500 refusals were answered by each instance's over-limit cache, no Redis call
     let mut hits = 0;
     for p in &fleet {
@@ -138,14 +147,7 @@ async fn three_instances_on_a_redis_cluster_hold_one_key_to_exactly_its_burst() 
     let cluster = RedisCluster::start(3, 0);
     let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
     let policy = policy("-", "deny").replacen("url: \"-\"", &format!("cluster: [{}]", nodes.join(", ")), 1);
-    let mut fleet = Vec::new();
-    for _ in 0..3 {
-        fleet.push(Portcullis::start(&policy).await.unwrap_or_else(|e| panic!("{e:#}")));
-    }
-    let mut clients = Vec::new();
-    for p in &fleet {
-        clients.push(client(p).await);
-    }
+    let (fleet, clients) = fleet_of_three(&policy).await;
     // every instance reports the cluster ready (a PING answered by every node)
     for p in &fleet {
         let http = HttpClient::new();
@@ -155,11 +157,7 @@ async fn three_instances_on_a_redis_cluster_hold_one_key_to_exactly_its_burst() 
         })
         .await;
     }
-    for repetition in 0..5 {
-        cluster.flush_all();
-        let allowed = burst_over(&clients, repetition).await;
-        assert_eq!(allowed, 100, "repetition {repetition}: the basic burst, exactly, across the fleet");
-    }
+    exactly_the_burst_five_times(&clients, || cluster.flush_all()).await;
 }
 
 #[tokio::test]
