@@ -143,21 +143,40 @@ impl<S: Store> Engine<S> {
 
     /// One store call for a plan's operations, bounded by the store's timeout.
     async fn apply(&self, ops: &[decision_core::decide::Op], now: u64) -> Result<Vec<Verdict>, StoreError> {
-        let verdicts = match self.store.timeout() {
-            None => self.store.apply(ops, now).await,
-            Some(t) => match tokio::time::timeout(t, self.store.apply(ops, now)).await {
+        self.apply_admitting(ops, now, None).await.map(|(v, _)| v)
+    }
+
+    /// `apply`, and with `admission` (an upstream's key, a new lease id, the traffic settings), a
+    /// slot asked for in the same store call when the plan commits. When the store fails under
+    /// `local_share`, the plan is answered from the local shares and no slot comes back (the
+    /// caller asks for one as usual).
+    pub(crate) async fn apply_admitting(
+        &self,
+        ops: &[decision_core::decide::Op],
+        now: u64,
+        admission: Option<(&str, &str, &decision_core::traffic::TrafficConfig)>,
+    ) -> Result<crate::store::Planned, StoreError> {
+        let call = async {
+            match admission {
+                None => self.store.apply(ops, now).await.map(|v| (v, None)),
+                Some((upstream, lease, cfg)) => self.store.apply_admit(ops, upstream, lease, cfg, now).await,
+            }
+        };
+        let answer = match self.store.timeout() {
+            None => call.await,
+            Some(t) => match tokio::time::timeout(t, call).await {
                 Ok(r) => r,
                 Err(_) => Err(StoreError::Timeout(t)),
             },
         };
-        let failed = match verdicts {
-            Ok(v) if v.len() == ops.len() => {
+        let failed = match answer {
+            Ok((v, admitted)) if v.len() == ops.len() => {
                 if self.degraded.swap(false, std::sync::atomic::Ordering::Relaxed) {
                     tracing::info!(backend = self.store.backend(), "store reachable again: shared limits are back");
                 }
-                return Ok(v);
+                return Ok((v, admitted));
             }
-            Ok(v) => StoreError::Unavailable(format!("{} verdicts for {} operations", v.len(), ops.len())),
+            Ok((v, _)) => StoreError::Unavailable(format!("{} verdicts for {} operations", v.len(), ops.len())),
             Err(e) => e,
         };
         tracing::warn!(backend = self.store.backend(), error = %failed, "store call failed");
@@ -174,7 +193,7 @@ impl<S: Store> Engine<S> {
                 self.metrics.local_share();
                 let shared: Vec<decision_core::decide::Op> =
                     ops.iter().map(|op| decision_core::decide::Op { limit: op.limit.share(n), ..op.clone() }).collect();
-                Ok(self.local.apply_now(&shared, now))
+                Ok((self.local.apply_now(&shared, now), None))
             }
             None => Err(failed),
         }
@@ -254,23 +273,28 @@ impl<S: Store> Engine<S> {
                 }
             },
         };
-        let d = if plan.ops.is_empty() {
-            conclude(policy, plan, &[])
+        // under `traffic`, the plan and the slot are asked for in one store call
+        let slot = policy.traffic.as_ref().zip(plan.ctx.route.and_then(|i| policy.routes.get(i)));
+        let lease = slot.map(|_| crate::traffic::random_hex());
+        let admission = slot.zip(lease.as_deref()).map(|((cfg, route), l)| (&*route.upstream_key, l, cfg));
+        let (d, first) = if plan.ops.is_empty() {
+            (conclude(policy, plan, &[]), None)
         } else {
-            match self.apply(&plan.ops, now).await {
-                Ok(verdicts) => conclude(policy, plan, &verdicts),
-                Err(_) => store_failed(policy, plan),
+            match self.apply_admitting(&plan.ops, now, admission).await {
+                Ok((verdicts, first)) => (conclude(policy, plan, &verdicts), first),
+                Err(_) => (store_failed(policy, plan), None),
             }
         };
-        self.traffic(policy, d).await
-    }
-
-    /// An allowed request takes a concurrency slot of its route's upstream (`traffic`).
-    async fn traffic(&self, policy: &Policy, d: Decision) -> Decision {
-        match (&policy.traffic, d.reason, d.ctx.route.and_then(|i| policy.routes.get(i))) {
-            // boxed: the waiting loop's future is large, and every decision would carry it
-            (Some(cfg), decision_core::Reason::Allowed, Some(route)) => {
-                Box::pin(self.take_slot(policy, cfg, route, d)).await
+        match (slot, lease, d.reason) {
+            // an allowed request takes a concurrency slot of its route's upstream; boxed: the
+            // waiting loop's future is large, and every decision would carry it
+            (Some((cfg, route)), Some(lease), decision_core::Reason::Allowed) => {
+                Box::pin(self.take_slot(policy, cfg, route, d, lease, first)).await
+            }
+            (Some((cfg, route)), Some(lease), _) => {
+                // not allowed after all (the store granted a slot to a committed plan): give it back
+                self.give_back(cfg, route, &lease, first).await;
+                d
             }
             _ => d,
         }

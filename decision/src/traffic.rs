@@ -53,7 +53,7 @@ impl Waiters {
     }
 }
 
-fn random_hex() -> String {
+pub(crate) fn random_hex() -> String {
     let mut bytes = [0u8; 16];
     if getrandom::getrandom(&mut bytes).is_err() {
         // the kernel's generator does not fail once the system is up; if it ever does, a
@@ -140,9 +140,10 @@ impl<S: Store> Engine<S> {
         cfg: &TrafficConfig,
         route: &Route,
         mut d: Decision,
+        random: String,
+        mut first: Option<(Admit, Occupied)>,
     ) -> Decision {
         let key = &*route.upstream_key;
-        let random = random_hex();
         let started = clock::instant();
         let deadline = tokio::time::Instant::now() + Duration::from_micros(cfg.queue_timeout);
         let notify = self.waiters.of(key);
@@ -157,7 +158,11 @@ impl<S: Store> Engine<S> {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let answer = self.admit_or_share(key, &random, returning, cfg).await;
+            // the first admission may have come with the plan's store call
+            let answer = match first.take() {
+                Some(admitted) => Ok(admitted),
+                None => self.admit_or_share(key, &random, returning, cfg).await,
+            };
             match answer {
                 Err(_) => {
                     if returning {
@@ -206,6 +211,29 @@ impl<S: Store> Engine<S> {
                     return refuse(d, Reason::QueueTimeout, last.retry_after(cfg.concurrency_limit));
                 }
             }
+        }
+    }
+
+    /// A slot granted with a plan whose request was not allowed after all is released, and a
+    /// place taken in the queue is left.
+    pub(crate) async fn give_back(
+        &self,
+        cfg: &TrafficConfig,
+        route: &Route,
+        random: &str,
+        first: Option<(Admit, Occupied)>,
+    ) {
+        let key = &*route.upstream_key;
+        match first {
+            Some((Admit::Granted { probe }, _)) => {
+                let prefix = if probe { traffic::PROBE_PREFIX } else { 'l' };
+                let id = format!("{prefix}{random}");
+                let _ = self.complete_or_share(key, &id, false, 0, cfg).await;
+            }
+            Some((Admit::Wait(_), _)) => {
+                let _ = self.bounded(self.store().leave(key, random)).await;
+            }
+            _ => {}
         }
     }
 

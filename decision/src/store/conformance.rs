@@ -48,6 +48,27 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     the_queue_is_first_come_first_served_and_bounded(&make().await).await;
     the_breaker_opens_and_gives_its_half_open_probe_to_exactly_one(&make().await).await;
     the_adaptive_limit_shrinks_on_errors_and_grows_back(&make().await).await;
+    a_plan_and_its_admission_in_one_call(&make().await).await;
+}
+
+/// `apply_admit`: a committed plan asks for its slot in the same call; a refused one takes none.
+async fn a_plan_and_its_admission_in_one_call<S: Store>(s: &S) {
+    let cfg = traffic(1, 1, None);
+    let plan = [bucket_op("planned", 2, 1)];
+    let call = |lease: &'static str| s.apply_admit(&plan, "up", lease, &cfg, T0);
+    let (v, first) = call("0000000000000000000000000000000a").await.expect("first");
+    assert!(v[0].allowed);
+    assert!(matches!(first, Some((Admit::Granted { probe: false }, o)) if o.in_use == 1));
+    let (v, second) = call("0000000000000000000000000000000b").await.expect("second");
+    assert!(v[0].allowed);
+    assert!(matches!(second, Some((Admit::Wait(_), o)) if o.queued == 1));
+    // the bucket is empty: refused, and no slot asked for
+    let (v, third) = call("0000000000000000000000000000000c").await.expect("third");
+    assert!(!v[0].allowed);
+    assert!(third.is_none());
+    // the queue holds only the second: a new arrival finds it full, not longer
+    let d = "0000000000000000000000000000000d";
+    assert!(matches!(admit(s, d, d, false, &cfg, T0).await, Admit::QueueFull(o) if o.in_use == 1 && o.queued == 1));
 }
 
 async fn the_adaptive_limit_shrinks_on_errors_and_grows_back<S: Store>(s: &S) {

@@ -39,6 +39,9 @@ impl StoreError {
     }
 }
 
+/// A plan's verdicts, and the admission asked for with it (None: the plan was refused).
+pub type Planned = (Vec<Verdict>, Option<(Admit, Occupied)>);
+
 /// An upstream's slots, queue and breaker just after a traffic call, for the gauges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Occupied {
@@ -67,6 +70,20 @@ pub trait Store: Send + Sync + 'static {
         cfg: &TrafficConfig,
         now: Micros,
     ) -> impl Future<Output = Result<(Admit, Occupied), StoreError>> + Send;
+
+    /// `apply`, and when the plan commits (every enforced operation allowed), a new arrival's
+    /// `admit` to `upstream` with `lease` (also its waiter id): a request under `traffic` in one
+    /// store call where the store can make it one. None: the plan was refused, no slot asked for.
+    fn apply_admit(
+        &self,
+        ops: &[Op],
+        upstream: &str,
+        lease: &str,
+        cfg: &TrafficConfig,
+        now: Micros,
+    ) -> impl Future<Output = Result<Planned, StoreError>> + Send {
+        apply_then_admit(self, ops, upstream, lease, cfg, now)
+    }
 
     /// A waiter that gives up leaves the queue.
     fn leave(&self, upstream: &str, waiter: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -113,4 +130,21 @@ pub trait Store: Send + Sync + 'static {
     fn ready(&self) -> bool {
         true
     }
+}
+
+/// `Store::apply_admit` in two calls: the plan, then, if it committed, the admission.
+pub async fn apply_then_admit<S: Store + ?Sized>(
+    store: &S,
+    ops: &[Op],
+    upstream: &str,
+    lease: &str,
+    cfg: &TrafficConfig,
+    now: Micros,
+) -> Result<Planned, StoreError> {
+    let verdicts = store.apply(ops, now).await?;
+    if over_limit::refuses(ops, &verdicts) {
+        return Ok((verdicts, None));
+    }
+    let admitted = store.admit(upstream, lease, lease, false, cfg, now).await?;
+    Ok((verdicts, Some(admitted)))
 }

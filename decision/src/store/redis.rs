@@ -91,6 +91,8 @@ pub struct RedisStore {
     next: AtomicUsize,
     script: Script,
     traffic: Script,
+    /// a plan and a new arrival's admission in one call (single node)
+    plan_admit: Script,
     timeout: Duration,
     local_share: Option<u64>,
     /// refused plans, answered without a call while they stay refused
@@ -158,6 +160,15 @@ impl RedisStore {
             next: AtomicUsize::new(0),
             script: Script::new(concat!(include_str!("lua/common.lua"), include_str!("lua/apply.lua"))),
             traffic: Script::new(concat!(include_str!("lua/common.lua"), include_str!("lua/traffic.lua"))),
+            plan_admit: Script::new(concat!(
+                include_str!("lua/common.lua"),
+                "local function apply_plan(KEYS, ARGV)\n",
+                include_str!("lua/apply.lua"),
+                "\nend\nlocal function traffic(KEYS, ARGV)\n",
+                include_str!("lua/traffic.lua"),
+                "\nend\n",
+                include_str!("lua/plan_admit.lua"),
+            )),
             timeout: s.timeout,
             local_share: s.local_share,
             over_limit: (s.over_limit_cache > 0).then(|| OverLimitCache::new(s.over_limit_cache)),
@@ -319,6 +330,18 @@ impl RedisStore {
         now: Micros,
     ) -> redis::ScriptInvocation<'a> {
         let mut inv = self.script.prepare_invoke();
+        self.plan_args(&mut inv, ops, commit, now);
+        inv
+    }
+
+    /// apply.lua's keys and arguments for `ops`, added to `inv`.
+    fn plan_args<'a>(
+        &self,
+        inv: &mut redis::ScriptInvocation<'a>,
+        ops: impl Iterator<Item = &'a Op> + Clone,
+        commit: bool,
+        now: Micros,
+    ) {
         for op in ops.clone() {
             inv.key(op.key.as_str());
         }
@@ -332,15 +355,37 @@ impl RedisStore {
             };
             inv.arg(kind).arg(a).arg(b).arg(op.cost).arg(u8::from(op.shadow));
         }
-        inv
+    }
+
+    /// traffic.lua's keys for `upstream`, added to `inv`.
+    fn upstream_keys(inv: &mut redis::ScriptInvocation<'_>, upstream: &str) {
+        for part in ["slots", "queue", "breaker"] {
+            inv.key(format!("pc:{{up:{upstream}}}:{part}"));
+        }
+    }
+
+    /// traffic.lua's arguments for an admission.
+    fn admit_args(&self, lease: &str, waiter: &str, returning: bool, cfg: &TrafficConfig, now: Micros) -> Vec<String> {
+        let mut args = vec![
+            "admit".to_owned(),
+            self.clock_arg(now).to_string(),
+            lease.to_owned(),
+            waiter.to_owned(),
+            u8::from(returning).to_string(),
+            cfg.concurrency_limit.to_string(),
+            cfg.queue_size.to_string(),
+            cfg.queue_timeout.to_string(),
+            cfg.lease_ttl.to_string(),
+        ];
+        args.extend(breaker_args(cfg));
+        args.extend(adaptive_args(cfg));
+        args
     }
 
     /// One traffic.lua call for `upstream` (a short hex key; its three keys share a hash tag).
     async fn traffic_call(&self, upstream: &str, args: &[String]) -> Result<Vec<i64>, StoreError> {
         let mut inv = self.traffic.prepare_invoke();
-        for part in ["slots", "queue", "breaker"] {
-            inv.key(format!("pc:{{up:{upstream}}}:{part}"));
-        }
+        Self::upstream_keys(&mut inv, upstream);
         for a in args {
             inv.arg(a.as_str());
         }
@@ -398,6 +443,28 @@ fn adaptive_args(cfg: &TrafficConfig) -> [String; 7] {
     }
 }
 
+/// traffic.lua's answer to an admission.
+fn admitted(r: &[i64]) -> Result<(Admit, Occupied), StoreError> {
+    let [code, a, b, c, in_use, queued, mode, limit] = r[..] else {
+        return Err(StoreError::Script(format!("traffic.lua admit answered {r:?}")));
+    };
+    let occupied = Occupied {
+        in_use: count(in_use),
+        queued: count(queued),
+        mode: Mode::from_code(count(mode)),
+        limit: count(limit),
+    };
+    let occupancy = Occupancy { in_use: count(a), queued: count(b), hold: count(c) };
+    let admit = match code {
+        0 => Admit::Granted { probe: a == 1 },
+        1 => Admit::Wait(occupancy),
+        2 => Admit::QueueFull(occupancy),
+        3 => Admit::BreakerOpen { retry_after: count(a) },
+        _ => return Err(StoreError::Script(format!("traffic.lua admit answered {r:?}"))),
+    };
+    Ok((admit, occupied))
+}
+
 fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
@@ -412,38 +479,53 @@ impl Store for RedisStore {
         cfg: &TrafficConfig,
         now: Micros,
     ) -> Result<(Admit, Occupied), StoreError> {
-        let mut args = vec![
-            "admit".to_owned(),
-            self.clock_arg(now).to_string(),
-            lease.to_owned(),
-            waiter.to_owned(),
-            u8::from(returning).to_string(),
-            cfg.concurrency_limit.to_string(),
-            cfg.queue_size.to_string(),
-            cfg.queue_timeout.to_string(),
-            cfg.lease_ttl.to_string(),
-        ];
-        args.extend(breaker_args(cfg));
-        args.extend(adaptive_args(cfg));
-        let r = self.traffic_call(upstream, &args).await?;
-        let [code, a, b, c, in_use, queued, mode, limit] = r[..] else {
-            return Err(StoreError::Script(format!("traffic.lua admit answered {r:?}")));
+        let r = self.traffic_call(upstream, &self.admit_args(lease, waiter, returning, cfg, now)).await?;
+        admitted(&r)
+    }
+
+    async fn apply_admit(
+        &self,
+        ops: &[Op],
+        upstream: &str,
+        lease: &str,
+        cfg: &TrafficConfig,
+        now: Micros,
+    ) -> Result<super::Planned, StoreError> {
+        // on a cluster the upstream's keys sit in a slot of their own
+        if matches!(self.conns, Conns::Cluster(_)) || ops.is_empty() {
+            return super::apply_then_admit(self, ops, upstream, lease, cfg, now).await;
+        }
+        let cached = self.over_limit.as_ref().and_then(|c| Some((c, c.fingerprint(ops)?)));
+        if let Some((cache, plan)) = cached
+            && let Some(verdicts) = cache.refused(plan, ops, self.test_clock.then_some(now))
+        {
+            return Ok((verdicts, None));
+        }
+        let sent = cached.map_or(0, |(c, _)| c.clock());
+        let mut inv = self.plan_admit.prepare_invoke();
+        inv.arg(ops.len()).arg(2 + 5 * ops.len());
+        self.plan_args(&mut inv, ops.iter(), true, now);
+        Self::upstream_keys(&mut inv, upstream);
+        for a in self.admit_args(lease, lease, false, cfg, now) {
+            inv.arg(a);
+        }
+        let reply = self.invoke(&inv).await?;
+        let planned = 2 + 4 * ops.len();
+        let mut verdicts = Vec::with_capacity(ops.len());
+        decode(reply.get(..planned).unwrap_or(&reply), ops.iter(), &mut verdicts)?;
+        let refused = over_limit::refuses(ops, &verdicts);
+        let admission = match (refused, reply.get(planned..)) {
+            (true, Some([])) => None,
+            (false, Some(r)) if !r.is_empty() => Some(admitted(r)?),
+            _ => return Err(StoreError::Script(format!("plan_admit.lua answered {reply:?}"))),
         };
-        let occupied = Occupied {
-            in_use: count(in_use),
-            queued: count(queued),
-            mode: Mode::from_code(count(mode)),
-            limit: count(limit),
-        };
-        let occupancy = Occupancy { in_use: count(a), queued: count(b), hold: count(c) };
-        let admit = match code {
-            0 => Admit::Granted { probe: a == 1 },
-            1 => Admit::Wait(occupancy),
-            2 => Admit::QueueFull(occupancy),
-            3 => Admit::BreakerOpen { retry_after: count(a) },
-            _ => return Err(StoreError::Script(format!("traffic.lua admit answered {r:?}"))),
-        };
-        Ok((admit, occupied))
+        if let Some((cache, plan)) = cached
+            && refused
+        {
+            let (at, states) = Replies::One(reply).seen(ops);
+            cache.remember(plan, ops, &verdicts, at, sent, states);
+        }
+        Ok((verdicts, admission))
     }
 
     async fn leave(&self, upstream: &str, waiter: &str) -> Result<(), StoreError> {
