@@ -240,6 +240,17 @@ impl RedisServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// How many EVALSHA calls the server has run (INFO commandstats): a store's round trips.
+    pub fn evalsha_calls(&self) -> u64 {
+        let stats = self.cli(&["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|l| l.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Sends a signal by name (STOP, CONT) with kill(1).
     pub fn signal(&self, sig: &str) {
         let ok = std::process::Command::new("kill")

@@ -131,16 +131,6 @@ async fn three_instances_hold_one_key_to_exactly_its_burst() {
     assert!(hits > 1_000, "over-limit cache hits: {hits}; Redis: {calls}");
 }
 
-fn evalsha_calls(redis: &RedisServer) -> u64 {
-    let stats = redis.cli(&["INFO", "commandstats"]);
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|l| l.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Under `traffic` (the reference policy has it), an allowed request's quotas and its
 /// concurrency slot are one script call: one round trip, and the slot is in Redis.
 #[tokio::test]
@@ -151,7 +141,7 @@ async fn an_allowed_request_takes_its_quotas_and_its_slot_in_one_round_trip() {
     let check = check_request("10.1.2.3", "GET", "/api/v1/items", &[("x-api-key", BASIC)]);
     // the first call loads the script (NOSCRIPT, SCRIPT LOAD, EVALSHA again)
     assert_eq!(denied_status(c.check(check.clone()).await.expect("answer").get_ref()), None);
-    let before = evalsha_calls(&redis);
+    let before = redis.evalsha_calls();
     for _ in 0..5 {
         let r = c.check(check.clone()).await.expect("answer");
         let lease = match &r.get_ref().http_response {
@@ -162,7 +152,7 @@ async fn an_allowed_request_takes_its_quotas_and_its_slot_in_one_round_trip() {
         };
         assert!(lease, "an allowed answer carries its lease: {:?}", r.get_ref());
     }
-    assert_eq!(evalsha_calls(&redis) - before, 5, "one script call per decision");
+    assert_eq!(redis.evalsha_calls() - before, 5, "one script call per decision");
     let slots = redis.cli(&["--scan", "--pattern", "pc:{up:*}:slots"]);
     let key = slots.lines().next().unwrap_or_else(|| panic!("no slots key in Redis"));
     assert_eq!(redis.cli(&["ZCARD", key]).trim(), "6", "six leases held (never completed here)");

@@ -132,16 +132,6 @@ async fn a_cluster_failover_mid_run_loses_no_decisions() {
     assert_eq!(after, 100);
 }
 
-fn evalsha_calls(server: &RedisServer) -> u64 {
-    let stats = server.cli(&["INFO", "commandstats"]);
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|l| l.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A client hammering past its quota is answered from the over-limit cache, at no Redis call,
 /// with the verdict Redis would give; the moment its limit would let it through, it goes to
 /// Redis again. Other clients are not affected, and another instance's counts still show.
@@ -156,25 +146,25 @@ async fn a_client_over_its_limit_costs_no_redis_call_until_its_limit_would_allow
         assert!(store.apply(&hammer, t0 + i).await.expect("apply").iter().all(|v| v.allowed));
         memory.apply_now(&hammer, t0 + i);
     }
-    let before = evalsha_calls(&server);
+    let before = server.evalsha_calls();
     for i in 0..100 {
         let now = t0 + 1_000 + i * 1_000;
         let got = store.apply(&hammer, now).await.expect("apply");
         assert!(!got[0].allowed);
         assert_eq!(got, memory.apply_now(&hammer, now), "the cached answer is the one Redis gives, at {now}");
     }
-    assert_eq!(evalsha_calls(&server) - before, 1, "only the first refusal reached Redis");
+    assert_eq!(server.evalsha_calls() - before, 1, "only the first refusal reached Redis");
     assert_eq!(store.over_limit.as_ref().expect("cache").hits().get(), 99);
     // a client that is not over its limit is not answered from the cache
     let other = [conformance::bucket_op("other", 5, 60)];
     assert!(store.apply(&other, t0 + 200_000).await.expect("apply")[0].allowed);
-    assert_eq!(evalsha_calls(&server) - before, 2);
+    assert_eq!(server.evalsha_calls() - before, 2);
     // a second later the bucket holds one token again: the plan goes to Redis and is allowed
     let later = t0 + MICROS_PER_SEC + 5;
     let got = store.apply(&hammer, later).await.expect("apply");
     assert!(got[0].allowed);
     assert_eq!(got, memory.apply_now(&hammer, later));
-    assert_eq!(evalsha_calls(&server) - before, 3);
+    assert_eq!(server.evalsha_calls() - before, 3);
 }
 
 /// Another instance can only consume more while a plan is refused, never give back, so a
