@@ -356,6 +356,12 @@ pub struct Op {
     pub shadow: bool,
 }
 
+/// Whether a plan's verdicts refuse it: any enforced operation refused (a shadow one never
+/// refuses). The all-or-nothing rule every store commits by: a refused plan counts nothing.
+pub fn refuses(ops: &[Op], verdicts: &[Verdict]) -> bool {
+    ops.iter().zip(verdicts).any(|(op, v)| !v.allowed && !op.shadow)
+}
+
 /// What `plan` learned about the request, carried into the decision.
 #[derive(Debug, Clone, Default)]
 pub struct Context {

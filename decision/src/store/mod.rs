@@ -142,7 +142,7 @@ pub async fn apply_then_admit<S: Store + ?Sized>(
     now: Micros,
 ) -> Result<Planned, StoreError> {
     let verdicts = store.apply(ops, now).await?;
-    if over_limit::refuses(ops, &verdicts) {
+    if decision_core::decide::refuses(ops, &verdicts) {
         return Ok((verdicts, None));
     }
     let admitted = store.admit(upstream, lease, lease, false, cfg, now).await?;

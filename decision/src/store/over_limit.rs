@@ -22,7 +22,7 @@ use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use decision_core::decide::Op;
+use decision_core::decide::{Op, refuses};
 use decision_core::quota::{self, Limit, State, Verdict};
 use decision_core::units::Micros;
 use prometheus_client::metrics::counter::Counter;
@@ -148,11 +148,6 @@ impl OverLimitCache {
             entries.clear();
         }
     }
-}
-
-/// Whether the enforced operations refuse the plan.
-pub fn refuses(ops: &[Op], verdicts: &[Verdict]) -> bool {
-    ops.iter().zip(verdicts).any(|(op, v)| !v.allowed && !op.shadow)
 }
 
 fn verdicts_at(ops: &[Op], states: &[Option<State>], now: Micros) -> Option<Vec<Verdict>> {

@@ -17,7 +17,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use decision_core::decide::Op;
+use decision_core::decide::{Op, refuses};
 use decision_core::quota::{self, Limit, State, Verdict};
 use decision_core::traffic::{Admit, Mode, Occupancy, TrafficConfig};
 use decision_core::units::Micros;
@@ -26,7 +26,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 
-use super::over_limit::{self, OverLimitCache};
+use super::over_limit::OverLimitCache;
 use super::{Occupied, Store, StoreError};
 
 /// How a `RedisStore` connects.
@@ -275,6 +275,31 @@ impl RedisStore {
         if self.test_clock { i64::try_from(now).unwrap_or(i64::MAX) } else { -1 }
     }
 
+    /// A plan through the over-limit cache: answered from it while a refusal remembered there
+    /// still holds (with `T`'s default: no slot), else by `call`, whose refusal is remembered.
+    async fn through_cache<T: Default>(
+        &self,
+        ops: &[Op],
+        now: Micros,
+        call: impl Future<Output = Result<(Vec<Verdict>, Replies, T), StoreError>>,
+    ) -> Result<(Vec<Verdict>, T), StoreError> {
+        let cached = self.over_limit.as_ref().and_then(|c| Some((c, c.fingerprint(ops)?)));
+        if let Some((cache, plan)) = cached
+            && let Some(verdicts) = cache.refused(plan, ops, self.test_clock.then_some(now))
+        {
+            return Ok((verdicts, T::default()));
+        }
+        let sent = cached.map_or(0, |(c, _)| c.clock());
+        let (verdicts, replies, extra) = call.await?;
+        if let Some((cache, plan)) = cached
+            && refuses(ops, &verdicts)
+        {
+            let (at, states) = replies.seen(ops);
+            cache.remember(plan, ops, &verdicts, at, sent, states);
+        }
+        Ok((verdicts, extra))
+    }
+
     /// One plan in Redis: one script call, or on a cluster, one per slot its keys fall in.
     async fn apply_in_store(&self, ops: &[Op], now: Micros) -> Result<(Vec<Verdict>, Replies), StoreError> {
         let split = matches!(self.conns, Conns::Cluster(_))
@@ -316,7 +341,7 @@ impl RedisStore {
             Ok::<_, StoreError>((verdicts, Replies::Parts(replies)))
         };
         let checked = round(false).await?;
-        if over_limit::refuses(ops, &checked.0) {
+        if refuses(ops, &checked.0) {
             return Ok(checked);
         }
         round(true).await
@@ -495,37 +520,26 @@ impl Store for RedisStore {
         if matches!(self.conns, Conns::Cluster(_)) || ops.is_empty() {
             return super::apply_then_admit(self, ops, upstream, lease, cfg, now).await;
         }
-        let cached = self.over_limit.as_ref().and_then(|c| Some((c, c.fingerprint(ops)?)));
-        if let Some((cache, plan)) = cached
-            && let Some(verdicts) = cache.refused(plan, ops, self.test_clock.then_some(now))
-        {
-            return Ok((verdicts, None));
-        }
-        let sent = cached.map_or(0, |(c, _)| c.clock());
-        let mut inv = self.plan_admit.prepare_invoke();
-        inv.arg(ops.len()).arg(2 + 5 * ops.len());
-        self.plan_args(&mut inv, ops.iter(), true, now);
-        Self::upstream_keys(&mut inv, upstream);
-        for a in self.admit_args(lease, lease, false, cfg, now) {
-            inv.arg(a);
-        }
-        let reply = self.invoke(&inv).await?;
-        let planned = 2 + 4 * ops.len();
-        let mut verdicts = Vec::with_capacity(ops.len());
-        decode(reply.get(..planned).unwrap_or(&reply), ops.iter(), &mut verdicts)?;
-        let refused = over_limit::refuses(ops, &verdicts);
-        let admission = match (refused, reply.get(planned..)) {
-            (true, Some([])) => None,
-            (false, Some(r)) if !r.is_empty() => Some(admitted(r)?),
-            _ => return Err(StoreError::Script(format!("plan_admit.lua answered {reply:?}"))),
-        };
-        if let Some((cache, plan)) = cached
-            && refused
-        {
-            let (at, states) = Replies::One(reply).seen(ops);
-            cache.remember(plan, ops, &verdicts, at, sent, states);
-        }
-        Ok((verdicts, admission))
+        self.through_cache(ops, now, async {
+            let mut inv = self.plan_admit.prepare_invoke();
+            inv.arg(ops.len()).arg(2 + 5 * ops.len());
+            self.plan_args(&mut inv, ops.iter(), true, now);
+            Self::upstream_keys(&mut inv, upstream);
+            for a in self.admit_args(lease, lease, false, cfg, now) {
+                inv.arg(a);
+            }
+            let reply = self.invoke(&inv).await?;
+            let planned = 2 + 4 * ops.len();
+            let mut verdicts = Vec::with_capacity(ops.len());
+            decode(reply.get(..planned).unwrap_or(&reply), ops.iter(), &mut verdicts)?;
+            let admission = match (refuses(ops, &verdicts), reply.get(planned..)) {
+                (true, Some([])) => None,
+                (false, Some(r)) if !r.is_empty() => Some(admitted(r)?),
+                _ => return Err(StoreError::Script(format!("plan_admit.lua answered {reply:?}"))),
+            };
+            Ok((verdicts, Replies::One(reply), admission))
+        })
+        .await
     }
 
     async fn leave(&self, upstream: &str, waiter: &str) -> Result<(), StoreError> {
@@ -566,20 +580,12 @@ impl Store for RedisStore {
     }
 
     async fn apply(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
-        let cached = self.over_limit.as_ref().and_then(|c| Some((c, c.fingerprint(ops)?)));
-        if let Some((cache, plan)) = cached
-            && let Some(verdicts) = cache.refused(plan, ops, self.test_clock.then_some(now))
-        {
-            return Ok(verdicts);
-        }
-        let sent = cached.map_or(0, |(c, _)| c.clock());
-        let (verdicts, replies) = self.apply_in_store(ops, now).await?;
-        if let Some((cache, plan)) = cached
-            && over_limit::refuses(ops, &verdicts)
-        {
-            let (at, states) = replies.seen(ops);
-            cache.remember(plan, ops, &verdicts, at, sent, states);
-        }
+        let (verdicts, ()) = self
+            .through_cache(ops, now, async {
+                let (verdicts, replies) = self.apply_in_store(ops, now).await?;
+                Ok((verdicts, replies, ()))
+            })
+            .await?;
         Ok(verdicts)
     }
 

@@ -430,8 +430,8 @@ fn lua_and_rust_agree(cases: u32, fresh: impl Fn() -> RedisSettings) {
                 .collect();
             let expected = memory.apply_now(&ops, now);
             let got = rt.block_on(redis.apply(&ops, now)).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            let refused = over_limit::refuses(&ops, &expected);
-            prop_assert_eq!(over_limit::refuses(&ops, &got), refused, "at {} with {:?}", now, ops);
+            let refused = decision_core::decide::refuses(&ops, &expected);
+            prop_assert_eq!(decision_core::decide::refuses(&ops, &got), refused, "at {} with {:?}", now, ops);
             if !refused || settings.over_limit_cache == 0 {
                 prop_assert_eq!(got, expected, "at {} with {:?}", now, ops);
             }
