@@ -285,16 +285,13 @@ impl<S: Store> Engine<S> {
                 Err(_) => (store_failed(policy, plan), None),
             }
         };
+        // A slot comes back only with a committed plan, and an ext_authz plan has no shadow
+        // operation, so a committed plan is an allowed request: none is granted to a denial.
         match (slot, lease, d.reason) {
             // an allowed request takes a concurrency slot of its route's upstream; boxed: the
             // waiting loop's future is large, and every decision would carry it
             (Some((cfg, route)), Some(lease), decision_core::Reason::Allowed) => {
                 Box::pin(self.take_slot(policy, cfg, route, d, lease, first)).await
-            }
-            (Some((cfg, route)), Some(lease), _) => {
-                // not allowed after all (the store granted a slot to a committed plan): give it back
-                self.give_back(cfg, route, &lease, first).await;
-                d
             }
             _ => d,
         }

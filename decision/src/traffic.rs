@@ -214,29 +214,6 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    /// A slot granted with a plan whose request was not allowed after all is released, and a
-    /// place taken in the queue is left.
-    pub(crate) async fn give_back(
-        &self,
-        cfg: &TrafficConfig,
-        route: &Route,
-        random: &str,
-        first: Option<(Admit, Occupied)>,
-    ) {
-        let key = &*route.upstream_key;
-        match first {
-            Some((Admit::Granted { probe }, _)) => {
-                let prefix = if probe { traffic::PROBE_PREFIX } else { 'l' };
-                let id = format!("{prefix}{random}");
-                let _ = self.complete_or_share(key, &id, false, 0, cfg).await;
-            }
-            Some((Admit::Wait(_), _)) => {
-                let _ = self.bounded(self.store().leave(key, random)).await;
-            }
-            _ => {}
-        }
-    }
-
     /// A request completed (Envoy's access log): release its lease and, if it held one, count
     /// its outcome for the breaker and wake this instance's waiters. `error`: a 5xx, or the
     /// upstream timed out, reset or could not be reached.
