@@ -273,10 +273,14 @@ impl<S: Store> Engine<S> {
                 }
             },
         };
-        // under `traffic`, the plan and the slot are asked for in one store call
+        // under `traffic`, the plan and the slot are asked for in one store call where the store
+        // can make it one (else the slot has its own call, and its own timeout, in take_slot)
         let slot = policy.traffic.as_ref().zip(plan.ctx.route.and_then(|i| policy.routes.get(i)));
         let lease = slot.map(|_| crate::traffic::random_hex());
-        let admission = slot.zip(lease.as_deref()).map(|((cfg, route), l)| (&*route.upstream_key, l, cfg));
+        let admission = slot
+            .zip(lease.as_deref())
+            .filter(|_| self.store.admits_with_plan())
+            .map(|((cfg, route), l)| (&*route.upstream_key, l, cfg));
         let (d, first) = if plan.ops.is_empty() {
             (conclude(policy, plan, &[]), None)
         } else {

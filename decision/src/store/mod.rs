@@ -85,6 +85,12 @@ pub trait Store: Send + Sync + 'static {
         apply_then_admit(self, ops, upstream, lease, cfg, now)
     }
 
+    /// Whether `apply_admit` makes one call of the plan and the admission (a single Redis node);
+    /// if not, the engine asks for the slot with its own call, under its own timeout.
+    fn admits_with_plan(&self) -> bool {
+        false
+    }
+
     /// A waiter that gives up leaves the queue.
     fn leave(&self, upstream: &str, waiter: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 

@@ -623,6 +623,11 @@ impl Store for RedisStore {
         self.local_share
     }
 
+    fn admits_with_plan(&self) -> bool {
+        // on a cluster the upstream's keys sit in a slot of their own
+        matches!(self.conns, Conns::Single(_))
+    }
+
     fn over_limit_hits(&self) -> Option<prometheus_client::metrics::counter::Counter> {
         self.over_limit.as_ref().map(OverLimitCache::hits)
     }
