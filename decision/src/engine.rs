@@ -381,6 +381,17 @@ mod tests {
             case("GET", "/api/v1/../../../etc/passwd", Some(BASIC), Reason::BadPath),
             case("GET", "/api/v1%2f..%2fadmin", Some(BASIC), Reason::BadPath),
             case("GET", "/nowhere", Some(ADMIN), Reason::NoRoute),
+            // segments an upstream reads as `..` once it drops `;` parameters, decodes again or
+            // applies NFKC; and an encoding whose further decoding would meet another rule
+            case("GET", "/api/v1/..;/admin/users", Some(BASIC), Reason::BadPath),
+            case("GET", "/api/v1/%2e%2e;/admin/users", Some(BASIC), Reason::BadPath),
+            case("GET", "/api/v1/%2E%2E%3Bx=1/admin/users", Some(BASIC), Reason::BadPath),
+            case("GET", "/api/v1/%252e%252e/%252e%252e/admin/x", Some(BASIC), Reason::BadPath),
+            case("GET", "/api/v1/\u{ff0e}\u{ff0e}/\u{ff0e}\u{ff0e}/admin/x", Some(BASIC), Reason::BadPath),
+            case("GET", "/%2561dmin/users", Some(BASIC), Reason::BadPath),
+            case("GET", "/\u{ff41}dmin/users", Some(BASIC), Reason::BadPath),
+            case("GET", "/api/v1/%2561dmin", Some(BASIC), Reason::Allowed),
+            case("GET", "/api/v1/a;v=1", Some(BASIC), Reason::Allowed),
             case("PATCH", "/health", None, Reason::Allowed),
             // the reference issuer is live: a token naming no issuer proves nothing
             Case { bearer: true, ..case("GET", "/api/v1/users", None, Reason::JwtUnknownIssuer) },
@@ -407,6 +418,9 @@ mod tests {
             Case { xff: Some("192.168.1.7"), ..case("GET", "/admin/x", Some(ADMIN), Reason::FreshAuthRequired) },
             Case { xff: Some("203.0.113.7"), ..case("GET", "/admin/x", Some(ADMIN), Reason::ZoneForbidden) },
             Case { xff: Some("not-an-ip"), ..case("GET", "/health", None, Reason::BadForwardedFor) },
+            // empty list elements are ignored (RFC 9110 section 5.6.1): the client is the deny-listed one
+            Case { xff: Some("198.51.100.7,"), ..case("GET", "/health", None, Reason::IpDenied) },
+            Case { xff: Some(",198.51.100.7, ,"), ..case("GET", "/health", None, Reason::IpDenied) },
         ];
         for (i, c) in table.iter().enumerate() {
             // a fresh store each time, so no case spends another's quota

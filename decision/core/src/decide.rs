@@ -459,6 +459,17 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
         Err(_) => return deny(Reason::BadPath, ctx),
     };
     let route = policy.routes.iter().find(|r| r.matches(req.method, &normalized));
+    // What a later hop that decodes again (or applies NFKC) would serve must meet the same rule:
+    // `/%2561dmin` is `/%2561dmin` here but `/admin` to a second decoder.
+    if normalized.bytes().any(|b| b == b'%' || !b.is_ascii()) {
+        let further = path::decoded_further(&normalized);
+        if further != normalized
+            && policy.routes.iter().find(|r| r.matches(req.method, &further)).map(|r| r.index) != route.map(|r| r.index)
+        {
+            ctx.path = Some(normalized);
+            return deny(Reason::BadPath, ctx);
+        }
+    }
     ctx.path = Some(normalized);
     let Some(route) = route else {
         return deny(Reason::NoRoute, ctx);

@@ -149,6 +149,9 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 /// trusted proxy is the client. Hops left of it were written by the client and prove nothing.
 /// When every hop is a trusted proxy, the left-most is the client. A hop that is not an address
 /// is refused, never passed over: passing over it would hand the client the trust of the proxy.
+/// Empty list elements (`a,,b`, a trailing `,`, only spaces or tabs between commas) are not
+/// hops: RFC 9110 section 5.6.1 says a recipient ignores them, and several headers joined into
+/// one (as Envoy joins repeated headers) can leave them behind.
 pub fn client_ip(
     peer: IpAddr,
     forwarded_for: Option<&str>,
@@ -162,7 +165,8 @@ pub fn client_ip(
         return Ok(peer);
     };
     let mut client = peer;
-    for (n, hop) in xff.rsplit(',').enumerate() {
+    let hops = xff.rsplit(',').filter(|h| !h.trim_matches([' ', '\t']).is_empty());
+    for (n, hop) in hops.enumerate() {
         if n == MAX_FORWARDED_HOPS {
             return Err(ForwardedForError);
         }
@@ -249,7 +253,14 @@ mod tests {
             ("::ffff:127.0.0.1", Some("::ffff:8.8.4.4"), Ok("8.8.4.4")),
             // a hop that is not an address would hand the client our trust: refused
             ("127.0.0.1", Some("unknown, 127.0.0.1"), Err(ForwardedForError)),
-            ("127.0.0.1", Some("8.8.8.8,,"), Err(ForwardedForError)),
+            ("127.0.0.1", Some("8.8.8.8, garbage"), Err(ForwardedForError)),
+            // empty list elements are ignored (RFC 9110 section 5.6.1), wherever they are
+            ("127.0.0.1", Some("198.51.100.7,"), Ok("198.51.100.7")),
+            ("127.0.0.1", Some("8.8.8.8,,"), Ok("8.8.8.8")),
+            ("127.0.0.1", Some(", 8.8.8.8"), Ok("8.8.8.8")),
+            ("127.0.0.1", Some("1.1.1.1, ,\t, 8.8.8.8 , 127.0.0.1,"), Ok("8.8.8.8")),
+            ("127.0.0.1", Some(" , ,"), Ok("127.0.0.1")),
+            ("127.0.0.1", Some("10.9.0.3,,127.0.0.1"), Ok("10.9.0.3")),
         ];
         let long: Vec<&str> = std::iter::repeat_n("10.9.0.1", MAX_FORWARDED_HOPS + 1).collect();
         assert_eq!(

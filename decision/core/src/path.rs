@@ -7,6 +7,14 @@
 //! climbs above the root, an encoded `/` (`%2F`) or `\` (`%5C`) that an upstream might decode
 //! into a separator, an encoded or raw NUL or other control byte, a raw backslash, and a broken
 //! escape. Case is kept here; route matching compares ASCII case-insensitively.
+//!
+//! Upstreams read more into a path than RFC 3986 does, so a segment is also refused when a
+//! later reader could turn it into a separator or a dot segment: Tomcat, Jetty and Spring drop
+//! `;` path parameters before resolving dot segments (`..;jsessionid=1` is `..` to them), a
+//! second decoder turns `%252e` into `.`, and a reader that applies Unicode compatibility
+//! normalization (NFKC) turns `\u{ff0e}` (fullwidth full stop) into `.` and `\u{ff0f}` into
+//! `/`. `decoded_further` gives the path such a reader would see, so that the caller can refuse
+//! a path whose further decoding would match another rule.
 
 use std::fmt;
 
@@ -20,6 +28,9 @@ pub enum PathError {
     ControlCharacter,
     Backslash,
     BadEscape,
+    /// a segment that reads as `.` or `..` once its `;` parameters are dropped, decoded again
+    /// or compatibility-normalized (`..;x`, `%252e%252e`, `\u{ff0e}\u{ff0e}`)
+    HiddenDotSegment,
 }
 
 impl fmt::Display for PathError {
@@ -32,6 +43,7 @@ impl fmt::Display for PathError {
             PathError::ControlCharacter => "path carries a NUL or control character",
             PathError::Backslash => "path carries a backslash",
             PathError::BadEscape => "path carries a malformed percent escape",
+            PathError::HiddenDotSegment => "path carries a segment an upstream may read as . or ..",
         })
     }
 }
@@ -115,7 +127,10 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
                     return Err(PathError::EscapesRoot);
                 }
             }
-            s => segments.push(s),
+            s => {
+                check_segment(s)?;
+                segments.push(s);
+            }
         }
     }
     let ends_in_dir = trailing_slash || decoded.ends_with("/.") || decoded.ends_with("/..");
@@ -128,6 +143,71 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
         out.push('/');
     }
     Ok(out)
+}
+
+/// Most rounds of percent-decoding tried when looking for what a later hop could decode.
+pub const MAX_DECODE_ROUNDS: usize = 4;
+
+/// `s` with every valid percent escape decoded, once; `None` when there is none.
+fn decode_once(s: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%'
+            && let (Some(h), Some(l)) = (s.get(i + 1).copied().and_then(hex), s.get(i + 2).copied().and_then(hex))
+        {
+            out.push((h << 4) | l);
+            changed = true;
+            i += 3;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    changed.then_some(out)
+}
+
+/// `s` as a reader that decodes every escape (up to `MAX_DECODE_ROUNDS` times) and then applies
+/// Unicode compatibility normalization (NFKC, as Java's `Normalizer`, IIS and Python's
+/// `unicodedata` apply it) would see it. Bytes that are not UTF-8 after decoding are replaced
+/// (U+FFFD), which never creates a dot or a separator.
+pub fn decoded_further(s: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let mut bytes: Vec<u8> = s.as_bytes().to_vec();
+    for _ in 0..MAX_DECODE_ROUNDS {
+        match decode_once(&bytes) {
+            Some(next) => bytes = next,
+            None => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    if text.is_ascii() {
+        return text.into_owned();
+    }
+    text.nfkc().collect()
+}
+
+/// Refuses a segment (neither empty, `.` nor `..` itself) that a later reader could take for a
+/// dot segment or split in two: its part before a `;` (or an encoded `;`), decoded further, is
+/// `.` or `..`; or the whole segment, decoded further, holds a separator or a control byte.
+fn check_segment(seg: &str) -> Result<(), PathError> {
+    // only a `%`, a `;`, a `.` or a non-ASCII character can hide anything
+    if !seg.bytes().any(|b| matches!(b, b'%' | b';' | b'.') || !b.is_ascii()) {
+        return Ok(());
+    }
+    let full = decoded_further(seg);
+    let head = full.split(';').next().unwrap_or("");
+    if head == "." || head == ".." {
+        return Err(PathError::HiddenDotSegment);
+    }
+    if full.contains(['/', '\\']) {
+        return Err(PathError::EncodedSeparator);
+    }
+    if full.chars().any(|c| c.is_control()) {
+        return Err(PathError::ControlCharacter);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -179,6 +259,45 @@ mod tests {
         check("api/v1", Err(PathError::NotAbsolute));
         check("", Err(PathError::Empty));
         check("*", Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn segments_an_upstream_may_read_as_dot_segments_are_refused() {
+        // `;` path parameters, dropped by Tomcat, Jetty and Spring before dot segments resolve
+        check("/api/v1/..;/admin/users", Err(PathError::HiddenDotSegment));
+        check("/api/v1/%2e%2e;/admin/users", Err(PathError::HiddenDotSegment));
+        check("/api/v1/%2E.;jsessionid=1/admin", Err(PathError::HiddenDotSegment));
+        check("/api/v1/.;x/admin", Err(PathError::HiddenDotSegment));
+        check("/api/v1/..%3b/admin", Err(PathError::HiddenDotSegment));
+        check("/api/v1/..%3B/admin", Err(PathError::HiddenDotSegment));
+        check("/api/v1/;/admin", Ok("/api/v1/;/admin"));
+        // a second decoder
+        check("/api/v1/%252e%252e/%252e%252e/admin/x", Err(PathError::HiddenDotSegment));
+        check("/api/v1/%25252e%25252e/admin", Err(PathError::HiddenDotSegment));
+        check("/api/v1/.%252e/admin", Err(PathError::HiddenDotSegment));
+        check("/api/v1%252f..%252fadmin", Err(PathError::EncodedSeparator));
+        check("/api/v1/a%255cb", Err(PathError::EncodedSeparator));
+        check("/api/v1/a%2500b", Err(PathError::ControlCharacter));
+        // compatibility normalization (fullwidth and leader dots, fullwidth solidus), raw or encoded
+        check("/api/v1/\u{ff0e}\u{ff0e}/admin", Err(PathError::HiddenDotSegment));
+        check("/api/v1/\u{2025}/admin", Err(PathError::HiddenDotSegment));
+        check("/api/v1/%EF%BC%8E%EF%BC%8E/admin", Err(PathError::HiddenDotSegment));
+        check("/api/v1\u{ff0f}..\u{ff0f}admin", Err(PathError::EncodedSeparator));
+        // ordinary dots, semicolons and escapes still pass
+        check("/files/report.v2.pdf", Ok("/files/report.v2.pdf"));
+        check("/files/...", Ok("/files/..."));
+        check("/files/a;v=1", Ok("/files/a;v=1"));
+        check("/files/100%25", Ok("/files/100%25"));
+        check("/files/a%20b.txt", Ok("/files/a%20b.txt"));
+    }
+
+    #[test]
+    fn decoding_further_shows_what_a_later_hop_sees() {
+        assert_eq!(decoded_further("/api/v1/%252e%252e/admin"), "/api/v1/../admin");
+        assert_eq!(decoded_further("/%2561dmin"), "/admin");
+        assert_eq!(decoded_further("/\u{ff41}dmin"), "/admin");
+        assert_eq!(decoded_further("/100%"), "/100%");
+        assert_eq!(decoded_further("/a%FFb"), "/a\u{fffd}b");
     }
 
     #[test]

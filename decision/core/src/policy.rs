@@ -114,6 +114,38 @@ impl Route {
     }
 }
 
+/// Which version of the IETF "RateLimit header fields for HTTP" draft (httpapi working group,
+/// draft-ietf-httpapi-ratelimit-headers) the `RateLimit*` response headers follow
+/// (`ratelimit_headers` in the policy). Only drafts whose text was read are here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeaderDialect {
+    /// -06: `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (Integer Items, the
+    /// closest limit) and `RateLimit-Policy: 100;w=60, ...`
+    Draft06,
+    /// -07: `RateLimit: limit=100, remaining=50, reset=5` (a Dictionary, the closest limit) and
+    /// `RateLimit-Policy: 100;w=60, ...`
+    Draft07,
+    /// -08 to -11 (one syntax): `RateLimit-Policy: "burst";q=100;w=60, ...` and
+    /// `RateLimit: "burst";r=50;t=30, ...`, one member per limit, named
+    #[default]
+    Draft10,
+    /// no `RateLimit*` headers at all
+    None,
+}
+
+impl HeaderDialect {
+    /// The policy's names: `draft-06` .. `draft-11`, `none`.
+    pub fn parse(s: &str) -> Option<HeaderDialect> {
+        Some(match s {
+            "draft-06" => HeaderDialect::Draft06,
+            "draft-07" => HeaderDialect::Draft07,
+            "draft-08" | "draft-09" | "draft-10" | "draft-11" => HeaderDialect::Draft10,
+            "none" => HeaderDialect::None,
+            _ => return None,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub network: Network,
@@ -130,6 +162,8 @@ pub struct Policy {
     pub on_store_error: OnStoreError,
     /// Envoy ratelimit (RLS) domains, from `ratelimit.files`
     pub ratelimit: RlsConfig,
+    /// the draft the `RateLimit*` response headers follow, on every door
+    pub ratelimit_headers: HeaderDialect,
     /// concurrency slots, queue and circuit breaker per upstream (`traffic`)
     pub traffic: Option<crate::traffic::TrafficConfig>,
 }

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use decision_core::policy::HeaderDialect;
 use decision_core::rls::{DescriptorReq, Outcome, RlsDecision, Unit, validate};
 use proto::ratelimit::rate_limit_response::{Code, DescriptorStatus, RateLimit};
 use proto::ratelimit::rate_limit_service_server::RateLimitService;
@@ -42,8 +43,9 @@ fn outcome_label(o: &Outcome) -> &'static str {
     }
 }
 
-/// Builds the wire answer; `x_ratelimit` adds the draft-03 `X-RateLimit-*` headers.
-pub fn answer(d: &RlsDecision, x_ratelimit: bool) -> RateLimitResponse {
+/// Builds the wire answer: the `RateLimit*` headers in `dialect`; `x_ratelimit` adds the
+/// draft-03 `X-RateLimit-*` headers as envoyproxy/ratelimit's `LIMIT_RESPONSE_HEADERS_ENABLED`.
+pub fn answer(d: &RlsDecision, x_ratelimit: bool, dialect: HeaderDialect) -> RateLimitResponse {
     let statuses = d
         .statuses
         .iter()
@@ -72,23 +74,25 @@ pub fn answer(d: &RlsDecision, x_ratelimit: bool) -> RateLimitResponse {
         d.statuses.iter().filter(|s| s.verdict.is_some() && s.rule.as_ref().is_some_and(|r| !r.shadow)).collect();
     let mut headers = Vec::new();
     if !enforced.is_empty() {
-        let label = |s: &&decision_core::rls::Status| respond::sf_string(s.rule.as_ref().map_or("", |r| r.label()));
-        let window = |s: &&decision_core::rls::Status| {
-            s.rule.as_ref().and_then(|r| r.unit).map_or(0, |u| u.micros() / 1_000_000)
-        };
-        let policy = enforced
+        let window =
+            |s: &decision_core::rls::Status| s.rule.as_ref().and_then(|r| r.unit).map_or(0, |u| u.micros() / 1_000_000);
+        let limits: Vec<respond::LimitState<'_>> = enforced
             .iter()
-            .map(|s| format!("{};q={};w={}", label(s), s.rule.as_ref().map_or(0, |r| r.requests_per_unit), window(s)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let state = enforced
-            .iter()
-            .map(|s| format!("{};r={};t={}", label(s), s.remaining, respond::whole_secs(s.reset)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        headers.push(header("ratelimit-policy", policy));
-        headers.push(header("ratelimit", state));
-        if x_ratelimit && let Some(t) = enforced.iter().min_by_key(|s| s.remaining) {
+            .map(|s| respond::LimitState {
+                name: s.rule.as_ref().map_or("", |r| r.label()),
+                quota: s.rule.as_ref().map_or(0, |r| u64::from(r.requests_per_unit)),
+                window: window(s),
+                remaining: s.remaining,
+                reset: respond::whole_secs(s.reset),
+            })
+            .collect();
+        // the closest limit: the first with the least left
+        let closest = (0..enforced.len()).min_by_key(|&i| enforced[i].remaining).unwrap_or(0);
+        let mut named = Vec::with_capacity(4);
+        respond::ietf_headers(dialect, &limits, closest, &mut named);
+        headers.extend(named.into_iter().map(|(k, v)| header(k, v)));
+        if x_ratelimit {
+            let t = enforced[closest];
             let q = t.rule.as_ref().map_or(0, |r| r.requests_per_unit);
             headers.push(header("x-ratelimit-limit", format!("{q}, {q};w={}", window(t))));
             headers.push(header("x-ratelimit-remaining", t.remaining.to_string()));
@@ -153,7 +157,7 @@ impl<S: Store> RateLimitService for Rls<S> {
             let rule = s.rule.as_ref().map_or(&self.none, |r| &r.id);
             self.engine.metrics.ratelimit_descriptor(domain, rule, outcome_label(&s.outcome));
         }
-        let response = answer(&decision, policy.ratelimit.x_ratelimit_headers);
+        let response = answer(&decision, policy.ratelimit.x_ratelimit_headers, policy.ratelimit_headers);
         let took = started.elapsed();
         self.engine.metrics.ratelimit_call(took);
         tracing::info!(

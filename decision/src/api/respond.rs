@@ -4,7 +4,7 @@
 //! reference guide's shape: status, error, reset_time, remaining_requests, retry_after).
 
 use decision_core::decide::QuotaReport;
-use decision_core::policy::Policy;
+use decision_core::policy::{HeaderDialect, Policy};
 use decision_core::units::{MICROS_PER_SEC, Micros};
 use decision_core::{Decision, Reason};
 
@@ -20,26 +20,113 @@ fn tightest(quotas: &[QuotaReport]) -> Option<&QuotaReport> {
     refused.or_else(|| quotas.iter().min_by_key(|q| q.verdict.remaining))
 }
 
-/// Headers for the client's response describing every limit that applied.
-pub fn ratelimit_headers(d: &Decision) -> Vec<(&'static str, String)> {
+/// One limit as the `RateLimit*` headers describe it.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitState<'a> {
+    /// the limit's name (a structured-field string once rendered)
+    pub name: &'a str,
+    /// requests per window
+    pub quota: u64,
+    /// the window, whole seconds
+    pub window: u64,
+    pub remaining: u64,
+    /// seconds until more quota is available
+    pub reset: u64,
+}
+
+/// Appends a structured-field string (RFC 9651 section 3.3.3) to `out`: `"` and `\` escaped,
+/// anything outside printable ASCII replaced, so a configured name can never break the header.
+fn push_sf_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => out.push('?'),
+        }
+    }
+    out.push('"');
+}
+
+/// The IETF `RateLimit*` headers for `limits`, in the policy's dialect (draft-ietf-httpapi-
+/// ratelimit-headers); `closest` is the index of the limit a client is nearest to, which the
+/// single-limit forms of -06 and -07 describe. Appended to `out`.
+pub fn ietf_headers(
+    dialect: HeaderDialect,
+    limits: &[LimitState<'_>],
+    closest: usize,
+    out: &mut Vec<(&'static str, String)>,
+) {
     use std::fmt::Write as _;
+    if limits.is_empty() || dialect == HeaderDialect::None {
+        return;
+    }
+    // Each list is built in one buffer: this runs for every allowed request.
+    let mut policy = String::with_capacity(24 * limits.len());
+    for (i, l) in limits.iter().enumerate() {
+        if i > 0 {
+            policy.push_str(", ");
+        }
+        if dialect == HeaderDialect::Draft10 {
+            push_sf_string(&mut policy, l.name);
+            let _ = write!(policy, ";q={};w={}", l.quota, l.window);
+        } else {
+            // -06 and -07: a List of Integer Items (the quota) with the window as `w`
+            let _ = write!(policy, "{};w={}", l.quota, l.window);
+        }
+    }
+    let c = limits.get(closest).unwrap_or(&limits[0]);
+    match dialect {
+        HeaderDialect::Draft10 => {
+            let mut state = String::with_capacity(24 * limits.len());
+            for (i, l) in limits.iter().enumerate() {
+                if i > 0 {
+                    state.push_str(", ");
+                }
+                push_sf_string(&mut state, l.name);
+                let _ = write!(state, ";r={};t={}", l.remaining, l.reset);
+            }
+            out.push(("ratelimit-policy", policy));
+            out.push(("ratelimit", state));
+        }
+        HeaderDialect::Draft07 => {
+            out.push(("ratelimit-policy", policy));
+            out.push(("ratelimit", format!("limit={}, remaining={}, reset={}", c.quota, c.remaining, c.reset)));
+        }
+        HeaderDialect::Draft06 => {
+            out.push(("ratelimit-limit", c.quota.to_string()));
+            out.push(("ratelimit-remaining", c.remaining.to_string()));
+            out.push(("ratelimit-reset", c.reset.to_string()));
+            out.push(("ratelimit-policy", policy));
+        }
+        HeaderDialect::None => {}
+    }
+}
+
+/// Headers for the client's response describing every limit that applied.
+pub fn ratelimit_headers(d: &Decision, dialect: HeaderDialect) -> Vec<(&'static str, String)> {
     let mut out = Vec::with_capacity(6);
     if d.quotas.is_empty() {
         return out;
     }
-    // Each list is built in one buffer: this runs for every allowed request.
-    let mut policy = String::with_capacity(24 * d.quotas.len());
-    let mut state = String::with_capacity(24 * d.quotas.len());
-    for (i, q) in d.quotas.iter().enumerate() {
-        let sep = if i == 0 { "" } else { ", " };
-        // kind names are fixed tokens ("burst", "daily", "ip"): no escaping needed
-        let _ = write!(policy, "{sep}\"{}\";q={};w={}", q.kind.as_str(), q.limit.quota(), secs_ceil(q.limit.window()));
-        let _ =
-            write!(state, "{sep}\"{}\";r={};t={}", q.kind.as_str(), q.verdict.remaining, secs_ceil(q.verdict.reset));
-    }
-    out.push(("ratelimit-policy", policy));
-    out.push(("ratelimit", state));
-    if let Some(q) = tightest(&d.quotas) {
+    let limits: Vec<LimitState<'_>> = d
+        .quotas
+        .iter()
+        .map(|q| LimitState {
+            name: q.kind.as_str(),
+            quota: q.limit.quota(),
+            window: secs_ceil(q.limit.window()),
+            remaining: q.verdict.remaining,
+            reset: secs_ceil(q.verdict.reset),
+        })
+        .collect();
+    let closest = tightest(&d.quotas);
+    let index = closest.and_then(|c| d.quotas.iter().position(|q| std::ptr::eq(q, c))).unwrap_or(0);
+    ietf_headers(dialect, &limits, index, &mut out);
+    if let Some(q) = closest {
         out.push(("x-ratelimit-limit", q.limit.quota().to_string()));
         out.push(("x-ratelimit-remaining", q.verdict.remaining.to_string()));
         out.push(("x-ratelimit-reset", secs_ceil(q.verdict.reset).to_string()));
@@ -90,22 +177,10 @@ pub fn deny_body(d: &Decision, request_id: &str, now: Micros) -> String {
     body.to_string()
 }
 
-/// A structured-field string (RFC 8941 section 3.3.3): `"` and `\` escaped, anything outside
-/// printable ASCII replaced, so a configured name can never break the header.
+/// A structured-field string (RFC 9651 section 3.3.3), quoted and escaped.
 pub fn sf_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' | '\\' => {
-                out.push('\\');
-                out.push(c);
-            }
-            ' '..='~' => out.push(c),
-            _ => out.push('?'),
-        }
-    }
-    out.push('"');
+    push_sf_string(&mut out, s);
     out
 }
 

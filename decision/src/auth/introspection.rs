@@ -163,7 +163,8 @@ impl Introspector {
         if m.get("active") != Some(&serde_json::Value::Bool(true)) {
             return (Err(Reason::TokenInactive), ttl_end);
         }
-        let secs = |k: &str| m.get(k).and_then(|v| v.as_u64()).map(|v| v.saturating_mul(MICROS_PER_SEC));
+        // RFC 7662 section 2.2 uses RFC 7519 NumericDate: fractions and exponents are valid
+        let secs = |k: &str| m.get(k).and_then(crate::auth::jwt::numeric_date);
         let exp = secs("exp");
         if exp.is_some_and(|e| e <= now) {
             return (Err(Reason::TokenInactive), ttl_end);

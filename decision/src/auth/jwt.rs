@@ -25,7 +25,7 @@ use arc_swap::ArcSwap;
 use decision_core::Reason;
 use decision_core::decide::{BearerVerifier, CredentialKind, Fetch, VerifiedToken};
 use decision_core::units::{MICROS_PER_SEC, Micros};
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use prometheus_client::metrics::counter::Counter;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -43,6 +43,10 @@ pub static UNKNOWN_ROLES: LazyLock<Counter> = LazyLock::new(Counter::default);
 pub static JWKS_FETCHES: LazyLock<Counter> = LazyLock::new(Counter::default);
 /// JWKS fetches that failed; the last good set stays (`portcullis_jwks_fetch_errors_total`).
 pub static JWKS_FETCH_ERRORS: LazyLock<Counter> = LazyLock::new(Counter::default);
+/// JWKS keys the verifier cannot use (an encryption key, an algorithm or curve not supported, a
+/// symmetric key), skipped rather than failing the whole set; each distinct key is counted and
+/// warned about once per issuer (`portcullis_jwks_keys_skipped_total`).
+pub static JWKS_KEYS_SKIPPED: LazyLock<Counter> = LazyLock::new(Counter::default);
 
 /// Largest JWKS document accepted.
 pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
@@ -97,6 +101,8 @@ struct Remote {
     /// the negative cache: kids still unknown after a fetch, and when; no refetch on their
     /// account for a cooldown
     unknown: Mutex<HashMap<String, Instant>>,
+    /// the unusable keys already warned about and counted, so a refresh does not repeat them
+    skipped: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Remote {
@@ -114,8 +120,16 @@ impl Remote {
             Err(e) => Err(e.to_string()),
         };
         match result {
-            Ok((keys, max_age)) => {
+            Ok(((keys, skipped), max_age)) => {
                 let n = keys.len();
+                if let Ok(mut seen) = self.skipped.lock() {
+                    for why in skipped {
+                        if seen.len() < NEGATIVE_KIDS && seen.insert(why.clone()) {
+                            JWKS_KEYS_SKIPPED.inc();
+                            tracing::warn!(issuer = %self.iss, url = %self.url, key = %why, "JWKS key skipped: it cannot verify signatures");
+                        }
+                    }
+                }
                 self.keys.store(Arc::new(KeySet { keys, loaded: true }));
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 if let Ok(mut u) = self.unknown.lock() {
@@ -192,16 +206,57 @@ impl Remote {
     }
 }
 
-fn parse_jwks(text: &str) -> Result<Vec<Key>, String> {
-    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("invalid JWKS: {e}"))?;
+/// The keys of a JWKS document (RFC 7517) that can verify signatures, and a description of
+/// each key skipped: identity providers publish encryption keys (`use: enc`, `alg: RSA-OAEP`)
+/// and keys of types we do not verify beside their signing keys, and one of those must not make
+/// the whole set unusable. Only a document that is not a JWKS, or holds no usable key, is an
+/// error.
+fn parse_jwks(text: &str) -> Result<(Vec<Key>, Vec<String>), String> {
+    #[derive(serde::Deserialize)]
+    struct RawSet {
+        keys: Vec<serde_json::Value>,
+    }
+    let set: RawSet = serde_json::from_str(text).map_err(|e| format!("invalid JWKS: {e}"))?;
     let mut keys = Vec::with_capacity(set.keys.len());
-    for (i, jwk) in set.keys.iter().enumerate() {
-        keys.push(key(jwk).map_err(|e| format!("JWKS key {i}: {e}"))?);
+    let mut skipped = Vec::new();
+    for (i, raw) in set.keys.into_iter().enumerate() {
+        let kid = raw.get("kid").and_then(|k| k.as_str()).map(str::to_owned);
+        let name = match &kid {
+            Some(k) => format!("key {i} (kid {k:?})"),
+            None => format!("key {i}"),
+        };
+        match usable(raw) {
+            Ok(k) => keys.push(k),
+            Err(why) => skipped.push(format!("{name}: {why}")),
+        }
     }
     if keys.is_empty() {
-        return Err("the JWKS holds no key".into());
+        return Err(if skipped.is_empty() {
+            "the JWKS holds no key".into()
+        } else {
+            format!("the JWKS holds no usable key ({})", skipped.join("; "))
+        });
     }
-    Ok(keys)
+    Ok((keys, skipped))
+}
+
+/// A signature-verification key from one JWK, or why it is not one.
+fn usable(raw: serde_json::Value) -> Result<Key, String> {
+    // RFC 7517 section 4.2 and 4.3: a key meant for encryption, or whose operations exclude
+    // `verify`, must not verify signatures
+    if let Some(u) = raw.get("use") {
+        if u.as_str() != Some("sig") {
+            return Err(format!("not a signature key (use {u})"));
+        }
+    }
+    if let Some(ops) = raw.get("key_ops") {
+        let verifies = ops.as_array().is_some_and(|a| a.iter().any(|o| o.as_str() == Some("verify")));
+        if !verifies {
+            return Err(format!("key_ops {ops} does not include \"verify\""));
+        }
+    }
+    let jwk: Jwk = serde_json::from_value(raw).map_err(|e| format!("unsupported key: {e}"))?;
+    key(&jwk)
 }
 
 /// One trusted issuer.
@@ -240,7 +295,12 @@ impl Issuer {
     ) -> Result<Issuer, String> {
         let (keys, remote) = match source {
             KeySource::Document(text) => {
-                (Arc::new(ArcSwap::from_pointee(KeySet { keys: parse_jwks(text)?, loaded: true })), None)
+                let (keys, skipped) = parse_jwks(text)?;
+                for why in &skipped {
+                    JWKS_KEYS_SKIPPED.inc();
+                    tracing::warn!(issuer = %iss, key = %why, "JWKS key skipped: it cannot verify signatures");
+                }
+                (Arc::new(ArcSwap::from_pointee(KeySet { keys, loaded: true })), None)
             }
             KeySource::Url { url, client, refresh, cooldown } => {
                 let keys = Arc::new(ArcSwap::from_pointee(KeySet::default()));
@@ -255,6 +315,7 @@ impl Issuer {
                     last: Mutex::new(None),
                     generation: AtomicU64::new(0),
                     unknown: Mutex::new(HashMap::new()),
+                    skipped: Mutex::new(std::collections::HashSet::new()),
                 };
                 (keys, Some(Arc::new(remote)))
             }
@@ -339,8 +400,25 @@ fn object(part: &str) -> Result<serde_json::Map<String, serde_json::Value>, Reas
 fn secs(v: Option<&serde_json::Value>) -> Result<Option<Micros>, Reason> {
     match v {
         None => Ok(None),
-        Some(v) => v.as_u64().map(|s| Some(s.saturating_mul(MICROS_PER_SEC))).ok_or(Reason::JwtMalformed),
+        Some(v) => numeric_date(v).map(Some).ok_or(Reason::JwtMalformed),
     }
+}
+
+/// An RFC 7519 NumericDate (section 2: a JSON number of seconds since the epoch, which "can
+/// represent non-integer values") as microseconds: integers, fractions (`1700000000.5`) and
+/// exponent forms (`1.7e9`) alike, truncated to the microsecond and saturating at the far
+/// future. A negative, non-finite or non-number value is `None`.
+pub fn numeric_date(v: &serde_json::Value) -> Option<Micros> {
+    if let Some(s) = v.as_u64() {
+        return Some(s.saturating_mul(MICROS_PER_SEC));
+    }
+    let f = v.as_f64()?;
+    if !f.is_finite() || f < 0.0 {
+        return None;
+    }
+    // `as` saturates at u64::MAX for values past it, which is what a date that far out means
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Some((f * MICROS_PER_SEC as f64) as Micros)
 }
 
 struct Cached {

@@ -25,7 +25,9 @@ use std::time::Duration;
 use decision_core::apikey::{self, ApiKey, ApiKeyTable};
 use decision_core::glob::PathPattern;
 use decision_core::net::{self, CidrTable};
-use decision_core::policy::{self, Network, OnStoreError, Policy, Route, Tier, UNTRUSTED, UNTRUSTED_BIT, Zones};
+use decision_core::policy::{
+    self, HeaderDialect, Network, OnStoreError, Policy, Route, Tier, UNTRUSTED, UNTRUSTED_BIT, Zones,
+};
 use decision_core::quota::Limit;
 use decision_core::roles::{RoleError, RoleTable};
 use decision_core::units::{self, MICROS_PER_DAY, MICROS_PER_MINUTE};
@@ -313,6 +315,17 @@ impl Validator<'_> {
         );
         let rls = ratelimit::load(raw.ratelimit.as_ref(), self.base, "ratelimit", &mut self.problems, self.index);
         let traffic = raw.traffic.as_ref().and_then(|t| self.traffic(t, raw.alerts.as_ref()));
+        let ratelimit_headers = match raw.ratelimit_headers.as_deref() {
+            None => HeaderDialect::default(),
+            Some(name) => self
+                .parse(
+                    "ratelimit_headers",
+                    HeaderDialect::parse(name).ok_or_else(|| {
+                        format!("unknown dialect {name:?} (draft-06, draft-07, draft-08 .. draft-11, none)")
+                    }),
+                )
+                .unwrap_or_default(),
+        };
 
         let policy = Policy {
             network,
@@ -326,6 +339,7 @@ impl Validator<'_> {
             max_header_bytes: max_header_bytes?,
             on_store_error,
             ratelimit: rls,
+            ratelimit_headers,
             traffic,
         };
         Some(Config { file: PathBuf::new(), policy: Arc::new(policy), settings })

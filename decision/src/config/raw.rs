@@ -62,6 +62,8 @@ pub struct RawPolicy {
     #[serde(default)]
     pub routes: Vec<RawRoute>,
     pub ratelimit: Option<RawRatelimit>,
+    /// the IETF RateLimit header draft followed (`draft-10`, the default, ...)
+    pub ratelimit_headers: Option<String>,
     pub traffic: Option<RawTraffic>,
     pub limits: Option<RawLimits>,
     pub audit: Option<RawAudit>,

@@ -136,6 +136,11 @@ impl Metrics {
             crate::auth::jwt::JWKS_FETCH_ERRORS.clone(),
         );
         registry.register(
+            "jwks_keys_skipped",
+            "JWKS keys that cannot verify signatures (encryption keys, unsupported types), skipped",
+            crate::auth::jwt::JWKS_KEYS_SKIPPED.clone(),
+        );
+        registry.register(
             "introspection_calls",
             "OAuth 2.0 introspection calls answered by the endpoint",
             crate::auth::introspection::CALLS.clone(),

@@ -77,6 +77,15 @@ fn with(k: &str, val: serde_json::Value) -> String {
     sign(Algorithm::RS256, "rsa.pem", "test-rs", &c)
 }
 
+/// A token whose claim `k` is the raw JSON text `val` (numbers serde_json would rewrite).
+fn raw_claim(k: &str, val: &str) -> String {
+    let mut c = claims();
+    c.as_object_mut().expect("object").remove(k);
+    let body = c.to_string();
+    let payload = format!("{},\"{k}\":{val}}}", &body[..body.len() - 1]);
+    raw_rs256(r#"{"alg":"RS256","kid":"test-rs"}"#, &payload)
+}
+
 fn check(v: &JwtVerifier, token: &str, want: Result<(), Reason>) {
     assert_eq!(v.verify(token, NOW).map(|_| ()), want, "token {}", &token[..token.len().min(40)]);
 }
@@ -126,6 +135,17 @@ fn time_claims_are_judged_with_the_policys_leeway() {
     check(&v, &with("nbf", json!(NOW_S + 120)), Err(Reason::JwtNotYetValid));
     check(&v, &with("iat", json!(NOW_S + 120)), Err(Reason::JwtIssuedInFuture));
     check(&v, &with("exp", json!("soon")), Err(Reason::JwtMalformed));
+    // RFC 7519 NumericDate: any JSON number, fractions and exponents included
+    check(&v, &with("exp", json!(NOW_S as f64 + 600.5)), Ok(()));
+    check(&v, &with("exp", json!(NOW_S as f64 - 31.5)), Err(Reason::JwtExpired));
+    check(&v, &with("nbf", json!(NOW_S as f64 + 120.25)), Err(Reason::JwtNotYetValid));
+    check(&v, &with("iat", json!(NOW_S as f64 - 10.999)), Ok(()));
+    check(&v, &with("auth_time", json!(NOW_S as f64 - 5.5)), Ok(()));
+    check(&v, &raw_claim("exp", &format!("{}e0", NOW_S + 600)), Ok(()));
+    check(&v, &raw_claim("exp", "1.8000006e9"), Ok(()));
+    check(&v, &raw_claim("exp", "-1"), Err(Reason::JwtMalformed));
+    check(&v, &raw_claim("exp", "-0.5"), Err(Reason::JwtMalformed));
+    check(&v, &raw_claim("exp", "1e400"), Err(Reason::JwtMalformed));
     let mut c = claims();
     c.as_object_mut().expect("object").remove("exp");
     check(&v, &sign(Algorithm::RS256, "rsa.pem", "test-rs", &c), Err(Reason::JwtMissingExp));
@@ -202,4 +222,58 @@ fn verified_tokens_are_cached_until_they_expire() {
     assert_eq!(v.cached(), 1, "the second request is a cache hit");
     // past exp + leeway, the cached entry no longer proves anything
     assert_eq!(v.verify(&token, NOW + 91 * MICROS_PER_SEC), Err(Reason::JwtExpired));
+}
+
+/// An issuer over `jwks` (a document), as `verifier` builds one.
+fn issuer_with(jwks: &str) -> Result<Issuer, String> {
+    Issuer::new(
+        ISS.into(),
+        vec!["portcullis-test".into()],
+        vec![Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA],
+        30 * MICROS_PER_SEC,
+        "roles".into(),
+        "tier".into(),
+        HashMap::new(),
+        [("basic", 0usize), ("business", 1)].map(|(n, i)| (n.to_owned(), i)).into(),
+        Some(0),
+        KeySource::Document(jwks),
+    )
+}
+
+#[test]
+fn keys_that_cannot_verify_are_skipped_and_the_rest_serve() {
+    let mut set: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("jwks.json")).expect("jwks")).expect("json");
+    let rsa = set["keys"][0].clone();
+    // what Keycloak publishes beside its signing key: the same kind of RSA key for encryption
+    let mut enc = rsa.clone();
+    enc["kid"] = json!("enc-1");
+    enc["use"] = json!("enc");
+    enc["alg"] = json!("RSA-OAEP");
+    let mut ops_only_encrypt = rsa.clone();
+    ops_only_encrypt["kid"] = json!("wrap-1");
+    ops_only_encrypt.as_object_mut().expect("object").remove("use");
+    ops_only_encrypt["key_ops"] = json!(["wrapKey"]);
+    let symmetric = json!({ "kty": "oct", "kid": "hs", "k": "c2VjcmV0" });
+    let unknown_type = json!({ "kty": "AKP", "kid": "pq", "alg": "ML-DSA-44", "pub": "AAAA" });
+    let unknown_curve = json!({ "kty": "EC", "kid": "k1", "crv": "secp256k1", "x": "AA", "y": "AA" });
+    let keys = set["keys"].as_array_mut().expect("keys");
+    keys.splice(0..0, [enc.clone(), ops_only_encrypt, symmetric.clone(), unknown_type, unknown_curve]);
+    let before = JWKS_KEYS_SKIPPED.get();
+    let issuer = issuer_with(&set.to_string()).expect("the usable keys make a usable set");
+    assert_eq!(JWKS_KEYS_SKIPPED.get() - before, 5, "each unusable key is counted");
+    let v = JwtVerifier::new(vec![issuer]);
+    check(&v, &sign(Algorithm::RS256, "rsa.pem", "test-rs", &claims()), Ok(()));
+    check(&v, &sign(Algorithm::ES256, "ec.pem", "test-es", &claims()), Ok(()));
+    // a token naming the encryption key's kid does not verify with it
+    let mut c = claims();
+    c["sub"] = json!("mallory");
+    assert!(v.verify(&sign(Algorithm::RS256, "rsa.pem", "enc-1", &c), NOW).is_err());
+
+    // only a set with no usable key is an error, and it says why
+    let none = json!({ "keys": [enc, symmetric] }).to_string();
+    let err = issuer_with(&none).err().expect("no usable key");
+    assert!(err.contains("no usable key") && err.contains("enc-1") && err.contains("hs"), "{err}");
+    assert!(issuer_with(r#"{"keys": []}"#).is_err());
+    assert!(issuer_with(r#"{"keys": "x"}"#).is_err());
 }
