@@ -505,6 +505,8 @@ impl Portcullis {
             .args(["serve", "--config"])
             .arg(dir.0.join("policy.yaml"))
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--log-format", "json"])
+            // the per-decision lines are at debug (none at the default level); tests read them
+            .env("PORTCULLIS_LOG", "info,portcullis::decision=debug,portcullis::ratelimit=debug")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -234,4 +234,47 @@ async fn malformed_requests_are_refused_with_invalid_argument() {
     // a descriptor whose actions were all skipped by Envoy arrives empty: it matches nothing
     let r = ask(&mut c, vec![RateLimitDescriptor::default(), desc(&[("user", "zed")])], 1).await;
     assert_eq!(codes(&r), [OK, OK]);
+    // negative hits (returning budget) are refused loudly, never counted as hits
+    let mut back = desc(&[("user", "zed")]);
+    back.is_negative_hits = true;
+    back.hits_addend = Some(UInt64Value { value: 5 });
+    let err = c
+        .should_rate_limit(RateLimitRequest { domain: "test".into(), descriptors: vec![back], hits_addend: 1 })
+        .await
+        .expect_err("negative hits");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("is_negative_hits"), "{}", err.message());
+    let r = ask(&mut c, vec![desc(&[("user", "zed")])], 1).await;
+    assert_eq!(r.statuses[0].limit_remaining, 1, "zed has used 2 of 3: nothing was counted for the refused call");
+}
+
+#[tokio::test]
+async fn an_override_for_a_domain_no_file_defines_counts_nothing() {
+    let (_p, mut c) = start().await;
+    let mut d = desc(&[("remote_address", "203.0.113.5")]);
+    d.limit = Some(RateLimitOverride { requests_per_unit: 1, unit: 2 });
+    d.hits_addend = Some(UInt64Value { value: 551 });
+    for _ in 0..3 {
+        let r = c
+            .should_rate_limit(RateLimitRequest {
+                domain: "edge\0\0\0\0\0\0\0\u{e}remote_address".into(),
+                descriptors: vec![d.clone()],
+                hits_addend: 1,
+            })
+            .await
+            .expect("answer")
+            .into_inner();
+        assert_eq!((r.overall_code, codes(&r)), (OK, vec![OK]));
+    }
+    // the reference edge domain's remote_address limit (600 a minute) is untouched
+    let r = c
+        .should_rate_limit(RateLimitRequest {
+            domain: "edge".into(),
+            descriptors: vec![desc(&[("remote_address", "203.0.113.5")])],
+            hits_addend: 1,
+        })
+        .await
+        .expect("answer")
+        .into_inner();
+    assert_eq!(r.statuses[0].limit_remaining, 599);
 }

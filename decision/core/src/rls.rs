@@ -1,12 +1,16 @@
 //! Envoy's rate limit service (RLS v3) over envoyproxy/ratelimit's configuration format.
 //!
 //! A domain is a tree of descriptor nodes compiled at load. A request descriptor (a list of
-//! key/value entries) is matched level by level as envoyproxy/ratelimit documents: at each level
-//! an exact `key`+`value` node wins, then a `value` ending in `*` (a prefix wildcard, first
-//! declared first), then a key-only node; the limit applies only if the request's last entry
-//! lands on a node with a limit. `replaces` drops a named limit when another limit of the same
-//! request replaces it; `unlimited` counts nothing; `shadow_mode` counts and reports but never
-//! refuses. Counting is a sliding-window counter unless a rule asks for `fixed_window`.
+//! key/value entries) is matched level by level as envoyproxy/ratelimit's `GetLimit` does
+//! (src/config/config_impl.go): at each level an exact `key`+`value` node wins, then the first
+//! declared wildcard entry whose pattern matches `key_value` (`*` anywhere, any number of times,
+//! matching any run of bytes), then a key-only node; the limit applies only if the request's last
+//! entry lands on a node with a limit. `replaces` drops a named limit when another matched limit
+//! of the same request (an `unlimited` one included) replaces it; `unlimited` counts nothing;
+//! `shadow_mode` counts and reports but never refuses; `quota_mode` limits refuse the request
+//! only when every quota-mode limit of it is over; `share_threshold` makes every value that
+//! matches one wildcard entry share one counter. Counting is a sliding-window counter unless a
+//! rule asks for `fixed_window`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -95,6 +99,9 @@ pub struct Rule {
     pub replaces: Vec<Arc<str>>,
     pub fixed_window: bool,
     pub detailed_metric: bool,
+    /// `quota_mode`: over this limit, the request is refused only if every quota-mode limit of
+    /// the request is over too (the descriptor's own status is OVER_LIMIT either way)
+    pub quota_mode: bool,
     /// the rule's place in the config (`edge.tier_basic.subject`): a bounded metric label
     pub id: Arc<str>,
 }
@@ -110,6 +117,7 @@ impl Rule {
             replaces: Vec::new(),
             fixed_window: false,
             detailed_metric: false,
+            quota_mode: false,
             id: Arc::from(id),
         }
     }
@@ -134,13 +142,48 @@ impl Rule {
     }
 }
 
+/// A wildcard entry: a `key` or `key_value` holding `*`, split at each `*`.
+#[derive(Debug, Clone)]
+struct Wildcard {
+    parts: Vec<String>,
+    node: usize,
+}
+
+impl Wildcard {
+    /// envoyproxy/ratelimit's `wildcardMatch`: `*` matches any run of bytes (none included); the
+    /// first and last parts anchor the ends and the middle parts are found left-most first.
+    fn matches(&self, s: &str) -> bool {
+        let parts = &self.parts;
+        let (Some(first), Some(last)) = (parts.first(), parts.last()) else { return false };
+        if parts.len() == 1 {
+            return first == s;
+        }
+        if !s.starts_with(first.as_str()) || !s.ends_with(last.as_str()) {
+            return false;
+        }
+        if s.len() < parts.iter().map(String::len).sum::<usize>() {
+            return false;
+        }
+        let mut rest = &s[first.len()..s.len() - last.len()];
+        for part in &parts[1..parts.len() - 1] {
+            match rest.find(part.as_str()) {
+                Some(at) => rest = &rest[at + part.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 struct Node {
     /// `key` or `key\0value` -> node
     children: HashMap<String, usize>,
-    /// (key, value prefix) -> node, in declaration order
-    wildcards: Vec<(String, String, usize)>,
+    /// wildcard entries, in declaration order
+    wildcards: Vec<Wildcard>,
     rule: Option<Rule>,
+    /// `share_threshold` on a wildcard node: the value pattern every matching value counts under
+    share: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +195,14 @@ pub struct Domain {
 /// The root of a domain's tree.
 pub const ROOT: usize = 0;
 
+/// The rule a request descriptor matched, and the entries whose value a `share_threshold`
+/// wildcard replaces in the counter key (entry index, value pattern).
+#[derive(Debug, Clone)]
+pub struct Match<'a> {
+    pub rule: &'a Rule,
+    pub shared: Shared,
+}
+
 impl Domain {
     pub fn new(name: &str) -> Domain {
         Domain { name: Arc::from(name), nodes: vec![Node::default()] }
@@ -159,60 +210,91 @@ impl Domain {
 
     /// Adds a descriptor node under `parent`; refuses a second node with the same key and value.
     pub fn add(&mut self, parent: usize, key: &str, value: Option<&str>, rule: Option<Rule>) -> Result<usize, String> {
+        self.add_shared(parent, key, value, rule, false)
+    }
+
+    /// `add`, with envoyproxy/ratelimit's `share_threshold` (valid only on a wildcard entry).
+    pub fn add_shared(
+        &mut self,
+        parent: usize,
+        key: &str,
+        value: Option<&str>,
+        rule: Option<Rule>,
+        share_threshold: bool,
+    ) -> Result<usize, String> {
         let id = self.nodes.len();
+        let final_key = value.map_or_else(|| key.to_owned(), |v| format!("{key}_{v}"));
+        let wildcard = final_key.contains('*');
+        if share_threshold && !wildcard {
+            return Err(format!(
+                "share_threshold can only be used with wildcard values (containing '*'), but found key '{final_key}'"
+            ));
+        }
         let composite = match value {
             Some(v) => format!("{key}\0{v}"),
             None => key.to_owned(),
         };
         let node = self.nodes.get_mut(parent).ok_or("no such parent")?;
-        if node.children.contains_key(&composite)
-            || node.wildcards.iter().any(|(k, p, _)| value == Some(&format!("{p}*")) && k == key)
-        {
-            let shown = value.map_or(key.to_owned(), |v| format!("{key}_{v}"));
-            return Err(format!("duplicate descriptor composite key '{shown}'"));
+        if node.children.contains_key(&composite) {
+            return Err(format!("duplicate descriptor composite key '{final_key}'"));
         }
-        match value.and_then(|v| v.strip_suffix('*')) {
-            Some(prefix) => node.wildcards.push((key.to_owned(), prefix.to_owned(), id)),
-            None => {
-                node.children.insert(composite, id);
-            }
+        // a wildcard node is also reachable by its literal pattern, as in envoyproxy/ratelimit
+        node.children.insert(composite, id);
+        let share = share_threshold.then(|| Arc::from(value.unwrap_or(key)));
+        if wildcard {
+            node.wildcards.push(Wildcard { parts: final_key.split('*').map(str::to_owned).collect(), node: id });
         }
-        self.nodes.push(Node { rule, ..Node::default() });
+        self.nodes.push(Node { rule, share, ..Node::default() });
         Ok(id)
     }
 
     /// The rule for a request descriptor, by envoyproxy/ratelimit's matching rules.
     pub fn lookup(&self, entries: &[(&str, &str)]) -> Option<&Rule> {
+        self.lookup_match(entries).map(|m| m.rule)
+    }
+
+    /// `lookup`, with the values a `share_threshold` entry replaces in the counter key.
+    pub fn lookup_match(&self, entries: &[(&str, &str)]) -> Option<Match<'_>> {
         if entries.is_empty() {
             return None;
         }
         let mut at = ROOT;
         let mut found = None;
+        let mut shared = Vec::new();
         let mut exact = String::new();
+        let mut joined = String::new();
         for (i, (key, value)) in entries.iter().enumerate() {
             let node = &self.nodes[at];
             exact.clear();
             exact.push_str(key);
             exact.push('\0');
             exact.push_str(value);
-            let next = node
-                .children
-                .get(&exact)
-                .or_else(|| {
-                    node.wildcards.iter().find(|(k, p, _)| k == key && value.starts_with(p.as_str())).map(|(_, _, n)| n)
-                })
-                .or_else(|| node.children.get(*key))
-                .copied();
+            let mut next = node.children.get(&exact).copied();
+            if next.is_none() && !node.wildcards.is_empty() {
+                joined.clear();
+                joined.push_str(key);
+                joined.push('_');
+                joined.push_str(value);
+                if let Some(w) = node.wildcards.iter().find(|w| w.matches(&joined)) {
+                    next = Some(w.node);
+                    // only a level matched through its wildcard shares (an exact match of the
+                    // literal pattern counts under that same value anyway)
+                    if let Some(p) = &self.nodes[w.node].share {
+                        shared.push((i, p.clone()));
+                    }
+                }
+            }
+            let next = next.or_else(|| node.children.get(*key).copied());
             let Some(next) = next else { break };
             if i == entries.len() - 1 {
                 found = self.nodes[next].rule.as_ref();
             }
-            if self.nodes[next].children.is_empty() && self.nodes[next].wildcards.is_empty() {
+            if self.nodes[next].children.is_empty() {
                 break;
             }
             at = next;
         }
-        found
+        found.map(|rule| Match { rule, shared })
     }
 
     /// Every rule of the domain (for metrics and checks).
@@ -281,12 +363,21 @@ pub fn validate(descriptors: &[DescriptorReq<'_>]) -> Result<(), RlsRequestError
     Ok(())
 }
 
+/// The entries whose value a `share_threshold` pattern replaces: (entry index, pattern).
+type Shared = Vec<(usize, Arc<str>)>;
+
 /// The store key of a descriptor's counter: a fixed-size digest of the domain, the entries and
-/// the window, so a client's values cannot make keys long or collide with each other.
-fn counter_key(domain: &str, entries: &[(&str, &str)], limit: Limit) -> String {
+/// the window, so a client's values cannot make keys long. Every part is length-prefixed, so the
+/// encoding is injective: no choice of domain and entries can produce another's key material
+/// (a domain ending in bytes that look like an entry, say). `shared` replaces entry values by
+/// their `share_threshold` pattern.
+fn counter_key(domain: &str, entries: &[(&str, &str)], shared: &[(usize, Arc<str>)], limit: Limit) -> String {
     let mut h = Sha256::new();
+    h.update((domain.len() as u64).to_be_bytes());
     h.update(domain.as_bytes());
-    for (k, v) in entries {
+    h.update((entries.len() as u64).to_be_bytes());
+    for (i, (k, v)) in entries.iter().enumerate() {
+        let v = shared.iter().find(|(at, _)| *at == i).map_or(*v, |(_, p)| &**p);
         h.update((k.len() as u64).to_be_bytes());
         h.update(k.as_bytes());
         h.update((v.len() as u64).to_be_bytes());
@@ -300,33 +391,41 @@ fn counter_key(domain: &str, entries: &[(&str, &str)], limit: Limit) -> String {
     format!("rl:{{{hex}}}:{kind}{}", limit.window() / MICROS_PER_SEC)
 }
 
-/// Plans the counters of a request; an unknown domain matches nothing (every status OK).
+/// Plans the counters of a request. An unknown domain matches nothing, request overrides
+/// included (every status OK, nothing counted), as envoyproxy/ratelimit answers.
 pub fn plan(config: &RlsConfig, domain: &str, descriptors: &[DescriptorReq<'_>]) -> RlsPlan {
-    let d = config.domains.get(domain);
-    let mut slots: Vec<Slot> = descriptors
+    let Some(d) = config.domains.get(domain) else {
+        return RlsPlan {
+            domain: Arc::from(domain),
+            ops: Vec::new(),
+            slots: descriptors.iter().map(|_| Slot::NoLimit).collect(),
+        };
+    };
+    // `replaces`: a named limit is dropped when another matched limit of the request (counted
+    // or `unlimited`) replaces it; names are gathered from every match first, so replacement
+    // does not chain.
+    let mut replaced: Vec<Arc<str>> = Vec::new();
+    let mut slots: Vec<(Slot, Shared)> = descriptors
         .iter()
         .map(|desc| {
             if let Some((rpu, unit)) = desc.limit_override {
-                return Slot::Counted { op: 0, rule: Rule::new(rpu, unit, "override") };
+                return (Slot::Counted { op: 0, rule: Rule::new(rpu, unit, "override") }, Vec::new());
             }
-            match d.and_then(|d| d.lookup(&desc.entries)) {
-                None => Slot::NoLimit,
-                Some(r) if r.unlimited() => Slot::Unlimited,
-                Some(r) => Slot::Counted { op: 0, rule: r.clone() },
+            match d.lookup_match(&desc.entries) {
+                None => (Slot::NoLimit, Vec::new()),
+                Some(m) => {
+                    replaced.extend(m.rule.replaces.iter().cloned());
+                    if m.rule.unlimited() {
+                        (Slot::Unlimited, Vec::new())
+                    } else {
+                        (Slot::Counted { op: 0, rule: m.rule.clone() }, m.shared)
+                    }
+                }
             }
         })
-        .collect();
-    // `replaces`: a named limit is dropped when another limit of the request replaces it.
-    let replaced: Vec<Arc<str>> = slots
-        .iter()
-        .filter_map(|s| match s {
-            Slot::Counted { rule, .. } => Some(rule.replaces.iter().cloned()),
-            _ => None,
-        })
-        .flatten()
         .collect();
     let mut ops = Vec::new();
-    for (slot, desc) in slots.iter_mut().zip(descriptors) {
+    for ((slot, shared), desc) in slots.iter_mut().zip(descriptors) {
         if let Slot::Counted { rule, op } = slot {
             if rule.name.as_ref().is_some_and(|n| replaced.contains(n)) {
                 *slot = Slot::Replaced(rule.clone());
@@ -335,15 +434,16 @@ pub fn plan(config: &RlsConfig, domain: &str, descriptors: &[DescriptorReq<'_>])
             let Some(limit) = rule.limit() else { continue };
             *op = ops.len();
             ops.push(Op {
-                key: counter_key(domain, &desc.entries, limit),
+                key: counter_key(domain, &desc.entries, shared, limit),
                 limit,
                 cost: desc.hits,
                 kind: OpKind::Descriptor,
-                shadow: rule.shadow,
+                // a quota-mode limit never refuses the plan by itself: `conclude` decides
+                shadow: rule.shadow || rule.quota_mode,
             });
         }
     }
-    RlsPlan { domain: d.map_or_else(|| Arc::from(domain), |d| d.name.clone()), ops, slots }
+    RlsPlan { domain: d.name.clone(), ops, slots: slots.into_iter().map(|(s, _)| s).collect() }
 }
 
 /// The outcome for one descriptor.
@@ -381,6 +481,8 @@ pub struct RlsDecision {
 pub fn conclude(plan: RlsPlan, verdicts: &[Verdict]) -> RlsDecision {
     let mut over_limit = false;
     let mut retry_after: Option<Micros> = None;
+    // quota mode: (limits, of which over, their longest wait)
+    let mut quota = (0usize, 0usize, 0);
     let statuses = plan
         .slots
         .into_iter()
@@ -404,16 +506,23 @@ pub fn conclude(plan: RlsPlan, verdicts: &[Verdict]) -> RlsDecision {
                     reset: 0,
                     retry_after: 0,
                 });
-                let quota = u64::from(rule.requests_per_unit);
+                let limit = u64::from(rule.requests_per_unit);
+                if rule.quota_mode && !rule.shadow {
+                    quota.0 += 1;
+                }
                 let outcome = if v.allowed {
                     // near the limit: 80% or more of it used
-                    if quota > 0 && (quota - v.remaining.min(quota)) * 5 >= quota * 4 {
+                    if limit > 0 && (limit - v.remaining.min(limit)) * 5 >= limit * 4 {
                         Outcome::NearLimit
                     } else {
                         Outcome::Ok
                     }
                 } else if rule.shadow {
                     Outcome::ShadowOverLimit
+                } else if rule.quota_mode {
+                    quota.1 += 1;
+                    quota.2 = quota.2.max(v.retry_after);
+                    Outcome::OverLimit
                 } else {
                     over_limit = true;
                     retry_after = Some(retry_after.unwrap_or(0).max(v.retry_after));
@@ -423,6 +532,11 @@ pub fn conclude(plan: RlsPlan, verdicts: &[Verdict]) -> RlsDecision {
             }
         })
         .collect();
+    // envoyproxy/ratelimit: over iff a plain limit is over, or every quota-mode limit is
+    if quota.0 > 0 && quota.0 == quota.1 {
+        over_limit = true;
+        retry_after = Some(retry_after.unwrap_or(0).max(quota.2));
+    }
     RlsDecision { domain: plan.domain, over_limit, statuses, retry_after }
 }
 
@@ -576,6 +690,145 @@ mod tests {
         let many: Vec<DescriptorReq<'_>> = (0..=MAX_DESCRIPTORS).map(|_| req(&[("k", "v")])).collect();
         assert!(validate(&many).is_err());
         assert!(validate(&[req(&[("k", "v")])]).is_ok());
+    }
+
+    fn glob(pattern: &str, s: &str) -> bool {
+        Wildcard { parts: pattern.split('*').map(str::to_owned).collect(), node: 0 }.matches(s)
+    }
+
+    #[test]
+    fn wildcards_match_anywhere_as_envoyproxy_ratelimit_does() {
+        // its own test table (test/config/wildcard.yaml), and the corners of the algorithm
+        for (pattern, s, want) in [
+            ("bar*b", "barab", true),
+            ("bar*b", "bar123b", true),
+            ("bar*b", "barb", true),
+            ("bar*b", "bara", false),
+            ("bar*b", "xbarb", false),
+            ("foo*bar*baz", "foobarbaz", true),
+            ("foo*bar*baz", "foo123baz", false),
+            ("foo*bar*baz", "foo1bar2bar3baz", true),
+            ("path_/api/*/users", "path_/api/v7/users", true),
+            ("path_/api/*/users", "path_/api/users", false),
+            ("path_/api/*/users", "path_/api/v7/users/1", false),
+            ("path_*", "path_", true),
+            ("a*a", "a", false),
+            ("a**a", "aa", true),
+            ("*", "", true),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+        ] {
+            assert_eq!(glob(pattern, s), want, "{pattern} ~ {s}");
+        }
+    }
+
+    #[test]
+    fn exact_values_beat_wildcards_which_beat_key_only_entries_first_declared_first() {
+        let mut d = Domain::new("d");
+        d.add(ROOT, "path", Some("/api/*/users"), Some(rule(1, Unit::Minute, "users"))).expect("add");
+        d.add(ROOT, "path", Some("/api/*"), Some(rule(2, Unit::Minute, "api"))).expect("add");
+        d.add(ROOT, "path", Some("/api/v1/users"), Some(rule(3, Unit::Minute, "exact"))).expect("add");
+        d.add(ROOT, "path", None, Some(rule(4, Unit::Minute, "any"))).expect("add");
+        d.add(ROOT, "k*", None, Some(rule(5, Unit::Minute, "k-keys"))).expect("add");
+        check(&d, &[("path", "/api/v1/users")], Some("exact"));
+        check(&d, &[("path", "/api/v7/users")], Some("users"));
+        check(&d, &[("path", "/api/v7/orders")], Some("api"));
+        // declared first wins, even when a later pattern is more specific
+        check(&d, &[("path", "/api/x/users")], Some("users"));
+        check(&d, &[("path", "/other")], Some("any"));
+        // the pattern is matched against key_value: a `*` in the key matches keys
+        check(&d, &[("kind", "v")], Some("k-keys"));
+        check(&d, &[("other", "v")], None);
+        // the literal pattern is an exact value too
+        check(&d, &[("path", "/api/*")], Some("api"));
+        assert!(d.add(ROOT, "path", Some("/api/*"), None).is_err(), "a duplicate pattern");
+    }
+
+    fn config_of(d: Domain) -> RlsConfig {
+        RlsConfig { domains: [(d.name.to_string(), d)].into(), x_ratelimit_headers: false }
+    }
+
+    #[test]
+    fn share_threshold_counts_every_matching_value_under_one_key() {
+        let mut d = Domain::new("d");
+        d.add_shared(ROOT, "files", Some("files/*"), Some(rule(2, Unit::Minute, "files")), true).expect("add");
+        d.add(ROOT, "own", Some("own/*"), Some(rule(2, Unit::Minute, "own"))).expect("add");
+        let route = d.add_shared(ROOT, "route", Some("/api*v1"), None, true).expect("add");
+        d.add(route, "method", None, Some(rule(3, Unit::Minute, "method"))).expect("add");
+        let cfg = config_of(d);
+        let key = |entries: &[(&str, &str)]| plan(&cfg, "d", &[req(entries)]).ops[0].key.clone();
+        assert_eq!(key(&[("files", "files/a.pdf")]), key(&[("files", "files/b.csv")]));
+        assert_ne!(key(&[("own", "own/a")]), key(&[("own", "own/b")]), "without share_threshold");
+        assert_eq!(key(&[("route", "/api/x/v1"), ("method", "GET")]), key(&[("route", "/apiZv1"), ("method", "GET")]));
+        assert_ne!(
+            key(&[("route", "/api/x/v1"), ("method", "GET")]),
+            key(&[("route", "/api/x/v1"), ("method", "POST")]),
+            "a level that does not share keeps its value"
+        );
+        let mut bad = Domain::new("bad");
+        let e = bad.add_shared(ROOT, "path", Some("/exact"), None, true).unwrap_err();
+        assert!(e.starts_with("share_threshold can only be used with wildcard values"), "{e}");
+    }
+
+    #[test]
+    fn a_matched_unlimited_rule_still_replaces() {
+        let mut d = Domain::new("d");
+        d.add(ROOT, "user", None, Some(Rule { name: Some("per_user".into()), ..rule(1, Unit::Minute, "user") }))
+            .expect("add");
+        d.add(
+            ROOT,
+            "plan",
+            Some("partner"),
+            Some(Rule { unit: None, replaces: vec!["per_user".into()], ..rule(0, Unit::Minute, "partner") }),
+        )
+        .expect("add");
+        let cfg = config_of(d);
+        let p = plan(&cfg, "d", &[req(&[("user", "u-b")]), req(&[("plan", "partner")])]);
+        assert!(p.ops.is_empty(), "{p:?}");
+        assert!(matches!(p.slots[0], Slot::Replaced(_)) && matches!(p.slots[1], Slot::Unlimited));
+        assert_eq!(plan(&cfg, "d", &[req(&[("user", "u-b")])]).ops.len(), 1);
+    }
+
+    #[test]
+    fn quota_mode_limits_refuse_only_when_all_of_them_are_over() {
+        let mut d = Domain::new("d");
+        d.add(ROOT, "tenant", None, Some(Rule { quota_mode: true, ..rule(1, Unit::Second, "tenant") })).expect("add");
+        d.add(ROOT, "project", None, Some(Rule { quota_mode: true, ..rule(1, Unit::Second, "project") })).expect("add");
+        d.add(ROOT, "plain", None, Some(rule(1, Unit::Second, "plain"))).expect("add");
+        let cfg = config_of(d);
+        let p = plan(&cfg, "d", &[req(&[("tenant", "t")]), req(&[("project", "p")])]);
+        assert!(p.ops.iter().all(|o| o.shadow), "a quota-mode op never refuses the plan by itself");
+        let ok = Verdict { allowed: true, remaining: 0, reset: 1, retry_after: 0 };
+        let over = Verdict { allowed: false, remaining: 0, reset: 1, retry_after: 9 };
+        let one = conclude(p.clone(), &[over, ok]);
+        assert!(!one.over_limit);
+        assert_eq!(one.statuses[0].outcome, Outcome::OverLimit, "the descriptor itself is over");
+        let both = conclude(p, &[over, over]);
+        assert!(both.over_limit);
+        assert_eq!(both.retry_after, Some(9));
+        let p = plan(&cfg, "d", &[req(&[("tenant", "t")]), req(&[("plain", "x")])]);
+        assert!(conclude(p, &[ok, over]).over_limit, "a plain limit over refuses");
+    }
+
+    #[test]
+    fn counter_keys_are_an_injective_encoding_and_unknown_domains_count_nothing() {
+        let cfg = config_of(edge());
+        let victim = plan(&cfg, "edge", &[req(&[("remote_address", "203.0.113.5")])]).ops[0].clone();
+        // a domain spelled as the victim's domain followed by its entry, length-prefixed as the
+        // old encoding hashed it
+        let mut forged = String::from("edge");
+        for part in ["remote_address", "203.0.113.5"] {
+            forged.push_str(&String::from_utf8_lossy(&(part.len() as u64).to_be_bytes()));
+            forged.push_str(part);
+        }
+        let limit = victim.limit;
+        assert_ne!(counter_key(&forged, &[], &[], limit), victim.key);
+        assert_ne!(counter_key("edgeremote_address", &[("", "203.0.113.5")], &[], limit), victim.key);
+        assert_ne!(counter_key("edge", &[("remote_address", "203.0.113.5"), ("", "")], &[], limit), victim.key);
+        // an override for a domain no file defines is ignored, as envoyproxy/ratelimit does
+        let over = DescriptorReq { entries: vec![], limit_override: Some((600, Unit::Minute)), hits: 551 };
+        let p = plan(&cfg, &forged, &[over]);
+        assert!(p.ops.is_empty() && matches!(p.slots[0], Slot::NoLimit));
     }
 
     #[test]

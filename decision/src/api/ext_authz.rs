@@ -309,12 +309,17 @@ fn audit_event(
     ev
 }
 
-/// One structured line per decision. The path is the normalized one, without the query (a
-/// query can carry secrets); no header value is logged.
+/// One structured line per decision, at `debug` (target `portcullis::decision`): the audit
+/// trail is the per-request record, so the default level writes none (`--log
+/// info,portcullis::decision=debug` turns them on). The path is the normalized one, without the
+/// query (a query can carry secrets); no header value is logged.
 pub fn log_decision(d: &Decision, policy: &Policy, request_id: &str, method: &str, took: std::time::Duration) {
+    if !tracing::enabled!(target: "portcullis::decision", tracing::Level::DEBUG) {
+        return;
+    }
     let subject = d.ctx.identity.as_ref().map(|i| &*i.subject);
     let tier = d.ctx.identity.as_ref().and_then(|i| policy.tiers.get(i.tier)).map(|t| &*t.name);
-    tracing::info!(
+    tracing::debug!(
         target: "portcullis::decision",
         request_id,
         client_ip = d.ctx.client_ip.map(tracing::field::display),

@@ -128,6 +128,13 @@ impl<S: Store> RateLimitService for Rls<S> {
         if msg.domain.is_empty() {
             return Err(tonic::Status::invalid_argument("rate limit domain must not be empty"));
         }
+        // `is_negative_hits` (Envoy 1.38: give hits back to the budget) is refused, not counted
+        // as a positive hit: returning hits needs store support that is not there yet.
+        if let Some(i) = msg.descriptors.iter().position(|d| d.is_negative_hits) {
+            return Err(tonic::Status::invalid_argument(format!(
+                "descriptor {i}: is_negative_hits is not supported (hits can only be counted, not returned)"
+            )));
+        }
         // hits_addend 0 means 1 at the request level; a descriptor's own hits_addend wins.
         let request_hits = u64::from(msg.hits_addend.max(1));
         let descriptors: Vec<DescriptorReq<'_>> = msg
@@ -160,7 +167,8 @@ impl<S: Store> RateLimitService for Rls<S> {
         let response = answer(&decision, policy.ratelimit.x_ratelimit_headers, policy.ratelimit_headers);
         let took = started.elapsed();
         self.engine.metrics.ratelimit_call(took);
-        tracing::info!(
+        // at debug: the default level writes no line per decision
+        tracing::debug!(
             target: "portcullis::ratelimit",
             domain = %msg.domain,
             descriptors = descriptors.len(),

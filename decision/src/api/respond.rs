@@ -200,3 +200,47 @@ pub fn too_many_requests_body(retry_after_secs: u64, remaining: u64, now: Micros
 pub fn whole_secs(us: Micros) -> u64 {
     secs_ceil(us)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> [LimitState<'static>; 2] {
+        [
+            LimitState { name: "burst", quota: 100, window: 60, remaining: 40, reset: 30 },
+            LimitState { name: "da\"ily", quota: 1000, window: 86400, remaining: 7, reset: 3600 },
+        ]
+    }
+
+    fn render(dialect: HeaderDialect) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        ietf_headers(dialect, &limits(), 1, &mut out);
+        out
+    }
+
+    #[test]
+    fn each_dialect_renders_its_drafts_syntax() {
+        let s = |v: &[(&'static str, &str)]| v.iter().map(|(k, v)| (*k, v.to_string())).collect::<Vec<_>>();
+        assert_eq!(
+            render(HeaderDialect::Draft10),
+            s(&[
+                ("ratelimit-policy", r#""burst";q=100;w=60, "da\"ily";q=1000;w=86400"#),
+                ("ratelimit", r#""burst";r=40;t=30, "da\"ily";r=7;t=3600"#),
+            ])
+        );
+        assert_eq!(
+            render(HeaderDialect::Draft07),
+            s(&[("ratelimit-policy", "100;w=60, 1000;w=86400"), ("ratelimit", "limit=1000, remaining=7, reset=3600")])
+        );
+        assert_eq!(
+            render(HeaderDialect::Draft06),
+            s(&[
+                ("ratelimit-limit", "1000"),
+                ("ratelimit-remaining", "7"),
+                ("ratelimit-reset", "3600"),
+                ("ratelimit-policy", "100;w=60, 1000;w=86400"),
+            ])
+        );
+        assert!(render(HeaderDialect::None).is_empty());
+    }
+}

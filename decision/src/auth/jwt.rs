@@ -244,10 +244,10 @@ fn parse_jwks(text: &str) -> Result<(Vec<Key>, Vec<String>), String> {
 fn usable(raw: serde_json::Value) -> Result<Key, String> {
     // RFC 7517 section 4.2 and 4.3: a key meant for encryption, or whose operations exclude
     // `verify`, must not verify signatures
-    if let Some(u) = raw.get("use") {
-        if u.as_str() != Some("sig") {
-            return Err(format!("not a signature key (use {u})"));
-        }
+    if let Some(u) = raw.get("use")
+        && u.as_str() != Some("sig")
+    {
+        return Err(format!("not a signature key (use {u})"));
     }
     if let Some(ops) = raw.get("key_ops") {
         let verifies = ops.as_array().is_some_and(|a| a.iter().any(|o| o.as_str() == Some("verify")));

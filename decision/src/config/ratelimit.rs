@@ -9,7 +9,9 @@ use decision_core::rls::{Domain, ROOT, RlsConfig, Rule, Unit};
 
 use super::Problem;
 use super::lines::LineIndex;
-use super::raw::{RawRatelimit, RawRlsDescriptor, RawRlsFile};
+use serde_yaml_ng::{Mapping, Value};
+
+use super::raw::RawRatelimit;
 
 /// Largest ratelimit file read.
 pub const MAX_RLS_FILE_BYTES: u64 = 4 << 20;
@@ -55,6 +57,102 @@ pub fn expand(base: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
     Ok(out)
 }
 
+/// The keys envoyproxy/ratelimit reads in a file (src/config/config_impl.go, `validKeys`), by
+/// where they take effect; `algorithm` is ours. That service accepts any of its keys at any level
+/// and ignores the misplaced ones; we refuse a misplaced key, since it does nothing there.
+const TOP_KEYS: &[&str] = &["domain", "descriptors"];
+const DESCRIPTOR_KEYS: &[&str] = &[
+    "key",
+    "value",
+    "rate_limit",
+    "descriptors",
+    "shadow_mode",
+    "quota_mode",
+    "detailed_metric",
+    "value_to_metric",
+    "share_threshold",
+    "metadata",
+];
+const RATE_LIMIT_KEYS: &[&str] = &["requests_per_unit", "unit", "unlimited", "name", "replaces", "algorithm"];
+const REPLACES_KEYS: &[&str] = &["name"];
+
+/// The merge key of YAML 1.1 (`<<`, plain or tagged `!!merge`).
+fn is_merge_key(k: &Value) -> bool {
+    match k {
+        Value::String(s) => s == "<<",
+        Value::Tagged(t) => t.tag == "merge" && is_merge_key(&t.value),
+        _ => false,
+    }
+}
+
+/// Applies YAML 1.1 merge keys (`<<: *base`, `<<: {...}`, `<<: [*a, *b]`) as envoyproxy/
+/// ratelimit's parser (gopkg.in/yaml.v2) does: in the order the keys are written, so a key written
+/// after `<<` overrides the merged value and one written before it is overwritten; of a list of
+/// maps, the earlier ones win.
+fn merge_keys(v: Value, path: &str) -> Result<Value, (String, String)> {
+    const NOT_A_MAP: &str = "map merge requires map or sequence of maps as the value";
+    Ok(match v {
+        Value::Mapping(m) => {
+            let mut out = Mapping::with_capacity(m.len());
+            for (k, val) in m {
+                let val = match k.as_str() {
+                    Some(name) if name != "<<" => merge_keys(val, &join(path, name))?,
+                    _ => merge_keys(val, path)?,
+                };
+                if !is_merge_key(&k) {
+                    out.insert(k, val);
+                    continue;
+                }
+                let sources = match val {
+                    Value::Mapping(m) => vec![m],
+                    Value::Sequence(list) => list
+                        .into_iter()
+                        .map(|x| match x {
+                            Value::Mapping(m) => Ok(m),
+                            _ => Err((path.to_owned(), NOT_A_MAP.to_owned())),
+                        })
+                        .collect::<Result<_, _>>()?,
+                    _ => return Err((path.to_owned(), NOT_A_MAP.to_owned())),
+                };
+                for src in sources.into_iter().rev() {
+                    for (k2, v2) in src {
+                        out.insert(k2, v2);
+                    }
+                }
+            }
+            Value::Mapping(out)
+        }
+        Value::Sequence(list) => Value::Sequence(
+            list.into_iter()
+                .enumerate()
+                .map(|(i, v)| merge_keys(v, &format!("{path}[{i}]")))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Tagged(mut t) => {
+            t.value = merge_keys(t.value, path)?;
+            Value::Tagged(t)
+        }
+        other => other,
+    })
+}
+
+/// `path.key`, or `key` at the top.
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
 struct FileLoader<'a> {
     file: &'a Path,
     index: LineIndex,
@@ -62,80 +160,223 @@ struct FileLoader<'a> {
 }
 
 impl FileLoader<'_> {
+    /// A problem at `path`, on the line of the closest field the file spells out (a field that a
+    /// merge key brought in is reported on the line of the mapping that merged it).
     fn err(&mut self, path: String, message: impl Into<String>) {
-        let line = self.index.line(&path);
+        let mut at = path.as_str();
+        let line = loop {
+            if let Some(l) = self.index.line(at) {
+                break Some(l);
+            }
+            match at.rfind(['.', '[']) {
+                Some(i) => at = &at[..i],
+                None => break None,
+            }
+        };
         self.problems.push(Problem { file: Some(self.file.to_owned()), path, line, message: message.into() });
     }
 
-    fn descriptors(
-        &mut self,
-        domain: &mut Domain,
-        parent: usize,
-        parent_id: &str,
-        list: &[RawRlsDescriptor],
-        path: &str,
-    ) {
+    /// `v` as a mapping whose keys are all in `allowed`; null is an empty mapping.
+    fn mapping<'v>(&mut self, v: &'v Value, path: &str, allowed: &[&str]) -> Option<&'v Mapping> {
+        let m = match v {
+            Value::Null => return None,
+            Value::Mapping(m) => m,
+            other => {
+                self.err(path.to_owned(), format!("invalid type: {}, expected a mapping", type_name(other)));
+                return None;
+            }
+        };
+        for k in m.keys() {
+            match k.as_str() {
+                Some(k) if allowed.contains(&k) => {}
+                Some(k) => {
+                    let expected = allowed.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ");
+                    let field = join(path, k);
+                    // reported at the mapping (as serde does), on the unknown key's own line
+                    let line = self.index.line(&field);
+                    self.problems.push(Problem {
+                        file: Some(self.file.to_owned()),
+                        path: path.to_owned(),
+                        line,
+                        message: format!("unknown field `{k}`, expected one of {expected}"),
+                    });
+                }
+                None => self.err(path.to_owned(), format!("a key is not a string: {k:?}")),
+            }
+        }
+        Some(m)
+    }
+
+    /// A string field; envoyproxy/ratelimit stores a scalar's text, so numbers and booleans are
+    /// read as they are written. Missing or null: `None`.
+    fn string(&mut self, m: &Mapping, key: &str, path: &str) -> Option<String> {
+        match m.get(key)? {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            other => {
+                self.err(join(path, key), format!("invalid type: {}, expected a string", type_name(other)));
+                None
+            }
+        }
+    }
+
+    /// A boolean field, with YAML 1.1's spellings (`yes`, `on`, ...) as that service's parser
+    /// reads them. Missing or null: false.
+    fn boolean(&mut self, m: &Mapping, key: &str, path: &str) -> bool {
+        match m.get(key) {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(Value::String(s))
+                if matches!(s.as_str(), "y" | "Y" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" | "True" | "TRUE") =>
+            {
+                true
+            }
+            Some(Value::String(s))
+                if matches!(s.as_str(), "n" | "N" | "no" | "No" | "NO" | "off" | "Off" | "OFF" | "False" | "FALSE") =>
+            {
+                false
+            }
+            Some(other) => {
+                self.err(join(path, key), format!("invalid type: {}, expected a boolean", type_name(other)));
+                false
+            }
+        }
+    }
+
+    /// `requests_per_unit`: envoyproxy/ratelimit's uint32 (missing or null: 0).
+    fn requests_per_unit(&mut self, m: &Mapping, path: &str) -> u32 {
+        let path = format!("{path}.requests_per_unit");
+        match m.get("requests_per_unit") {
+            None | Some(Value::Null) => 0,
+            Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+                (Some(v), _) => u32::try_from(v).unwrap_or_else(|_| {
+                    self.err(path, format!("invalid value: integer `{v}`, expected u32 (0 to {})", u32::MAX));
+                    0
+                }),
+                (None, Some(v)) => {
+                    self.err(path, format!("invalid value: integer `{v}`, expected u32 (0 to {})", u32::MAX));
+                    0
+                }
+                _ => {
+                    self.err(path, format!("invalid type: floating point `{n}`, expected u32"));
+                    0
+                }
+            },
+            Some(other) => {
+                self.err(path, format!("invalid type: {}, expected u32", type_name(other)));
+                0
+            }
+        }
+    }
+
+    /// A list of mappings; null or missing is empty.
+    fn list<'v>(&mut self, m: &'v Mapping, key: &str, path: &str) -> &'v [Value] {
+        match m.get(key) {
+            None | Some(Value::Null) => &[],
+            Some(Value::Sequence(list)) => list,
+            Some(other) => {
+                self.err(join(path, key), format!("invalid type: {}, expected a list", type_name(other)));
+                &[]
+            }
+        }
+    }
+
+    fn rule(&mut self, d: &Mapping, rl: &Mapping, lpath: &str, id: &str) -> Option<Rule> {
+        let unlimited = self.boolean(rl, "unlimited", lpath);
+        let requests_per_unit = self.requests_per_unit(rl, lpath);
+        let unit_text = self.string(rl, "unit", lpath);
+        let unit = unit_text.as_deref().and_then(Unit::parse);
+        let name = self.string(rl, "name", lpath).filter(|n| !n.is_empty());
+        let mut replaces = Vec::new();
+        for (j, r) in self.list(rl, "replaces", lpath).iter().enumerate() {
+            let rpath = format!("{lpath}.replaces[{j}]");
+            let Some(r) = self.mapping(r, &rpath, REPLACES_KEYS) else {
+                self.err(rpath, "should not have an empty replaces entry");
+                continue;
+            };
+            match self.string(r, "name", &rpath).as_deref() {
+                None | Some("") => self.err(rpath, "should not have an empty replaces entry"),
+                Some(n) if Some(n) == name.as_deref() => {
+                    self.err(rpath, "replaces should not contain name of same descriptor")
+                }
+                Some(n) => replaces.push(Arc::from(n)),
+            }
+        }
+        let fixed_window = match self.string(rl, "algorithm", lpath).as_deref() {
+            None | Some("sliding_window") => false,
+            Some("fixed_window") => true,
+            Some(other) => {
+                self.err(
+                    format!("{lpath}.algorithm"),
+                    format!("unknown algorithm {other:?} (sliding_window or fixed_window)"),
+                );
+                false
+            }
+        };
+        let dpath = lpath.strip_suffix(".rate_limit").unwrap_or(lpath);
+        let shadow = self.boolean(d, "shadow_mode", dpath);
+        let quota_mode = self.boolean(d, "quota_mode", dpath);
+        let detailed_metric = self.boolean(d, "detailed_metric", dpath);
+        if unlimited && unit.is_some() {
+            self.err(format!("{lpath}.unit"), "should not specify rate limit unit when unlimited");
+            return None;
+        }
+        if !unlimited && unit.is_none() {
+            self.err(format!("{lpath}.unit"), format!("invalid rate limit unit '{}'", unit_text.unwrap_or_default()));
+            return None;
+        }
+        Some(Rule {
+            requests_per_unit,
+            unit: if unlimited { None } else { unit },
+            shadow,
+            name: name.map(|n| Arc::from(n.as_str())),
+            replaces,
+            fixed_window,
+            detailed_metric,
+            quota_mode,
+            id: Arc::from(id),
+        })
+    }
+
+    fn descriptors(&mut self, domain: &mut Domain, parent: usize, parent_id: &str, list: &[Value], path: &str) {
         for (i, d) in list.iter().enumerate() {
             let path = format!("{path}[{i}]");
-            let key = d.key.as_deref().unwrap_or("");
+            let Some(d) = self.mapping(d, &path, DESCRIPTOR_KEYS) else {
+                self.err(format!("{path}.key"), "descriptor has empty key");
+                continue;
+            };
+            let key = self.string(d, "key", &path).unwrap_or_default();
+            let value = self.string(d, "value", &path).filter(|v| !v.is_empty());
+            // metrics only, as in envoyproxy/ratelimit: read for their type, no effect here
+            self.boolean(d, "value_to_metric", &path);
+            let share_threshold = self.boolean(d, "share_threshold", &path);
+            if let Some(meta) = d.get("metadata").filter(|m| !m.is_null() && !m.is_mapping()) {
+                self.err(format!("{path}.metadata"), format!("invalid type: {}, expected a mapping", type_name(meta)));
+            }
             if key.is_empty() {
                 self.err(format!("{path}.key"), "descriptor has empty key");
                 continue;
             }
-            let value = d.value.as_deref().filter(|v| !v.is_empty());
-            let final_key = value.map_or(key.to_owned(), |v| format!("{key}_{v}"));
+            let final_key = value.as_ref().map_or_else(|| key.clone(), |v| format!("{key}_{v}"));
             let id = format!("{parent_id}.{final_key}");
-            let rule = d.rate_limit.as_ref().and_then(|rl| {
-                let lpath = format!("{path}.rate_limit");
-                let unit = rl.unit.as_deref().and_then(Unit::parse);
-                if rl.unlimited && unit.is_some() {
-                    self.err(format!("{lpath}.unit"), "should not specify rate limit unit when unlimited");
-                    return None;
-                }
-                if !rl.unlimited && unit.is_none() {
-                    self.err(
-                        format!("{lpath}.unit"),
-                        format!("invalid rate limit unit '{}'", rl.unit.as_deref().unwrap_or("")),
-                    );
-                    return None;
-                }
-                let mut replaces = Vec::new();
-                for (j, r) in rl.replaces.iter().enumerate() {
-                    match r.name.as_deref() {
-                        None | Some("") => {
-                            self.err(format!("{lpath}.replaces[{j}]"), "should not have an empty replaces entry")
-                        }
-                        Some(n) if Some(n) == rl.name.as_deref() => self.err(
-                            format!("{lpath}.replaces[{j}]"),
-                            "replaces should not contain name of same descriptor",
-                        ),
-                        Some(n) => replaces.push(Arc::from(n)),
+            let rule = match d.get("rate_limit") {
+                None | Some(Value::Null) => None,
+                Some(rl) => {
+                    let lpath = format!("{path}.rate_limit");
+                    match self.mapping(rl, &lpath, RATE_LIMIT_KEYS) {
+                        Some(rl) => self.rule(d, rl, &lpath, &id),
+                        None => None,
                     }
                 }
-                let fixed_window = match rl.algorithm.as_deref() {
-                    None | Some("sliding_window") => false,
-                    Some("fixed_window") => true,
-                    Some(other) => {
-                        self.err(
-                            format!("{lpath}.algorithm"),
-                            format!("unknown algorithm {other:?} (sliding_window or fixed_window)"),
-                        );
-                        false
-                    }
-                };
-                Some(Rule {
-                    requests_per_unit: rl.requests_per_unit,
-                    unit,
-                    shadow: d.shadow_mode,
-                    name: rl.name.as_deref().filter(|n| !n.is_empty()).map(Arc::from),
-                    replaces,
-                    fixed_window,
-                    detailed_metric: d.detailed_metric,
-                    id: Arc::from(id.as_str()),
-                })
-            });
-            match domain.add(parent, key, value, rule) {
-                Ok(node) => self.descriptors(domain, node, &id, &d.descriptors, &format!("{path}.descriptors")),
+            };
+            match domain.add_shared(parent, &key, value.as_deref(), rule, share_threshold) {
+                Ok(node) => {
+                    let children = self.list(d, "descriptors", &path);
+                    self.descriptors(domain, node, &id, children, &format!("{path}.descriptors"))
+                }
+                Err(e) if e.starts_with("share_threshold") => self.err(format!("{path}.share_threshold"), e),
                 Err(e) => self.err(format!("{path}.key"), e),
             }
         }
@@ -192,8 +433,8 @@ pub fn load(
                     continue;
                 }
             };
-            let parsed: RawRlsFile = match serde_yaml_ng::from_str::<Option<RawRlsFile>>(&text) {
-                Ok(r) => r.unwrap_or_default(),
+            let parsed = match serde_yaml_ng::from_str::<Value>(&text) {
+                Ok(v) => v,
                 Err(e) => {
                     let mut p = super::structural(&e);
                     p.file = Some(file.clone());
@@ -202,7 +443,16 @@ pub fn load(
                 }
             };
             let mut loader = FileLoader { file: &file, index: LineIndex::build(&text), problems };
-            let Some(name) = parsed.domain.filter(|d| !d.is_empty()) else {
+            let parsed = match merge_keys(parsed, "") {
+                Ok(v) => v,
+                Err((path, e)) => {
+                    loader.err(path, e);
+                    continue;
+                }
+            };
+            let empty = Mapping::new();
+            let top = loader.mapping(&parsed, "", TOP_KEYS).unwrap_or(&empty);
+            let Some(name) = loader.string(top, "domain", "").filter(|d| !d.is_empty()) else {
                 loader.err("domain".into(), "config file cannot have empty domain");
                 continue;
             };
@@ -214,7 +464,8 @@ pub fn load(
                 continue;
             }
             let mut domain = Domain::new(&name);
-            loader.descriptors(&mut domain, ROOT, &name, &parsed.descriptors, "descriptors");
+            let list = loader.list(top, "descriptors", "");
+            loader.descriptors(&mut domain, ROOT, &name, list, "descriptors");
             domain_files.push((name.clone(), file.clone()));
             config.domains.insert(name, domain);
         }

@@ -140,6 +140,27 @@ fn bad_durations_sizes_and_rates_are_refused() {
 }
 
 #[test]
+fn the_ratelimit_header_dialect_is_a_policy_setting() {
+    let text = reference_text();
+    assert_eq!(
+        parse(&text, &examples()).expect("reference").policy.ratelimit_headers,
+        HeaderDialect::Draft10,
+        "today's output is the default"
+    );
+    for (name, want) in [
+        ("draft-06", HeaderDialect::Draft06),
+        ("draft-07", HeaderDialect::Draft07),
+        ("draft-11", HeaderDialect::Draft10),
+        ("none", HeaderDialect::None),
+    ] {
+        let with = text.replacen("quota_warning: 80%", &format!("quota_warning: 80%\nratelimit_headers: {name}"), 1);
+        assert_eq!(parse(&with, &examples()).expect(name).policy.ratelimit_headers, want, "{name}");
+    }
+    let (text, problems) = problems_after("quota_warning: 80%", "quota_warning: 80%\nratelimit_headers: draft-99");
+    assert_problem(&problems, "ratelimit_headers", line_of(&text, "draft-99"), "unknown dialect \"draft-99\"");
+}
+
+#[test]
 fn bad_digests_and_duplicate_ids_and_unknown_tiers_are_refused() {
     let (text, problems) =
         problems_after("sha256: 43089ad2666e61a9f0f9dcd5f904b119ff89a44d3c8decdff84a6e8653fe64ba", "sha256: 43089ad2");
