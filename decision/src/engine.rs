@@ -401,6 +401,13 @@ mod tests {
                 auth: Some("Bearer \u{e9}\u{e9}\u{e9}"),
                 ..case("GET", "/api/v1/users", None, Reason::JwtMalformed)
             },
+            // an API key and a bearer token (here one that would not verify): neither is believed
+            Case { bearer: true, ..case("GET", "/api/v1/users", Some(BASIC), Reason::AmbiguousCredentials) },
+            Case {
+                auth: Some("Basic dTpw"),
+                ..case("GET", "/api/v1/users", Some(BASIC), Reason::AmbiguousCredentials)
+            },
+            Case { bearer: true, ..case("GET", "/health", Some(BASIC), Reason::Allowed) },
             Case { content_length: Some(5 << 20), ..case("POST", "/api/v1/u", Some(BUSINESS), Reason::Allowed) },
             Case {
                 content_length: Some((5 << 20) + 1),
@@ -447,6 +454,32 @@ mod tests {
                 c.xff
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_stated_precedence_believes_one_credential_and_strips_the_other() {
+        use proto::ext_authz::check_response::HttpResponse;
+        let text =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/policy.yaml"))
+                .expect("policy");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        for (precedence, header, want) in
+            [("api_key", "authorization", Reason::Allowed), ("bearer", "x-api-key", Reason::JwtUnknownIssuer)]
+        {
+            let with = text.replacen("authentication:", &format!("authentication:\n  precedence: {precedence}"), 1);
+            let policy = crate::config::parse(&with, &dir).unwrap_or_else(|e| panic!("{e:?}")).policy;
+            let engine = Engine::new(policy.clone(), MemoryStore::new());
+            let req = Request { authorization: Some("Bearer eyJhbGciOiJSUzI1NiJ9.e30.sig"), ..basic_get() };
+            let d = engine.decide(&policy, &req).await;
+            assert_eq!(d.reason, want, "{precedence}");
+            if d.allowed() {
+                let answer = crate::api::ext_authz::answer(&d, &policy, "r1");
+                let Some(HttpResponse::OkResponse(ok)) = answer.http_response else { panic!("an OK answer") };
+                assert!(ok.headers_to_remove.iter().any(|h| h == header), "{precedence}: {:?}", ok.headers_to_remove);
+            }
+        }
+        let bad = text.replacen("authentication:", "authentication:\n  precedence: both", 1);
+        assert!(crate::config::parse(&bad, &dir).is_err());
     }
 
     #[tokio::test]

@@ -51,6 +51,31 @@ async fn malformed_check_requests_are_denied_with_400_and_a_logged_reason() {
     let r = c.check(check_request("127.0.0.1", "G E T", "/health", &[])).await.expect("answer").into_inner();
     assert_eq!(denied_status(&r), Some(400), "a method that is not a token");
 
+    // RFC 9110 section 5.5: CR, LF and NUL never appear in a field value; names are tokens
+    for (name, value, why) in [
+        ("user-agent", "ok\r\nx-injected: 1", "CR LF in a value"),
+        ("user-agent", "ok\nx-injected: 1", "a bare LF in a value"),
+        ("user-agent", "ok\0", "NUL in a value"),
+        ("x-bad name", "v", "a name that is not a token"),
+        ("x-api-key", "pk_demo\r\nx-role: admin", "CR LF in the credential"),
+    ] {
+        let r = c
+            .check(check_request("127.0.0.1", "GET", "/api/v1/x", &[("x-api-key", BASIC), (name, value)]))
+            .await
+            .expect("answer")
+            .into_inner();
+        assert_eq!(denied_status(&r), Some(400), "{why}");
+    }
+    // two credentials, one of them an unverified token claiming admin: neither is believed
+    let forged = "Bearer eyJhbGciOiJSUzI1NiJ9.eyJyb2xlcyI6WyJhZG1pbiJdfQ.Z2FyYmFnZQ";
+    let r = c
+        .check(check_request("127.0.0.1", "GET", "/api/v1/x", &[("x-api-key", BASIC), ("authorization", forged)]))
+        .await
+        .expect("answer")
+        .into_inner();
+    assert_eq!(denied_status(&r), Some(401), "ambiguous credentials");
+    p.wait_for_decision("ambiguous_credentials").await;
+
     // an absurd header block is refused by size, not read
     let huge = "x".repeat(1 << 20);
     let r = c

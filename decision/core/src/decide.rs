@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::apikey::Lookup;
 use crate::net;
 use crate::path;
-use crate::policy::{OnStoreError, Policy};
+use crate::policy::{OnStoreError, Policy, Precedence};
 use crate::quota::{Limit, Verdict};
 use crate::units::Micros;
 
@@ -52,6 +52,9 @@ pub enum Reason {
     NoRoute,
     ZoneForbidden,
     CredentialMissing,
+    /// more than one credential (an API key and an `authorization` header) and no
+    /// `authentication.precedence` to choose: neither is believed
+    AmbiguousCredentials,
     ApiKeyUnknown,
     ApiKeyRevoked,
     ApiKeyExpired,
@@ -95,7 +98,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 46] = [
+    pub const ALL: [Reason; 47] = [
         Reason::Allowed,
         Reason::AllowedStoreUnavailable,
         Reason::BadRequest,
@@ -109,6 +112,7 @@ impl Reason {
         Reason::NoRoute,
         Reason::ZoneForbidden,
         Reason::CredentialMissing,
+        Reason::AmbiguousCredentials,
         Reason::ApiKeyUnknown,
         Reason::ApiKeyRevoked,
         Reason::ApiKeyExpired,
@@ -160,6 +164,7 @@ impl Reason {
             Reason::NoRoute => "no_route",
             Reason::ZoneForbidden => "zone_forbidden",
             Reason::CredentialMissing => "credential_missing",
+            Reason::AmbiguousCredentials => "ambiguous_credentials",
             Reason::ApiKeyUnknown => "api_key_unknown",
             Reason::ApiKeyRevoked => "api_key_revoked",
             Reason::ApiKeyExpired => "api_key_expired",
@@ -202,6 +207,7 @@ impl Reason {
             Reason::Allowed | Reason::AllowedStoreUnavailable => 200,
             Reason::BadRequest | Reason::BadForwardedFor | Reason::BadMethod | Reason::BadPath => 400,
             Reason::CredentialMissing
+            | Reason::AmbiguousCredentials
             | Reason::ApiKeyUnknown
             | Reason::ApiKeyRevoked
             | Reason::ApiKeyExpired
@@ -480,7 +486,15 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
     }
 
     if !route.public {
-        let identity = match (req.api_key, req.authorization) {
+        // Two credentials: believing one while the other travels on would let an unverified
+        // token reach the upstream; without a stated precedence, neither is believed.
+        let (api_key, authorization) = match (req.api_key, req.authorization, policy.credential_precedence) {
+            (Some(_), Some(_), None) => return deny(Reason::AmbiguousCredentials, ctx),
+            (Some(k), Some(_), Some(Precedence::ApiKey)) => (Some(k), None),
+            (Some(_), Some(a), Some(Precedence::Bearer)) => (None, Some(a)),
+            (k, a, _) => (k, a),
+        };
+        let identity = match (api_key, authorization) {
             (Some(key), _) => match policy.api_keys.lookup(key.as_bytes()) {
                 Lookup::Unknown => return deny(Reason::ApiKeyUnknown, ctx),
                 Lookup::Found(k) if k.revoked => return deny(Reason::ApiKeyRevoked, ctx),
@@ -576,7 +590,8 @@ pub fn block_raise(policy: &Policy, ip: IpAddr, zone: u64) -> Option<Op> {
 
 /// Whether a denial is a failed authentication that counts towards auto-block.
 pub fn is_auth_failure(reason: Reason) -> bool {
-    reason.status() == 401 && !matches!(reason, Reason::CredentialMissing | Reason::FreshAuthRequired)
+    reason.status() == 401
+        && !matches!(reason, Reason::CredentialMissing | Reason::AmbiguousCredentials | Reason::FreshAuthRequired)
 }
 
 /// After a failed authentication: the operations that check the address's block and count the

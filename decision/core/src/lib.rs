@@ -4,6 +4,7 @@
 pub mod apikey;
 pub mod decide;
 pub mod encode;
+pub mod fields;
 pub mod glob;
 pub mod net;
 pub mod path;

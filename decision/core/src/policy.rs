@@ -146,12 +146,22 @@ impl HeaderDialect {
     }
 }
 
+/// Which credential is believed when a request carries an API key and an `authorization`
+/// header (`authentication.precedence`); the other one is removed before the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precedence {
+    ApiKey,
+    Bearer,
+}
+
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub network: Network,
     pub api_keys: ApiKeyTable,
     /// verifies bearer tokens when JWT issuers are configured
     pub bearer: Option<std::sync::Arc<dyn crate::decide::BearerVerifier>>,
+    /// None: a request with two credentials is refused (`ambiguous_credentials`)
+    pub credential_precedence: Option<Precedence>,
     pub roles: RoleTable,
     pub tiers: Vec<Tier>,
     /// basis points of `per_day` past which a warning is attached

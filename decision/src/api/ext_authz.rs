@@ -6,6 +6,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use decision_core::fields::valid_value;
 use decision_core::policy::Policy;
 use decision_core::{Decision, Reason, Request};
 use proto::ext_authz::attribute_context::HttpRequest;
@@ -62,6 +63,16 @@ fn header_bytes(http: &HttpRequest) -> u64 {
         .as_ref()
         .map_or(0, |m| m.headers.iter().map(|h| h.key.len() + h.value.len() + h.raw_value.len()).sum());
     u64::try_from(from_map + from_raw).unwrap_or(u64::MAX)
+}
+
+/// Whether every header is well formed (RFC 9110 section 5: names are tokens, values hold no CR,
+/// LF, NUL or other control character), in `headers` and in `header_map`.
+fn headers_well_formed(http: &HttpRequest) -> bool {
+    use decision_core::fields::{valid_name, valid_value};
+    http.headers.iter().all(|(k, v)| valid_name(k) && valid_value(v.as_bytes()))
+        && http.header_map.as_ref().is_none_or(|m| {
+            m.headers.iter().all(|h| valid_name(&h.key) && valid_value(h.value.as_bytes()) && valid_value(&h.raw_value))
+        })
 }
 
 fn peer_ip(req: &CheckRequest) -> Option<IpAddr> {
@@ -122,6 +133,14 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
                     })),
                 },
             );
+            // with a stated precedence a request may carry two credentials: the one that did not
+            // prove the identity was never verified, and never reaches the upstream
+            if policy.credential_precedence.is_some() {
+                remove.push(match id.credential {
+                    decision_core::decide::CredentialKind::ApiKey => "authorization".into(),
+                    _ => policy.api_keys.header.clone(),
+                });
+            }
         } else {
             remove.extend([SUBJECT_HEADER, TIER_HEADER, ROLES_HEADER].map(String::from));
         }
@@ -234,6 +253,14 @@ impl<S: Store> ExtAuthz<S> {
         let http = msg.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
         let peer = peer_ip(&msg);
         let (decision, request_id, method) = match (http, peer) {
+            (Some(http), Some(_)) if !headers_well_formed(http) => {
+                tracing::warn!(reason = "a header name or value that RFC 9110 forbids", "malformed check request");
+                (
+                    Decision::deny(Reason::BadRequest, Default::default()),
+                    header(http, "x-request-id").filter(|v| valid_value(v.as_bytes())).unwrap_or(""),
+                    "",
+                )
+            }
             (Some(http), Some(peer)) => {
                 let req = Request {
                     method: &http.method,
@@ -303,6 +330,7 @@ fn audit_event(
         tier: d.ctx.identity.as_ref().and_then(|i| policy.tiers.get(i.tier)).map(|t| &*t.name),
         rule: d.ctx.route,
         instance: &audit.instance,
+        credential_header: Some(&policy.api_keys.header),
     };
     let mut ev = crate::audit::event::build(&input, &audit.mask);
     ev.insert("event".into(), "decision".into());

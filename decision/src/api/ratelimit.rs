@@ -154,7 +154,8 @@ impl<S: Store> RateLimitService for Rls<S> {
         let decision = match self.engine.rate_limit(&policy, &msg.domain, &descriptors).await {
             Ok(d) => d,
             Err(e) => {
-                tracing::warn!(domain = %msg.domain, error = %e, "ratelimit answered UNAVAILABLE: store failed");
+                // request-derived values are recorded as strings, which every log format escapes
+                tracing::warn!(domain = msg.domain.as_str(), error = %e, "ratelimit answered UNAVAILABLE: store failed");
                 return Err(tonic::Status::unavailable("rate limit store unavailable"));
             }
         };
@@ -170,7 +171,7 @@ impl<S: Store> RateLimitService for Rls<S> {
         // at debug: the default level writes no line per decision
         tracing::debug!(
             target: "portcullis::ratelimit",
-            domain = %msg.domain,
+            domain = msg.domain.as_str(),
             descriptors = descriptors.len(),
             outcome = if decision.over_limit { "over_limit" } else { "ok" },
             latency_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
@@ -218,5 +219,50 @@ mod tests {
         // a full window later the sliding window has room for the whole limit again
         times.extend(vec![edge + 2 * MICROS_PER_MINUTE; 12]);
         assert_eq!(allowed_at(&config(false), &times), 20);
+    }
+
+    /// A log sink the test reads back.
+    #[derive(Clone, Default)]
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_caller_cannot_split_a_text_log_line() {
+        use proto::ratelimit::rate_limit_service_server::RateLimitService;
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let policy = crate::config::load(&dir.join("policy.yaml")).unwrap_or_else(|e| panic!("{e}")).policy;
+        let rls = super::Rls::new(std::sync::Arc::new(crate::engine::Engine::new(policy, MemoryStore::new())));
+        let domain = "x\nINJECTED-LOG-LINE outcome=\"allow\"\r\nINJECTED-TOO";
+        let desc = proto::ratelimit::RateLimitDescriptor {
+            entries: vec![proto::ratelimit::rate_limit_descriptor::Entry { key: "k".into(), value: "v".into() }],
+            ..Default::default()
+        };
+        rls.should_rate_limit(tonic::Request::new(proto::ratelimit::RateLimitRequest {
+            domain: domain.into(),
+            descriptors: vec![desc],
+            hits_addend: 1,
+        }))
+        .await
+        .expect("answer");
+        let text = String::from_utf8(sink.0.lock().expect("log").clone()).expect("utf-8");
+        assert!(text.contains("INJECTED-LOG-LINE"), "the domain is logged: {text}");
+        assert!(!text.lines().any(|l| l.starts_with("INJECTED")), "a forged line: {text}");
     }
 }

@@ -50,6 +50,9 @@ pub struct EventInput<'a> {
     pub tier: Option<&'a str>,
     pub rule: Option<usize>,
     pub instance: &'a str,
+    /// the header the policy reads API keys from (`authentication.api_keys.header`): masked like
+    /// every credential header, whether or not `mask_headers` repeats it
+    pub credential_header: Option<&'a str>,
 }
 
 /// Headers that carry a URL or a request target, whose query is masked like the request's own
@@ -65,8 +68,10 @@ pub fn mask_url(value: &str) -> String {
     }
 }
 
-fn masked_header(name: &str, mask: &[String]) -> bool {
-    ALWAYS_MASKED.iter().any(|m| m.eq_ignore_ascii_case(name)) || mask.iter().any(|m| m.eq_ignore_ascii_case(name))
+fn masked_header(name: &str, mask: &[String], credential: Option<&str>) -> bool {
+    ALWAYS_MASKED.iter().any(|m| m.eq_ignore_ascii_case(name))
+        || credential.is_some_and(|c| c.eq_ignore_ascii_case(name))
+        || mask.iter().any(|m| m.eq_ignore_ascii_case(name))
 }
 
 /// The query with the values of credential-like parameters replaced.
@@ -90,7 +95,7 @@ pub fn mask_query(query: &str) -> String {
 pub fn build(e: &EventInput<'_>, mask: &[String]) -> Map<String, Value> {
     let mut headers = Map::new();
     for (name, value) in &e.headers {
-        let v = if masked_header(name, mask) {
+        let v = if masked_header(name, mask, e.credential_header) {
             MASKED.to_owned()
         } else if URL_HEADERS.iter().any(|h| h.eq_ignore_ascii_case(name)) {
             mask_url(value)
@@ -157,6 +162,7 @@ mod tests {
             tier: Some("basic"),
             rule: Some(1),
             instance: "pc-a",
+            credential_header: Some("x-api-key"),
         };
         let ev = build(&input, &["x-custom-secret".to_owned()]);
         let text = Value::Object(ev.clone()).to_string();
@@ -180,5 +186,18 @@ mod tests {
         ] {
             assert!(ev.contains_key(field), "the reference record's {field}");
         }
+    }
+
+    #[test]
+    fn a_renamed_api_key_header_is_masked_without_being_listed() {
+        let input = EventInput {
+            headers: vec![("X-Partner-Key", "pk_partner_secret_value"), ("x-other", "visible")],
+            credential_header: Some("x-partner-key"),
+            ..EventInput::default()
+        };
+        let ev = build(&input, &["authorization".to_owned()]);
+        assert_eq!(ev["headers"]["X-Partner-Key"], MASKED);
+        assert_eq!(ev["headers"]["x-other"], "visible");
+        assert!(!Value::Object(ev).to_string().contains("pk_partner_secret_value"));
     }
 }

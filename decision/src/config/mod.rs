@@ -26,7 +26,7 @@ use decision_core::apikey::{self, ApiKey, ApiKeyTable};
 use decision_core::glob::PathPattern;
 use decision_core::net::{self, CidrTable};
 use decision_core::policy::{
-    self, HeaderDialect, Network, OnStoreError, Policy, Route, Tier, UNTRUSTED, UNTRUSTED_BIT, Zones,
+    self, HeaderDialect, Network, OnStoreError, Policy, Precedence, Route, Tier, UNTRUSTED, UNTRUSTED_BIT, Zones,
 };
 use decision_core::quota::Limit;
 use decision_core::roles::{RoleError, RoleTable};
@@ -303,6 +303,15 @@ impl Validator<'_> {
             (None, None) => None,
             (jwt, introspection) => Some(Arc::new(crate::auth::introspection::Bearer { jwt, introspection })),
         };
+        let credential_precedence = match auth.precedence.as_deref() {
+            None => None,
+            Some("api_key") => Some(Precedence::ApiKey),
+            Some("bearer") => Some(Precedence::Bearer),
+            Some(other) => {
+                self.err("authentication.precedence", format!("unknown credential {other:?} (api_key or bearer)"));
+                None
+            }
+        };
         let routes = self.routes(&raw.routes, roles.as_ref(), &network.zones);
         let quota_warning = raw.quota_warning.as_deref().unwrap_or(DEFAULT_QUOTA_WARNING);
         let quota_warning = self.parse("quota_warning", units::parse_percent(quota_warning));
@@ -331,6 +340,7 @@ impl Validator<'_> {
             network,
             api_keys,
             bearer,
+            credential_precedence,
             roles: roles?,
             tiers,
             quota_warning,

@@ -148,6 +148,8 @@ pub struct RawAutoBlock {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAuthentication {
+    /// ours: `api_key` or `bearer`, the credential believed when a request carries both
+    pub precedence: Option<String>,
     pub api_keys: Option<RawApiKeys>,
     #[serde(default)]
     pub jwt: Vec<RawJwt>,
