@@ -23,22 +23,7 @@ fn pem(name: &str) -> Vec<u8> {
 
 fn verifier() -> JwtVerifier {
     let jwks = std::fs::read_to_string(fixtures().join("jwks.json")).expect("jwks");
-    let roles = [("user", 1u64), ("developer", 3), ("admin", 7)].map(|(n, b)| (n.to_owned(), b)).into();
-    let tiers = [("basic", 0usize), ("business", 1)].map(|(n, i)| (n.to_owned(), i)).into();
-    let issuer = Issuer::new(
-        ISS.into(),
-        vec!["portcullis-test".into()],
-        vec![Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA],
-        30 * MICROS_PER_SEC,
-        "roles".into(),
-        "tier".into(),
-        roles,
-        tiers,
-        Some(0),
-        KeySource::Document(&jwks),
-    )
-    .expect("issuer");
-    JwtVerifier::new(vec![issuer])
+    JwtVerifier::new(vec![issuer_with(&jwks).expect("issuer")])
 }
 
 fn claims() -> serde_json::Value {
@@ -224,8 +209,10 @@ fn verified_tokens_are_cached_until_they_expire() {
     assert_eq!(v.verify(&token, NOW + 91 * MICROS_PER_SEC), Err(Reason::JwtExpired));
 }
 
-/// An issuer over `jwks` (a document), as `verifier` builds one.
+/// The test issuer over `jwks` (a document).
 fn issuer_with(jwks: &str) -> Result<Issuer, String> {
+    let roles = [("user", 1u64), ("developer", 3), ("admin", 7)].map(|(n, b)| (n.to_owned(), b)).into();
+    let tiers = [("basic", 0usize), ("business", 1)].map(|(n, i)| (n.to_owned(), i)).into();
     Issuer::new(
         ISS.into(),
         vec!["portcullis-test".into()],
@@ -233,8 +220,8 @@ fn issuer_with(jwks: &str) -> Result<Issuer, String> {
         30 * MICROS_PER_SEC,
         "roles".into(),
         "tier".into(),
-        HashMap::new(),
-        [("basic", 0usize), ("business", 1)].map(|(n, i)| (n.to_owned(), i)).into(),
+        roles,
+        tiers,
         Some(0),
         KeySource::Document(jwks),
     )

@@ -148,20 +148,25 @@ fn share_threshold_values_share_one_counter() {
     assert_eq!(overs(&r), [false, false, false, true]);
 }
 
-#[test]
-fn a_wildcard_in_the_middle_of_a_value_matches() {
-    let dir = std::env::temp_dir().join(format!("portcullis-rls-mid-{}", std::process::id()));
+/// Loads one file with this text (written to a folder of its own); it must load cleanly.
+fn load_text(tag: &str, text: &str) -> RlsConfig {
+    let dir = std::env::temp_dir().join(format!("portcullis-rls-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(
-        dir.join("mid.yaml"),
-        "domain: mid\ndescriptors:\n  - key: path\n    value: /api/*/users\n    rate_limit: { unit: minute, requests_per_unit: 1 }\n",
-    )
-    .expect("write");
-    let raw = RawRatelimit { files: vec!["mid.yaml".into()], x_ratelimit_headers: false };
+    std::fs::write(dir.join("f.yaml"), text).expect("write");
+    let raw = RawRatelimit { files: vec!["f.yaml".into()], x_ratelimit_headers: false };
     let mut problems = Vec::new();
     let cfg = load(Some(&raw), &dir, "ratelimit", &mut problems, &LineIndex::default());
     let _ = std::fs::remove_dir_all(&dir);
     assert!(problems.is_empty(), "{problems:#?}");
+    cfg
+}
+
+#[test]
+fn a_wildcard_in_the_middle_of_a_value_matches() {
+    let cfg = load_text(
+        "mid",
+        "domain: mid\ndescriptors:\n  - key: path\n    value: /api/*/users\n    rate_limit: { unit: minute, requests_per_unit: 1 }\n",
+    );
     let r = run(
         &cfg,
         "mid",
@@ -174,18 +179,10 @@ fn a_wildcard_in_the_middle_of_a_value_matches() {
 
 #[test]
 fn an_unlimited_rules_replaces_apply_whenever_it_matches() {
-    let dir = std::env::temp_dir().join(format!("portcullis-rls-repl-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(
-        dir.join("r.yaml"),
+    let cfg = load_text(
+        "repl",
         "domain: r\ndescriptors:\n  - key: user\n    rate_limit: { unit: minute, requests_per_unit: 1, name: per_user }\n  - key: plan\n    value: partner\n    rate_limit: { unlimited: true, replaces: [{ name: per_user }] }\n",
-    )
-    .expect("write");
-    let raw = RawRatelimit { files: vec!["r.yaml".into()], x_ratelimit_headers: false };
-    let mut problems = Vec::new();
-    let cfg = load(Some(&raw), &dir, "ratelimit", &mut problems, &LineIndex::default());
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(problems.is_empty(), "{problems:#?}");
+    );
     let call: &[&[(&str, &str)]] = &[&[("user", "u-b")], &[("plan", "partner")]];
     assert_eq!(overs(&run(&cfg, "r", &[call, call, call])), [false, false, false]);
     let alone: &[&[(&str, &str)]] = &[&[("user", "u-b")]];
