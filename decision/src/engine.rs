@@ -392,6 +392,14 @@ mod tests {
             case("GET", "/\u{ff41}dmin/users", Some(BASIC), Reason::BadPath),
             case("GET", "/api/v1/%2561dmin", Some(BASIC), Reason::Allowed),
             case("GET", "/api/v1/a;v=1", Some(BASIC), Reason::Allowed),
+            case("GET", "/api/v1/x/y/;/;/../../../../admin/users", Some(BASIC), Reason::BadPath),
+            case(
+                "GET",
+                "/api/v1/%25252525252e%25252525252e/%25252525252e%25252525252e/admin/x",
+                Some(BASIC),
+                Reason::BadPath,
+            ),
+            case("GET", "/api/v1/\u{ff05}2e\u{ff05}2e/\u{ff05}2e\u{ff05}2e/admin/x", Some(BASIC), Reason::BadPath),
             case("PATCH", "/health", None, Reason::Allowed),
             // the reference issuer is live: a token naming no issuer proves nothing
             Case { bearer: true, ..case("GET", "/api/v1/users", None, Reason::JwtUnknownIssuer) },
@@ -408,6 +416,7 @@ mod tests {
                 ..case("GET", "/api/v1/users", Some(BASIC), Reason::AmbiguousCredentials)
             },
             Case { bearer: true, ..case("GET", "/health", Some(BASIC), Reason::Allowed) },
+            Case { auth: Some(" "), ..case("GET", "/api/v1/users", Some(BASIC), Reason::Allowed) },
             Case { content_length: Some(5 << 20), ..case("POST", "/api/v1/u", Some(BUSINESS), Reason::Allowed) },
             Case {
                 content_length: Some((5 << 20) + 1),

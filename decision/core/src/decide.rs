@@ -431,6 +431,12 @@ impl Decision {
     }
 }
 
+/// An `authorization` value with the Bearer scheme (RFC 6750), compared as bytes: slicing the
+/// str at 7 could split a multi-byte character.
+fn is_bearer(auth: &str) -> bool {
+    auth.len() > 7 && auth.as_bytes()[..7].eq_ignore_ascii_case(b"bearer ")
+}
+
 fn valid_method(m: &str) -> bool {
     !m.is_empty() && m.len() <= 32 && m.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
 }
@@ -468,10 +474,15 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
     // What a later hop that decodes again (or applies NFKC) would serve must meet the same rule:
     // `/%2561dmin` is `/%2561dmin` here but `/admin` to a second decoder.
     if normalized.bytes().any(|b| b == b'%' || !b.is_ascii()) {
-        let further = path::decoded_further(&normalized);
-        if further != normalized
-            && policy.routes.iter().find(|r| r.matches(req.method, &further)).map(|r| r.index) != route.map(|r| r.index)
-        {
+        let moved = match path::decoded_further(&normalized) {
+            None => true,
+            Some(further) => {
+                further != normalized
+                    && policy.routes.iter().find(|r| r.matches(req.method, &further)).map(|r| r.index)
+                        != route.map(|r| r.index)
+            }
+        };
+        if moved {
             ctx.path = Some(normalized);
             return deny(Reason::BadPath, ctx);
         }
@@ -488,11 +499,17 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
     if !route.public {
         // Two credentials: believing one while the other travels on would let an unverified
         // token reach the upstream; without a stated precedence, neither is believed.
-        let (api_key, authorization) = match (req.api_key, req.authorization, policy.credential_precedence) {
+        // (An empty `authorization` is no credential; a policy that reads API keys from
+        // `authorization` itself sees one header twice, not two credentials.)
+        let second = req
+            .authorization
+            .filter(|a| !a.trim().is_empty() && !policy.api_keys.header.eq_ignore_ascii_case("authorization"));
+        let (api_key, authorization) = match (req.api_key, second, policy.credential_precedence) {
             (Some(_), Some(_), None) => return deny(Reason::AmbiguousCredentials, ctx),
             (Some(k), Some(_), Some(Precedence::ApiKey)) => (Some(k), None),
+            (Some(k), Some(a), Some(Precedence::Bearer)) if !is_bearer(a) => (Some(k), None),
             (Some(_), Some(a), Some(Precedence::Bearer)) => (None, Some(a)),
-            (k, a, _) => (k, a),
+            _ => (req.api_key, req.authorization),
         };
         let identity = match (api_key, authorization) {
             (Some(key), _) => match policy.api_keys.lookup(key.as_bytes()) {
@@ -510,8 +527,7 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
                     auth_time: None,
                 },
             },
-            // compared as bytes: slicing the str at 7 could split a multi-byte character
-            (None, Some(auth)) if auth.len() > 7 && auth.as_bytes()[..7].eq_ignore_ascii_case(b"bearer ") => {
+            (None, Some(auth)) if is_bearer(auth) => {
                 let Some(verifier) = &policy.bearer else {
                     return deny(Reason::BearerNotEnabled, ctx);
                 };

@@ -28,8 +28,9 @@ pub enum PathError {
     ControlCharacter,
     Backslash,
     BadEscape,
-    /// a segment that reads as `.` or `..` once its `;` parameters are dropped, decoded again
-    /// or compatibility-normalized (`..;x`, `%252e%252e`, `\u{ff0e}\u{ff0e}`)
+    /// a segment that reads as empty, `.` or `..` once its `;` parameters are dropped, decoded
+    /// again or compatibility-normalized (`..;x`, `;x`, `%252e%252e`, `\u{ff0e}\u{ff0e}`), or
+    /// that keeps changing under further decoding
     HiddenDotSegment,
 }
 
@@ -43,7 +44,7 @@ impl fmt::Display for PathError {
             PathError::ControlCharacter => "path carries a NUL or control character",
             PathError::Backslash => "path carries a backslash",
             PathError::BadEscape => "path carries a malformed percent escape",
-            PathError::HiddenDotSegment => "path carries a segment an upstream may read as . or ..",
+            PathError::HiddenDotSegment => "path carries a segment an upstream may read as empty, . or ..",
         })
     }
 }
@@ -145,8 +146,9 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
     Ok(out)
 }
 
-/// Most rounds of percent-decoding tried when looking for what a later hop could decode.
-pub const MAX_DECODE_ROUNDS: usize = 4;
+/// Most rounds of percent-decoding and NFKC tried when looking for what a later hop could see; a
+/// path still changing after them is refused.
+pub const MAX_DECODE_ROUNDS: usize = 8;
 
 /// `s` with every valid percent escape decoded, once; `None` when there is none.
 fn decode_once(s: &[u8]) -> Option<Vec<u8>> {
@@ -168,24 +170,34 @@ fn decode_once(s: &[u8]) -> Option<Vec<u8>> {
     changed.then_some(out)
 }
 
-/// `s` as a reader that decodes every escape (up to `MAX_DECODE_ROUNDS` times) and then applies
-/// Unicode compatibility normalization (NFKC, as Java's `Normalizer`, IIS and Python's
-/// `unicodedata` apply it) would see it. Bytes that are not UTF-8 after decoding are replaced
-/// (U+FFFD), which never creates a dot or a separator.
-pub fn decoded_further(s: &str) -> String {
+/// `s` as a reader that decodes every escape and applies Unicode compatibility normalization
+/// (NFKC, as Java's `Normalizer`, IIS and Python's `unicodedata` apply it), in any order and as
+/// often as it likes, would see it: both are repeated until nothing changes. `None` when that
+/// takes more than `MAX_DECODE_ROUNDS`, or when the decoded bytes hold an overlong UTF-8 lead
+/// byte (0xC0, 0xC1: never valid, read as `.` or `/` by old lenient decoders). Other bytes that
+/// are not UTF-8 are replaced (U+FFFD), which never creates a dot or a separator.
+pub fn decoded_further(s: &str) -> Option<String> {
     use unicode_normalization::UnicodeNormalization;
-    let mut bytes: Vec<u8> = s.as_bytes().to_vec();
+    let mut text = s.to_owned();
     for _ in 0..MAX_DECODE_ROUNDS {
-        match decode_once(&bytes) {
-            Some(next) => bytes = next,
-            None => break,
+        let mut next = match decode_once(text.as_bytes()) {
+            Some(bytes) => {
+                if bytes.iter().any(|&b| b == 0xC0 || b == 0xC1) {
+                    return None;
+                }
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+            None => text.clone(),
+        };
+        if !next.is_ascii() {
+            next = next.nfkc().collect();
         }
+        if next == text {
+            return Some(text);
+        }
+        text = next;
     }
-    let text = String::from_utf8_lossy(&bytes);
-    if text.is_ascii() {
-        return text.into_owned();
-    }
-    text.nfkc().collect()
+    None
 }
 
 /// Refuses a segment (neither empty, `.` nor `..` itself) that a later reader could take for a
@@ -196,9 +208,11 @@ fn check_segment(seg: &str) -> Result<(), PathError> {
     if !seg.bytes().any(|b| matches!(b, b'%' | b';' | b'.') || !b.is_ascii()) {
         return Ok(());
     }
-    let full = decoded_further(seg);
+    let Some(full) = decoded_further(seg) else { return Err(PathError::HiddenDotSegment) };
+    // `..;x` is `..` and `;x` an empty segment (which the upstream merges away) once the
+    // parameters are dropped
     let head = full.split(';').next().unwrap_or("");
-    if head == "." || head == ".." {
+    if head.is_empty() || head == "." || head == ".." {
         return Err(PathError::HiddenDotSegment);
     }
     if full.contains(['/', '\\']) {
@@ -270,7 +284,13 @@ mod tests {
         check("/api/v1/.;x/admin", Err(PathError::HiddenDotSegment));
         check("/api/v1/..%3b/admin", Err(PathError::HiddenDotSegment));
         check("/api/v1/..%3B/admin", Err(PathError::HiddenDotSegment));
-        check("/api/v1/;/admin", Ok("/api/v1/;/admin"));
+        check("/api/v1/x/y/;/;/../../../../admin/users", Err(PathError::HiddenDotSegment));
+        check("/api/v1/;jsessionid=1/x", Err(PathError::HiddenDotSegment));
+        check("/api/v1/%3B/x", Err(PathError::HiddenDotSegment));
+        // five layers of encoding, a fullwidth `%`, an overlong UTF-8 dot
+        check("/api/v1/%25252525252e%25252525252e/admin", Err(PathError::HiddenDotSegment));
+        check("/api/v1/\u{ff05}2e\u{ff05}2e/admin/x", Err(PathError::HiddenDotSegment));
+        check("/api/v1/%c0%ae%c0%ae/admin", Err(PathError::HiddenDotSegment));
         // a second decoder
         check("/api/v1/%252e%252e/%252e%252e/admin/x", Err(PathError::HiddenDotSegment));
         check("/api/v1/%25252e%25252e/admin", Err(PathError::HiddenDotSegment));
@@ -293,11 +313,17 @@ mod tests {
 
     #[test]
     fn decoding_further_shows_what_a_later_hop_sees() {
-        assert_eq!(decoded_further("/api/v1/%252e%252e/admin"), "/api/v1/../admin");
-        assert_eq!(decoded_further("/%2561dmin"), "/admin");
-        assert_eq!(decoded_further("/\u{ff41}dmin"), "/admin");
-        assert_eq!(decoded_further("/100%"), "/100%");
-        assert_eq!(decoded_further("/a%FFb"), "/a\u{fffd}b");
+        assert_eq!(decoded_further("/api/v1/%252e%252e/admin").as_deref(), Some("/api/v1/../admin"));
+        assert_eq!(decoded_further("/%2561dmin").as_deref(), Some("/admin"));
+        assert_eq!(decoded_further("/\u{ff41}dmin").as_deref(), Some("/admin"));
+        assert_eq!(decoded_further("/100%").as_deref(), Some("/100%"));
+        assert_eq!(decoded_further("/a%FFb").as_deref(), Some("/a\u{fffd}b"));
+        assert_eq!(decoded_further("/\u{ff05}61dmin").as_deref(), Some("/admin"), "NFKC, then decoding");
+        let mut deep = String::from("/%61dmin");
+        for _ in 0..MAX_DECODE_ROUNDS {
+            deep = deep.replace('%', "%25");
+        }
+        assert_eq!(decoded_further(&deep), None, "still changing after every round");
     }
 
     #[test]

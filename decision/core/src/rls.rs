@@ -424,6 +424,9 @@ pub fn plan(config: &RlsConfig, domain: &str, descriptors: &[DescriptorReq<'_>])
             }
         })
         .collect();
+    // with a single quota-mode limit, "every quota-mode limit over" is that limit over: it is
+    // enforced in the store like any other, so a refused request counts nothing
+    let quota_limits = slots.iter().filter(|(s, _)| matches!(s, Slot::Counted { rule, .. } if rule.quota_mode)).count();
     let mut ops = Vec::new();
     for ((slot, shared), desc) in slots.iter_mut().zip(descriptors) {
         if let Slot::Counted { rule, op } = slot {
@@ -439,7 +442,7 @@ pub fn plan(config: &RlsConfig, domain: &str, descriptors: &[DescriptorReq<'_>])
                 cost: desc.hits,
                 kind: OpKind::Descriptor,
                 // a quota-mode limit never refuses the plan by itself: `conclude` decides
-                shadow: rule.shadow || rule.quota_mode,
+                shadow: rule.shadow || (rule.quota_mode && quota_limits > 1),
             });
         }
     }

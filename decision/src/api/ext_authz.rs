@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use decision_core::fields::valid_value;
-use decision_core::policy::Policy;
+use decision_core::policy::{HeaderDialect, Policy};
 use decision_core::{Decision, Reason, Request};
 use proto::ext_authz::attribute_context::HttpRequest;
 use proto::ext_authz::authorization_server::Authorization;
@@ -98,12 +98,11 @@ fn with_action(key: &str, value: String, action: HeaderAppendAction) -> HeaderVa
 /// `RateLimit` and `RateLimit-Policy` are Structured Field lists: ours are appended, so that
 /// the ratelimit filter's own (from the RLS answer) survive beside them. Every other header is
 /// overwritten.
-fn client_header(key: &str, value: String) -> HeaderValueOption {
-    let action = if key == "ratelimit" || key == "ratelimit-policy" {
-        HeaderAppendAction::AppendIfExistsOrAdd
-    } else {
-        HeaderAppendAction::OverwriteIfExistsOrAdd
-    };
+fn client_header(key: &str, value: String, dialect: HeaderDialect) -> HeaderValueOption {
+    // draft-07's `RateLimit` is a Dictionary describing one limit: two of them cannot be joined
+    let list = key == "ratelimit-policy" || (key == "ratelimit" && dialect == HeaderDialect::Draft10);
+    let action =
+        if list { HeaderAppendAction::AppendIfExistsOrAdd } else { HeaderAppendAction::OverwriteIfExistsOrAdd };
     with_action(key, value, action)
 }
 
@@ -159,10 +158,14 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
         }
         let mut to_client: Vec<_> = respond::ratelimit_headers(d, policy.ratelimit_headers)
             .into_iter()
-            .map(|(k, v)| client_header(k, v))
+            .map(|(k, v)| client_header(k, v, policy.ratelimit_headers))
             .collect();
         if let Some(lease) = d.lease.as_ref().filter(|l| l.waited > 0) {
-            to_client.push(client_header(crate::traffic::WAIT_HEADER, (lease.waited / 1000).to_string()));
+            to_client.push(client_header(
+                crate::traffic::WAIT_HEADER,
+                (lease.waited / 1000).to_string(),
+                policy.ratelimit_headers,
+            ));
         }
         CheckResponse {
             status: Some(RpcStatus { code: GRPC_OK, ..Default::default() }),

@@ -213,7 +213,13 @@ impl FileLoader<'_> {
         match m.get(key)? {
             Value::Null => None,
             Value::String(s) => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
+            // an integer prints as written; a float would not (`2.10` -> "2.1"), and
+            // envoyproxy/ratelimit refuses float leaves too ("error checking config")
+            Value::Number(n) if !n.is_f64() => Some(n.to_string()),
+            Value::Number(n) => {
+                self.err(join(path, key), format!("invalid type: floating point `{n}`, expected a string (quote it)"));
+                None
+            }
             Value::Bool(b) => Some(b.to_string()),
             other => {
                 self.err(join(path, key), format!("invalid type: {}, expected a string", type_name(other)));
