@@ -194,7 +194,16 @@ impl RedisStore {
         let answered = async {
             match &self.conns {
                 Conns::Single(c) => ping.query_async::<redis::Value>(&mut c[self.turn(c.len())].clone()).await,
-                Conns::Cluster(c) => ping.query_async::<redis::Value>(&mut c[self.turn(c.len())].clone()).await,
+                // every master must answer: a PING the client routes to one random node would
+                // report a cluster with a dead master as ready (and flap)
+                Conns::Cluster(c) => {
+                    use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+                    let all = RoutingInfo::MultiNode((
+                        MultipleNodeRoutingInfo::AllMasters,
+                        Some(ResponsePolicy::AllSucceeded),
+                    ));
+                    c[self.turn(c.len())].clone().route_command(ping.clone(), all).await
+                }
             }
         };
         let ok =
