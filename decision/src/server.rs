@@ -84,51 +84,55 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Serve
     TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { what, addr, source })
 }
 
-/// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
-async fn stop_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves when the process is asked to stop (SIGTERM or Ctrl-C). The SIGTERM handler is
+/// installed when this is called, not when the future is first polled: a signal that arrives
+/// right after "listening" then stops the service cleanly instead of killing the process.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        if let Ok(mut term) = term {
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
         let _ = ctrl_c.await;
     }
 }
 
 /// Reloads the policy on SIGHUP: a valid file is swapped in, an invalid one is refused with
-/// its problems and the old policy keeps serving.
-async fn reload_on_hangup<S: Store>(engine: Arc<Engine<S>>, file: PathBuf) {
+/// its problems and the old policy keeps serving. Like `stop_signal`, the handler is installed
+/// when this is called.
+fn reload_on_hangup<S: Store>(engine: Arc<Engine<S>>, file: PathBuf) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; policy reload is off");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            match config::load(&file) {
-                Ok(cfg) => {
-                    engine.replace_policy(cfg.policy);
-                    engine.metrics.reload(true);
-                    tracing::info!(file = %file.display(), "policy reloaded");
-                }
-                Err(e) => {
-                    engine.metrics.reload(false);
-                    tracing::error!(file = %file.display(), problems = %e, "policy reload refused; the previous policy stays in force");
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        #[cfg(unix)]
+        {
+            let Ok(mut hup) = hup else {
+                tracing::warn!("cannot listen for SIGHUP; policy reload is off");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match config::load(&file) {
+                    Ok(cfg) => {
+                        engine.replace_policy(cfg.policy);
+                        engine.metrics.reload(true);
+                        tracing::info!(file = %file.display(), "policy reloaded");
+                    }
+                    Err(e) => {
+                        engine.metrics.reload(false);
+                        tracing::error!(file = %file.display(), problems = %e, "policy reload refused; the previous policy stays in force");
+                    }
                 }
             }
         }
+        #[cfg(not(unix))]
+        let _ = (engine, file);
     }
 }
 
@@ -233,8 +237,9 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
     {
         let serving = serving.clone();
         let health_reporter = health_reporter.clone();
+        let stop = stop_signal();
         tokio::spawn(async move {
-            stop_signal().await;
+            stop.await;
             tracing::info!("stopping: draining connections");
             serving.store(false, Ordering::Relaxed);
             health_reporter.set_not_serving::<AuthorizationServer<ExtAuthz<S>>>().await;

@@ -51,7 +51,16 @@ async fn ask(
     descriptors: Vec<RateLimitDescriptor>,
     hits: u32,
 ) -> RateLimitResponse {
-    c.should_rate_limit(RateLimitRequest { domain: "test".into(), descriptors, hits_addend: hits })
+    ask_in(c, "test", descriptors, hits).await
+}
+
+async fn ask_in(
+    c: &mut RateLimitServiceClient<tonic::transport::Channel>,
+    domain: &str,
+    descriptors: Vec<RateLimitDescriptor>,
+    hits: u32,
+) -> RateLimitResponse {
+    c.should_rate_limit(RateLimitRequest { domain: domain.into(), descriptors, hits_addend: hits })
         .await
         .expect("answer")
         .into_inner()
@@ -255,26 +264,10 @@ async fn an_override_for_a_domain_no_file_defines_counts_nothing() {
     d.limit = Some(RateLimitOverride { requests_per_unit: 1, unit: 2 });
     d.hits_addend = Some(UInt64Value { value: 551 });
     for _ in 0..3 {
-        let r = c
-            .should_rate_limit(RateLimitRequest {
-                domain: "edge\0\0\0\0\0\0\0\u{e}remote_address".into(),
-                descriptors: vec![d.clone()],
-                hits_addend: 1,
-            })
-            .await
-            .expect("answer")
-            .into_inner();
+        let r = ask_in(&mut c, "edge\0\0\0\0\0\0\0\u{e}remote_address", vec![d.clone()], 1).await;
         assert_eq!((r.overall_code, codes(&r)), (OK, vec![OK]));
     }
     // the reference edge domain's remote_address limit (600 a minute) is untouched
-    let r = c
-        .should_rate_limit(RateLimitRequest {
-            domain: "edge".into(),
-            descriptors: vec![desc(&[("remote_address", "203.0.113.5")])],
-            hits_addend: 1,
-        })
-        .await
-        .expect("answer")
-        .into_inner();
+    let r = ask_in(&mut c, "edge", vec![desc(&[("remote_address", "203.0.113.5")])], 1).await;
     assert_eq!(r.statuses[0].limit_remaining, 599);
 }

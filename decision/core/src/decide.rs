@@ -470,24 +470,16 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
         Ok(p) => p,
         Err(_) => return deny(Reason::BadPath, ctx),
     };
-    let route = policy.routes.iter().find(|r| r.matches(req.method, &normalized));
+    let route = policy.routes.iter().find(|r| r.matches(req.method, &normalized.path));
     // What a later hop that decodes again (or applies NFKC) would serve must meet the same rule:
     // `/%2561dmin` is `/%2561dmin` here but `/admin` to a second decoder.
-    if normalized.bytes().any(|b| b == b'%' || !b.is_ascii()) {
-        let moved = match path::decoded_further(&normalized) {
-            None => true,
-            Some(further) => {
-                further != normalized
-                    && policy.routes.iter().find(|r| r.matches(req.method, &further)).map(|r| r.index)
-                        != route.map(|r| r.index)
-            }
-        };
-        if moved {
-            ctx.path = Some(normalized);
-            return deny(Reason::BadPath, ctx);
-        }
+    let moved = normalized.further.as_deref().is_some_and(|further| {
+        policy.routes.iter().find(|r| r.matches(req.method, further)).map(|r| r.index) != route.map(|r| r.index)
+    });
+    ctx.path = Some(normalized.path);
+    if moved {
+        return deny(Reason::BadPath, ctx);
     }
-    ctx.path = Some(normalized);
     let Some(route) = route else {
         return deny(Reason::NoRoute, ctx);
     };

@@ -13,9 +13,10 @@
 //! `;` path parameters before resolving dot segments (`..;jsessionid=1` is `..` to them), a
 //! second decoder turns `%252e` into `.`, and a reader that applies Unicode compatibility
 //! normalization (NFKC) turns `\u{ff0e}` (fullwidth full stop) into `.` and `\u{ff0f}` into
-//! `/`. `decoded_further` gives the path such a reader would see, so that the caller can refuse
-//! a path whose further decoding would match another rule.
+//! `/`. `Normalized::further` is the path such a reader would see, so that the caller can
+//! refuse a path whose further decoding would match another rule.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Why a path was refused (the request gets a 400).
@@ -68,8 +69,16 @@ pub fn split_query(raw: &str) -> (&str, &str) {
     raw.split_once('?').unwrap_or((raw, ""))
 }
 
+/// A normalized path, and the path a later reader that decodes further would see, when that
+/// differs (each segment decoded again and NFKC-normalized until nothing changes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Normalized {
+    pub path: String,
+    pub further: Option<String>,
+}
+
 /// Normalizes the path part of a request target (the query is not part of the input).
-pub fn normalize(path: &str) -> Result<String, PathError> {
+pub fn normalize(path: &str) -> Result<Normalized, PathError> {
     let bytes = path.as_bytes();
     if bytes.is_empty() {
         return Err(PathError::Empty);
@@ -117,9 +126,10 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
             }
         }
     }
-    // Pass 2: remove dot segments and empty segments.
+    // Pass 2: remove dot segments and empty segments; each kept segment with what a further
+    // decoding makes of it, when that differs.
     let trailing_slash = decoded.len() > 1 && decoded.ends_with('/');
-    let mut segments: Vec<&str> = Vec::with_capacity(8);
+    let mut segments: Vec<(&str, Option<String>)> = Vec::with_capacity(8);
     for seg in decoded.split('/') {
         match seg {
             "" | "." => {}
@@ -129,21 +139,27 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
                 }
             }
             s => {
-                check_segment(s)?;
-                segments.push(s);
+                let further = check_segment(s)?;
+                segments.push((s, further));
             }
         }
     }
     let ends_in_dir = trailing_slash || decoded.ends_with("/.") || decoded.ends_with("/..");
-    let mut out = String::with_capacity(decoded.len());
-    for s in &segments {
-        out.push('/');
-        out.push_str(s);
-    }
-    if out.is_empty() || ends_in_dir {
-        out.push('/');
-    }
-    Ok(out)
+    let join = |further: bool| {
+        let mut out = String::with_capacity(decoded.len());
+        for (s, f) in &segments {
+            out.push('/');
+            out.push_str(f.as_deref().filter(|_| further).unwrap_or(s));
+        }
+        if out.is_empty() || ends_in_dir {
+            out.push('/');
+        }
+        out
+    };
+    // A segment decodes further without a separator (`check_segment` refuses those), so the
+    // segments decoded one by one are the path decoded whole.
+    let further = segments.iter().any(|(_, f)| f.is_some()).then(|| join(true));
+    Ok(Normalized { path: join(false), further })
 }
 
 /// Most rounds of percent-decoding and NFKC tried when looking for what a later hop could see; a
@@ -175,22 +191,22 @@ fn decode_once(s: &[u8]) -> Option<Vec<u8>> {
 /// often as it likes, would see it: both are repeated until nothing changes. `None` when that
 /// takes more than `MAX_DECODE_ROUNDS`, or when the decoded bytes hold an overlong UTF-8 lead
 /// byte (0xC0, 0xC1: never valid, read as `.` or `/` by old lenient decoders). Other bytes that
-/// are not UTF-8 are replaced (U+FFFD), which never creates a dot or a separator.
-pub fn decoded_further(s: &str) -> Option<String> {
+/// are not UTF-8 are replaced (U+FFFD), which never creates a dot or a separator. ASCII without
+/// a `%` is returned as it is, without allocating.
+fn decoded_further(s: &str) -> Option<Cow<'_, str>> {
     use unicode_normalization::UnicodeNormalization;
-    let mut text = s.to_owned();
+    if s.is_ascii() && !s.contains('%') {
+        return Some(Cow::Borrowed(s));
+    }
+    let mut text = Cow::Borrowed(s);
     for _ in 0..MAX_DECODE_ROUNDS {
         let mut next = match decode_once(text.as_bytes()) {
-            Some(bytes) => {
-                if bytes.iter().any(|&b| b == 0xC0 || b == 0xC1) {
-                    return None;
-                }
-                String::from_utf8_lossy(&bytes).into_owned()
-            }
+            Some(bytes) if bytes.iter().any(|&b| b == 0xC0 || b == 0xC1) => return None,
+            Some(bytes) => Cow::Owned(String::from_utf8_lossy(&bytes).into_owned()),
             None => text.clone(),
         };
         if !next.is_ascii() {
-            next = next.nfkc().collect();
+            next = Cow::Owned(next.nfkc().collect());
         }
         if next == text {
             return Some(text);
@@ -200,15 +216,17 @@ pub fn decoded_further(s: &str) -> Option<String> {
     None
 }
 
-/// Refuses a segment (neither empty, `.` nor `..` itself) that a later reader could take for a
-/// dot segment or split in two: its part before a `;` (or an encoded `;`), decoded further, is
-/// `.` or `..`; or the whole segment, decoded further, holds a separator or a control byte.
-fn check_segment(seg: &str) -> Result<(), PathError> {
-    // only a `%`, a `;`, a `.` or a non-ASCII character can hide anything
-    if !seg.bytes().any(|b| matches!(b, b'%' | b';' | b'.') || !b.is_ascii()) {
-        return Ok(());
+/// Refuses a segment (neither empty, `.` nor `..` itself) that a later reader could take for an
+/// empty or dot segment or split in two: its part before a `;` (or an encoded `;`), decoded
+/// further, is empty, `.` or `..`; or the whole segment, decoded further, holds a separator or a
+/// control byte. Otherwise, the segment decoded further when that differs from it.
+fn check_segment(seg: &str) -> Result<Option<String>, PathError> {
+    // only a `%`, a `;` or a non-ASCII character can hide anything (a plain `.` or `..` never
+    // reaches here)
+    if !seg.bytes().any(|b| b == b'%' || b == b';' || !b.is_ascii()) {
+        return Ok(None);
     }
-    let Some(full) = decoded_further(seg) else { return Err(PathError::HiddenDotSegment) };
+    let full = decoded_further(seg).ok_or(PathError::HiddenDotSegment)?;
     // `..;x` is `..` and `;x` an empty segment (which the upstream merges away) once the
     // parameters are dropped
     let head = full.split(';').next().unwrap_or("");
@@ -221,7 +239,10 @@ fn check_segment(seg: &str) -> Result<(), PathError> {
     if full.chars().any(|c| c.is_control()) {
         return Err(PathError::ControlCharacter);
     }
-    Ok(())
+    Ok(match full {
+        Cow::Owned(f) if f != seg => Some(f),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
@@ -229,7 +250,7 @@ mod tests {
     use super::*;
 
     fn check(input: &str, expected: Result<&str, PathError>) {
-        assert_eq!(normalize(input).as_deref().map_err(|e| *e), expected, "input {input:?}");
+        assert_eq!(normalize(input).as_ref().map(|n| n.path.as_str()).map_err(|e| *e), expected, "input {input:?}");
     }
 
     #[test]
@@ -324,6 +345,12 @@ mod tests {
             deep = deep.replace('%', "%25");
         }
         assert_eq!(decoded_further(&deep), None, "still changing after every round");
+        // the whole path, as `normalize` reports it: only when it differs
+        let further = |p: &str| normalize(p).expect("normalizes").further;
+        assert_eq!(further("/%2561dmin/x/").as_deref(), Some("/admin/x/"));
+        assert_eq!(further("/a/b/../\u{ff41}%2520c").as_deref(), Some("/a/a c"));
+        assert_eq!(further("/files/report.v2.pdf;v=1"), None);
+        assert_eq!(further("/api/v1/users"), None);
     }
 
     #[test]

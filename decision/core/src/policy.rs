@@ -154,6 +154,17 @@ pub enum Precedence {
     Bearer,
 }
 
+impl Precedence {
+    /// The policy's names: `api_key`, `bearer`.
+    pub fn parse(s: &str) -> Option<Precedence> {
+        match s {
+            "api_key" => Some(Precedence::ApiKey),
+            "bearer" => Some(Precedence::Bearer),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub network: Network,

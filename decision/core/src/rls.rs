@@ -146,10 +146,17 @@ impl Rule {
 #[derive(Debug, Clone)]
 struct Wildcard {
     parts: Vec<String>,
+    /// the bytes the parts need between them (a shorter string cannot match)
+    fixed: usize,
     node: usize,
 }
 
 impl Wildcard {
+    fn new(pattern: &str, node: usize) -> Wildcard {
+        let parts: Vec<String> = pattern.split('*').map(str::to_owned).collect();
+        Wildcard { fixed: parts.iter().map(String::len).sum(), parts, node }
+    }
+
     /// envoyproxy/ratelimit's `wildcardMatch`: `*` matches any run of bytes (none included); the
     /// first and last parts anchor the ends and the middle parts are found left-most first.
     fn matches(&self, s: &str) -> bool {
@@ -161,7 +168,7 @@ impl Wildcard {
         if !s.starts_with(first.as_str()) || !s.ends_with(last.as_str()) {
             return false;
         }
-        if s.len() < parts.iter().map(String::len).sum::<usize>() {
+        if s.len() < self.fixed {
             return false;
         }
         let mut rest = &s[first.len()..s.len() - last.len()];
@@ -242,7 +249,7 @@ impl Domain {
         node.children.insert(composite, id);
         let share = share_threshold.then(|| Arc::from(value.unwrap_or(key)));
         if wildcard {
-            node.wildcards.push(Wildcard { parts: final_key.split('*').map(str::to_owned).collect(), node: id });
+            node.wildcards.push(Wildcard::new(&final_key, id));
         }
         self.nodes.push(Node { rule, share, ..Node::default() });
         Ok(id)
@@ -424,16 +431,22 @@ pub fn plan(config: &RlsConfig, domain: &str, descriptors: &[DescriptorReq<'_>])
             }
         })
         .collect();
-    // with a single quota-mode limit, "every quota-mode limit over" is that limit over: it is
-    // enforced in the store like any other, so a refused request counts nothing
-    let quota_limits = slots.iter().filter(|(s, _)| matches!(s, Slot::Counted { rule, .. } if rule.quota_mode)).count();
+    for (slot, _) in &mut slots {
+        if let Slot::Counted { rule, .. } = slot
+            && rule.name.as_ref().is_some_and(|n| replaced.contains(n))
+        {
+            *slot = Slot::Replaced(rule.clone());
+        }
+    }
+    // with a single quota-mode limit left, "every quota-mode limit over" is that limit over: it
+    // is enforced in the store like any other, so a refused request counts nothing
+    let quota_limits = slots
+        .iter()
+        .filter(|(s, _)| matches!(s, Slot::Counted { rule, .. } if rule.quota_mode && !rule.shadow))
+        .count();
     let mut ops = Vec::new();
     for ((slot, shared), desc) in slots.iter_mut().zip(descriptors) {
         if let Slot::Counted { rule, op } = slot {
-            if rule.name.as_ref().is_some_and(|n| replaced.contains(n)) {
-                *slot = Slot::Replaced(rule.clone());
-                continue;
-            }
             let Some(limit) = rule.limit() else { continue };
             *op = ops.len();
             ops.push(Op {
@@ -441,7 +454,8 @@ pub fn plan(config: &RlsConfig, domain: &str, descriptors: &[DescriptorReq<'_>])
                 limit,
                 cost: desc.hits,
                 kind: OpKind::Descriptor,
-                // a quota-mode limit never refuses the plan by itself: `conclude` decides
+                // a quota-mode limit among several never refuses the plan by itself: `conclude`
+                // decides
                 shadow: rule.shadow || (rule.quota_mode && quota_limits > 1),
             });
         }
@@ -696,7 +710,7 @@ mod tests {
     }
 
     fn glob(pattern: &str, s: &str) -> bool {
-        Wildcard { parts: pattern.split('*').map(str::to_owned).collect(), node: 0 }.matches(s)
+        Wildcard::new(pattern, 0).matches(s)
     }
 
     #[test]
@@ -792,6 +806,11 @@ mod tests {
         assert_eq!(plan(&cfg, "d", &[req(&[("user", "u-b")])]).ops.len(), 1);
     }
 
+    /// Whether any op of the request's plan is counted without refusing it.
+    fn p_shadows(cfg: &RlsConfig, descriptors: &[DescriptorReq<'_>]) -> bool {
+        plan(cfg, "d", descriptors).ops.iter().any(|o| o.shadow)
+    }
+
     #[test]
     fn quota_mode_limits_refuse_only_when_all_of_them_are_over() {
         let mut d = Domain::new("d");
@@ -811,6 +830,26 @@ mod tests {
         assert_eq!(both.retry_after, Some(9));
         let p = plan(&cfg, "d", &[req(&[("tenant", "t")]), req(&[("plain", "x")])]);
         assert!(conclude(p, &[ok, over]).over_limit, "a plain limit over refuses");
+        assert!(
+            !p_shadows(&cfg, &[req(&[("tenant", "t")]), req(&[("plain", "x")])]),
+            "one quota-mode limit is enforced"
+        );
+        let mut d = Domain::new("d");
+        let named = Rule { quota_mode: true, name: Some("tq".into()), ..rule(1, Unit::Second, "tenant") };
+        d.add(ROOT, "tenant", None, Some(named)).expect("add");
+        d.add(ROOT, "project", None, Some(Rule { quota_mode: true, ..rule(1, Unit::Second, "project") })).expect("add");
+        d.add(
+            ROOT,
+            "swap",
+            None,
+            Some(Rule { unit: None, replaces: vec!["tq".into()], ..rule(0, Unit::Second, "swap") }),
+        )
+        .expect("add");
+        let cfg = config_of(d);
+        let both = [req(&[("tenant", "t")]), req(&[("project", "p")])];
+        assert!(p_shadows(&cfg, &both));
+        let one_left = [req(&[("tenant", "t")]), req(&[("project", "p")]), req(&[("swap", "s")])];
+        assert!(!p_shadows(&cfg, &one_left), "the quota-mode limit a replacement leaves alone is enforced");
     }
 
     #[test]

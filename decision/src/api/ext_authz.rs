@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use decision_core::fields::valid_value;
+use decision_core::fields::{valid_name, valid_value};
 use decision_core::policy::{HeaderDialect, Policy};
 use decision_core::{Decision, Reason, Request};
 use proto::ext_authz::attribute_context::HttpRequest;
@@ -68,7 +68,6 @@ fn header_bytes(http: &HttpRequest) -> u64 {
 /// Whether every header is well formed (RFC 9110 section 5: names are tokens, values hold no CR,
 /// LF, NUL or other control character), in `headers` and in `header_map`.
 fn headers_well_formed(http: &HttpRequest) -> bool {
-    use decision_core::fields::{valid_name, valid_value};
     http.headers.iter().all(|(k, v)| valid_name(k) && valid_value(v.as_bytes()))
         && http.header_map.as_ref().is_none_or(|m| {
             m.headers.iter().all(|h| valid_name(&h.key) && valid_value(h.value.as_bytes()) && valid_value(&h.raw_value))
@@ -345,9 +344,6 @@ fn audit_event(
 /// info,portcullis::decision=debug` turns them on). The path is the normalized one, without the
 /// query (a query can carry secrets); no header value is logged.
 pub fn log_decision(d: &Decision, policy: &Policy, request_id: &str, method: &str, took: std::time::Duration) {
-    if !tracing::enabled!(target: "portcullis::decision", tracing::Level::DEBUG) {
-        return;
-    }
     let subject = d.ctx.identity.as_ref().map(|i| &*i.subject);
     let tier = d.ctx.identity.as_ref().and_then(|i| policy.tiers.get(i.tier)).map(|t| &*t.name);
     tracing::debug!(

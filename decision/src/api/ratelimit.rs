@@ -76,21 +76,16 @@ pub fn answer(d: &RlsDecision, x_ratelimit: bool, dialect: HeaderDialect) -> Rat
     if !enforced.is_empty() {
         let window =
             |s: &decision_core::rls::Status| s.rule.as_ref().and_then(|r| r.unit).map_or(0, |u| u.micros() / 1_000_000);
-        let limits: Vec<respond::LimitState<'_>> = enforced
-            .iter()
-            .map(|s| respond::LimitState {
-                name: s.rule.as_ref().map_or("", |r| r.label()),
-                quota: s.rule.as_ref().map_or(0, |r| u64::from(r.requests_per_unit)),
-                window: window(s),
-                remaining: s.remaining,
-                reset: respond::whole_secs(s.reset),
-            })
-            .collect();
+        let limits = enforced.iter().map(|s| respond::LimitState {
+            name: s.rule.as_ref().map_or("", |r| r.label()),
+            quota: s.rule.as_ref().map_or(0, |r| u64::from(r.requests_per_unit)),
+            window: window(s),
+            remaining: s.remaining,
+            reset: respond::whole_secs(s.reset),
+        });
         // the closest limit: the first with the least left
         let closest = (0..enforced.len()).min_by_key(|&i| enforced[i].remaining).unwrap_or(0);
-        let mut named = Vec::with_capacity(4);
-        respond::ietf_headers(dialect, &limits, closest, &mut named);
-        headers.extend(named.into_iter().map(|(k, v)| header(k, v)));
+        respond::ietf_headers(dialect, limits, closest, |k, v| headers.push(header(k, v)));
         if x_ratelimit {
             let t = enforced[closest];
             let q = t.rule.as_ref().map_or(0, |r| r.requests_per_unit);

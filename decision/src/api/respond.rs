@@ -14,10 +14,11 @@ fn secs_ceil(us: Micros) -> u64 {
     us.div_ceil(MICROS_PER_SEC)
 }
 
-/// The limit a client is closest to: the one with the least left (the first on a tie).
-fn tightest(quotas: &[QuotaReport]) -> Option<&QuotaReport> {
-    let refused = quotas.iter().find(|q| !q.verdict.allowed);
-    refused.or_else(|| quotas.iter().min_by_key(|q| q.verdict.remaining))
+/// The index of the limit a client is closest to: the first that refused, else the one with the
+/// least left (the first on a tie).
+fn tightest(quotas: &[QuotaReport]) -> Option<usize> {
+    let refused = quotas.iter().position(|q| !q.verdict.allowed);
+    refused.or_else(|| (0..quotas.len()).min_by_key(|&i| quotas[i].verdict.remaining))
 }
 
 /// One limit as the `RateLimit*` headers describe it.
@@ -52,55 +53,62 @@ fn push_sf_string(out: &mut String, s: &str) {
 }
 
 /// The IETF `RateLimit*` headers for `limits`, in the policy's dialect (draft-ietf-httpapi-
-/// ratelimit-headers); `closest` is the index of the limit a client is nearest to, which the
-/// single-limit forms of -06 and -07 describe. Appended to `out`.
-pub fn ietf_headers(
+/// ratelimit-headers), each handed to `emit` as (lower-case name, value); `closest` is the index
+/// of the limit a client is nearest to, which the single-limit forms of -06 and -07 describe.
+/// `limits` is walked twice and never collected: this runs for every answer that counted.
+pub fn ietf_headers<'a, I>(
     dialect: HeaderDialect,
-    limits: &[LimitState<'_>],
+    limits: I,
     closest: usize,
-    out: &mut Vec<(&'static str, String)>,
-) {
+    mut emit: impl FnMut(&'static str, String),
+) where
+    I: IntoIterator<Item = LimitState<'a>>,
+    I::IntoIter: Clone,
+{
     use std::fmt::Write as _;
-    if limits.is_empty() || dialect == HeaderDialect::None {
+    let limits = limits.into_iter();
+    let Some(first) = limits.clone().next() else { return };
+    if dialect == HeaderDialect::None {
         return;
     }
-    // Each list is built in one buffer: this runs for every allowed request.
-    let mut policy = String::with_capacity(24 * limits.len());
-    for (i, l) in limits.iter().enumerate() {
-        if i > 0 {
-            policy.push_str(", ");
+    let list = |state: bool| {
+        let mut out = String::with_capacity(48);
+        for (i, l) in limits.clone().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            match (dialect, state) {
+                (HeaderDialect::Draft10, false) => {
+                    push_sf_string(&mut out, l.name);
+                    let _ = write!(out, ";q={};w={}", l.quota, l.window);
+                }
+                (HeaderDialect::Draft10, true) => {
+                    push_sf_string(&mut out, l.name);
+                    let _ = write!(out, ";r={};t={}", l.remaining, l.reset);
+                }
+                // -06 and -07: a List of Integer Items (the quota) with the window as `w`
+                _ => {
+                    let _ = write!(out, "{};w={}", l.quota, l.window);
+                }
+            }
         }
-        if dialect == HeaderDialect::Draft10 {
-            push_sf_string(&mut policy, l.name);
-            let _ = write!(policy, ";q={};w={}", l.quota, l.window);
-        } else {
-            // -06 and -07: a List of Integer Items (the quota) with the window as `w`
-            let _ = write!(policy, "{};w={}", l.quota, l.window);
-        }
-    }
-    let c = limits.get(closest).unwrap_or(&limits[0]);
+        out
+    };
+    let c = limits.clone().nth(closest).unwrap_or(first);
     match dialect {
         HeaderDialect::Draft10 => {
-            let mut state = String::with_capacity(24 * limits.len());
-            for (i, l) in limits.iter().enumerate() {
-                if i > 0 {
-                    state.push_str(", ");
-                }
-                push_sf_string(&mut state, l.name);
-                let _ = write!(state, ";r={};t={}", l.remaining, l.reset);
-            }
-            out.push(("ratelimit-policy", policy));
-            out.push(("ratelimit", state));
+            emit("ratelimit-policy", list(false));
+            emit("ratelimit", list(true));
         }
         HeaderDialect::Draft07 => {
-            out.push(("ratelimit-policy", policy));
-            out.push(("ratelimit", format!("limit={}, remaining={}, reset={}", c.quota, c.remaining, c.reset)));
+            emit("ratelimit-policy", list(false));
+            emit("ratelimit", format!("limit={}, remaining={}, reset={}", c.quota, c.remaining, c.reset));
         }
         HeaderDialect::Draft06 => {
-            out.push(("ratelimit-limit", c.quota.to_string()));
-            out.push(("ratelimit-remaining", c.remaining.to_string()));
-            out.push(("ratelimit-reset", c.reset.to_string()));
-            out.push(("ratelimit-policy", policy));
+            emit("ratelimit-limit", c.quota.to_string());
+            emit("ratelimit-remaining", c.remaining.to_string());
+            emit("ratelimit-reset", c.reset.to_string());
+            emit("ratelimit-policy", list(false));
         }
         HeaderDialect::None => {}
     }
@@ -109,28 +117,19 @@ pub fn ietf_headers(
 /// Headers for the client's response describing every limit that applied.
 pub fn ratelimit_headers(d: &Decision, dialect: HeaderDialect) -> Vec<(&'static str, String)> {
     let mut out = Vec::with_capacity(6);
-    if d.quotas.is_empty() {
-        return out;
-    }
-    let limits: Vec<LimitState<'_>> = d
-        .quotas
-        .iter()
-        .map(|q| LimitState {
-            name: q.kind.as_str(),
-            quota: q.limit.quota(),
-            window: secs_ceil(q.limit.window()),
-            remaining: q.verdict.remaining,
-            reset: secs_ceil(q.verdict.reset),
-        })
-        .collect();
-    let closest = tightest(&d.quotas);
-    let index = closest.and_then(|c| d.quotas.iter().position(|q| std::ptr::eq(q, c))).unwrap_or(0);
-    ietf_headers(dialect, &limits, index, &mut out);
-    if let Some(q) = closest {
-        out.push(("x-ratelimit-limit", q.limit.quota().to_string()));
-        out.push(("x-ratelimit-remaining", q.verdict.remaining.to_string()));
-        out.push(("x-ratelimit-reset", secs_ceil(q.verdict.reset).to_string()));
-    }
+    let Some(closest) = tightest(&d.quotas) else { return out };
+    let limits = d.quotas.iter().map(|q| LimitState {
+        name: q.kind.as_str(),
+        quota: q.limit.quota(),
+        window: secs_ceil(q.limit.window()),
+        remaining: q.verdict.remaining,
+        reset: secs_ceil(q.verdict.reset),
+    });
+    ietf_headers(dialect, limits, closest, |k, v| out.push((k, v)));
+    let q = &d.quotas[closest];
+    out.push(("x-ratelimit-limit", q.limit.quota().to_string()));
+    out.push(("x-ratelimit-remaining", q.verdict.remaining.to_string()));
+    out.push(("x-ratelimit-reset", secs_ceil(q.verdict.reset).to_string()));
     if let Some(bp) = d.quota_warning {
         out.push(("x-quota-warning", format!("{}% of the daily quota used", bp / 100)));
     }
@@ -161,7 +160,7 @@ pub fn deny_body(d: &Decision, request_id: &str, now: Micros) -> String {
     let status = d.status();
     let error = d.reason.client_error();
     if status == 429 {
-        let remaining = tightest(&d.quotas).map_or(0, |q| q.verdict.remaining);
+        let remaining = tightest(&d.quotas).map_or(0, |i| d.quotas[i].verdict.remaining);
         return too_many_requests_body(retry_after_secs(d).unwrap_or(1), remaining, now);
     }
     let mut body = serde_json::json!({ "status": status, "error": error });
@@ -214,7 +213,7 @@ mod tests {
 
     fn render(dialect: HeaderDialect) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
-        ietf_headers(dialect, &limits(), 1, &mut out);
+        ietf_headers(dialect, limits(), 1, |k, v| out.push((k, v)));
         out
     }
 

@@ -164,7 +164,7 @@ impl Introspector {
             return (Err(Reason::TokenInactive), ttl_end);
         }
         // RFC 7662 section 2.2 uses RFC 7519 NumericDate: fractions and exponents are valid
-        let secs = |k: &str| m.get(k).and_then(crate::auth::jwt::numeric_date);
+        let secs = |k: &str| m.get(k).and_then(super::numeric_date);
         let exp = secs("exp");
         if exp.is_some_and(|e| e <= now) {
             return (Err(Reason::TokenInactive), ttl_end);

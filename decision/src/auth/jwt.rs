@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 
 use decision_core::Reason;
 use decision_core::decide::{BearerVerifier, CredentialKind, Fetch, VerifiedToken};
-use decision_core::units::{MICROS_PER_SEC, Micros};
+use decision_core::units::Micros;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use prometheus_client::metrics::counter::Counter;
@@ -125,8 +125,7 @@ impl Remote {
                 if let Ok(mut seen) = self.skipped.lock() {
                     for why in skipped {
                         if seen.len() < NEGATIVE_KIDS && seen.insert(why.clone()) {
-                            JWKS_KEYS_SKIPPED.inc();
-                            tracing::warn!(issuer = %self.iss, url = %self.url, key = %why, "JWKS key skipped: it cannot verify signatures");
+                            skipped_key(&self.iss, &why);
                         }
                     }
                 }
@@ -240,6 +239,12 @@ fn parse_jwks(text: &str) -> Result<(Vec<Key>, Vec<String>), String> {
     Ok((keys, skipped))
 }
 
+/// Counts and warns about a JWKS key the verifier cannot use (`why` names it and says why).
+fn skipped_key(issuer: &str, why: &str) {
+    JWKS_KEYS_SKIPPED.inc();
+    tracing::warn!(issuer, key = why, "JWKS key skipped: it cannot verify signatures");
+}
+
 /// A signature-verification key from one JWK, or why it is not one.
 fn usable(raw: serde_json::Value) -> Result<Key, String> {
     // RFC 7517 section 4.2 and 4.3: a key meant for encryption, or whose operations exclude
@@ -297,8 +302,7 @@ impl Issuer {
             KeySource::Document(text) => {
                 let (keys, skipped) = parse_jwks(text)?;
                 for why in &skipped {
-                    JWKS_KEYS_SKIPPED.inc();
-                    tracing::warn!(issuer = %iss, key = %why, "JWKS key skipped: it cannot verify signatures");
+                    skipped_key(&iss, why);
                 }
                 (Arc::new(ArcSwap::from_pointee(KeySet { keys, loaded: true })), None)
             }
@@ -400,25 +404,8 @@ fn object(part: &str) -> Result<serde_json::Map<String, serde_json::Value>, Reas
 fn secs(v: Option<&serde_json::Value>) -> Result<Option<Micros>, Reason> {
     match v {
         None => Ok(None),
-        Some(v) => numeric_date(v).map(Some).ok_or(Reason::JwtMalformed),
+        Some(v) => super::numeric_date(v).map(Some).ok_or(Reason::JwtMalformed),
     }
-}
-
-/// An RFC 7519 NumericDate (section 2: a JSON number of seconds since the epoch, which "can
-/// represent non-integer values") as microseconds: integers, fractions (`1700000000.5`) and
-/// exponent forms (`1.7e9`) alike, truncated to the microsecond and saturating at the far
-/// future. A negative, non-finite or non-number value is `None`.
-pub fn numeric_date(v: &serde_json::Value) -> Option<Micros> {
-    if let Some(s) = v.as_u64() {
-        return Some(s.saturating_mul(MICROS_PER_SEC));
-    }
-    let f = v.as_f64()?;
-    if !f.is_finite() || f < 0.0 {
-        return None;
-    }
-    // `as` saturates at u64::MAX for values past it, which is what a date that far out means
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    Some((f * MICROS_PER_SEC as f64) as Micros)
 }
 
 struct Cached {

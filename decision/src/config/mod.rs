@@ -303,15 +303,12 @@ impl Validator<'_> {
             (None, None) => None,
             (jwt, introspection) => Some(Arc::new(crate::auth::introspection::Bearer { jwt, introspection })),
         };
-        let credential_precedence = match auth.precedence.as_deref() {
-            None => None,
-            Some("api_key") => Some(Precedence::ApiKey),
-            Some("bearer") => Some(Precedence::Bearer),
-            Some(other) => {
-                self.err("authentication.precedence", format!("unknown credential {other:?} (api_key or bearer)"));
-                None
-            }
-        };
+        let credential_precedence = auth.precedence.as_deref().and_then(|name| {
+            self.parse(
+                "authentication.precedence",
+                Precedence::parse(name).ok_or_else(|| format!("unknown credential {name:?} (api_key or bearer)")),
+            )
+        });
         let routes = self.routes(&raw.routes, roles.as_ref(), &network.zones);
         let quota_warning = raw.quota_warning.as_deref().unwrap_or(DEFAULT_QUOTA_WARNING);
         let quota_warning = self.parse("quota_warning", units::parse_percent(quota_warning));

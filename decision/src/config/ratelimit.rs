@@ -253,28 +253,17 @@ impl FileLoader<'_> {
 
     /// `requests_per_unit`: envoyproxy/ratelimit's uint32 (missing or null: 0).
     fn requests_per_unit(&mut self, m: &Mapping, path: &str) -> u32 {
-        let path = format!("{path}.requests_per_unit");
-        match m.get("requests_per_unit") {
-            None | Some(Value::Null) => 0,
-            Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
-                (Some(v), _) => u32::try_from(v).unwrap_or_else(|_| {
-                    self.err(path, format!("invalid value: integer `{v}`, expected u32 (0 to {})", u32::MAX));
-                    0
-                }),
-                (None, Some(v)) => {
-                    self.err(path, format!("invalid value: integer `{v}`, expected u32 (0 to {})", u32::MAX));
-                    0
-                }
-                _ => {
-                    self.err(path, format!("invalid type: floating point `{n}`, expected u32"));
-                    0
-                }
+        let problem = match m.get("requests_per_unit") {
+            None | Some(Value::Null) => return 0,
+            Some(Value::Number(n)) => match n.as_u64().and_then(|v| u32::try_from(v).ok()) {
+                Some(v) => return v,
+                None if n.is_f64() => format!("invalid type: floating point `{n}`, expected u32"),
+                None => format!("invalid value: integer `{n}`, expected u32 (0 to {})", u32::MAX),
             },
-            Some(other) => {
-                self.err(path, format!("invalid type: {}, expected u32", type_name(other)));
-                0
-            }
-        }
+            Some(other) => format!("invalid type: {}, expected u32", type_name(other)),
+        };
+        self.err(format!("{path}.requests_per_unit"), problem);
+        0
     }
 
     /// A list of mappings; null or missing is empty.
@@ -289,7 +278,8 @@ impl FileLoader<'_> {
         }
     }
 
-    fn rule(&mut self, d: &Mapping, rl: &Mapping, lpath: &str, id: &str) -> Option<Rule> {
+    /// The rule of a `rate_limit` mapping; the descriptor's own flags are set by the caller.
+    fn rule(&mut self, rl: &Mapping, lpath: &str, id: &str) -> Option<Rule> {
         let unlimited = self.boolean(rl, "unlimited", lpath);
         let requests_per_unit = self.requests_per_unit(rl, lpath);
         let unit_text = self.string(rl, "unit", lpath);
@@ -321,10 +311,6 @@ impl FileLoader<'_> {
                 false
             }
         };
-        let dpath = lpath.strip_suffix(".rate_limit").unwrap_or(lpath);
-        let shadow = self.boolean(d, "shadow_mode", dpath);
-        let quota_mode = self.boolean(d, "quota_mode", dpath);
-        let detailed_metric = self.boolean(d, "detailed_metric", dpath);
         if unlimited && unit.is_some() {
             self.err(format!("{lpath}.unit"), "should not specify rate limit unit when unlimited");
             return None;
@@ -336,12 +322,12 @@ impl FileLoader<'_> {
         Some(Rule {
             requests_per_unit,
             unit: if unlimited { None } else { unit },
-            shadow,
             name: name.map(|n| Arc::from(n.as_str())),
             replaces,
             fixed_window,
-            detailed_metric,
-            quota_mode,
+            shadow: false,
+            detailed_metric: false,
+            quota_mode: false,
             id: Arc::from(id),
         })
     }
@@ -358,6 +344,9 @@ impl FileLoader<'_> {
             // metrics only, as in envoyproxy/ratelimit: read for their type, no effect here
             self.boolean(d, "value_to_metric", &path);
             let share_threshold = self.boolean(d, "share_threshold", &path);
+            let shadow = self.boolean(d, "shadow_mode", &path);
+            let quota_mode = self.boolean(d, "quota_mode", &path);
+            let detailed_metric = self.boolean(d, "detailed_metric", &path);
             if let Some(meta) = d.get("metadata").filter(|m| !m.is_null() && !m.is_mapping()) {
                 self.err(format!("{path}.metadata"), format!("invalid type: {}, expected a mapping", type_name(meta)));
             }
@@ -372,7 +361,9 @@ impl FileLoader<'_> {
                 Some(rl) => {
                     let lpath = format!("{path}.rate_limit");
                     match self.mapping(rl, &lpath, RATE_LIMIT_KEYS) {
-                        Some(rl) => self.rule(d, rl, &lpath, &id),
+                        Some(rl) => {
+                            self.rule(rl, &lpath, &id).map(|r| Rule { shadow, quota_mode, detailed_metric, ..r })
+                        }
                         None => None,
                     }
                 }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use decision_core::encode::b64url as b64;
+use decision_core::units::MICROS_PER_SEC;
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::json;
 
