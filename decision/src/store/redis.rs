@@ -194,16 +194,10 @@ impl RedisStore {
         let answered = async {
             match &self.conns {
                 Conns::Single(c) => ping.query_async::<redis::Value>(&mut c[self.turn(c.len())].clone()).await,
-                // every master must answer: a PING the client routes to one random node would
-                // report a cluster with a dead master as ready (and flap)
-                Conns::Cluster(c) => {
-                    use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
-                    let all = RoutingInfo::MultiNode((
-                        MultipleNodeRoutingInfo::AllMasters,
-                        Some(ResponsePolicy::AllSucceeded),
-                    ));
-                    c[self.turn(c.len())].clone().route_command(ping.clone(), all).await
-                }
+                // every master must answer, each asked by its address: a PING the client routes
+                // to one random node, or fans out to the masters it still holds connections to,
+                // reports a cluster with a dead master as ready
+                Conns::Cluster(c) => ping_every_master(&mut c[self.turn(c.len())].clone()).await,
             }
         };
         let ok =
@@ -211,6 +205,43 @@ impl RedisStore {
         self.ready.store(ok, Ordering::Relaxed);
         ok
     }
+}
+
+/// PINGs every master of the cluster's slot layout (`CLUSTER SLOTS`, asked of any node), each by
+/// its address: a master the client holds no live connection to fails the probe instead of being
+/// left out of the fan-out. Errors: the first failed PING, or a layout with no master.
+async fn ping_every_master(conn: &mut ClusterConnection) -> redis::RedisResult<redis::Value> {
+    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+    let slots: redis::Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+    let mut masters: Vec<(String, u16)> = Vec::new();
+    if let redis::Value::Array(ranges) = slots {
+        for range in ranges {
+            // [start, end, [host, port, id, ...], replicas...]
+            let redis::Value::Array(fields) = range else { continue };
+            let Some(redis::Value::Array(master)) = fields.get(2) else { continue };
+            let host = match master.first() {
+                Some(redis::Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+                Some(redis::Value::SimpleString(h)) => h.clone(),
+                _ => continue,
+            };
+            let Some(redis::Value::Int(port)) = master.get(1) else { continue };
+            let Ok(port) = u16::try_from(*port) else { continue };
+            if !masters.iter().any(|(h, p)| *h == host && *p == port) {
+                masters.push((host, port));
+            }
+        }
+    }
+    if masters.is_empty() {
+        return Err((redis::ErrorKind::ClusterConnectionNotFound, "CLUSTER SLOTS named no master").into());
+    }
+    let pings = masters.into_iter().map(|(host, port)| {
+        let mut conn = conn.clone();
+        async move {
+            let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+            conn.route_command(redis::cmd("PING"), to).await
+        }
+    });
+    futures_util::future::try_join_all(pings).await.map(|_| redis::Value::Okay)
 }
 
 /// The verdicts of one apply.lua call on `ops`, appended to `verdicts`.
