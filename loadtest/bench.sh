@@ -12,6 +12,10 @@
 # Every case checks its outcomes against what loadtest/bench/policy.yaml predicts; a mismatch or
 # any error fails the run. Results: a markdown table on stdout, JSON lines in $BENCH_OUT
 # (default target/bench/results.jsonl).
+#
+# To compare two builds back to back, copy one build's target/release/portcullis aside and run
+# with PORTCULLIS_BIN=/that/copy: that binary is measured instead of this tree's (the load
+# generator and the no-op server still come from this tree).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +33,7 @@ else
   cargo build --quiet -p decision -p loadtest --bins
 fi
 bin="target/$profile"
+portcullis="${PORTCULLIS_BIN:-$bin/portcullis}"
 out="${BENCH_OUT:-target/bench/results.jsonl}"
 mkdir -p "$(dirname "$out")"
 : > "$out"
@@ -54,7 +59,7 @@ wait_for() { # file pattern
 # /dev/null, keeping only the line that says where it listens. Sets pc_pid and pc_addr.
 start_portcullis() {
   rm -f "$work/portcullis.listen"
-  "${server_cpu[@]}" "$bin/portcullis" serve --config loadtest/bench/policy.yaml --log-format json \
+  "${server_cpu[@]}" "$portcullis" serve --config loadtest/bench/policy.yaml --log-format json \
     2> >(grep --line-buffered -m1 '"listening"' > "$work/portcullis.listen"; cat > /dev/null) &
   pc_pid=$!; pids+=("$pc_pid")
   wait_for "$work/portcullis.listen" listening
@@ -71,7 +76,7 @@ start_portcullis_full() {
     printf 'traffic:\n  concurrency_limit: 100000\n  queue_size: 0\n'
   } > "$work/policy-full.yaml"
   rm -f "$work/portcullis-full.listen"
-  "${server_cpu[@]}" "$bin/portcullis" serve --config "$work/policy-full.yaml" --log-format json \
+  "${server_cpu[@]}" "$portcullis" serve --config "$work/policy-full.yaml" --log-format json \
     2> >(grep --line-buffered -m1 '"listening"' > "$work/portcullis-full.listen"; cat > /dev/null) &
   pcf_pid=$!; pids+=("$pcf_pid")
   wait_for "$work/portcullis-full.listen" listening
@@ -90,7 +95,7 @@ start_portcullis_redis() {
     loadtest/bench/policy.yaml > "$work/policy-redis.yaml"
   mkdir -p "$work/ratelimit" && cp loadtest/bench/ratelimit/bench.yaml "$work/ratelimit/" && cp loadtest/bench/jwks.json "$work/"
   rm -f "$work/portcullis-redis.listen"
-  "${server_cpu[@]}" "$bin/portcullis" serve --config "$work/policy-redis.yaml" --log-format json \
+  "${server_cpu[@]}" "$portcullis" serve --config "$work/policy-redis.yaml" --log-format json \
     2> >(grep --line-buffered -m1 '"listening"' > "$work/portcullis-redis.listen"; cat > /dev/null) &
   pcr_pid=$!; pids+=("$pcr_pid")
   wait_for "$work/portcullis-redis.listen" listening

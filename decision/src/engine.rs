@@ -142,7 +142,7 @@ impl<S: Store> Engine<S> {
     }
 
     /// One store call for a plan's operations, bounded by the store's timeout.
-    async fn apply(&self, ops: &[decision_core::decide::Op], now: u64) -> Result<Vec<Verdict>, StoreError> {
+    async fn apply(&self, ops: &[decision_core::plan::Op], now: u64) -> Result<Vec<Verdict>, StoreError> {
         self.apply_admitting(ops, now, None).await.map(|(v, _)| v)
     }
 
@@ -152,7 +152,7 @@ impl<S: Store> Engine<S> {
     /// caller asks for one as usual).
     pub(crate) async fn apply_admitting(
         &self,
-        ops: &[decision_core::decide::Op],
+        ops: &[decision_core::plan::Op],
         now: u64,
         admission: Option<(&str, &str, &decision_core::traffic::TrafficConfig)>,
     ) -> Result<crate::store::Planned, StoreError> {
@@ -191,8 +191,8 @@ impl<S: Store> Engine<S> {
                     );
                 }
                 self.metrics.local_share();
-                let shared: Vec<decision_core::decide::Op> =
-                    ops.iter().map(|op| decision_core::decide::Op { limit: op.limit.share(n), ..op.clone() }).collect();
+                let shared: Vec<decision_core::plan::Op> =
+                    ops.iter().map(|op| decision_core::plan::Op { limit: op.limit.share(n), ..op.clone() }).collect();
                 Ok((self.local.apply_now(&shared, now), None))
             }
             None => Err(failed),
@@ -237,12 +237,8 @@ impl<S: Store> Engine<S> {
     /// `FETCH_WAIT`. True when there was one to wait for.
     async fn fetch_for(&self, policy: &Policy, req: &Request<'_>, reason: decision_core::Reason) -> bool {
         let (Some(verifier), Some(auth)) = (&policy.bearer, req.authorization) else { return false };
-        let Some(token) =
-            auth.get(7..).filter(|_| auth.len() > 7 && auth.as_bytes()[..7].eq_ignore_ascii_case(b"bearer "))
-        else {
-            return false;
-        };
-        let Some(fetch) = verifier.fetch_for(token.trim(), reason) else { return false };
+        let Some(token) = decision_core::identity::bearer_token(auth) else { return false };
+        let Some(fetch) = verifier.fetch_for(token, reason) else { return false };
         let _ = tokio::time::timeout(FETCH_WAIT, tokio::spawn(fetch)).await;
         true
     }
@@ -505,7 +501,7 @@ mod tests {
         assert_eq!(reasons.iter().filter(|r| **r == Reason::Allowed).count(), 10);
         assert_eq!(reasons.iter().filter(|r| **r == Reason::ZoneRateExceeded).count(), 20);
         let d = engine.decide(&policy, &req("10.0.0.1")).await;
-        let burst = d.quotas.iter().find(|q| q.kind == decision_core::decide::OpKind::TierBurst).expect("burst quota");
+        let burst = d.quotas.iter().find(|q| q.kind == decision_core::plan::OpKind::TierBurst).expect("burst quota");
         assert_eq!(burst.verdict.remaining, 100 - 11, "only the 10 allowed requests and this one were charged");
     }
 
@@ -546,7 +542,7 @@ mod tests {
     impl Store for BrokenStore {
         async fn apply(
             &self,
-            _ops: &[decision_core::decide::Op],
+            _ops: &[decision_core::plan::Op],
             _now: u64,
         ) -> Result<Vec<decision_core::quota::Verdict>, StoreError> {
             if self.hang {
@@ -746,10 +742,7 @@ mod tests {
         let d = engine.decide(&policy, &from("8.8.8.8", BASIC)).await;
         assert_eq!((d.reason, d.status()), (Reason::IpBlocked, 403), "a valid key does not unblock the address");
         assert!(d.retry_after.is_some_and(|r| r > 14 * 60 * 1_000_000));
-        assert!(
-            d.quotas.iter().all(|q| q.kind != decision_core::decide::OpKind::Block),
-            "no block in RateLimit headers"
-        );
+        assert!(d.quotas.iter().all(|q| q.kind != decision_core::plan::OpKind::Block), "no block in RateLimit headers");
         assert_eq!(
             engine.decide(&policy, &from("8.8.4.4", BASIC)).await.reason,
             Reason::Allowed,

@@ -7,10 +7,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::apikey::Lookup;
+use crate::identity::{CredentialKind, Identity, bearer_token};
 use crate::net;
 use crate::path;
+use crate::plan::{Op, OpKind};
 use crate::policy::{OnStoreError, Policy, Precedence};
 use crate::quota::{Limit, Verdict};
+use crate::reason::Reason;
 use crate::units::Micros;
 
 /// One request as any adapter sees it, borrowed from the adapter's message.
@@ -30,342 +33,6 @@ pub struct Request<'a> {
     pub api_key: Option<&'a str>,
     /// the `authorization` header, if any
     pub authorization: Option<&'a str>,
-}
-
-/// Why a request was allowed or denied: one table gives each its HTTP status, the error text
-/// clients see, and the gRPC code a failed call maps to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Reason {
-    Allowed,
-    /// allowed without counting: the store failed and the policy says `on_store_error: allow`
-    AllowedStoreUnavailable,
-    /// the proxy's message lacked what a decision needs (no HTTP attributes, no peer address)
-    BadRequest,
-    IpDenied,
-    /// blocked after too many failed authentications (`network.auto_block`)
-    IpBlocked,
-    BadForwardedFor,
-    BadMethod,
-    BadPath,
-    HeadersTooLarge,
-    BodyTooLarge,
-    NoRoute,
-    ZoneForbidden,
-    CredentialMissing,
-    /// more than one credential (an API key and an `authorization` header) and no
-    /// `authentication.precedence` to choose: neither is believed
-    AmbiguousCredentials,
-    ApiKeyUnknown,
-    ApiKeyRevoked,
-    ApiKeyExpired,
-    ApiKeyNotYetValid,
-    BearerNotEnabled,
-    JwtMalformed,
-    JwtTooLarge,
-    JwtAlgNotAllowed,
-    JwtCritUnsupported,
-    JwtDuplicateMember,
-    JwtUnknownIssuer,
-    JwtUnknownKid,
-    JwtKeyMismatch,
-    JwtBadSignature,
-    JwtMissingExp,
-    JwtExpired,
-    JwtNotYetValid,
-    JwtIssuedInFuture,
-    JwtWrongAudience,
-    JwtMissingSubject,
-    JwtUnknownTier,
-    /// the issuer's key set (`jwks_url`) has never been fetched: the issuer is unreachable
-    JwksUnavailable,
-    /// OAuth 2.0 introspection said the token is not active
-    TokenInactive,
-    /// OAuth 2.0 introspection could not be asked (outage, timeout): 503, so clients retry
-    /// instead of discarding a good token
-    IntrospectionUnavailable,
-    FreshAuthRequired,
-    RoleForbidden,
-    TierRateExceeded,
-    DailyQuotaExceeded,
-    ZoneRateExceeded,
-    /// the route's upstream's circuit breaker is open (or half-open with its probe out)
-    CircuitOpen,
-    /// every concurrency slot of the upstream is taken and its queue is full
-    QueueFull,
-    /// waited `queue_timeout` in the queue without getting a slot
-    QueueTimeout,
-    StoreUnavailable,
-}
-
-impl Reason {
-    pub const ALL: [Reason; 47] = [
-        Reason::Allowed,
-        Reason::AllowedStoreUnavailable,
-        Reason::BadRequest,
-        Reason::IpDenied,
-        Reason::IpBlocked,
-        Reason::BadForwardedFor,
-        Reason::BadMethod,
-        Reason::BadPath,
-        Reason::HeadersTooLarge,
-        Reason::BodyTooLarge,
-        Reason::NoRoute,
-        Reason::ZoneForbidden,
-        Reason::CredentialMissing,
-        Reason::AmbiguousCredentials,
-        Reason::ApiKeyUnknown,
-        Reason::ApiKeyRevoked,
-        Reason::ApiKeyExpired,
-        Reason::ApiKeyNotYetValid,
-        Reason::BearerNotEnabled,
-        Reason::JwtMalformed,
-        Reason::JwtTooLarge,
-        Reason::JwtAlgNotAllowed,
-        Reason::JwtCritUnsupported,
-        Reason::JwtDuplicateMember,
-        Reason::JwtUnknownIssuer,
-        Reason::JwtUnknownKid,
-        Reason::JwtKeyMismatch,
-        Reason::JwtBadSignature,
-        Reason::JwtMissingExp,
-        Reason::JwtExpired,
-        Reason::JwtNotYetValid,
-        Reason::JwtIssuedInFuture,
-        Reason::JwtWrongAudience,
-        Reason::JwtMissingSubject,
-        Reason::JwtUnknownTier,
-        Reason::JwksUnavailable,
-        Reason::TokenInactive,
-        Reason::IntrospectionUnavailable,
-        Reason::FreshAuthRequired,
-        Reason::RoleForbidden,
-        Reason::TierRateExceeded,
-        Reason::DailyQuotaExceeded,
-        Reason::ZoneRateExceeded,
-        Reason::CircuitOpen,
-        Reason::QueueFull,
-        Reason::QueueTimeout,
-        Reason::StoreUnavailable,
-    ];
-
-    /// The stable name used in logs, metrics and audit events.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Allowed => "allowed",
-            Reason::AllowedStoreUnavailable => "allowed_store_unavailable",
-            Reason::BadRequest => "bad_request",
-            Reason::IpDenied => "ip_denied",
-            Reason::IpBlocked => "ip_blocked",
-            Reason::BadForwardedFor => "bad_forwarded_for",
-            Reason::BadMethod => "bad_method",
-            Reason::BadPath => "bad_path",
-            Reason::HeadersTooLarge => "headers_too_large",
-            Reason::BodyTooLarge => "body_too_large",
-            Reason::NoRoute => "no_route",
-            Reason::ZoneForbidden => "zone_forbidden",
-            Reason::CredentialMissing => "credential_missing",
-            Reason::AmbiguousCredentials => "ambiguous_credentials",
-            Reason::ApiKeyUnknown => "api_key_unknown",
-            Reason::ApiKeyRevoked => "api_key_revoked",
-            Reason::ApiKeyExpired => "api_key_expired",
-            Reason::ApiKeyNotYetValid => "api_key_not_yet_valid",
-            Reason::BearerNotEnabled => "bearer_not_enabled",
-            Reason::JwtMalformed => "jwt_malformed",
-            Reason::JwtTooLarge => "jwt_too_large",
-            Reason::JwtAlgNotAllowed => "jwt_alg_not_allowed",
-            Reason::JwtCritUnsupported => "jwt_crit_unsupported",
-            Reason::JwtDuplicateMember => "jwt_duplicate_member",
-            Reason::JwtUnknownIssuer => "jwt_unknown_issuer",
-            Reason::JwtUnknownKid => "jwt_unknown_kid",
-            Reason::JwtKeyMismatch => "jwt_key_mismatch",
-            Reason::JwtBadSignature => "jwt_bad_signature",
-            Reason::JwtMissingExp => "jwt_missing_exp",
-            Reason::JwtExpired => "jwt_expired",
-            Reason::JwtNotYetValid => "jwt_not_yet_valid",
-            Reason::JwtIssuedInFuture => "jwt_issued_in_future",
-            Reason::JwtWrongAudience => "jwt_wrong_audience",
-            Reason::JwtMissingSubject => "jwt_missing_subject",
-            Reason::JwtUnknownTier => "jwt_unknown_tier",
-            Reason::JwksUnavailable => "jwks_unavailable",
-            Reason::TokenInactive => "token_inactive",
-            Reason::IntrospectionUnavailable => "introspection_unavailable",
-            Reason::FreshAuthRequired => "fresh_auth_required",
-            Reason::RoleForbidden => "role_forbidden",
-            Reason::TierRateExceeded => "tier_rate_exceeded",
-            Reason::DailyQuotaExceeded => "daily_quota_exceeded",
-            Reason::ZoneRateExceeded => "zone_rate_exceeded",
-            Reason::CircuitOpen => "circuit_open",
-            Reason::QueueFull => "queue_full",
-            Reason::QueueTimeout => "queue_timeout",
-            Reason::StoreUnavailable => "store_unavailable",
-        }
-    }
-
-    /// The HTTP status the client gets.
-    pub fn status(self) -> u16 {
-        match self {
-            Reason::Allowed | Reason::AllowedStoreUnavailable => 200,
-            Reason::BadRequest | Reason::BadForwardedFor | Reason::BadMethod | Reason::BadPath => 400,
-            Reason::CredentialMissing
-            | Reason::AmbiguousCredentials
-            | Reason::ApiKeyUnknown
-            | Reason::ApiKeyRevoked
-            | Reason::ApiKeyExpired
-            | Reason::ApiKeyNotYetValid
-            | Reason::BearerNotEnabled
-            | Reason::JwtMalformed
-            | Reason::JwtTooLarge
-            | Reason::JwtAlgNotAllowed
-            | Reason::JwtCritUnsupported
-            | Reason::JwtDuplicateMember
-            | Reason::JwtUnknownIssuer
-            | Reason::JwtUnknownKid
-            | Reason::JwtKeyMismatch
-            | Reason::JwtBadSignature
-            | Reason::JwtMissingExp
-            | Reason::JwtExpired
-            | Reason::JwtNotYetValid
-            | Reason::JwtIssuedInFuture
-            | Reason::JwtWrongAudience
-            | Reason::JwtMissingSubject
-            | Reason::JwtUnknownTier
-            | Reason::TokenInactive
-            | Reason::FreshAuthRequired => 401,
-            Reason::IpDenied | Reason::IpBlocked | Reason::NoRoute | Reason::ZoneForbidden | Reason::RoleForbidden => {
-                403
-            }
-            Reason::BodyTooLarge => 413,
-            Reason::TierRateExceeded | Reason::DailyQuotaExceeded | Reason::ZoneRateExceeded => 429,
-            Reason::HeadersTooLarge => 431,
-            Reason::StoreUnavailable
-            | Reason::JwksUnavailable
-            | Reason::IntrospectionUnavailable
-            | Reason::CircuitOpen
-            | Reason::QueueFull
-            | Reason::QueueTimeout => 503,
-        }
-    }
-
-    /// The generic text a client sees; the precise reason stays in our logs.
-    pub fn client_error(self) -> &'static str {
-        match self.status() {
-            400 => "Bad request",
-            401 => "Authentication required",
-            403 => "Forbidden",
-            413 => "Payload too large",
-            429 => "Rate limit exceeded",
-            431 => "Request header fields too large",
-            503 => "Service unavailable",
-            _ => "OK",
-        }
-    }
-
-    pub fn is_allowed(self) -> bool {
-        matches!(self, Reason::Allowed | Reason::AllowedStoreUnavailable)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CredentialKind {
-    ApiKey,
-    Jwt,
-    /// an opaque OAuth 2.0 token, vouched for by the issuer's introspection endpoint
-    Introspected,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub subject: Arc<str>,
-    /// granted role bits
-    pub roles: u64,
-    pub tier: usize,
-    pub credential: CredentialKind,
-    /// when the subject last authenticated (a token's `auth_time`, else its `iat`); API keys
-    /// carry none, so they never satisfy a route that needs a fresh authentication
-    pub auth_time: Option<Micros>,
-}
-
-/// A bearer token that passed every check, as a verifier reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifiedToken {
-    pub subject: Arc<str>,
-    pub roles: u64,
-    pub tier: usize,
-    pub auth_time: Option<Micros>,
-    pub expires_at: Micros,
-    pub credential: CredentialKind,
-}
-
-/// Verifies bearer tokens (JWT in the decision crate). The core calls it only for a route that
-/// needs a credential, and stays free of cryptography and I/O.
-pub trait BearerVerifier: Send + Sync + std::fmt::Debug {
-    /// The identity a token proves at `now`, or the precise reason it proves none.
-    fn verify(&self, token: &str, now: Micros) -> Result<VerifiedToken, Reason>;
-
-    /// Asked after `verify` refused `token` with `reason`: a fetch that could change the
-    /// answer (a newer key set for an unknown `kid`, an introspection answer not yet cached),
-    /// for the host to await before it decides again. None when nothing can help, or when the
-    /// verifier's own rate limits say not now.
-    fn fetch_for(&self, _token: &str, _reason: Reason) -> Option<Fetch> {
-        None
-    }
-
-    /// Work to run in the background for as long as this verifier lives (refreshing remote
-    /// key sets before they go stale); it ends by itself once the verifier is dropped.
-    fn background(&self) -> Option<Fetch> {
-        None
-    }
-}
-
-/// A fetch a verifier asks its host to run; the host bounds it with a timeout.
-pub type Fetch = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
-
-/// Which limit an operation enforces (its name in the RateLimit headers).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpKind {
-    /// the tier's token bucket, keyed by identity
-    TierBurst,
-    /// the tier's 24-hour window, keyed by identity
-    TierDaily,
-    /// the zone's per-IP window
-    Zone,
-    /// a ratelimit (RLS) descriptor's limit
-    Descriptor,
-    /// the client address's auto-block flag (checked, cost 0)
-    Block,
-    /// the client address's failed-authentication counter
-    AuthFailure,
-}
-
-impl OpKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OpKind::TierBurst => "burst",
-            OpKind::TierDaily => "daily",
-            OpKind::Zone => "ip",
-            OpKind::Descriptor => "descriptor",
-            OpKind::Block => "block",
-            OpKind::AuthFailure => "auth_failures",
-        }
-    }
-}
-
-/// One counter operation for the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Op {
-    /// the store key; keys of one identity or one address share a `{hash tag}`
-    pub key: String,
-    pub limit: Limit,
-    pub cost: u64,
-    pub kind: OpKind,
-    /// counted and reported but never enforced: its refusal does not refuse the plan
-    pub shadow: bool,
-}
-
-/// Whether a plan's verdicts refuse it: any enforced operation refused (a shadow one never
-/// refuses). The all-or-nothing rule every store commits by: a refused plan counts nothing.
-pub fn refuses(ops: &[Op], verdicts: &[Verdict]) -> bool {
-    ops.iter().zip(verdicts).any(|(op, v)| !v.allowed && !op.shadow)
 }
 
 /// What `plan` learned about the request, carried into the decision.
@@ -431,10 +98,8 @@ impl Decision {
     }
 }
 
-/// An `authorization` value with the Bearer scheme (RFC 6750), compared as bytes: slicing the
-/// str at 7 could split a multi-byte character.
 fn is_bearer(auth: &str) -> bool {
-    auth.len() > 7 && auth.as_bytes()[..7].eq_ignore_ascii_case(b"bearer ")
+    bearer_token(auth).is_some()
 }
 
 fn valid_method(m: &str) -> bool {
@@ -523,7 +188,7 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
                 let Some(verifier) = &policy.bearer else {
                     return deny(Reason::BearerNotEnabled, ctx);
                 };
-                match verifier.verify(auth[7..].trim(), now) {
+                match verifier.verify(bearer_token(auth).unwrap_or_default(), now) {
                     Ok(t) => Identity {
                         subject: t.subject,
                         roles: t.roles,

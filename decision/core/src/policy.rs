@@ -170,7 +170,7 @@ pub struct Policy {
     pub network: Network,
     pub api_keys: ApiKeyTable,
     /// verifies bearer tokens when JWT issuers are configured
-    pub bearer: Option<std::sync::Arc<dyn crate::decide::BearerVerifier>>,
+    pub bearer: Option<std::sync::Arc<dyn crate::identity::BearerVerifier>>,
     /// None: a request with two credentials is refused (`ambiguous_credentials`)
     pub credential_precedence: Option<Precedence>,
     pub roles: RoleTable,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::decide::{Op, OpKind};
+use crate::plan::{Op, OpKind};
 use crate::quota::{Limit, Verdict};
 use crate::units::{MICROS_PER_DAY, MICROS_PER_HOUR, MICROS_PER_MINUTE, MICROS_PER_SEC, Micros};
 
@@ -68,23 +68,6 @@ impl Unit {
             Unit::Month => 30 * MICROS_PER_DAY,
             Unit::Year => 365 * MICROS_PER_DAY,
         }
-    }
-
-    /// The `RateLimitResponse.RateLimit.Unit` wire value.
-    pub fn proto(self) -> i32 {
-        match self {
-            Unit::Second => 1,
-            Unit::Minute => 2,
-            Unit::Hour => 3,
-            Unit::Day => 4,
-            Unit::Month => 5,
-            Unit::Year => 6,
-            Unit::Week => 7,
-        }
-    }
-
-    pub fn from_proto(v: i32) -> Option<Unit> {
-        Unit::ALL.into_iter().find(|u| u.proto() == v)
     }
 }
 
@@ -874,12 +857,10 @@ mod tests {
     }
 
     #[test]
-    fn units_map_to_the_wire_and_back() {
+    fn units_parse_by_name() {
         for u in Unit::ALL {
-            assert_eq!(Unit::from_proto(u.proto()), Some(u));
             assert_eq!(Unit::parse(&u.as_str().to_uppercase()), Some(u));
         }
-        assert_eq!(Unit::from_proto(0), None);
         assert_eq!(Unit::parse("fortnight"), None);
     }
 }

@@ -135,7 +135,7 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
             // prove the identity was never verified, and never reaches the upstream
             if policy.credential_precedence.is_some() {
                 remove.push(match id.credential {
-                    decision_core::decide::CredentialKind::ApiKey => "authorization".into(),
+                    decision_core::identity::CredentialKind::ApiKey => "authorization".into(),
                     _ => policy.api_keys.header.clone(),
                 });
             }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use decision_core::policy::HeaderDialect;
 use decision_core::rls::{DescriptorReq, Outcome, RlsDecision, Unit, validate};
+use proto::ratelimit::rate_limit_response::rate_limit::Unit as WireUnit;
 use proto::ratelimit::rate_limit_response::{Code, DescriptorStatus, RateLimit};
 use proto::ratelimit::rate_limit_service_server::RateLimitService;
 use proto::ratelimit::{RateLimitRequest, RateLimitResponse};
@@ -33,6 +34,25 @@ fn header(key: &str, value: String) -> HeaderValue {
     HeaderValue { key: key.to_owned(), value, raw_value: Vec::new() }
 }
 
+/// A window unit on the wire (`RateLimitResponse.RateLimit.Unit`; a descriptor override's
+/// `envoy.type.v3.RateLimitUnit` numbers its values the same way).
+fn unit_to_wire(u: Unit) -> WireUnit {
+    match u {
+        Unit::Second => WireUnit::Second,
+        Unit::Minute => WireUnit::Minute,
+        Unit::Hour => WireUnit::Hour,
+        Unit::Day => WireUnit::Day,
+        Unit::Week => WireUnit::Week,
+        Unit::Month => WireUnit::Month,
+        Unit::Year => WireUnit::Year,
+    }
+}
+
+/// The unit of a wire value; None for `UNKNOWN` and values no version of the API defines.
+fn unit_from_wire(v: i32) -> Option<Unit> {
+    Unit::ALL.into_iter().find(|u| unit_to_wire(*u) as i32 == v)
+}
+
 fn outcome_label(o: &Outcome) -> &'static str {
     match o {
         Outcome::Unlimited => "unlimited",
@@ -57,7 +77,7 @@ pub fn answer(d: &RlsDecision, x_ratelimit: bool, dialect: HeaderDialect) -> Rat
                 current_limit: s.rule.as_ref().filter(|_| counted).map(|r| RateLimit {
                     name: r.name.as_deref().unwrap_or("").to_owned(),
                     requests_per_unit: r.requests_per_unit,
-                    unit: r.unit.map_or(0, Unit::proto),
+                    unit: r.unit.map_or(WireUnit::Unknown, unit_to_wire) as i32,
                 }),
                 limit_remaining: u32::try_from(s.remaining).unwrap_or(u32::MAX),
                 duration_until_reset: counted.then(|| Duration {
@@ -137,10 +157,7 @@ impl<S: Store> RateLimitService for Rls<S> {
             .iter()
             .map(|d| DescriptorReq {
                 entries: d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str())).collect(),
-                limit_override: d
-                    .limit
-                    .as_ref()
-                    .and_then(|l| Unit::from_proto(l.unit).map(|u| (l.requests_per_unit, u))),
+                limit_override: d.limit.as_ref().and_then(|l| unit_from_wire(l.unit).map(|u| (l.requests_per_unit, u))),
                 hits: d.hits_addend.as_ref().map_or(request_hits, |h| h.value),
             })
             .collect();
@@ -202,6 +219,16 @@ mod tests {
                 !rls::conclude(plan, &verdicts).over_limit
             })
             .count()
+    }
+
+    #[test]
+    fn units_map_to_the_wire_and_back() {
+        for u in Unit::ALL {
+            assert_eq!(super::unit_from_wire(super::unit_to_wire(u) as i32), Some(u));
+        }
+        assert_eq!(super::unit_to_wire(Unit::Week) as i32, 7, "WEEK came last to the enum");
+        assert_eq!(super::unit_from_wire(0), None);
+        assert_eq!(super::unit_from_wire(8), None);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use decision_core::Reason;
-use decision_core::decide::{BearerVerifier, CredentialKind, Fetch, VerifiedToken};
+use decision_core::identity::{BearerVerifier, CredentialKind, Fetch, VerifiedToken};
 use decision_core::units::Micros;
 use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use decision_core::Reason;
-use decision_core::decide::{BearerVerifier, CredentialKind, Fetch, VerifiedToken};
+use decision_core::identity::{BearerVerifier, CredentialKind, Fetch, VerifiedToken};
 use decision_core::units::Micros;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey};

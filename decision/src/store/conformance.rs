@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
-use decision_core::decide::{Op, OpKind};
+use decision_core::plan::{Op, OpKind};
 use decision_core::quota::Limit;
 use decision_core::traffic::{AdaptiveConfig, Admit, BreakerConfig, Mode, TrafficConfig};
 use decision_core::units::{MICROS_PER_MINUTE, MICROS_PER_SEC, Micros};

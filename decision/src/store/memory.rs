@@ -12,7 +12,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 
-use decision_core::decide::Op;
+use decision_core::plan::Op;
 use decision_core::quota::{self, State, Verdict};
 use decision_core::traffic::{self, AdaptiveState, Admit, Breaker, Gate, Occupancy, TrafficConfig};
 use decision_core::units::Micros;

@@ -13,7 +13,7 @@ pub mod conformance;
 use std::future::Future;
 use std::time::Duration;
 
-use decision_core::decide::Op;
+use decision_core::plan::Op;
 use decision_core::quota::Verdict;
 use decision_core::traffic::{Admit, Mode, TrafficConfig};
 use decision_core::units::Micros;
@@ -148,7 +148,7 @@ pub async fn apply_then_admit<S: Store + ?Sized>(
     now: Micros,
 ) -> Result<Planned, StoreError> {
     let verdicts = store.apply(ops, now).await?;
-    if decision_core::decide::refuses(ops, &verdicts) {
+    if decision_core::plan::refuses(ops, &verdicts) {
         return Ok((verdicts, None));
     }
     let admitted = store.admit(upstream, lease, lease, false, cfg, now).await?;

@@ -22,7 +22,7 @@ use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use decision_core::decide::{Op, refuses};
+use decision_core::plan::{Op, refuses};
 use decision_core::quota::{self, Limit, State, Verdict};
 use decision_core::units::Micros;
 use prometheus_client::metrics::counter::Counter;

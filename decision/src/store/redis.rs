@@ -17,7 +17,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use decision_core::decide::{Op, refuses};
+use decision_core::plan::{Op, refuses};
 use decision_core::quota::{self, Limit, State, Verdict};
 use decision_core::traffic::{Admit, Mode, Occupancy, TrafficConfig};
 use decision_core::units::Micros;

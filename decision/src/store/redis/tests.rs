@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use decision_core::decide::{Op, OpKind};
+use decision_core::plan::{Op, OpKind};
 use decision_core::quota::Limit;
 use decision_core::units::{MICROS_PER_MINUTE, MICROS_PER_SEC};
 use proptest::prelude::*;
@@ -438,8 +438,8 @@ fn lua_and_rust_agree(cases: u32, fresh: impl Fn() -> RedisSettings) {
                 .collect();
             let expected = memory.apply_now(&ops, now);
             let got = rt.block_on(redis.apply(&ops, now)).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            let refused = decision_core::decide::refuses(&ops, &expected);
-            prop_assert_eq!(decision_core::decide::refuses(&ops, &got), refused, "at {} with {:?}", now, ops);
+            let refused = decision_core::plan::refuses(&ops, &expected);
+            prop_assert_eq!(decision_core::plan::refuses(&ops, &got), refused, "at {} with {:?}", now, ops);
             if !refused || settings.over_limit_cache == 0 {
                 prop_assert_eq!(got, expected, "at {} with {:?}", now, ops);
             }

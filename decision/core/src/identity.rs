@@ -1,0 +1,85 @@
+//! Who a request is: the `Identity` a credential proves, and the `BearerVerifier` seam through
+//! which the host's token verifiers (JWT, RFC 7662 introspection) answer without the core doing
+//! cryptography or I/O.
+
+use std::sync::Arc;
+
+use crate::reason::Reason;
+use crate::units::Micros;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    ApiKey,
+    Jwt,
+    /// an opaque OAuth 2.0 token, vouched for by the issuer's introspection endpoint
+    Introspected,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub subject: Arc<str>,
+    /// granted role bits
+    pub roles: u64,
+    pub tier: usize,
+    pub credential: CredentialKind,
+    /// when the subject last authenticated (a token's `auth_time`, else its `iat`); API keys
+    /// carry none, so they never satisfy a route that needs a fresh authentication
+    pub auth_time: Option<Micros>,
+}
+
+/// A bearer token that passed every check, as a verifier reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedToken {
+    pub subject: Arc<str>,
+    pub roles: u64,
+    pub tier: usize,
+    pub auth_time: Option<Micros>,
+    pub expires_at: Micros,
+    pub credential: CredentialKind,
+}
+
+/// Verifies bearer tokens (JWT in the decision crate). The core calls it only for a route that
+/// needs a credential, and stays free of cryptography and I/O.
+pub trait BearerVerifier: Send + Sync + std::fmt::Debug {
+    /// The identity a token proves at `now`, or the precise reason it proves none.
+    fn verify(&self, token: &str, now: Micros) -> Result<VerifiedToken, Reason>;
+
+    /// Asked after `verify` refused `token` with `reason`: a fetch that could change the
+    /// answer (a newer key set for an unknown `kid`, an introspection answer not yet cached),
+    /// for the host to await before it decides again. None when nothing can help, or when the
+    /// verifier's own rate limits say not now.
+    fn fetch_for(&self, _token: &str, _reason: Reason) -> Option<Fetch> {
+        None
+    }
+
+    /// Work to run in the background for as long as this verifier lives (refreshing remote
+    /// key sets before they go stale); it ends by itself once the verifier is dropped.
+    fn background(&self) -> Option<Fetch> {
+        None
+    }
+}
+
+/// A fetch a verifier asks its host to run; the host bounds it with a timeout.
+pub type Fetch = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+
+/// The token of an `authorization` value with the Bearer scheme (RFC 6750 section 2.1; the
+/// scheme compared case-insensitively as bytes, so no multi-byte character is split), without
+/// surrounding whitespace. None for any other scheme, or a scheme with nothing after it.
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    let b = authorization.as_bytes();
+    (b.len() > 7 && b[..7].eq_ignore_ascii_case(b"bearer ")).then(|| authorization[7..].trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_read_case_insensitively() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bEARER  abc "), Some("abc"));
+        for none in ["Bearer ", "Bearer", "Basic abc", "", "Bearé abc", "Bearerabc"] {
+            assert_eq!(bearer_token(none), None, "{none:?}");
+        }
+    }
+}

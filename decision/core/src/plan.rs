@@ -1,0 +1,52 @@
+//! The counter operations a decision asks the store for (`Op`), the limit each enforces
+//! (`OpKind`), and the all-or-nothing rule every store commits by (`refuses`).
+
+use crate::quota::{Limit, Verdict};
+
+/// Which limit an operation enforces (its name in the RateLimit headers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// the tier's token bucket, keyed by identity
+    TierBurst,
+    /// the tier's 24-hour window, keyed by identity
+    TierDaily,
+    /// the zone's per-IP window
+    Zone,
+    /// a ratelimit (RLS) descriptor's limit
+    Descriptor,
+    /// the client address's auto-block flag (checked, cost 0)
+    Block,
+    /// the client address's failed-authentication counter
+    AuthFailure,
+}
+
+impl OpKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpKind::TierBurst => "burst",
+            OpKind::TierDaily => "daily",
+            OpKind::Zone => "ip",
+            OpKind::Descriptor => "descriptor",
+            OpKind::Block => "block",
+            OpKind::AuthFailure => "auth_failures",
+        }
+    }
+}
+
+/// One counter operation for the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Op {
+    /// the store key; keys of one identity or one address share a `{hash tag}`
+    pub key: String,
+    pub limit: Limit,
+    pub cost: u64,
+    pub kind: OpKind,
+    /// counted and reported but never enforced: its refusal does not refuse the plan
+    pub shadow: bool,
+}
+
+/// Whether a plan's verdicts refuse it: any enforced operation refused (a shadow one never
+/// refuses). The all-or-nothing rule every store commits by: a refused plan counts nothing.
+pub fn refuses(ops: &[Op], verdicts: &[Verdict]) -> bool {
+    ops.iter().zip(verdicts).any(|(op, v)| !v.allowed && !op.shadow)
+}
