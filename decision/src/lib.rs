@@ -15,4 +15,3 @@ pub mod report;
 pub mod server;
 pub mod store;
 pub mod telemetry;
-pub mod traffic;

@@ -459,6 +459,19 @@ pub enum Outcome {
     ShadowOverLimit,
 }
 
+impl Outcome {
+    /// The outcome's name (a metric label).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Unlimited => "unlimited",
+            Outcome::Ok => "ok",
+            Outcome::NearLimit => "near_limit",
+            Outcome::OverLimit => "over_limit",
+            Outcome::ShadowOverLimit => "shadow_over_limit",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Status {
     pub outcome: Outcome,

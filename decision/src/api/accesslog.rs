@@ -11,9 +11,10 @@ use proto::accesslog::access_log_service_server::AccessLogService;
 use proto::accesslog::stream_access_logs_message::LogEntries;
 use proto::accesslog::{HttpAccessLogEntry, StreamAccessLogsMessage, StreamAccessLogsResponse};
 
+use super::respond::LEASE_HEADER;
+use crate::engine::Completion;
 use crate::engine::Engine;
 use crate::store::Store;
-use crate::traffic::{Completion, LEASE_HEADER};
 
 pub struct AccessLog<S> {
     engine: Arc<Engine<S>>,
@@ -82,7 +83,7 @@ impl<S: Store> AccessLogService for AccessLog<S> {
                     latency: latency(entry),
                     total_ms: total,
                 };
-                self.engine.completed(&c).await;
+                self.engine.record_completion(&c).await;
             }
         }
         Ok(tonic::Response::new(StreamAccessLogsResponse {}))

@@ -17,18 +17,12 @@ use proto::types::{
     HeaderAppendAction, HeaderValue, HeaderValueOption, HttpStatus, ListValue, RpcStatus, Struct, Value, address, value,
 };
 
-use super::respond;
+use super::respond::{
+    self, DEGRADED_HEADER, LEASE_HEADER, REQUEST_ID_HEADER, ROLES_HEADER, SUBJECT_HEADER, TIER_HEADER, WAIT_HEADER,
+};
 use crate::clock;
-use crate::engine::Engine;
+use crate::engine::{Engine, Facts, Malformed};
 use crate::store::Store;
-
-/// Headers we set towards the upstream; a client's own copies are removed or overwritten, so
-/// they cannot be forged.
-pub const SUBJECT_HEADER: &str = "x-portcullis-subject";
-pub const TIER_HEADER: &str = "x-portcullis-tier";
-pub const ROLES_HEADER: &str = "x-portcullis-roles";
-/// Marks a request let through uncounted because the store failed (`on_store_error: allow`).
-pub const DEGRADED_HEADER: &str = "x-portcullis-degraded";
 
 /// gRPC codes carried in CheckResponse.status (google.rpc.Code).
 const GRPC_OK: i32 = 0;
@@ -145,9 +139,9 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
         // the lease travels to the upstream and back to us in the access log; a client's own
         // header of that name never gets through
         match &d.lease {
-            Some(lease) => to_upstream.push(option(crate::traffic::LEASE_HEADER, lease.id.clone())),
+            Some(lease) => to_upstream.push(option(LEASE_HEADER, lease.id.clone())),
             // only a policy with `traffic` reads the header back; without it, nothing to strip
-            None if policy.traffic.is_some() => remove.push(crate::traffic::LEASE_HEADER.into()),
+            None if policy.traffic.is_some() => remove.push(LEASE_HEADER.into()),
             None => {}
         }
         if d.reason == Reason::AllowedStoreUnavailable {
@@ -160,11 +154,7 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
             .map(|(k, v)| client_header(k, v, policy.ratelimit_headers))
             .collect();
         if let Some(lease) = d.lease.as_ref().filter(|l| l.waited > 0) {
-            to_client.push(client_header(
-                crate::traffic::WAIT_HEADER,
-                (lease.waited / 1000).to_string(),
-                policy.ratelimit_headers,
-            ));
+            to_client.push(client_header(WAIT_HEADER, (lease.waited / 1000).to_string(), policy.ratelimit_headers));
         }
         CheckResponse {
             status: Some(RpcStatus { code: GRPC_OK, ..Default::default() }),
@@ -200,7 +190,6 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
 
 #[tonic::async_trait]
 impl<S: Store> Authorization for ExtAuthz<S> {
-    #[tracing::instrument(name = "ext_authz.check", level = "debug", skip_all, fields(rpc.system = "grpc", rpc.method = "Check"))]
     async fn check(
         &self,
         request: tonic::Request<CheckRequest>,
@@ -231,7 +220,7 @@ impl<S: Store> Authorization for ExtAuthz<S> {
             if let Some(h) = headers {
                 let _ = span.set_parent(crate::telemetry::parent_context(h));
             }
-            let answer = self.check_inner(msg, started).instrument(span.clone()).await;
+            let answer = self.decide_and_answer(msg, started).instrument(span.clone()).await;
             if let Ok(r) = &answer {
                 let denied = matches!(r.get_ref().http_response, Some(HttpResponse::DeniedResponse(_)));
                 span.record("decision.outcome", if denied { "deny" } else { "allow" });
@@ -241,126 +230,61 @@ impl<S: Store> Authorization for ExtAuthz<S> {
             }
             return answer;
         }
-        self.check_inner(msg, started).await
+        self.decide_and_answer(msg, started).await
     }
 }
 
 impl<S: Store> ExtAuthz<S> {
-    async fn check_inner(
+    /// The Check as the engine takes it, decided (and recorded there), and answered.
+    async fn decide_and_answer(
         &self,
         msg: CheckRequest,
         started: std::time::Instant,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let policy = self.engine.policy();
         let http = msg.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
-        let peer = peer_ip(&msg);
-        let (decision, request_id, method) = match (http, peer) {
-            (Some(http), Some(_)) if !headers_well_formed(http) => {
-                tracing::warn!(reason = "a header name or value that RFC 9110 forbids", "malformed check request");
-                (
-                    Decision::deny(Reason::BadRequest, Default::default()),
-                    header(http, "x-request-id").filter(|v| valid_value(v.as_bytes())).unwrap_or(""),
-                    "",
-                )
-            }
-            (Some(http), Some(peer)) => {
-                let req = Request {
-                    method: &http.method,
-                    path: &http.path,
-                    peer,
-                    forwarded_for: header(http, "x-forwarded-for"),
-                    // The declared length first: Envoy reports `size` 0 for a body it has not buffered.
-                    content_length: header(http, "content-length")
-                        .and_then(|v| v.trim().parse().ok())
-                        .or_else(|| u64::try_from(http.size).ok().filter(|n| *n > 0)),
-                    header_bytes: header_bytes(http),
-                    api_key: header(http, &policy.api_keys.header),
-                    authorization: header(http, "authorization"),
-                };
-                let request_id = header(http, "x-request-id").unwrap_or(&http.id);
-                (self.engine.decide(&policy, &req).await, request_id, http.method.as_str())
-            }
-            (None, _) => {
-                tracing::warn!(reason = "no attributes.request.http in the check request", "malformed check request");
-                (Decision::deny(Reason::BadRequest, Default::default()), "", "")
-            }
-            (Some(http), None) => {
-                tracing::warn!(reason = "no IP source address in the check request", "malformed check request");
-                (
-                    Decision::deny(Reason::BadRequest, Default::default()),
-                    header(http, "x-request-id").unwrap_or(&http.id),
-                    http.method.as_str(),
-                )
-            }
+        let headers =
+            || http.map(|h| h.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()).unwrap_or_default();
+        let (request, facts) = match http {
+            Some(http) => request_of(http, peer_ip(&msg), &policy, &headers),
+            None => (Err(Malformed("no attributes.request.http in the check request")), Facts::none()),
         };
-        let response = answer(&decision, &policy, request_id);
-        let took = started.elapsed();
-        self.engine.metrics.decision(decision.reason, took);
-        log_decision(&decision, &policy, request_id, method, took);
-        if let Some(audit) = self.engine.audit() {
-            audit.record(audit_event(audit, &decision, &policy, http, request_id, method, took));
-        }
-        Ok(tonic::Response::new(response))
+        let decision = self.engine.check(&policy, request, &facts, started).await;
+        Ok(tonic::Response::new(answer(&decision, &policy, facts.request_id)))
     }
 }
 
-/// The audit event of a decision: the reference's record, credentials masked as it is built.
-fn audit_event(
-    audit: &crate::audit::Audit,
-    d: &Decision,
-    policy: &Policy,
-    http: Option<&proto::ext_authz::attribute_context::HttpRequest>,
-    request_id: &str,
-    method: &str,
-    took: std::time::Duration,
-) -> serde_json::Map<String, serde_json::Value> {
-    let raw_path = http.map_or("", |h| h.path.as_str());
-    let (path, query) = raw_path.split_once('?').unwrap_or((raw_path, ""));
-    let input = crate::audit::event::EventInput {
-        request_id,
-        timestamp: clock::rfc3339(clock::now_micros()),
-        client_ip: d.ctx.client_ip.map(|ip| ip.to_string()),
-        method,
-        endpoint: d.ctx.path.as_deref().unwrap_or(path),
-        query,
-        headers: http.map(|h| h.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()).unwrap_or_default(),
-        response_code: d.status(),
-        processing_time_ms: (took.as_secs_f64() * 1e6).round() / 1e3,
-        decision: if d.allowed() { "allow" } else { "deny" },
-        reason: d.reason.as_str(),
-        subject: d.ctx.identity.as_ref().map(|i| &*i.subject),
-        tier: d.ctx.identity.as_ref().and_then(|i| policy.tiers.get(i.tier)).map(|t| &*t.name),
-        rule: d.ctx.route,
-        instance: &audit.instance,
-        credential_header: Some(&policy.api_keys.header),
+/// The core `Request` of a Check's HTTP attributes (`Malformed` when a header breaks RFC 9110 or
+/// the source address is missing), with the facts the engine records beside the decision.
+fn request_of<'a>(
+    http: &'a HttpRequest,
+    peer: Option<IpAddr>,
+    policy: &'a Policy,
+    headers: &'a (dyn Fn() -> Vec<(&'a str, &'a str)> + Sync),
+) -> (Result<Request<'a>, Malformed>, Facts<'a>) {
+    let request_id = header(http, REQUEST_ID_HEADER).unwrap_or(&http.id);
+    let mut facts = Facts { request_id, method: &http.method, target: &http.path, headers };
+    if !headers_well_formed(http) {
+        // the id only if it is itself well formed; the method is not believed
+        facts.request_id = header(http, REQUEST_ID_HEADER).filter(|v| valid_value(v.as_bytes())).unwrap_or("");
+        facts.method = "";
+        return (Err(Malformed("a header name or value that RFC 9110 forbids")), facts);
+    }
+    let Some(peer) = peer else {
+        return (Err(Malformed("no IP source address in the check request")), facts);
     };
-    let mut ev = crate::audit::event::build(&input, &audit.mask);
-    ev.insert("event".into(), "decision".into());
-    ev
-}
-
-/// One structured line per decision, at `debug` (target `portcullis::decision`): the audit
-/// trail is the per-request record, so the default level writes none (`--log
-/// info,portcullis::decision=debug` turns them on). The path is the normalized one, without the
-/// query (a query can carry secrets); no header value is logged.
-pub fn log_decision(d: &Decision, policy: &Policy, request_id: &str, method: &str, took: std::time::Duration) {
-    let subject = d.ctx.identity.as_ref().map(|i| &*i.subject);
-    let tier = d.ctx.identity.as_ref().and_then(|i| policy.tiers.get(i.tier)).map(|t| &*t.name);
-    tracing::debug!(
-        target: "portcullis::decision",
-        request_id,
-        client_ip = d.ctx.client_ip.map(tracing::field::display),
-        method,
-        path = d.ctx.path.as_deref(),
-        subject,
-        tier,
-        outcome = if d.allowed() { "allow" } else { "deny" },
-        reason = d.reason.as_str(),
-        status = d.status(),
-        rule = d.ctx.route,
-        upstream = d.lease.as_ref().map(|l| &*l.upstream),
-        queue_wait_us = d.lease.as_ref().map(|l| l.waited).filter(|w| *w > 0),
-        latency_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-        "decision"
-    );
+    let request = Request {
+        method: &http.method,
+        path: &http.path,
+        peer,
+        forwarded_for: header(http, "x-forwarded-for"),
+        // The declared length first: Envoy reports `size` 0 for a body it has not buffered.
+        content_length: header(http, "content-length")
+            .and_then(|v| v.trim().parse().ok())
+            .or_else(|| u64::try_from(http.size).ok().filter(|n| *n > 0)),
+        header_bytes: header_bytes(http),
+        api_key: header(http, &policy.api_keys.header),
+        authorization: header(http, "authorization"),
+    };
+    (Ok(request), facts)
 }

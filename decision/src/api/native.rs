@@ -8,9 +8,9 @@ use std::time::Duration;
 use proto::portcullis_v1::decision_server::Decision;
 use proto::portcullis_v1::{CompleteRequest, CompleteResponse};
 
+use crate::engine::Completion;
 use crate::engine::Engine;
 use crate::store::Store;
-use crate::traffic::Completion;
 
 /// Longest lease or request id accepted.
 const MAX_ID_BYTES: usize = 256;
@@ -43,7 +43,7 @@ impl<S: Store> Decision for Native<S> {
             latency: Duration::from_micros(r.latency_us),
             total_ms: r.latency_us as f64 / 1e3,
         };
-        let released = self.engine.completed(&c).await;
+        let released = self.engine.record_completion(&c).await;
         Ok(tonic::Response::new(CompleteResponse { released }))
     }
 }

@@ -20,13 +20,11 @@ use crate::store::Store;
 
 pub struct Rls<S> {
     engine: Arc<Engine<S>>,
-    unknown: Arc<str>,
-    none: Arc<str>,
 }
 
 impl<S: Store> Rls<S> {
     pub fn new(engine: Arc<Engine<S>>) -> Self {
-        Rls { engine, unknown: Arc::from("unknown"), none: Arc::from("none") }
+        Rls { engine }
     }
 }
 
@@ -51,16 +49,6 @@ fn unit_to_wire(u: Unit) -> WireUnit {
 /// The unit of a wire value; None for `UNKNOWN` and values no version of the API defines.
 fn unit_from_wire(v: i32) -> Option<Unit> {
     Unit::ALL.into_iter().find(|u| unit_to_wire(*u) as i32 == v)
-}
-
-fn outcome_label(o: &Outcome) -> &'static str {
-    match o {
-        Outcome::Unlimited => "unlimited",
-        Outcome::Ok => "ok",
-        Outcome::NearLimit => "near_limit",
-        Outcome::OverLimit => "over_limit",
-        Outcome::ShadowOverLimit => "shadow_over_limit",
-    }
 }
 
 /// Builds the wire answer: the `RateLimit*` headers in `dialect`; `x_ratelimit` adds the
@@ -89,38 +77,11 @@ pub fn answer(d: &RlsDecision, x_ratelimit: bool, dialect: HeaderDialect) -> Rat
         })
         .collect();
 
-    // Headers describe the enforced limits (shadow limits are not the client's business).
-    let enforced: Vec<_> =
-        d.statuses.iter().filter(|s| s.verdict.is_some() && s.rule.as_ref().is_some_and(|r| !r.shadow)).collect();
     let mut headers = Vec::new();
-    if !enforced.is_empty() {
-        let window =
-            |s: &decision_core::rls::Status| s.rule.as_ref().and_then(|r| r.unit).map_or(0, |u| u.micros() / 1_000_000);
-        let limits = enforced.iter().map(|s| respond::LimitState {
-            name: s.rule.as_ref().map_or("", |r| r.label()),
-            quota: s.rule.as_ref().map_or(0, |r| u64::from(r.requests_per_unit)),
-            window: window(s),
-            remaining: s.remaining,
-            reset: respond::whole_secs(s.reset),
-        });
-        // the closest limit: the first with the least left
-        let closest = (0..enforced.len()).min_by_key(|&i| enforced[i].remaining).unwrap_or(0);
-        respond::ietf_headers(dialect, limits, closest, |k, v| headers.push(header(k, v)));
-        if x_ratelimit {
-            let t = enforced[closest];
-            let q = t.rule.as_ref().map_or(0, |r| r.requests_per_unit);
-            headers.push(header("x-ratelimit-limit", format!("{q}, {q};w={}", window(t))));
-            headers.push(header("x-ratelimit-remaining", t.remaining.to_string()));
-            headers.push(header("x-ratelimit-reset", respond::whole_secs(t.reset).to_string()));
-        }
-    }
-    let mut raw_body = Vec::new();
-    if d.over_limit {
-        let retry = respond::whole_secs(d.retry_after.unwrap_or(0)).max(1);
-        headers.push(header("content-type", "application/json".into()));
-        headers.push(header("retry-after", retry.to_string()));
-        raw_body = respond::too_many_requests_body(retry, 0, clock::now_micros()).into_bytes();
-    }
+    let raw_body =
+        respond::rls_headers(d, x_ratelimit, dialect, clock::now_micros(), |k, v| headers.push(header(k, v)))
+            .map(String::into_bytes)
+            .unwrap_or_default();
     RateLimitResponse {
         overall_code: if d.over_limit { Code::OverLimit } else { Code::Ok } as i32,
         statuses,
@@ -137,7 +98,6 @@ impl<S: Store> RateLimitService for Rls<S> {
         &self,
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
-        let started = clock::instant();
         let msg = request.into_inner();
         tracing::Span::current().record("ratelimit.domain", msg.domain.as_str());
         if msg.domain.is_empty() {
@@ -163,32 +123,12 @@ impl<S: Store> RateLimitService for Rls<S> {
             .collect();
         validate(&descriptors).map_err(|e| tonic::Status::invalid_argument(e.0))?;
         let policy = self.engine.policy();
-        let decision = match self.engine.rate_limit(&policy, &msg.domain, &descriptors).await {
-            Ok(d) => d,
-            Err(e) => {
-                // request-derived values are recorded as strings, which every log format escapes
-                tracing::warn!(domain = msg.domain.as_str(), error = %e, "ratelimit answered UNAVAILABLE: store failed");
-                return Err(tonic::Status::unavailable("rate limit store unavailable"));
-            }
-        };
-        // labels from the policy only: an unknown domain is "unknown", an unmatched descriptor "none"
-        let domain = if policy.ratelimit.domains.contains_key(&msg.domain) { &decision.domain } else { &self.unknown };
-        for s in &decision.statuses {
-            let rule = s.rule.as_ref().map_or(&self.none, |r| &r.id);
-            self.engine.metrics.ratelimit_descriptor(domain, rule, outcome_label(&s.outcome));
-        }
+        let decision = self
+            .engine
+            .rate_limit(&policy, &msg.domain, &descriptors)
+            .await
+            .map_err(|_| tonic::Status::unavailable("rate limit store unavailable"))?;
         let response = answer(&decision, policy.ratelimit.x_ratelimit_headers, policy.ratelimit_headers);
-        let took = started.elapsed();
-        self.engine.metrics.ratelimit_call(took);
-        // at debug: the default level writes no line per decision
-        tracing::debug!(
-            target: "portcullis::ratelimit",
-            domain = msg.domain.as_str(),
-            descriptors = descriptors.len(),
-            outcome = if decision.over_limit { "over_limit" } else { "ok" },
-            latency_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-            "ratelimit"
-        );
         Ok(tonic::Response::new(response))
     }
 }

@@ -5,10 +5,53 @@
 
 use decision_core::decide::QuotaReport;
 use decision_core::policy::{HeaderDialect, Policy};
+use decision_core::rls::{RlsDecision, Status};
 use decision_core::units::{MICROS_PER_SEC, Micros};
 use decision_core::{Decision, Reason};
 
 use crate::clock;
+
+/// Identity headers set towards the upstream on an allowed request; a client's own copies are
+/// removed or overwritten, so they cannot be forged.
+pub const SUBJECT_HEADER: &str = "x-portcullis-subject";
+pub const TIER_HEADER: &str = "x-portcullis-tier";
+pub const ROLES_HEADER: &str = "x-portcullis-roles";
+/// Marks a request let through uncounted because the store failed (`on_store_error: allow`).
+pub const DEGRADED_HEADER: &str = "x-portcullis-degraded";
+/// Carries a lease to the upstream, and back to portcullis in the access log:
+/// `<upstream key>.<lease id>` (`engine::parse_lease`).
+pub const LEASE_HEADER: &str = "x-portcullis-lease";
+/// Tells a client how long it waited in the queue for a slot (milliseconds).
+pub const WAIT_HEADER: &str = "x-portcullis-queue-wait-ms";
+/// The request id a proxy sends (Envoy's `x-request-id`).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Past `quota_warning` of the daily quota (the reference guide's warning).
+pub const QUOTA_WARNING_HEADER: &str = "x-quota-warning";
+
+/// How the legacy `X-RateLimit-*` headers read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XRateLimit {
+    /// the reference guide's: `X-RateLimit-Limit: 100` (ext_authz answers)
+    Reference,
+    /// envoyproxy/ratelimit's `LIMIT_RESPONSE_HEADERS_ENABLED` (draft-03 of the IETF headers):
+    /// `X-RateLimit-Limit: 100, 100;w=60` (RLS answers with `x_ratelimit_headers`)
+    Draft03,
+}
+
+/// The `X-RateLimit-Limit`, `-Remaining` and `-Reset` headers of the limit a client is closest
+/// to, in `style`, handed to `emit`.
+pub fn x_ratelimit_headers(style: XRateLimit, closest: LimitState<'_>, mut emit: impl FnMut(&'static str, String)) {
+    let q = closest.quota;
+    emit(
+        "x-ratelimit-limit",
+        match style {
+            XRateLimit::Reference => q.to_string(),
+            XRateLimit::Draft03 => format!("{q}, {q};w={}", closest.window),
+        },
+    );
+    emit("x-ratelimit-remaining", closest.remaining.to_string());
+    emit("x-ratelimit-reset", closest.reset.to_string());
+}
 
 fn secs_ceil(us: Micros) -> u64 {
     us.div_ceil(MICROS_PER_SEC)
@@ -125,15 +168,52 @@ pub fn ratelimit_headers(d: &Decision, dialect: HeaderDialect) -> Vec<(&'static 
         remaining: q.verdict.remaining,
         reset: secs_ceil(q.verdict.reset),
     });
-    ietf_headers(dialect, limits, closest, |k, v| out.push((k, v)));
-    let q = &d.quotas[closest];
-    out.push(("x-ratelimit-limit", q.limit.quota().to_string()));
-    out.push(("x-ratelimit-remaining", q.verdict.remaining.to_string()));
-    out.push(("x-ratelimit-reset", secs_ceil(q.verdict.reset).to_string()));
+    ietf_headers(dialect, limits.clone(), closest, |k, v| out.push((k, v)));
+    if let Some(c) = limits.clone().nth(closest) {
+        x_ratelimit_headers(XRateLimit::Reference, c, |k, v| out.push((k, v)));
+    }
     if let Some(bp) = d.quota_warning {
-        out.push(("x-quota-warning", format!("{}% of the daily quota used", bp / 100)));
+        out.push((QUOTA_WARNING_HEADER, format!("{}% of the daily quota used", bp / 100)));
     }
     out
+}
+
+/// The client headers of an RLS answer, handed to `emit`: the `RateLimit*` headers in `dialect`
+/// for the enforced limits that counted (shadow limits are not the client's business), the
+/// draft-03 `X-RateLimit-*` with `x_ratelimit`, and over the limit `Retry-After` and the
+/// content type of the 429 body, which comes back (the reference guide's shape).
+pub fn rls_headers(
+    d: &RlsDecision,
+    x_ratelimit: bool,
+    dialect: HeaderDialect,
+    now: Micros,
+    mut emit: impl FnMut(&'static str, String),
+) -> Option<String> {
+    let enforced = |s: &&Status| s.verdict.is_some() && s.rule.as_ref().is_some_and(|r| !r.shadow);
+    fn state(s: &Status) -> LimitState<'_> {
+        LimitState {
+            name: s.rule.as_ref().map_or("", |r| r.label()),
+            quota: s.rule.as_ref().map_or(0, |r| u64::from(r.requests_per_unit)),
+            window: s.rule.as_ref().and_then(|r| r.unit).map_or(0, |u| u.micros() / MICROS_PER_SEC),
+            remaining: s.remaining,
+            reset: secs_ceil(s.reset),
+        }
+    }
+    let limits = d.statuses.iter().filter(enforced).map(state);
+    // the closest limit: the first with the least left
+    if let Some((closest, c)) = limits.clone().enumerate().min_by_key(|(_, l)| l.remaining) {
+        ietf_headers(dialect, limits, closest, &mut emit);
+        if x_ratelimit {
+            x_ratelimit_headers(XRateLimit::Draft03, c, &mut emit);
+        }
+    }
+    if !d.over_limit {
+        return None;
+    }
+    let retry = secs_ceil(d.retry_after.unwrap_or(0)).max(1);
+    emit("content-type", "application/json".into());
+    emit("retry-after", retry.to_string());
+    Some(too_many_requests_body(retry, 0, now))
 }
 
 /// The `WWW-Authenticate` challenge of a 401 (RFC 9110 section 11.6.1, RFC 6750 for Bearer).

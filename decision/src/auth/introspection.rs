@@ -14,7 +14,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use decision_core::Reason;
-use decision_core::identity::{BearerVerifier, CredentialKind, Fetch, VerifiedToken};
+use decision_core::identity::{CredentialKind, Fetch, VerifiedToken};
 use decision_core::units::Micros;
 use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
@@ -207,42 +207,5 @@ impl Introspector {
             credential: CredentialKind::Introspected,
         };
         (Ok(token), until)
-    }
-}
-
-/// Every bearer-token mechanism a policy enables, behind the one verifier the core calls: a
-/// token shaped like a JWT goes to the JWT issuers when there are any; everything else (and
-/// every token when there are none) to introspection when it is configured.
-#[derive(Debug)]
-pub struct Bearer {
-    pub jwt: Option<crate::auth::jwt::JwtVerifier>,
-    pub introspection: Option<Arc<Introspector>>,
-}
-
-impl Bearer {
-    fn is_jwt(&self, token: &str) -> bool {
-        self.jwt.is_some() && (self.introspection.is_none() || token.bytes().filter(|b| *b == b'.').count() == 2)
-    }
-}
-
-impl BearerVerifier for Bearer {
-    fn verify(&self, token: &str, now: Micros) -> Result<VerifiedToken, Reason> {
-        match (&self.jwt, &self.introspection) {
-            (Some(jwt), _) if self.is_jwt(token) => jwt.verify(token, now),
-            (_, Some(i)) => i.verify(token, now),
-            _ => Err(Reason::BearerNotEnabled),
-        }
-    }
-
-    fn fetch_for(&self, token: &str, reason: Reason) -> Option<Fetch> {
-        match (&self.jwt, &self.introspection) {
-            (Some(jwt), _) if self.is_jwt(token) => jwt.fetch_for(token, reason),
-            (_, Some(i)) => i.fetch_for(token, reason),
-            _ => None,
-        }
-    }
-
-    fn background(&self) -> Option<Fetch> {
-        self.jwt.as_ref().and_then(|j| j.background())
     }
 }

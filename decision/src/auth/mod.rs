@@ -1,11 +1,13 @@
 //! Credentials that need more than a table lookup: JWT bearer tokens (`jwt`) and opaque OAuth
-//! 2.0 tokens (`introspection`, which also holds `Bearer`, the one verifier the core calls). API
+//! 2.0 tokens (`introspection`); `BearerRouter` is the one verifier the core calls, routing each token. API
 //! keys are checked in the core (`decision_core::apikey`). `numeric_date` reads the time claims
 //! of both kinds of token.
 
 pub mod introspection;
 pub mod jwt;
 
+use decision_core::Reason;
+use decision_core::identity::{BearerVerifier, Fetch, VerifiedToken};
 use decision_core::units::{MICROS_PER_SEC, Micros};
 
 /// An RFC 7519 NumericDate (section 2: a JSON number of seconds since the epoch, which "can
@@ -23,4 +25,41 @@ pub fn numeric_date(v: &serde_json::Value) -> Option<Micros> {
     // `as` saturates at u64::MAX for values past it, which is what a date that far out means
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     Some((f * MICROS_PER_SEC as f64) as Micros)
+}
+
+/// Every bearer-token mechanism a policy enables, behind the one verifier the core calls: a
+/// token shaped like a JWT goes to the JWT issuers when there are any; everything else (and
+/// every token when there are none) to introspection when it is configured.
+#[derive(Debug)]
+pub struct BearerRouter {
+    pub jwt: Option<crate::auth::jwt::JwtVerifier>,
+    pub introspection: Option<std::sync::Arc<introspection::Introspector>>,
+}
+
+impl BearerRouter {
+    fn is_jwt(&self, token: &str) -> bool {
+        self.jwt.is_some() && (self.introspection.is_none() || token.bytes().filter(|b| *b == b'.').count() == 2)
+    }
+}
+
+impl BearerVerifier for BearerRouter {
+    fn verify(&self, token: &str, now: Micros) -> Result<VerifiedToken, Reason> {
+        match (&self.jwt, &self.introspection) {
+            (Some(jwt), _) if self.is_jwt(token) => jwt.verify(token, now),
+            (_, Some(i)) => i.verify(token, now),
+            _ => Err(Reason::BearerNotEnabled),
+        }
+    }
+
+    fn fetch_for(&self, token: &str, reason: Reason) -> Option<Fetch> {
+        match (&self.jwt, &self.introspection) {
+            (Some(jwt), _) if self.is_jwt(token) => jwt.fetch_for(token, reason),
+            (_, Some(i)) => i.fetch_for(token, reason),
+            _ => None,
+        }
+    }
+
+    fn background(&self) -> Option<Fetch> {
+        self.jwt.as_ref().and_then(|j| j.background())
+    }
 }

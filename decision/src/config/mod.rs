@@ -301,7 +301,7 @@ impl Validator<'_> {
             auth.oauth2_introspection.as_ref().and_then(|i| self.introspection(i, roles.as_ref(), &tiers));
         let bearer: Option<Arc<dyn decision_core::BearerVerifier>> = match (jwt, introspection) {
             (None, None) => None,
-            (jwt, introspection) => Some(Arc::new(crate::auth::introspection::Bearer { jwt, introspection })),
+            (jwt, introspection) => Some(Arc::new(crate::auth::BearerRouter { jwt, introspection })),
         };
         let credential_precedence = auth.precedence.as_deref().and_then(|name| {
             self.parse(

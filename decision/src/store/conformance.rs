@@ -10,7 +10,7 @@ use decision_core::quota::Limit;
 use decision_core::traffic::{AdaptiveConfig, Admit, BreakerConfig, Mode, TrafficConfig};
 use decision_core::units::{MICROS_PER_MINUTE, MICROS_PER_SEC, Micros};
 
-use super::Store;
+use super::{Admission, Planned, Store};
 
 pub fn bucket_op(key: &str, burst: u64, per_minute: u64) -> Op {
     Op {
@@ -55,20 +55,22 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
 async fn a_plan_and_its_admission_in_one_call<S: Store>(s: &S) {
     let cfg = traffic(1, 1, None);
     let plan = [bucket_op("planned", 2, 1)];
-    let call = |lease: &'static str| s.apply_admit(&plan, "up", lease, &cfg, T0);
-    let (v, first) = call("0000000000000000000000000000000a").await.expect("first");
+    let (plan, cfg) = (&plan, &cfg);
+    let call =
+        |lease: &'static str| async move { s.apply_admit(plan, &Admission { upstream: "up", lease, cfg }, T0).await };
+    let Planned { verdicts: v, admitted: first } = call("0000000000000000000000000000000a").await.expect("first");
     assert!(v[0].allowed);
     assert!(matches!(first, Some((Admit::Granted { probe: false }, o)) if o.in_use == 1));
-    let (v, second) = call("0000000000000000000000000000000b").await.expect("second");
+    let Planned { verdicts: v, admitted: second } = call("0000000000000000000000000000000b").await.expect("second");
     assert!(v[0].allowed);
     assert!(matches!(second, Some((Admit::Wait(_), o)) if o.queued == 1));
     // the bucket is empty: refused, and no slot asked for
-    let (v, third) = call("0000000000000000000000000000000c").await.expect("third");
+    let Planned { verdicts: v, admitted: third } = call("0000000000000000000000000000000c").await.expect("third");
     assert!(!v[0].allowed);
     assert!(third.is_none());
     // the queue holds only the second: a new arrival finds it full, not longer
     let d = "0000000000000000000000000000000d";
-    assert!(matches!(admit(s, d, d, false, &cfg, T0).await, Admit::QueueFull(o) if o.in_use == 1 && o.queued == 1));
+    assert!(matches!(admit(s, d, false, cfg, T0).await, Admit::QueueFull(o) if o.in_use == 1 && o.queued == 1));
 }
 
 async fn the_adaptive_limit_shrinks_on_errors_and_grows_back<S: Store>(s: &S) {
@@ -84,19 +86,19 @@ async fn the_adaptive_limit_shrinks_on_errors_and_grows_back<S: Store>(s: &S) {
     // an interval of errors and slow answers
     for i in 0..10u64 {
         let lease = format!("e{i}");
-        assert_eq!(admit(s, &lease, "w", false, &cfg, T0 + i).await, Admit::Granted { probe: false });
+        assert_eq!(admit(s, &lease, false, &cfg, T0 + i).await, Admit::Granted { probe: false });
         let (_, occ) =
             s.complete("up", &format!("l{lease}"), i % 2 == 0, 700_000, &cfg, T0 + i).await.expect("complete");
         assert_eq!(occ.limit, 10);
     }
     // the next interval's first completion halves the limit
-    assert_eq!(admit(s, "n0", "w", false, &cfg, T0 + MICROS_PER_SEC).await, Admit::Granted { probe: false });
+    assert_eq!(admit(s, "n0", false, &cfg, T0 + MICROS_PER_SEC).await, Admit::Granted { probe: false });
     let (_, occ) = s.complete("up", "ln0", false, 1_000, &cfg, T0 + MICROS_PER_SEC).await.expect("complete");
     assert_eq!(occ.limit, 5);
     let at = T0 + MICROS_PER_SEC + 1;
     let mut granted = 0;
     for i in 0..8 {
-        if let Admit::Granted { .. } = admit(s, &format!("h{i}"), "w", false, &cfg, at + i).await {
+        if let Admit::Granted { .. } = admit(s, &format!("h{i}"), false, &cfg, at + i).await {
             granted += 1;
         }
     }
@@ -106,7 +108,7 @@ async fn the_adaptive_limit_shrinks_on_errors_and_grows_back<S: Store>(s: &S) {
     }
     // a healthy interval gives one slot back
     let later = T0 + 2 * MICROS_PER_SEC + 100;
-    assert_eq!(admit(s, "g0", "w", false, &cfg, later).await, Admit::Granted { probe: false });
+    assert_eq!(admit(s, "g0", false, &cfg, later).await, Admit::Granted { probe: false });
     let (_, occ) = s.complete("up", "lg0", false, 1_000, &cfg, later).await.expect("complete");
     assert_eq!(occ.limit, 6);
 }
@@ -142,8 +144,8 @@ async fn join_all<'a, T>(futs: Vec<Pin<Box<dyn Future<Output = T> + Send + 'a>>>
     out.into_iter().flatten().collect()
 }
 
-async fn admit<S: Store>(s: &S, lease: &str, waiter: &str, returning: bool, cfg: &TrafficConfig, now: Micros) -> Admit {
-    s.admit("up", lease, waiter, returning, cfg, now).await.expect("admit").0
+async fn admit<S: Store>(s: &S, lease: &str, returning: bool, cfg: &TrafficConfig, now: Micros) -> Admit {
+    s.admit(&Admission { upstream: "up", lease, cfg }, returning, now).await.expect("admit").0
 }
 
 async fn concurrent_acquirers_never_exceed_the_limit<S: Store>(s: &S) {
@@ -151,8 +153,7 @@ async fn concurrent_acquirers_never_exceed_the_limit<S: Store>(s: &S) {
     let names: Vec<String> = (0..40).map(|i| format!("{i:032x}")).collect();
     let calls = names.iter().map(|n| {
         let cfg = &cfg;
-        Box::pin(async move { admit(s, n, n, false, cfg, T0).await })
-            as Pin<Box<dyn Future<Output = Admit> + Send + '_>>
+        Box::pin(async move { admit(s, n, false, cfg, T0).await }) as Pin<Box<dyn Future<Output = Admit> + Send + '_>>
     });
     let answers = join_all(calls.collect()).await;
     let granted: Vec<usize> = answers
@@ -174,7 +175,7 @@ async fn concurrent_acquirers_never_exceed_the_limit<S: Store>(s: &S) {
         (0..5)
             .map(|i| {
                 let cfg = &cfg;
-                Box::pin(async move { admit(s, &format!("{:032x}", 100 + i), "w", false, cfg, T0 + 2).await })
+                Box::pin(async move { admit(s, &format!("{:032x}", 100 + i), false, cfg, T0 + 2).await })
                     as Pin<Box<dyn Future<Output = Admit> + Send + '_>>
             })
             .collect(),
@@ -185,8 +186,8 @@ async fn concurrent_acquirers_never_exceed_the_limit<S: Store>(s: &S) {
 
 async fn releases_are_idempotent_and_an_expired_lease_frees_nothing_else<S: Store>(s: &S) {
     let cfg = traffic(1, 0, None);
-    assert_eq!(admit(s, "aa", "a", false, &cfg, T0).await, Admit::Granted { probe: false });
-    assert!(matches!(admit(s, "bb", "b", false, &cfg, T0 + 1).await, Admit::QueueFull(_)));
+    assert_eq!(admit(s, "aa", false, &cfg, T0).await, Admit::Granted { probe: false });
+    assert!(matches!(admit(s, "bb", false, &cfg, T0 + 1).await, Admit::QueueFull(_)));
     assert!(s.complete("up", "laa", false, 0, &cfg, T0 + 2).await.expect("complete").0);
     assert!(
         !s.complete("up", "laa", false, 0, &cfg, T0 + 3).await.expect("complete").0,
@@ -197,34 +198,32 @@ async fn releases_are_idempotent_and_an_expired_lease_frees_nothing_else<S: Stor
         "an unknown lease frees nothing"
     );
     // B takes the slot and never completes: its lease expires, C gets the slot
-    assert_eq!(admit(s, "bb", "b", false, &cfg, T0 + 4).await, Admit::Granted { probe: false });
-    assert!(matches!(admit(s, "cc", "c", false, &cfg, T0 + 5).await, Admit::QueueFull(_)));
+    assert_eq!(admit(s, "bb", false, &cfg, T0 + 4).await, Admit::Granted { probe: false });
+    assert!(matches!(admit(s, "cc", false, &cfg, T0 + 5).await, Admit::QueueFull(_)));
     let later = T0 + 4 + cfg.lease_ttl;
-    assert_eq!(admit(s, "cc", "c", false, &cfg, later).await, Admit::Granted { probe: false });
+    assert_eq!(admit(s, "cc", false, &cfg, later).await, Admit::Granted { probe: false });
     // B's late completion does not free C's slot
     assert!(!s.complete("up", "lbb", false, 0, &cfg, later + 1).await.expect("complete").0);
-    assert!(matches!(admit(s, "dd", "d", false, &cfg, later + 2).await, Admit::QueueFull(_)));
+    assert!(matches!(admit(s, "dd", false, &cfg, later + 2).await, Admit::QueueFull(_)));
 }
 
 async fn the_queue_is_first_come_first_served_and_bounded<S: Store>(s: &S) {
     let cfg = traffic(1, 2, None);
-    assert_eq!(admit(s, "aa", "a", false, &cfg, T0).await, Admit::Granted { probe: false });
-    assert!(matches!(admit(s, "w1", "w1", false, &cfg, T0 + 1).await, Admit::Wait(o) if o.queued == 1));
-    assert!(matches!(admit(s, "w2", "w2", false, &cfg, T0 + 2).await, Admit::Wait(o) if o.queued == 2));
-    assert!(
-        matches!(admit(s, "w3", "w3", false, &cfg, T0 + 3).await, Admit::QueueFull(o) if o.queued == 2 && o.in_use == 1)
-    );
+    assert_eq!(admit(s, "aa", false, &cfg, T0).await, Admit::Granted { probe: false });
+    assert!(matches!(admit(s, "w1", false, &cfg, T0 + 1).await, Admit::Wait(o) if o.queued == 1));
+    assert!(matches!(admit(s, "w2", false, &cfg, T0 + 2).await, Admit::Wait(o) if o.queued == 2));
+    assert!(matches!(admit(s, "w3", false, &cfg, T0 + 3).await, Admit::QueueFull(o) if o.queued == 2 && o.in_use == 1));
     assert!(s.complete("up", "laa", false, 0, &cfg, T0 + 10).await.expect("complete").0);
     // the slot is free, but it is the oldest waiter's: not the second's, nor a new arrival's
-    assert!(matches!(admit(s, "w2", "w2", true, &cfg, T0 + 11).await, Admit::Wait(_)));
-    assert!(matches!(admit(s, "nn", "n", false, &cfg, T0 + 12).await, Admit::QueueFull(o) if o.queued == 2));
-    assert_eq!(admit(s, "w1", "w1", true, &cfg, T0 + 13).await, Admit::Granted { probe: false });
+    assert!(matches!(admit(s, "w2", true, &cfg, T0 + 11).await, Admit::Wait(_)));
+    assert!(matches!(admit(s, "nn", false, &cfg, T0 + 12).await, Admit::QueueFull(o) if o.queued == 2));
+    assert_eq!(admit(s, "w1", true, &cfg, T0 + 13).await, Admit::Granted { probe: false });
     // a waiter that gives up leaves; one past its deadline is dropped
-    assert!(matches!(admit(s, "nn", "n", false, &cfg, T0 + 13).await, Admit::Wait(o) if o.queued == 2));
-    s.leave("up", "n").await.expect("leave");
+    assert!(matches!(admit(s, "nn", false, &cfg, T0 + 13).await, Admit::Wait(o) if o.queued == 2));
+    s.leave("up", "nn").await.expect("leave");
     assert!(s.complete("up", "lw1", false, 0, &cfg, T0 + 14).await.expect("complete").0);
     let past = T0 + 2 + cfg.queue_timeout;
-    assert_eq!(admit(s, "xx", "x", false, &cfg, past).await, Admit::Granted { probe: false }, "w2 timed out");
+    assert_eq!(admit(s, "xx", false, &cfg, past).await, Admit::Granted { probe: false }, "w2 timed out");
 }
 
 async fn the_breaker_opens_and_gives_its_half_open_probe_to_exactly_one<S: Store>(s: &S) {
@@ -237,22 +236,19 @@ async fn the_breaker_opens_and_gives_its_half_open_probe_to_exactly_one<S: Store
     let cfg = traffic(100, 0, Some(b));
     for i in 0..4u64 {
         let lease = format!("{i:02}");
-        assert_eq!(admit(s, &lease, "w", false, &cfg, T0 + i).await, Admit::Granted { probe: false });
+        assert_eq!(admit(s, &lease, false, &cfg, T0 + i).await, Admit::Granted { probe: false });
         let (_, occ) = s.complete("up", &format!("l{lease}"), true, 0, &cfg, T0 + i).await.expect("complete");
         assert_eq!(occ.mode, if i < 3 { Mode::Closed } else { Mode::Open }, "after {} errors", i + 1);
     }
     let opened = T0 + 3;
-    assert_eq!(
-        admit(s, "x", "w", false, &cfg, opened + 1).await,
-        Admit::BreakerOpen { retry_after: b.reset_timeout - 1 }
-    );
+    assert_eq!(admit(s, "x", false, &cfg, opened + 1).await, Admit::BreakerOpen { retry_after: b.reset_timeout - 1 });
     // half-open: of ten callers at once, exactly one probes
     let reset = opened + b.reset_timeout;
     let answers = join_all(
         (0..10)
             .map(|i| {
                 let cfg = &cfg;
-                Box::pin(async move { admit(s, &format!("h{i}"), "w", false, cfg, reset).await })
+                Box::pin(async move { admit(s, &format!("h{i}"), false, cfg, reset).await })
                     as Pin<Box<dyn Future<Output = Admit> + Send + '_>>
             })
             .collect(),
@@ -267,7 +263,7 @@ async fn the_breaker_opens_and_gives_its_half_open_probe_to_exactly_one<S: Store
         s.complete("up", &format!("ph{}", probes[0]), false, 0, &cfg, reset + 1).await.expect("complete");
     assert!(released);
     assert_eq!(occ.mode, Mode::Closed);
-    assert_eq!(admit(s, "y", "w", false, &cfg, reset + 2).await, Admit::Granted { probe: false });
+    assert_eq!(admit(s, "y", false, &cfg, reset + 2).await, Admit::Granted { probe: false });
 }
 
 async fn a_flag_blocks_until_it_comes_down<S: Store>(s: &S) {

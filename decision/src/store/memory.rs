@@ -17,7 +17,7 @@ use decision_core::quota::{self, State, Verdict};
 use decision_core::traffic::{self, AdaptiveState, Admit, Breaker, Gate, Occupancy, TrafficConfig};
 use decision_core::units::Micros;
 
-use super::{Occupied, Store, StoreError};
+use super::{Admission, Store, StoreError, UpstreamState};
 
 /// Shards: enough that two cores rarely contend, few enough to sweep quickly.
 const SHARDS: usize = 64;
@@ -64,8 +64,8 @@ impl Upstream {
         }
     }
 
-    fn occupied(&self, cfg: &TrafficConfig) -> Occupied {
-        Occupied {
+    fn occupied(&self, cfg: &TrafficConfig) -> UpstreamState {
+        UpstreamState {
             in_use: self.slots.len() as u64,
             queued: self.queue.len() as u64,
             mode: self.breaker.mode,
@@ -97,15 +97,10 @@ impl MemoryStore {
     }
 
     /// `Store::admit`, synchronously.
-    pub fn admit_now(
-        &self,
-        upstream: &str,
-        lease: &str,
-        waiter: &str,
-        returning: bool,
-        cfg: &TrafficConfig,
-        now: Micros,
-    ) -> (Admit, Occupied) {
+    pub fn admit_now(&self, a: &Admission<'_>, returning: bool, now: Micros) -> (Admit, UpstreamState) {
+        let (upstream, lease, cfg) = (a.upstream, a.lease, a.cfg);
+        // a request waits in the queue under its lease id
+        let waiter = lease;
         let mut all = lock(&self.traffic);
         let up = all.entry(upstream.to_owned()).or_default();
         up.expire(now);
@@ -151,9 +146,9 @@ impl MemoryStore {
     }
 
     /// `Store::leave`, synchronously.
-    pub fn leave_now(&self, upstream: &str, waiter: &str) {
+    pub fn leave_now(&self, upstream: &str, lease: &str) {
         if let Some(up) = lock(&self.traffic).get_mut(upstream) {
-            up.queue.retain(|(w, _)| w != waiter);
+            up.queue.retain(|(w, _)| w != lease);
         }
     }
 
@@ -166,10 +161,10 @@ impl MemoryStore {
         latency: Micros,
         cfg: &TrafficConfig,
         now: Micros,
-    ) -> (bool, Occupied) {
+    ) -> (bool, UpstreamState) {
         let mut all = lock(&self.traffic);
         let Some(up) = all.get_mut(upstream) else {
-            return (false, Occupied { limit: cfg.concurrency_limit, ..Occupied::default() });
+            return (false, UpstreamState { limit: cfg.concurrency_limit, ..UpstreamState::default() });
         };
         up.expire(now);
         let Some(expiry) = up.slots.remove(lease) else { return (false, up.occupied(cfg)) };
@@ -254,18 +249,15 @@ impl Store for MemoryStore {
 
     async fn admit(
         &self,
-        upstream: &str,
-        lease: &str,
-        waiter: &str,
+        a: &Admission<'_>,
         returning: bool,
-        cfg: &TrafficConfig,
         now: Micros,
-    ) -> Result<(Admit, Occupied), StoreError> {
-        Ok(self.admit_now(upstream, lease, waiter, returning, cfg, now))
+    ) -> Result<(Admit, UpstreamState), StoreError> {
+        Ok(self.admit_now(a, returning, now))
     }
 
-    async fn leave(&self, upstream: &str, waiter: &str) -> Result<(), StoreError> {
-        self.leave_now(upstream, waiter);
+    async fn leave(&self, upstream: &str, lease: &str) -> Result<(), StoreError> {
+        self.leave_now(upstream, lease);
         Ok(())
     }
 
@@ -277,7 +269,7 @@ impl Store for MemoryStore {
         latency: Micros,
         cfg: &TrafficConfig,
         now: Micros,
-    ) -> Result<(bool, Occupied), StoreError> {
+    ) -> Result<(bool, UpstreamState), StoreError> {
         Ok(self.complete_now(upstream, lease, error, latency, cfg, now))
     }
 

@@ -39,12 +39,29 @@ impl StoreError {
     }
 }
 
-/// A plan's verdicts, and the admission asked for with it (None: the plan was refused).
-pub type Planned = (Vec<Verdict>, Option<(Admit, Occupied)>);
+/// A plan's verdicts, and the admission asked for with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    /// one per operation, in plan order
+    pub verdicts: Vec<Verdict>,
+    /// the slot asked for with the plan: None when none was asked for or the plan was refused
+    pub admitted: Option<(Admit, UpstreamState)>,
+}
+
+/// A request's ask for a concurrency slot of one upstream (traffic control).
+#[derive(Debug, Clone, Copy)]
+pub struct Admission<'a> {
+    /// the upstream's store key (16 hex, `Route::upstream_key`)
+    pub upstream: &'a str,
+    /// the lease id asked for (32 hex, without the `l`/`p` prefix); it is also the request's
+    /// place in the queue while it waits
+    pub lease: &'a str,
+    pub cfg: &'a TrafficConfig,
+}
 
 /// An upstream's slots, queue and breaker just after a traffic call, for the gauges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Occupied {
+pub struct UpstreamState {
     pub in_use: u64,
     pub queued: u64,
     pub mode: Mode,
@@ -57,42 +74,44 @@ pub trait Store: Send + Sync + 'static {
     /// instead): one verdict per operation, in order; state changes only if all are allowed.
     fn apply(&self, ops: &[Op], now: Micros) -> impl Future<Output = Result<Vec<Verdict>, StoreError>> + Send;
 
-    /// Traffic: one atomic admission to `upstream` at `now` (the breaker's gate, expired leases
-    /// and waiters dropped, a slot granted to a new arrival when nobody waits, or to the oldest
-    /// waiter coming back; else a place in the queue, or none). The lease, when granted, is
-    /// `lease` prefixed by `l`, or by `p` for the half-open breaker's probe.
+    /// Traffic: one atomic admission at `now` (the breaker's gate, expired leases and waiters
+    /// dropped, a slot granted to a new arrival when nobody waits, or to the oldest waiter
+    /// coming back (`returning`); else a place in the queue, or none). The lease, when granted,
+    /// is `a.lease` prefixed by `l`, or by `p` for the half-open breaker's probe.
     fn admit(
         &self,
-        upstream: &str,
-        lease: &str,
-        waiter: &str,
+        a: &Admission<'_>,
         returning: bool,
-        cfg: &TrafficConfig,
         now: Micros,
-    ) -> impl Future<Output = Result<(Admit, Occupied), StoreError>> + Send;
+    ) -> impl Future<Output = Result<(Admit, UpstreamState), StoreError>> + Send;
 
     /// `apply`, and when the plan commits (every enforced operation allowed), a new arrival's
-    /// `admit` to `upstream` with `lease` (also its waiter id): a request under `traffic` in one
-    /// store call where the store can make it one. None: the plan was refused, no slot asked for.
+    /// `admit`: a request under `traffic` in one store call where the store can make it one
+    /// (`apply_admit_is_one_call`); else two calls.
     fn apply_admit(
         &self,
         ops: &[Op],
-        upstream: &str,
-        lease: &str,
-        cfg: &TrafficConfig,
+        a: &Admission<'_>,
         now: Micros,
     ) -> impl Future<Output = Result<Planned, StoreError>> + Send {
-        apply_then_admit(self, ops, upstream, lease, cfg, now)
+        async move {
+            let verdicts = self.apply(ops, now).await?;
+            if decision_core::plan::refuses(ops, &verdicts) {
+                return Ok(Planned { verdicts, admitted: None });
+            }
+            let admitted = self.admit(a, false, now).await?;
+            Ok(Planned { verdicts, admitted: Some(admitted) })
+        }
     }
 
     /// Whether `apply_admit` makes one call of the plan and the admission (a single Redis node);
     /// if not, the engine asks for the slot with its own call, under its own timeout.
-    fn admits_with_plan(&self) -> bool {
+    fn apply_admit_is_one_call(&self) -> bool {
         false
     }
 
-    /// A waiter that gives up leaves the queue.
-    fn leave(&self, upstream: &str, waiter: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// A waiter that gives up leaves the queue of `upstream` (`lease`: its place there).
+    fn leave(&self, upstream: &str, lease: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// A request completed: its lease is released (true) if it still holds one, and only then
     /// does its outcome (`error`: 5xx or timeout; its `latency`) count for the breaker and the
@@ -105,7 +124,7 @@ pub trait Store: Send + Sync + 'static {
         latency: Micros,
         cfg: &TrafficConfig,
         now: Micros,
-    ) -> impl Future<Output = Result<(bool, Occupied), StoreError>> + Send;
+    ) -> impl Future<Output = Result<(bool, UpstreamState), StoreError>> + Send;
 
     /// Calls `wake` with an upstream's key whenever any instance of the fleet frees one of its
     /// slots (a shared store's notification), for as long as the store lives. A store private
@@ -113,8 +132,8 @@ pub trait Store: Send + Sync + 'static {
     fn watch_freed(&self, _wake: std::sync::Arc<dyn Fn(&str) + Send + Sync>) {}
 
     /// With `local_share`: how many instances share each limit while this store fails (each then
-    /// enforces its share from memory). None: failures are answered by `on_store_error`.
-    fn local_share(&self) -> Option<u64> {
+    /// enforces its share, 1/n, from memory). None: failures are answered by `on_store_error`.
+    fn local_share_instances(&self) -> Option<u64> {
         None
     }
 
@@ -136,21 +155,4 @@ pub trait Store: Send + Sync + 'static {
     fn ready(&self) -> bool {
         true
     }
-}
-
-/// `Store::apply_admit` in two calls: the plan, then, if it committed, the admission.
-pub async fn apply_then_admit<S: Store + ?Sized>(
-    store: &S,
-    ops: &[Op],
-    upstream: &str,
-    lease: &str,
-    cfg: &TrafficConfig,
-    now: Micros,
-) -> Result<Planned, StoreError> {
-    let verdicts = store.apply(ops, now).await?;
-    if decision_core::plan::refuses(ops, &verdicts) {
-        return Ok((verdicts, None));
-    }
-    let admitted = store.admit(upstream, lease, lease, false, cfg, now).await?;
-    Ok((verdicts, Some(admitted)))
 }

@@ -27,7 +27,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 
 use super::over_limit::OverLimitCache;
-use super::{Occupied, Store, StoreError};
+use super::{Admission, Planned, Store, StoreError, UpstreamState};
 
 /// How a `RedisStore` connects.
 #[derive(Clone)]
@@ -183,7 +183,8 @@ impl RedisStore {
         self
     }
 
-    fn turn(&self, n: usize) -> usize {
+    /// The index of the connection the next call uses: each in turn (round robin over `n`).
+    fn next_connection(&self, n: usize) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed) % n
     }
 
@@ -193,11 +194,13 @@ impl RedisStore {
         let ping = redis::cmd("PING");
         let answered = async {
             match &self.conns {
-                Conns::Single(c) => ping.query_async::<redis::Value>(&mut c[self.turn(c.len())].clone()).await,
+                Conns::Single(c) => {
+                    ping.query_async::<redis::Value>(&mut c[self.next_connection(c.len())].clone()).await
+                }
                 // every master must answer, each asked by its address: a PING the client routes
                 // to one random node, or fans out to the masters it still holds connections to,
                 // reports a cluster with a dead master as ready
-                Conns::Cluster(c) => ping_every_master(&mut c[self.turn(c.len())].clone()).await,
+                Conns::Cluster(c) => ping_every_master(&mut c[self.next_connection(c.len())].clone()).await,
             }
         };
         let ok =
@@ -430,12 +433,13 @@ impl RedisStore {
     }
 
     /// traffic.lua's arguments for an admission.
-    fn admit_args(&self, lease: &str, waiter: &str, returning: bool, cfg: &TrafficConfig, now: Micros) -> Vec<String> {
+    fn admit_args(&self, lease: &str, returning: bool, cfg: &TrafficConfig, now: Micros) -> Vec<String> {
         let mut args = vec![
             "admit".to_owned(),
             self.clock_arg(now).to_string(),
             lease.to_owned(),
-            waiter.to_owned(),
+            // a request waits in the queue under its lease id
+            lease.to_owned(),
             u8::from(returning).to_string(),
             cfg.concurrency_limit.to_string(),
             cfg.queue_size.to_string(),
@@ -460,8 +464,8 @@ impl RedisStore {
     /// One script call on the next connection; records whether the server answered.
     async fn invoke(&self, inv: &redis::ScriptInvocation<'_>) -> Result<Vec<i64>, StoreError> {
         let answered = match &self.conns {
-            Conns::Single(c) => inv.invoke_async::<Vec<i64>>(&mut c[self.turn(c.len())].clone()).await,
-            Conns::Cluster(c) => inv.invoke_async::<Vec<i64>>(&mut c[self.turn(c.len())].clone()).await,
+            Conns::Single(c) => inv.invoke_async::<Vec<i64>>(&mut c[self.next_connection(c.len())].clone()).await,
+            Conns::Cluster(c) => inv.invoke_async::<Vec<i64>>(&mut c[self.next_connection(c.len())].clone()).await,
         };
         self.ready.store(answered.is_ok(), Ordering::Relaxed);
         if answered.is_err()
@@ -509,11 +513,11 @@ fn adaptive_args(cfg: &TrafficConfig) -> [String; 7] {
 }
 
 /// traffic.lua's answer to an admission.
-fn admitted(r: &[i64]) -> Result<(Admit, Occupied), StoreError> {
+fn admitted(r: &[i64]) -> Result<(Admit, UpstreamState), StoreError> {
     let [code, a, b, c, in_use, queued, mode, limit] = r[..] else {
         return Err(StoreError::Script(format!("traffic.lua admit answered {r:?}")));
     };
-    let occupied = Occupied {
+    let occupied = UpstreamState {
         in_use: count(in_use),
         queued: count(queued),
         mode: Mode::from_code(count(mode)),
@@ -537,35 +541,31 @@ fn count(v: i64) -> u64 {
 impl Store for RedisStore {
     async fn admit(
         &self,
-        upstream: &str,
-        lease: &str,
-        waiter: &str,
+        a: &Admission<'_>,
         returning: bool,
-        cfg: &TrafficConfig,
         now: Micros,
-    ) -> Result<(Admit, Occupied), StoreError> {
-        let r = self.traffic_call(upstream, &self.admit_args(lease, waiter, returning, cfg, now)).await?;
+    ) -> Result<(Admit, UpstreamState), StoreError> {
+        let r = self.traffic_call(a.upstream, &self.admit_args(a.lease, returning, a.cfg, now)).await?;
         admitted(&r)
     }
 
-    async fn apply_admit(
-        &self,
-        ops: &[Op],
-        upstream: &str,
-        lease: &str,
-        cfg: &TrafficConfig,
-        now: Micros,
-    ) -> Result<super::Planned, StoreError> {
-        // on a cluster the upstream's keys sit in a slot of their own
+    async fn apply_admit(&self, ops: &[Op], a: &Admission<'_>, now: Micros) -> Result<Planned, StoreError> {
+        // on a cluster the upstream's keys sit in a slot of their own: two calls
         if matches!(self.conns, Conns::Cluster(_)) || ops.is_empty() {
-            return super::apply_then_admit(self, ops, upstream, lease, cfg, now).await;
+            let verdicts = self.apply(ops, now).await?;
+            if refuses(ops, &verdicts) {
+                return Ok(Planned { verdicts, admitted: None });
+            }
+            let admitted = self.admit(a, false, now).await?;
+            return Ok(Planned { verdicts, admitted: Some(admitted) });
         }
+        let (upstream, lease, cfg) = (a.upstream, a.lease, a.cfg);
         self.through_cache(ops, now, async {
             let mut inv = self.plan_admit.prepare_invoke();
             inv.arg(ops.len()).arg(2 + 5 * ops.len());
             self.plan_args(&mut inv, ops.iter(), true, now);
             Self::upstream_keys(&mut inv, upstream);
-            for a in self.admit_args(lease, lease, false, cfg, now) {
+            for a in self.admit_args(lease, false, cfg, now) {
                 inv.arg(a);
             }
             let reply = self.invoke(&inv).await?;
@@ -580,10 +580,11 @@ impl Store for RedisStore {
             Ok((verdicts, Replies::One(reply), admission))
         })
         .await
+        .map(|(verdicts, admitted)| Planned { verdicts, admitted })
     }
 
-    async fn leave(&self, upstream: &str, waiter: &str) -> Result<(), StoreError> {
-        self.traffic_call(upstream, &["leave".to_owned(), "-1".to_owned(), waiter.to_owned()]).await.map(|_| ())
+    async fn leave(&self, upstream: &str, lease: &str) -> Result<(), StoreError> {
+        self.traffic_call(upstream, &["leave".to_owned(), "-1".to_owned(), lease.to_owned()]).await.map(|_| ())
     }
 
     async fn complete(
@@ -594,7 +595,7 @@ impl Store for RedisStore {
         latency: Micros,
         cfg: &TrafficConfig,
         now: Micros,
-    ) -> Result<(bool, Occupied), StoreError> {
+    ) -> Result<(bool, UpstreamState), StoreError> {
         let mut args = vec![
             "complete".to_owned(),
             self.clock_arg(now).to_string(),
@@ -610,7 +611,7 @@ impl Store for RedisStore {
         let [released, in_use, queued, mode, limit] = r[..] else {
             return Err(StoreError::Script(format!("traffic.lua complete answered {r:?}")));
         };
-        let occupied = Occupied {
+        let occupied = UpstreamState {
             in_use: count(in_use),
             queued: count(queued),
             mode: Mode::from_code(count(mode)),
@@ -659,11 +660,11 @@ impl Store for RedisStore {
         "redis"
     }
 
-    fn local_share(&self) -> Option<u64> {
+    fn local_share_instances(&self) -> Option<u64> {
         self.local_share
     }
 
-    fn admits_with_plan(&self) -> bool {
+    fn apply_admit_is_one_call(&self) -> bool {
         // on a cluster the upstream's keys sit in a slot of their own
         matches!(self.conns, Conns::Single(_))
     }

@@ -508,7 +508,9 @@ async fn a_freed_slot_is_announced_to_every_instance() {
     // the subscription is made in the background: keep freeing until it is heard
     let heard = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            let (admit, _) = a.admit(key, &"a".repeat(32), "w", false, &cfg, 0).await.expect("admit");
+            let lease = "a".repeat(32);
+            let (admit, _) =
+                a.admit(&Admission { upstream: key, lease: &lease, cfg: &cfg }, false, 0).await.expect("admit");
             assert_eq!(admit, Admit::Granted { probe: false });
             let (released, _) =
                 a.complete(key, &format!("l{}", "a".repeat(32)), false, 0, &cfg, 0).await.expect("complete");
@@ -595,11 +597,11 @@ fn traffic_lua_and_the_rust_traffic_rules_agree() {
             let hex = |id: u8| format!("{id:032x}");
             match step {
                 Step::Admit { id, returning } => {
-                    let w = format!("w{id}");
-                    let expected = memory.admit_now(up, &hex(id), &w, returning, &cfg, now);
-                    let got = rt
-                        .block_on(redis.admit(up, &hex(id), &w, returning, &cfg, now))
-                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let lease = hex(id);
+                    let a = Admission { upstream: up, lease: &lease, cfg: &cfg };
+                    let expected = memory.admit_now(&a, returning, now);
+                    let got =
+                        rt.block_on(redis.admit(&a, returning, now)).map_err(|e| TestCaseError::fail(e.to_string()))?;
                     prop_assert_eq!(got, expected, "admit {} at {}", id, now);
                 }
                 Step::Complete { id, probe, error, latency } => {
@@ -611,8 +613,8 @@ fn traffic_lua_and_the_rust_traffic_rules_agree() {
                     prop_assert_eq!(got, expected, "complete {} at {}", lease, now);
                 }
                 Step::Leave { id } => {
-                    memory.leave_now(up, &format!("w{id}"));
-                    rt.block_on(redis.leave(up, &format!("w{id}"))).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    memory.leave_now(up, &hex(id));
+                    rt.block_on(redis.leave(up, &hex(id))).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 }
             }
         }

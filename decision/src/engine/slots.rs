@@ -17,15 +17,10 @@ use decision_core::policy::{OnStoreError, Policy, Route};
 use decision_core::traffic::{self, Admit, TrafficConfig};
 use tokio::sync::Notify;
 
+use super::Engine;
 use crate::clock;
-use crate::engine::Engine;
-use crate::store::{Occupied, Store, StoreError};
+use crate::store::{Admission, Store, UpstreamState};
 
-/// The header that carries a lease to the upstream, and back to us in the access log:
-/// `<upstream key>.<lease id>`.
-pub const LEASE_HEADER: &str = "x-portcullis-lease";
-/// The response header that tells a client how long it waited for a slot (milliseconds).
-pub const WAIT_HEADER: &str = "x-portcullis-queue-wait-ms";
 /// How often a waiter looks again without a notification (for leases that expired).
 const RECHECK: Duration = Duration::from_millis(250);
 
@@ -53,7 +48,8 @@ impl Waiters {
     }
 }
 
-pub(crate) fn random_hex() -> String {
+/// A new lease id: 128 random bits as 32 hex (the store prefixes `l`, or `p` for a probe).
+pub(crate) fn new_lease_id() -> String {
     let mut bytes = [0u8; 16];
     if getrandom::getrandom(&mut bytes).is_err() {
         // the kernel's generator does not fail once the system is up; if it ever does, a
@@ -66,7 +62,8 @@ pub(crate) fn random_hex() -> String {
     decision_core::encode::hex(&bytes)
 }
 
-/// A lease header's two parts, if it is well-formed: 16 hex, a dot, `l` or `p` and 32 hex.
+/// A lease header's two parts (`<upstream key>.<lease id>`, `respond::LEASE_HEADER`), if it is
+/// well-formed: 16 hex, a dot, `l` or `p` and 32 hex.
 pub fn parse_lease(header: &str) -> Option<(&str, &str)> {
     let (key, id) = header.trim().split_once('.')?;
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
@@ -75,60 +72,7 @@ pub fn parse_lease(header: &str) -> Option<(&str, &str)> {
 }
 
 impl<S: Store> Engine<S> {
-    async fn bounded<T>(&self, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
-        let r = match self.store().timeout() {
-            None => call.await,
-            Some(t) => tokio::time::timeout(t, call).await.unwrap_or(Err(StoreError::Timeout(t))),
-        };
-        if let Err(e) = &r {
-            tracing::warn!(backend = self.store().backend(), error = %e, "store call failed (traffic)");
-            self.metrics.store_error(self.store().backend());
-        }
-        r
-    }
-
-    /// An admission by the store, or, while it fails under `local_share`, by this instance's
-    /// share of the limit and the queue, from memory.
-    async fn admit_or_share(
-        &self,
-        key: &str,
-        random: &str,
-        returning: bool,
-        cfg: &TrafficConfig,
-    ) -> Result<(Admit, Occupied), StoreError> {
-        let now = clock::now_micros();
-        let answer = self.bounded(self.store().admit(key, random, random, returning, cfg, now)).await;
-        match (answer, self.store().local_share()) {
-            (Err(_), Some(n)) => {
-                self.metrics.local_share();
-                let mut shared = cfg.clone();
-                shared.concurrency_limit = (cfg.concurrency_limit / n).max(1);
-                shared.queue_size = cfg.queue_size / n;
-                Ok(self.local_store().admit_now(key, random, random, returning, &shared, now))
-            }
-            (answer, _) => answer,
-        }
-    }
-
-    /// A completion for the store, or, while it fails under `local_share`, for the local shares
-    /// (a lease granted by the store before it failed expires there by its TTL).
-    async fn complete_or_share(
-        &self,
-        key: &str,
-        id: &str,
-        error: bool,
-        latency: u64,
-        cfg: &TrafficConfig,
-    ) -> Result<(bool, Occupied), StoreError> {
-        let now = clock::now_micros();
-        let answer = self.bounded(self.store().complete(key, id, error, latency, cfg, now)).await;
-        match (answer, self.store().local_share()) {
-            (Err(_), Some(_)) => Ok(self.local_store().complete_now(key, id, error, latency, cfg, now)),
-            (answer, _) => answer,
-        }
-    }
-
-    fn seen(&self, upstream: &Arc<str>, o: Occupied) {
+    fn seen(&self, upstream: &Arc<str>, o: UpstreamState) {
         self.metrics.traffic_seen(upstream, o.in_use, o.queued, o.mode as u64, o.limit);
     }
 
@@ -140,10 +84,11 @@ impl<S: Store> Engine<S> {
         cfg: &TrafficConfig,
         route: &Route,
         mut d: Decision,
-        random: String,
-        mut first: Option<(Admit, Occupied)>,
+        lease: String,
+        mut first: Option<(Admit, UpstreamState)>,
     ) -> Decision {
         let key = &*route.upstream_key;
+        let admission = Admission { upstream: key, lease: &lease, cfg };
         let started = clock::instant();
         let deadline = tokio::time::Instant::now() + Duration::from_micros(cfg.queue_timeout);
         let notify = self.waiters.of(key);
@@ -161,12 +106,12 @@ impl<S: Store> Engine<S> {
             // the first admission may have come with the plan's store call
             let answer = match first.take() {
                 Some(admitted) => Ok(admitted),
-                None => self.admit_or_share(key, &random, returning, cfg).await,
+                None => self.admit(&admission, returning).await,
             };
             match answer {
                 Err(_) => {
                     if returning {
-                        let _ = self.bounded(self.store().leave(key, &random)).await;
+                        self.leave(key, &lease).await;
                     }
                     return match policy.on_store_error {
                         OnStoreError::Deny => refuse(d, Reason::StoreUnavailable, 1_000_000),
@@ -187,7 +132,7 @@ impl<S: Store> Engine<S> {
                             let prefix = if probe { traffic::PROBE_PREFIX } else { 'l' };
                             d.lease = Some(Lease {
                                 upstream: route.upstream.clone(),
-                                id: format!("{key}.{prefix}{random}"),
+                                id: format!("{key}.{prefix}{lease}"),
                                 waited: u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
                             });
                             return d;
@@ -207,17 +152,17 @@ impl<S: Store> Engine<S> {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep(RECHECK) => {}
                 _ = tokio::time::sleep_until(deadline) => {
-                    let _ = self.bounded(self.store().leave(key, &random)).await;
+                    self.leave(key, &lease).await;
                     return refuse(d, Reason::QueueTimeout, last.retry_after(cfg.concurrency_limit));
                 }
             }
         }
     }
 
-    /// A request completed (Envoy's access log): release its lease and, if it held one, count
-    /// its outcome for the breaker and wake this instance's waiters. `error`: a 5xx, or the
-    /// upstream timed out, reset or could not be reached.
-    pub async fn complete(&self, lease_header: &str, error: bool, latency: Duration) -> bool {
+    /// A request completed: release its lease and, if it held one, count its outcome for the
+    /// breaker and wake this instance's waiters. `error`: a 5xx, or the upstream timed out,
+    /// reset or could not be reached.
+    async fn release(&self, lease_header: &str, error: bool, latency: Duration) -> bool {
         let policy = self.policy();
         let Some(cfg) = &policy.traffic else { return false };
         let Some((key, id)) = parse_lease(lease_header) else {
@@ -229,7 +174,7 @@ impl<S: Store> Engine<S> {
             return false;
         };
         let latency = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        match self.complete_or_share(key, id, error, latency, cfg).await {
+        match self.complete_lease(key, id, error, latency, cfg).await {
             Ok((released, occupied)) => {
                 self.seen(&upstream, occupied);
                 if released {
@@ -250,9 +195,9 @@ impl<S: Store> Engine<S> {
     /// Everything a finished request teaches (Envoy's access log or the native `Complete`):
     /// its lease released, live monitoring fed, a completion event in the audit trail. True when
     /// a lease was released.
-    pub async fn completed(&self, c: &Completion<'_>) -> bool {
+    pub async fn record_completion(&self, c: &Completion<'_>) -> bool {
         let released = match c.lease {
-            Some(lease) => self.complete(lease, c.upstream_error, c.latency).await,
+            Some(lease) => self.release(lease, c.upstream_error, c.latency).await,
             None => false,
         };
         if let Some(m) = self.alerts() {
@@ -309,7 +254,7 @@ mod tests {
         ] {
             assert_eq!(parse_lease(&bad), None, "{bad:?}");
         }
-        assert_eq!(random_hex().len(), 32);
-        assert_ne!(random_hex(), random_hex());
+        assert_eq!(new_lease_id().len(), 32);
+        assert_ne!(new_lease_id(), new_lease_id());
     }
 }

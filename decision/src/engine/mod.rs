@@ -1,0 +1,267 @@
+//! The engine glues the pure core to a store: plan, one store call, conclude. It holds the
+//! policy behind an `ArcSwap`, so a reload swaps it atomically under live traffic, and it records
+//! every decision once (metrics, the decision log, the audit event), whichever adapter asked.
+//!
+//! - `mod.rs`: the engine, the policy swap, `check` (a request from any adapter, decided and
+//!   recorded), `decide` and `rate_limit`;
+//! - `store_call`: the one way to call the store (timeout, failures logged and counted, the
+//!   `local_share` fallback);
+//! - `failed_auth`: the bearer fetch before a second try, auto-block after a failed authentication;
+//! - `slots`: traffic control's slots, queue and completions;
+//! - `observe`: what live monitoring learns from a decision, and what its alerts do;
+//! - `record`: the decision log line and the audit event of a decision.
+
+mod failed_auth;
+mod observe;
+mod record;
+pub mod slots;
+mod store_call;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use decision_core::policy::Policy;
+use decision_core::rls::{self, DescriptorReq, RlsDecision};
+use decision_core::{Decision, Reason, Request, conclude, plan, store_failed};
+
+pub use self::record::Facts;
+pub use self::slots::{Completion, Waiters, parse_lease};
+use crate::clock;
+use crate::store::{Admission, Store, StoreError};
+use crate::telemetry::metrics::Metrics;
+
+/// Starts what a policy's verifiers do in the background (fetching remote key sets); it ends by
+/// itself when the policy is replaced and dropped. Outside a Tokio runtime (a unit test, the
+/// CLI) nothing is started: the verifiers then fetch on first use.
+fn start_background(policy: &Policy) {
+    if let (Ok(rt), Some(work)) =
+        (tokio::runtime::Handle::try_current(), policy.bearer.as_ref().and_then(|b| b.background()))
+    {
+        rt.spawn(work);
+    }
+}
+
+/// Why an adapter could not build a core `Request` from its message; the request is denied 400
+/// (`bad_request`) and the text goes to the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Malformed(pub &'static str);
+
+pub struct Engine<S> {
+    policy: ArcSwap<Policy>,
+    store: S,
+    pub metrics: Metrics,
+    /// requests of this instance waiting for a slot
+    pub(crate) waiters: Waiters,
+    /// the audit trail, when the policy has an `audit` section (set once by the server)
+    audit: std::sync::OnceLock<Arc<crate::audit::Audit>>,
+    /// live monitoring, when the policy has an `alerts` section (set once by the server)
+    alerts: std::sync::OnceLock<Arc<crate::alerts::Monitor>>,
+    /// the counters of the `local_share` degraded mode (used only while the store fails)
+    local: crate::store::MemoryStore,
+    /// whether the last store call failed and was answered from local shares
+    degraded: std::sync::atomic::AtomicBool,
+    /// metric labels for RLS calls the policy does not know (never a caller's own string)
+    unknown_domain: Arc<str>,
+    no_rule: Arc<str>,
+}
+
+impl<S: Store> Engine<S> {
+    pub fn new(policy: Arc<Policy>, store: S) -> Self {
+        let metrics = Metrics::with_store_cache(store.over_limit_hits());
+        metrics.policy_loaded(policy.routes.len());
+        start_background(&policy);
+        Engine {
+            policy: ArcSwap::new(policy),
+            store,
+            metrics,
+            waiters: Default::default(),
+            audit: Default::default(),
+            alerts: Default::default(),
+            local: crate::store::MemoryStore::new(),
+            degraded: std::sync::atomic::AtomicBool::new(false),
+            unknown_domain: Arc::from("unknown"),
+            no_rule: Arc::from("none"),
+        }
+    }
+
+    /// Wakes this instance's waiters when the store says a slot was freed anywhere in the fleet
+    /// (the server calls it once, inside its runtime).
+    pub fn watch_freed(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        self.store.watch_freed(Arc::new(move |key: &str| {
+            if let Some(engine) = weak.upgrade() {
+                engine.waiters.freed(key);
+            }
+        }));
+    }
+
+    /// The policy in force (one atomic load; hold it for the whole request).
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    pub fn replace_policy(&self, policy: Arc<Policy>) {
+        self.metrics.policy_loaded(policy.routes.len());
+        start_background(&policy);
+        self.policy.store(policy);
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Turns the audit trail on (once; later calls change nothing).
+    pub fn set_audit(&self, audit: Arc<crate::audit::Audit>) {
+        let _ = self.audit.set(audit);
+    }
+
+    pub fn audit(&self) -> Option<&Arc<crate::audit::Audit>> {
+        self.audit.get()
+    }
+
+    /// Turns live monitoring on (once).
+    pub fn set_alerts(&self, monitor: Arc<crate::alerts::Monitor>) {
+        let _ = self.alerts.set(monitor);
+    }
+
+    pub fn alerts(&self) -> Option<&Arc<crate::alerts::Monitor>> {
+        self.alerts.get()
+    }
+
+    /// A request from any adapter, decided under `policy` and recorded once: the decisions
+    /// metric, the decision log line (at debug), and the audit event when the trail is on.
+    /// `request` is what the adapter could make of its message; a `Malformed` one is denied 400
+    /// without a store call. `started`: when the adapter received it (for the latency figures).
+    pub async fn check(
+        &self,
+        policy: &Policy,
+        request: Result<Request<'_>, Malformed>,
+        facts: &Facts<'_>,
+        started: Instant,
+    ) -> Decision {
+        let d = match request {
+            Ok(req) => self.decide(policy, &req).await,
+            Err(Malformed(why)) => {
+                tracing::warn!(reason = why, "malformed check request");
+                Decision::deny(Reason::BadRequest, Default::default())
+            }
+        };
+        let took = started.elapsed();
+        self.metrics.decision(d.reason, took);
+        record::log_decision(&d, policy, facts, took);
+        if let Some(audit) = self.audit() {
+            audit.record(record::audit_event(audit, &d, policy, facts, took));
+        }
+        d
+    }
+
+    /// Decides one request under `policy`: at most one store call (a bearer token that needs
+    /// a fetch first, an unknown `kid` or an introspection miss, waits for it and is decided
+    /// again); with `alerts`, what the decision teaches is observed. Records nothing: `check`
+    /// does.
+    pub async fn decide(&self, policy: &Policy, req: &Request<'_>) -> Decision {
+        let d = self.plan_apply_conclude(policy, req).await;
+        if self.alerts.get().is_some() {
+            Box::pin(self.observe(policy, req, &d)).await;
+        }
+        d
+    }
+
+    /// plan (with a bearer fetch and a second plan if that can help), one store call for the
+    /// plan (and, under `traffic`, the first admission where the store makes it one call),
+    /// conclude; then a slot for an allowed request under `traffic`.
+    async fn plan_apply_conclude(&self, policy: &Policy, req: &Request<'_>) -> Decision {
+        let mut now = clock::now_micros();
+        let plan = match plan(policy, req, now) {
+            Ok(p) => p,
+            Err(d) => match Box::pin(self.fetch_for(policy, req, d.reason)).await {
+                false => return Box::pin(self.after_failed_auth(policy, *d, now)).await,
+                true => {
+                    now = clock::now_micros();
+                    match plan(policy, req, now) {
+                        Ok(p) => p,
+                        Err(d) => return Box::pin(self.after_failed_auth(policy, *d, now)).await,
+                    }
+                }
+            },
+        };
+        // under `traffic`, the plan and the slot are asked for in one store call where the store
+        // can make it one (else the slot has its own call, and its own timeout, in take_slot)
+        let traffic = policy.traffic.as_ref().zip(plan.ctx.route.and_then(|i| policy.routes.get(i)));
+        let lease = traffic.map(|_| slots::new_lease_id());
+        let admission = traffic
+            .zip(lease.as_deref())
+            .filter(|_| self.store.apply_admit_is_one_call())
+            .map(|((cfg, route), lease)| Admission { upstream: &route.upstream_key, lease, cfg });
+        let (d, first) = if plan.ops.is_empty() {
+            (conclude(policy, plan, &[]), None)
+        } else {
+            match self.apply(&plan.ops, now, admission.as_ref()).await {
+                Ok(planned) => (conclude(policy, plan, &planned.verdicts), planned.admitted),
+                Err(_) => (store_failed(policy, plan), None),
+            }
+        };
+        // A slot comes back only with a committed plan, and an ext_authz plan has no shadow
+        // operation, so a committed plan is an allowed request: none is granted to a denial.
+        match (traffic, lease, d.reason) {
+            // an allowed request takes a concurrency slot of its route's upstream; boxed: the
+            // waiting loop's future is large, and every decision would carry it
+            (Some((cfg, route)), Some(lease), Reason::Allowed) => {
+                Box::pin(self.take_slot(policy, cfg, route, d, lease, first)).await
+            }
+            _ => d,
+        }
+    }
+
+    /// Decides an Envoy ratelimit (RLS) request, every descriptor in one store call, and records
+    /// it (per-descriptor and per-call metrics, a log line at debug). A store failure is an
+    /// error, so the RLS adapter answers UNAVAILABLE and Envoy's own `failure_mode_deny` applies.
+    pub async fn rate_limit(
+        &self,
+        policy: &Policy,
+        domain: &str,
+        descriptors: &[DescriptorReq<'_>],
+    ) -> Result<RlsDecision, StoreError> {
+        let started = clock::instant();
+        let plan = rls::plan(&policy.ratelimit, domain, descriptors);
+        let verdicts = if plan.ops.is_empty() {
+            Vec::new()
+        } else {
+            match self.apply(&plan.ops, clock::now_micros(), None).await {
+                Ok(planned) => planned.verdicts,
+                Err(e) => {
+                    // request-derived values are recorded as strings, which every log format escapes
+                    tracing::warn!(domain, error = %e, "ratelimit answered UNAVAILABLE: store failed");
+                    return Err(e);
+                }
+            }
+        };
+        let decision = rls::conclude(plan, &verdicts);
+        self.record_rate_limit(policy, domain, descriptors.len(), &decision, started.elapsed());
+        Ok(decision)
+    }
+
+    /// The metrics and the debug log line of one RLS call: labels come from the policy only (an
+    /// unknown domain is `unknown`, an unmatched descriptor `none`).
+    fn record_rate_limit(&self, policy: &Policy, domain: &str, descriptors: usize, d: &RlsDecision, took: Duration) {
+        let label = if policy.ratelimit.domains.contains_key(domain) { &d.domain } else { &self.unknown_domain };
+        for s in &d.statuses {
+            let rule = s.rule.as_ref().map_or(&self.no_rule, |r| &r.id);
+            self.metrics.ratelimit_descriptor(label, rule, s.outcome.as_str());
+        }
+        self.metrics.ratelimit_call(took);
+        // at debug: the default level writes no line per decision
+        tracing::debug!(
+            target: "portcullis::ratelimit",
+            domain,
+            descriptors,
+            outcome = if d.over_limit { "over_limit" } else { "ok" },
+            latency_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            "ratelimit"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,129 @@
+//! The one way the engine calls its store, for plans and for traffic alike: bounded by the
+//! store's timeout, every failure logged and counted, and, under `local_share`, a failed call
+//! answered from this instance's share of each limit in memory (`Limit::share`, the concurrency
+//! limit and queue divided by the instance count).
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+
+use decision_core::plan::Op;
+use decision_core::traffic::{Admit, TrafficConfig};
+use decision_core::units::Micros;
+
+use super::Engine;
+use crate::store::{Admission, Planned, Store, StoreError, UpstreamState};
+
+impl<S: Store> Engine<S> {
+    /// Runs one store call under the store's timeout (`Timeout` past it). A failure is logged
+    /// and counted in `portcullis_store_errors_total`; a success after failures is logged once.
+    async fn bounded<T>(&self, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        let answer = match self.store.timeout() {
+            None => call.await,
+            Some(t) => tokio::time::timeout(t, call).await.unwrap_or(Err(StoreError::Timeout(t))),
+        };
+        match &answer {
+            Ok(_) => {
+                if self.degraded.swap(false, Ordering::Relaxed) {
+                    tracing::info!(backend = self.store.backend(), "store reachable again: shared limits are back");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(backend = self.store.backend(), error = %e, "store call failed");
+                self.metrics.store_error(self.store.backend());
+            }
+        }
+        answer
+    }
+
+    /// After a failed call: the number of instances sharing each limit, when the store says
+    /// `local_share` (the degraded mode is logged as it starts and counted per answer); None
+    /// when the failure is to be answered by `on_store_error`.
+    fn local_share(&self) -> Option<u64> {
+        let n = self.store.local_share_instances()?;
+        if !self.degraded.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                expected_instances = n,
+                "store unreachable: enforcing each limit's local share (1/{n}) from memory"
+            );
+        }
+        self.metrics.local_share();
+        Some(n)
+    }
+
+    /// One store call for a plan's operations and, with `admission`, the slot asked for in the
+    /// same call when the plan commits. A store answering a different number of verdicts than
+    /// operations has failed. Under `local_share` a failed call is answered from the local
+    /// shares, with no slot (the caller asks for one as usual).
+    pub(super) async fn apply(
+        &self,
+        ops: &[Op],
+        now: Micros,
+        admission: Option<&Admission<'_>>,
+    ) -> Result<Planned, StoreError> {
+        let call = async {
+            let planned = match admission {
+                None => self.store.apply(ops, now).await.map(|verdicts| Planned { verdicts, admitted: None }),
+                Some(a) => self.store.apply_admit(ops, a, now).await,
+            }?;
+            if planned.verdicts.len() != ops.len() {
+                return Err(StoreError::Unavailable(format!(
+                    "{} verdicts for {} operations",
+                    planned.verdicts.len(),
+                    ops.len()
+                )));
+            }
+            Ok(planned)
+        };
+        let failed = match self.bounded(call).await {
+            Ok(planned) => return Ok(planned),
+            Err(e) => e,
+        };
+        let Some(n) = self.local_share() else { return Err(failed) };
+        let shared: Vec<Op> = ops.iter().map(|op| Op { limit: op.limit.share(n), ..op.clone() }).collect();
+        Ok(Planned { verdicts: self.local.apply_now(&shared, now), admitted: None })
+    }
+
+    /// An admission by the store or, while it fails under `local_share`, by this instance's
+    /// share of the concurrency limit and the queue.
+    pub(super) async fn admit(&self, a: &Admission<'_>, returning: bool) -> Result<(Admit, UpstreamState), StoreError> {
+        let now = crate::clock::now_micros();
+        let failed = match self.bounded(self.store.admit(a, returning, now)).await {
+            Ok(admitted) => return Ok(admitted),
+            Err(e) => e,
+        };
+        let Some(n) = self.local_share() else { return Err(failed) };
+        let shared = TrafficConfig {
+            concurrency_limit: (a.cfg.concurrency_limit / n).max(1),
+            queue_size: a.cfg.queue_size / n,
+            ..a.cfg.clone()
+        };
+        Ok(self.local.admit_now(&Admission { cfg: &shared, ..*a }, returning, now))
+    }
+
+    /// A waiter that gives up leaves the queue (a failure is only logged: its place expires).
+    pub(super) async fn leave(&self, upstream: &str, lease: &str) {
+        let _ = self.bounded(self.store.leave(upstream, lease)).await;
+        self.local.leave_now(upstream, lease);
+    }
+
+    /// A completion for the store or, while it fails under `local_share`, for the local shares
+    /// (a lease granted by the store before it failed expires there by its TTL).
+    pub(super) async fn complete_lease(
+        &self,
+        upstream: &str,
+        lease: &str,
+        error: bool,
+        latency: Micros,
+        cfg: &TrafficConfig,
+    ) -> Result<(bool, UpstreamState), StoreError> {
+        let now = crate::clock::now_micros();
+        let failed = match self.bounded(self.store.complete(upstream, lease, error, latency, cfg, now)).await {
+            Ok(done) => return Ok(done),
+            Err(e) => e,
+        };
+        match self.store.local_share_instances() {
+            Some(_) => Ok(self.local.complete_now(upstream, lease, error, latency, cfg, now)),
+            None => Err(failed),
+        }
+    }
+}
