@@ -11,7 +11,7 @@ use decision_core::traffic::{Admit, TrafficConfig};
 use decision_core::units::Micros;
 
 use super::Engine;
-use crate::store::{Admission, Planned, Store, StoreError, UpstreamState};
+use crate::store::{Admission, Planned, Release, Store, StoreError, UpstreamState};
 
 impl<S: Store> Engine<S> {
     /// Runs one store call under the store's timeout (`Timeout` past it). A failure is logged
@@ -117,12 +117,13 @@ impl<S: Store> Engine<S> {
         cfg: &TrafficConfig,
     ) -> Result<(bool, UpstreamState), StoreError> {
         let now = crate::clock::now_micros();
-        let failed = match self.bounded(self.store.complete(upstream, lease, error, latency, cfg, now)).await {
+        let r = Release { upstream, lease, error, latency, cfg };
+        let failed = match self.bounded(self.store.complete(&r, now)).await {
             Ok(done) => return Ok(done),
             Err(e) => e,
         };
         match self.store.local_share_instances() {
-            Some(_) => Ok(self.local.complete_now(upstream, lease, error, latency, cfg, now)),
+            Some(_) => Ok(self.local.complete_now(&r, now)),
             None => Err(failed),
         }
     }

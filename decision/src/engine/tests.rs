@@ -256,11 +256,7 @@ impl Store for BrokenStore {
 
     async fn complete(
         &self,
-        _: &str,
-        _: &str,
-        _: bool,
-        _: u64,
-        _: &decision_core::traffic::TrafficConfig,
+        _: &crate::store::Release<'_>,
         _: u64,
     ) -> Result<(bool, crate::store::UpstreamState), StoreError> {
         Err(StoreError::Unavailable("connection refused".into()))

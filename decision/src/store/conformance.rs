@@ -10,7 +10,7 @@ use decision_core::quota::Limit;
 use decision_core::traffic::{AdaptiveConfig, Admit, BreakerConfig, Mode, TrafficConfig};
 use decision_core::units::{MICROS_PER_MINUTE, MICROS_PER_SEC, Micros};
 
-use super::{Admission, Planned, Store};
+use super::{Admission, Planned, Release, Store, UpstreamState};
 
 pub fn bucket_op(key: &str, burst: u64, per_minute: u64) -> Op {
     Op {
@@ -87,13 +87,12 @@ async fn the_adaptive_limit_shrinks_on_errors_and_grows_back<S: Store>(s: &S) {
     for i in 0..10u64 {
         let lease = format!("e{i}");
         assert_eq!(admit(s, &lease, false, &cfg, T0 + i).await, Admit::Granted { probe: false });
-        let (_, occ) =
-            s.complete("up", &format!("l{lease}"), i % 2 == 0, 700_000, &cfg, T0 + i).await.expect("complete");
+        let (_, occ) = complete(s, &format!("l{lease}"), i % 2 == 0, 700_000, &cfg, T0 + i).await;
         assert_eq!(occ.limit, 10);
     }
     // the next interval's first completion halves the limit
     assert_eq!(admit(s, "n0", false, &cfg, T0 + MICROS_PER_SEC).await, Admit::Granted { probe: false });
-    let (_, occ) = s.complete("up", "ln0", false, 1_000, &cfg, T0 + MICROS_PER_SEC).await.expect("complete");
+    let (_, occ) = complete(s, "ln0", false, 1_000, &cfg, T0 + MICROS_PER_SEC).await;
     assert_eq!(occ.limit, 5);
     let at = T0 + MICROS_PER_SEC + 1;
     let mut granted = 0;
@@ -104,12 +103,12 @@ async fn the_adaptive_limit_shrinks_on_errors_and_grows_back<S: Store>(s: &S) {
     }
     assert_eq!(granted, 5, "five slots under the adaptive limit");
     for i in 0..5 {
-        assert!(s.complete("up", &format!("lh{i}"), false, 1_000, &cfg, at + 10 + i).await.expect("complete").0);
+        assert!(complete(s, &format!("lh{i}"), false, 1_000, &cfg, at + 10 + i).await.0);
     }
     // a healthy interval gives one slot back
     let later = T0 + 2 * MICROS_PER_SEC + 100;
     assert_eq!(admit(s, "g0", false, &cfg, later).await, Admit::Granted { probe: false });
-    let (_, occ) = s.complete("up", "lg0", false, 1_000, &cfg, later).await.expect("complete");
+    let (_, occ) = complete(s, "lg0", false, 1_000, &cfg, later).await;
     assert_eq!(occ.limit, 6);
 }
 
@@ -144,6 +143,17 @@ async fn join_all<'a, T>(futs: Vec<Pin<Box<dyn Future<Output = T> + Send + 'a>>>
     out.into_iter().flatten().collect()
 }
 
+async fn complete<S: Store>(
+    s: &S,
+    lease: &str,
+    error: bool,
+    latency: Micros,
+    cfg: &TrafficConfig,
+    now: Micros,
+) -> (bool, UpstreamState) {
+    s.complete(&Release { upstream: "up", lease, error, latency, cfg }, now).await.expect("complete")
+}
+
 async fn admit<S: Store>(s: &S, lease: &str, returning: bool, cfg: &TrafficConfig, now: Micros) -> Admit {
     s.admit(&Admission { upstream: "up", lease, cfg }, returning, now).await.expect("admit").0
 }
@@ -166,8 +176,7 @@ async fn concurrent_acquirers_never_exceed_the_limit<S: Store>(s: &S) {
     assert!(answers.iter().all(|a| matches!(a, Admit::Granted { .. } | Admit::QueueFull(_))), "{answers:?}");
     // two completions free two slots, no more
     for i in &granted[..2] {
-        let (released, occ) =
-            s.complete("up", &format!("l{}", names[*i]), false, 0, &cfg, T0 + 1).await.expect("complete");
+        let (released, occ) = complete(s, &format!("l{}", names[*i]), false, 0, &cfg, T0 + 1).await;
         assert!(released);
         assert_eq!(occ.in_use, 4 - u64::try_from(granted.iter().position(|g| g == i).unwrap_or(0)).unwrap_or(0));
     }
@@ -188,22 +197,16 @@ async fn releases_are_idempotent_and_an_expired_lease_frees_nothing_else<S: Stor
     let cfg = traffic(1, 0, None);
     assert_eq!(admit(s, "aa", false, &cfg, T0).await, Admit::Granted { probe: false });
     assert!(matches!(admit(s, "bb", false, &cfg, T0 + 1).await, Admit::QueueFull(_)));
-    assert!(s.complete("up", "laa", false, 0, &cfg, T0 + 2).await.expect("complete").0);
-    assert!(
-        !s.complete("up", "laa", false, 0, &cfg, T0 + 3).await.expect("complete").0,
-        "a second release frees nothing"
-    );
-    assert!(
-        !s.complete("up", "lforged", true, 0, &cfg, T0 + 3).await.expect("complete").0,
-        "an unknown lease frees nothing"
-    );
+    assert!(complete(s, "laa", false, 0, &cfg, T0 + 2).await.0);
+    assert!(!complete(s, "laa", false, 0, &cfg, T0 + 3).await.0, "a second release frees nothing");
+    assert!(!complete(s, "lforged", true, 0, &cfg, T0 + 3).await.0, "an unknown lease frees nothing");
     // B takes the slot and never completes: its lease expires, C gets the slot
     assert_eq!(admit(s, "bb", false, &cfg, T0 + 4).await, Admit::Granted { probe: false });
     assert!(matches!(admit(s, "cc", false, &cfg, T0 + 5).await, Admit::QueueFull(_)));
     let later = T0 + 4 + cfg.lease_ttl;
     assert_eq!(admit(s, "cc", false, &cfg, later).await, Admit::Granted { probe: false });
     // B's late completion does not free C's slot
-    assert!(!s.complete("up", "lbb", false, 0, &cfg, later + 1).await.expect("complete").0);
+    assert!(!complete(s, "lbb", false, 0, &cfg, later + 1).await.0);
     assert!(matches!(admit(s, "dd", false, &cfg, later + 2).await, Admit::QueueFull(_)));
 }
 
@@ -213,7 +216,7 @@ async fn the_queue_is_first_come_first_served_and_bounded<S: Store>(s: &S) {
     assert!(matches!(admit(s, "w1", false, &cfg, T0 + 1).await, Admit::Wait(o) if o.queued == 1));
     assert!(matches!(admit(s, "w2", false, &cfg, T0 + 2).await, Admit::Wait(o) if o.queued == 2));
     assert!(matches!(admit(s, "w3", false, &cfg, T0 + 3).await, Admit::QueueFull(o) if o.queued == 2 && o.in_use == 1));
-    assert!(s.complete("up", "laa", false, 0, &cfg, T0 + 10).await.expect("complete").0);
+    assert!(complete(s, "laa", false, 0, &cfg, T0 + 10).await.0);
     // the slot is free, but it is the oldest waiter's: not the second's, nor a new arrival's
     assert!(matches!(admit(s, "w2", true, &cfg, T0 + 11).await, Admit::Wait(_)));
     assert!(matches!(admit(s, "nn", false, &cfg, T0 + 12).await, Admit::QueueFull(o) if o.queued == 2));
@@ -221,7 +224,7 @@ async fn the_queue_is_first_come_first_served_and_bounded<S: Store>(s: &S) {
     // a waiter that gives up leaves; one past its deadline is dropped
     assert!(matches!(admit(s, "nn", false, &cfg, T0 + 13).await, Admit::Wait(o) if o.queued == 2));
     s.leave("up", "nn").await.expect("leave");
-    assert!(s.complete("up", "lw1", false, 0, &cfg, T0 + 14).await.expect("complete").0);
+    assert!(complete(s, "lw1", false, 0, &cfg, T0 + 14).await.0);
     let past = T0 + 2 + cfg.queue_timeout;
     assert_eq!(admit(s, "xx", false, &cfg, past).await, Admit::Granted { probe: false }, "w2 timed out");
 }
@@ -237,7 +240,7 @@ async fn the_breaker_opens_and_gives_its_half_open_probe_to_exactly_one<S: Store
     for i in 0..4u64 {
         let lease = format!("{i:02}");
         assert_eq!(admit(s, &lease, false, &cfg, T0 + i).await, Admit::Granted { probe: false });
-        let (_, occ) = s.complete("up", &format!("l{lease}"), true, 0, &cfg, T0 + i).await.expect("complete");
+        let (_, occ) = complete(s, &format!("l{lease}"), true, 0, &cfg, T0 + i).await;
         assert_eq!(occ.mode, if i < 3 { Mode::Closed } else { Mode::Open }, "after {} errors", i + 1);
     }
     let opened = T0 + 3;
@@ -259,8 +262,7 @@ async fn the_breaker_opens_and_gives_its_half_open_probe_to_exactly_one<S: Store
     assert_eq!(probes.len(), 1, "{answers:?}");
     assert_eq!(answers.iter().filter(|a| matches!(a, Admit::BreakerOpen { .. })).count(), 9);
     // the probe succeeds: closed again
-    let (released, occ) =
-        s.complete("up", &format!("ph{}", probes[0]), false, 0, &cfg, reset + 1).await.expect("complete");
+    let (released, occ) = complete(s, &format!("ph{}", probes[0]), false, 0, &cfg, reset + 1).await;
     assert!(released);
     assert_eq!(occ.mode, Mode::Closed);
     assert_eq!(admit(s, "y", false, &cfg, reset + 2).await, Admit::Granted { probe: false });

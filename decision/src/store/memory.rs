@@ -17,7 +17,7 @@ use decision_core::quota::{self, State, Verdict};
 use decision_core::traffic::{self, AdaptiveState, Admit, Breaker, Gate, Occupancy, TrafficConfig};
 use decision_core::units::Micros;
 
-use super::{Admission, Store, StoreError, UpstreamState};
+use super::{Admission, Release, Store, StoreError, UpstreamState};
 
 /// Shards: enough that two cores rarely contend, few enough to sweep quickly.
 const SHARDS: usize = 64;
@@ -153,15 +153,8 @@ impl MemoryStore {
     }
 
     /// `Store::complete`, synchronously.
-    pub fn complete_now(
-        &self,
-        upstream: &str,
-        lease: &str,
-        error: bool,
-        latency: Micros,
-        cfg: &TrafficConfig,
-        now: Micros,
-    ) -> (bool, UpstreamState) {
+    pub fn complete_now(&self, r: &Release<'_>, now: Micros) -> (bool, UpstreamState) {
+        let Release { upstream, lease, error, latency, cfg } = *r;
         let mut all = lock(&self.traffic);
         let Some(up) = all.get_mut(upstream) else {
             return (false, UpstreamState { limit: cfg.concurrency_limit, ..UpstreamState::default() });
@@ -261,16 +254,8 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn complete(
-        &self,
-        upstream: &str,
-        lease: &str,
-        error: bool,
-        latency: Micros,
-        cfg: &TrafficConfig,
-        now: Micros,
-    ) -> Result<(bool, UpstreamState), StoreError> {
-        Ok(self.complete_now(upstream, lease, error, latency, cfg, now))
+    async fn complete(&self, r: &Release<'_>, now: Micros) -> Result<(bool, UpstreamState), StoreError> {
+        Ok(self.complete_now(r, now))
     }
 
     fn backend(&self) -> &'static str {

@@ -48,6 +48,20 @@ pub struct Planned {
     pub admitted: Option<(Admit, UpstreamState)>,
 }
 
+/// A finished request's lease, as the store releases it: `lease` is the full id (`l`/`p` and 32
+/// hex); `error` (a 5xx, or the upstream timed out, reset or could not be reached) and `latency`
+/// feed the breaker and the adaptive limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Release<'a> {
+    /// the upstream's store key (16 hex)
+    pub upstream: &'a str,
+    pub lease: &'a str,
+    pub error: bool,
+    /// how long the upstream took
+    pub latency: Micros,
+    pub cfg: &'a TrafficConfig,
+}
+
 /// A request's ask for a concurrency slot of one upstream (traffic control).
 #[derive(Debug, Clone, Copy)]
 pub struct Admission<'a> {
@@ -118,11 +132,7 @@ pub trait Store: Send + Sync + 'static {
     /// adaptive limit. Idempotent.
     fn complete(
         &self,
-        upstream: &str,
-        lease: &str,
-        error: bool,
-        latency: Micros,
-        cfg: &TrafficConfig,
+        r: &Release<'_>,
         now: Micros,
     ) -> impl Future<Output = Result<(bool, UpstreamState), StoreError>> + Send;
 

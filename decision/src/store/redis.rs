@@ -27,7 +27,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 
 use super::over_limit::OverLimitCache;
-use super::{Admission, Planned, Store, StoreError, UpstreamState};
+use super::{Admission, Planned, Release, Store, StoreError, UpstreamState};
 
 /// How a `RedisStore` connects.
 #[derive(Clone)]
@@ -587,15 +587,8 @@ impl Store for RedisStore {
         self.traffic_call(upstream, &["leave".to_owned(), "-1".to_owned(), lease.to_owned()]).await.map(|_| ())
     }
 
-    async fn complete(
-        &self,
-        upstream: &str,
-        lease: &str,
-        error: bool,
-        latency: Micros,
-        cfg: &TrafficConfig,
-        now: Micros,
-    ) -> Result<(bool, UpstreamState), StoreError> {
+    async fn complete(&self, r: &Release<'_>, now: Micros) -> Result<(bool, UpstreamState), StoreError> {
+        let Release { upstream, lease, error, latency, cfg } = *r;
         let mut args = vec![
             "complete".to_owned(),
             self.clock_arg(now).to_string(),
@@ -607,8 +600,8 @@ impl Store for RedisStore {
         args.push(latency.to_string());
         args.extend(adaptive_args(cfg));
         args.push(cfg.concurrency_limit.to_string());
-        let r = self.traffic_call(upstream, &args).await?;
-        let [released, in_use, queued, mode, limit] = r[..] else {
+        let reply = self.traffic_call(upstream, &args).await?;
+        let [released, in_use, queued, mode, limit] = reply[..] else {
             return Err(StoreError::Script(format!("traffic.lua complete answered {r:?}")));
         };
         let occupied = UpstreamState {

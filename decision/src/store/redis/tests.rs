@@ -512,8 +512,13 @@ async fn a_freed_slot_is_announced_to_every_instance() {
             let (admit, _) =
                 a.admit(&Admission { upstream: key, lease: &lease, cfg: &cfg }, false, 0).await.expect("admit");
             assert_eq!(admit, Admit::Granted { probe: false });
-            let (released, _) =
-                a.complete(key, &format!("l{}", "a".repeat(32)), false, 0, &cfg, 0).await.expect("complete");
+            let (released, _) = a
+                .complete(
+                    &Release { upstream: key, lease: &format!("l{lease}"), error: false, latency: 0, cfg: &cfg },
+                    0,
+                )
+                .await
+                .expect("complete");
             assert!(released);
             if let Ok(Some(k)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
                 return k;
@@ -606,10 +611,9 @@ fn traffic_lua_and_the_rust_traffic_rules_agree() {
                 }
                 Step::Complete { id, probe, error, latency } => {
                     let lease = format!("{}{}", if probe { 'p' } else { 'l' }, hex(id));
-                    let expected = memory.complete_now(up, &lease, error, latency, &cfg, now);
-                    let got = rt
-                        .block_on(redis.complete(up, &lease, error, latency, &cfg, now))
-                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let r = Release { upstream: up, lease: &lease, error, latency, cfg: &cfg };
+                    let expected = memory.complete_now(&r, now);
+                    let got = rt.block_on(redis.complete(&r, now)).map_err(|e| TestCaseError::fail(e.to_string()))?;
                     prop_assert_eq!(got, expected, "complete {} at {}", lease, now);
                 }
                 Step::Leave { id } => {
