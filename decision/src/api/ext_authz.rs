@@ -149,10 +149,10 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
         } else {
             remove.push(DEGRADED_HEADER.into());
         }
-        let mut to_client: Vec<_> = respond::ratelimit_headers(d, policy.ratelimit_headers)
-            .into_iter()
-            .map(|(k, v)| client_header(k, v, policy.ratelimit_headers))
-            .collect();
+        let mut to_client = Vec::with_capacity(8);
+        respond::ratelimit_headers(d, policy.ratelimit_headers, |k, v| {
+            to_client.push(client_header(k, v, policy.ratelimit_headers));
+        });
         if let Some(lease) = d.lease.as_ref().filter(|l| l.waited > 0) {
             to_client.push(client_header(WAIT_HEADER, (lease.waited / 1000).to_string(), policy.ratelimit_headers));
         }
@@ -174,7 +174,7 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
         if let Some(s) = respond::retry_after_secs(d) {
             headers.push(option("retry-after", s.to_string()));
         }
-        headers.extend(respond::ratelimit_headers(d, policy.ratelimit_headers).into_iter().map(|(k, v)| option(k, v)));
+        respond::ratelimit_headers(d, policy.ratelimit_headers, |k, v| headers.push(option(k, v)));
         let code = if d.reason == Reason::StoreUnavailable { GRPC_UNAVAILABLE } else { GRPC_PERMISSION_DENIED };
         CheckResponse {
             status: Some(RpcStatus { code, message: d.reason.as_str().to_owned(), details: Vec::new() }),

@@ -157,10 +157,11 @@ pub fn ietf_headers<'a, I>(
     }
 }
 
-/// Headers for the client's response describing every limit that applied.
-pub fn ratelimit_headers(d: &Decision, dialect: HeaderDialect) -> Vec<(&'static str, String)> {
-    let mut out = Vec::with_capacity(6);
-    let Some(closest) = tightest(&d.quotas) else { return out };
+/// The client headers describing every limit that applied, handed to `emit`: the `RateLimit*`
+/// headers in `dialect`, the reference's `X-RateLimit-*` for the closest limit, and
+/// `X-Quota-Warning` past `quota_warning` of the daily quota.
+pub fn ratelimit_headers(d: &Decision, dialect: HeaderDialect, mut emit: impl FnMut(&'static str, String)) {
+    let Some(closest) = tightest(&d.quotas) else { return };
     let limits = d.quotas.iter().map(|q| LimitState {
         name: q.kind.as_str(),
         quota: q.limit.quota(),
@@ -168,14 +169,13 @@ pub fn ratelimit_headers(d: &Decision, dialect: HeaderDialect) -> Vec<(&'static 
         remaining: q.verdict.remaining,
         reset: secs_ceil(q.verdict.reset),
     });
-    ietf_headers(dialect, limits.clone(), closest, |k, v| out.push((k, v)));
+    ietf_headers(dialect, limits.clone(), closest, &mut emit);
     if let Some(c) = limits.clone().nth(closest) {
-        x_ratelimit_headers(XRateLimit::Reference, c, |k, v| out.push((k, v)));
+        x_ratelimit_headers(XRateLimit::Reference, c, &mut emit);
     }
     if let Some(bp) = d.quota_warning {
-        out.push((QUOTA_WARNING_HEADER, format!("{}% of the daily quota used", bp / 100)));
+        emit(QUOTA_WARNING_HEADER, format!("{}% of the daily quota used", bp / 100));
     }
-    out
 }
 
 /// The client headers of an RLS answer, handed to `emit`: the `RateLimit*` headers in `dialect`
@@ -256,15 +256,8 @@ pub fn deny_body(d: &Decision, request_id: &str, now: Micros) -> String {
     body.to_string()
 }
 
-/// A structured-field string (RFC 9651 section 3.3.3), quoted and escaped.
-pub fn sf_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    push_sf_string(&mut out, s);
-    out
-}
-
 /// The reference guide's 429 body.
-pub fn too_many_requests_body(retry_after_secs: u64, remaining: u64, now: Micros) -> String {
+fn too_many_requests_body(retry_after_secs: u64, remaining: u64, now: Micros) -> String {
     serde_json::json!({
         "status": 429,
         "error": Reason::TierRateExceeded.client_error(),
@@ -273,11 +266,6 @@ pub fn too_many_requests_body(retry_after_secs: u64, remaining: u64, now: Micros
         "retry_after": retry_after_secs,
     })
     .to_string()
-}
-
-/// Whole seconds, rounded up (the unit of every header and body field we send).
-pub fn whole_secs(us: Micros) -> u64 {
-    secs_ceil(us)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! How a decision is recorded, once, on the engine's side for every adapter: one structured log
 //! line at debug (target `portcullis::decision`) and, with an audit trail, the reference guide's
-//! audit record with credentials masked as it is built.
+//! audit record with credentials masked as it is built; and the audit event of a completion.
 
 use std::time::Duration;
 
@@ -59,6 +59,22 @@ pub(super) fn audit_event(
     };
     let mut ev = crate::audit::event::build(&input, &audit.mask);
     ev.insert("event".into(), "decision".into());
+    ev
+}
+
+/// The audit event of a finished request (Envoy's access log or the native `Complete`).
+pub(super) fn completion_event(
+    audit: &crate::audit::Audit,
+    c: &super::Completion<'_>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut ev = serde_json::Map::new();
+    ev.insert("event".into(), "completion".into());
+    ev.insert("request_id".into(), c.request_id.into());
+    ev.insert("timestamp".into(), clock::rfc3339(clock::now_micros()).into());
+    ev.insert("response_code".into(), c.status.into());
+    ev.insert("processing_time".into(), c.total_ms.into());
+    ev.insert("upstream_error".into(), c.upstream_error.into());
+    ev.insert("instance".into(), audit.instance.clone().into());
     ev
 }
 

@@ -204,15 +204,7 @@ impl<S: Store> Engine<S> {
             m.completion(c.upstream_error, c.latency);
         }
         if let Some(audit) = self.audit() {
-            let mut ev = serde_json::Map::new();
-            ev.insert("event".into(), "completion".into());
-            ev.insert("request_id".into(), c.request_id.into());
-            ev.insert("timestamp".into(), clock::rfc3339(clock::now_micros()).into());
-            ev.insert("response_code".into(), c.status.into());
-            ev.insert("processing_time".into(), c.total_ms.into());
-            ev.insert("upstream_error".into(), c.upstream_error.into());
-            ev.insert("instance".into(), audit.instance.clone().into());
-            audit.record(ev);
+            audit.record(super::record::completion_event(audit, c));
         }
         released
     }

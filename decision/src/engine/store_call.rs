@@ -100,10 +100,13 @@ impl<S: Store> Engine<S> {
         Ok(self.local.admit_now(&Admission { cfg: &shared, ..*a }, returning, now))
     }
 
-    /// A waiter that gives up leaves the queue (a failure is only logged: its place expires).
+    /// A waiter that gives up leaves the queue (a failure is only logged: its place expires),
+    /// and under `local_share` the local one, where it may have waited while the store failed.
     pub(super) async fn leave(&self, upstream: &str, lease: &str) {
         let _ = self.bounded(self.store.leave(upstream, lease)).await;
-        self.local.leave_now(upstream, lease);
+        if self.store.local_share_instances().is_some() {
+            self.local.leave_now(upstream, lease);
+        }
     }
 
     /// A completion for the store or, while it fails under `local_share`, for the local shares

@@ -108,14 +108,7 @@ pub trait Store: Send + Sync + 'static {
         a: &Admission<'_>,
         now: Micros,
     ) -> impl Future<Output = Result<Planned, StoreError>> + Send {
-        async move {
-            let verdicts = self.apply(ops, now).await?;
-            if decision_core::plan::refuses(ops, &verdicts) {
-                return Ok(Planned { verdicts, admitted: None });
-            }
-            let admitted = self.admit(a, false, now).await?;
-            Ok(Planned { verdicts, admitted: Some(admitted) })
-        }
+        apply_then_admit(self, ops, a, now)
     }
 
     /// Whether `apply_admit` makes one call of the plan and the admission (a single Redis node);
@@ -165,4 +158,20 @@ pub trait Store: Send + Sync + 'static {
     fn ready(&self) -> bool {
         true
     }
+}
+
+/// `Store::apply_admit` in two calls: the plan, then, if it committed, the admission (the
+/// default, and a Redis Cluster's, where the upstream's keys sit in a hash slot of their own).
+pub async fn apply_then_admit<S: Store + ?Sized>(
+    store: &S,
+    ops: &[Op],
+    a: &Admission<'_>,
+    now: Micros,
+) -> Result<Planned, StoreError> {
+    let verdicts = store.apply(ops, now).await?;
+    if decision_core::plan::refuses(ops, &verdicts) {
+        return Ok(Planned { verdicts, admitted: None });
+    }
+    let admitted = store.admit(a, false, now).await?;
+    Ok(Planned { verdicts, admitted: Some(admitted) })
 }

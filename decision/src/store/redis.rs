@@ -552,12 +552,7 @@ impl Store for RedisStore {
     async fn apply_admit(&self, ops: &[Op], a: &Admission<'_>, now: Micros) -> Result<Planned, StoreError> {
         // on a cluster the upstream's keys sit in a slot of their own: two calls
         if matches!(self.conns, Conns::Cluster(_)) || ops.is_empty() {
-            let verdicts = self.apply(ops, now).await?;
-            if refuses(ops, &verdicts) {
-                return Ok(Planned { verdicts, admitted: None });
-            }
-            let admitted = self.admit(a, false, now).await?;
-            return Ok(Planned { verdicts, admitted: Some(admitted) });
+            return super::apply_then_admit(self, ops, a, now).await;
         }
         let (upstream, lease, cfg) = (a.upstream, a.lease, a.cfg);
         self.through_cache(ops, now, async {
