@@ -7,6 +7,8 @@ use decision_core::quota::Limit;
 use decision_core::units::{MICROS_PER_MINUTE, MICROS_PER_SEC};
 use proptest::prelude::*;
 
+use redis::cluster_routing::Slot;
+
 use super::*;
 use crate::store::MemoryStore;
 use crate::store::conformance;

@@ -1,0 +1,159 @@
+//! The connections to Redis: `pool_size` multiplexed connections used in turn (each pipelines
+//! the calls made on it concurrently), to one node or to a cluster, made lazily so portcullis
+//! starts while Redis is unreachable and reconnects on its own.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+
+use super::settings::{RedisSettings, redacted};
+use crate::store::StoreError;
+
+/// Multiplexed connections, used in turn.
+enum Conns {
+    Single(Vec<ConnectionManager>),
+    /// each one knows the whole cluster: it routes a call by its first key's slot, follows MOVED
+    /// and ASK, and learns the new layout after a failover
+    Cluster(Vec<ClusterConnection>),
+}
+
+/// The connections of one store, and the clients its freed-slot subscription uses.
+pub(super) struct Pool {
+    conns: Conns,
+    next: AtomicUsize,
+    /// where to subscribe to the freed-slot notifications: the node, or each cluster node in turn
+    /// (a cluster delivers a PUBLISH to subscribers on every node)
+    pub notify: Vec<redis::Client>,
+    /// how long a probe may take (the store timeout, at least 250 ms)
+    probe_timeout: Duration,
+}
+
+impl Pool {
+    /// Prepares the connections of `s` (none is made yet). Errors: an invalid URL, or a `ca_file`
+    /// that cannot be read.
+    pub fn open(s: &RedisSettings) -> Result<Pool, StoreError> {
+        let invalid = |url: &str, e: redis::RedisError| {
+            StoreError::Unavailable(format!("invalid Redis URL {}: {e}", redacted(url)))
+        };
+        // rediss:// with a private CA; without one, rediss:// trusts the system's roots
+        let certs = match &s.ca_file {
+            Some(ca) => {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| StoreError::Unavailable(format!("cannot read {}: {e}", ca.display())))?;
+                Some(redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
+            }
+            None => None,
+        };
+        let client = |url: &str| match &certs {
+            Some(c) => redis::Client::build_with_tls(url, c.clone()).map_err(|e| invalid(url, e)),
+            None => redis::Client::open(url).map_err(|e| invalid(url, e)),
+        };
+        let connect_timeout = s.timeout.max(Duration::from_millis(250));
+        let pool = s.pool_size.max(1);
+        let (notify, conns) = if s.cluster.is_empty() {
+            let client = client(&s.url)?;
+            let config = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(s.timeout))
+                .set_connection_timeout(Some(connect_timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_secs(1));
+            let mut conns = Vec::with_capacity(pool);
+            for _ in 0..pool {
+                let c = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                conns.push(c);
+            }
+            (vec![client], Conns::Single(conns))
+        } else {
+            let mut builder = redis::cluster::ClusterClientBuilder::new(s.cluster.iter().map(String::as_str))
+                .connection_timeout(connect_timeout)
+                .response_timeout(s.timeout)
+                .retries(2);
+            if let Some(c) = &certs {
+                builder = builder.certs(c.clone());
+            }
+            let cluster = builder.build().map_err(|e| invalid(&s.cluster[0], e))?;
+            let config = redis::cluster::ClusterConfig::new()
+                .set_connection_timeout(connect_timeout)
+                .set_response_timeout(s.timeout);
+            let conns = (0..pool).map(|_| cluster.get_pending_async_connection_with_config(config.clone())).collect();
+            let notify = s.cluster.iter().map(|u| client(u)).collect::<Result<_, _>>()?;
+            (notify, Conns::Cluster(conns))
+        };
+        Ok(Pool { conns, next: AtomicUsize::new(0), notify, probe_timeout: connect_timeout })
+    }
+
+    /// Whether the connections are to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conns, Conns::Cluster(_))
+    }
+
+    /// The index of the connection the next call uses: each in turn (round robin over `n`).
+    fn next_connection(&self, n: usize) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % n
+    }
+
+    /// One script call on the next connection; the reply is a flat list of integers.
+    pub async fn invoke(&self, inv: &redis::ScriptInvocation<'_>) -> redis::RedisResult<Vec<i64>> {
+        match &self.conns {
+            Conns::Single(c) => inv.invoke_async::<Vec<i64>>(&mut c[self.next_connection(c.len())].clone()).await,
+            Conns::Cluster(c) => inv.invoke_async::<Vec<i64>>(&mut c[self.next_connection(c.len())].clone()).await,
+        }
+    }
+
+    /// Whether the server answers a PING (on a cluster: every master) within the probe timeout.
+    pub async fn ping(&self) -> bool {
+        let ping = redis::cmd("PING");
+        let answered = async {
+            match &self.conns {
+                Conns::Single(c) => {
+                    ping.query_async::<redis::Value>(&mut c[self.next_connection(c.len())].clone()).await
+                }
+                // every master must answer, each asked by its address: a PING the client routes
+                // to one random node, or fans out to the masters it still holds connections to,
+                // reports a cluster with a dead master as ready
+                Conns::Cluster(c) => ping_every_master(&mut c[self.next_connection(c.len())].clone()).await,
+            }
+        };
+        matches!(tokio::time::timeout(self.probe_timeout, answered).await, Ok(Ok(_)))
+    }
+}
+
+/// PINGs every master of the cluster's slot layout (`CLUSTER SLOTS`, asked of any node), each by
+/// its address: a master the client holds no live connection to fails the probe instead of being
+/// left out of the fan-out. Errors: the first failed PING, or a layout with no master.
+async fn ping_every_master(conn: &mut ClusterConnection) -> redis::RedisResult<redis::Value> {
+    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+    let slots: redis::Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+    let mut masters: Vec<(String, u16)> = Vec::new();
+    if let redis::Value::Array(ranges) = slots {
+        for range in ranges {
+            // [start, end, [host, port, id, ...], replicas...]
+            let redis::Value::Array(fields) = range else { continue };
+            let Some(redis::Value::Array(master)) = fields.get(2) else { continue };
+            let host = match master.first() {
+                Some(redis::Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+                Some(redis::Value::SimpleString(h)) => h.clone(),
+                _ => continue,
+            };
+            let Some(redis::Value::Int(port)) = master.get(1) else { continue };
+            let Ok(port) = u16::try_from(*port) else { continue };
+            if !masters.iter().any(|(h, p)| *h == host && *p == port) {
+                masters.push((host, port));
+            }
+        }
+    }
+    if masters.is_empty() {
+        return Err((redis::ErrorKind::ClusterConnectionNotFound, "CLUSTER SLOTS named no master").into());
+    }
+    let pings = masters.into_iter().map(|(host, port)| {
+        let mut conn = conn.clone();
+        async move {
+            let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+            conn.route_command(redis::cmd("PING"), to).await
+        }
+    });
+    futures_util::future::try_join_all(pings).await.map(|_| redis::Value::Okay)
+}

@@ -1,0 +1,302 @@
+//! The fleet store: every counter in Redis, so any number of portcullis instances agree as if
+//! they were one process. A plan is one script call (`lua/apply.lua`, run by EVALSHA and
+//! reloaded on NOSCRIPT after a failover or a SCRIPT FLUSH) on one of `pool_size` multiplexed
+//! connections, which pipeline concurrent calls; time comes from the Redis server.
+//!
+//! On Redis Cluster the keys of one plan may live in several slots (an address's keys and an
+//! identity's keys carry different hash tags). Such a plan is split by slot and kept
+//! all-or-nothing by checking every part (the script with commit 0) before counting any; only
+//! a race between the check and the count (another instance taking the last unit meanwhile) can
+//! count a part of a refused plan, which errs towards refusing, never towards allowing.
+//!
+//! The script decides `allowed` and stores the new states; it returns the state each operation
+//! saw, and the verdict (remaining, reset, retry-after) is recomputed here with the same pure
+//! function the memory store uses, so both stores answer alike by construction. A disagreement
+//! on `allowed` between the script and the Rust math is reported as an error, never hidden.
+//!
+//! One file per job: `settings` (what the policy gives), `connection` (the pool, the probe),
+//! `scripts` (the Lua), `plan` (the plan codec), `traffic` (slots, queue and breaker).
+
+mod connection;
+mod plan;
+mod scripts;
+mod settings;
+mod traffic;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use decision_core::plan::{Op, refuses};
+use decision_core::quota::Verdict;
+use decision_core::traffic::Admit;
+use decision_core::units::Micros;
+
+use self::connection::Pool;
+use self::plan::{Replies, decode};
+use self::scripts::Scripts;
+pub use self::settings::{RedisSettings, redacted};
+pub use self::traffic::FREED_CHANNEL;
+use super::over_limit::OverLimitCache;
+use super::{Admission, Planned, Release, Store, StoreError, UpstreamState};
+
+pub struct RedisStore {
+    pool: Pool,
+    scripts: Scripts,
+    timeout: Duration,
+    local_share: Option<u64>,
+    /// refused plans, answered without a call while they stay refused
+    over_limit: Option<OverLimitCache>,
+    ready: AtomicBool,
+    /// tests only: use the time passed to `apply` instead of the server's clock
+    test_clock: bool,
+}
+
+impl RedisStore {
+    /// Prepares the connections; they are made lazily, so portcullis starts (and reports the
+    /// store down on /readyz) while Redis is unreachable, and reconnects on its own. Errors: an
+    /// invalid URL, or a `ca_file` that cannot be read.
+    pub fn connect(s: &RedisSettings) -> Result<RedisStore, StoreError> {
+        Ok(RedisStore {
+            pool: Pool::open(s)?,
+            scripts: Scripts::new(),
+            timeout: s.timeout,
+            local_share: s.local_share,
+            over_limit: (s.over_limit_cache > 0).then(|| OverLimitCache::new(s.over_limit_cache)),
+            ready: AtomicBool::new(false),
+            test_clock: false,
+        })
+    }
+
+    /// Tests only: time comes from `apply`'s argument, so scenarios can step through windows.
+    pub fn with_test_clock(mut self) -> Self {
+        self.test_clock = true;
+        self
+    }
+
+    /// Checks the server (PING; on a cluster, every master) and records whether it answered; for
+    /// /readyz.
+    pub async fn probe(&self) -> bool {
+        let ok = self.pool.ping().await;
+        self.ready.store(ok, Ordering::Relaxed);
+        ok
+    }
+
+    /// The time the scripts use: the server's (-1), or under `with_test_clock` the caller's.
+    fn clock_arg(&self, now: Micros) -> i64 {
+        if self.test_clock { i64::try_from(now).unwrap_or(i64::MAX) } else { -1 }
+    }
+
+    /// A plan through the over-limit cache: answered from it while a refusal remembered there
+    /// still holds (with `T`'s default: no slot), else by `call`, whose refusal is remembered.
+    async fn through_cache<T: Default>(
+        &self,
+        ops: &[Op],
+        now: Micros,
+        call: impl Future<Output = Result<(Vec<Verdict>, Replies, T), StoreError>>,
+    ) -> Result<(Vec<Verdict>, T), StoreError> {
+        let cached = self.over_limit.as_ref().and_then(|c| Some((c, c.fingerprint(ops)?)));
+        if let Some((cache, plan)) = cached
+            && let Some(verdicts) = cache.refused(plan, ops, self.test_clock.then_some(now))
+        {
+            return Ok((verdicts, T::default()));
+        }
+        let sent = cached.map_or(0, |(c, _)| c.clock());
+        let (verdicts, replies, extra) = call.await?;
+        if let Some((cache, plan)) = cached
+            && refuses(ops, &verdicts)
+        {
+            let (at, states) = replies.seen(ops);
+            cache.remember(plan, ops, &verdicts, at, sent, states);
+        }
+        Ok((verdicts, extra))
+    }
+
+    /// One plan in Redis: one script call, or on a cluster, one per slot its keys fall in.
+    async fn apply_in_store(&self, ops: &[Op], now: Micros) -> Result<(Vec<Verdict>, Replies), StoreError> {
+        if !(self.pool.is_cluster() && plan::spans_slots(ops)) {
+            let reply = self.invoke(&self.plan_call(ops.iter(), true, now)).await?;
+            let mut verdicts = Vec::with_capacity(ops.len());
+            decode(&reply, ops.iter(), &mut verdicts)?;
+            return Ok((verdicts, Replies::One(reply)));
+        }
+        // a plan over several slots: the operations of each slot (in plan order), checked
+        // everywhere before anything is counted anywhere
+        let parts = &plan::by_slot(ops);
+        let round = |commit: bool| async move {
+            let calls = parts.iter().map(|idx| async move {
+                let reply = self.invoke(&self.plan_call(idx.iter().map(|&i| &ops[i]), commit, now)).await?;
+                let mut part = Vec::with_capacity(idx.len());
+                decode(&reply, idx.iter().map(|&i| &ops[i]), &mut part)?;
+                Ok::<_, StoreError>((part, reply))
+            });
+            let answers = futures_util::future::try_join_all(calls).await?;
+            let mut placed = vec![None; ops.len()];
+            let mut replies = Vec::with_capacity(parts.len());
+            for (idx, (part, reply)) in parts.iter().zip(answers) {
+                for (&i, v) in idx.iter().zip(part) {
+                    placed[i] = Some(v);
+                }
+                replies.push((idx.clone(), reply));
+            }
+            let verdicts: Vec<Verdict> = placed.into_iter().flatten().collect();
+            Ok::<_, StoreError>((verdicts, Replies::Parts(replies)))
+        };
+        let checked = round(false).await?;
+        if refuses(ops, &checked.0) {
+            return Ok(checked);
+        }
+        round(true).await
+    }
+
+    /// The apply.lua call for `ops` (all in one slot); `commit` false only checks them.
+    fn plan_call<'a>(
+        &'a self,
+        ops: impl Iterator<Item = &'a Op> + Clone,
+        commit: bool,
+        now: Micros,
+    ) -> redis::ScriptInvocation<'a> {
+        let mut inv = self.scripts.apply.prepare_invoke();
+        plan::plan_args(&mut inv, ops, self.clock_arg(now), commit);
+        inv
+    }
+
+    /// One traffic.lua call for `upstream` (a short hex key; its three keys share a hash tag).
+    async fn traffic_call(&self, upstream: &str, args: &[String]) -> Result<Vec<i64>, StoreError> {
+        let mut inv = self.scripts.traffic.prepare_invoke();
+        traffic::upstream_keys(&mut inv, upstream);
+        for a in args {
+            inv.arg(a.as_str());
+        }
+        self.invoke(&inv).await
+    }
+
+    /// One script call on the next connection; records whether the server answered (a failed
+    /// call also empties the over-limit cache).
+    async fn invoke(&self, inv: &redis::ScriptInvocation<'_>) -> Result<Vec<i64>, StoreError> {
+        let answered = self.pool.invoke(inv).await;
+        self.ready.store(answered.is_ok(), Ordering::Relaxed);
+        if answered.is_err()
+            && let Some(cache) = &self.over_limit
+        {
+            cache.forget_all();
+        }
+        answered.map_err(|e| {
+            if e.is_timeout() { StoreError::Timeout(self.timeout) } else { StoreError::Unavailable(e.to_string()) }
+        })
+    }
+}
+
+impl Store for RedisStore {
+    async fn admit(
+        &self,
+        a: &Admission<'_>,
+        returning: bool,
+        now: Micros,
+    ) -> Result<(Admit, UpstreamState), StoreError> {
+        let r =
+            self.traffic_call(a.upstream, &traffic::admit_args(self.clock_arg(now), a.lease, returning, a.cfg)).await?;
+        traffic::admitted(&r)
+    }
+
+    async fn apply_admit(&self, ops: &[Op], a: &Admission<'_>, now: Micros) -> Result<Planned, StoreError> {
+        // on a cluster the upstream's keys sit in a slot of their own: two calls
+        if self.pool.is_cluster() || ops.is_empty() {
+            return super::apply_then_admit(self, ops, a, now).await;
+        }
+        let (upstream, lease, cfg) = (a.upstream, a.lease, a.cfg);
+        self.through_cache(ops, now, async {
+            let mut inv = self.scripts.plan_admit.prepare_invoke();
+            inv.arg(ops.len()).arg(2 + 5 * ops.len());
+            plan::plan_args(&mut inv, ops.iter(), self.clock_arg(now), true);
+            traffic::upstream_keys(&mut inv, upstream);
+            for a in traffic::admit_args(self.clock_arg(now), lease, false, cfg) {
+                inv.arg(a);
+            }
+            let reply = self.invoke(&inv).await?;
+            let planned = 2 + 4 * ops.len();
+            let mut verdicts = Vec::with_capacity(ops.len());
+            decode(reply.get(..planned).unwrap_or(&reply), ops.iter(), &mut verdicts)?;
+            let admission = match (refuses(ops, &verdicts), reply.get(planned..)) {
+                (true, Some([])) => None,
+                (false, Some(r)) if !r.is_empty() => Some(traffic::admitted(r)?),
+                _ => return Err(StoreError::Script(format!("plan_admit.lua answered {reply:?}"))),
+            };
+            Ok((verdicts, Replies::One(reply), admission))
+        })
+        .await
+        .map(|(verdicts, admitted)| Planned { verdicts, admitted })
+    }
+
+    async fn leave(&self, upstream: &str, lease: &str) -> Result<(), StoreError> {
+        self.traffic_call(upstream, &traffic::leave_args(lease)).await.map(|_| ())
+    }
+
+    async fn complete(&self, r: &Release<'_>, now: Micros) -> Result<(bool, UpstreamState), StoreError> {
+        let reply = self.traffic_call(r.upstream, &traffic::complete_args(self.clock_arg(now), r)).await?;
+        traffic::completed(&reply)
+    }
+
+    async fn apply(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
+        let (verdicts, ()) = self
+            .through_cache(ops, now, async {
+                let (verdicts, replies) = self.apply_in_store(ops, now).await?;
+                Ok((verdicts, replies, ()))
+            })
+            .await?;
+        Ok(verdicts)
+    }
+
+    fn watch_freed(&self, wake: std::sync::Arc<dyn Fn(&str) + Send + Sync>) {
+        let clients = self.pool.notify.clone();
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            for client in clients.iter().cycle() {
+                match client.get_async_pubsub().await {
+                    Ok(mut pubsub) => match pubsub.subscribe(FREED_CHANNEL).await {
+                        Ok(()) => {
+                            let mut messages = pubsub.on_message();
+                            while let Some(msg) = messages.next().await {
+                                if let Ok(up) = msg.get_payload::<String>() {
+                                    wake(&up);
+                                }
+                            }
+                            tracing::warn!("redis notification channel closed; resubscribing");
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot subscribe to redis notifications"),
+                    },
+                    Err(e) => tracing::debug!(error = %e, "redis notifications: cannot connect"),
+                }
+                // waiters still look again every quarter second meanwhile
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    fn local_share_instances(&self) -> Option<u64> {
+        self.local_share
+    }
+
+    fn apply_admit_is_one_call(&self) -> bool {
+        // on a cluster the upstream's keys sit in a slot of their own
+        !self.pool.is_cluster()
+    }
+
+    fn over_limit_hits(&self) -> Option<prometheus_client::metrics::counter::Counter> {
+        self.over_limit.as_ref().map(OverLimitCache::hits)
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        Some(self.timeout)
+    }
+
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,50 @@
+//! How a `RedisStore` connects: the settings the policy's `store` section gives, and the URL
+//! as it may be logged.
+
+use std::time::Duration;
+
+/// How a `RedisStore` connects.
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]`; the password is never logged (with `cluster`: its
+    /// first node)
+    pub url: String,
+    /// Redis Cluster: the nodes to discover the cluster from (empty: `url` is a single node)
+    pub cluster: Vec<String>,
+    /// the longest one store call may take before `on_store_error` applies
+    pub timeout: Duration,
+    /// multiplexed connections, used in turn
+    pub pool_size: usize,
+    /// `rediss://`: CA certificates (PEM) to trust instead of the system's
+    pub ca_file: Option<std::path::PathBuf>,
+    /// `local_share.expected_instances`: while Redis fails, each limit divided by this, in memory
+    pub local_share: Option<u64>,
+    /// refused plans remembered at most (0: no over-limit cache)
+    pub over_limit_cache: usize,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &redacted(&self.url))
+            .field("cluster", &self.cluster.iter().map(|u| redacted(u)).collect::<Vec<_>>())
+            .field("timeout", &self.timeout)
+            .field("pool_size", &self.pool_size)
+            .field("ca_file", &self.ca_file)
+            .field("local_share", &self.local_share)
+            .field("over_limit_cache", &self.over_limit_cache)
+            .finish()
+    }
+}
+
+/// The URL with any password replaced by `****`.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:****@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
