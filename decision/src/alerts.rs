@@ -7,20 +7,25 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::{LazyLock, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde_json::{Map, Value};
 
 use crate::clock;
 
-/// Alerts raised, by kind and level (`portcullis_alerts_total`).
-pub static ALERTS: LazyLock<Family<[(&'static str, &'static str); 2], Counter>> = LazyLock::new(Family::default);
-/// Webhook deliveries that failed after every retry, or found the queue full
-/// (`portcullis_alert_webhook_failures_total`).
-pub static WEBHOOK_FAILURES: LazyLock<Counter> = LazyLock::new(Counter::default);
+/// The monitor's counters, registered by `Monitor::new`.
+#[derive(Debug, Clone, Default)]
+struct AlertMetrics {
+    /// alerts raised, by kind and level (`portcullis_alerts_total`)
+    alerts: Family<[(&'static str, &'static str); 2], Counter>,
+    /// webhook deliveries that failed after every retry, or found the queue full
+    /// (`portcullis_alert_webhook_failures_total`)
+    webhook_failures: Counter,
+}
 
 /// Completions and addresses are judged over this window.
 const WINDOW: Duration = Duration::from_secs(60);
@@ -114,20 +119,34 @@ pub struct Monitor {
     state: Mutex<State>,
     hooks: Option<tokio::sync::mpsc::Sender<String>>,
     instance: String,
+    metrics: AlertMetrics,
 }
 
 impl Monitor {
-    /// A monitor; webhooks are posted from a task on `runtime`.
-    pub fn new(settings: AlertSettings, instance: String, runtime: Option<&tokio::runtime::Handle>) -> Monitor {
+    /// A monitor whose counters are registered into `registry` (`portcullis_alerts_total`,
+    /// `portcullis_alert_webhook_failures_total`); webhooks are posted from a task on `runtime`.
+    pub fn new(
+        settings: AlertSettings,
+        instance: String,
+        runtime: Option<&tokio::runtime::Handle>,
+        registry: &mut Registry,
+    ) -> Monitor {
+        let metrics = AlertMetrics::default();
+        registry.register("alerts", "Alerts raised, by kind and level", metrics.alerts.clone());
+        registry.register(
+            "alert_webhook_failures",
+            "Alert webhook deliveries that failed after every retry (or found the queue full)",
+            metrics.webhook_failures.clone(),
+        );
         let hooks = match runtime {
             Some(rt) if !settings.webhooks.is_empty() => {
                 let (tx, rx) = tokio::sync::mpsc::channel(WEBHOOK_QUEUE);
-                rt.spawn(deliver(settings.webhooks.clone(), rx));
+                rt.spawn(deliver(settings.webhooks.clone(), rx, metrics.webhook_failures.clone()));
                 Some(tx)
             }
             _ => None,
         };
-        Monitor { settings, state: Mutex::new(State::default()), hooks, instance }
+        Monitor { settings, state: Mutex::new(State::default()), hooks, instance, metrics }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -135,7 +154,7 @@ impl Monitor {
     }
 
     fn raise(&self, kind: &'static str, level: Level, value: f64, threshold: f64, ip: Option<IpAddr>) -> Raised {
-        ALERTS.get_or_create(&[("kind", kind), ("level", level.as_str())]).inc();
+        self.metrics.alerts.get_or_create(&[("kind", kind), ("level", level.as_str())]).inc();
         let mut ev = Map::new();
         ev.insert("event".into(), "alert".into());
         ev.insert("timestamp".into(), clock::rfc3339(clock::now_micros()).into());
@@ -162,7 +181,7 @@ impl Monitor {
             && let Some(tx) = &self.hooks
             && tx.try_send(Value::Object(ev.clone()).to_string()).is_err()
         {
-            WEBHOOK_FAILURES.inc();
+            self.metrics.webhook_failures.inc();
         }
         let block = (kind == "failed_auth" && level == Level::Critical && self.settings.block_on_critical)
             .then_some(ip)
@@ -277,7 +296,7 @@ impl Monitor {
 }
 
 /// Posts every alert to every webhook: three tries with backoff each, on tasks of their own.
-async fn deliver(hooks: Vec<crate::https::Url>, mut rx: tokio::sync::mpsc::Receiver<String>) {
+async fn deliver(hooks: Vec<crate::https::Url>, mut rx: tokio::sync::mpsc::Receiver<String>, failures: Counter) {
     let client = match crate::https::HttpsClient::new(None, Duration::from_secs(5), 64 * 1024) {
         Ok(c) => c,
         Err(e) => {
@@ -287,7 +306,7 @@ async fn deliver(hooks: Vec<crate::https::Url>, mut rx: tokio::sync::mpsc::Recei
     };
     while let Some(body) = rx.recv().await {
         for url in &hooks {
-            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            let (client, url, body, failures) = (client.clone(), url.clone(), body.clone(), failures.clone());
             tokio::spawn(async move {
                 let mut delay = Duration::from_millis(200);
                 for attempt in 1..=3 {
@@ -299,7 +318,7 @@ async fn deliver(hooks: Vec<crate::https::Url>, mut rx: tokio::sync::mpsc::Recei
                     tokio::time::sleep(delay).await;
                     delay *= 4;
                 }
-                WEBHOOK_FAILURES.inc();
+                failures.inc();
             });
         }
     }
@@ -323,7 +342,7 @@ mod tests {
 
     #[test]
     fn failed_auth_alerts_once_per_level_per_address() {
-        let m = Monitor::new(settings(), "pc".into(), None);
+        let m = Monitor::new(settings(), "pc".into(), None, &mut Registry::default());
         let ip: IpAddr = "192.0.2.7".parse().expect("ip");
         let other: IpAddr = "192.0.2.8".parse().expect("ip");
         let levels: Vec<Option<String>> = (0..7)
@@ -332,14 +351,14 @@ mod tests {
         assert_eq!(levels, [None, None, Some("warn".into()), None, Some("critical".into()), None, None]);
         assert!(m.failed_auth(other).is_none(), "addresses are judged apart");
         // the critical one asks for a block
-        let m = Monitor::new(settings(), "pc".into(), None);
+        let m = Monitor::new(settings(), "pc".into(), None, &mut Registry::default());
         let blocks: Vec<Option<IpAddr>> = (0..5).filter_map(|_| m.failed_auth(ip)).map(|r| r.block).collect();
         assert_eq!(blocks, [None, Some(ip)]);
     }
 
     #[test]
     fn error_rate_and_response_time_over_the_last_minute() {
-        let m = Monitor::new(settings(), "pc".into(), None);
+        let m = Monitor::new(settings(), "pc".into(), None, &mut Registry::default());
         for i in 0..19 {
             m.completion(i < 10, Duration::from_millis(3000));
         }

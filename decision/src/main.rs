@@ -276,31 +276,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Audit { command: AuditCommand::Export { url, key } } => {
-            let client = redis::Client::open(url.as_str()).context("the Redis URL")?;
-            let mut conn =
-                client.get_connection_with_timeout(std::time::Duration::from_secs(5)).context("connecting to Redis")?;
-            let mut from = "-".to_owned();
-            let mut out = std::io::stdout().lock();
-            loop {
-                let page: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg(&from)
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query(&mut conn)
-                    .context("XRANGE")?;
-                let Some((last, _)) = page.last() else { break };
-                from = format!("({last}");
-                for (_, fields) in &page {
-                    for (name, value) in fields {
-                        if name == "event" {
-                            std::io::Write::write_all(&mut out, value.as_bytes())?;
-                            std::io::Write::write_all(&mut out, b"\n")?;
-                        }
-                    }
-                }
-            }
+            decision::audit::export::redis_stream(&url, &key, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Report { since, until, json, files } => {

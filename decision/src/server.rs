@@ -107,7 +107,11 @@ fn stop_signal() -> impl std::future::Future<Output = ()> {
 /// Reloads the policy on SIGHUP: a valid file is swapped in, an invalid one is refused with
 /// its problems and the old policy keeps serving. Like `stop_signal`, the handler is installed
 /// when this is called.
-fn reload_on_hangup<S: Store>(engine: Arc<Engine<S>>, file: PathBuf) -> impl std::future::Future<Output = ()> {
+fn reload_on_hangup<S: Store>(
+    engine: Arc<Engine<S>>,
+    file: PathBuf,
+    auth_metrics: crate::auth::AuthMetrics,
+) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     async move {
@@ -118,7 +122,7 @@ fn reload_on_hangup<S: Store>(engine: Arc<Engine<S>>, file: PathBuf) -> impl std
                 return;
             };
             while hup.recv().await.is_some() {
-                match config::load(&file) {
+                match config::load_with(&file, &auth_metrics) {
                     Ok(cfg) => {
                         engine.replace_policy(cfg.policy);
                         engine.metrics.reload(true);
@@ -132,7 +136,7 @@ fn reload_on_hangup<S: Store>(engine: Arc<Engine<S>>, file: PathBuf) -> impl std
             }
         }
         #[cfg(not(unix))]
-        let _ = (engine, file);
+        let _ = (engine, file, auth_metrics);
     }
 }
 
@@ -146,6 +150,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         StoreSettings::Redis(r) => {
             let store = RedisStore::connect(&r)?;
             let engine = Arc::new(Engine::new(cfg.policy.clone(), store));
+            engine.store().register_metrics(&mut engine.metrics.registry());
             if r.cluster.is_empty() {
                 tracing::info!(url = %crate::store::redis::redacted(&r.url), timeout_ms = r.timeout.as_millis(), pool_size = r.pool_size, "using the Redis store");
             } else {
@@ -195,10 +200,12 @@ async fn serve_memory(cfg: Config) -> Result<(), ServeError> {
 
 async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeError> {
     engine.watch_freed();
+    cfg.auth_metrics.register(&mut engine.metrics.registry());
     let audit = match &cfg.settings.audit {
         Some(a) => {
             let audit =
-                crate::audit::Audit::start(a, Some(tokio::runtime::Handle::current())).map_err(ServeError::Http)?;
+                crate::audit::Audit::start(a, Some(tokio::runtime::Handle::current()), &mut engine.metrics.registry())
+                    .map_err(ServeError::Http)?;
             tracing::info!(instance = %a.instance, sinks = a.sinks.len(), "audit trail on");
             engine.set_audit(audit.clone());
             Some(audit)
@@ -207,8 +214,12 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
     };
     if let Some(a) = &cfg.settings.alerts {
         let instance = cfg.settings.audit.as_ref().map_or_else(crate::audit::host_name, |a| a.instance.clone());
-        let monitor =
-            Arc::new(crate::alerts::Monitor::new(a.clone(), instance, Some(&tokio::runtime::Handle::current())));
+        let monitor = Arc::new(crate::alerts::Monitor::new(
+            a.clone(),
+            instance,
+            Some(&tokio::runtime::Handle::current()),
+            &mut engine.metrics.registry(),
+        ));
         engine.set_alerts(monitor.clone());
         let engine = engine.clone();
         tokio::spawn(async move {
@@ -233,7 +244,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
     let serving = Arc::new(AtomicBool::new(true));
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(reload_on_hangup(engine.clone(), cfg.file.clone()));
+    tokio::spawn(reload_on_hangup(engine.clone(), cfg.file.clone(), cfg.auth_metrics.clone()));
     {
         let serving = serving.clone();
         let health_reporter = health_reporter.clone();

@@ -93,6 +93,9 @@ async fn failed_authentications_raise_warn_then_critical_and_block_the_address()
         .expect("metrics")
         .body;
     assert!(metrics.contains("portcullis_alerts_total{kind=\"failed_auth\",level=\"critical\"} 1"), "{metrics}");
+    // the audit writer's counters are registered too, and count the events sealed so far
+    let sealed = metrics.lines().find_map(|l| l.strip_prefix("portcullis_audit_events_total ")?.parse::<u64>().ok());
+    assert!(sealed.is_some_and(|n| n > 0), "{metrics}");
     // the audit checkpoints reached the anchor, signed or not, naming this instance's chain
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !got.lock().expect("lock").iter().any(|a| a["event"] == "checkpoint" && a["covers"].as_u64() > Some(0)) {

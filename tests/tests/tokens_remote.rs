@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use proto::ext_authz::CheckResponse;
 use proto::ext_authz::authorization_client::AuthorizationClient;
 use serde_json::json;
-use tests::{Portcullis, TestIssuer, check_request, denied_status, reference_policy, workspace_root};
+use tests::{HttpClient, Portcullis, TestIssuer, check_request, denied_status, reference_policy, workspace_root};
 use tonic::transport::Channel;
 
 const ISS: &str = "https://auth.example.com/";
@@ -127,6 +127,19 @@ async fn jwks_url_keys_are_fetched_and_a_rotation_needs_no_restart() {
     assert_eq!(denied_status(&check(&mut c, &token("rsa.pem", "unknown-kid", "eve")).await), Some(401));
     assert_eq!(denied_status(&check(&mut c, &next).await), None, "a failed fetch keeps the last good set");
     p.wait_for_log("the fetch failure", |l| l.contains("JWKS fetch failed")).await.expect("logged");
+    // the verifier's counters reach /metrics: three good fetches (start, unknown kid, rotation)
+    // and at least the one that failed
+    assert!(metric(&p, "portcullis_jwks_fetches_total").await >= 3);
+    assert!(metric(&p, "portcullis_jwks_fetch_errors_total").await >= 1);
+}
+
+/// One counter's value on the admin port's /metrics (0 when it is not there).
+async fn metric(p: &Portcullis, name: &str) -> u64 {
+    let body =
+        HttpClient::new().request("GET", &format!("http://{}/metrics", p.http), &[], "").await.expect("metrics").body;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not on /metrics:\n{body}"))
 }
 
 #[tokio::test]

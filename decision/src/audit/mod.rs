@@ -7,6 +7,7 @@
 pub mod chain;
 pub mod checkpoint;
 pub mod event;
+pub mod export;
 pub mod writer;
 
 use std::path::PathBuf;

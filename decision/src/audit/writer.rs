@@ -11,26 +11,49 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use serde_json::{Map, Value};
 
 use super::chain::Chain;
 use super::{AuditSettings, Fsync, SinkSettings, checkpoint};
 use crate::clock;
 
-/// Events sealed and handed to the sinks (`portcullis_audit_events_total`).
-pub static EVENTS: LazyLock<Counter> = LazyLock::new(Counter::default);
-/// Events lost because the writer's queue was full (`portcullis_audit_dropped_total`); the
-/// writer only seals in memory, so this stays zero unless it is starved of CPU.
-pub static DROPPED: LazyLock<Counter> = LazyLock::new(Counter::default);
-/// Events a slow sink spilled to disk (`portcullis_audit_spilled_total`).
-pub static SPILLED: LazyLock<Counter> = LazyLock::new(Counter::default);
-/// Failed sink writes, each retried (`portcullis_audit_sink_errors_total`).
-pub static SINK_ERRORS: LazyLock<Counter> = LazyLock::new(Counter::default);
+/// The audit trail's counters, registered by `Audit::start`.
+#[derive(Debug, Clone, Default)]
+pub struct AuditMetrics {
+    /// events sealed and handed to the sinks (`portcullis_audit_events_total`)
+    pub events: Counter,
+    /// events lost because the writer's queue was full, or a spill file refused them
+    /// (`portcullis_audit_dropped_total`); the writer only seals in memory, so this stays zero
+    /// unless it is starved of CPU or the disk is full
+    pub dropped: Counter,
+    /// events a slow sink spilled to disk (`portcullis_audit_spilled_total`)
+    pub spilled: Counter,
+    /// failed sink writes, each retried (`portcullis_audit_sink_errors_total`)
+    pub sink_errors: Counter,
+}
+
+impl AuditMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("audit_events", "Audit events sealed and handed to the sinks", self.events.clone());
+        registry.register(
+            "audit_dropped",
+            "Audit events lost because the writer's queue was full (target: zero)",
+            self.dropped.clone(),
+        );
+        registry.register(
+            "audit_spilled",
+            "Audit events a slow sink spilled to local disk (replayed in order)",
+            self.spilled.clone(),
+        );
+        registry.register("audit_sink_errors", "Failed audit sink writes (each retried)", self.sink_errors.clone());
+    }
+}
 
 /// Events waiting for the writer at most.
 const QUEUE: usize = 65_536;
@@ -49,29 +72,40 @@ pub struct Audit {
     /// headers masked besides the credential headers (lower case)
     pub mask: Vec<String>,
     pub instance: String,
+    metrics: AuditMetrics,
 }
 
 impl Audit {
-    /// Starts the writer and the sinks. `anchors` runs anchor webhook POSTs (a Tokio runtime).
-    pub fn start(s: &AuditSettings, runtime: Option<tokio::runtime::Handle>) -> std::io::Result<Arc<Audit>> {
+    /// Starts the writer and the sinks, and registers the trail's counters into `registry`.
+    /// `runtime` runs anchor webhook POSTs. Errors: the spill folder cannot be made, a file sink
+    /// cannot be opened, a thread cannot be started.
+    pub fn start(
+        s: &AuditSettings,
+        runtime: Option<tokio::runtime::Handle>,
+        registry: &mut Registry,
+    ) -> std::io::Result<Arc<Audit>> {
+        let metrics = AuditMetrics::default();
+        metrics.register(registry);
         std::fs::create_dir_all(&s.spill_dir)?;
         let started = clock::now_micros();
         let chain_name = format!("{}/{}", s.instance, started / 1000);
         let mut sinks = Vec::new();
         for (i, sink) in s.sinks.iter().enumerate() {
             let spill = s.spill_dir.join(format!("{}-{i}-{}.spill", sanitize(&s.instance), sink.kind()));
-            sinks.push(SinkHandle::start(sink.clone(), spill, s.sink_queue)?);
+            sinks.push(SinkHandle::start(sink.clone(), spill, s.sink_queue, &metrics)?);
         }
         let (tx, rx) = sync_channel(QUEUE);
         let settings = s.clone();
+        let events = metrics.events.clone();
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || write_loop(rx, chain_name, settings, sinks, runtime))?;
+            .spawn(move || write_loop(rx, chain_name, settings, sinks, runtime, events))?;
         Ok(Arc::new(Audit {
             tx,
             writer: Mutex::new(Some(writer)),
             mask: s.mask_headers.clone(),
             instance: s.instance.clone(),
+            metrics,
         }))
     }
 
@@ -80,7 +114,7 @@ impl Audit {
         match self.tx.try_send(Msg::Event(event)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                DROPPED.inc();
+                self.metrics.dropped.inc();
             }
         }
     }
@@ -105,13 +139,14 @@ fn write_loop(
     s: AuditSettings,
     sinks: Vec<SinkHandle>,
     runtime: Option<tokio::runtime::Handle>,
+    events: Counter,
 ) {
     let mut chain = Chain::new(&chain_name);
     let mut covered = 0;
     let mut next = clock::instant() + s.checkpoint_every;
     let mut emit = |chain: &mut Chain, event: Map<String, Value>| {
         let line = chain.seal(event);
-        EVENTS.inc();
+        events.inc();
         for sink in &sinks {
             sink.push(line.clone());
         }
@@ -368,16 +403,17 @@ struct Spill {
     /// true while lines are in the file: every new line then goes there too, behind them
     active: AtomicBool,
     lock: Mutex<()>,
+    metrics: AuditMetrics,
 }
 
 impl Spill {
     fn append(&self, line: &str) {
         if let Err(e) = append_line(&self.path, line) {
             // the disk refuses too: nothing left to keep the event in
-            DROPPED.inc();
+            self.metrics.dropped.inc();
             tracing::error!(file = %self.path.display(), error = %e, "cannot spill an audit event");
         } else {
-            SPILLED.inc();
+            self.metrics.spilled.inc();
         }
     }
 }
@@ -390,12 +426,22 @@ struct SinkHandle {
 }
 
 impl SinkHandle {
-    fn start(s: SinkSettings, spill_path: PathBuf, queue: usize) -> std::io::Result<SinkHandle> {
+    fn start(
+        s: SinkSettings,
+        spill_path: PathBuf,
+        queue: usize,
+        metrics: &AuditMetrics,
+    ) -> std::io::Result<SinkHandle> {
         let name = s.kind();
         let out = output(&s)?;
         // a spill file left by the last run is replayed first
         let left = std::fs::metadata(&spill_path).is_ok_and(|m| m.len() > 0);
-        let spill = Arc::new(Spill { path: spill_path, active: AtomicBool::new(left), lock: Mutex::new(()) });
+        let spill = Arc::new(Spill {
+            path: spill_path,
+            active: AtomicBool::new(left),
+            lock: Mutex::new(()),
+            metrics: metrics.clone(),
+        });
         let (tx, rx) = sync_channel(queue);
         let worker_spill = spill.clone();
         let thread = std::thread::Builder::new()
@@ -429,13 +475,19 @@ impl SinkHandle {
 }
 
 /// Writes a line, retrying with backoff until it goes through or `deadline` (if any) passes.
-fn deliver(name: &str, out: &mut dyn Output, line: &str, deadline: Option<std::time::Instant>) -> bool {
+fn deliver(
+    name: &str,
+    out: &mut dyn Output,
+    line: &str,
+    deadline: Option<std::time::Instant>,
+    errors: &Counter,
+) -> bool {
     let mut delay = Duration::from_millis(50);
     loop {
         match out.write(line) {
             Ok(()) => return true,
             Err(e) => {
-                SINK_ERRORS.inc();
+                errors.inc();
                 tracing::warn!(sink = name, error = %e, "audit sink write failed; retrying");
                 if deadline.is_some_and(|d| clock::instant() >= d) {
                     return false;
@@ -455,7 +507,7 @@ fn sink_loop(name: &'static str, mut out: Box<dyn Output>, rx: Receiver<Option<S
         // the queue first: what is in it is older than anything spilled since
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Some(line)) => {
-                if !deliver(name, out.as_mut(), &line, deadline) {
+                if !deliver(name, out.as_mut(), &line, deadline, &spill.metrics.sink_errors) {
                     // the drain deadline passed with the sink still failing: keep this line and
                     // everything after it, in order, for the next start
                     let mut pending = vec![line];
@@ -545,7 +597,7 @@ fn replay(
                 return offset; // more arrived: the next round reads it
             }
             Ok(n) if line.ends_with('\n') => {
-                if !deliver(name, out, line.trim_end_matches('\n'), deadline) {
+                if !deliver(name, out, line.trim_end_matches('\n'), deadline, &spill.metrics.sink_errors) {
                     return offset; // left in the file for the next start
                 }
                 offset += n as u64;

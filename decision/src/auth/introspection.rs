@@ -10,21 +10,16 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use decision_core::Reason;
 use decision_core::identity::{CredentialKind, Fetch, VerifiedToken};
 use decision_core::units::Micros;
-use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
 
+use super::AuthMetrics;
 use crate::https::{HttpsClient, Url, form_encode};
-
-/// Introspection calls answered (`portcullis_introspection_calls_total`).
-pub static CALLS: LazyLock<Counter> = LazyLock::new(Counter::default);
-/// Introspection calls that failed (`portcullis_introspection_errors_total`).
-pub static ERRORS: LazyLock<Counter> = LazyLock::new(Counter::default);
 
 /// Longest opaque token sent to the endpoint.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -47,6 +42,7 @@ pub struct Settings {
     pub roles: HashMap<String, u64>,
     pub tiers: HashMap<String, usize>,
     pub default_tier: Option<usize>,
+    pub metrics: AuthMetrics,
 }
 
 struct Entry {
@@ -130,7 +126,7 @@ impl Introspector {
         let answer = match parsed {
             Ok(m) => m,
             Err(e) => {
-                ERRORS.inc();
+                self.settings.metrics.introspection_errors.inc();
                 if let Ok(mut o) = self.outage_until.lock() {
                     *o = Some(crate::clock::instant() + OUTAGE_HOLD);
                 }
@@ -138,7 +134,7 @@ impl Introspector {
                 return;
             }
         };
-        CALLS.inc();
+        self.settings.metrics.introspection_calls.inc();
         let (answer, until) = self.judge(token, &answer, now);
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= CACHE_ENTRIES {
@@ -188,7 +184,7 @@ impl Introspector {
             match s.roles.get(name) {
                 Some(bits) => roles |= bits,
                 None => {
-                    crate::auth::jwt::UNKNOWN_ROLES.inc();
+                    s.metrics.unknown_roles.inc();
                 }
             }
         }

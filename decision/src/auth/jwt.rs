@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -27,26 +27,15 @@ use decision_core::identity::{BearerVerifier, CredentialKind, Fetch, VerifiedTok
 use decision_core::units::Micros;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey};
-use prometheus_client::metrics::counter::Counter;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use sha2::{Digest, Sha256};
+
+use super::AuthMetrics;
 
 /// Longest token accepted.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// Verified tokens remembered at most.
 pub const CACHE_ENTRIES: usize = 100_000;
-
-/// Roles named in tokens that the policy does not know (ignored, counted); exported as
-/// `portcullis_jwt_unknown_roles_total`.
-pub static UNKNOWN_ROLES: LazyLock<Counter> = LazyLock::new(Counter::default);
-/// JWKS fetches that brought a usable key set (`portcullis_jwks_fetches_total`).
-pub static JWKS_FETCHES: LazyLock<Counter> = LazyLock::new(Counter::default);
-/// JWKS fetches that failed; the last good set stays (`portcullis_jwks_fetch_errors_total`).
-pub static JWKS_FETCH_ERRORS: LazyLock<Counter> = LazyLock::new(Counter::default);
-/// JWKS keys the verifier cannot use (an encryption key, an algorithm or curve not supported, a
-/// symmetric key), skipped rather than failing the whole set; each distinct key is counted and
-/// warned about once per issuer (`portcullis_jwks_keys_skipped_total`).
-pub static JWKS_KEYS_SKIPPED: LazyLock<Counter> = LazyLock::new(Counter::default);
 
 /// Largest JWKS document accepted.
 pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
@@ -98,6 +87,7 @@ struct Remote {
     last: Mutex<Option<Instant>>,
     /// bumped by every successful fetch
     generation: AtomicU64,
+    metrics: AuthMetrics,
     /// the negative cache: kids still unknown after a fetch, and when; no refetch on their
     /// account for a cooldown
     unknown: Mutex<HashMap<String, Instant>>,
@@ -125,7 +115,7 @@ impl Remote {
                 if let Ok(mut seen) = self.skipped.lock() {
                     for why in skipped {
                         if seen.len() < NEGATIVE_KIDS && seen.insert(why.clone()) {
-                            skipped_key(&self.iss, &why);
+                            skipped_key(&self.metrics, &self.iss, &why);
                         }
                     }
                 }
@@ -134,12 +124,12 @@ impl Remote {
                 if let Ok(mut u) = self.unknown.lock() {
                     u.clear();
                 }
-                JWKS_FETCHES.inc();
+                self.metrics.jwks_fetches.inc();
                 tracing::info!(issuer = %self.iss, url = %self.url, keys = n, "JWKS fetched");
                 Ok(max_age)
             }
             Err(e) => {
-                JWKS_FETCH_ERRORS.inc();
+                self.metrics.jwks_fetch_errors.inc();
                 tracing::warn!(issuer = %self.iss, url = %self.url, error = %e, "JWKS fetch failed; keeping the last good key set");
                 Err(e)
             }
@@ -240,8 +230,8 @@ fn parse_jwks(text: &str) -> Result<(Vec<Key>, Vec<String>), String> {
 }
 
 /// Counts and warns about a JWKS key the verifier cannot use (`why` names it and says why).
-fn skipped_key(issuer: &str, why: &str) {
-    JWKS_KEYS_SKIPPED.inc();
+fn skipped_key(metrics: &AuthMetrics, issuer: &str, why: &str) {
+    metrics.jwks_keys_skipped.inc();
     tracing::warn!(issuer, key = why, "JWKS key skipped: it cannot verify signatures");
 }
 
@@ -297,12 +287,13 @@ impl Issuer {
         tiers: HashMap<String, usize>,
         default_tier: Option<usize>,
         source: KeySource<'_>,
+        metrics: &AuthMetrics,
     ) -> Result<Issuer, String> {
         let (keys, remote) = match source {
             KeySource::Document(text) => {
                 let (keys, skipped) = parse_jwks(text)?;
                 for why in &skipped {
-                    skipped_key(&iss, why);
+                    skipped_key(metrics, &iss, why);
                 }
                 (Arc::new(ArcSwap::from_pointee(KeySet { keys, loaded: true })), None)
             }
@@ -320,6 +311,7 @@ impl Issuer {
                     generation: AtomicU64::new(0),
                     unknown: Mutex::new(HashMap::new()),
                     skipped: Mutex::new(std::collections::HashSet::new()),
+                    metrics: metrics.clone(),
                 };
                 (keys, Some(Arc::new(remote)))
             }
@@ -415,6 +407,7 @@ struct Cached {
 
 pub struct JwtVerifier {
     issuers: Vec<Issuer>,
+    metrics: AuthMetrics,
     cache: Mutex<HashMap<[u8; 32], Cached>>,
 }
 
@@ -427,8 +420,8 @@ impl fmt::Debug for JwtVerifier {
 }
 
 impl JwtVerifier {
-    pub fn new(issuers: Vec<Issuer>) -> JwtVerifier {
-        JwtVerifier { issuers, cache: Mutex::new(HashMap::new()) }
+    pub fn new(issuers: Vec<Issuer>, metrics: &AuthMetrics) -> JwtVerifier {
+        JwtVerifier { issuers, metrics: metrics.clone(), cache: Mutex::new(HashMap::new()) }
     }
 
     /// Verified tokens held in the cache.
@@ -510,7 +503,7 @@ impl JwtVerifier {
                 match r.as_str().and_then(|r| issuer.roles.get(r)) {
                     Some(bits) => roles |= bits,
                     None => {
-                        UNKNOWN_ROLES.inc();
+                        self.metrics.unknown_roles.inc();
                     }
                 }
             }

@@ -9,6 +9,66 @@ pub mod jwt;
 use decision_core::Reason;
 use decision_core::identity::{BearerVerifier, Fetch, VerifiedToken};
 use decision_core::units::{MICROS_PER_SEC, Micros};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+
+/// The bearer verifiers' counters, shared by every verifier a policy builds and handed on to
+/// the next policy at a reload (`config::load_with`), so the series survive a reload.
+#[derive(Debug, Clone, Default)]
+pub struct AuthMetrics {
+    /// roles named in verified tokens that the policy does not know (ignored)
+    pub unknown_roles: Counter,
+    /// JWKS fetches (`jwks_url`) that brought a usable key set
+    pub jwks_fetches: Counter,
+    /// JWKS fetches that failed; the last good set stays in force
+    pub jwks_fetch_errors: Counter,
+    /// JWKS keys that cannot verify signatures (encryption keys, unsupported types), skipped;
+    /// each distinct key counted once per issuer
+    pub jwks_keys_skipped: Counter,
+    /// OAuth 2.0 introspection calls the endpoint answered
+    pub introspection_calls: Counter,
+    /// introspection calls that failed (the request was answered 503)
+    pub introspection_errors: Counter,
+}
+
+impl AuthMetrics {
+    /// Registers the counters as `portcullis_jwt_unknown_roles_total`,
+    /// `portcullis_jwks_fetches_total`, `portcullis_jwks_fetch_errors_total`,
+    /// `portcullis_jwks_keys_skipped_total`, `portcullis_introspection_calls_total` and
+    /// `portcullis_introspection_errors_total`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "jwt_unknown_roles",
+            "Roles named in verified tokens that the policy does not know (ignored)",
+            self.unknown_roles.clone(),
+        );
+        registry.register(
+            "jwks_fetches",
+            "JWKS fetches (jwks_url) that brought a usable key set",
+            self.jwks_fetches.clone(),
+        );
+        registry.register(
+            "jwks_fetch_errors",
+            "JWKS fetches that failed; the last good key set stays in force",
+            self.jwks_fetch_errors.clone(),
+        );
+        registry.register(
+            "jwks_keys_skipped",
+            "JWKS keys that cannot verify signatures (encryption keys, unsupported types), skipped",
+            self.jwks_keys_skipped.clone(),
+        );
+        registry.register(
+            "introspection_calls",
+            "OAuth 2.0 introspection calls answered by the endpoint",
+            self.introspection_calls.clone(),
+        );
+        registry.register(
+            "introspection_errors",
+            "OAuth 2.0 introspection calls that failed (the request was answered 503)",
+            self.introspection_errors.clone(),
+        );
+    }
+}
 
 /// An RFC 7519 NumericDate (section 2: a JSON number of seconds since the epoch, which "can
 /// represent non-integer values") as microseconds: integers, fractions (`1700000000.5`) and

@@ -68,7 +68,7 @@ pub struct Engine<S> {
 
 impl<S: Store> Engine<S> {
     pub fn new(policy: Arc<Policy>, store: S) -> Self {
-        let metrics = Metrics::with_store_cache(store.over_limit_hits());
+        let metrics = Metrics::new();
         metrics.policy_loaded(policy.routes.len());
         start_background(&policy);
         Engine {

@@ -140,12 +140,6 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
-    /// The over-limit cache's hits (plans answered without a store call), for the metrics; None
-    /// for a store without one.
-    fn over_limit_hits(&self) -> Option<prometheus_client::metrics::counter::Counter> {
-        None
-    }
-
     /// The name used in logs and metrics (`memory`, `redis`).
     fn backend(&self) -> &'static str;
 

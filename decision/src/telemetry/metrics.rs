@@ -29,8 +29,10 @@ struct UpstreamLabel {
     upstream: Arc<str>,
 }
 
+/// The engine's own metrics, and the registry every other subsystem registers its own into
+/// (`registry()`), so this module depends on no subsystem and no metric is a global static.
 pub struct Metrics {
-    registry: Registry,
+    registry: std::sync::Mutex<Registry>,
     /// one counter per reason, resolved once so the hot path does no map lookup
     decisions: Vec<Counter>,
     decision_seconds: Histogram,
@@ -56,11 +58,6 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        Self::with_store_cache(None)
-    }
-
-    /// With the store's over-limit cache hits, when it has one.
-    pub fn with_store_cache(over_limit_hits: Option<Counter>) -> Self {
         let mut registry = Registry::with_prefix("portcullis");
         let family = Family::<Labels2, Counter>::default();
         registry.register("decisions", "Decisions by outcome and reason", family.clone());
@@ -93,62 +90,6 @@ impl Metrics {
             "ratelimit_descriptors",
             "RLS descriptors by domain, rule and outcome (ok, near_limit, over_limit, shadow_over_limit, unlimited)",
             ratelimit.clone(),
-        );
-        registry.register(
-            "jwt_unknown_roles",
-            "Roles named in verified tokens that the policy does not know (ignored)",
-            crate::auth::jwt::UNKNOWN_ROLES.clone(),
-        );
-        registry.register("alerts", "Alerts raised, by kind and level", crate::alerts::ALERTS.clone());
-        registry.register(
-            "alert_webhook_failures",
-            "Alert webhook deliveries that failed after every retry (or found the queue full)",
-            crate::alerts::WEBHOOK_FAILURES.clone(),
-        );
-        registry.register(
-            "audit_events",
-            "Audit events sealed and handed to the sinks",
-            crate::audit::writer::EVENTS.clone(),
-        );
-        registry.register(
-            "audit_dropped",
-            "Audit events lost because the writer's queue was full (target: zero)",
-            crate::audit::writer::DROPPED.clone(),
-        );
-        registry.register(
-            "audit_spilled",
-            "Audit events a slow sink spilled to local disk (replayed in order)",
-            crate::audit::writer::SPILLED.clone(),
-        );
-        registry.register(
-            "audit_sink_errors",
-            "Failed audit sink writes (each retried)",
-            crate::audit::writer::SINK_ERRORS.clone(),
-        );
-        registry.register(
-            "jwks_fetches",
-            "JWKS fetches (jwks_url) that brought a usable key set",
-            crate::auth::jwt::JWKS_FETCHES.clone(),
-        );
-        registry.register(
-            "jwks_fetch_errors",
-            "JWKS fetches that failed; the last good key set stays in force",
-            crate::auth::jwt::JWKS_FETCH_ERRORS.clone(),
-        );
-        registry.register(
-            "jwks_keys_skipped",
-            "JWKS keys that cannot verify signatures (encryption keys, unsupported types), skipped",
-            crate::auth::jwt::JWKS_KEYS_SKIPPED.clone(),
-        );
-        registry.register(
-            "introspection_calls",
-            "OAuth 2.0 introspection calls answered by the endpoint",
-            crate::auth::introspection::CALLS.clone(),
-        );
-        registry.register(
-            "introspection_errors",
-            "OAuth 2.0 introspection calls that failed (the request was answered 503)",
-            crate::auth::introspection::ERRORS.clone(),
         );
         let ratelimit_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 16));
         registry.register(
@@ -201,15 +142,8 @@ impl Metrics {
             "Store calls answered from this instance's share of each limit while the store failed",
             local_share_calls.clone(),
         );
-        if let Some(hits) = over_limit_hits {
-            registry.register(
-                "store_over_limit_cache_hits",
-                "Refused plans answered from the over-limit cache, without a store call",
-                hits,
-            );
-        }
         Metrics {
-            registry,
+            registry: std::sync::Mutex::new(registry),
             decisions,
             decision_seconds,
             store_errors,
@@ -281,11 +215,17 @@ impl Metrics {
         self.policy_routes.set(i64::try_from(routes).unwrap_or(i64::MAX));
     }
 
+    /// The registry (prefix `portcullis_`) a subsystem registers its metrics into when it is
+    /// built: the store, the bearer verifiers, the audit writer, the alert monitor.
+    pub fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
+        let _ = encode(&mut out, &*self.registry());
         out
     }
 }

@@ -23,8 +23,13 @@ fn pem(name: &str) -> Vec<u8> {
 }
 
 fn verifier() -> JwtVerifier {
+    verifier_counting(&AuthMetrics::default())
+}
+
+/// The test verifier, counting into `metrics`.
+fn verifier_counting(metrics: &AuthMetrics) -> JwtVerifier {
     let jwks = std::fs::read_to_string(fixtures().join("jwks.json")).expect("jwks");
-    JwtVerifier::new(vec![issuer_with(&jwks).expect("issuer")])
+    JwtVerifier::new(vec![issuer_with(&jwks, metrics).expect("issuer")], metrics)
 }
 
 fn claims() -> serde_json::Value {
@@ -139,7 +144,8 @@ fn time_claims_are_judged_with_the_policys_leeway() {
 
 #[test]
 fn issuer_audience_subject_roles_and_tier_are_checked() {
-    let v = verifier();
+    let metrics = AuthMetrics::default();
+    let v = verifier_counting(&metrics);
     check(&v, &with("iss", json!("https://auth.test")), Err(Reason::JwtUnknownIssuer)); // exact match only
     check(&v, &with("aud", json!("someone-else")), Err(Reason::JwtWrongAudience));
     check(&v, &with("aud", json!(["someone-else", "portcullis-test"])), Ok(()));
@@ -149,10 +155,10 @@ fn issuer_audience_subject_roles_and_tier_are_checked() {
     c.as_object_mut().expect("object").remove("tier");
     let t = v.verify(&sign(Algorithm::RS256, "rsa.pem", "test-rs", &c), NOW).expect("no tier claim");
     assert_eq!(t.tier, 0, "missing tier -> basic");
-    let before = UNKNOWN_ROLES.get();
+    assert_eq!(metrics.unknown_roles.get(), 0);
     let t = v.verify(&with("roles", json!(["user", "wizard"])), NOW).expect("unknown roles are ignored");
     assert_eq!(t.roles, 1);
-    assert!(UNKNOWN_ROLES.get() > before, "and counted");
+    assert_eq!(metrics.unknown_roles.get(), 1, "and counted");
     let mut c = claims();
     c["auth_time"] = json!(NOW_S - 3600);
     let t = v.verify(&sign(Algorithm::RS256, "rsa.pem", "test-rs", &c), NOW).expect("auth_time");
@@ -211,7 +217,7 @@ fn verified_tokens_are_cached_until_they_expire() {
 }
 
 /// The test issuer over `jwks` (a document).
-fn issuer_with(jwks: &str) -> Result<Issuer, String> {
+fn issuer_with(jwks: &str, metrics: &AuthMetrics) -> Result<Issuer, String> {
     let roles = [("user", 1u64), ("developer", 3), ("admin", 7)].map(|(n, b)| (n.to_owned(), b)).into();
     let tiers = [("basic", 0usize), ("business", 1)].map(|(n, i)| (n.to_owned(), i)).into();
     Issuer::new(
@@ -225,6 +231,7 @@ fn issuer_with(jwks: &str) -> Result<Issuer, String> {
         tiers,
         Some(0),
         KeySource::Document(jwks),
+        metrics,
     )
 }
 
@@ -247,10 +254,10 @@ fn keys_that_cannot_verify_are_skipped_and_the_rest_serve() {
     let unknown_curve = json!({ "kty": "EC", "kid": "k1", "crv": "secp256k1", "x": "AA", "y": "AA" });
     let keys = set["keys"].as_array_mut().expect("keys");
     keys.splice(0..0, [enc.clone(), ops_only_encrypt, symmetric.clone(), unknown_type, unknown_curve]);
-    let before = JWKS_KEYS_SKIPPED.get();
-    let issuer = issuer_with(&set.to_string()).expect("the usable keys make a usable set");
-    assert_eq!(JWKS_KEYS_SKIPPED.get() - before, 5, "each unusable key is counted");
-    let v = JwtVerifier::new(vec![issuer]);
+    let metrics = AuthMetrics::default();
+    let issuer = issuer_with(&set.to_string(), &metrics).expect("the usable keys make a usable set");
+    assert_eq!(metrics.jwks_keys_skipped.get(), 5, "each unusable key is counted");
+    let v = JwtVerifier::new(vec![issuer], &metrics);
     check(&v, &sign(Algorithm::RS256, "rsa.pem", "test-rs", &claims()), Ok(()));
     check(&v, &sign(Algorithm::ES256, "ec.pem", "test-es", &claims()), Ok(()));
     // a token naming the encryption key's kid does not verify with it
@@ -260,8 +267,8 @@ fn keys_that_cannot_verify_are_skipped_and_the_rest_serve() {
 
     // only a set with no usable key is an error, and it says why
     let none = json!({ "keys": [enc, symmetric] }).to_string();
-    let err = issuer_with(&none).err().expect("no usable key");
+    let err = issuer_with(&none, &AuthMetrics::default()).err().expect("no usable key");
     assert!(err.contains("no usable key") && err.contains("enc-1") && err.contains("hs"), "{err}");
-    assert!(issuer_with(r#"{"keys": []}"#).is_err());
-    assert!(issuer_with(r#"{"keys": "x"}"#).is_err());
+    assert!(issuer_with(r#"{"keys": []}"#, &AuthMetrics::default()).is_err());
+    assert!(issuer_with(r#"{"keys": "x"}"#, &AuthMetrics::default()).is_err());
 }

@@ -81,6 +81,18 @@ impl RedisStore {
         ok
     }
 
+    /// Registers `portcullis_store_over_limit_cache_hits_total` when the store has an
+    /// over-limit cache.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        if let Some(cache) = &self.over_limit {
+            registry.register(
+                "store_over_limit_cache_hits",
+                "Refused plans answered from the over-limit cache, without a store call",
+                cache.hits(),
+            );
+        }
+    }
+
     /// The time the scripts use: the server's (-1), or under `with_test_clock` the caller's.
     fn clock_arg(&self, now: Micros) -> i64 {
         if self.test_clock { i64::try_from(now).unwrap_or(i64::MAX) } else { -1 }
@@ -283,10 +295,6 @@ impl Store for RedisStore {
     fn apply_admit_is_one_call(&self) -> bool {
         // on a cluster the upstream's keys sit in a slot of their own
         !self.pool.is_cluster()
-    }
-
-    fn over_limit_hits(&self) -> Option<prometheus_client::metrics::counter::Counter> {
-        self.over_limit.as_ref().map(OverLimitCache::hits)
     }
 
     fn timeout(&self) -> Option<Duration> {
