@@ -225,7 +225,7 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = encode(&mut out, &*self.registry());
+        let _ = encode(&mut out, &self.registry());
         out
     }
 }
