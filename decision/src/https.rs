@@ -1,32 +1,21 @@
-//! The outbound HTTPS client for the few calls portcullis makes itself (an issuer's JWKS, OAuth
-//! 2.0 introspection). rustls with the Mozilla roots, plus the policy's `ca_file` when given;
-//! `https://` only; one connection per call (these calls are rare: refreshes, and cache
-//! misses); a hard deadline over connect, handshake and body; a cap on the response size.
+//! The outbound HTTP client for the few calls portcullis makes itself (an issuer's JWKS, OAuth
+//! 2.0 introspection, alert and anchor webhooks): `reqwest` over a rustls configuration of our
+//! own (the Mozilla roots, plus the policy's `ca_file` when given; ring), `https://` only except
+//! for webhooks, no redirects followed, a hard deadline over connect, handshake and body, and a
+//! cap on the response size. URLs are parsed by the `url` crate (WHATWG URL Standard).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
+use reqwest::StatusCode;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
-/// Where an `https://` URL points.
-#[derive(Debug, Clone)]
-pub struct Url {
-    /// false only for `http://` URLs taken by `parse_web` (webhooks)
-    tls: bool,
-    host: String,
-    port: u16,
-    /// `host[:port]` as written, for the Host header
-    authority: String,
-    path_and_query: String,
-}
+/// Where an outbound call goes: an absolute `https://` URL (or `http://`, for webhooks), with a
+/// host and no credentials in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url(url::Url);
 
 impl Url {
     /// Parses an absolute `https://` URL; anything else is refused with the reason.
@@ -41,31 +30,40 @@ impl Url {
     }
 
     fn parse_scheme(s: &str, http_too: bool) -> Result<Url, String> {
-        let uri: Uri = s.parse().map_err(|e| format!("invalid URL {s:?}: {e}"))?;
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") if http_too => false,
+        let url = url::Url::parse(s).map_err(|e| format!("invalid URL {s:?}: {e}"))?;
+        match url.scheme() {
+            "https" => {}
+            "http" if http_too => {}
             _ if http_too => return Err(format!("invalid URL {s:?}: must be http:// or https://")),
             _ => return Err(format!("invalid URL {s:?}: must be https://")),
-        };
-        let authority = uri.authority().ok_or_else(|| format!("invalid URL {s:?}: no host"))?;
-        if authority.as_str().contains('@') {
+        }
+        if url.host().is_none() {
+            return Err(format!("invalid URL {s:?}: no host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
             return Err(format!("invalid URL {s:?}: credentials do not belong in the URL"));
         }
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
-        Ok(Url {
-            tls,
-            host,
-            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
-            authority: authority.as_str().to_owned(),
-            path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
-        })
+        Ok(Url(url))
+    }
+
+    /// The host as the connection uses it (an IPv6 address without its brackets).
+    pub fn host(&self) -> String {
+        match self.0.host() {
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            Some(h) => h.to_string(),
+            None => String::new(),
+        }
+    }
+
+    /// The port, or the scheme's default.
+    pub fn port(&self) -> u16 {
+        self.0.port_or_known_default().unwrap_or(443)
     }
 }
 
 impl std::fmt::Display for Url {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}://{}{}", if self.tls { "https" } else { "http" }, self.authority, self.path_and_query)
+        f.write_str(self.0.as_str())
     }
 }
 
@@ -73,7 +71,7 @@ impl std::fmt::Display for Url {
 #[derive(Debug)]
 pub struct Reply {
     pub status: StatusCode,
-    pub body: Bytes,
+    pub body: Vec<u8>,
     /// `Cache-Control: max-age`, in seconds
     pub max_age: Option<u64>,
 }
@@ -82,32 +80,53 @@ pub struct Reply {
 pub enum FetchError {
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// the TCP connection or the TLS handshake failed
     #[error("connect: {0}")]
-    Connect(std::io::Error),
-    #[error("TLS: {0}")]
-    Tls(std::io::Error),
+    Connect(String),
     #[error("HTTP: {0}")]
     Http(String),
     #[error("the answer is larger than {0} bytes")]
     TooLarge(usize),
 }
 
+impl FetchError {
+    fn of(e: reqwest::Error, timeout: Duration) -> FetchError {
+        // the whole chain: reqwest's own message names only the outermost layer
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        if e.is_timeout() {
+            FetchError::Timeout(timeout)
+        } else if e.is_connect() {
+            FetchError::Connect(text)
+        } else {
+            FetchError::Http(text)
+        }
+    }
+}
+
+/// A client for one kind of call (cheap to clone: the connection pool is shared).
 #[derive(Clone)]
 pub struct HttpsClient {
-    tls: TlsConnector,
+    client: reqwest::Client,
     timeout: Duration,
     max_body: usize,
 }
 
 impl std::fmt::Debug for HttpsClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpsClient").field("timeout", &self.timeout).finish()
+        f.debug_struct("HttpsClient").field("timeout", &self.timeout).field("max_body", &self.max_body).finish()
     }
 }
 
 impl HttpsClient {
     /// A client trusting the Mozilla roots and, if given, the CA certificates in `ca_file`
-    /// (PEM). An unreadable or empty file is an error.
+    /// (PEM); every call ends within `timeout` and reads at most `max_body` bytes of answer.
+    /// Errors: an unreadable file, one without a certificate, or a certificate rustls refuses.
     pub fn new(ca_file: Option<&Path>, timeout: Duration, max_body: usize) -> Result<HttpsClient, String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -122,97 +141,66 @@ impl HttpsClient {
                 return Err(format!("{path:?} holds no PEM certificate"));
             }
         }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Ok(HttpsClient { tls: TlsConnector::from(Arc::new(config)), timeout, max_body })
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(HttpsClient { client, timeout, max_body })
     }
 
     pub async fn get(&self, url: &Url) -> Result<Reply, FetchError> {
-        self.send(url, Method::GET, &[], Bytes::new()).await
+        self.send(self.client.get(url.0.clone())).await
     }
 
     /// POSTs a JSON body.
     pub async fn post_json(&self, url: &Url, json: String) -> Result<Reply, FetchError> {
-        self.send(url, Method::POST, &[("content-type", "application/json")], Bytes::from(json)).await
+        self.send(self.client.post(url.0.clone()).header("content-type", "application/json").body(json)).await
     }
 
     /// POSTs an `application/x-www-form-urlencoded` body.
     pub async fn post_form(&self, url: &Url, authorization: &str, form: String) -> Result<Reply, FetchError> {
-        let headers = [("authorization", authorization), ("content-type", "application/x-www-form-urlencoded")];
-        self.send(url, Method::POST, &headers, Bytes::from(form)).await
+        let request = self
+            .client
+            .post(url.0.clone())
+            .header("authorization", authorization)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form);
+        self.send(request).await
     }
 
-    async fn send(
-        &self,
-        url: &Url,
-        method: Method,
-        headers: &[(&str, &str)],
-        body: Bytes,
-    ) -> Result<Reply, FetchError> {
-        match tokio::time::timeout(self.timeout, self.send_inner(url, method, headers, body)).await {
-            Ok(r) => r,
-            Err(_) => Err(FetchError::Timeout(self.timeout)),
-        }
-    }
-
-    async fn send_inner(
-        &self,
-        url: &Url,
-        method: Method,
-        headers: &[(&str, &str)],
-        body: Bytes,
-    ) -> Result<Reply, FetchError> {
-        let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.map_err(FetchError::Connect)?;
-        let _ = tcp.set_nodelay(true);
-        if !url.tls {
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    /// One call under the deadline: the answer's status, `max-age` and body (at most
+    /// `max_body` bytes, refused as soon as it is known to be larger).
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Reply, FetchError> {
+        let call = async {
+            let mut res = request
+                .header("accept", "application/json")
+                .send()
                 .await
-                .map_err(|e| FetchError::Http(e.to_string()))?;
-            return self.exchange(url, method, headers, body, sender, tokio::spawn(conn)).await;
-        }
-        let name = ServerName::try_from(url.host.clone())
-            .map_err(|e| FetchError::Tls(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
-        let tls = self.tls.connect(name, tcp).await.map_err(FetchError::Tls)?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| FetchError::Http(e.to_string()))?;
-        self.exchange(url, method, headers, body, sender, tokio::spawn(conn)).await
-    }
-
-    async fn exchange<E>(
-        &self,
-        url: &Url,
-        method: Method,
-        headers: &[(&str, &str)],
-        body: Bytes,
-        mut sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-        conn: tokio::task::JoinHandle<E>,
-    ) -> Result<Reply, FetchError> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(url.path_and_query.as_str())
-            .header("host", url.authority.as_str())
-            .header("accept", "application/json")
-            .header("user-agent", concat!("portcullis/", env!("CARGO_PKG_VERSION")));
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req.body(Full::new(body)).map_err(|e| FetchError::Http(e.to_string()))?;
-        let res = sender.send_request(req).await.map_err(|e| FetchError::Http(e.to_string()))?;
-        let status = res.status();
-        let max_age = res.headers().get("cache-control").and_then(|v| v.to_str().ok()).and_then(max_age);
-        let body = Limited::new(res.into_body(), self.max_body).collect().await.map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                FetchError::TooLarge(self.max_body)
-            } else {
-                FetchError::Http(e.to_string())
+                .map_err(|e| FetchError::of(e, self.timeout))?;
+            let status = res.status();
+            let max_age = res.headers().get("cache-control").and_then(|v| v.to_str().ok()).and_then(max_age);
+            if res.content_length().is_some_and(|n| n > self.max_body as u64) {
+                return Err(FetchError::TooLarge(self.max_body));
             }
-        })?;
-        conn.abort();
-        Ok(Reply { status, body: body.to_bytes(), max_age })
+            let mut body = Vec::new();
+            while let Some(chunk) = res.chunk().await.map_err(|e| FetchError::of(e, self.timeout))? {
+                if body.len() + chunk.len() > self.max_body {
+                    return Err(FetchError::TooLarge(self.max_body));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Reply { status, body, max_age })
+        };
+        tokio::time::timeout(self.timeout, call).await.unwrap_or(Err(FetchError::Timeout(self.timeout)))
     }
 }
 
@@ -240,17 +228,16 @@ mod tests {
     #[test]
     fn urls_must_be_https_with_a_host() {
         let u = Url::parse("https://auth.example.com/.well-known/jwks.json").expect("ok");
-        assert_eq!(
-            (u.host.as_str(), u.port, u.path_and_query.as_str()),
-            ("auth.example.com", 443, "/.well-known/jwks.json")
-        );
+        assert_eq!((u.host().as_str(), u.port()), ("auth.example.com", 443));
+        assert_eq!(u.to_string(), "https://auth.example.com/.well-known/jwks.json");
         let u = Url::parse("https://[::1]:8443").expect("ok");
-        assert_eq!((u.host.as_str(), u.port, u.path_and_query.as_str()), ("::1", 8443, "/"));
+        assert_eq!((u.host().as_str(), u.port(), u.to_string().as_str()), ("::1", 8443, "https://[::1]:8443/"));
         assert!(Url::parse("http://auth.example.com/jwks").is_err());
         let w = Url::parse_web("http://hooks.internal:8080/alert").expect("ok");
-        assert_eq!((w.tls, w.port, w.to_string().as_str()), (false, 8080, "http://hooks.internal:8080/alert"));
+        assert_eq!((w.port(), w.to_string().as_str()), (8080, "http://hooks.internal:8080/alert"));
         assert!(Url::parse_web("ftp://x/").is_err());
         assert!(Url::parse("https://user:pw@auth.example.com/").is_err());
+        assert!(Url::parse("https://user@auth.example.com/").is_err());
         assert!(Url::parse("/jwks.json").is_err());
     }
 

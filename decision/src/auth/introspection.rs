@@ -114,7 +114,7 @@ impl Introspector {
         let reply = self.settings.client.post_form(&self.settings.endpoint, &self.authorization, form).await;
         let now = crate::clock::now_micros();
         let parsed = match reply {
-            Ok(r) if r.status == hyper::StatusCode::OK => serde_json::from_slice::<serde_json::Value>(&r.body)
+            Ok(r) if r.status == reqwest::StatusCode::OK => serde_json::from_slice::<serde_json::Value>(&r.body)
                 .map_err(|e| format!("not JSON: {e}"))
                 .and_then(|v| match v {
                     serde_json::Value::Object(m) => Ok(m),

@@ -102,7 +102,7 @@ impl Remote {
             *last = Some(crate::clock::instant());
         }
         let result = match self.client.get(&self.url).await {
-            Ok(r) if r.status == hyper::StatusCode::OK => std::str::from_utf8(&r.body)
+            Ok(r) if r.status == reqwest::StatusCode::OK => std::str::from_utf8(&r.body)
                 .map_err(|e| e.to_string())
                 .and_then(parse_jwks)
                 .map(|keys| (keys, r.max_age)),
