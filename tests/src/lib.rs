@@ -66,3 +66,23 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The Python with grpcio and grpcio-tools that `scripts/test.sh` installs (a gRPC client that
+/// is not ours): `$PORTCULLIS_PYTHON`, else the test virtualenv's. Missing, the test fails with
+/// what to do; it never skips.
+pub fn grpc_python() -> PathBuf {
+    let python = match std::env::var_os("PORTCULLIS_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/portcullis/venv/bin/python"),
+    };
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{} cannot import grpc and grpc_tools: run scripts/test.sh (it installs grpcio and grpcio-tools into ~/.cache/portcullis/venv), or set PORTCULLIS_PYTHON",
+        python.display()
+    );
+    python
+}

@@ -23,11 +23,21 @@ pub fn portcullis_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "--quiet", "-p", "decision", "--bin", "portcullis"])
-            .current_dir(workspace_root())
-            .status()
-            .unwrap_or_else(|e| panic!("running cargo build for the portcullis binary: {e}"));
+        let mut build = std::process::Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "decision", "--bin", "portcullis"]).current_dir(workspace_root());
+        // without the variables cargo sets for this test crate: a build script that reads one
+        // (ring's reads CARGO_MANIFEST_DIR) would otherwise see it change between this build and
+        // every other, and rebuild itself and all that depends on it (about 20 s a test binary)
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"]
+                .iter()
+                .any(|p| name.starts_with(p))
+            {
+                build.env_remove(name.as_ref());
+            }
+        }
+        let status = build.status().unwrap_or_else(|e| panic!("running cargo build for the portcullis binary: {e}"));
         assert!(status.success(), "cargo build -p decision --bin portcullis failed");
         let target =
             std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);

@@ -33,6 +33,10 @@ pub struct Request<'a> {
     pub api_key: Option<&'a str>,
     /// the `authorization` header, if any
     pub authorization: Option<&'a str>,
+    /// what the request counts against its identity's tier quotas (burst and daily): 1 for an
+    /// HTTP request through a proxy, the caller's units (tokens, bytes, rows) through the native
+    /// API; the zone's per-address limit counts requests, whatever their cost
+    pub cost: u64,
 }
 
 /// What `plan` learned about the request, carried into the decision.
@@ -225,14 +229,14 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
         ops.push(Op {
             key: format!("pc:{{s:{}}}:burst", id.subject),
             limit: tier.bucket,
-            cost: 1,
+            cost: req.cost,
             kind: OpKind::TierBurst,
             shadow: false,
         });
         ops.push(Op {
             key: format!("pc:{{s:{}}}:daily", id.subject),
             limit: tier.daily,
-            cost: 1,
+            cost: req.cost,
             kind: OpKind::TierDaily,
             shadow: false,
         });

@@ -18,7 +18,7 @@ use proto::types::{
 };
 
 use super::respond::{
-    self, DEGRADED_HEADER, LEASE_HEADER, REQUEST_ID_HEADER, ROLES_HEADER, SUBJECT_HEADER, TIER_HEADER, WAIT_HEADER,
+    self, DEGRADED_HEADER, LEASE_HEADER, REQUEST_ID_HEADER, ROLES_HEADER, SUBJECT_HEADER, TIER_HEADER,
 };
 use crate::clock;
 use crate::engine::{Engine, Facts, Malformed};
@@ -103,59 +103,52 @@ fn string_value(s: &str) -> Value {
     Value { kind: Some(value::Kind::StringValue(s.to_owned())) }
 }
 
-/// Builds the wire answer for a decision.
+/// Builds the wire answer for a decision: the headers `respond` renders for every adapter, as
+/// Envoy takes them (identity also as dynamic metadata for the ratelimit filter; the client's
+/// own copies of our headers removed).
 pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse {
     if d.allowed() {
         let mut to_upstream = Vec::with_capacity(4);
         let mut metadata = Struct::default();
+        respond::upstream_headers(d, policy, |k, v| {
+            match k {
+                SUBJECT_HEADER => {
+                    metadata.fields.insert("subject".into(), string_value(&v));
+                }
+                TIER_HEADER => {
+                    metadata.fields.insert("tier".into(), string_value(&v));
+                }
+                ROLES_HEADER => {
+                    let values = v.split(',').filter(|r| !r.is_empty()).map(string_value).collect();
+                    metadata
+                        .fields
+                        .insert("roles".into(), Value { kind: Some(value::Kind::ListValue(ListValue { values })) });
+                }
+                _ => {}
+            }
+            to_upstream.push(option(k, v));
+        });
         let mut remove: Vec<String> = Vec::new();
-        if let Some(id) = &d.ctx.identity {
-            let tier = policy.tiers.get(id.tier).map_or("", |t| &*t.name);
-            let roles: Vec<&str> = policy.roles.names_of(id.roles).collect();
-            to_upstream.push(option(SUBJECT_HEADER, id.subject.to_string()));
-            to_upstream.push(option(TIER_HEADER, tier.to_owned()));
-            to_upstream.push(option(ROLES_HEADER, roles.join(",")));
-            metadata.fields.insert("subject".into(), string_value(&id.subject));
-            metadata.fields.insert("tier".into(), string_value(tier));
-            metadata.fields.insert(
-                "roles".into(),
-                Value {
-                    kind: Some(value::Kind::ListValue(ListValue {
-                        values: roles.iter().map(|r| string_value(r)).collect(),
-                    })),
-                },
-            );
+        match &d.ctx.identity {
             // with a stated precedence a request may carry two credentials: the one that did not
             // prove the identity was never verified, and never reaches the upstream
-            if policy.credential_precedence.is_some() {
-                remove.push(match id.credential {
-                    decision_core::identity::CredentialKind::ApiKey => "authorization".into(),
-                    _ => policy.api_keys.header.clone(),
-                });
-            }
-        } else {
-            remove.extend([SUBJECT_HEADER, TIER_HEADER, ROLES_HEADER].map(String::from));
+            Some(id) if policy.credential_precedence.is_some() => remove.push(match id.credential {
+                decision_core::identity::CredentialKind::ApiKey => "authorization".into(),
+                _ => policy.api_keys.header.clone(),
+            }),
+            Some(_) => {}
+            None => remove.extend([SUBJECT_HEADER, TIER_HEADER, ROLES_HEADER].map(String::from)),
         }
         // the lease travels to the upstream and back to us in the access log; a client's own
-        // header of that name never gets through
-        match &d.lease {
-            Some(lease) => to_upstream.push(option(LEASE_HEADER, lease.id.clone())),
-            // only a policy with `traffic` reads the header back; without it, nothing to strip
-            None if policy.traffic.is_some() => remove.push(LEASE_HEADER.into()),
-            None => {}
+        // header of that name never gets through (only a policy with `traffic` reads it back)
+        if d.lease.is_none() && policy.traffic.is_some() {
+            remove.push(LEASE_HEADER.into());
         }
-        if d.reason == Reason::AllowedStoreUnavailable {
-            to_upstream.push(option(DEGRADED_HEADER, "store-unavailable".into()));
-        } else {
+        if d.reason != Reason::AllowedStoreUnavailable {
             remove.push(DEGRADED_HEADER.into());
         }
         let mut to_client = Vec::with_capacity(8);
-        respond::ratelimit_headers(d, policy.ratelimit_headers, |k, v| {
-            to_client.push(client_header(k, v, policy.ratelimit_headers));
-        });
-        if let Some(lease) = d.lease.as_ref().filter(|l| l.waited > 0) {
-            to_client.push(client_header(WAIT_HEADER, (lease.waited / 1000).to_string(), policy.ratelimit_headers));
-        }
+        respond::client_headers(d, policy, |k, v| to_client.push(client_header(k, v, policy.ratelimit_headers)));
         CheckResponse {
             status: Some(RpcStatus { code: GRPC_OK, ..Default::default() }),
             dynamic_metadata: if metadata.fields.is_empty() { None } else { Some(metadata) },
@@ -167,14 +160,8 @@ pub fn answer(d: &Decision, policy: &Policy, request_id: &str) -> CheckResponse 
             })),
         }
     } else {
-        let mut headers = vec![option("content-type", "application/json".into())];
-        if let Some(c) = respond::www_authenticate(d.reason, policy) {
-            headers.push(option("www-authenticate", c));
-        }
-        if let Some(s) = respond::retry_after_secs(d) {
-            headers.push(option("retry-after", s.to_string()));
-        }
-        respond::ratelimit_headers(d, policy.ratelimit_headers, |k, v| headers.push(option(k, v)));
+        let mut headers = Vec::with_capacity(6);
+        respond::client_headers(d, policy, |k, v| headers.push(option(k, v)));
         let code = if d.reason == Reason::StoreUnavailable { GRPC_UNAVAILABLE } else { GRPC_PERMISSION_DENIED };
         CheckResponse {
             status: Some(RpcStatus { code, message: d.reason.as_str().to_owned(), details: Vec::new() }),
@@ -249,8 +236,8 @@ impl<S: Store> ExtAuthz<S> {
             Some(http) => request_of(http, peer_ip(&msg), &policy, &headers),
             None => (Err(Malformed("no attributes.request.http in the check request")), Facts::none()),
         };
-        let decision = self.engine.check(&policy, request, &facts, started).await;
-        Ok(tonic::Response::new(answer(&decision, &policy, facts.request_id)))
+        let outcome = self.engine.check(&policy, request, &facts, started).await;
+        Ok(tonic::Response::new(answer(&outcome.decision, &policy, facts.request_id)))
     }
 }
 
@@ -263,7 +250,7 @@ fn request_of<'a>(
     headers: &'a (dyn Fn() -> Vec<(&'a str, &'a str)> + Sync),
 ) -> (Result<Request<'a>, Malformed>, Facts<'a>) {
     let request_id = header(http, REQUEST_ID_HEADER).unwrap_or(&http.id);
-    let mut facts = Facts { request_id, method: &http.method, target: &http.path, headers };
+    let mut facts = Facts { request_id, method: &http.method, target: &http.path, headers, dry_run: false };
     if !headers_well_formed(http) {
         // the id only if it is itself well formed; the method is not believed
         facts.request_id = header(http, REQUEST_ID_HEADER).filter(|v| valid_value(v.as_bytes())).unwrap_or("");
@@ -285,6 +272,7 @@ fn request_of<'a>(
         header_bytes: header_bytes(http),
         api_key: header(http, &policy.api_keys.header),
         authorization: header(http, "authorization"),
+        cost: 1,
     };
     (Ok(request), facts)
 }

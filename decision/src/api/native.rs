@@ -1,32 +1,201 @@
 //! portcullis's own API (`portcullis.v1.Decision`, proto/portcullis/v1/decision.proto), served
-//! on the gRPC port: `Complete`, the completion call for proxies that do not speak Envoy's
-//! access log (our gateway shim, or any proxy that can make one gRPC call per finished request).
+//! on the gRPC port for any client: `Check`, a transport-neutral request with a typed answer,
+//! decided by the same engine and rendered by the same `respond` table as ext_authz; and
+//! `Complete`, the completion call for proxies that do not speak Envoy's access log.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use decision_core::fields::{valid_name, valid_value};
+use decision_core::identity::CredentialKind;
+use decision_core::policy::Policy;
+use decision_core::{Reason, Request};
+use proto::portcullis_v1::check_request::Credential;
 use proto::portcullis_v1::decision_server::Decision;
-use proto::portcullis_v1::{CompleteRequest, CompleteResponse};
+use proto::portcullis_v1::{
+    CheckRequest, CheckResponse, CompleteRequest, CompleteResponse, Header, Identity, Quota, Verdict,
+};
 
-use crate::engine::Completion;
-use crate::engine::Engine;
+use super::respond;
+use crate::clock;
+use crate::engine::{Completion, Engine, Facts, Malformed, Outcome};
 use crate::store::Store;
 
 /// Longest lease or request id accepted.
-const MAX_ID_BYTES: usize = 256;
+pub const MAX_ID_BYTES: usize = 256;
+/// Largest `cost` one request may carry (a billion units: far past any tier's limit, so a
+/// larger value is a mistake, not a request).
+pub const MAX_COST: i64 = 1_000_000_000;
+/// Longest `resource` accepted (Envoy's own limit on a request line is 60 KiB; a resource
+/// past this is not a request anybody routes).
+pub const MAX_RESOURCE_BYTES: usize = 8 * 1024;
+/// Longest credential accepted (a JWT is refused past 8 KiB anyway).
+pub const MAX_CREDENTIAL_BYTES: usize = 16 * 1024;
 
-pub struct Native<S> {
+/// The `portcullis.v1.Decision` service.
+pub struct DecisionApi<S> {
     engine: Arc<Engine<S>>,
 }
 
-impl<S> Native<S> {
+impl<S> DecisionApi<S> {
     pub fn new(engine: Arc<Engine<S>>) -> Self {
-        Native { engine }
+        DecisionApi { engine }
+    }
+}
+
+/// A native Check as the engine takes it: the core `Request` (or why there is none) and the
+/// facts recorded beside the decision. `authorization` holds the `Bearer <token>` value a
+/// bearer credential becomes, so the core reads it as it reads Envoy's header.
+fn request_of<'a>(
+    msg: &'a CheckRequest,
+    remote: Option<SocketAddr>,
+    headers: &'a (dyn Fn() -> Vec<(&'a str, &'a str)> + Sync),
+    authorization: &'a Option<String>,
+) -> (Result<Request<'a>, Malformed>, Facts<'a>) {
+    let valid_id = valid_value(msg.request_id.as_bytes()) && msg.request_id.len() <= MAX_ID_BYTES;
+    let method = if msg.operation.is_empty() { "GET" } else { msg.operation.as_str() };
+    let facts = Facts {
+        request_id: if valid_id { &msg.request_id } else { "" },
+        method,
+        target: &msg.resource,
+        headers,
+        dry_run: msg.dry_run,
+    };
+    let refuse = |why: &'static str| (Err(Malformed(why)), Facts { method: "", target: "", ..facts });
+    if !valid_id {
+        return refuse("request_id: at most 256 bytes, with no control character");
+    }
+    if msg.resource.is_empty() {
+        return refuse("resource is required (an HTTP request target or a '/'-separated resource name)");
+    }
+    if msg.resource.len() > MAX_RESOURCE_BYTES || !valid_value(msg.resource.as_bytes()) {
+        return refuse("resource: at most 8 KiB, with no control character");
+    }
+    if !(method.len() <= 32 && method.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')) {
+        return refuse("operation: at most 32 letters, '-' or '_' (e.g. GET, PUBLISH)");
+    }
+    if msg.cost < 0 {
+        return refuse("cost must not be negative");
+    }
+    if msg.cost > MAX_COST {
+        return refuse("cost is at most 1000000000");
+    }
+    if !msg.headers.iter().all(|(k, v)| valid_name(k) && valid_value(v.as_bytes())) {
+        return refuse("headers: a header name or value that RFC 9110 forbids");
+    }
+    let (api_key, bearer) = match &msg.credential {
+        None => (None, None),
+        Some(Credential::ApiKey(k)) => (Some(k.as_str()), None),
+        Some(Credential::BearerToken(t)) => (None, Some(t.as_str())),
+    };
+    let credential = api_key.or(bearer);
+    if credential.is_some_and(str::is_empty) {
+        return refuse("credential: an empty api_key or bearer_token (leave it unset for an anonymous request)");
+    }
+    if credential.is_some_and(|c| c.len() > MAX_CREDENTIAL_BYTES || !valid_value(c.as_bytes())) {
+        return refuse("credential: at most 16 KiB, with no control character");
+    }
+    let peer = if msg.client_address.is_empty() {
+        match remote {
+            Some(a) => a.ip(),
+            None => return refuse("client_address is required (this call came from no IP address)"),
+        }
+    } else {
+        match msg.client_address.parse::<IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) => return refuse("client_address: not an IPv4 or IPv6 address"),
+        }
+    };
+    let header_bytes: usize = msg.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let request = Request {
+        method,
+        path: &msg.resource,
+        peer,
+        // the caller names the client; no forwarding header is believed
+        forwarded_for: None,
+        content_length: (msg.content_length > 0).then_some(msg.content_length),
+        header_bytes: u64::try_from(header_bytes).unwrap_or(u64::MAX),
+        api_key,
+        authorization: authorization.as_deref(),
+        cost: if msg.cost == 0 { 1 } else { msg.cost.unsigned_abs() },
+    };
+    (Ok(request), facts)
+}
+
+/// The typed answer of an outcome: the same status, reason, headers and body ext_authz gives.
+pub fn answer(o: &Outcome, policy: &Policy, request_id: &str, dry_run: bool) -> CheckResponse {
+    let d = &o.decision;
+    let identity = d.ctx.identity.as_ref().map(|id| Identity {
+        subject: id.subject.to_string(),
+        tier: policy.tiers.get(id.tier).map_or_else(String::new, |t| t.name.to_string()),
+        roles: policy.roles.names_of(id.roles).map(str::to_owned).collect(),
+        credential: match id.credential {
+            CredentialKind::ApiKey => "api_key",
+            CredentialKind::Jwt => "jwt",
+            CredentialKind::Introspected => "introspection",
+        }
+        .to_owned(),
+    });
+    let quotas = d
+        .quotas
+        .iter()
+        .map(|q| Quota {
+            name: q.kind.as_str().to_owned(),
+            limit: q.limit.quota(),
+            remaining: q.verdict.remaining,
+            window_seconds: respond::secs_ceil(q.limit.window()),
+            reset_seconds: respond::secs_ceil(q.verdict.reset),
+            exceeded: !q.verdict.allowed,
+        })
+        .collect();
+    let header = |name: &str, value: String| Header { name: name.to_owned(), value };
+    let mut upstream_headers = Vec::new();
+    respond::upstream_headers(d, policy, |k, v| upstream_headers.push(header(k, v)));
+    let mut response_headers = Vec::new();
+    respond::client_headers(d, policy, |k, v| response_headers.push(header(k, v)));
+    CheckResponse {
+        verdict: if d.allowed() { Verdict::Allow } else { Verdict::Deny } as i32,
+        http_status: u32::from(d.status()),
+        reason: d.reason.as_str().to_owned(),
+        identity,
+        quotas,
+        retry_after_seconds: respond::retry_after_secs(d).unwrap_or(0),
+        lease: d.lease.as_ref().map_or_else(String::new, |l| l.id.clone()),
+        upstream_headers,
+        response_headers,
+        body: if d.allowed() { String::new() } else { respond::deny_body(d, request_id, clock::now_micros()) },
+        decision_id: o.id.to_string(),
+        degraded: d.reason == Reason::AllowedStoreUnavailable,
+        dry_run,
     }
 }
 
 #[tonic::async_trait]
-impl<S: Store> Decision for Native<S> {
+impl<S: Store> Decision for DecisionApi<S> {
+    async fn check(
+        &self,
+        request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let started = clock::instant();
+        let remote = request.remote_addr();
+        let msg = request.into_inner();
+        let policy = self.engine.policy();
+        let headers = || msg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let authorization = match &msg.credential {
+            Some(Credential::BearerToken(t)) => Some(format!("Bearer {t}")),
+            _ => None,
+        };
+        let (request, facts) = request_of(&msg, remote, &headers, &authorization);
+        let malformed = request.as_ref().err().copied();
+        // recorded like any decision (a 400 in the metrics and the audit trail), then refused
+        let outcome = self.engine.check(&policy, request, &facts, started).await;
+        if let Some(Malformed(why)) = malformed {
+            return Err(tonic::Status::invalid_argument(why));
+        }
+        Ok(tonic::Response::new(answer(&outcome, &policy, facts.request_id, msg.dry_run)))
+    }
+
     async fn complete(
         &self,
         request: tonic::Request<CompleteRequest>,

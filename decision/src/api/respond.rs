@@ -53,7 +53,8 @@ pub fn x_ratelimit_headers(style: XRateLimit, closest: LimitState<'_>, mut emit:
     emit("x-ratelimit-reset", closest.reset.to_string());
 }
 
-fn secs_ceil(us: Micros) -> u64 {
+/// Microseconds as whole seconds, rounded up (a wait of 0.2 s is 1 s).
+pub fn secs_ceil(us: Micros) -> u64 {
     us.div_ceil(MICROS_PER_SEC)
 }
 
@@ -214,6 +215,54 @@ pub fn rls_headers(
     emit("content-type", "application/json".into());
     emit("retry-after", retry.to_string());
     Some(too_many_requests_body(retry, 0, now))
+}
+
+/// The identity headers of an allowed request (subject, tier, roles: comma-separated role
+/// names), the lease it holds, and the degraded mark of one let through uncounted, handed to
+/// `emit` as the upstream should receive them. Nothing for a denial.
+pub fn upstream_headers(d: &Decision, policy: &Policy, mut emit: impl FnMut(&'static str, String)) {
+    if !d.allowed() {
+        return;
+    }
+    if let Some(id) = &d.ctx.identity {
+        emit(SUBJECT_HEADER, id.subject.to_string());
+        emit(TIER_HEADER, policy.tiers.get(id.tier).map_or("", |t| &*t.name).to_owned());
+        let mut roles = String::new();
+        for (i, r) in policy.roles.names_of(id.roles).enumerate() {
+            if i > 0 {
+                roles.push(',');
+            }
+            roles.push_str(r);
+        }
+        emit(ROLES_HEADER, roles);
+    }
+    if let Some(lease) = &d.lease {
+        emit(LEASE_HEADER, lease.id.clone());
+    }
+    if d.reason == Reason::AllowedStoreUnavailable {
+        emit(DEGRADED_HEADER, "store-unavailable".into());
+    }
+}
+
+/// The headers the client gets, handed to `emit`: allowed, the rate-limit headers and the
+/// queue wait; denied, the JSON content type, the `WWW-Authenticate` challenge of a 401,
+/// `Retry-After` and the rate-limit headers.
+pub fn client_headers(d: &Decision, policy: &Policy, mut emit: impl FnMut(&'static str, String)) {
+    if d.allowed() {
+        ratelimit_headers(d, policy.ratelimit_headers, &mut emit);
+        if let Some(lease) = d.lease.as_ref().filter(|l| l.waited > 0) {
+            emit(WAIT_HEADER, (lease.waited / 1000).to_string());
+        }
+        return;
+    }
+    emit("content-type", "application/json".into());
+    if let Some(c) = www_authenticate(d.reason, policy) {
+        emit("www-authenticate", c);
+    }
+    if let Some(s) = retry_after_secs(d) {
+        emit("retry-after", s.to_string());
+    }
+    ratelimit_headers(d, policy.ratelimit_headers, &mut emit);
 }
 
 /// The `WWW-Authenticate` challenge of a 401 (RFC 9110 section 11.6.1, RFC 6750 for Bearer).

@@ -42,6 +42,29 @@ fn start_background(policy: &Policy) {
     }
 }
 
+/// A decision's id: 32 hex characters, a random half drawn once per process and a counter, so
+/// ids are unique across the fleet without coordination. The audit event carries it, and the
+/// native answer gives it to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DecisionId {
+    process: u64,
+    seq: u64,
+}
+
+impl std::fmt::Display for DecisionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}{:016x}", self.process, self.seq)
+    }
+}
+
+/// What `Engine::check` gives every adapter to render: the decision (reason, identity, every
+/// quota that applied, retry-after, the lease) and its id.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub decision: Decision,
+    pub id: DecisionId,
+}
+
 /// Why an adapter could not build a core `Request` from its message; the request is denied 400
 /// (`bad_request`) and the text goes to the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +87,9 @@ pub struct Engine<S> {
     /// metric labels for RLS calls the policy does not know (never a caller's own string)
     unknown_domain: Arc<str>,
     no_rule: Arc<str>,
+    /// this process's half of every decision id, and the counter of the other half
+    process_id: u64,
+    decisions: std::sync::atomic::AtomicU64,
 }
 
 impl<S: Store> Engine<S> {
@@ -82,6 +108,16 @@ impl<S: Store> Engine<S> {
             degraded: std::sync::atomic::AtomicBool::new(false),
             unknown_domain: Arc::from("unknown"),
             no_rule: Arc::from("none"),
+            process_id: {
+                let mut b = [0u8; 8];
+                // the kernel's generator does not fail once the system is up; if it ever did, the
+                // start time still tells processes apart
+                if getrandom::getrandom(&mut b).is_err() {
+                    b = clock::now_micros().to_be_bytes();
+                }
+                u64::from_be_bytes(b)
+            },
+            decisions: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -130,18 +166,23 @@ impl<S: Store> Engine<S> {
     }
 
     /// A request from any adapter, decided under `policy` and recorded once: the decisions
-    /// metric, the decision log line (at debug), and the audit event when the trail is on.
-    /// `request` is what the adapter could make of its message; a `Malformed` one is denied 400
-    /// without a store call. `started`: when the adapter received it (for the latency figures).
+    /// metric, the decision log line (at debug), and the audit event (with the decision id) when
+    /// the trail is on. `request` is what the adapter could make of its message; a `Malformed`
+    /// one is denied 400 without a store call. `facts.dry_run` decides without counting.
+    /// `started`: when the adapter received it (for the latency figures).
     pub async fn check(
         &self,
         policy: &Policy,
         request: Result<Request<'_>, Malformed>,
         facts: &Facts<'_>,
         started: Instant,
-    ) -> Decision {
+    ) -> Outcome {
+        let id = DecisionId {
+            process: self.process_id,
+            seq: self.decisions.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        };
         let d = match request {
-            Ok(req) => self.decide(policy, &req).await,
+            Ok(req) => self.decide_as(policy, &req, facts.dry_run).await,
             Err(Malformed(why)) => {
                 tracing::warn!(reason = why, "malformed check request");
                 Decision::deny(Reason::BadRequest, Default::default())
@@ -151,9 +192,9 @@ impl<S: Store> Engine<S> {
         self.metrics.decision(d.reason, took);
         record::log_decision(&d, policy, facts, took);
         if let Some(audit) = self.audit() {
-            audit.record(record::audit_event(audit, &d, policy, facts, took));
+            audit.record(record::audit_event(audit, &d, policy, facts, took, id));
         }
-        d
+        Outcome { decision: d, id }
     }
 
     /// Decides one request under `policy`: at most one store call (a bearer token that needs
@@ -161,8 +202,14 @@ impl<S: Store> Engine<S> {
     /// again); with `alerts`, what the decision teaches is observed. Records nothing: `check`
     /// does.
     pub async fn decide(&self, policy: &Policy, req: &Request<'_>) -> Decision {
-        let d = self.plan_apply_conclude(policy, req).await;
-        if self.alerts.get().is_some() {
+        self.decide_as(policy, req, false).await
+    }
+
+    /// `decide`, or with `dry_run` the same decision with nothing counted: no quota, no failed
+    /// authentication, no slot, nothing observed.
+    async fn decide_as(&self, policy: &Policy, req: &Request<'_>, dry_run: bool) -> Decision {
+        let d = self.plan_apply_conclude(policy, req, dry_run).await;
+        if !dry_run && self.alerts.get().is_some() {
             Box::pin(self.observe(policy, req, &d)).await;
         }
         d
@@ -171,24 +218,31 @@ impl<S: Store> Engine<S> {
     /// plan (with a bearer fetch and a second plan if that can help), one store call for the
     /// plan (and, under `traffic`, the first admission where the store makes it one call),
     /// conclude; then a slot for an allowed request under `traffic`.
-    async fn plan_apply_conclude(&self, policy: &Policy, req: &Request<'_>) -> Decision {
+    async fn plan_apply_conclude(&self, policy: &Policy, req: &Request<'_>, dry_run: bool) -> Decision {
         let mut now = clock::now_micros();
         let plan = match plan(policy, req, now) {
             Ok(p) => p,
-            Err(d) => match Box::pin(self.fetch_for(policy, req, d.reason)).await {
-                false => return Box::pin(self.after_failed_auth(policy, *d, now)).await,
-                true => {
+            // a bearer fetch (keys not loaded, an unknown kid, an introspection miss) may turn the
+            // refusal around: then plan again
+            Err(d) => {
+                let again = if Box::pin(self.fetch_for(policy, req, d.reason)).await {
                     now = clock::now_micros();
-                    match plan(policy, req, now) {
-                        Ok(p) => p,
-                        Err(d) => return Box::pin(self.after_failed_auth(policy, *d, now)).await,
-                    }
+                    plan(policy, req, now)
+                } else {
+                    Err(d)
+                };
+                match again {
+                    Ok(p) => p,
+                    // a dry run counts no failed authentication
+                    Err(d) if dry_run => return *d,
+                    Err(d) => return Box::pin(self.after_failed_auth(policy, *d, now)).await,
                 }
-            },
+            }
         };
         // under `traffic`, the plan and the slot are asked for in one store call where the store
         // can make it one (else the slot has its own call, and its own timeout, in take_slot)
-        let traffic = policy.traffic.as_ref().zip(plan.ctx.route.and_then(|i| policy.routes.get(i)));
+        let traffic =
+            policy.traffic.as_ref().zip(plan.ctx.route.and_then(|i| policy.routes.get(i))).filter(|_| !dry_run);
         let lease = traffic.map(|_| slots::new_lease_id());
         let admission = traffic
             .zip(lease.as_deref())
@@ -196,6 +250,11 @@ impl<S: Store> Engine<S> {
             .map(|((cfg, route), lease)| Admission { upstream: &route.upstream_key, lease, cfg });
         let (d, first) = if plan.ops.is_empty() {
             (conclude(policy, plan, &[]), None)
+        } else if dry_run {
+            match self.dry_run(&plan.ops, now).await {
+                Ok(planned) => (conclude(policy, plan, &planned.verdicts), None),
+                Err(_) => (store_failed(policy, plan), None),
+            }
         } else {
             match self.apply(&plan.ops, now, admission.as_ref()).await {
                 Ok(planned) => (conclude(policy, plan, &planned.verdicts), planned.admitted),

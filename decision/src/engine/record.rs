@@ -21,12 +21,14 @@ pub struct Facts<'a> {
     pub target: &'a str,
     /// the request's headers, read only when an audit event is built
     pub headers: &'a (dyn Fn() -> Vec<(&'a str, &'a str)> + Sync),
+    /// decide without counting anything (the native Check's `dry_run`); the audit event says so
+    pub dry_run: bool,
 }
 
 impl<'a> Facts<'a> {
     /// A request with nothing known about it (a message without an HTTP request).
     pub fn none() -> Facts<'a> {
-        Facts { request_id: "", method: "", target: "", headers: &Vec::new }
+        Facts { request_id: "", method: "", target: "", headers: &Vec::new, dry_run: false }
     }
 }
 
@@ -37,6 +39,7 @@ pub(super) fn audit_event(
     policy: &Policy,
     facts: &Facts<'_>,
     took: Duration,
+    id: super::DecisionId,
 ) -> serde_json::Map<String, serde_json::Value> {
     let (path, query) = facts.target.split_once('?').unwrap_or((facts.target, ""));
     let input = crate::audit::event::EventInput {
@@ -59,6 +62,10 @@ pub(super) fn audit_event(
     };
     let mut ev = crate::audit::event::build(&input, &audit.mask);
     ev.insert("event".into(), "decision".into());
+    ev.insert("decision_id".into(), id.to_string().into());
+    if facts.dry_run {
+        ev.insert("dry_run".into(), true.into());
+    }
     ev
 }
 

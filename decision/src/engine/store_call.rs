@@ -83,6 +83,21 @@ impl<S: Store> Engine<S> {
         Ok(Planned { verdicts: self.local.apply_now(&shared, now), admitted: None })
     }
 
+    /// A dry run of a plan's operations (nothing counted), bounded as `apply`; under
+    /// `local_share` a failed call is answered from the local shares.
+    pub(super) async fn dry_run(&self, ops: &[Op], now: Micros) -> Result<Planned, StoreError> {
+        let failed = match self.bounded(self.store.dry_run(ops, now)).await {
+            Ok(verdicts) if verdicts.len() == ops.len() => return Ok(Planned { verdicts, admitted: None }),
+            Ok(verdicts) => {
+                StoreError::Unavailable(format!("{} verdicts for {} operations", verdicts.len(), ops.len()))
+            }
+            Err(e) => e,
+        };
+        let Some(n) = self.local_share() else { return Err(failed) };
+        let shared: Vec<Op> = ops.iter().map(|op| Op { limit: op.limit.share(n), ..op.clone() }).collect();
+        Ok(Planned { verdicts: self.local.dry_run_now(&shared, now), admitted: None })
+    }
+
     /// An admission by the store or, while it fails under `local_share`, by this instance's
     /// share of the concurrency limit and the queue.
     pub(super) async fn admit(&self, a: &Admission<'_>, returning: bool) -> Result<(Admit, UpstreamState), StoreError> {

@@ -23,6 +23,7 @@ fn basic_get() -> Request<'static> {
         header_bytes: 10,
         api_key: Some(BASIC),
         authorization: None,
+        cost: 1,
     }
 }
 
@@ -136,6 +137,7 @@ async fn the_reference_policy_decides_as_its_comments_say() {
             header_bytes: 100,
             api_key: c.key,
             authorization: c.auth.or(c.bearer.then_some(bearer)),
+            cost: 1,
         };
         let d = engine.decide(&policy, &req).await;
         assert_eq!(
@@ -236,6 +238,14 @@ impl Store for BrokenStore {
             std::future::pending::<()>().await;
         }
         Err(StoreError::Unavailable("connection refused".into()))
+    }
+
+    async fn dry_run(
+        &self,
+        ops: &[decision_core::plan::Op],
+        now: u64,
+    ) -> Result<Vec<decision_core::quota::Verdict>, StoreError> {
+        self.apply(ops, now).await
     }
 
     async fn admit(

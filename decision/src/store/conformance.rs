@@ -49,6 +49,24 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     the_breaker_opens_and_gives_its_half_open_probe_to_exactly_one(&make().await).await;
     the_adaptive_limit_shrinks_on_errors_and_grows_back(&make().await).await;
     a_plan_and_its_admission_in_one_call(&make().await).await;
+    a_dry_run_answers_as_apply_and_counts_nothing(&make().await).await;
+}
+
+/// `dry_run` gives the verdicts `apply` would give, and stores nothing: not on an allowed plan,
+/// not on a refused one.
+async fn a_dry_run_answers_as_apply_and_counts_nothing<S: Store>(s: &S) {
+    let plan = [window_op("dry", 2, MICROS_PER_MINUTE), bucket_op("dry-b", 3, 1)];
+    for _ in 0..5 {
+        let v = s.dry_run(&plan, T0).await.expect("dry run");
+        assert_eq!((v[0].allowed, v[0].remaining, v[1].remaining), (true, 1, 2), "{}", s.backend());
+    }
+    assert_eq!(allowed(s, &plan, T0).await, [true, true]);
+    assert_eq!(allowed(s, &plan, T0).await, [true, true]);
+    // the window is spent: a dry run says so, as apply does, and still counts nothing
+    let v = s.dry_run(&plan, T0).await.expect("dry run");
+    assert_eq!((v[0].allowed, v[1].allowed, v[1].remaining), (false, true, 0), "{}", s.backend());
+    let v = s.apply(&[bucket_op("dry-b", 3, 1)], T0).await.expect("store call");
+    assert_eq!((v[0].allowed, v[0].remaining), (true, 0), "{}: a dry run was counted", s.backend());
 }
 
 /// `apply_admit`: a committed plan asks for its slot in the same call; a refused one takes none.

@@ -182,6 +182,16 @@ impl MemoryStore {
 
     /// Applies a plan synchronously (the `Store` impl wraps this).
     pub fn apply_now(&self, ops: &[Op], now: Micros) -> Vec<Verdict> {
+        self.evaluate(ops, now, true)
+    }
+
+    /// The verdicts `apply_now` would give `ops` at `now`, storing nothing.
+    pub fn dry_run_now(&self, ops: &[Op], now: Micros) -> Vec<Verdict> {
+        self.evaluate(ops, now, false)
+    }
+
+    /// The verdicts of `ops` at `now`; stored only when `commit` and the plan is allowed.
+    fn evaluate(&self, ops: &[Op], now: Micros, commit: bool) -> Vec<Verdict> {
         let ids: Vec<u128> = ops.iter().map(|op| self.id(&op.key)).collect();
         let shard_ids: Vec<usize> = ids.iter().map(|&id| Self::shard_of(id)).collect();
         let mut order: Vec<usize> = shard_ids.clone();
@@ -201,7 +211,7 @@ impl MemoryStore {
         }
         // All-or-nothing over the enforced operations; a shadow operation that is over its
         // limit neither refuses the plan nor is counted (as if it were enforced).
-        if ops.iter().zip(&checked).all(|(op, c)| op.shadow || c.verdict.allowed) {
+        if commit && ops.iter().zip(&checked).all(|(op, c)| op.shadow || c.verdict.allowed) {
             for (i, c) in checked.iter().enumerate() {
                 if !c.verdict.allowed {
                     continue;
@@ -238,6 +248,10 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn apply(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
         Ok(self.apply_now(ops, now))
+    }
+
+    async fn dry_run(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
+        Ok(self.dry_run_now(ops, now))
     }
 
     async fn admit(

@@ -88,6 +88,10 @@ pub trait Store: Send + Sync + 'static {
     /// instead): one verdict per operation, in order; state changes only if all are allowed.
     fn apply(&self, ops: &[Op], now: Micros) -> impl Future<Output = Result<Vec<Verdict>, StoreError>> + Send;
 
+    /// The verdicts `apply` would give `ops` at `now`, storing nothing (the native Check's
+    /// `dry_run`): one store call, as `apply`.
+    fn dry_run(&self, ops: &[Op], now: Micros) -> impl Future<Output = Result<Vec<Verdict>, StoreError>> + Send;
+
     /// Traffic: one atomic admission at `now` (the breaker's gate, expired leases and waiters
     /// dropped, a slot granted to a new arrival when nobody waits, or to the oldest waiter
     /// coming back (`returning`); else a place in the queue, or none). The lease, when granted,

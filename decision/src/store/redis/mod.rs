@@ -123,10 +123,16 @@ impl RedisStore {
         Ok((verdicts, extra))
     }
 
-    /// One plan in Redis: one script call, or on a cluster, one per slot its keys fall in.
-    async fn apply_in_store(&self, ops: &[Op], now: Micros) -> Result<(Vec<Verdict>, Replies), StoreError> {
+    /// One plan in Redis: one script call, or on a cluster, one per slot its keys fall in;
+    /// `commit` false only checks it (a dry run).
+    async fn apply_in_store(
+        &self,
+        ops: &[Op],
+        now: Micros,
+        commit: bool,
+    ) -> Result<(Vec<Verdict>, Replies), StoreError> {
         if !(self.pool.is_cluster() && plan::spans_slots(ops)) {
-            let reply = self.invoke(&self.plan_call(ops.iter(), true, now)).await?;
+            let reply = self.invoke(&self.plan_call(ops.iter(), commit, now)).await?;
             let mut verdicts = Vec::with_capacity(ops.len());
             decode(&reply, ops.iter(), &mut verdicts)?;
             return Ok((verdicts, Replies::One(reply)));
@@ -154,7 +160,7 @@ impl RedisStore {
             Ok::<_, StoreError>((verdicts, Replies::Parts(replies)))
         };
         let checked = round(false).await?;
-        if refuses(ops, &checked.0) {
+        if !commit || refuses(ops, &checked.0) {
             return Ok(checked);
         }
         round(true).await
@@ -251,11 +257,15 @@ impl Store for RedisStore {
     async fn apply(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
         let (verdicts, ()) = self
             .through_cache(ops, now, async {
-                let (verdicts, replies) = self.apply_in_store(ops, now).await?;
+                let (verdicts, replies) = self.apply_in_store(ops, now, true).await?;
                 Ok((verdicts, replies, ()))
             })
             .await?;
         Ok(verdicts)
+    }
+
+    async fn dry_run(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
+        self.apply_in_store(ops, now, false).await.map(|(verdicts, _)| verdicts)
     }
 
     fn watch_freed(&self, wake: std::sync::Arc<dyn Fn(&str) + Send + Sync>) {

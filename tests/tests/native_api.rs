@@ -1,0 +1,245 @@
+//! The native Decision API (`portcullis.v1.Decision/Check`) against the real binary: the same
+//! answers as ext_authz for the same requests, costs and dry runs counted exactly (or not at
+//! all), bad input refused with a precise error and nothing counted, and a client that is not
+//! ours (Python grpcio, stubs generated from the committed .proto).
+
+use std::collections::BTreeMap;
+
+use proto::ext_authz::authorization_client::AuthorizationClient;
+use proto::ext_authz::check_response::HttpResponse;
+use proto::portcullis_v1::check_request::Credential;
+use proto::portcullis_v1::decision_client::DecisionClient;
+use proto::portcullis_v1::{CheckRequest, CheckResponse, Verdict};
+use tests::{Portcullis, TempDir, check_request, grpc_python, reference_policy, workspace_root};
+use tonic::transport::Channel;
+
+const BASIC: &str = "pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo";
+const SERVICE: &str = "pk_demo_service_k1-mDUeWOB7yj39g_aZ3tBG8";
+const ADMIN: &str = "pk_demo_admin_dgBU1nZu-FWNNXcyKorzEKKe";
+
+async fn start(policy: &str) -> Portcullis {
+    Portcullis::start(policy).await.unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+async fn native(p: &Portcullis) -> DecisionClient<Channel> {
+    DecisionClient::connect(format!("http://{}", p.grpc)).await.expect("connect")
+}
+
+fn ask(peer: &str, method: &str, path: &str, key: Option<&str>) -> CheckRequest {
+    CheckRequest {
+        credential: key.map(|k| Credential::ApiKey(k.to_owned())),
+        operation: method.to_owned(),
+        resource: path.to_owned(),
+        client_address: peer.to_owned(),
+        request_id: "req-native".into(),
+        ..Default::default()
+    }
+}
+
+/// What a client of either API sees: status, the headers towards the upstream and the client
+/// (lease ids, which are random, as "<lease>"), and the denial body's status and error.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    status: u32,
+    upstream: BTreeMap<String, String>,
+    client: BTreeMap<String, String>,
+    body: Option<(u64, String)>,
+}
+
+fn normal(name: &str, value: &str) -> (String, String) {
+    let value = if name == "x-portcullis-lease" { "<lease>".to_owned() } else { value.to_owned() };
+    (name.to_owned(), value)
+}
+
+fn body_of(body: &str) -> Option<(u64, String)> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    Some((v["status"].as_u64()?, v["error"].as_str()?.to_owned()))
+}
+
+fn seen_ext_authz(r: &proto::ext_authz::CheckResponse) -> Seen {
+    let pairs = |hs: &[proto::types::HeaderValueOption]| {
+        hs.iter().filter_map(|h| h.header.as_ref()).map(|h| normal(&h.key, &h.value)).collect()
+    };
+    match &r.http_response {
+        Some(HttpResponse::OkResponse(ok)) => {
+            Seen { status: 200, upstream: pairs(&ok.headers), client: pairs(&ok.response_headers_to_add), body: None }
+        }
+        Some(HttpResponse::DeniedResponse(d)) => Seen {
+            status: d.status.as_ref().map_or(0, |s| s.code as u32),
+            upstream: BTreeMap::new(),
+            client: pairs(&d.headers),
+            body: body_of(&d.body),
+        },
+        _ => panic!("no OK or denied response: {r:?}"),
+    }
+}
+
+fn seen_native(r: &CheckResponse) -> Seen {
+    let pairs = |hs: &[proto::portcullis_v1::Header]| hs.iter().map(|h| normal(&h.name, &h.value)).collect();
+    Seen {
+        status: r.http_status,
+        upstream: pairs(&r.upstream_headers),
+        client: pairs(&r.response_headers),
+        body: if r.body.is_empty() { None } else { body_of(&r.body) },
+    }
+}
+
+/// The request matrix, asked of one instance through ext_authz and of another (same policy,
+/// fresh counters) through the native Check, one request at a time: every answer alike.
+async fn same_answers(policy: &str, matrix: &[(&str, &str, &str, Option<&str>)]) -> Vec<u32> {
+    let (a, b) = (start(policy).await, start(policy).await);
+    let mut envoy_like = AuthorizationClient::connect(format!("http://{}", a.grpc)).await.expect("connect");
+    let mut ours = native(&b).await;
+    let mut statuses = Vec::new();
+    for &(peer, method, path, key) in matrix {
+        let headers: Vec<(&str, &str)> = key.map(|k| vec![("x-api-key", k)]).unwrap_or_default();
+        let mut ext = check_request(peer, method, path, &headers);
+        if let Some(http) = ext.attributes.as_mut().and_then(|a| a.request.as_mut()).and_then(|r| r.http.as_mut()) {
+            http.headers.insert("x-request-id".into(), "req-native".into());
+        }
+        let via_ext_authz = seen_ext_authz(&envoy_like.check(ext).await.expect("ext_authz").into_inner());
+        let answer = ours.check(ask(peer, method, path, key)).await.expect("native").into_inner();
+        let via_native = seen_native(&answer);
+        assert_eq!(via_ext_authz, via_native, "{method} {path} from {peer} with {key:?}");
+        assert_eq!(answer.verdict == Verdict::Allow as i32, answer.http_status == 200);
+        statuses.push(via_native.status);
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn the_native_check_answers_as_ext_authz_does() {
+    let mut matrix = vec![
+        ("10.0.0.1", "GET", "/api/v1/items", Some(BASIC)),
+        ("10.0.0.1", "GET", "/api/v1/items", Some("pk_unknown")),
+        ("10.0.0.1", "GET", "/api/v1/items", None),
+        ("10.0.0.1", "POST", "/api/v1/items", Some(BASIC)),
+        ("203.0.113.5", "GET", "/internal/x", Some(SERVICE)),
+        ("198.51.100.7", "GET", "/api/v1/items", Some(BASIC)),
+        ("10.0.0.1", "GET", "/admin/users", Some(ADMIN)),
+        ("10.0.0.1", "GET", "/health", None),
+    ];
+    // an untrusted address: 10 a minute, then 429 with Retry-After and the reference's body
+    matrix.extend(std::iter::repeat_n(("8.8.8.8", "GET", "/api/v1/items", Some(BASIC)), 11));
+    let statuses = same_answers(&reference_policy(), &matrix).await;
+    assert_eq!(&statuses[..8], [200, 401, 401, 403, 403, 403, 401, 200]);
+    assert_eq!(statuses[8..18], [200; 10]);
+    assert_eq!(statuses[18], 429);
+
+    // the store down (a Redis nobody listens on), on_store_error: deny -> 503 alike
+    let down =
+        reference_policy().replacen("  memory: {}", "  redis:\n    url: redis://127.0.0.1:1\n    timeout: 50ms", 1);
+    let statuses = same_answers(&down, &[("10.0.0.1", "GET", "/api/v1/items", Some(BASIC))]).await;
+    assert_eq!(statuses, [503]);
+}
+
+/// The tier quotas' remaining units, by name, in an answer.
+fn remaining(r: &CheckResponse) -> BTreeMap<String, u64> {
+    r.quotas.iter().map(|q| (q.name.clone(), q.remaining)).collect()
+}
+
+#[tokio::test]
+async fn costs_count_exactly_dry_runs_count_nothing_and_bad_input_is_refused() {
+    let dir = TempDir::new("native-audit");
+    let audit = dir.0.join("audit.log");
+    let policy = reference_policy().replacen(
+        "    - stdout: {}",
+        &format!("    - file: {{ path: \"{}\", fsync: always }}", audit.display()),
+        1,
+    );
+    let p = start(&policy).await;
+    let mut c = native(&p).await;
+    let with = |cost: i64, dry_run: bool| CheckRequest {
+        cost,
+        dry_run,
+        ..ask("10.0.0.2", "GET", "/api/v1/items", Some(BASIC))
+    };
+
+    // basic: a bucket of 100 (60 a minute) and 5,000 a day; dry runs leave both whole
+    for _ in 0..3 {
+        let r = c.check(with(1, true)).await.expect("dry run").into_inner();
+        assert!(r.dry_run && r.verdict == Verdict::Allow as i32, "{r:?}");
+        assert_eq!(remaining(&r)["daily"], 4_999);
+        assert!(r.lease.is_empty(), "a dry run takes no slot");
+    }
+    let r = c.check(with(60, false)).await.expect("check").into_inner();
+    assert_eq!((r.http_status, remaining(&r)["daily"]), (200, 4_940), "{r:?}");
+    assert!(remaining(&r)["burst"] <= 40);
+    let identity = r.identity.as_ref().expect("identity");
+    assert_eq!(
+        (identity.subject.as_str(), identity.tier.as_str(), identity.credential.as_str()),
+        ("demo-basic", "basic", "api_key")
+    );
+    assert_eq!(identity.roles, ["user"]);
+    assert_eq!(r.decision_id.len(), 32);
+    assert!(r.decision_id.bytes().all(|b| b.is_ascii_hexdigit()));
+    let upstream: BTreeMap<_, _> = r.upstream_headers.iter().map(|h| (h.name.as_str(), h.value.as_str())).collect();
+    assert_eq!(upstream.get("x-portcullis-subject"), Some(&"demo-basic"));
+    assert_eq!(upstream.get("x-portcullis-lease").copied(), Some(r.lease.as_str()));
+    // the audit event carries the decision id
+    let id = r.decision_id.clone();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&audit).unwrap_or_default().contains(&format!("\"decision_id\":\"{id}\"")) {
+        assert!(tokio::time::Instant::now() < deadline, "no audit event carries decision {id}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // more than the bucket holds: 429, nothing counted, told when to come back
+    let r = c.check(with(90, false)).await.expect("check").into_inner();
+    assert_eq!((r.http_status, r.reason.as_str()), (429, "tier_rate_exceeded"), "{r:?}");
+    assert!(r.retry_after_seconds >= 1 && r.body.contains("\"retry_after\""), "{r:?}");
+    assert!(r.quotas.iter().any(|q| q.name == "burst" && q.exceeded));
+    assert_ne!(r.decision_id, id);
+
+    // bad input: a precise error, and nothing counted
+    let bad: Vec<(CheckRequest, &str)> = vec![
+        (CheckRequest { resource: String::new(), ..with(1, false) }, "resource is required"),
+        (with(-1, false), "cost must not be negative"),
+        (with(2_000_000_000, false), "cost is at most"),
+        (CheckRequest { client_address: "not-an-ip".into(), ..with(1, false) }, "client_address"),
+        (CheckRequest { operation: "G E T".into(), ..with(1, false) }, "operation"),
+        (CheckRequest { headers: [("bad name".to_owned(), "v".to_owned())].into(), ..with(1, false) }, "RFC 9110"),
+        (CheckRequest { credential: Some(Credential::ApiKey(String::new())), ..with(1, false) }, "empty api_key"),
+        (CheckRequest { request_id: "a\nb".into(), ..with(1, false) }, "request_id"),
+    ];
+    for (req, why) in bad {
+        let e = c.check(req).await.expect_err(why);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{why}");
+        assert!(e.message().contains(why), "{why}: {}", e.message());
+    }
+    // an oversized header map is denied as ext_authz denies it (431), before any counter
+    let big = CheckRequest { headers: [("x-big".to_owned(), "v".repeat(20 * 1024))].into(), ..with(1, false) };
+    let r = c.check(big).await.expect("answer").into_inner();
+    assert_eq!((r.http_status, r.reason.as_str()), (431, "headers_too_large"));
+    let r = c.check(with(1, true)).await.expect("dry run").into_inner();
+    assert_eq!(remaining(&r)["daily"], 4_939, "only the 60 were counted: {r:?}");
+
+    // a bearer token the verifiers refuse: 401 with a challenge, as through Envoy
+    let bearer = CheckRequest { credential: Some(Credential::BearerToken("not.a.jwt".into())), ..with(1, false) };
+    let r = c.check(bearer).await.expect("answer").into_inner();
+    assert_eq!(r.http_status, 401, "{r:?}");
+    assert!(r.response_headers.iter().any(|h| h.name == "www-authenticate" && h.value.starts_with("Bearer")));
+}
+
+#[tokio::test]
+async fn a_python_grpcio_client_checks_and_completes() {
+    let p = start(&reference_policy()).await;
+    let out = tokio::process::Command::new(grpc_python())
+        .arg(workspace_root().join("tests/clients/native_client.py"))
+        .arg(p.grpc.to_string())
+        .arg(BASIC)
+        .output()
+        .await
+        .expect("python");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["verdict"], "VERDICT_ALLOW", "{v}");
+    assert_eq!((v["http_status"].as_u64(), v["reason"].as_str()), (Some(200), Some("allowed")));
+    assert_eq!((v["subject"].as_str(), v["tier"].as_str()), (Some("demo-basic"), Some("basic")));
+    assert_eq!(v["quotas"], serde_json::json!(["burst", "daily", "ip"]));
+    assert!(v["lease"].as_str().is_some_and(|l| !l.is_empty()), "{v}");
+    assert_eq!(v["upstream_headers"]["x-portcullis-lease"], v["lease"]);
+    assert_eq!(v["bad"]["code"], "INVALID_ARGUMENT", "{v}");
+    assert!(v["bad"]["details"].as_str().is_some_and(|d| d.contains("resource is required")));
+    assert_eq!(v["released"], serde_json::json!([true, false]), "a lease is released once");
+}
