@@ -373,7 +373,7 @@ mod tests {
         let mut names = std::collections::HashSet::new();
         for r in Reason::ALL {
             assert!(names.insert(r.as_str()), "duplicate name {}", r.as_str());
-            assert!([200, 400, 401, 403, 413, 429, 431, 503].contains(&r.status()));
+            assert!([200, 400, 401, 403, 413, 429, 431, 503, 504].contains(&r.status()));
             assert_eq!(r.is_allowed(), r.status() == 200);
         }
     }

@@ -65,10 +65,13 @@ pub enum Reason {
     /// waited `queue_timeout` in the queue without getting a slot
     QueueTimeout,
     StoreUnavailable,
+    /// the caller's deadline (gRPC `grpc-timeout`) passed before the request could be decided;
+    /// nothing was counted unless a store call was already under way
+    DeadlineExceeded,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 47] = [
+    pub const ALL: [Reason; 48] = [
         Reason::Allowed,
         Reason::AllowedStoreUnavailable,
         Reason::BadRequest,
@@ -116,6 +119,7 @@ impl Reason {
         Reason::QueueFull,
         Reason::QueueTimeout,
         Reason::StoreUnavailable,
+        Reason::DeadlineExceeded,
     ];
 
     /// The stable name used in logs, metrics and audit events.
@@ -168,6 +172,7 @@ impl Reason {
             Reason::QueueFull => "queue_full",
             Reason::QueueTimeout => "queue_timeout",
             Reason::StoreUnavailable => "store_unavailable",
+            Reason::DeadlineExceeded => "deadline_exceeded",
         }
     }
 
@@ -213,6 +218,7 @@ impl Reason {
             | Reason::CircuitOpen
             | Reason::QueueFull
             | Reason::QueueTimeout => 503,
+            Reason::DeadlineExceeded => 504,
         }
     }
 
@@ -226,6 +232,7 @@ impl Reason {
             429 => "Rate limit exceeded",
             431 => "Request header fields too large",
             503 => "Service unavailable",
+            504 => "Gateway timeout",
             _ => "OK",
         }
     }

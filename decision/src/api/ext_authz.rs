@@ -182,6 +182,7 @@ impl<S: Store> Authorization for ExtAuthz<S> {
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let started = clock::instant();
+        let deadline = super::grpc_deadline(request.metadata(), started);
         let msg = request.into_inner();
         if crate::telemetry::tracing_on() {
             // a span of its own, child of the request's traceparent, exported over OTLP
@@ -207,7 +208,7 @@ impl<S: Store> Authorization for ExtAuthz<S> {
             if let Some(h) = headers {
                 let _ = span.set_parent(crate::telemetry::parent_context(h));
             }
-            let answer = self.decide_and_answer(msg, started).instrument(span.clone()).await;
+            let answer = self.decide_and_answer(msg, started, deadline).instrument(span.clone()).await;
             if let Ok(r) = &answer {
                 let denied = matches!(r.get_ref().http_response, Some(HttpResponse::DeniedResponse(_)));
                 span.record("decision.outcome", if denied { "deny" } else { "allow" });
@@ -217,7 +218,7 @@ impl<S: Store> Authorization for ExtAuthz<S> {
             }
             return answer;
         }
-        self.decide_and_answer(msg, started).await
+        self.decide_and_answer(msg, started, deadline).await
     }
 }
 
@@ -227,16 +228,21 @@ impl<S: Store> ExtAuthz<S> {
         &self,
         msg: CheckRequest,
         started: std::time::Instant,
+        deadline: Option<std::time::Instant>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let policy = self.engine.policy();
         let http = msg.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
         let headers =
             || http.map(|h| h.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()).unwrap_or_default();
-        let (request, facts) = match http {
+        let (request, mut facts) = match http {
             Some(http) => request_of(http, peer_ip(&msg), &policy, &headers),
             None => (Err(Malformed("no attributes.request.http in the check request")), Facts::none()),
         };
+        facts.deadline = deadline;
         let outcome = self.engine.check(&policy, request, &facts, started).await;
+        if outcome.decision.reason == Reason::DeadlineExceeded {
+            return Err(tonic::Status::deadline_exceeded("the call's deadline passed before the request was decided"));
+        }
         Ok(tonic::Response::new(answer(&outcome.decision, &policy, facts.request_id)))
     }
 }
@@ -250,7 +256,8 @@ fn request_of<'a>(
     headers: &'a (dyn Fn() -> Vec<(&'a str, &'a str)> + Sync),
 ) -> (Result<Request<'a>, Malformed>, Facts<'a>) {
     let request_id = header(http, REQUEST_ID_HEADER).unwrap_or(&http.id);
-    let mut facts = Facts { request_id, method: &http.method, target: &http.path, headers, dry_run: false };
+    let mut facts =
+        Facts { request_id, method: &http.method, target: &http.path, headers, dry_run: false, deadline: None };
     if !headers_well_formed(http) {
         // the id only if it is itself well formed; the method is not believed
         facts.request_id = header(http, REQUEST_ID_HEADER).filter(|v| valid_value(v.as_bytes())).unwrap_or("");

@@ -50,6 +50,7 @@ impl<S> DecisionApi<S> {
 fn request_of<'a>(
     msg: &'a CheckRequest,
     remote: Option<SocketAddr>,
+    deadline: Option<std::time::Instant>,
     headers: &'a (dyn Fn() -> Vec<(&'a str, &'a str)> + Sync),
     authorization: &'a Option<String>,
 ) -> (Result<Request<'a>, Malformed>, Facts<'a>) {
@@ -61,6 +62,7 @@ fn request_of<'a>(
         target: &msg.resource,
         headers,
         dry_run: msg.dry_run,
+        deadline,
     };
     let refuse = |why: &'static str| (Err(Malformed(why)), Facts { method: "", target: "", ..facts });
     if !valid_id {
@@ -179,6 +181,7 @@ impl<S: Store> Decision for DecisionApi<S> {
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let started = clock::instant();
         let remote = request.remote_addr();
+        let deadline = super::grpc_deadline(request.metadata(), started);
         let msg = request.into_inner();
         let policy = self.engine.policy();
         let headers = || msg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -186,12 +189,15 @@ impl<S: Store> Decision for DecisionApi<S> {
             Some(Credential::BearerToken(t)) => Some(format!("Bearer {t}")),
             _ => None,
         };
-        let (request, facts) = request_of(&msg, remote, &headers, &authorization);
+        let (request, facts) = request_of(&msg, remote, deadline, &headers, &authorization);
         let malformed = request.as_ref().err().copied();
         // recorded like any decision (a 400 in the metrics and the audit trail), then refused
         let outcome = self.engine.check(&policy, request, &facts, started).await;
         if let Some(Malformed(why)) = malformed {
             return Err(tonic::Status::invalid_argument(why));
+        }
+        if outcome.decision.reason == Reason::DeadlineExceeded {
+            return Err(tonic::Status::deadline_exceeded("the call's deadline passed before the request was decided"));
         }
         Ok(tonic::Response::new(answer(&outcome, &policy, facts.request_id, msg.dry_run)))
     }

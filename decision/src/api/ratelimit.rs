@@ -16,7 +16,7 @@ use proto::types::{Duration, HeaderValue};
 use super::respond;
 use crate::clock;
 use crate::engine::Engine;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 pub struct Rls<S> {
     engine: Arc<Engine<S>>,
@@ -98,6 +98,7 @@ impl<S: Store> RateLimitService for Rls<S> {
         &self,
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+        let deadline = super::grpc_deadline(request.metadata(), clock::instant());
         let msg = request.into_inner();
         tracing::Span::current().record("ratelimit.domain", msg.domain.as_str());
         if msg.domain.is_empty() {
@@ -123,11 +124,13 @@ impl<S: Store> RateLimitService for Rls<S> {
             .collect();
         validate(&descriptors).map_err(|e| tonic::Status::invalid_argument(e.0))?;
         let policy = self.engine.policy();
-        let decision = self
-            .engine
-            .rate_limit(&policy, &msg.domain, &descriptors)
-            .await
-            .map_err(|_| tonic::Status::unavailable("rate limit store unavailable"))?;
+        let decision =
+            self.engine.rate_limit(&policy, &msg.domain, &descriptors, deadline).await.map_err(|e| match e {
+                StoreError::DeadlineExceeded => {
+                    tonic::Status::deadline_exceeded("the call's deadline passed before the limits were counted")
+                }
+                _ => tonic::Status::unavailable("rate limit store unavailable"),
+            })?;
         let response = answer(&decision, policy.ratelimit.x_ratelimit_headers, policy.ratelimit_headers);
         Ok(tonic::Response::new(response))
     }

@@ -21,16 +21,18 @@ impl<S: Store> Engine<S> {
     /// failure here keeps the 401.
     pub(super) async fn after_failed_auth(&self, policy: &Policy, d: Decision, now: u64) -> Decision {
         let Some(ops) = failure_plan(policy, &d) else { return d };
-        let Ok(counted) = self.apply(&ops, now, None).await else { return d };
+        let Ok(counted) = self.apply(&ops, now, None, None).await else { return d };
         match conclude_failure(policy, d.clone(), &counted.verdicts) {
             AfterFailure::Answer(answer) => answer,
-            AfterFailure::Block { raise, blocked } => match self.apply(std::slice::from_ref(&raise), now, None).await {
-                Ok(_) => {
-                    tracing::warn!(client_ip = ?blocked.ctx.client_ip, "address blocked after repeated failed authentications");
-                    blocked
+            AfterFailure::Block { raise, blocked } => {
+                match self.apply(std::slice::from_ref(&raise), now, None, None).await {
+                    Ok(_) => {
+                        tracing::warn!(client_ip = ?blocked.ctx.client_ip, "address blocked after repeated failed authentications");
+                        blocked
+                    }
+                    Err(_) => d,
                 }
-                Err(_) => d,
-            },
+            }
         }
     }
 

@@ -181,8 +181,13 @@ impl<S: Store> Engine<S> {
             process: self.process_id,
             seq: self.decisions.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
+        let past = |d: &Instant| clock::instant() >= *d;
         let d = match request {
-            Ok(req) => self.decide_as(policy, &req, facts.dry_run).await,
+            // the caller has already given up: nothing is planned, nothing counted
+            Ok(_) if facts.deadline.as_ref().is_some_and(past) => {
+                Decision::deny(Reason::DeadlineExceeded, Default::default())
+            }
+            Ok(req) => self.decide_as(policy, &req, facts.dry_run, facts.deadline).await,
             Err(Malformed(why)) => {
                 tracing::warn!(reason = why, "malformed check request");
                 Decision::deny(Reason::BadRequest, Default::default())
@@ -202,13 +207,20 @@ impl<S: Store> Engine<S> {
     /// again); with `alerts`, what the decision teaches is observed. Records nothing: `check`
     /// does.
     pub async fn decide(&self, policy: &Policy, req: &Request<'_>) -> Decision {
-        self.decide_as(policy, req, false).await
+        self.decide_as(policy, req, false, None).await
     }
 
     /// `decide`, or with `dry_run` the same decision with nothing counted: no quota, no failed
-    /// authentication, no slot, nothing observed.
-    async fn decide_as(&self, policy: &Policy, req: &Request<'_>, dry_run: bool) -> Decision {
-        let d = self.plan_apply_conclude(policy, req, dry_run).await;
+    /// authentication, no slot, nothing observed. Past `deadline` no store call is started, a
+    /// store call is cut short, and the request is denied `deadline_exceeded`.
+    async fn decide_as(
+        &self,
+        policy: &Policy,
+        req: &Request<'_>,
+        dry_run: bool,
+        deadline: Option<Instant>,
+    ) -> Decision {
+        let d = self.plan_apply_conclude(policy, req, dry_run, deadline).await;
         if !dry_run && self.alerts.get().is_some() {
             Box::pin(self.observe(policy, req, &d)).await;
         }
@@ -218,7 +230,13 @@ impl<S: Store> Engine<S> {
     /// plan (with a bearer fetch and a second plan if that can help), one store call for the
     /// plan (and, under `traffic`, the first admission where the store makes it one call),
     /// conclude; then a slot for an allowed request under `traffic`.
-    async fn plan_apply_conclude(&self, policy: &Policy, req: &Request<'_>, dry_run: bool) -> Decision {
+    async fn plan_apply_conclude(
+        &self,
+        policy: &Policy,
+        req: &Request<'_>,
+        dry_run: bool,
+        deadline: Option<Instant>,
+    ) -> Decision {
         let mut now = clock::now_micros();
         let plan = match plan(policy, req, now) {
             Ok(p) => p,
@@ -250,14 +268,14 @@ impl<S: Store> Engine<S> {
             .map(|((cfg, route), lease)| Admission { upstream: &route.upstream_key, lease, cfg });
         let (d, first) = if plan.ops.is_empty() {
             (conclude(policy, plan, &[]), None)
-        } else if dry_run {
-            match self.dry_run(&plan.ops, now).await {
-                Ok(planned) => (conclude(policy, plan, &planned.verdicts), None),
-                Err(_) => (store_failed(policy, plan), None),
-            }
         } else {
-            match self.apply(&plan.ops, now, admission.as_ref()).await {
+            let planned = match dry_run {
+                true => self.dry_run(&plan.ops, now, deadline).await,
+                false => self.apply(&plan.ops, now, admission.as_ref(), deadline).await,
+            };
+            match planned {
                 Ok(planned) => (conclude(policy, plan, &planned.verdicts), planned.admitted),
+                Err(StoreError::DeadlineExceeded) => (Decision::deny(Reason::DeadlineExceeded, plan.ctx), None),
                 Err(_) => (store_failed(policy, plan), None),
             }
         };
@@ -267,7 +285,7 @@ impl<S: Store> Engine<S> {
             // an allowed request takes a concurrency slot of its route's upstream; boxed: the
             // waiting loop's future is large, and every decision would carry it
             (Some((cfg, route)), Some(lease), Reason::Allowed) => {
-                Box::pin(self.take_slot(policy, cfg, route, d, lease, first)).await
+                Box::pin(self.take_slot(policy, cfg, route, d, lease, first, deadline)).await
             }
             _ => d,
         }
@@ -275,19 +293,21 @@ impl<S: Store> Engine<S> {
 
     /// Decides an Envoy ratelimit (RLS) request, every descriptor in one store call, and records
     /// it (per-descriptor and per-call metrics, a log line at debug). A store failure is an
-    /// error, so the RLS adapter answers UNAVAILABLE and Envoy's own `failure_mode_deny` applies.
+    /// error, so the RLS adapter answers UNAVAILABLE and Envoy's own `failure_mode_deny` applies;
+    /// past the caller's `deadline` the call is not made (or is cut short), `DeadlineExceeded`.
     pub async fn rate_limit(
         &self,
         policy: &Policy,
         domain: &str,
         descriptors: &[DescriptorReq<'_>],
+        deadline: Option<Instant>,
     ) -> Result<RlsDecision, StoreError> {
         let started = clock::instant();
         let plan = rls::plan(&policy.ratelimit, domain, descriptors);
         let verdicts = if plan.ops.is_empty() {
             Vec::new()
         } else {
-            match self.apply(&plan.ops, clock::now_micros(), None).await {
+            match self.apply(&plan.ops, clock::now_micros(), None, deadline).await {
                 Ok(planned) => planned.verdicts,
                 Err(e) => {
                     // request-derived values are recorded as strings, which every log format escapes

@@ -23,12 +23,15 @@ pub struct Facts<'a> {
     pub headers: &'a (dyn Fn() -> Vec<(&'a str, &'a str)> + Sync),
     /// decide without counting anything (the native Check's `dry_run`); the audit event says so
     pub dry_run: bool,
+    /// when the caller stops waiting (gRPC `grpc-timeout`): past it, nothing more is started
+    /// and the request is answered `deadline_exceeded`
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl<'a> Facts<'a> {
     /// A request with nothing known about it (a message without an HTTP request).
     pub fn none() -> Facts<'a> {
-        Facts { request_id: "", method: "", target: "", headers: &Vec::new, dry_run: false }
+        Facts { request_id: "", method: "", target: "", headers: &Vec::new, dry_run: false, deadline: None }
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 
 use super::Engine;
 use crate::clock;
-use crate::store::{Admission, Store, UpstreamState};
+use crate::store::{Admission, Store, StoreError, UpstreamState};
 
 /// How often a waiter looks again without a notification (for leases that expired).
 const RECHECK: Duration = Duration::from_millis(250);
@@ -71,13 +71,23 @@ pub fn parse_lease(header: &str) -> Option<(&str, &str)> {
     ok.then_some((key, id))
 }
 
+/// Resolves at the caller's deadline; never without one.
+async fn sleep_until_caller(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl<S: Store> Engine<S> {
     fn seen(&self, upstream: &Arc<str>, o: UpstreamState) {
         self.metrics.traffic_seen(upstream, o.in_use, o.queued, o.mode as u64, o.limit);
     }
 
-    /// Takes a slot for an allowed request, waiting in the queue if need be; the decision comes
-    /// back with its lease, or turned into a 503.
+    /// Takes a slot for an allowed request, waiting in the queue if need be (at most
+    /// `queue_timeout`, and never past the caller's `deadline`); the decision comes back with
+    /// its lease, or turned into a 503 (a 504 `deadline_exceeded` when the caller gave up first).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn take_slot(
         &self,
         policy: &Policy,
@@ -86,6 +96,7 @@ impl<S: Store> Engine<S> {
         mut d: Decision,
         lease: String,
         mut first: Option<(Admit, UpstreamState)>,
+        caller_deadline: Option<std::time::Instant>,
     ) -> Decision {
         let key = &*route.upstream_key;
         let admission = Admission { upstream: key, lease: &lease, cfg };
@@ -106,9 +117,16 @@ impl<S: Store> Engine<S> {
             // the first admission may have come with the plan's store call
             let answer = match first.take() {
                 Some(admitted) => Ok(admitted),
-                None => self.admit(&admission, returning).await,
+                None => self.admit(&admission, returning, caller_deadline).await,
             };
             match answer {
+                Err(StoreError::DeadlineExceeded) => {
+                    if returning {
+                        self.leave(key, &lease).await;
+                    }
+                    d.reason = Reason::DeadlineExceeded;
+                    return d;
+                }
                 Err(_) => {
                     if returning {
                         self.leave(key, &lease).await;
@@ -154,6 +172,11 @@ impl<S: Store> Engine<S> {
                 _ = tokio::time::sleep_until(deadline) => {
                     self.leave(key, &lease).await;
                     return refuse(d, Reason::QueueTimeout, last.retry_after(cfg.concurrency_limit));
+                }
+                _ = sleep_until_caller(caller_deadline) => {
+                    self.leave(key, &lease).await;
+                    d.reason = Reason::DeadlineExceeded;
+                    return d;
                 }
             }
         }

@@ -1,10 +1,12 @@
 //! The one way the engine calls its store, for plans and for traffic alike: bounded by the
-//! store's timeout, every failure logged and counted, and, under `local_share`, a failed call
-//! answered from this instance's share of each limit in memory (`Limit::share`, the concurrency
-//! limit and queue divided by the instance count).
+//! store's timeout and by the caller's deadline when it is sooner (a call is not started once
+//! the deadline has passed), every failure logged and counted, and, under `local_share`, a
+//! failed call answered from this instance's share of each limit in memory (`Limit::share`, the
+//! concurrency limit and queue divided by the instance count).
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use decision_core::plan::Op;
 use decision_core::traffic::{Admit, TrafficConfig};
@@ -14,14 +16,30 @@ use super::Engine;
 use crate::store::{Admission, Planned, Release, Store, StoreError, UpstreamState};
 
 impl<S: Store> Engine<S> {
-    /// Runs one store call under the store's timeout (`Timeout` past it). A failure is logged
-    /// and counted in `portcullis_store_errors_total`; a success after failures is logged once.
-    async fn bounded<T>(&self, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
-        let answer = match self.store.timeout() {
-            None => call.await,
-            Some(t) => tokio::time::timeout(t, call).await.unwrap_or(Err(StoreError::Timeout(t))),
+    /// Runs one store call under the store's timeout (`Timeout` past it) and the caller's
+    /// `deadline` when that is sooner (`DeadlineExceeded` past it; a call whose deadline has
+    /// already passed is not started, so it counts nothing). A store failure is logged and
+    /// counted in `portcullis_store_errors_total`; a success after failures is logged once.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+        deadline: Option<Instant>,
+    ) -> Result<T, StoreError> {
+        let left = deadline.map(|d| d.saturating_duration_since(crate::clock::instant()));
+        if left == Some(Duration::ZERO) {
+            return Err(StoreError::DeadlineExceeded);
+        }
+        let answer = match (self.store.timeout(), left) {
+            (Some(t), Some(l)) if l < t => {
+                tokio::time::timeout(l, call).await.unwrap_or(Err(StoreError::DeadlineExceeded))
+            }
+            (None, Some(l)) => tokio::time::timeout(l, call).await.unwrap_or(Err(StoreError::DeadlineExceeded)),
+            (Some(t), _) => tokio::time::timeout(t, call).await.unwrap_or(Err(StoreError::Timeout(t))),
+            (None, None) => call.await,
         };
         match &answer {
+            // the caller gave up: the store did nothing wrong
+            Err(StoreError::DeadlineExceeded) => {}
             Ok(_) => {
                 if self.degraded.swap(false, Ordering::Relaxed) {
                     tracing::info!(backend = self.store.backend(), "store reachable again: shared limits are back");
@@ -59,6 +77,7 @@ impl<S: Store> Engine<S> {
         ops: &[Op],
         now: Micros,
         admission: Option<&Admission<'_>>,
+        deadline: Option<Instant>,
     ) -> Result<Planned, StoreError> {
         let call = async {
             let planned = match admission {
@@ -74,8 +93,9 @@ impl<S: Store> Engine<S> {
             }
             Ok(planned)
         };
-        let failed = match self.bounded(call).await {
+        let failed = match self.bounded(call, deadline).await {
             Ok(planned) => return Ok(planned),
+            Err(StoreError::DeadlineExceeded) => return Err(StoreError::DeadlineExceeded),
             Err(e) => e,
         };
         let Some(n) = self.local_share() else { return Err(failed) };
@@ -85,8 +105,14 @@ impl<S: Store> Engine<S> {
 
     /// A dry run of a plan's operations (nothing counted), bounded as `apply`; under
     /// `local_share` a failed call is answered from the local shares.
-    pub(super) async fn dry_run(&self, ops: &[Op], now: Micros) -> Result<Planned, StoreError> {
-        let failed = match self.bounded(self.store.dry_run(ops, now)).await {
+    pub(super) async fn dry_run(
+        &self,
+        ops: &[Op],
+        now: Micros,
+        deadline: Option<Instant>,
+    ) -> Result<Planned, StoreError> {
+        let failed = match self.bounded(self.store.dry_run(ops, now), deadline).await {
+            Err(StoreError::DeadlineExceeded) => return Err(StoreError::DeadlineExceeded),
             Ok(verdicts) if verdicts.len() == ops.len() => return Ok(Planned { verdicts, admitted: None }),
             Ok(verdicts) => {
                 StoreError::Unavailable(format!("{} verdicts for {} operations", verdicts.len(), ops.len()))
@@ -100,10 +126,16 @@ impl<S: Store> Engine<S> {
 
     /// An admission by the store or, while it fails under `local_share`, by this instance's
     /// share of the concurrency limit and the queue.
-    pub(super) async fn admit(&self, a: &Admission<'_>, returning: bool) -> Result<(Admit, UpstreamState), StoreError> {
+    pub(super) async fn admit(
+        &self,
+        a: &Admission<'_>,
+        returning: bool,
+        deadline: Option<Instant>,
+    ) -> Result<(Admit, UpstreamState), StoreError> {
         let now = crate::clock::now_micros();
-        let failed = match self.bounded(self.store.admit(a, returning, now)).await {
+        let failed = match self.bounded(self.store.admit(a, returning, now), deadline).await {
             Ok(admitted) => return Ok(admitted),
+            Err(StoreError::DeadlineExceeded) => return Err(StoreError::DeadlineExceeded),
             Err(e) => e,
         };
         let Some(n) = self.local_share() else { return Err(failed) };
@@ -118,7 +150,7 @@ impl<S: Store> Engine<S> {
     /// A waiter that gives up leaves the queue (a failure is only logged: its place expires),
     /// and under `local_share` the local one, where it may have waited while the store failed.
     pub(super) async fn leave(&self, upstream: &str, lease: &str) {
-        let _ = self.bounded(self.store.leave(upstream, lease)).await;
+        let _ = self.bounded(self.store.leave(upstream, lease), None).await;
         if self.store.local_share_instances().is_some() {
             self.local.leave_now(upstream, lease);
         }
@@ -136,7 +168,7 @@ impl<S: Store> Engine<S> {
     ) -> Result<(bool, UpstreamState), StoreError> {
         let now = crate::clock::now_micros();
         let r = Release { upstream, lease, error, latency, cfg };
-        let failed = match self.bounded(self.store.complete(&r, now)).await {
+        let failed = match self.bounded(self.store.complete(&r, now), None).await {
             Ok(done) => return Ok(done),
             Err(e) => e,
         };

@@ -349,14 +349,14 @@ async fn ratelimit_calls_fail_when_the_store_fails_so_envoy_decides() {
     }];
     for hang in [false, true] {
         let engine = Engine::new(policy.clone(), BrokenStore { hang, share: None });
-        let r = engine.rate_limit(&policy, "edge", &descriptors).await;
+        let r = engine.rate_limit(&policy, "edge", &descriptors, None).await;
         assert!(r.is_err(), "hang: {hang}");
     }
     // nothing to count: no store call, so no failure
     let engine = Engine::new(policy.clone(), BrokenStore { hang: true, share: None });
     let unlimited =
         [decision_core::rls::DescriptorReq { entries: vec![("path", "/health")], limit_override: None, hits: 1 }];
-    assert!(engine.rate_limit(&policy, "edge", &unlimited).await.is_ok());
+    assert!(engine.rate_limit(&policy, "edge", &unlimited, None).await.is_ok());
 }
 
 #[tokio::test]
@@ -452,4 +452,39 @@ async fn exempt_zones_are_never_blocked() {
             .await;
         assert_eq!(d.reason, Reason::ApiKeyUnknown);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_deadline_cuts_a_hanging_store_call_short_and_is_no_store_failure() {
+    let policy = reference();
+    let engine = Engine::new(policy.clone(), BrokenStore { hang: true, share: None });
+    let headers = Vec::new;
+    let facts = |deadline| Facts {
+        request_id: "r",
+        method: "GET",
+        target: "/api/v1/x",
+        headers: &headers,
+        dry_run: false,
+        deadline,
+    };
+    // past already: nothing planned, no store call
+    let past = clock::instant();
+    let o = engine.check(&policy, Ok(basic_get()), &facts(Some(past)), clock::instant()).await;
+    assert_eq!(o.decision.reason, Reason::DeadlineExceeded);
+    // 10 ms left, a store that never answers (its own timeout is 25 ms): cut at 10 ms
+    let soon = clock::instant() + std::time::Duration::from_millis(10);
+    let o = engine.check(&policy, Ok(basic_get()), &facts(Some(soon)), clock::instant()).await;
+    assert_eq!((o.decision.reason, o.decision.status()), (Reason::DeadlineExceeded, 504));
+    let text = engine.metrics.encode();
+    assert!(text.contains("reason=\"deadline_exceeded\"} 2"), "{text}");
+    assert!(!text.contains("portcullis_store_errors_total{"), "the caller gave up; the store did not fail: {text}");
+    // the ratelimit path alike
+    let descriptors = [decision_core::rls::DescriptorReq {
+        entries: vec![("remote_address", "10.0.0.1")],
+        limit_override: None,
+        hits: 1,
+    }];
+    let soon = clock::instant() + std::time::Duration::from_millis(10);
+    let r = engine.rate_limit(&policy, "edge", &descriptors, Some(soon)).await;
+    assert!(matches!(r, Err(StoreError::DeadlineExceeded)), "{r:?}");
 }

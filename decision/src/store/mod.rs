@@ -30,6 +30,10 @@ pub enum StoreError {
     /// the store answered something the code does not expect (a script bug, not an outage)
     #[error("store script error: {0}")]
     Script(String),
+    /// the caller's deadline passed before the call could start, or before the store answered:
+    /// the caller's doing, not a store failure (never counted or logged as one)
+    #[error("the caller's deadline passed")]
+    DeadlineExceeded,
 }
 
 impl StoreError {

@@ -14,7 +14,7 @@ use crate::store::StoreError;
 /// Multiplexed connections, used in turn.
 enum Conns {
     Single(Vec<ConnectionManager>),
-    /// each one knows the whole cluster: it routes a call by its first key's slot, follows MOVED
+    /// each one knows the whole cluster: it routes a call by its first key's hash slot, follows MOVED
     /// and ASK, and learns the new layout after a failover
     Cluster(Vec<ClusterConnection>),
 }

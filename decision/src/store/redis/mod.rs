@@ -4,7 +4,7 @@
 //! connections, which pipeline concurrent calls; time comes from the Redis server.
 //!
 //! On Redis Cluster the keys of one plan may live in several slots (an address's keys and an
-//! identity's keys carry different hash tags). Such a plan is split by slot and kept
+//! identity's keys carry different hash tags). Such a plan is split by hash slot and kept
 //! all-or-nothing by checking every part (the script with commit 0) before counting any; only
 //! a race between the check and the count (another instance taking the last unit meanwhile) can
 //! count a part of a refused plan, which errs towards refusing, never towards allowing.
@@ -123,7 +123,7 @@ impl RedisStore {
         Ok((verdicts, extra))
     }
 
-    /// One plan in Redis: one script call, or on a cluster, one per slot its keys fall in;
+    /// One plan in Redis: one script call, or on a cluster, one per hash slot its keys fall in;
     /// `commit` false only checks it (a dry run).
     async fn apply_in_store(
         &self,
@@ -139,7 +139,7 @@ impl RedisStore {
         }
         // a plan over several slots: the operations of each slot (in plan order), checked
         // everywhere before anything is counted anywhere
-        let parts = &plan::by_slot(ops);
+        let parts = &plan::by_hash_slot(ops);
         let round = |commit: bool| async move {
             let calls = parts.iter().map(|idx| async move {
                 let reply = self.invoke(&self.plan_call(idx.iter().map(|&i| &ops[i]), commit, now)).await?;
@@ -166,7 +166,7 @@ impl RedisStore {
         round(true).await
     }
 
-    /// The apply.lua call for `ops` (all in one slot); `commit` false only checks them.
+    /// The apply.lua call for `ops` (all in one hash slot); `commit` false only checks them.
     fn plan_call<'a>(
         &'a self,
         ops: impl Iterator<Item = &'a Op> + Clone,
@@ -217,7 +217,7 @@ impl Store for RedisStore {
     }
 
     async fn apply_admit(&self, ops: &[Op], a: &Admission<'_>, now: Micros) -> Result<Planned, StoreError> {
-        // on a cluster the upstream's keys sit in a slot of their own: two calls
+        // on a cluster the upstream's keys sit in a hash slot of their own: two calls
         if self.pool.is_cluster() || ops.is_empty() {
             return super::apply_then_admit(self, ops, a, now).await;
         }
@@ -303,7 +303,7 @@ impl Store for RedisStore {
     }
 
     fn apply_admit_is_one_call(&self) -> bool {
-        // on a cluster the upstream's keys sit in a slot of their own
+        // on a cluster the upstream's keys sit in a hash slot of their own
         !self.pool.is_cluster()
     }
 

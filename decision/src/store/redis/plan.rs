@@ -9,7 +9,7 @@ use redis::cluster_routing::Slot;
 
 use crate::store::StoreError;
 
-/// apply.lua's keys and arguments for `ops` (all in one slot), added to `inv`: `clock` is the
+/// apply.lua's keys and arguments for `ops` (all in one hash slot), added to `inv`: `clock` is the
 /// time to use (-1: the server's), `commit` false only checks them.
 pub(super) fn plan_args<'a>(
     inv: &mut redis::ScriptInvocation<'a>,
@@ -32,9 +32,9 @@ pub(super) fn plan_args<'a>(
     }
 }
 
-/// A plan's operations grouped by the cluster slot of their keys (indices, in plan order); one
+/// A plan's operations grouped by the cluster hash slot of their keys (indices, in plan order); one
 /// group when every key shares a slot.
-pub(super) fn by_slot(ops: &[Op]) -> Vec<Vec<usize>> {
+pub(super) fn by_hash_slot(ops: &[Op]) -> Vec<Vec<usize>> {
     let mut parts: Vec<(Slot, Vec<usize>)> = Vec::new();
     for (i, op) in ops.iter().enumerate() {
         let slot = Slot::for_key(&op.key);
@@ -46,7 +46,7 @@ pub(super) fn by_slot(ops: &[Op]) -> Vec<Vec<usize>> {
     parts.into_iter().map(|(_, idx)| idx).collect()
 }
 
-/// Whether a plan's keys fall in more than one cluster slot.
+/// Whether a plan's keys fall in more than one cluster hash slot.
 pub(super) fn spans_slots(ops: &[Op]) -> bool {
     ops.iter().skip(1).any(|op| Slot::for_key(&op.key) != Slot::for_key(&ops[0].key))
 }
@@ -88,7 +88,7 @@ fn state_seen(op: &Op, r: &[i64]) -> Option<State> {
 /// The replies behind a plan's verdicts (already checked by `decode`).
 pub(super) enum Replies {
     One(Vec<i64>),
-    /// a plan split by slot: each part's operations (indices into the plan) and its reply
+    /// a plan split by hash slot: each part's operations (indices into the plan) and its reply
     Parts(Vec<(Vec<usize>, Vec<i64>)>),
 }
 

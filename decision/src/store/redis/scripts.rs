@@ -5,7 +5,7 @@ use redis::Script;
 
 /// The three scripts, assembled from `store/lua/` at compile time.
 pub(super) struct Scripts {
-    /// `apply.lua`: one plan (or, on a cluster, one slot's part of it)
+    /// `apply.lua`: one plan (or, on a cluster, one hash slot's part of it)
     pub apply: Script,
     /// `traffic.lua`: an upstream's slots, queue and breaker
     pub traffic: Script,

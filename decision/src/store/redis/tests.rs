@@ -102,7 +102,7 @@ async fn a_cluster_failover_mid_run_loses_no_decisions() {
         allowed += a;
         errors += e;
     }
-    // the replica took over the key's slot
+    // the replica took over the key's hash slot
     let deadline = crate::clock::instant() + Duration::from_secs(20);
     while cluster.owner_of(key).0.port != replica.port {
         assert!(crate::clock::instant() < deadline, "the replica never took over");
@@ -408,7 +408,7 @@ fn the_over_limit_cache_decides_every_plan_as_redis_would() {
 }
 
 /// The same on a Redis Cluster, where the keys k0, k1 and k2 sit in three slots, so plans are
-/// split by slot, checked, then counted: they must still be all-or-nothing.
+/// split by hash slot, checked, then counted: they must still be all-or-nothing.
 #[test]
 fn split_plans_on_a_redis_cluster_agree_with_the_rust_quota_math() {
     let cluster = RedisCluster::start(3, 0);
