@@ -155,6 +155,8 @@ lt --name ext-authz-api-key       --target ext-authz --addr "$pc_addr" --server-
 lt --name ext-authz-jwt           --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --jwt-key tests/fixtures/jwt/rsa.pem --expect all
 lt --name ext-authz-mix            --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --scenario loadtest/bench/scenario.yaml --jwt-key tests/fixtures/jwt/rsa.pem --expect all
 lt --name ext-authz-100k-ips      --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_open --keys 100000 --expect all
+lt --name noop-native             --target native --addr "$noop_addr" --server-pid "$noop_pid" "${common[@]}"
+lt --name native-api-key          --target native --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_open --expect all
 lt --name noop-rls-1              --target rls --addr "$noop_addr" --server-pid "$noop_pid" "${common[@]}"
 lt --name rls-1-desc-1-key        --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --expect all
 lt --name rls-1-desc-100k-keys    --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --keys 100000 --expect all
@@ -218,17 +220,18 @@ python3 - "$out" "$mode" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 by = {r["name"]: r for r in rows}
-base = {"ext-authz": by["noop-ext-authz"], "rls-1": by["noop-rls-1"], "rls-5": by["noop-rls-5"]}
+base = {"ext-authz": by["noop-ext-authz"], "native": by["noop-native"], "rls-1": by["noop-rls-1"], "rls-5": by["noop-rls-5"]}
 def baseline(name):
     if name.startswith("http-"): return by["http-envoy-direct"]
     if name == "rls-limited-redis": return by["rls-limited"]
     if name.endswith("-redis"): return by["redis-benchmark-evalsha"]
     if name.startswith("ext-authz"): return base["ext-authz"]
+    if name.startswith("native"): return base["native"]
     if name.startswith("rls-5"): return base["rls-5"]
     return base["rls-1"]
 print(f"| case | req/s | vs baseline | p50 us | p99 us | p99.9 us | allowed | over limit | errors | client CPU | server CPU | redis CPU |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-jwt, key = by.get("ext-authz-jwt"), by.get("ext-authz-api-key")
+jwt, key, native = by.get("ext-authz-jwt"), by.get("ext-authz-api-key"), by.get("native-api-key")
 for r in rows:
     if r["name"] == "memory-per-key": continue
     b = baseline(r["name"])
@@ -239,7 +242,7 @@ for r in rows:
     cpu = lambda v: "-" if v is None else f"{v:.0f}%"
     print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {val(lat["p50"])} | {val(lat["p99"])} | {val(lat["p99.9"])} | {val(r["outcomes"]["allowed"])} | {val(r["outcomes"]["over_limit"])} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} | {cpu(r.get("store_cpu_pct"))} |')
 print(open(sys.argv[1] + ".audit").read().strip())
-print("\nbaselines: no-op cases for ext_authz and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis (rls-limited-redis: rls-limited on the memory store); Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis")
+print("\nbaselines: no-op cases for ext_authz, the native Check and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis (rls-limited-redis: rls-limited on the memory store); Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis")
 ceil, piped = by.get("redis-benchmark-evalsha"), by.get("redis-benchmark-evalsha-pipelined-16")
 us = lambda r, k: r[k] / 100 / r["rps"] * 1e6 if r and r.get(k) is not None and r["rps"] else float("nan")
 for name in ("rls-1-desc-100k-keys-redis", "ext-authz-api-key-redis"):
@@ -247,6 +250,8 @@ for name in ("rls-1-desc-100k-keys-redis", "ext-authz-api-key-redis"):
     if r and ceil and piped:
         print(f"\nCPU per decision, {name}: portcullis {us(r, 'server_cpu_pct'):.0f} us, redis-server {us(r, 'store_cpu_pct'):.0f} us, load generator {us(r, 'client_cpu_pct'):.0f} us"
               f" (redis-server per EVALSHA under redis-benchmark: {us(ceil, 'store_cpu_pct'):.0f} us not pipelined, {us(piped, 'store_cpu_pct'):.0f} us 16 deep)")
+if native and key:
+    print(f"\nnative Check vs ext_authz Check (the same API-key decision): {native['rps'] / key['rps']:.2f}x the throughput")
 if jwt and key:
     print(f"\nJWT (one RS256 token, cached after its first verification) vs API key: {key['rps'] / jwt['rps']:.2f}x the cost per decision")
 m = by["memory-per-key"]

@@ -8,13 +8,16 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use proto::ext_authz::authorization_client::AuthorizationClient;
+use proto::portcullis_v1::decision_client::DecisionClient;
 use proto::ratelimit::rate_limit_service_client::RateLimitServiceClient;
 use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::hist;
 use crate::schedule;
-use crate::target::{Counts, Kind, Outcome, Spec, classify_check, classify_http, classify_rls, key_index};
+use crate::target::{
+    Counts, Kind, Outcome, Spec, classify_check, classify_http, classify_native, classify_rls, key_index,
+};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -49,6 +52,7 @@ type HttpPool = hyper_util::client::legacy::Client<
 enum Client {
     ExtAuthz(AuthorizationClient<Channel>),
     Rls(RateLimitServiceClient<Channel>),
+    Native(DecisionClient<Channel>),
     /// a keep-alive pool: as many HTTP/1.1 connections as requests in flight
     Http(HttpPool, Arc<str>),
 }
@@ -58,6 +62,10 @@ impl Client {
         match self {
             Client::ExtAuthz(c) => match c.check(spec.check_request(i, key)).await {
                 Ok(r) => classify_check(r.get_ref()),
+                Err(_) => Outcome::Error,
+            },
+            Client::Native(c) => match c.check(spec.native_request(i, key)).await {
+                Ok(r) => classify_native(r.get_ref()),
                 Err(_) => Outcome::Error,
             },
             Client::Rls(c) => match c.should_rate_limit(spec.rls_request(key)).await {
@@ -101,6 +109,7 @@ async fn connect(cfg: &Config) -> anyhow::Result<Vec<Client>> {
             .await?;
         clients.push(match cfg.spec.kind {
             Kind::ExtAuthz => Client::ExtAuthz(AuthorizationClient::new(channel)),
+            Kind::Native => Client::Native(DecisionClient::new(channel)),
             Kind::Rls | Kind::Http => Client::Rls(RateLimitServiceClient::new(channel)),
         });
     }

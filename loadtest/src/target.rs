@@ -1,5 +1,6 @@
-//! What the load generator sends and how it reads the answers: ext_authz Check requests and
-//! RLS ShouldRateLimit requests with a chosen key cardinality, and the outcome of each answer.
+//! What the load generator sends and how it reads the answers: ext_authz Check requests, native
+//! `portcullis.v1.Decision/Check` requests and RLS ShouldRateLimit requests with a chosen key
+//! cardinality, and the outcome of each answer.
 
 use std::collections::HashMap;
 
@@ -17,6 +18,8 @@ pub enum Kind {
     ExtAuthz,
     /// envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit
     Rls,
+    /// portcullis.v1.Decision/Check (the same request as ext_authz's, as typed fields)
+    Native,
     /// plain HTTP/1.1 GET `path` (through Envoy or any proxy); `--addr` is the proxy's listener
     Http,
 }
@@ -164,6 +167,24 @@ impl Spec {
         }
     }
 
+    /// Request `i` (from client `key`) as a native Check.
+    pub fn native_request(&self, i: u64, key: u64) -> proto::portcullis_v1::CheckRequest {
+        use proto::portcullis_v1::check_request::Credential;
+        let shape = self.shape(i);
+        let credential = match (shape.bearer, shape.api_key.is_empty()) {
+            (Some(t), _) => Some(Credential::BearerToken(t.to_owned())),
+            (None, false) => Some(Credential::ApiKey(shape.api_key.to_owned())),
+            (None, true) => None,
+        };
+        proto::portcullis_v1::CheckRequest {
+            credential,
+            operation: shape.method.to_owned(),
+            resource: shape.path.to_owned(),
+            client_address: peer_of(key),
+            ..Default::default()
+        }
+    }
+
     /// Request `key` as plain HTTP: the path, the API key or bearer token, and the client address
     /// in X-Forwarded-For (the bench's Envoy trusts nothing it is sent, so only the key varies
     /// what portcullis counts).
@@ -219,6 +240,15 @@ pub fn classify_check(r: &CheckResponse) -> Outcome {
         (_, Some(HttpResponse::DeniedResponse(d))) if d.status.as_ref().is_some_and(|s| s.code == 429) => {
             Outcome::OverLimit
         }
+        _ => Outcome::Denied,
+    }
+}
+
+/// A native answer as an outcome, by its HTTP-equivalent status.
+pub fn classify_native(r: &proto::portcullis_v1::CheckResponse) -> Outcome {
+    match r.http_status {
+        200 => Outcome::Allowed,
+        429 => Outcome::OverLimit,
         _ => Outcome::Denied,
     }
 }

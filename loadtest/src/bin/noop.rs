@@ -1,6 +1,7 @@
-//! `portcullis-noop`: the benchmark's baseline. It serves ext_authz Check and RLS
-//! ShouldRateLimit with the same gRPC stack and limits as portcullis and answers OK without any
-//! work, so a ratio against it isolates what a decision costs.
+//! `portcullis-noop`: the benchmark's baseline. It serves ext_authz Check, RLS ShouldRateLimit
+//! and the native `portcullis.v1.Decision/Check` with the same gRPC stack and limits as
+//! portcullis and answers OK (allowed) without any work, so a ratio against it isolates what a
+//! decision costs.
 //!
 //! With `--http-addr` it is also the benchmark's HTTP upstream: every request gets `200 ok` at
 //! once (what Envoy forwards to in the HTTP cases).
@@ -15,6 +16,8 @@ use std::net::SocketAddr;
 use proto::ext_authz::authorization_server::{Authorization, AuthorizationServer};
 use proto::ext_authz::check_response::HttpResponse;
 use proto::ext_authz::{CheckRequest, CheckResponse, OkHttpResponse};
+use proto::portcullis_v1::decision_server::{Decision, DecisionServer};
+use proto::portcullis_v1::{self as native, CompleteRequest, CompleteResponse, Verdict};
 use proto::ratelimit::rate_limit_response::{Code, DescriptorStatus};
 use proto::ratelimit::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
 use proto::ratelimit::{RateLimitRequest, RateLimitResponse};
@@ -47,6 +50,27 @@ impl RateLimitService for Noop {
             .map(|_| DescriptorStatus { code: Code::Ok as i32, ..Default::default() })
             .collect();
         Ok(tonic::Response::new(RateLimitResponse { overall_code: Code::Ok as i32, statuses, ..Default::default() }))
+    }
+}
+
+#[tonic::async_trait]
+impl Decision for Noop {
+    async fn check(
+        &self,
+        _r: tonic::Request<native::CheckRequest>,
+    ) -> Result<tonic::Response<native::CheckResponse>, tonic::Status> {
+        Ok(tonic::Response::new(native::CheckResponse {
+            verdict: Verdict::Allow as i32,
+            http_status: 200,
+            ..Default::default()
+        }))
+    }
+
+    async fn complete(
+        &self,
+        _r: tonic::Request<CompleteRequest>,
+    ) -> Result<tonic::Response<CompleteResponse>, tonic::Status> {
+        Ok(tonic::Response::new(CompleteResponse { released: false }))
     }
 }
 
@@ -106,6 +130,7 @@ async fn main() -> std::process::ExitCode {
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(AuthorizationServer::new(Noop))
         .add_service(RateLimitServiceServer::new(Noop))
+        .add_service(DecisionServer::new(Noop))
         .serve_with_incoming(incoming)
         .await;
     match served {
