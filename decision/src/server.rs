@@ -239,6 +239,14 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
     let http_listener = bind("http", cfg.settings.http_addr).await?;
     let grpc_addr = grpc_listener.local_addr().map_err(ServeError::Http)?;
     let http_addr = http_listener.local_addr().map_err(ServeError::Http)?;
+    let forward_auth_listener = match cfg.settings.forward_auth_addr {
+        Some(a) => Some(bind("forward_auth", a).await?),
+        None => None,
+    };
+    let forward_auth_addr = match &forward_auth_listener {
+        Some(l) => Some(l.local_addr().map_err(ServeError::Http)?),
+        None => None,
+    };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AuthorizationServer<ExtAuthz<S>>>().await;
@@ -273,6 +281,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         .route("/metrics", get(metrics::<S>))
         .with_state(admin);
     let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let stop_rx_forward = stop_rx.clone();
 
     let ext_authz = AuthorizationServer::new(ExtAuthz::new(engine.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
@@ -300,21 +309,29 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         .add_service(native)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
 
+    // forward-auth: its own listener, drained with the others
+    let forward_auth = async {
+        let Some(listener) = forward_auth_listener else { return Ok(()) };
+        let app = crate::api::forward_auth::router(engine.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx_forward)).await.map_err(ServeError::Http)
+    };
     tracing::info!(
         grpc_addr = %grpc_addr,
         http_addr = %http_addr,
+        forward_auth_addr = forward_auth_addr.map(tracing::field::display),
         store = engine.store().backend(),
         policy = %cfg.file.display(),
         routes = engine.policy().routes.len(),
         "listening"
     );
-    let (g, h) = tokio::join!(grpc, async { http.await.map_err(ServeError::Http) });
+    let (g, h, f) = tokio::join!(grpc, async { http.await.map_err(ServeError::Http) }, forward_auth);
     if let Some(audit) = audit {
         // a last checkpoint, and every queued event delivered
         let _ = tokio::task::spawn_blocking(move || audit.stop()).await;
     }
     g?;
     h?;
+    f?;
     tracing::info!("stopped");
     Ok(())
 }

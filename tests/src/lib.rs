@@ -9,6 +9,7 @@
 mod envoy;
 mod http;
 mod issuer;
+mod nginx;
 mod portcullis;
 mod redis;
 mod upstream;
@@ -16,6 +17,7 @@ mod upstream;
 pub use envoy::{Envoy, Stack, envoy_bin};
 pub use http::{HttpClient, Response, raw_status};
 pub use issuer::{Introspection, TestIssuer, b64};
+pub use nginx::{NGINX_SITE, Nginx, nginx_bin};
 pub use portcullis::{Portcullis, check_request, denied_status, portcullis_bin};
 pub use redis::{RedisCluster, RedisServer};
 pub use upstream::{Seen, Upstream};

@@ -90,6 +90,8 @@ pub struct Portcullis {
     child: Child,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// the forward-auth listener, when the policy turns it on (`listen.forward_auth`)
+    pub forward_auth: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<String>>>,
     pub dir: TempDir,
 }
@@ -154,17 +156,18 @@ impl Portcullis {
                         && let (Some(g), Some(h), Some(tx)) =
                             (v["grpc_addr"].as_str(), v["http_addr"].as_str(), tx.take())
                     {
-                        let _ = tx.send((g.to_owned(), h.to_owned()));
+                        let f = v["forward_auth_addr"].as_str().and_then(|a| a.parse().ok());
+                        let _ = tx.send((g.to_owned(), h.to_owned(), f));
                     }
                     lock(&logs).push(line);
                 }
             });
         }
-        let (grpc, http) = match tokio::time::timeout(READY_DEADLINE, rx).await {
+        let (grpc, http, forward_auth) = match tokio::time::timeout(READY_DEADLINE, rx).await {
             Ok(Ok(addrs)) => addrs,
             _ => bail!("portcullis did not report its addresses; its log:\n{}", lock(&logs).join("\n")),
         };
-        Ok(Portcullis { child, grpc: grpc.parse()?, http: http.parse()?, logs, dir })
+        Ok(Portcullis { child, grpc: grpc.parse()?, http: http.parse()?, forward_auth, logs, dir })
     }
 
     pub fn logs(&self) -> Vec<String> {

@@ -256,8 +256,15 @@ fn request_of<'a>(
     headers: &'a (dyn Fn() -> Vec<(&'a str, &'a str)> + Sync),
 ) -> (Result<Request<'a>, Malformed>, Facts<'a>) {
     let request_id = header(http, REQUEST_ID_HEADER).unwrap_or(&http.id);
-    let mut facts =
-        Facts { request_id, method: &http.method, target: &http.path, headers, dry_run: false, deadline: None };
+    let mut facts = Facts {
+        request_id,
+        method: &http.method,
+        target: &http.path,
+        headers,
+        dry_run: false,
+        deadline: None,
+        concurrency_slot: true,
+    };
     if !headers_well_formed(http) {
         // the id only if it is itself well formed; the method is not believed
         facts.request_id = header(http, REQUEST_ID_HEADER).filter(|v| valid_value(v.as_bytes())).unwrap_or("");

@@ -3,6 +3,7 @@
 
 pub mod accesslog;
 pub mod ext_authz;
+pub mod forward_auth;
 pub mod native;
 pub mod ratelimit;
 pub mod respond;

@@ -63,6 +63,7 @@ fn request_of<'a>(
         headers,
         dry_run: msg.dry_run,
         deadline,
+        concurrency_slot: true,
     };
     let refuse = |why: &'static str| (Err(Malformed(why)), Facts { method: "", target: "", ..facts });
     if !valid_id {

@@ -6,6 +6,7 @@
 //! | `PORTCULLIS_CONFIG` | the policy file | (required) |
 //! | `PORTCULLIS_GRPC_ADDR` | gRPC listen address, overrides `listen.grpc` | `127.0.0.1:8081` |
 //! | `PORTCULLIS_HTTP_ADDR` | admin HTTP listen address, overrides `listen.http` | `127.0.0.1:9102` |
+//! | `PORTCULLIS_FORWARD_AUTH_ADDR` | HTTP forward-auth listen address, overrides (and turns on) `listen.forward_auth` | off |
 //! | `PORTCULLIS_LOG_FORMAT` | `json` or `pretty` | `pretty` |
 //! | `PORTCULLIS_LOG` | log filter (tracing's `EnvFilter` syntax) | `info` |
 //!
@@ -54,6 +55,8 @@ use raw::RawPolicy;
 
 pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:8081";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9102";
+/// Where `listen.forward_auth` would listen if its address did not parse (it is then refused).
+pub const DEFAULT_FORWARD_AUTH_ADDR: &str = "127.0.0.1:8082";
 pub const DEFAULT_MAX_BODY: &str = "5MB";
 pub const DEFAULT_MAX_HEADER_BYTES: &str = "16KB";
 pub const DEFAULT_QUOTA_WARNING: &str = "80%";
@@ -108,6 +111,8 @@ impl fmt::Display for ConfigError {
 pub struct Settings {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// the HTTP forward-auth listener (`listen.forward_auth`); None: off
+    pub forward_auth_addr: Option<SocketAddr>,
     pub store: StoreSettings,
     /// None: no `audit` section, no audit trail
     pub audit: Option<crate::audit::AuditSettings>,
@@ -232,6 +237,10 @@ impl Validator<'_> {
         let settings = Settings {
             grpc_addr: self.addr("listen.grpc", listen.grpc.as_deref(), DEFAULT_GRPC_ADDR),
             http_addr: self.addr("listen.http", listen.http.as_deref(), DEFAULT_HTTP_ADDR),
+            forward_auth_addr: listen
+                .forward_auth
+                .as_deref()
+                .map(|a| self.addr("listen.forward_auth", Some(a), DEFAULT_FORWARD_AUTH_ADDR)),
             store,
             audit,
             alerts,

@@ -75,6 +75,9 @@ pub struct RawPolicy {
 pub struct RawListen {
     pub grpc: Option<String>,
     pub http: Option<String>,
+    /// HTTP forward-auth (nginx auth_request, Traefik ForwardAuth, Caddy forward_auth); off when
+    /// absent
+    pub forward_auth: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -57,6 +57,23 @@ impl std::fmt::Display for DecisionId {
     }
 }
 
+/// How a request is decided: the parts of its `Facts` the decision depends on.
+#[derive(Debug, Clone, Copy)]
+struct How {
+    /// count nothing
+    dry_run: bool,
+    /// take a concurrency slot under `traffic` (not where no completion can come back)
+    slot: bool,
+    /// past it, start nothing more
+    deadline: Option<Instant>,
+}
+
+impl How {
+    fn of(facts: &Facts<'_>) -> How {
+        How { dry_run: facts.dry_run, slot: facts.concurrency_slot, deadline: facts.deadline }
+    }
+}
+
 /// What `Engine::check` gives every adapter to render: the decision (reason, identity, every
 /// quota that applied, retry-after, the lease) and its id.
 #[derive(Debug, Clone)]
@@ -187,7 +204,7 @@ impl<S: Store> Engine<S> {
             Ok(_) if facts.deadline.as_ref().is_some_and(past) => {
                 Decision::deny(Reason::DeadlineExceeded, Default::default())
             }
-            Ok(req) => self.decide_as(policy, &req, facts.dry_run, facts.deadline).await,
+            Ok(req) => self.decide_as(policy, &req, How::of(facts)).await,
             Err(Malformed(why)) => {
                 tracing::warn!(reason = why, "malformed check request");
                 Decision::deny(Reason::BadRequest, Default::default())
@@ -207,21 +224,16 @@ impl<S: Store> Engine<S> {
     /// again); with `alerts`, what the decision teaches is observed. Records nothing: `check`
     /// does.
     pub async fn decide(&self, policy: &Policy, req: &Request<'_>) -> Decision {
-        self.decide_as(policy, req, false, None).await
+        self.decide_as(policy, req, How { dry_run: false, slot: true, deadline: None }).await
     }
 
-    /// `decide`, or with `dry_run` the same decision with nothing counted: no quota, no failed
-    /// authentication, no slot, nothing observed. Past `deadline` no store call is started, a
-    /// store call is cut short, and the request is denied `deadline_exceeded`.
-    async fn decide_as(
-        &self,
-        policy: &Policy,
-        req: &Request<'_>,
-        dry_run: bool,
-        deadline: Option<Instant>,
-    ) -> Decision {
-        let d = self.plan_apply_conclude(policy, req, dry_run, deadline).await;
-        if !dry_run && self.alerts.get().is_some() {
+    /// `decide`, as `how` says: with `dry_run` the same decision with nothing counted (no
+    /// quota, no failed authentication, no slot, nothing observed); without `slot`, no
+    /// concurrency slot; past `deadline` no store call is started, a store call is cut short,
+    /// and the request is denied `deadline_exceeded`.
+    async fn decide_as(&self, policy: &Policy, req: &Request<'_>, how: How) -> Decision {
+        let d = self.plan_apply_conclude(policy, req, how).await;
+        if !how.dry_run && self.alerts.get().is_some() {
             Box::pin(self.observe(policy, req, &d)).await;
         }
         d
@@ -230,13 +242,8 @@ impl<S: Store> Engine<S> {
     /// plan (with a bearer fetch and a second plan if that can help), one store call for the
     /// plan (and, under `traffic`, the first admission where the store makes it one call),
     /// conclude; then a slot for an allowed request under `traffic`.
-    async fn plan_apply_conclude(
-        &self,
-        policy: &Policy,
-        req: &Request<'_>,
-        dry_run: bool,
-        deadline: Option<Instant>,
-    ) -> Decision {
+    async fn plan_apply_conclude(&self, policy: &Policy, req: &Request<'_>, how: How) -> Decision {
+        let How { dry_run, slot, deadline } = how;
         let mut now = clock::now_micros();
         let plan = match plan(policy, req, now) {
             Ok(p) => p,
@@ -260,7 +267,7 @@ impl<S: Store> Engine<S> {
         // under `traffic`, the plan and the slot are asked for in one store call where the store
         // can make it one (else the slot has its own call, and its own timeout, in take_slot)
         let traffic =
-            policy.traffic.as_ref().zip(plan.ctx.route.and_then(|i| policy.routes.get(i))).filter(|_| !dry_run);
+            policy.traffic.as_ref().zip(plan.ctx.route.and_then(|i| policy.routes.get(i))).filter(|_| slot && !dry_run);
         let lease = traffic.map(|_| slots::new_lease_id());
         let admission = traffic
             .zip(lease.as_deref())

@@ -26,12 +26,23 @@ pub struct Facts<'a> {
     /// when the caller stops waiting (gRPC `grpc-timeout`): past it, nothing more is started
     /// and the request is answered `deadline_exceeded`
     pub deadline: Option<std::time::Instant>,
+    /// whether an allowed request takes a concurrency slot under `traffic`: false where no
+    /// completion can ever free it (forward-auth: the proxy reports nothing afterwards)
+    pub concurrency_slot: bool,
 }
 
 impl<'a> Facts<'a> {
     /// A request with nothing known about it (a message without an HTTP request).
     pub fn none() -> Facts<'a> {
-        Facts { request_id: "", method: "", target: "", headers: &Vec::new, dry_run: false, deadline: None }
+        Facts {
+            request_id: "",
+            method: "",
+            target: "",
+            headers: &Vec::new,
+            dry_run: false,
+            deadline: None,
+            concurrency_slot: true,
+        }
     }
 }
 

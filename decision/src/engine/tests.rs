@@ -466,6 +466,7 @@ async fn a_caller_deadline_cuts_a_hanging_store_call_short_and_is_no_store_failu
         headers: &headers,
         dry_run: false,
         deadline,
+        concurrency_slot: true,
     };
     // past already: nothing planned, no store call
     let past = clock::instant();

@@ -1,0 +1,169 @@
+//! HTTP forward-auth against the real binary: through a real nginx (`auth_request`, configured
+//! as the README shows) the request matrix gets the statuses the native Check gives; directly,
+//! the standard mode answers with the real status, headers and JSON body, and a request that
+//! cannot be checked (no URI; forwarded headers from an untrusted peer) gets a 400 that says
+//! why, with nothing counted.
+
+use proto::portcullis_v1::CheckRequest;
+use proto::portcullis_v1::check_request::Credential;
+use proto::portcullis_v1::decision_client::DecisionClient;
+use tests::{HttpClient, Nginx, Portcullis, Upstream, reference_policy};
+
+const BASIC: &str = "pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo";
+const SERVICE: &str = "pk_demo_service_k1-mDUeWOB7yj39g_aZ3tBG8";
+const ADMIN: &str = "pk_demo_admin_dgBU1nZu-FWNNXcyKorzEKKe";
+
+/// The reference policy with the forward-auth listener on (a free port).
+fn policy() -> String {
+    reference_policy().replacen("listen:\n", "listen:\n  forward_auth: 127.0.0.1:0\n", 1)
+}
+
+async fn start(policy: &str) -> Portcullis {
+    Portcullis::start(policy).await.unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+async fn native_status(
+    c: &mut DecisionClient<tonic::transport::Channel>,
+    peer: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+) -> u32 {
+    let r = c
+        .check(CheckRequest {
+            credential: key.map(|k| Credential::ApiKey(k.to_owned())),
+            operation: method.into(),
+            resource: path.into(),
+            client_address: peer.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("native check")
+        .into_inner();
+    r.http_status
+}
+
+#[tokio::test]
+async fn through_nginx_the_matrix_gets_the_statuses_of_the_native_check() {
+    let (a, b) = (start(&policy()).await, start(&policy()).await);
+    let upstream = Upstream::start().await.expect("upstream");
+    let nginx =
+        Nginx::start(a.forward_auth.expect("forward-auth on"), upstream.addr).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let mut native = DecisionClient::connect(format!("http://{}", b.grpc)).await.expect("connect");
+    let http = HttpClient::new();
+    let mut matrix = vec![
+        ("10.0.0.1", "GET", "/api/v1/items", Some(BASIC)),
+        ("10.0.0.1", "GET", "/api/v1/items", Some("pk_unknown")),
+        ("10.0.0.1", "GET", "/api/v1/items", None),
+        ("10.0.0.1", "POST", "/api/v1/items", Some(BASIC)),
+        ("203.0.113.5", "GET", "/internal/x", Some(SERVICE)),
+        ("198.51.100.7", "GET", "/api/v1/items", Some(BASIC)),
+        ("10.0.0.1", "GET", "/admin/users", Some(ADMIN)),
+        ("10.0.0.1", "GET", "/health", None),
+    ];
+    matrix.extend(std::iter::repeat_n(("8.8.8.8", "GET", "/api/v1/items", Some(BASIC)), 11));
+    let mut statuses = Vec::new();
+    for (peer, method, path, key) in matrix {
+        let mut headers = vec![("x-forwarded-for", peer)];
+        if let Some(k) = key {
+            headers.push(("x-api-key", k));
+        }
+        let r = http.request(method, &format!("http://{}{path}", nginx.addr), &headers, "").await.expect("nginx");
+        let expected = native_status(&mut native, peer, method, path, key).await;
+        assert_eq!(u32::from(r.status), expected, "{method} {path} from {peer} with {key:?}: {r:?}");
+        match r.status {
+            401 => assert!(r.header("www-authenticate").is_some(), "nginx passes the challenge on: {r:?}"),
+            429 => assert!(r.header("retry-after").is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1)), "{r:?}"),
+            _ => {}
+        }
+        statuses.push(r.status);
+    }
+    assert_eq!(&statuses[..8], [200, 401, 401, 403, 403, 403, 401, 200]);
+    assert_eq!(statuses[18], 429);
+    // the allowed request reached the upstream with the identity nginx copied from the answer
+    let seen = upstream.seen();
+    let first = seen.iter().find(|s| s.path == "/api/v1/items").expect("reached the upstream");
+    assert_eq!(first.headers.get("x-portcullis-subject").map(String::as_str), Some("demo-basic"));
+    assert_eq!(first.headers.get("x-portcullis-tier").map(String::as_str), Some("basic"));
+    assert!(seen.iter().all(|s| s.method == "GET"), "nothing denied reached the upstream: {seen:?}");
+
+    // the store down: 503 through nginx too (restored from x-portcullis-status)
+    let down = policy().replacen("  memory: {}", "  redis:\n    url: redis://127.0.0.1:1\n    timeout: 50ms", 1);
+    let c = start(&down).await;
+    let nginx = Nginx::start(c.forward_auth.expect("on"), upstream.addr).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let r = http
+        .request("GET", &format!("http://{}/api/v1/items", nginx.addr), &[("x-api-key", BASIC)], "")
+        .await
+        .expect("nginx");
+    assert_eq!(r.status, 503, "{r:?}");
+}
+
+#[tokio::test]
+async fn the_standard_mode_answers_as_ext_authz_and_refuses_what_it_cannot_check() {
+    let p = start(&policy()).await;
+    let url = format!("http://{}/v1/forward-auth", p.forward_auth.expect("forward-auth on"));
+    let http = HttpClient::new();
+    let ask = |peer: &'static str, key: &'static str| {
+        vec![
+            ("x-forwarded-method", "GET"),
+            ("x-forwarded-uri", "/api/v1/items?page=2"),
+            ("x-forwarded-host", "api.example.com"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-for", peer),
+            ("x-api-key", key),
+        ]
+    };
+    let r = http.request("GET", &url, &ask("10.0.0.9", BASIC), "").await.expect("answer");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-portcullis-subject"), Some("demo-basic"));
+    assert_eq!(r.header("x-portcullis-roles"), Some("user"));
+    assert!(r.header("ratelimit-policy").is_some() && r.header("x-ratelimit-remaining").is_some(), "{r:?}");
+    assert!(r.body.is_empty());
+    // no concurrency slot: nothing would ever come back to free it
+    assert_eq!(r.header("x-portcullis-lease"), None, "{r:?}");
+
+    let r = http.request("GET", &url, &ask("10.0.0.9", "pk_nope"), "").await.expect("answer");
+    assert_eq!(r.status, 401);
+    assert!(r.header("www-authenticate").is_some_and(|c| c.contains("ApiKey")), "{r:?}");
+    assert_eq!(r.json()["error"], "Authentication required");
+
+    // an untrusted address: 10 a minute, then 429 with Retry-After and the reference's body
+    for _ in 0..10 {
+        assert_eq!(http.request("GET", &url, &ask("8.8.4.4", BASIC), "").await.expect("answer").status, 200);
+    }
+    let r = http.request("POST", &url, &ask("8.8.4.4", BASIC), "").await.expect("answer");
+    assert_eq!(r.status, 429, "{r:?}");
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(r.json()["remaining_requests"], 0);
+
+    // no URI: nothing to check
+    let r = http.request("GET", &url, &[("x-api-key", BASIC)], "").await.expect("answer");
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.json()["detail"].as_str().is_some_and(|d| d.contains("X-Forwarded-Uri")), "{r:?}");
+}
+
+#[tokio::test]
+async fn forwarded_headers_from_an_untrusted_peer_are_refused_and_count_nothing() {
+    let untrusting =
+        policy().replacen("trusted_proxies: [127.0.0.1/32, \"::1/128\"]", "trusted_proxies: [192.0.2.1/32]", 1);
+    let p = start(&untrusting).await;
+    let mut native = DecisionClient::connect(format!("http://{}", p.grpc)).await.expect("connect");
+    let daily =
+        |r: proto::portcullis_v1::CheckResponse| r.quotas.iter().find(|q| q.name == "daily").map(|q| q.remaining);
+    let dry = || CheckRequest {
+        credential: Some(Credential::ApiKey(BASIC.into())),
+        resource: "/api/v1/items".into(),
+        client_address: "10.0.0.9".into(),
+        dry_run: true,
+        ..Default::default()
+    };
+    let before = daily(native.check(dry()).await.expect("dry run").into_inner());
+    let url = format!("http://{}/v1/forward-auth/nginx", p.forward_auth.expect("on"));
+    let headers = [("x-original-uri", "/api/v1/items"), ("x-forwarded-for", "10.0.0.9"), ("x-api-key", BASIC)];
+    let r = HttpClient::new().request("GET", &url, &headers, "").await.expect("answer");
+    // the nginx mode: 400 travels as 403 plus the real status
+    assert_eq!((r.status, r.header("x-portcullis-status")), (403, Some("400")), "{r:?}");
+    assert!(r.json()["detail"].as_str().is_some_and(|d| d.contains("trusted_proxies")), "{r:?}");
+    assert_eq!(daily(native.check(dry()).await.expect("dry run").into_inner()), before, "nothing counted");
+    p.wait_for_decision("bad_request").await;
+}
