@@ -243,3 +243,34 @@ async fn a_python_grpcio_client_checks_and_completes() {
     assert!(v["bad"]["details"].as_str().is_some_and(|d| d.contains("resource is required")));
     assert_eq!(v["released"], serde_json::json!([true, false]), "a lease is released once");
 }
+
+#[tokio::test]
+async fn a_renewed_lease_keeps_its_slot_past_lease_ttl() {
+    use proto::portcullis_v1::RenewLeaseRequest;
+    let (from, to) =
+        (reference_policy().find("traffic:").expect("traffic"), reference_policy().find("\nlimits:").expect("limits"));
+    let mut policy = reference_policy();
+    policy.replace_range(from..to, "traffic:\n  concurrency_limit: 1\n  queue_size: 0\n  lease_ttl: 2s\n");
+    let p = start(&policy).await;
+    let mut c = native(&p).await;
+    let one = || ask("10.0.0.5", "GET", "/api/v1/items", Some(BASIC));
+    let first = c.check(one()).await.expect("check").into_inner();
+    assert!(!first.lease.is_empty(), "{first:?}");
+    let renew = |lease: &str| RenewLeaseRequest { lease: lease.to_owned() };
+    // renewed every second, it outlives its 2 s
+    for _ in 0..3 {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let r = c.renew_lease(renew(&first.lease)).await.expect("renew").into_inner();
+        assert!(r.renewed && r.ttl_ms == 2_000, "{r:?}");
+    }
+    let second = c.check(one()).await.expect("check").into_inner();
+    assert_eq!((second.http_status, second.reason.as_str()), (503, "queue_full"), "the slot is still held: {second:?}");
+    // no longer renewed, it expires, and nothing brings it back
+    tokio::time::sleep(std::time::Duration::from_millis(2_200)).await;
+    assert!(!c.renew_lease(renew(&first.lease)).await.expect("renew").into_inner().renewed);
+    let third = c.check(one()).await.expect("check").into_inner();
+    assert_eq!(third.http_status, 200, "{third:?}");
+    assert!(!c.renew_lease(renew("0123456789abcdef.l0123")).await.expect("renew").into_inner().renewed);
+    let e = c.renew_lease(renew("")).await.expect_err("no lease");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+}

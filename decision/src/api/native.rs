@@ -1,7 +1,8 @@
 //! portcullis's own API (`portcullis.v1.Decision`, proto/portcullis/v1/decision.proto), served
 //! on the gRPC port for any client: `Check`, a transport-neutral request with a typed answer,
-//! decided by the same engine and rendered by the same `respond` table as ext_authz; and
-//! `Complete`, the completion call for proxies that do not speak Envoy's access log.
+//! decided by the same engine and rendered by the same `respond` table as ext_authz;
+//! `RenewLease`, for requests that outlive `lease_ttl`; and `Complete`, the completion call for
+//! proxies that do not speak Envoy's access log.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -14,7 +15,8 @@ use decision_core::{Reason, Request};
 use proto::portcullis_v1::check_request::Credential;
 use proto::portcullis_v1::decision_server::Decision;
 use proto::portcullis_v1::{
-    CheckRequest, CheckResponse, CompleteRequest, CompleteResponse, Header, Identity, Quota, Verdict,
+    CheckRequest, CheckResponse, CompleteRequest, CompleteResponse, Header, Identity, Quota, RenewLeaseRequest,
+    RenewLeaseResponse, Verdict,
 };
 
 use super::respond;
@@ -201,6 +203,23 @@ impl<S: Store> Decision for DecisionApi<S> {
             return Err(tonic::Status::deadline_exceeded("the call's deadline passed before the request was decided"));
         }
         Ok(tonic::Response::new(answer(&outcome, &policy, facts.request_id, msg.dry_run)))
+    }
+
+    async fn renew_lease(
+        &self,
+        request: tonic::Request<RenewLeaseRequest>,
+    ) -> Result<tonic::Response<RenewLeaseResponse>, tonic::Status> {
+        let r = request.into_inner();
+        if r.lease.is_empty() || r.lease.len() > MAX_ID_BYTES {
+            return Err(tonic::Status::invalid_argument("lease: the lease a Check answered (at most 256 bytes)"));
+        }
+        let renewed = self
+            .engine
+            .renew_lease(&r.lease)
+            .await
+            .map_err(|_| tonic::Status::unavailable("the store that holds the lease is unavailable"))?;
+        let ttl_ms = renewed.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Ok(tonic::Response::new(RenewLeaseResponse { renewed: renewed.is_some(), ttl_ms }))
     }
 
     async fn complete(

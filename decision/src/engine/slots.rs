@@ -215,6 +215,21 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// Renews the lease a long request holds (`lease_header`: `<upstream key>.<lease id>`, as
+    /// the answer gave it) for another `lease_ttl`: `Some(lease_ttl)` when it was still held;
+    /// None when it had expired, been released or never existed, or the policy has no
+    /// `traffic`. Errors: the store failed.
+    pub async fn renew_lease(&self, lease_header: &str) -> Result<Option<Duration>, StoreError> {
+        let policy = self.policy();
+        let Some(cfg) = &policy.traffic else { return Ok(None) };
+        let Some((key, id)) = parse_lease(lease_header) else { return Ok(None) };
+        if policy.upstream_by_key(key).is_none() {
+            return Ok(None);
+        }
+        let held = self.renew(key, id, cfg.lease_ttl).await?;
+        Ok(held.then(|| Duration::from_micros(cfg.lease_ttl)))
+    }
+
     /// Everything a finished request teaches (Envoy's access log or the native `Complete`):
     /// its lease released, live monitoring fed, a completion event in the audit trail. True when
     /// a lease was released.

@@ -156,6 +156,20 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// A lease's renewal, bounded as every call; under `local_share` a lease the local shares
+    /// granted while the store failed is renewed there.
+    pub(super) async fn renew(&self, upstream: &str, lease: &str, lease_ttl: Micros) -> Result<bool, StoreError> {
+        let now = crate::clock::now_micros();
+        let failed = match self.bounded(self.store.renew(upstream, lease, lease_ttl, now), None).await {
+            Ok(held) => return Ok(held),
+            Err(e) => e,
+        };
+        match self.store.local_share_instances() {
+            Some(_) => Ok(self.local.renew_now(upstream, lease, lease_ttl, now)),
+            None => Err(failed),
+        }
+    }
+
     /// A completion for the store or, while it fails under `local_share`, for the local shares
     /// (a lease granted by the store before it failed expires there by its TTL).
     pub(super) async fn complete_lease(

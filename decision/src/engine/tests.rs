@@ -264,6 +264,10 @@ impl Store for BrokenStore {
         Err(StoreError::Unavailable("connection refused".into()))
     }
 
+    async fn renew(&self, _: &str, _: &str, _: u64, _: u64) -> Result<bool, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+
     async fn complete(
         &self,
         _: &crate::store::Release<'_>,

@@ -50,6 +50,30 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     the_adaptive_limit_shrinks_on_errors_and_grows_back(&make().await).await;
     a_plan_and_its_admission_in_one_call(&make().await).await;
     a_dry_run_answers_as_apply_and_counts_nothing(&make().await).await;
+    a_renewed_lease_outlives_its_first_ttl(&make().await).await;
+}
+
+/// `renew`: a lease renewed before it runs out stays held past its first expiry; an expired,
+/// released or unknown lease is not brought back.
+async fn a_renewed_lease_outlives_its_first_ttl<S: Store>(s: &S) {
+    let cfg = traffic(1, 0, None);
+    let ttl = cfg.lease_ttl;
+    let held = "0000000000000000000000000000000e";
+    assert!(matches!(admit(s, held, false, &cfg, T0).await, Admit::Granted { .. }));
+    let lease = format!("l{held}");
+    // renewed at 3/4 of its life, twice: held at 1.5 ttl, when it would have expired unrenewed
+    assert!(s.renew("up", &lease, ttl, T0 + ttl * 3 / 4).await.expect("renew"), "{}", s.backend());
+    assert!(s.renew("up", &lease, ttl, T0 + ttl * 3 / 2).await.expect("renew"));
+    let other = "0000000000000000000000000000000f";
+    assert!(matches!(admit(s, other, false, &cfg, T0 + ttl * 2).await, Admit::QueueFull(_)), "still held");
+    // unknown, or past its renewed expiry: not renewed
+    assert!(!s.renew("up", "l00000000000000000000000000000001", ttl, T0 + ttl * 2).await.expect("renew"));
+    assert!(
+        !s.renew("up", &lease, ttl, T0 + ttl * 3).await.expect("renew"),
+        "{}: an expired lease came back",
+        s.backend()
+    );
+    assert!(matches!(admit(s, other, false, &cfg, T0 + ttl * 3).await, Admit::Granted { .. }), "freed by expiry");
 }
 
 /// `dry_run` gives the verdicts `apply` would give, and stores nothing: not on an allowed plan,

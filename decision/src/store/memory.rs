@@ -152,6 +152,19 @@ impl MemoryStore {
         }
     }
 
+    /// `Store::renew`, synchronously.
+    pub fn renew_now(&self, upstream: &str, lease: &str, lease_ttl: Micros, now: Micros) -> bool {
+        let mut all = lock(&self.traffic);
+        let Some(up) = all.get_mut(upstream) else { return false };
+        match up.slots.get_mut(lease) {
+            Some(expiry) if *expiry > now => {
+                *expiry = now + lease_ttl;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// `Store::complete`, synchronously.
     pub fn complete_now(&self, r: &Release<'_>, now: Micros) -> (bool, UpstreamState) {
         let Release { upstream, lease, error, latency, cfg } = *r;
@@ -270,6 +283,10 @@ impl Store for MemoryStore {
 
     async fn complete(&self, r: &Release<'_>, now: Micros) -> Result<(bool, UpstreamState), StoreError> {
         Ok(self.complete_now(r, now))
+    }
+
+    async fn renew(&self, upstream: &str, lease: &str, lease_ttl: Micros, now: Micros) -> Result<bool, StoreError> {
+        Ok(self.renew_now(upstream, lease, lease_ttl, now))
     }
 
     fn backend(&self) -> &'static str {

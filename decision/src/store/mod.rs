@@ -137,6 +137,17 @@ pub trait Store: Send + Sync + 'static {
         now: Micros,
     ) -> impl Future<Output = Result<(bool, UpstreamState), StoreError>> + Send;
 
+    /// A lease still held at `now` (`lease`: the full id, `l`/`p` and 32 hex) expires `lease_ttl`
+    /// from `now` instead (true); an expired, released or unknown one stays gone (false). A
+    /// long request (a WebSocket tunnel, a stream) renews its lease before it runs out.
+    fn renew(
+        &self,
+        upstream: &str,
+        lease: &str,
+        lease_ttl: Micros,
+        now: Micros,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// Calls `wake` with an upstream's key whenever any instance of the fleet frees one of its
     /// slots (a shared store's notification), for as long as the store lives. A store private
     /// to this process has nothing to add: this instance's own completions wake its waiters.

@@ -17,7 +17,9 @@ use proto::ext_authz::authorization_server::{Authorization, AuthorizationServer}
 use proto::ext_authz::check_response::HttpResponse;
 use proto::ext_authz::{CheckRequest, CheckResponse, OkHttpResponse};
 use proto::portcullis_v1::decision_server::{Decision, DecisionServer};
-use proto::portcullis_v1::{self as native, CompleteRequest, CompleteResponse, Verdict};
+use proto::portcullis_v1::{
+    self as native, CompleteRequest, CompleteResponse, RenewLeaseRequest, RenewLeaseResponse, Verdict,
+};
 use proto::ratelimit::rate_limit_response::{Code, DescriptorStatus};
 use proto::ratelimit::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
 use proto::ratelimit::{RateLimitRequest, RateLimitResponse};
@@ -64,6 +66,13 @@ impl Decision for Noop {
             http_status: 200,
             ..Default::default()
         }))
+    }
+
+    async fn renew_lease(
+        &self,
+        _r: tonic::Request<RenewLeaseRequest>,
+    ) -> Result<tonic::Response<RenewLeaseResponse>, tonic::Status> {
+        Ok(tonic::Response::new(RenewLeaseResponse { renewed: false, ttl_ms: 0 }))
     }
 
     async fn complete(

@@ -161,6 +161,21 @@ pub struct CompleteResponse {
     #[prost(bool, tag = "1")]
     pub released: bool,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenewLeaseRequest {
+    /// The lease a Check answered.
+    #[prost(string, tag = "1")]
+    pub lease: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenewLeaseResponse {
+    /// True when the lease was held and now expires `ttl_ms` from now.
+    #[prost(bool, tag = "1")]
+    pub renewed: bool,
+    /// The lease's new life, in milliseconds (0 when not renewed).
+    #[prost(uint64, tag = "2")]
+    pub ttl_ms: u64,
+}
 /// Allowed or denied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -336,6 +351,34 @@ pub mod decision_client {
                 .insert(GrpcMethod::new("portcullis.v1.Decision", "Complete"));
             self.inner.unary(req, path, codec).await
         }
+        /// A long request (a WebSocket tunnel, a streaming response) keeps its concurrency slot past
+        /// `lease_ttl`: each renewal makes the lease expire `lease_ttl` from now. Renew well before it
+        /// runs out (at half of `ttl_ms`, say); a lease that has expired, was released or never
+        /// existed is not brought back (`renewed` false).
+        pub async fn renew_lease(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RenewLeaseRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RenewLeaseResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/portcullis.v1.Decision/RenewLease",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("portcullis.v1.Decision", "RenewLease"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -368,6 +411,17 @@ pub mod decision_server {
             request: tonic::Request<super::CompleteRequest>,
         ) -> std::result::Result<
             tonic::Response<super::CompleteResponse>,
+            tonic::Status,
+        >;
+        /// A long request (a WebSocket tunnel, a streaming response) keeps its concurrency slot past
+        /// `lease_ttl`: each renewal makes the lease expire `lease_ttl` from now. Renew well before it
+        /// runs out (at half of `ttl_ms`, say); a lease that has expired, was released or never
+        /// existed is not brought back (`renewed` false).
+        async fn renew_lease(
+            &self,
+            request: tonic::Request<super::RenewLeaseRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RenewLeaseResponse>,
             tonic::Status,
         >;
     }
@@ -519,6 +573,51 @@ pub mod decision_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CompleteSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/portcullis.v1.Decision/RenewLease" => {
+                    #[allow(non_camel_case_types)]
+                    struct RenewLeaseSvc<T: Decision>(pub Arc<T>);
+                    impl<
+                        T: Decision,
+                    > tonic::server::UnaryService<super::RenewLeaseRequest>
+                    for RenewLeaseSvc<T> {
+                        type Response = super::RenewLeaseResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RenewLeaseRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Decision>::renew_lease(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RenewLeaseSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

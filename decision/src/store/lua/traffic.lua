@@ -23,6 +23,8 @@
 --           1 wait, 2 queue full (a, b, c: in_use, queued, mean hold), 3 breaker open (a: retry
 --           after); limit: the concurrency limit in force
 -- leave:    ARGV[3] waiter; returns { 1 }
+-- renew:    ARGV[3] lease id  ARGV[4] lease_ttl; a lease still held expires lease_ttl from now;
+--           returns { 1 } when it was held, { 0 } when it had expired or was never granted
 -- complete: ARGV[3] lease id  ARGV[4] error (0|1)  ARGV[5] lease_ttl  ARGV[6..10] as admit's
 --           ARGV[10..14]  ARGV[11] latency (us)  ARGV[12..18] as admit's ARGV[15..21]
 --           ARGV[19] the configured concurrency limit;
@@ -58,6 +60,18 @@ end
 if op == 'leave' then
   if redis.call('ZREM', queue, ARGV[3]) == 1 then announce() end
   return { 1 }
+end
+
+if op == 'renew' then
+  local held = redis.call('ZSCORE', slots, ARGV[3])
+  if held and tonumber(held) > now then
+    local ttl = tonumber(ARGV[4])
+    redis.call('ZADD', slots, 'XX', now + ttl, ARGV[3])
+    -- the set outlives its latest lease: this one now
+    expire(slots, ttl)
+    return { 1 }
+  end
+  return { 0 }
 end
 
 -- breaker state

@@ -249,6 +249,14 @@ impl Store for RedisStore {
         self.traffic_call(upstream, &traffic::leave_args(lease)).await.map(|_| ())
     }
 
+    async fn renew(&self, upstream: &str, lease: &str, lease_ttl: Micros, now: Micros) -> Result<bool, StoreError> {
+        let reply = self.traffic_call(upstream, &traffic::renew_args(self.clock_arg(now), lease, lease_ttl)).await?;
+        match reply[..] {
+            [held] => Ok(held == 1),
+            _ => Err(StoreError::Script(format!("traffic.lua renew answered {reply:?}"))),
+        }
+    }
+
     async fn complete(&self, r: &Release<'_>, now: Micros) -> Result<(bool, UpstreamState), StoreError> {
         let reply = self.traffic_call(r.upstream, &traffic::complete_args(self.clock_arg(now), r)).await?;
         traffic::completed(&reply)

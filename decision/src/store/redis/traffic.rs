@@ -39,6 +39,11 @@ pub(super) fn leave_args(lease: &str) -> Vec<String> {
     vec!["leave".to_owned(), "-1".to_owned(), lease.to_owned()]
 }
 
+/// traffic.lua's arguments for a lease's renewal at `clock` (-1: the server's time).
+pub(super) fn renew_args(clock: i64, lease: &str, lease_ttl: u64) -> Vec<String> {
+    vec!["renew".to_owned(), clock.to_string(), lease.to_owned(), lease_ttl.to_string()]
+}
+
 /// traffic.lua's arguments for a finished request at `clock` (-1: the server's time).
 pub(super) fn complete_args(clock: i64, r: &Release<'_>) -> Vec<String> {
     let Release { lease, error, latency, cfg, .. } = *r;
