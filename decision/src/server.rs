@@ -151,7 +151,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         StoreSettings::Memory => serve_memory(cfg).await,
         StoreSettings::Redis(r) => {
             let store = RedisStore::connect(&r)?;
-            let engine = Arc::new(Engine::new(cfg.policy.clone(), store));
+            let engine = Engine::shared(cfg.policy.clone(), store);
             engine.store().register_metrics(&mut engine.metrics.registry());
             if r.cluster.is_empty() {
                 tracing::info!(url = %crate::store::redis::redacted(&r.url), timeout_ms = r.timeout.as_millis(), pool_size = r.pool_size, "using the Redis store");
@@ -185,7 +185,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
 
 async fn serve_memory(cfg: Config) -> Result<(), ServeError> {
     let store = MemoryStore::new();
-    let engine = Arc::new(Engine::new(cfg.policy.clone(), store));
+    let engine = Engine::shared(cfg.policy.clone(), store);
     {
         let engine = engine.clone();
         tokio::spawn(async move {

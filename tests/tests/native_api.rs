@@ -274,3 +274,37 @@ async fn a_renewed_lease_keeps_its_slot_past_lease_ttl() {
     let e = c.renew_lease(renew("")).await.expect_err("no lease");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn a_cancelled_waiter_gives_its_place_in_the_queue_back() {
+    use proto::portcullis_v1::CompleteRequest;
+    let (from, to) =
+        (reference_policy().find("traffic:").expect("traffic"), reference_policy().find("\nlimits:").expect("limits"));
+    let mut policy = reference_policy();
+    policy.replace_range(
+        from..to,
+        "traffic:\n  concurrency_limit: 1\n  queue_size: 5\n  queue_timeout: 30s\n  lease_ttl: 60s\n",
+    );
+    let p = start(&policy).await;
+    let mut c = native(&p).await;
+    let one = || ask("10.0.0.6", "GET", "/api/v1/items", Some(BASIC));
+    let first = c.check(one()).await.expect("check").into_inner();
+    assert!(!first.lease.is_empty(), "{first:?}");
+    // a second request waits in the queue, and its caller gives up (the call is cancelled)
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(500), c.check(one())).await;
+    assert!(waited.is_err(), "it should still be waiting: {waited:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // the first completes: the slot must go to the next live request, not to the cancelled one
+    let done =
+        CompleteRequest { lease: first.lease.clone(), status_code: 200, latency_us: 1_000, ..Default::default() };
+    assert!(c.complete(done).await.expect("complete").into_inner().released);
+    let started = tokio::time::Instant::now();
+    let third = tokio::time::timeout(std::time::Duration::from_secs(5), c.check(one()))
+        .await
+        .expect("the queue's head was the cancelled request: nobody got the free slot")
+        .expect("check")
+        .into_inner();
+    assert_eq!(third.http_status, 200, "{third:?}");
+    assert!(!third.lease.is_empty());
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "waited {:?}", started.elapsed());
+}

@@ -104,6 +104,9 @@ pub struct Engine<S> {
     /// metric labels for RLS calls the policy does not know (never a caller's own string)
     unknown_domain: Arc<str>,
     no_rule: Arc<str>,
+    /// the engine itself, when it is shared (`Engine::shared`): what a request dropped by its
+    /// caller while it asks for a slot uses to give the slot back (`slots::Abandoned`)
+    this: std::sync::Weak<Engine<S>>,
     /// this process's half of every decision id, and the counter of the other half
     process_id: u64,
     decisions: std::sync::atomic::AtomicU64,
@@ -135,7 +138,15 @@ impl<S: Store> Engine<S> {
                 u64::from_be_bytes(b)
             },
             decisions: std::sync::atomic::AtomicU64::new(0),
+            this: std::sync::Weak::new(),
         }
+    }
+
+    /// `new`, shared: what the server runs. A request its caller drops while it holds or waits
+    /// for a concurrency slot then gives the slot (or its place in the queue) back at once,
+    /// instead of holding the queue's head until `queue_timeout`.
+    pub fn shared(policy: Arc<Policy>, store: S) -> Arc<Self> {
+        Arc::new_cyclic(|this| Engine { this: this.clone(), ..Engine::new(policy, store) })
     }
 
     /// Wakes this instance's waiters when the store says a slot was freed anywhere in the fleet
@@ -269,6 +280,11 @@ impl<S: Store> Engine<S> {
         let traffic =
             policy.traffic.as_ref().zip(plan.ctx.route.and_then(|i| policy.routes.get(i))).filter(|_| slot && !dry_run);
         let lease = traffic.map(|_| slots::new_lease_id());
+        // from here until the decision is made, a caller that drops the request gets its slot or
+        // its place in the queue given back (the store may grant it in the call below)
+        let mut abandoned = traffic
+            .zip(lease.as_deref())
+            .map(|((_, route), lease)| slots::Abandoned::new(&self.this, &route.upstream_key, lease));
         let admission = traffic
             .zip(lease.as_deref())
             .filter(|_| self.store.apply_admit_is_one_call())
@@ -288,14 +304,18 @@ impl<S: Store> Engine<S> {
         };
         // A slot comes back only with a committed plan, and an ext_authz plan has no shadow
         // operation, so a committed plan is an allowed request: none is granted to a denial.
-        match (traffic, lease, d.reason) {
+        let d = match (traffic, lease, d.reason) {
             // an allowed request takes a concurrency slot of its route's upstream; boxed: the
             // waiting loop's future is large, and every decision would carry it
             (Some((cfg, route)), Some(lease), Reason::Allowed) => {
                 Box::pin(self.take_slot(policy, cfg, route, d, lease, first, deadline)).await
             }
             _ => d,
+        };
+        if let Some(a) = abandoned.as_mut() {
+            a.disarm();
         }
+        d
     }
 
     /// Decides an Envoy ratelimit (RLS) request, every descriptor in one store call, and records

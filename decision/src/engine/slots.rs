@@ -71,6 +71,43 @@ pub fn parse_lease(header: &str) -> Option<(&str, &str)> {
     ok.then_some((key, id))
 }
 
+/// A request between its first ask for a slot and its decision. Dropped before `disarm` (its
+/// caller cancelled the call, and the future went with it), it leaves the queue and frees any
+/// slot the store granted under its lease id, on a task of its own, and wakes this instance's
+/// waiters: an abandoned waiter must not hold the queue's head until `queue_timeout`.
+pub(crate) struct Abandoned<S: Store> {
+    engine: std::sync::Weak<Engine<S>>,
+    upstream: String,
+    lease: String,
+    armed: bool,
+}
+
+impl<S: Store> Abandoned<S> {
+    pub(crate) fn new(engine: &std::sync::Weak<Engine<S>>, upstream: &str, lease: &str) -> Self {
+        Abandoned { engine: engine.clone(), upstream: upstream.to_owned(), lease: lease.to_owned(), armed: true }
+    }
+
+    /// The decision was made: the slot, if any, is the request's to hand over.
+    pub(crate) fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl<S: Store> Drop for Abandoned<S> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (Some(engine), Ok(rt)) = (self.engine.upgrade(), tokio::runtime::Handle::try_current()) else { return };
+        let (upstream, lease) = (std::mem::take(&mut self.upstream), std::mem::take(&mut self.lease));
+        rt.spawn(async move {
+            engine.leave(&upstream, &lease).await;
+            engine.waiters.freed(&upstream);
+            tracing::debug!(upstream, "a cancelled request gave its slot or queue place back");
+        });
+    }
+}
+
 /// Resolves at the caller's deadline; never without one.
 async fn sleep_until_caller(deadline: Option<std::time::Instant>) {
     match deadline {
@@ -121,9 +158,8 @@ impl<S: Store> Engine<S> {
             };
             match answer {
                 Err(StoreError::DeadlineExceeded) => {
-                    if returning {
-                        self.leave(key, &lease).await;
-                    }
+                    // the call may have been cut after the store granted the slot
+                    self.leave(key, &lease).await;
                     d.reason = Reason::DeadlineExceeded;
                     return d;
                 }

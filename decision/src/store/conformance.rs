@@ -51,6 +51,29 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     a_plan_and_its_admission_in_one_call(&make().await).await;
     a_dry_run_answers_as_apply_and_counts_nothing(&make().await).await;
     a_renewed_lease_outlives_its_first_ttl(&make().await).await;
+    leaving_frees_a_slot_granted_under_the_same_id(&make().await).await;
+}
+
+/// `leave` after a grant (a request cancelled while its admission was under way): the slot is
+/// free again at once, and nothing counts for the breaker.
+async fn leaving_frees_a_slot_granted_under_the_same_id<S: Store>(s: &S) {
+    let cfg = traffic(1, 1, None);
+    let (a, b) = ("00000000000000000000000000000011", "00000000000000000000000000000012");
+    assert!(matches!(admit(s, a, false, &cfg, T0).await, Admit::Granted { .. }));
+    assert!(matches!(admit(s, b, false, &cfg, T0).await, Admit::Wait(_)));
+    s.leave("up", a).await.expect("leave");
+    assert!(
+        matches!(admit(s, b, true, &cfg, T0).await, Admit::Granted { .. }),
+        "{}: the slot stayed taken",
+        s.backend()
+    );
+    // and a waiter that leaves no longer holds the queue's head
+    let c = "00000000000000000000000000000013";
+    assert!(matches!(admit(s, c, false, &cfg, T0).await, Admit::Wait(_)));
+    s.leave("up", c).await.expect("leave");
+    s.leave("up", b).await.expect("leave");
+    let d = "00000000000000000000000000000014";
+    assert!(matches!(admit(s, d, false, &cfg, T0).await, Admit::Granted { .. }), "{}", s.backend());
 }
 
 /// `renew`: a lease renewed before it runs out stays held past its first expiry; an expired,

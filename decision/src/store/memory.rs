@@ -149,6 +149,8 @@ impl MemoryStore {
     pub fn leave_now(&self, upstream: &str, lease: &str) {
         if let Some(up) = lock(&self.traffic).get_mut(upstream) {
             up.queue.retain(|(w, _)| w != lease);
+            // a slot granted under this id (a cancelled request's) is freed, uncounted
+            up.slots.retain(|held, _| held.strip_prefix(['l', 'p']) != Some(lease));
         }
     }
 

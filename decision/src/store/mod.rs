@@ -125,7 +125,9 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
-    /// A waiter that gives up leaves the queue of `upstream` (`lease`: its place there).
+    /// A waiter that gives up leaves the queue of `upstream` (`lease`: its place there, the
+    /// lease id without its prefix), and a slot granted under that id, if any, is freed without
+    /// counting for the breaker (a request cancelled while it asked for one).
     fn leave(&self, upstream: &str, lease: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// A request completed: its lease is released (true) if it still holds one, and only then

@@ -22,7 +22,8 @@
 --   returns { code, a, b, c, in_use, queued, mode, limit }: code 0 granted (a: probe 0|1),
 --           1 wait, 2 queue full (a, b, c: in_use, queued, mean hold), 3 breaker open (a: retry
 --           after); limit: the concurrency limit in force
--- leave:    ARGV[3] waiter; returns { 1 }
+-- leave:    ARGV[3] waiter; it leaves the queue, and a slot granted under its id (`l` or `p`
+--           and the id) is freed uncounted (its request was cancelled); returns { 1 }
 -- renew:    ARGV[3] lease id  ARGV[4] lease_ttl; a lease still held expires lease_ttl from now;
 --           returns { 1 } when it was held, { 0 } when it had expired or was never granted
 -- complete: ARGV[3] lease id  ARGV[4] error (0|1)  ARGV[5] lease_ttl  ARGV[6..10] as admit's
@@ -58,7 +59,8 @@ local function announce()
 end
 
 if op == 'leave' then
-  if redis.call('ZREM', queue, ARGV[3]) == 1 then announce() end
+  local left = redis.call('ZREM', queue, ARGV[3]) + redis.call('ZREM', slots, 'l' .. ARGV[3], 'p' .. ARGV[3])
+  if left > 0 then announce() end
   return { 1 }
 end
 
