@@ -163,17 +163,20 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
                 let engine = engine.clone();
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(STORE_PROBE_EVERY);
-                    let mut was_up = None;
+                    let mut was: Option<Result<(), String>> = None;
                     loop {
                         tick.tick().await;
-                        let up = engine.store().probe().await;
-                        if was_up != Some(up) {
-                            if up {
-                                tracing::info!("redis store is up");
-                            } else {
-                                tracing::warn!("redis store is down; answering by on_store_error");
+                        let now = engine.store().probe().await.map_err(|e| e.to_string());
+                        // logged when it changes: up, or down for another reason
+                        if was.as_ref() != Some(&now) {
+                            match &now {
+                                Ok(()) => tracing::info!("redis store is up: it answers and runs the scripts"),
+                                Err(e) => tracing::warn!(
+                                    error = %e,
+                                    "redis store cannot decide (not ready); answering by on_store_error"
+                                ),
                             }
-                            was_up = Some(up);
+                            was = Some(now);
                         }
                     }
                 });

@@ -411,3 +411,41 @@ async fn local_share_keeps_a_fraction_of_each_limit_while_redis_is_down() {
         .await
         .expect("said so");
 }
+
+/// A Redis user that may PING but not run scripts: the instance cannot decide, so it is never
+/// ready (before traffic, after a decision, a few probes later: no flapping), and the log says
+/// why. The same user once allowed to run scripts: ready.
+#[tokio::test]
+async fn readiness_means_able_to_decide_with_the_configured_user() {
+    let redis = RedisServer::start();
+    let ok = redis.command("ACL SETUSER limited on >s3cret ~* &* +@all -eval -evalsha -script");
+    assert!(ok.starts_with("+OK"), "{ok}");
+    let port = redis.url().rsplit(':').next().expect("port").to_owned();
+    let p = Portcullis::start(&policy(&format!("redis://limited:s3cret@127.0.0.1:{port}"), "deny"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let http = HttpClient::new();
+    let readyz = async |http: &HttpClient| {
+        http.request("GET", &format!("http://{}/readyz", p.http), &[], "").await.map_or(0, |r| r.status)
+    };
+    let line = p
+        .wait_for_log("the probe's cause", |l| l.contains("cannot decide") && l.contains("no permissions"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(line.contains("evalsha"), "{line}");
+    assert_eq!(readyz(&http).await, 503, "not ready before traffic");
+    let mut c = client(&p).await;
+    let r = c.check(check_request("10.0.0.1", "GET", "/api/v1/items", &[("x-api-key", BASIC)])).await.expect("answer");
+    assert_eq!(denied_status(r.get_ref()), Some(503));
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(readyz(&http).await, 503, "a PING that works must not make it ready");
+    }
+    // allowed to run scripts: ready on the next probe, and deciding
+    let ok = redis.command("ACL SETUSER limited +@all");
+    assert!(ok.starts_with("+OK"), "{ok}");
+    wait_until("readiness", async || readyz(&http).await == 200).await;
+    let r = c.check(check_request("10.0.0.1", "GET", "/api/v1/items", &[("x-api-key", BASIC)])).await.expect("answer");
+    assert_eq!(denied_status(r.get_ref()), None, "{r:?}");
+    p.wait_for_log("the store back", |l| l.contains("redis store is up")).await.unwrap_or_else(|e| panic!("{e:#}"));
+}

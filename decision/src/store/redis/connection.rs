@@ -103,8 +103,9 @@ impl Pool {
         }
     }
 
-    /// Whether the server answers a PING (on a cluster: every master) within the probe timeout.
-    pub async fn ping(&self) -> bool {
+    /// The server's answer to a PING (on a cluster: every master's), within the probe timeout;
+    /// an error says why not (refused, timed out, authentication, TLS, ...).
+    pub async fn ping(&self) -> Result<(), StoreError> {
         let ping = redis::cmd("PING");
         let answered = async {
             match &self.conns {
@@ -117,7 +118,16 @@ impl Pool {
                 Conns::Cluster(c) => ping_every_master(&mut c[self.next_connection(c.len())].clone()).await,
             }
         };
-        matches!(tokio::time::timeout(self.probe_timeout, answered).await, Ok(Ok(_)))
+        match tokio::time::timeout(self.probe_timeout, answered).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("PING: {e}"))),
+            Err(_) => Err(StoreError::Timeout(self.probe_timeout)),
+        }
+    }
+
+    /// How long a probe may take.
+    pub fn probe_timeout(&self) -> Duration {
+        self.probe_timeout
     }
 }
 

@@ -73,12 +73,22 @@ impl RedisStore {
         self
     }
 
-    /// Checks the server (PING; on a cluster, every master) and records whether it answered; for
-    /// /readyz.
-    pub async fn probe(&self) -> bool {
-        let ok = self.pool.ping().await;
-        self.ready.store(ok, Ordering::Relaxed);
-        ok
+    /// Whether the store can decide, for /readyz: every master answers a PING, and the decision
+    /// path's own call works as the configured user (the plan script, EVALSHA, with no
+    /// operation: it counts nothing). Records the answer; an error gives the real cause (a user
+    /// without the right to run scripts, a refused password, an untrusted certificate, a
+    /// timeout, Redis out of memory).
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let checked = async {
+            self.pool.ping().await?;
+            let reply = self.invoke(&self.plan_call(std::iter::empty(), false, 0)).await?;
+            decode(&reply, std::iter::empty(), &mut Vec::new())
+        };
+        let answer = tokio::time::timeout(self.pool.probe_timeout(), checked)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(self.pool.probe_timeout())));
+        self.ready.store(answer.is_ok(), Ordering::Relaxed);
+        answer
     }
 
     /// Registers `portcullis_store_over_limit_cache_hits_total` when the store has an
