@@ -167,3 +167,56 @@ async fn forwarded_headers_from_an_untrusted_peer_are_refused_and_count_nothing(
     assert_eq!(daily(native.check(dry()).await.expect("dry run").into_inner()), before, "nothing counted");
     p.wait_for_decision("bad_request").await;
 }
+
+#[tokio::test]
+async fn post_v1_check_mirrors_the_native_check_in_json() {
+    let p = start(&policy()).await;
+    let url = format!("http://{}/v1/check", p.forward_auth.expect("forward-auth on"));
+    let http = HttpClient::new();
+    let json = [("content-type", "application/json")];
+    let body = serde_json::json!({
+        "api_key": BASIC, "operation": "GET", "resource": "/api/v1/items", "client_address": "10.0.0.7",
+        "cost": 5, "request_id": "json-1",
+    });
+    let r = http.request("POST", &url, &json, &body.to_string()).await.expect("answer");
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    assert_eq!(
+        (v["verdict"].as_str(), v["http_status"].as_u64(), v["reason"].as_str()),
+        (Some("allow"), Some(200), Some("allowed")),
+        "{v}"
+    );
+    assert_eq!(v["identity"]["subject"], "demo-basic");
+    let daily = v["quotas"].as_array().and_then(|q| q.iter().find(|q| q["name"] == "daily")).expect("daily");
+    assert_eq!(daily["remaining"], 4_995, "the cost of 5 counted: {v}");
+    assert_eq!(v["decision_id"].as_str().map(str::len), Some(32));
+    // the same decision through gRPC, for the same request (a dry run: nothing more counted)
+    let mut native = DecisionClient::connect(format!("http://{}", p.grpc)).await.expect("connect");
+    let g = native
+        .check(CheckRequest {
+            credential: Some(Credential::ApiKey(BASIC.into())),
+            operation: "GET".into(),
+            resource: "/api/v1/items".into(),
+            client_address: "10.0.0.7".into(),
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .expect("native")
+        .into_inner();
+    assert_eq!(g.quotas.iter().find(|q| q.name == "daily").map(|q| q.remaining), Some(4_994));
+
+    // refused: not JSON, an unknown field, no resource, two credentials, a body over 64 KiB
+    for (bad, why) in [
+        ("{", "not a CheckRequest in JSON"),
+        (r#"{"resource": "/x", "colour": "red"}"#, "unknown field"),
+        (r#"{"api_key": "k", "operation": "GET"}"#, "resource is required"),
+        (r#"{"api_key": "k", "bearer_token": "t", "resource": "/x"}"#, "not both"),
+    ] {
+        let r = http.request("POST", &url, &json, bad).await.expect("answer");
+        assert_eq!(r.status, 400, "{bad}: {r:?}");
+        assert!(r.json()["detail"].as_str().is_some_and(|d| d.contains(why)), "{bad}: {r:?}");
+    }
+    let huge = format!(r#"{{"resource": "/x", "request_id": "{}"}}"#, "a".repeat(70 * 1024));
+    assert_eq!(http.request("POST", &url, &json, &huge).await.expect("answer").status, 413);
+}

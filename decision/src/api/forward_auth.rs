@@ -57,12 +57,17 @@ pub enum Mode {
     Nginx,
 }
 
-/// The forward-auth routes, for a listener of their own.
+/// The forward-auth routes, and `POST /v1/check` (`http_check`), for a listener of their own.
 pub fn router<S: Store>(engine: Arc<Engine<S>>) -> axum::Router {
     use axum::routing::any;
     axum::Router::new()
         .route("/v1/forward-auth", any(|state, peer, headers| check::<S>(state, peer, headers, Mode::Standard)))
         .route("/v1/forward-auth/nginx", any(|state, peer, headers| check::<S>(state, peer, headers, Mode::Nginx)))
+        .route(
+            "/v1/check",
+            axum::routing::post(super::http_check::check::<S>)
+                .layer(axum::extract::DefaultBodyLimit::max(super::http_check::MAX_BODY_BYTES)),
+        )
         .with_state(engine)
 }
 

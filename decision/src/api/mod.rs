@@ -4,6 +4,7 @@
 pub mod accesslog;
 pub mod ext_authz;
 pub mod forward_auth;
+pub mod http_check;
 pub mod native;
 pub mod ratelimit;
 pub mod respond;

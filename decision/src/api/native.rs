@@ -49,7 +49,7 @@ impl<S> DecisionApi<S> {
 /// A native Check as the engine takes it: the core `Request` (or why there is none) and the
 /// facts recorded beside the decision. `authorization` holds the `Bearer <token>` value a
 /// bearer credential becomes, so the core reads it as it reads Envoy's header.
-fn request_of<'a>(
+pub(crate) fn request_of<'a>(
     msg: &'a CheckRequest,
     remote: Option<SocketAddr>,
     deadline: Option<std::time::Instant>,

@@ -1,0 +1,123 @@
+//! `POST /v1/check` on the forward-auth listener: the native `portcullis.v1.Decision/Check` for
+//! clients that speak only HTTP and JSON. The body is a `CheckRequest` in JSON (its proto field
+//! names: `api_key` or `bearer_token`, `operation`, `resource`, `client_address`, `headers`,
+//! `cost`, `dry_run`, `request_id`, `content_length`); the answer is `200` with the
+//! `CheckResponse` in JSON (`verdict` as `"allow"` or `"deny"`), decided and rendered exactly as
+//! the gRPC call is. A body that is not such JSON, or a request the native Check refuses, is
+//! answered `400` with `detail`; a body over 64 KiB `413`. `client_address` defaults to the
+//! caller's address.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use proto::portcullis_v1::check_request::Credential;
+use proto::portcullis_v1::{CheckRequest, CheckResponse, Verdict};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::native;
+use crate::clock;
+use crate::engine::{Engine, Malformed};
+use crate::store::Store;
+
+/// Largest JSON body read.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// `CheckRequest` in JSON.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct JsonCheck {
+    api_key: Option<String>,
+    bearer_token: Option<String>,
+    operation: String,
+    resource: String,
+    client_address: String,
+    headers: HashMap<String, String>,
+    cost: i64,
+    dry_run: bool,
+    request_id: String,
+    content_length: u64,
+}
+
+/// `body` as an `application/json` answer.
+fn json_answer(status: StatusCode, body: &Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+fn refused(status: StatusCode, detail: &str) -> Response {
+    json_answer(status, &json!({ "status": status.as_u16(), "error": "Bad request", "detail": detail }))
+}
+
+/// The `CheckResponse` of the gRPC call, as JSON.
+fn to_json(r: &CheckResponse) -> Value {
+    let headers = |hs: &[proto::portcullis_v1::Header]| -> Vec<Value> {
+        hs.iter().map(|h| json!({ "name": h.name, "value": h.value })).collect()
+    };
+    json!({
+        "verdict": if r.verdict == Verdict::Allow as i32 { "allow" } else { "deny" },
+        "http_status": r.http_status,
+        "reason": r.reason,
+        "identity": r.identity.as_ref().map(|i| json!({
+            "subject": i.subject, "tier": i.tier, "roles": i.roles, "credential": i.credential,
+        })),
+        "quotas": r.quotas.iter().map(|q| json!({
+            "name": q.name, "limit": q.limit, "remaining": q.remaining,
+            "window_seconds": q.window_seconds, "reset_seconds": q.reset_seconds, "exceeded": q.exceeded,
+        })).collect::<Vec<_>>(),
+        "retry_after_seconds": r.retry_after_seconds,
+        "lease": r.lease,
+        "upstream_headers": headers(&r.upstream_headers),
+        "response_headers": headers(&r.response_headers),
+        "body": r.body,
+        "decision_id": r.decision_id,
+        "degraded": r.degraded,
+        "dry_run": r.dry_run,
+    })
+}
+
+/// `POST /v1/check`.
+pub async fn check<S: Store>(
+    State(engine): State<Arc<Engine<S>>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: axum::body::Bytes,
+) -> Response {
+    let started = clock::instant();
+    let asked: JsonCheck = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return refused(StatusCode::BAD_REQUEST, &format!("the body is not a CheckRequest in JSON: {e}")),
+    };
+    let credential = match (asked.api_key, asked.bearer_token) {
+        (Some(_), Some(_)) => return refused(StatusCode::BAD_REQUEST, "credential: api_key or bearer_token, not both"),
+        (Some(k), None) => Some(Credential::ApiKey(k)),
+        (None, Some(t)) => Some(Credential::BearerToken(t)),
+        (None, None) => None,
+    };
+    let msg = CheckRequest {
+        credential,
+        operation: asked.operation,
+        resource: asked.resource,
+        client_address: asked.client_address,
+        headers: asked.headers,
+        cost: asked.cost,
+        dry_run: asked.dry_run,
+        request_id: asked.request_id,
+        content_length: asked.content_length,
+    };
+    let policy = engine.policy();
+    let headers = || msg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let authorization = match &msg.credential {
+        Some(Credential::BearerToken(t)) => Some(format!("Bearer {t}")),
+        _ => None,
+    };
+    let (request, facts) = native::request_of(&msg, Some(peer), None, &headers, &authorization);
+    let malformed = request.as_ref().err().copied();
+    let outcome = engine.check(&policy, request, &facts, started).await;
+    if let Some(Malformed(why)) = malformed {
+        return refused(StatusCode::BAD_REQUEST, why);
+    }
+    json_answer(StatusCode::OK, &to_json(&native::answer(&outcome, &policy, facts.request_id, msg.dry_run)))
+}
