@@ -9,6 +9,8 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod explain;
+#[cfg(test)]
+mod fuzz;
 pub mod https;
 pub mod keys;
 pub mod report;
