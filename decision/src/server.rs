@@ -297,6 +297,24 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
     let native = DecisionServer::new(DecisionApi::new(engine.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    // reflection describes our own API only (Envoy's services are Envoy's to describe)
+    let reflection = cfg.settings.grpc_reflection.then(|| {
+        let v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::portcullis_v1::FILE_DESCRIPTOR_SET)
+            .build_v1();
+        let v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::portcullis_v1::FILE_DESCRIPTOR_SET)
+            .build_v1alpha();
+        (v1, v1alpha)
+    });
+    let (reflection_v1, reflection_v1alpha) = match reflection {
+        Some((Ok(v1), Ok(v1alpha))) => (Some(v1), Some(v1alpha)),
+        Some((Err(e), _)) | Some((_, Err(e))) => {
+            tracing::error!(error = %e, "gRPC reflection is off: the descriptors do not load");
+            (None, None)
+        }
+        None => (None, None),
+    };
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true)).with_keepalive(Some(KEEPALIVE_INTERVAL));
     let grpc = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -310,6 +328,8 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         .add_service(rls)
         .add_service(access_log)
         .add_service(native)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
 
     // forward-auth: its own listener, drained with the others

@@ -11,6 +11,8 @@ fn root() -> PathBuf {
 #[test]
 fn the_committed_code_is_what_the_generator_makes_of_the_protos() {
     let fds = protox::compile(["portcullis/v1/decision.proto"], [root()]).expect("the .proto files compile");
+    // the descriptors gRPC reflection serves, encoded
+    let descriptors = prost::Message::encode_to_vec(&fds);
     let out = std::env::temp_dir().join(format!("portcullis-proto-{}", std::process::id()));
     std::fs::create_dir_all(&out).expect("a scratch folder");
     tonic_prost_build::configure()
@@ -23,10 +25,17 @@ fn the_committed_code_is_what_the_generator_makes_of_the_protos() {
     let generated = std::fs::read_to_string(out.join("portcullis.v1.rs")).expect("generated code");
     let _ = std::fs::remove_dir_all(&out);
     let committed_path = root().join("src/generated/portcullis.v1.rs");
+    let descriptors_path = root().join("src/generated/portcullis_v1.bin");
     if std::env::var_os("PORTCULLIS_REGENERATE").is_some() {
         std::fs::write(&committed_path, &generated).expect("write the generated code");
+        std::fs::write(&descriptors_path, &descriptors).expect("write the descriptors");
         return;
     }
+    assert!(
+        std::fs::read(&descriptors_path).unwrap_or_default() == descriptors,
+        "{} is not the encoded descriptors of the .proto files: run `PORTCULLIS_REGENERATE=1 cargo test -p proto` and commit the result",
+        descriptors_path.display()
+    );
     let committed = std::fs::read_to_string(&committed_path).unwrap_or_default();
     assert!(
         committed == generated,

@@ -119,6 +119,44 @@ async fn grpc_health_reports_serving() {
         let r = h.check(HealthCheckRequest { service: service.into() }).await.expect("health").into_inner();
         assert_eq!(r.status(), ServingStatus::Serving, "service {service:?}");
     }
+    let r = h.check(HealthCheckRequest { service: "portcullis.v1.Decision".into() }).await.expect("health");
+    assert_eq!(r.into_inner().status(), ServingStatus::Serving);
+}
+
+/// What gRPC reflection (v1) lists on `p`'s port, or the call's error.
+async fn reflected_services(p: &Portcullis) -> Result<Vec<String>, tonic::Status> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.grpc))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut c = ServerReflectionClient::new(channel);
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = c.server_reflection_info(futures_util::stream::iter([ask])).await?.into_inner();
+    let mut names = Vec::new();
+    while let Some(a) = answers.message().await? {
+        if let Some(MessageResponse::ListServicesResponse(l)) = a.message_response {
+            names.extend(l.service.into_iter().map(|s| s.name));
+        }
+    }
+    Ok(names)
+}
+
+#[tokio::test]
+async fn grpc_reflection_is_off_by_default_and_describes_portcullis_v1_when_on() {
+    let off = start(&reference_policy()).await;
+    let e = reflected_services(&off).await.expect_err("off by default");
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+    let on = start(&reference_policy().replacen("listen:\n", "listen:\n  grpc_reflection: true\n", 1)).await;
+    let names = reflected_services(&on).await.expect("reflection");
+    assert!(names.iter().any(|n| n == "portcullis.v1.Decision"), "{names:?}");
 }
 
 #[tokio::test]

@@ -113,6 +113,9 @@ pub struct Settings {
     pub http_addr: SocketAddr,
     /// the HTTP forward-auth listener (`listen.forward_auth`); None: off
     pub forward_auth_addr: Option<SocketAddr>,
+    /// gRPC server reflection (v1 and v1alpha) for `portcullis.v1` on the gRPC port
+    /// (`listen.grpc_reflection`, off by default: it tells any caller what the port serves)
+    pub grpc_reflection: bool,
     pub store: StoreSettings,
     /// None: no `audit` section, no audit trail
     pub audit: Option<crate::audit::AuditSettings>,
@@ -241,6 +244,7 @@ impl Validator<'_> {
                 .forward_auth
                 .as_deref()
                 .map(|a| self.addr("listen.forward_auth", Some(a), DEFAULT_FORWARD_AUTH_ADDR)),
+            grpc_reflection: listen.grpc_reflection.unwrap_or(false),
             store,
             audit,
             alerts,

@@ -78,6 +78,9 @@ pub struct RawListen {
     /// HTTP forward-auth (nginx auth_request, Traefik ForwardAuth, Caddy forward_auth); off when
     /// absent
     pub forward_auth: Option<String>,
+    /// gRPC server reflection for portcullis.v1 on the gRPC port (grpcurl, Postman); off when
+    /// absent
+    pub grpc_reflection: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
