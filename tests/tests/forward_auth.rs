@@ -80,6 +80,11 @@ async fn through_nginx_the_matrix_gets_the_statuses_of_the_native_check() {
     }
     assert_eq!(&statuses[..8], [200, 401, 401, 403, 403, 403, 401, 200]);
     assert_eq!(statuses[18], 429);
+    // nginx passes the client's own headers to the auth request: an X-Forwarded-Uri naming a
+    // public path must not stand for the request nginx serves
+    let forged = [("x-forwarded-uri", "/health"), ("x-forwarded-method", "GET"), ("x-forwarded-for", "10.0.0.1")];
+    let r = http.request("DELETE", &format!("http://{}/admin/users", nginx.addr), &forged, "").await.expect("nginx");
+    assert_eq!(r.status, 401, "the forged description was believed: {r:?}");
     // the allowed request reached the upstream with the identity nginx copied from the answer
     let seen = upstream.seen();
     let first = seen.iter().find(|s| s.path == "/api/v1/items").expect("reached the upstream");
@@ -140,6 +145,12 @@ async fn the_standard_mode_answers_as_ext_authz_and_refuses_what_it_cannot_check
     let r = http.request("GET", &url, &[("x-api-key", BASIC)], "").await.expect("answer");
     assert_eq!(r.status, 400, "{r:?}");
     assert!(r.json()["detail"].as_str().is_some_and(|d| d.contains("X-Forwarded-Uri")), "{r:?}");
+    // two descriptions of one request: ambiguous
+    let mut twice = ask("10.0.0.9", BASIC);
+    twice.push(("x-forwarded-uri", "/admin/users"));
+    let r = http.request("GET", &url, &twice, "").await.expect("answer");
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.json()["detail"].as_str().is_some_and(|d| d.contains("repeated")), "{r:?}");
 }
 
 #[tokio::test]
@@ -166,6 +177,18 @@ async fn forwarded_headers_from_an_untrusted_peer_are_refused_and_count_nothing(
     assert!(r.json()["detail"].as_str().is_some_and(|d| d.contains("trusted_proxies")), "{r:?}");
     assert_eq!(daily(native.check(dry()).await.expect("dry run").into_inner()), before, "nothing counted");
     p.wait_for_decision("bad_request").await;
+    // POST /v1/check from the same untrusted peer: its own address only
+    let check = format!("http://{}/v1/check", p.forward_auth.expect("on"));
+    let json = [("content-type", "application/json")];
+    let other = format!(r#"{{"api_key": "{BASIC}", "resource": "/api/v1/items", "client_address": "10.0.0.9"}}"#);
+    let r = HttpClient::new().request("POST", &check, &json, &other).await.expect("answer");
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.json()["detail"].as_str().is_some_and(|d| d.contains("trusted_proxies")), "{r:?}");
+    assert_eq!(daily(native.check(dry()).await.expect("dry run").into_inner()), before, "nothing counted");
+    let own = format!(r#"{{"api_key": "{BASIC}", "resource": "/api/v1/items"}}"#);
+    let r = HttpClient::new().request("POST", &check, &json, &own).await.expect("answer");
+    assert_eq!((r.status, r.json()["verdict"].as_str()), (200, Some("allow")), "{r:?}");
+    assert_eq!(r.json()["lease"], "", "no slot over HTTP: {r:?}");
 }
 
 #[tokio::test]

@@ -4,15 +4,17 @@
 //! on its own listener (`listen.forward_auth`, off by default):
 //!
 //! - `GET|POST|... /v1/forward-auth`: the request to check is read from
-//!   `X-Forwarded-Method`, `X-Forwarded-Uri` and `X-Forwarded-For` (Traefik, Caddy), or nginx's
-//!   `X-Original-Method` and `X-Original-URI`, believed only from a peer in
-//!   `network.trusted_proxies`; its credentials from its own headers (the API key header,
+//!   `X-Forwarded-Method`, `X-Forwarded-Uri` and `X-Forwarded-For` (Traefik, Caddy), believed
+//!   only from a peer in `network.trusted_proxies`; its credentials from its own headers (the
+//!   API key header,
 //!   `Authorization`). Allowed: 200 with the identity headers (to copy upstream) and the
 //!   RateLimit headers (for the client). Denied: the status, headers and JSON body ext_authz
 //!   gives.
-//! - `/v1/forward-auth/nginx`: the same, except that a denial other than 401 or 403 (which nginx
-//!   would turn into a 500) is answered 403 with `x-portcullis-status` carrying the real status,
-//!   for nginx's `error_page` to restore (README: "Forward-auth").
+//! - `/v1/forward-auth/nginx`: the same from nginx's `X-Original-Method` and `X-Original-URI`
+//!   (never `X-Forwarded-Uri`, which nginx passes on from the client), except that a denial
+//!   other than 401 or 403 (which nginx would turn into a 500) is answered 403 with
+//!   `x-portcullis-status` carrying the real status, for nginx's `error_page` to restore
+//!   (README: "Forward-auth"). A repeated method, URI or credential header is refused.
 //!
 //! A request that cannot be checked (forwarded headers from an untrusted peer, no URI, a header
 //! that is not text) is recorded as a 400 decision and answered 400 with the reason in the
@@ -71,18 +73,34 @@ pub fn router<S: Store>(engine: Arc<Engine<S>>) -> axum::Router {
         .with_state(engine)
 }
 
+/// The headers that name the request to check, in `mode`: Traefik and Caddy set
+/// `X-Forwarded-*` themselves; nginx's configuration sets `X-Original-*` (and passes the
+/// client's own headers on, so an `X-Forwarded-Uri` the client sent must not be read there).
+fn described_by(mode: Mode) -> (&'static str, &'static str) {
+    match mode {
+        Mode::Standard => ("x-forwarded-method", "x-forwarded-uri"),
+        Mode::Nginx => ("x-original-method", "x-original-uri"),
+    }
+}
+
 /// The request a forward-auth call describes, as the core takes it, with its facts.
+/// `forwarded_for`: every `X-Forwarded-For` line, joined (a proxy may append its own line after
+/// the client's).
+#[allow(clippy::too_many_arguments)]
 fn request_of<'a>(
     pairs: &'a [(&'a str, &'a str)],
     peer: SocketAddr,
     trusted: bool,
+    mode: Mode,
     api_key_header: &str,
+    forwarded_for: Option<&'a str>,
     headers: &'a (dyn Fn() -> Vec<(&'a str, &'a str)> + Sync),
 ) -> (Result<Request<'a>, Malformed>, Facts<'a>) {
     let get = |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
     let request_id = get(respond::REQUEST_ID_HEADER).filter(|v| valid_value(v.as_bytes())).unwrap_or("");
-    let method = get("x-forwarded-method").or_else(|| get("x-original-method")).unwrap_or("GET");
-    let uri = get("x-forwarded-uri").or_else(|| get("x-original-uri"));
+    let (method_header, uri_header) = described_by(mode);
+    let method = get(method_header).unwrap_or("GET");
+    let uri = get(uri_header);
     let facts = Facts {
         request_id,
         method: if trusted { method } else { "" },
@@ -102,15 +120,26 @@ fn request_of<'a>(
         };
         return (Err(Malformed(why)), facts);
     }
+    // one request, one description of it: a repeated method, URI or credential is ambiguous
+    let repeated = [method_header, uri_header, "authorization", api_key_header]
+        .iter()
+        .any(|name| pairs.iter().filter(|(k, _)| k == name).count() > 1);
+    if repeated {
+        return (Err(Malformed("a repeated method, URI or credential header")), facts);
+    }
     let Some(uri) = uri else {
-        return (Err(Malformed("X-Forwarded-Uri (or nginx's X-Original-URI) is required")), facts);
+        let why = match mode {
+            Mode::Standard => "X-Forwarded-Uri is required (nginx sends X-Original-URI to /v1/forward-auth/nginx)",
+            Mode::Nginx => "X-Original-URI is required",
+        };
+        return (Err(Malformed(why)), facts);
     };
     let header_bytes: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
     let request = Request {
         method,
         path: uri,
         peer: peer.ip(),
-        forwarded_for: get("x-forwarded-for"),
+        forwarded_for,
         // an auth subrequest has no body of its own; a proxy may say what the real one declares
         content_length: get("x-forwarded-content-length").and_then(|v| v.trim().parse().ok()),
         header_bytes: u64::try_from(header_bytes).unwrap_or(u64::MAX),
@@ -140,7 +169,10 @@ async fn check<S: Store>(
     }
     let all = || pairs.clone();
     let trusted = policy.network.trusted_proxies.contains(peer.ip());
-    let (mut request, facts) = request_of(&pairs, peer, trusted, &policy.api_keys.header, &all);
+    let forwarded_for: Vec<&str> = pairs.iter().filter(|(k, _)| *k == "x-forwarded-for").map(|(_, v)| *v).collect();
+    let forwarded_for = (!forwarded_for.is_empty()).then(|| forwarded_for.join(", "));
+    let (mut request, facts) =
+        request_of(&pairs, peer, trusted, mode, &policy.api_keys.header, forwarded_for.as_deref(), &all);
     if opaque && request.is_ok() {
         request = Err(Malformed("a header value that is not visible ASCII text"));
     }

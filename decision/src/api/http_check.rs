@@ -5,7 +5,8 @@
 //! `CheckResponse` in JSON (`verdict` as `"allow"` or `"deny"`), decided and rendered exactly as
 //! the gRPC call is. A body that is not such JSON, or a request the native Check refuses, is
 //! answered `400` with `detail`; a body over 64 KiB `413`. `client_address` defaults to the
-//! caller's address.
+//! caller's address, and another address is believed only from `network.trusted_proxies`. No
+//! concurrency slot is taken (no completion comes back over HTTP).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -108,12 +109,26 @@ pub async fn check<S: Store>(
         content_length: asked.content_length,
     };
     let policy = engine.policy();
+    // this listener may face clients: a client address other than the caller's own is believed
+    // only from a trusted proxy (else anyone could spend, or get blocked, another address)
+    let stated = msg.client_address.parse::<std::net::IpAddr>().ok();
+    if !msg.client_address.is_empty()
+        && stated != Some(peer.ip())
+        && !policy.network.trusted_proxies.contains(peer.ip())
+    {
+        return refused(
+            StatusCode::BAD_REQUEST,
+            "client_address: another address than the caller's is believed only from network.trusted_proxies",
+        );
+    }
     let headers = || msg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let authorization = match &msg.credential {
         Some(Credential::BearerToken(t)) => Some(format!("Bearer {t}")),
         _ => None,
     };
-    let (request, facts) = native::request_of(&msg, Some(peer), None, &headers, &authorization);
+    let (request, mut facts) = native::request_of(&msg, Some(peer), None, &headers, &authorization);
+    // no completion or renewal comes over this listener: a slot would only be freed by expiry
+    facts.concurrency_slot = false;
     let malformed = request.as_ref().err().copied();
     let outcome = engine.check(&policy, request, &facts, started).await;
     if let Some(Malformed(why)) = malformed {

@@ -296,6 +296,11 @@ impl<S: Store> Engine<S> {
                 true => self.dry_run(&plan.ops, now, deadline).await,
                 false => self.apply(&plan.ops, now, admission.as_ref(), deadline).await,
             };
+            // a call cut short (a timeout, the caller's deadline) may have been granted the slot
+            // it asked for: give it back, off the request's path (its answer is not delayed)
+            if let (Err(StoreError::Timeout(_) | StoreError::DeadlineExceeded), Some(a)) = (&planned, &admission) {
+                self.leave_later(a.upstream, a.lease);
+            }
             match planned {
                 Ok(planned) => (conclude(policy, plan, &planned.verdicts), planned.admitted),
                 Err(StoreError::DeadlineExceeded) => (Decision::deny(Reason::DeadlineExceeded, plan.ctx), None),
@@ -336,6 +341,11 @@ impl<S: Store> Engine<S> {
         } else {
             match self.apply(&plan.ops, clock::now_micros(), None, deadline).await {
                 Ok(planned) => planned.verdicts,
+                // the caller gave up: not a store failure (the adapter answers DEADLINE_EXCEEDED)
+                Err(StoreError::DeadlineExceeded) => {
+                    tracing::debug!(domain, "ratelimit call past its deadline: nothing counted");
+                    return Err(StoreError::DeadlineExceeded);
+                }
                 Err(e) => {
                     // request-derived values are recorded as strings, which every log format escapes
                     tracing::warn!(domain, error = %e, "ratelimit answered UNAVAILABLE: store failed");

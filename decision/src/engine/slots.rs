@@ -117,6 +117,17 @@ async fn sleep_until_caller(deadline: Option<std::time::Instant>) {
 }
 
 impl<S: Store> Engine<S> {
+    /// `leave`, on a task of its own (with a shared engine; else not at all: the place or slot
+    /// then expires by itself).
+    pub(crate) fn leave_later(&self, upstream: &str, lease: &str) {
+        let (Some(engine), Ok(rt)) = (self.this.upgrade(), tokio::runtime::Handle::try_current()) else { return };
+        let (upstream, lease) = (upstream.to_owned(), lease.to_owned());
+        rt.spawn(async move {
+            engine.leave(&upstream, &lease).await;
+            engine.waiters.freed(&upstream);
+        });
+    }
+
     fn seen(&self, upstream: &Arc<str>, o: UpstreamState) {
         self.metrics.traffic_seen(upstream, o.in_use, o.queued, o.mode as u64, o.limit);
     }
@@ -158,14 +169,17 @@ impl<S: Store> Engine<S> {
             };
             match answer {
                 Err(StoreError::DeadlineExceeded) => {
-                    // the call may have been cut after the store granted the slot
-                    self.leave(key, &lease).await;
+                    // the call may have been cut after the store granted the slot; the caller is
+                    // out of time, so this happens off its path
+                    self.leave_later(key, &lease);
                     d.reason = Reason::DeadlineExceeded;
                     return d;
                 }
-                Err(_) => {
-                    if returning {
-                        self.leave(key, &lease).await;
+                Err(e) => {
+                    // waiting in the queue, or granted by a call cut short on its way back: give
+                    // it back, off the request's path (the store just failed once already)
+                    if returning || matches!(e, StoreError::Timeout(_)) {
+                        self.leave_later(key, &lease);
                     }
                     return match policy.on_store_error {
                         OnStoreError::Deny => refuse(d, Reason::StoreUnavailable, 1_000_000),
@@ -210,7 +224,7 @@ impl<S: Store> Engine<S> {
                     return refuse(d, Reason::QueueTimeout, last.retry_after(cfg.concurrency_limit));
                 }
                 _ = sleep_until_caller(caller_deadline) => {
-                    self.leave(key, &lease).await;
+                    self.leave_later(key, &lease);
                     d.reason = Reason::DeadlineExceeded;
                     return d;
                 }
