@@ -88,3 +88,34 @@ pub fn grpc_python() -> PathBuf {
     );
     python
 }
+
+/// The reference policy's demo keys the request matrix uses (their comments in policy.yaml).
+pub const DEMO_BASIC_KEY: &str = "pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo";
+pub const DEMO_SERVICE_KEY: &str = "pk_demo_service_k1-mDUeWOB7yj39g_aZ3tBG8";
+pub const DEMO_ADMIN_KEY: &str = "pk_demo_admin_dgBU1nZu-FWNNXcyKorzEKKe";
+
+/// One request of the matrix: client address, method, path, API key.
+pub type MatrixRequest = (&'static str, &'static str, &'static str, Option<&'static str>);
+
+/// The request matrix every front door is compared on, asked in order of one fresh instance on
+/// the reference policy: allowed, 401 (unknown key, none), 403 (role, zone, deny list), 401
+/// (an API key on a sensitive route), a public route, then 11 from an untrusted address (10 a
+/// minute: ten 200s, then 429). `MATRIX_STATUSES` is what each gets.
+pub fn request_matrix() -> Vec<MatrixRequest> {
+    let mut m = vec![
+        ("10.0.0.1", "GET", "/api/v1/items", Some(DEMO_BASIC_KEY)),
+        ("10.0.0.1", "GET", "/api/v1/items", Some("pk_unknown")),
+        ("10.0.0.1", "GET", "/api/v1/items", None),
+        ("10.0.0.1", "POST", "/api/v1/items", Some(DEMO_BASIC_KEY)),
+        ("203.0.113.5", "GET", "/internal/x", Some(DEMO_SERVICE_KEY)),
+        ("198.51.100.7", "GET", "/api/v1/items", Some(DEMO_BASIC_KEY)),
+        ("10.0.0.1", "GET", "/admin/users", Some(DEMO_ADMIN_KEY)),
+        ("10.0.0.1", "GET", "/health", None),
+    ];
+    m.extend(std::iter::repeat_n(("8.8.8.8", "GET", "/api/v1/items", Some(DEMO_BASIC_KEY)), 11));
+    m
+}
+
+/// The statuses of `request_matrix`, in order.
+pub const MATRIX_STATUSES: [u16; 19] =
+    [200, 401, 401, 403, 403, 403, 401, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 429];

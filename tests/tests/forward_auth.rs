@@ -7,11 +7,9 @@
 use proto::portcullis_v1::CheckRequest;
 use proto::portcullis_v1::check_request::Credential;
 use proto::portcullis_v1::decision_client::DecisionClient;
-use tests::{HttpClient, Nginx, Portcullis, Upstream, reference_policy};
+use tests::{HttpClient, MATRIX_STATUSES, Nginx, Portcullis, Upstream, reference_policy, request_matrix};
 
 const BASIC: &str = "pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo";
-const SERVICE: &str = "pk_demo_service_k1-mDUeWOB7yj39g_aZ3tBG8";
-const ADMIN: &str = "pk_demo_admin_dgBU1nZu-FWNNXcyKorzEKKe";
 
 /// The reference policy with the forward-auth listener on (a free port).
 fn policy() -> String {
@@ -51,19 +49,8 @@ async fn through_nginx_the_matrix_gets_the_statuses_of_the_native_check() {
         Nginx::start(a.forward_auth.expect("forward-auth on"), upstream.addr).await.unwrap_or_else(|e| panic!("{e:#}"));
     let mut native = DecisionClient::connect(format!("http://{}", b.grpc)).await.expect("connect");
     let http = HttpClient::new();
-    let mut matrix = vec![
-        ("10.0.0.1", "GET", "/api/v1/items", Some(BASIC)),
-        ("10.0.0.1", "GET", "/api/v1/items", Some("pk_unknown")),
-        ("10.0.0.1", "GET", "/api/v1/items", None),
-        ("10.0.0.1", "POST", "/api/v1/items", Some(BASIC)),
-        ("203.0.113.5", "GET", "/internal/x", Some(SERVICE)),
-        ("198.51.100.7", "GET", "/api/v1/items", Some(BASIC)),
-        ("10.0.0.1", "GET", "/admin/users", Some(ADMIN)),
-        ("10.0.0.1", "GET", "/health", None),
-    ];
-    matrix.extend(std::iter::repeat_n(("8.8.8.8", "GET", "/api/v1/items", Some(BASIC)), 11));
     let mut statuses = Vec::new();
-    for (peer, method, path, key) in matrix {
+    for (peer, method, path, key) in request_matrix() {
         let mut headers = vec![("x-forwarded-for", peer)];
         if let Some(k) = key {
             headers.push(("x-api-key", k));
@@ -78,8 +65,7 @@ async fn through_nginx_the_matrix_gets_the_statuses_of_the_native_check() {
         }
         statuses.push(r.status);
     }
-    assert_eq!(&statuses[..8], [200, 401, 401, 403, 403, 403, 401, 200]);
-    assert_eq!(statuses[18], 429);
+    assert_eq!(statuses, MATRIX_STATUSES);
     // nginx passes the client's own headers to the auth request: an X-Forwarded-Uri naming a
     // public path must not stand for the request nginx serves
     let forged = [("x-forwarded-uri", "/health"), ("x-forwarded-method", "GET"), ("x-forwarded-for", "10.0.0.1")];

@@ -10,12 +10,12 @@ use proto::ext_authz::check_response::HttpResponse;
 use proto::portcullis_v1::check_request::Credential;
 use proto::portcullis_v1::decision_client::DecisionClient;
 use proto::portcullis_v1::{CheckRequest, CheckResponse, Verdict};
-use tests::{Portcullis, TempDir, check_request, grpc_python, reference_policy, workspace_root};
+use tests::{
+    MATRIX_STATUSES, Portcullis, TempDir, check_request, grpc_python, reference_policy, request_matrix, workspace_root,
+};
 use tonic::transport::Channel;
 
 const BASIC: &str = "pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo";
-const SERVICE: &str = "pk_demo_service_k1-mDUeWOB7yj39g_aZ3tBG8";
-const ADMIN: &str = "pk_demo_admin_dgBU1nZu-FWNNXcyKorzEKKe";
 
 async fn start(policy: &str) -> Portcullis {
     Portcullis::start(policy).await.unwrap_or_else(|e| panic!("{e:#}"))
@@ -109,22 +109,8 @@ async fn same_answers(policy: &str, matrix: &[(&str, &str, &str, Option<&str>)])
 
 #[tokio::test]
 async fn the_native_check_answers_as_ext_authz_does() {
-    let mut matrix = vec![
-        ("10.0.0.1", "GET", "/api/v1/items", Some(BASIC)),
-        ("10.0.0.1", "GET", "/api/v1/items", Some("pk_unknown")),
-        ("10.0.0.1", "GET", "/api/v1/items", None),
-        ("10.0.0.1", "POST", "/api/v1/items", Some(BASIC)),
-        ("203.0.113.5", "GET", "/internal/x", Some(SERVICE)),
-        ("198.51.100.7", "GET", "/api/v1/items", Some(BASIC)),
-        ("10.0.0.1", "GET", "/admin/users", Some(ADMIN)),
-        ("10.0.0.1", "GET", "/health", None),
-    ];
-    // an untrusted address: 10 a minute, then 429 with Retry-After and the reference's body
-    matrix.extend(std::iter::repeat_n(("8.8.8.8", "GET", "/api/v1/items", Some(BASIC)), 11));
-    let statuses = same_answers(&reference_policy(), &matrix).await;
-    assert_eq!(&statuses[..8], [200, 401, 401, 403, 403, 403, 401, 200]);
-    assert_eq!(statuses[8..18], [200; 10]);
-    assert_eq!(statuses[18], 429);
+    let statuses = same_answers(&reference_policy(), &request_matrix()).await;
+    assert_eq!(statuses, MATRIX_STATUSES.map(u32::from));
 
     // the store down (a Redis nobody listens on), on_store_error: deny -> 503 alike
     let down =
