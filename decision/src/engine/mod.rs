@@ -261,7 +261,7 @@ impl<S: Store> Engine<S> {
             // a bearer fetch (keys not loaded, an unknown kid, an introspection miss) may turn the
             // refusal around: then plan again
             Err(d) => {
-                let again = if Box::pin(self.fetch_for(policy, req, d.reason)).await {
+                let again = if Box::pin(self.fetch_for(policy, req, d.reason, deadline)).await {
                     now = clock::now_micros();
                     plan(policy, req, now)
                 } else {
@@ -271,7 +271,7 @@ impl<S: Store> Engine<S> {
                     Ok(p) => p,
                     // a dry run counts no failed authentication
                     Err(d) if dry_run => return *d,
-                    Err(d) => return Box::pin(self.after_failed_auth(policy, *d, now)).await,
+                    Err(d) => return Box::pin(self.after_failed_auth(policy, *d, now, deadline)).await,
                 }
             }
         };

@@ -483,6 +483,13 @@ async fn a_caller_deadline_cuts_a_hanging_store_call_short_and_is_no_store_failu
     let text = engine.metrics.encode();
     assert!(text.contains("reason=\"deadline_exceeded\"} 2"), "{text}");
     assert!(!text.contains("portcullis_store_errors_total{"), "the caller gave up; the store did not fail: {text}");
+    // a failed authentication alike: its counter is not waited for past the deadline, and the
+    // caller, gone, is told nothing about its credential
+    let soon = clock::instant() + std::time::Duration::from_millis(10);
+    let unknown = Request { api_key: Some("pk_nobody_knows_this_key"), ..basic_get() };
+    let o = engine.check(&policy, Ok(unknown), &facts(Some(soon)), clock::instant()).await;
+    assert_eq!(o.decision.reason, Reason::DeadlineExceeded);
+    assert!(!engine.metrics.encode().contains("portcullis_store_errors_total{"));
     // the ratelimit path alike
     let descriptors = [decision_core::rls::DescriptorReq {
         entries: vec![("remote_address", "10.0.0.1")],
