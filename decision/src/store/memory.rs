@@ -156,6 +156,10 @@ impl MemoryStore {
 
     /// `Store::renew`, synchronously.
     pub fn renew_now(&self, upstream: &str, lease: &str, lease_ttl: Micros, now: Micros) -> bool {
+        // a half-open probe is one request, judged when it completes: never renewed
+        if lease.starts_with(traffic::PROBE_PREFIX) {
+            return false;
+        }
         let mut all = lock(&self.traffic);
         let Some(up) = all.get_mut(upstream) else { return false };
         match up.slots.get_mut(lease) {

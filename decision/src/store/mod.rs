@@ -140,8 +140,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(bool, UpstreamState), StoreError>> + Send;
 
     /// A lease still held at `now` (`lease`: the full id, `l`/`p` and 32 hex) expires `lease_ttl`
-    /// from `now` instead (true); an expired, released or unknown one stays gone (false). A
-    /// long request (a WebSocket tunnel, a stream) renews its lease before it runs out.
+    /// from `now` instead (true); an expired, released or unknown one stays gone (false), and the
+    /// half-open breaker's probe (`p`) is never renewed. A long request (a WebSocket tunnel, a
+    /// stream) renews its lease before it runs out.
     fn renew(
         &self,
         upstream: &str,

@@ -25,7 +25,8 @@
 -- leave:    ARGV[3] waiter; it leaves the queue, and a slot granted under its id (`l` or `p`
 --           and the id) is freed uncounted (its request was cancelled); returns { 1 }
 -- renew:    ARGV[3] lease id  ARGV[4] lease_ttl; a lease still held expires lease_ttl from now;
---           returns { 1 } when it was held, { 0 } when it had expired or was never granted
+--           returns { 1 } when it was held, { 0 } when it had expired, was never granted, or is
+--           the half-open breaker's probe (never renewed: the breaker waits on its outcome)
 -- complete: ARGV[3] lease id  ARGV[4] error (0|1)  ARGV[5] lease_ttl  ARGV[6..10] as admit's
 --           ARGV[10..14]  ARGV[11] latency (us)  ARGV[12..18] as admit's ARGV[15..21]
 --           ARGV[19] the configured concurrency limit;
@@ -65,6 +66,8 @@ if op == 'leave' then
 end
 
 if op == 'renew' then
+  -- a half-open probe is one request, judged when it completes: its lease is not renewed
+  if string.sub(ARGV[3], 1, 1) == 'p' then return { 0 } end
   local held = redis.call('ZSCORE', slots, ARGV[3])
   if held and tonumber(held) > now then
     local ttl = tonumber(ARGV[4])
