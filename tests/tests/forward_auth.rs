@@ -227,5 +227,7 @@ async fn post_v1_check_mirrors_the_native_check_in_json() {
         assert!(r.json()["detail"].as_str().is_some_and(|d| d.contains(why)), "{bad}: {r:?}");
     }
     let huge = format!(r#"{{"resource": "/x", "request_id": "{}"}}"#, "a".repeat(70 * 1024));
-    assert_eq!(http.request("POST", &url, &json, &huge).await.expect("answer").status, 413);
+    let r = http.request("POST", &url, &json, &huge).await.expect("answer");
+    assert_eq!((r.status, r.header("content-type")), (413, Some("application/json")), "{r:?}");
+    assert_eq!(r.json()["status"], 413);
 }

@@ -65,11 +65,7 @@ pub fn router<S: Store>(engine: Arc<Engine<S>>) -> axum::Router {
     axum::Router::new()
         .route("/v1/forward-auth", any(|state, peer, headers| check::<S>(state, peer, headers, Mode::Standard)))
         .route("/v1/forward-auth/nginx", any(|state, peer, headers| check::<S>(state, peer, headers, Mode::Nginx)))
-        .route(
-            "/v1/check",
-            axum::routing::post(super::http_check::check::<S>)
-                .layer(axum::extract::DefaultBodyLimit::max(super::http_check::MAX_BODY_BYTES)),
-        )
+        .route("/v1/check", axum::routing::post(super::http_check::check::<S>))
         .with_state(engine)
 }
 

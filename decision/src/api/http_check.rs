@@ -84,9 +84,16 @@ fn to_json(r: &CheckResponse) -> Value {
 pub async fn check<S: Store>(
     State(engine): State<Arc<Engine<S>>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
     let started = clock::instant();
+    // read here, not by an extractor, so that a body past the limit is refused in JSON too
+    let Ok(body) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
+        return json_answer(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &json!({ "status": 413, "error": "Payload too large", "detail": "the body is larger than 64 KiB" }),
+        );
+    };
     let asked: JsonCheck = match serde_json::from_slice(&body) {
         Ok(a) => a,
         Err(e) => return refused(StatusCode::BAD_REQUEST, &format!("the body is not a CheckRequest in JSON: {e}")),
