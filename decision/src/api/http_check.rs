@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 
 use super::native;
 use crate::clock;
-use crate::engine::{Engine, Malformed};
+use crate::engine::Engine;
 use crate::store::Store;
 
 /// Largest JSON body read.
@@ -128,18 +128,14 @@ pub async fn check<S: Store>(
             "client_address: another address than the caller's is believed only from network.trusted_proxies",
         );
     }
-    let headers = || msg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let authorization = match &msg.credential {
-        Some(Credential::BearerToken(t)) => Some(format!("Bearer {t}")),
-        _ => None,
-    };
-    let (request, mut facts) = native::request_of(&msg, Some(peer), None, &headers, &authorization);
     // no completion or renewal comes over this listener: a slot would only be freed by expiry
-    facts.concurrency_slot = false;
-    let malformed = request.as_ref().err().copied();
-    let outcome = engine.check(&policy, request, &facts, started).await;
-    if let Some(Malformed(why)) = malformed {
-        return refused(StatusCode::BAD_REQUEST, why);
+    match native::decide(&engine, &msg, Some(peer), None, false, started).await {
+        Ok(answer) => json_answer(StatusCode::OK, &to_json(&answer)),
+        Err(native::Refused::Invalid(why)) => refused(StatusCode::BAD_REQUEST, why),
+        // no deadline is read from an HTTP call
+        Err(native::Refused::DeadlineExceeded) => json_answer(
+            StatusCode::GATEWAY_TIMEOUT,
+            &json!({ "status": 504, "error": "Gateway timeout", "detail": "the deadline passed" }),
+        ),
     }
-    json_answer(StatusCode::OK, &to_json(&native::answer(&outcome, &policy, facts.request_id, msg.dry_run)))
 }

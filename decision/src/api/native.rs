@@ -49,7 +49,7 @@ impl<S> DecisionApi<S> {
 /// A native Check as the engine takes it: the core `Request` (or why there is none) and the
 /// facts recorded beside the decision. `authorization` holds the `Bearer <token>` value a
 /// bearer credential becomes, so the core reads it as it reads Envoy's header.
-pub(crate) fn request_of<'a>(
+fn request_of<'a>(
     msg: &'a CheckRequest,
     remote: Option<SocketAddr>,
     deadline: Option<std::time::Instant>,
@@ -176,6 +176,46 @@ pub fn answer(o: &Outcome, policy: &Policy, request_id: &str, dry_run: bool) -> 
     }
 }
 
+/// Why a native Check got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// the request cannot be decided (gRPC INVALID_ARGUMENT, HTTP 400); the field and reason
+    Invalid(&'static str),
+    /// the caller's deadline passed first (gRPC DEADLINE_EXCEEDED)
+    DeadlineExceeded,
+}
+
+/// A native Check, from either door (gRPC, or `POST /v1/check` in JSON), decided and recorded
+/// by the engine and rendered: the answer, or why there is none (recorded all the same, as a
+/// 400 or a 504 decision). `remote`: the caller's address; `slot`: whether an allowed request
+/// may take a concurrency slot (not where nothing can come back to free it).
+pub async fn decide<S: Store>(
+    engine: &Engine<S>,
+    msg: &CheckRequest,
+    remote: Option<SocketAddr>,
+    deadline: Option<std::time::Instant>,
+    slot: bool,
+    started: std::time::Instant,
+) -> Result<CheckResponse, Refused> {
+    let policy = engine.policy();
+    let headers = || msg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let authorization = match &msg.credential {
+        Some(Credential::BearerToken(t)) => Some(format!("Bearer {t}")),
+        _ => None,
+    };
+    let (request, mut facts) = request_of(msg, remote, deadline, &headers, &authorization);
+    facts.concurrency_slot = slot;
+    let malformed = request.as_ref().err().copied();
+    let outcome = engine.check(&policy, request, &facts, started).await;
+    if let Some(Malformed(why)) = malformed {
+        return Err(Refused::Invalid(why));
+    }
+    if outcome.decision.reason == Reason::DeadlineExceeded {
+        return Err(Refused::DeadlineExceeded);
+    }
+    Ok(answer(&outcome, &policy, facts.request_id, msg.dry_run))
+}
+
 #[tonic::async_trait]
 impl<S: Store> Decision for DecisionApi<S> {
     async fn check(
@@ -186,23 +226,13 @@ impl<S: Store> Decision for DecisionApi<S> {
         let remote = request.remote_addr();
         let deadline = super::grpc_deadline(request.metadata(), started);
         let msg = request.into_inner();
-        let policy = self.engine.policy();
-        let headers = || msg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let authorization = match &msg.credential {
-            Some(Credential::BearerToken(t)) => Some(format!("Bearer {t}")),
-            _ => None,
-        };
-        let (request, facts) = request_of(&msg, remote, deadline, &headers, &authorization);
-        let malformed = request.as_ref().err().copied();
-        // recorded like any decision (a 400 in the metrics and the audit trail), then refused
-        let outcome = self.engine.check(&policy, request, &facts, started).await;
-        if let Some(Malformed(why)) = malformed {
-            return Err(tonic::Status::invalid_argument(why));
+        match decide(&self.engine, &msg, remote, deadline, true, started).await {
+            Ok(answer) => Ok(tonic::Response::new(answer)),
+            Err(Refused::Invalid(why)) => Err(tonic::Status::invalid_argument(why)),
+            Err(Refused::DeadlineExceeded) => {
+                Err(tonic::Status::deadline_exceeded("the call's deadline passed before the request was decided"))
+            }
         }
-        if outcome.decision.reason == Reason::DeadlineExceeded {
-            return Err(tonic::Status::deadline_exceeded("the call's deadline passed before the request was decided"));
-        }
-        Ok(tonic::Response::new(answer(&outcome, &policy, facts.request_id, msg.dry_run)))
     }
 
     async fn renew_lease(

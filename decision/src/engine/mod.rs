@@ -309,7 +309,7 @@ impl<S: Store> Engine<S> {
         };
         // A slot comes back only with a committed plan, and an ext_authz plan has no shadow
         // operation, so a committed plan is an allowed request: none is granted to a denial.
-        let d = match (traffic, lease, d.reason) {
+        let d = match (traffic, lease.as_deref(), d.reason) {
             // an allowed request takes a concurrency slot of its route's upstream; boxed: the
             // waiting loop's future is large, and every decision would carry it
             (Some((cfg, route)), Some(lease), Reason::Allowed) => {

@@ -75,16 +75,17 @@ pub fn parse_lease(header: &str) -> Option<(&str, &str)> {
 /// caller cancelled the call, and the future went with it), it leaves the queue and frees any
 /// slot the store granted under its lease id, on a task of its own, and wakes this instance's
 /// waiters: an abandoned waiter must not hold the queue's head until `queue_timeout`.
-pub(crate) struct Abandoned<S: Store> {
-    engine: std::sync::Weak<Engine<S>>,
-    upstream: String,
-    lease: String,
+/// It borrows what it names: nothing is allocated unless it fires.
+pub(crate) struct Abandoned<'a, S: Store> {
+    engine: &'a std::sync::Weak<Engine<S>>,
+    upstream: &'a str,
+    lease: &'a str,
     armed: bool,
 }
 
-impl<S: Store> Abandoned<S> {
-    pub(crate) fn new(engine: &std::sync::Weak<Engine<S>>, upstream: &str, lease: &str) -> Self {
-        Abandoned { engine: engine.clone(), upstream: upstream.to_owned(), lease: lease.to_owned(), armed: true }
+impl<'a, S: Store> Abandoned<'a, S> {
+    pub(crate) fn new(engine: &'a std::sync::Weak<Engine<S>>, upstream: &'a str, lease: &'a str) -> Self {
+        Abandoned { engine, upstream, lease, armed: true }
     }
 
     /// The decision was made: the slot, if any, is the request's to hand over.
@@ -93,18 +94,15 @@ impl<S: Store> Abandoned<S> {
     }
 }
 
-impl<S: Store> Drop for Abandoned<S> {
+impl<S: Store> Drop for Abandoned<'_, S> {
     fn drop(&mut self) {
         if !self.armed {
             return;
         }
-        let (Some(engine), Ok(rt)) = (self.engine.upgrade(), tokio::runtime::Handle::try_current()) else { return };
-        let (upstream, lease) = (std::mem::take(&mut self.upstream), std::mem::take(&mut self.lease));
-        rt.spawn(async move {
-            engine.leave(&upstream, &lease).await;
-            engine.waiters.freed(&upstream);
-            tracing::debug!(upstream, "a cancelled request gave its slot or queue place back");
-        });
+        if let Some(engine) = self.engine.upgrade() {
+            tracing::debug!(upstream = self.upstream, "a cancelled request gives its slot or queue place back");
+            engine.leave_later(self.upstream, self.lease);
+        }
     }
 }
 
@@ -142,12 +140,12 @@ impl<S: Store> Engine<S> {
         cfg: &TrafficConfig,
         route: &Route,
         mut d: Decision,
-        lease: String,
+        lease: &str,
         mut first: Option<(Admit, UpstreamState)>,
         caller_deadline: Option<std::time::Instant>,
     ) -> Decision {
         let key = &*route.upstream_key;
-        let admission = Admission { upstream: key, lease: &lease, cfg };
+        let admission = Admission { upstream: key, lease, cfg };
         let started = clock::instant();
         let deadline = tokio::time::Instant::now() + Duration::from_micros(cfg.queue_timeout);
         let notify = self.waiters.of(key);
@@ -171,7 +169,7 @@ impl<S: Store> Engine<S> {
                 Err(StoreError::DeadlineExceeded) => {
                     // the call may have been cut after the store granted the slot; the caller is
                     // out of time, so this happens off its path
-                    self.leave_later(key, &lease);
+                    self.leave_later(key, lease);
                     d.reason = Reason::DeadlineExceeded;
                     return d;
                 }
@@ -179,7 +177,7 @@ impl<S: Store> Engine<S> {
                     // waiting in the queue, or granted by a call cut short on its way back: give
                     // it back, off the request's path (the store just failed once already)
                     if returning || matches!(e, StoreError::Timeout(_)) {
-                        self.leave_later(key, &lease);
+                        self.leave_later(key, lease);
                     }
                     return match policy.on_store_error {
                         OnStoreError::Deny => refuse(d, Reason::StoreUnavailable, 1_000_000),
@@ -220,11 +218,11 @@ impl<S: Store> Engine<S> {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep(RECHECK) => {}
                 _ = tokio::time::sleep_until(deadline) => {
-                    self.leave(key, &lease).await;
+                    self.leave(key, lease).await;
                     return refuse(d, Reason::QueueTimeout, last.retry_after(cfg.concurrency_limit));
                 }
                 _ = sleep_until_caller(caller_deadline) => {
-                    self.leave_later(key, &lease);
+                    self.leave_later(key, lease);
                     d.reason = Reason::DeadlineExceeded;
                     return d;
                 }

@@ -69,9 +69,8 @@ impl<S: Store> Engine<S> {
     }
 
     /// One store call for a plan's operations and, with `admission`, the slot asked for in the
-    /// same call when the plan commits. A store answering a different number of verdicts than
-    /// operations has failed. Under `local_share` a failed call is answered from the local
-    /// shares, with no slot (the caller asks for one as usual).
+    /// same call when the plan commits. Under `local_share` a failed call is answered from the
+    /// local shares, with no slot (the caller asks for one as usual).
     pub(super) async fn apply(
         &self,
         ops: &[Op],
@@ -80,10 +79,38 @@ impl<S: Store> Engine<S> {
         deadline: Option<Instant>,
     ) -> Result<Planned, StoreError> {
         let call = async {
-            let planned = match admission {
+            match admission {
                 None => self.store.apply(ops, now).await.map(|verdicts| Planned { verdicts, admitted: None }),
                 Some(a) => self.store.apply_admit(ops, a, now).await,
-            }?;
+            }
+        };
+        self.plan_call(call, ops, now, deadline, true).await
+    }
+
+    /// A dry run of a plan's operations (nothing counted), as `apply` makes its call.
+    pub(super) async fn dry_run(
+        &self,
+        ops: &[Op],
+        now: Micros,
+        deadline: Option<Instant>,
+    ) -> Result<Planned, StoreError> {
+        let call = async { self.store.dry_run(ops, now).await.map(|verdicts| Planned { verdicts, admitted: None }) };
+        self.plan_call(call, ops, now, deadline, false).await
+    }
+
+    /// A plan's store call, bounded; a store answering a different number of verdicts than
+    /// operations has failed. Under `local_share` a failure (not the caller's deadline) is
+    /// answered from this instance's shares, counted there only when `commit`.
+    async fn plan_call(
+        &self,
+        call: impl Future<Output = Result<Planned, StoreError>>,
+        ops: &[Op],
+        now: Micros,
+        deadline: Option<Instant>,
+        commit: bool,
+    ) -> Result<Planned, StoreError> {
+        let checked = async {
+            let planned = call.await?;
             if planned.verdicts.len() != ops.len() {
                 return Err(StoreError::Unavailable(format!(
                     "{} verdicts for {} operations",
@@ -93,35 +120,15 @@ impl<S: Store> Engine<S> {
             }
             Ok(planned)
         };
-        let failed = match self.bounded(call, deadline).await {
+        let failed = match self.bounded(checked, deadline).await {
             Ok(planned) => return Ok(planned),
             Err(StoreError::DeadlineExceeded) => return Err(StoreError::DeadlineExceeded),
             Err(e) => e,
         };
         let Some(n) = self.local_share() else { return Err(failed) };
         let shared: Vec<Op> = ops.iter().map(|op| Op { limit: op.limit.share(n), ..op.clone() }).collect();
-        Ok(Planned { verdicts: self.local.apply_now(&shared, now), admitted: None })
-    }
-
-    /// A dry run of a plan's operations (nothing counted), bounded as `apply`; under
-    /// `local_share` a failed call is answered from the local shares.
-    pub(super) async fn dry_run(
-        &self,
-        ops: &[Op],
-        now: Micros,
-        deadline: Option<Instant>,
-    ) -> Result<Planned, StoreError> {
-        let failed = match self.bounded(self.store.dry_run(ops, now), deadline).await {
-            Err(StoreError::DeadlineExceeded) => return Err(StoreError::DeadlineExceeded),
-            Ok(verdicts) if verdicts.len() == ops.len() => return Ok(Planned { verdicts, admitted: None }),
-            Ok(verdicts) => {
-                StoreError::Unavailable(format!("{} verdicts for {} operations", verdicts.len(), ops.len()))
-            }
-            Err(e) => e,
-        };
-        let Some(n) = self.local_share() else { return Err(failed) };
-        let shared: Vec<Op> = ops.iter().map(|op| Op { limit: op.limit.share(n), ..op.clone() }).collect();
-        Ok(Planned { verdicts: self.local.dry_run_now(&shared, now), admitted: None })
+        let verdicts = if commit { self.local.apply_now(&shared, now) } else { self.local.dry_run_now(&shared, now) };
+        Ok(Planned { verdicts, admitted: None })
     }
 
     /// An admission by the store or, while it fails under `local_share`, by this instance's
