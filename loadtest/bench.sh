@@ -84,6 +84,19 @@ start_portcullis_full() {
   pcf_http="$(sed -E 's/.*"http_addr":"([^"]+)".*/\1/' "$work/portcullis-full.listen")"
 }
 
+# portcullis on the bench policy with its forward-auth listener on, trusting the load generator
+# (loopback) as a proxy, as nginx or Traefik would be. Sets pcfa_pid and pcfa_addr.
+start_portcullis_forward_auth() {
+  mkdir -p "$work/ratelimit" && cp loadtest/bench/ratelimit/bench.yaml "$work/ratelimit/" && cp loadtest/bench/jwks.json "$work/"
+  sed -e 's|^network:$|network:\n  trusted_proxies: [127.0.0.0/8]|' loadtest/bench/policy.yaml > "$work/policy-fa.yaml"
+  rm -f "$work/portcullis-fa.listen"
+  "${server_cpu[@]}" "$portcullis" serve --config "$work/policy-fa.yaml" --forward-auth-addr 127.0.0.1:0 --log-format json \
+    2> >(grep --line-buffered -m1 '"listening"' > "$work/portcullis-fa.listen"; cat > /dev/null) &
+  pcfa_pid=$!; pids+=("$pcfa_pid")
+  wait_for "$work/portcullis-fa.listen" listening
+  pcfa_addr="$(sed -E 's/.*"forward_auth_addr":"([^"]+)".*/\1/' "$work/portcullis-fa.listen")"
+}
+
 # portcullis on the same policy with the Redis store (a redis-server of its own). Sets
 # pcr_pid and pcr_addr.
 start_portcullis_redis() {
@@ -157,6 +170,12 @@ lt --name ext-authz-mix            --target ext-authz --addr "$pc_addr" --server
 lt --name ext-authz-100k-ips      --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_open --keys 100000 --expect all
 lt --name noop-native             --target native --addr "$noop_addr" --server-pid "$noop_pid" "${common[@]}"
 lt --name native-api-key          --target native --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_open --expect all
+# forward-auth (Traefik's and Caddy's way of asking, over HTTP/1.1) against a no-op HTTP server
+# answering the same requests
+lt --name noop-forward-auth       --target forward-auth --addr "$upstream_addr" --server-pid "$noop_pid" "${common[@]}"
+start_portcullis_forward_auth
+lt --name forward-auth-api-key    --target forward-auth --addr "$pcfa_addr" --server-pid "$pcfa_pid" "${common[@]}" --api-key pk_bench_open --expect all
+kill "$pcfa_pid"; wait "$pcfa_pid" 2>/dev/null || true
 lt --name noop-rls-1              --target rls --addr "$noop_addr" --server-pid "$noop_pid" "${common[@]}"
 lt --name rls-1-desc-1-key        --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --expect all
 lt --name rls-1-desc-100k-keys    --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --keys 100000 --expect all
@@ -220,18 +239,19 @@ python3 - "$out" "$mode" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 by = {r["name"]: r for r in rows}
-base = {"ext-authz": by["noop-ext-authz"], "native": by["noop-native"], "rls-1": by["noop-rls-1"], "rls-5": by["noop-rls-5"]}
+base = {"ext-authz": by["noop-ext-authz"], "native": by["noop-native"], "forward-auth": by["noop-forward-auth"], "rls-1": by["noop-rls-1"], "rls-5": by["noop-rls-5"]}
 def baseline(name):
     if name.startswith("http-"): return by["http-envoy-direct"]
     if name == "rls-limited-redis": return by["rls-limited"]
     if name.endswith("-redis"): return by["redis-benchmark-evalsha"]
     if name.startswith("ext-authz"): return base["ext-authz"]
     if name.startswith("native"): return base["native"]
+    if name.startswith("forward-auth"): return base["forward-auth"]
     if name.startswith("rls-5"): return base["rls-5"]
     return base["rls-1"]
 print(f"| case | req/s | vs baseline | p50 us | p99 us | p99.9 us | allowed | over limit | errors | client CPU | server CPU | redis CPU |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-jwt, key, native = by.get("ext-authz-jwt"), by.get("ext-authz-api-key"), by.get("native-api-key")
+jwt, key, native, fa = by.get("ext-authz-jwt"), by.get("ext-authz-api-key"), by.get("native-api-key"), by.get("forward-auth-api-key")
 for r in rows:
     if r["name"] == "memory-per-key": continue
     b = baseline(r["name"])
@@ -242,7 +262,7 @@ for r in rows:
     cpu = lambda v: "-" if v is None else f"{v:.0f}%"
     print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {val(lat["p50"])} | {val(lat["p99"])} | {val(lat["p99.9"])} | {val(r["outcomes"]["allowed"])} | {val(r["outcomes"]["over_limit"])} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} | {cpu(r.get("store_cpu_pct"))} |')
 print(open(sys.argv[1] + ".audit").read().strip())
-print("\nbaselines: no-op cases for ext_authz, the native Check and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis (rls-limited-redis: rls-limited on the memory store); Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis")
+print("\nbaselines: no-op cases for ext_authz, the native Check, forward-auth (a no-op HTTP/1.1 server) and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis (rls-limited-redis: rls-limited on the memory store); Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis")
 ceil, piped = by.get("redis-benchmark-evalsha"), by.get("redis-benchmark-evalsha-pipelined-16")
 us = lambda r, k: r[k] / 100 / r["rps"] * 1e6 if r and r.get(k) is not None and r["rps"] else float("nan")
 for name in ("rls-1-desc-100k-keys-redis", "ext-authz-api-key-redis"):
@@ -252,6 +272,8 @@ for name in ("rls-1-desc-100k-keys-redis", "ext-authz-api-key-redis"):
               f" (redis-server per EVALSHA under redis-benchmark: {us(ceil, 'store_cpu_pct'):.0f} us not pipelined, {us(piped, 'store_cpu_pct'):.0f} us 16 deep)")
 if native and key:
     print(f"\nnative Check vs ext_authz Check (the same API-key decision): {native['rps'] / key['rps']:.2f}x the throughput")
+if fa and key:
+    print(f"\nforward-auth (HTTP/1.1) vs ext_authz Check (the same API-key decision): {fa['rps'] / key['rps']:.2f}x the throughput")
 if jwt and key:
     print(f"\nJWT (one RS256 token, cached after its first verification) vs API key: {key['rps'] / jwt['rps']:.2f}x the cost per decision")
 m = by["memory-per-key"]

@@ -30,6 +30,7 @@ pub fn explain<S: Store>(
         api_key: get(&policy.api_keys.header),
         authorization: get("authorization"),
         cost: 1,
+        reserve: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let d = rt.block_on(engine.decide(policy, &req));

@@ -91,7 +91,7 @@ impl Client {
 }
 
 async fn connect(cfg: &Config) -> anyhow::Result<Vec<Client>> {
-    if cfg.spec.kind == Kind::Http {
+    if matches!(cfg.spec.kind, Kind::Http | Kind::ForwardAuth) {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
         let pool = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -110,7 +110,7 @@ async fn connect(cfg: &Config) -> anyhow::Result<Vec<Client>> {
         clients.push(match cfg.spec.kind {
             Kind::ExtAuthz => Client::ExtAuthz(AuthorizationClient::new(channel)),
             Kind::Native => Client::Native(DecisionClient::new(channel)),
-            Kind::Rls | Kind::Http => Client::Rls(RateLimitServiceClient::new(channel)),
+            Kind::Rls | Kind::Http | Kind::ForwardAuth => Client::Rls(RateLimitServiceClient::new(channel)),
         });
     }
     Ok(clients)

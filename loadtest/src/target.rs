@@ -22,6 +22,10 @@ pub enum Kind {
     Native,
     /// plain HTTP/1.1 GET `path` (through Envoy or any proxy); `--addr` is the proxy's listener
     Http,
+    /// HTTP/1.1 GET /v1/forward-auth as Traefik or Caddy ask it: the request to check in
+    /// `X-Forwarded-Method`, `-Uri`, `-Host` and `-For` (`--addr`: portcullis's forward-auth
+    /// listener, which must trust the load generator's address as a proxy)
+    ForwardAuth,
 }
 
 /// How request `i` is built.
@@ -195,11 +199,18 @@ impl Spec {
         key: u64,
     ) -> hyper::Request<http_body_util::Empty<hyper::body::Bytes>> {
         let shape = self.shape(i);
-        let mut b = hyper::Request::builder()
-            .method(shape.method)
-            .uri(format!("http://{authority}{}", shape.path))
-            .header("host", authority)
-            .header("x-forwarded-for", peer_of(key));
+        let mut b = if self.kind == Kind::ForwardAuth {
+            hyper::Request::builder()
+                .method("GET")
+                .uri(format!("http://{authority}/v1/forward-auth"))
+                .header("x-forwarded-method", shape.method)
+                .header("x-forwarded-uri", shape.path)
+                .header("x-forwarded-host", "api.bench.test")
+                .header("x-forwarded-proto", "https")
+        } else {
+            hyper::Request::builder().method(shape.method).uri(format!("http://{authority}{}", shape.path))
+        };
+        b = b.header("host", authority).header("x-forwarded-for", peer_of(key));
         if !shape.api_key.is_empty() {
             b = b.header("x-api-key", shape.api_key);
         }

@@ -3,7 +3,8 @@ from the committed proto/portcullis/v1/decision.proto by grpcio-tools at run tim
 
     python native_client.py ADDRESS API_KEY
 
-Prints one JSON object: what a Check, a bad Check and two Completes answered.
+Prints one JSON object: what a Check, a bad Check and two Completes answered, then a Check that
+reserves an estimate and the Complete that settles it.
 """
 
 import importlib
@@ -50,6 +51,16 @@ def main():
                                                    request_id="py-1"), timeout=10)
         second = client.Complete(pb.CompleteRequest(lease=allowed.lease, status_code=200, latency_us=1200,
                                                     request_id="py-1"), timeout=10)
+        # a cost known only afterwards: 50 reserved, 20 used
+        reserved = client.Check(pb.CheckRequest(
+            api_key=api_key, operation="GET", resource="/api/v1/items", client_address="10.9.8.7",
+            cost=50, reserve=True, request_id="py-2"), timeout=10)
+        settled = client.Complete(pb.CompleteRequest(lease=reserved.lease, reservation=reserved.reservation,
+                                                     actual_cost=20, status_code=200, request_id="py-2"),
+                                  timeout=10)
+        after = client.Check(pb.CheckRequest(
+            api_key=api_key, operation="GET", resource="/api/v1/items", client_address="10.9.8.7",
+            dry_run=True), timeout=10)
     print(json.dumps({
         "verdict": pb.Verdict.Name(allowed.verdict),
         "http_status": allowed.http_status,
@@ -63,6 +74,9 @@ def main():
         "upstream_headers": {h.name: h.value for h in allowed.upstream_headers},
         "bad": bad,
         "released": [first.released, second.released],
+        "reservation_ttl_ms": reserved.reservation_ttl_ms,
+        "settled": [settled.settled, settled.reserved_cost],
+        "daily_left": [q.remaining for q in after.quotas if q.name == "daily"],
     }))
 
 

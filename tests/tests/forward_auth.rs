@@ -230,4 +230,39 @@ async fn post_v1_check_mirrors_the_native_check_in_json() {
     let r = http.request("POST", &url, &json, &huge).await.expect("answer");
     assert_eq!((r.status, r.header("content-type")), (413, Some("application/json")), "{r:?}");
     assert_eq!(r.json()["status"], 413);
+
+    // a reservation in JSON, settled by POST /v1/complete: 40 reserved, 15 used
+    let body = serde_json::json!({
+        "api_key": BASIC, "resource": "/api/v1/items", "client_address": "10.0.0.7", "cost": 40, "reserve": true,
+    });
+    let r = http.request("POST", &url, &json, &body.to_string()).await.expect("answer");
+    let reservation = r.json()["reservation"].as_str().expect("a reservation").to_owned();
+    assert!(reservation.len() > 33 && r.json()["reservation_ttl_ms"] == 60_000, "{r:?}");
+    let complete = url.replace("/v1/check", "/v1/complete");
+    let settle = serde_json::json!({ "reservation": reservation, "actual_cost": 15 }).to_string();
+    let r = http.request("POST", &complete, &json, &settle).await.expect("answer");
+    assert_eq!((r.status, r.json()), (200, serde_json::json!({ "settled": true, "reserved_cost": 40 })), "{r:?}");
+    let r = http.request("POST", &complete, &json, &settle).await.expect("answer");
+    assert_eq!((r.status, r.json()["settled"].as_bool()), (200, Some(false)), "settled once: {r:?}");
+    for (bad, why) in [
+        (r#"{"actual_cost": 1}"#, "reservation is required"),
+        (r#"{"reservation": "x.y"}"#, "not one a Check answered"),
+        (r#"{"reservation": "x", "lease": "l"}"#, "unknown field"),
+    ] {
+        let r = http.request("POST", &complete, &json, bad).await.expect("answer");
+        assert_eq!(r.status, 400, "{bad}: {r:?}");
+        assert!(r.json()["detail"].as_str().is_some_and(|d| d.contains(why)), "{bad}: {r:?}");
+    }
+    let g = native
+        .check(CheckRequest {
+            credential: Some(Credential::ApiKey(BASIC.into())),
+            resource: "/api/v1/items".into(),
+            client_address: "10.0.0.7".into(),
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .expect("native")
+        .into_inner();
+    assert_eq!(g.quotas.iter().find(|q| q.name == "daily").map(|q| q.remaining), Some(4_994 - 15), "{g:?}");
 }

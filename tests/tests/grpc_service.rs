@@ -366,6 +366,7 @@ async fn the_native_complete_call_releases_a_lease_once() {
         upstream_error: false,
         latency_us: 1500,
         request_id: "req-1".into(),
+        ..Default::default()
     };
     assert!(native.complete(done(&lease)).await.expect("complete").into_inner().released);
     assert!(!native.complete(done(&lease)).await.expect("complete").into_inner().released, "once only");

@@ -228,6 +228,10 @@ async fn a_python_grpcio_client_checks_and_completes() {
     assert_eq!(v["bad"]["code"], "INVALID_ARGUMENT", "{v}");
     assert!(v["bad"]["details"].as_str().is_some_and(|d| d.contains("resource is required")));
     assert_eq!(v["released"], serde_json::json!([true, false]), "a lease is released once");
+    assert_eq!(v["reservation_ttl_ms"], 60_000, "{v}");
+    assert_eq!(v["settled"], serde_json::json!([true, 50]), "{v}");
+    // 1 (the first Check) + 20 (the settled one), and the dry run's own 1 shown as spent
+    assert_eq!(v["daily_left"], serde_json::json!([5_000 - 21 - 1]), "{v}");
 }
 
 #[tokio::test]
@@ -293,4 +297,122 @@ async fn a_cancelled_waiter_gives_its_place_in_the_queue_back() {
     assert_eq!(third.http_status, 200, "{third:?}");
     assert!(!third.lease.is_empty());
     assert!(started.elapsed() < std::time::Duration::from_secs(2), "waited {:?}", started.elapsed());
+}
+
+const ENTERPRISE: &str = "pk_demo_enterprise_DR0FrukJrixiiVxml8E7DJmI";
+
+/// Twenty concurrent Checks reserving 100 each (through `instances` in turn), then their
+/// settles, half at 30 and half at 300, through the next instance: the enterprise tier's day
+/// holds exactly 3,300 afterwards. Returns what the last dry run saw left of the day.
+async fn reserve_and_settle(instances: &[&Portcullis]) -> u64 {
+    use proto::portcullis_v1::CompleteRequest;
+    let mut clients = Vec::new();
+    for p in instances {
+        clients.push(native(p).await);
+    }
+    let reserve =
+        CheckRequest { cost: 100, reserve: true, ..ask("10.0.0.5", "GET", "/api/v1/items", Some(ENTERPRISE)) };
+    let checks = (0..20).map(|i| {
+        let mut c = clients[i % clients.len()].clone();
+        let req = reserve.clone();
+        tokio::spawn(async move { c.check(req).await.expect("check").into_inner() })
+    });
+    let mut answers = Vec::new();
+    for h in checks {
+        answers.push(h.await.expect("task"));
+    }
+    for r in &answers {
+        assert_eq!(r.http_status, 200, "{r:?}");
+        assert!(r.reservation.len() > 33 && r.reservation_ttl_ms == 60_000, "{r:?}");
+    }
+    let settles = answers.iter().enumerate().map(|(i, r)| {
+        let mut c = clients[(i + 1) % clients.len()].clone();
+        let req = CompleteRequest {
+            lease: r.lease.clone(),
+            reservation: r.reservation.clone(),
+            actual_cost: if i % 2 == 0 { 30 } else { 300 },
+            status_code: 200,
+            ..Default::default()
+        };
+        tokio::spawn(async move { c.complete(req).await.expect("complete").into_inner() })
+    });
+    for h in settles {
+        let done = h.await.expect("task");
+        assert!(done.settled && done.released && done.reserved_cost == 100, "{done:?}");
+    }
+    // a second settle changes nothing
+    let mut c = clients[0].clone();
+    let again = CompleteRequest { reservation: answers[0].reservation.clone(), actual_cost: 0, ..Default::default() };
+    let done = c.complete(again).await.expect("complete").into_inner();
+    assert!(!done.settled && done.reserved_cost == 0, "{done:?}");
+    let r = c.check(CheckRequest { cost: 1, dry_run: true, reserve: false, ..reserve }).await.expect("dry run");
+    remaining(&r.into_inner())["daily"] + 1
+}
+
+#[tokio::test]
+async fn reservations_settle_exactly_in_memory_and_across_a_redis_fleet() {
+    let p = start(&reference_policy()).await;
+    assert_eq!(reserve_and_settle(&[&p]).await, 100_000 - 3_300, "memory");
+
+    let redis = tests::RedisServer::start();
+    let policy = reference_policy().replacen("  memory: {}", &format!("  redis:\n    url: {}", redis.url()), 1);
+    let (a, b) = (start(&policy).await, start(&policy).await);
+    assert_eq!(reserve_and_settle(&[&a, &b]).await, 100_000 - 3_300, "redis");
+    // the counter itself, in Redis: the day's window holds what was really used
+    let daily = redis.command("GET pc:{s:demo-enterprise}:daily");
+    assert!(daily.trim_end().ends_with(" 0 3300"), "{daily:?}");
+    let records = redis.command("KEYS pc:{s:demo-enterprise}:res:*");
+    assert!(records.starts_with("*0"), "settled reservations must be gone: {records:?}");
+}
+
+#[tokio::test]
+async fn bad_reservations_and_settles_are_refused_and_change_nothing() {
+    use proto::portcullis_v1::CompleteRequest;
+    let p = start(&reference_policy()).await;
+    let mut c = native(&p).await;
+    let base = ask("10.0.0.6", "GET", "/api/v1/items", Some(BASIC));
+    let e = c.check(CheckRequest { reserve: true, dry_run: true, ..base.clone() }).await.expect_err("reserve + dry");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("reserve"), "{}", e.message());
+    let r = c.check(CheckRequest { cost: 10, reserve: true, ..base.clone() }).await.expect("check").into_inner();
+    assert_eq!(r.http_status, 200);
+    let token = r.reservation.clone();
+    let (id, subject) = token.split_once('.').expect("id.subject");
+    let forged_subject = format!("{id}.{}", "ZGVtby1zZXJ2aWNl"); // base64url("demo-service")
+    let bad: Vec<(CompleteRequest, &str)> = vec![
+        (CompleteRequest::default(), "lease or reservation is required"),
+        (CompleteRequest { reservation: "nope".into(), ..Default::default() }, "not one a Check answered"),
+        (CompleteRequest { reservation: format!("{}.{subject}", &id[..31]), ..Default::default() }, "not one"),
+        (CompleteRequest { reservation: format!("{id}.!!!"), ..Default::default() }, "not one"),
+        (CompleteRequest { reservation: "a".repeat(5000), ..Default::default() }, "too long"),
+        (
+            CompleteRequest { reservation: token.clone(), actual_cost: 2_000_000_000, ..Default::default() },
+            "actual_cost",
+        ),
+    ];
+    for (req, why) in bad {
+        let e = c.complete(req).await.expect_err(why);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{why}");
+        assert!(e.message().contains(why), "{why}: {}", e.message());
+    }
+    // another subject's name on the same id: no such reservation, nothing settled
+    let done = c
+        .complete(CompleteRequest { reservation: forged_subject, actual_cost: 0, ..Default::default() })
+        .await
+        .expect("complete")
+        .into_inner();
+    assert!(!done.settled, "{done:?}");
+    // the real one still settles, once: 10 reserved, 4 used
+    let done = c
+        .complete(CompleteRequest { reservation: token, actual_cost: 4, ..Default::default() })
+        .await
+        .expect("complete")
+        .into_inner();
+    assert!(done.settled && done.reserved_cost == 10, "{done:?}");
+    let r = c.check(CheckRequest { dry_run: true, ..base }).await.expect("dry run").into_inner();
+    assert_eq!(remaining(&r)["daily"], 5_000 - 4 - 1, "{r:?}");
+    // an anonymous request reserves nothing: it has no tier quota to count against
+    let anonymous = CheckRequest { reserve: true, ..ask("10.0.0.6", "GET", "/health", None) };
+    let r = c.check(anonymous).await.expect("check").into_inner();
+    assert!(r.http_status == 200 && r.reservation.is_empty() && r.reservation_ttl_ms == 0, "{r:?}");
 }

@@ -37,6 +37,9 @@ pub struct Request<'a> {
     /// HTTP request through a proxy, the caller's units (tokens, bytes, rows) through the native
     /// API; the zone's per-address limit counts requests, whatever their cost
     pub cost: u64,
+    /// the native API's `reserve`: `cost` is an estimate, kept under this new reservation id
+    /// (32 lowercase hex, random) until settled with the actual cost or expired
+    pub reserve: Option<&'a str>,
 }
 
 /// What `plan` learned about the request, carried into the decision.
@@ -76,6 +79,36 @@ pub struct Decision {
     pub quota_warning: Option<u32>,
     /// the concurrency slot an allowed request holds (policies with `traffic`)
     pub lease: Option<Lease>,
+    /// the reservation an allowed request's estimate is kept under (the request asked for one
+    /// and has tier quotas to count it against)
+    pub reservation: Option<Reservation>,
+}
+
+/// An estimate counted against an identity's tier quotas, to be settled with the actual cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// the id the request asked for (32 lowercase hex)
+    pub id: String,
+    /// the estimate counted
+    pub estimate: u64,
+    /// how long it may wait for its settle (the traffic lease's time to live)
+    pub ttl: Micros,
+}
+
+/// How long a reservation waits for its settle when the policy has no `traffic.lease_ttl`
+/// (the same default).
+pub const DEFAULT_RESERVATION_TTL: Micros = 60 * 1_000_000;
+
+/// The store keys of a reservation: its record, then the counters it may correct (the tier's
+/// burst and daily quotas of `subject`), all in the subject's hash tag. The record's own list
+/// of covered keys must be among these.
+pub fn reservation_keys(subject: &str, id: &str) -> [String; 3] {
+    [format!("pc:{{s:{subject}}}:res:{id}"), format!("pc:{{s:{subject}}}:burst"), format!("pc:{{s:{subject}}}:daily")]
+}
+
+/// The time to live of a reservation under `policy`: the traffic lease's, else the default.
+pub fn reservation_ttl(policy: &Policy) -> Micros {
+    policy.traffic.as_ref().map_or(DEFAULT_RESERVATION_TTL, |t| t.lease_ttl)
 }
 
 /// A concurrency slot held for one request until its completion (or the lease's expiry).
@@ -98,7 +131,15 @@ impl Decision {
 
     /// A denial decided before any counter (or without a request to count).
     pub fn deny(reason: Reason, ctx: Context) -> Decision {
-        Decision { reason, ctx, quotas: Vec::new(), retry_after: None, quota_warning: None, lease: None }
+        Decision {
+            reason,
+            ctx,
+            quotas: Vec::new(),
+            retry_after: None,
+            quota_warning: None,
+            lease: None,
+            reservation: None,
+        }
     }
 }
 
@@ -240,6 +281,16 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
             kind: OpKind::TierDaily,
             shadow: false,
         });
+        if let Some(res) = req.reserve {
+            // right after the operations it covers (`plan::covered`), in their hash tag
+            ops.push(Op {
+                key: format!("pc:{{s:{}}}:res:{res}", id.subject),
+                limit: Limit::Flag { duration: reservation_ttl(policy) },
+                cost: req.cost,
+                kind: OpKind::Reservation,
+                shadow: false,
+            });
+        }
     }
     if let Some(limit) = policy.zone_limit(ctx.zone) {
         ops.push(Op { key: format!("pc:{{ip:{ip}}}:zone"), limit, cost: 1, kind: OpKind::Zone, shadow: false });
@@ -331,16 +382,25 @@ pub fn conclude(policy: &Policy, plan: Plan, verdicts: &[Verdict]) -> Decision {
                 OpKind::TierDaily => Reason::DailyQuotaExceeded,
                 OpKind::Zone | OpKind::Descriptor | OpKind::AuthFailure => Reason::ZoneRateExceeded,
                 OpKind::Block => Reason::IpBlocked,
+                // always allowed
+                OpKind::Reservation => Reason::Allowed,
             };
         }
         retry_after = Some(retry_after.unwrap_or(0).max(v.retry_after));
     }
-    // what a client is told about: its limits, not the block check
+    let reservation = match reason {
+        Reason::Allowed => plan.ops.iter().find(|op| op.kind == OpKind::Reservation).and_then(|op| {
+            let id = op.key.rsplit_once(":res:")?.1;
+            Some(Reservation { id: id.to_owned(), estimate: op.cost, ttl: op.limit.window() })
+        }),
+        _ => None,
+    };
+    // what a client is told about: its limits, not the block check nor a reservation
     let quotas: Vec<QuotaReport> = plan
         .ops
         .iter()
         .zip(verdicts)
-        .filter(|(op, _)| op.kind != OpKind::Block)
+        .filter(|(op, _)| !matches!(op.kind, OpKind::Block | OpKind::Reservation))
         .map(|(op, v)| QuotaReport { kind: op.kind, limit: op.limit, verdict: *v })
         .collect();
     let quota_warning = match (reason, policy.quota_warning) {
@@ -352,7 +412,7 @@ pub fn conclude(policy: &Policy, plan: Plan, verdicts: &[Verdict]) -> Decision {
         }),
         _ => None,
     };
-    Decision { reason, ctx: plan.ctx, quotas, retry_after, quota_warning, lease: None }
+    Decision { reason, ctx: plan.ctx, quotas, retry_after, quota_warning, lease: None, reservation }
 }
 
 /// The decision when the store failed or timed out, by the policy's `on_store_error`.

@@ -18,6 +18,11 @@ pub enum OpKind {
     Block,
     /// the client address's failed-authentication counter
     AuthFailure,
+    /// a reservation record (the native API's `reserve`): always allowed; when the plan commits,
+    /// the store keeps, under this operation's key until its limit's `Flag` duration, the time,
+    /// the estimate (its cost) and the operations it covers (`covered`), which a later settle
+    /// corrects by the actual cost
+    Reservation,
 }
 
 impl OpKind {
@@ -29,8 +34,23 @@ impl OpKind {
             OpKind::Descriptor => "descriptor",
             OpKind::Block => "block",
             OpKind::AuthFailure => "auth_failures",
+            OpKind::Reservation => "reservation",
         }
     }
+
+    /// Whether an estimate counted by this operation can be settled: the tier's quotas, which
+    /// count a request's cost.
+    pub fn reservable(self) -> bool {
+        matches!(self, OpKind::TierBurst | OpKind::TierDaily)
+    }
+}
+
+/// The operations a reservation at `ops[i]` covers: the run right before it that is
+/// `reservable` and counts its cost (indices `i - n .. i`; `n`, returned, may be 0). The stores
+/// and apply.lua's arguments read a reservation's coverage with this one rule.
+pub fn covered(ops: &[Op], i: usize) -> usize {
+    let cost = ops[i].cost;
+    ops[..i].iter().rev().take_while(|op| op.kind.reservable() && op.cost == cost).count()
 }
 
 /// One counter operation for the store.

@@ -105,6 +105,84 @@ pub fn check(limit: Limit, state: Option<State>, cost: u64, now: Micros) -> Chec
     }
 }
 
+/// A reservation settled: the state `check` stored for a plan that counted an estimate at
+/// `reserved_at`, corrected at `now` by `delta`, the actual cost minus the estimate.
+///
+/// - An overrun (`delta > 0`) is counted now, even past the limit: the work is done, and the
+///   next request is refused until the quota has room again.
+/// - A refund (`delta < 0`) gives back to the window the estimate was counted in (the previous
+///   window of a sliding counter once it has rolled, nothing once that is gone too), and never
+///   takes a count below zero, nor a token bucket past full.
+///
+/// Returns the state to store and when it may expire; None when nothing changes (a refund
+/// whose window has passed, or a zero delta). A flag is never settled.
+pub fn settle(
+    limit: Limit,
+    state: Option<State>,
+    reserved_at: Micros,
+    delta: i64,
+    now: Micros,
+) -> Option<(State, Micros)> {
+    let more = delta.unsigned_abs();
+    if delta == 0 {
+        return None;
+    }
+    match limit {
+        Limit::TokenBucket { interval, .. } => {
+            let tat = match state {
+                Some(State::Bucket { tat }) => tat,
+                _ => now,
+            };
+            let next = if delta > 0 {
+                tat.max(now).saturating_add(more.saturating_mul(interval))
+            } else if tat > now {
+                tat.saturating_sub(more.saturating_mul(interval)).max(now)
+            } else {
+                return None;
+            };
+            Some((State::Bucket { tat: next }, next))
+        }
+        Limit::SlidingWindow { window, .. } => {
+            let window = window.max(1);
+            let aligned = now - now % window;
+            let (start, mut prev, mut cur) = match state {
+                Some(State::Window { start, prev, cur }) if start == aligned => (start, prev, cur),
+                Some(State::Window { start, cur, .. }) if start + window == aligned => (aligned, cur, 0),
+                Some(State::Window { start, prev, cur }) if start > aligned => (start, prev, cur),
+                _ => (aligned, 0, 0),
+            };
+            let counted_in = reserved_at - reserved_at % window;
+            if delta > 0 {
+                cur = cur.saturating_add(more);
+            } else if counted_in == start {
+                cur = cur.saturating_sub(more);
+            } else if counted_in.saturating_add(window) == start {
+                prev = prev.saturating_sub(more);
+            } else {
+                return None;
+            }
+            Some((State::Window { start, prev, cur }, start + 2 * window))
+        }
+        Limit::FixedWindow { window, .. } => {
+            let window = window.max(1);
+            let start = now - now % window;
+            let mut cur = match state {
+                Some(State::Window { start: s, cur, .. }) if s >= start => cur,
+                _ => 0,
+            };
+            if delta > 0 {
+                cur = cur.saturating_add(more);
+            } else if reserved_at - reserved_at % window == start {
+                cur = cur.saturating_sub(more);
+            } else {
+                return None;
+            }
+            Some((State::Window { start, prev: 0, cur }, start + window))
+        }
+        Limit::Flag { .. } => None,
+    }
+}
+
 /// The flag's state is the instant it comes down (a `Bucket` state holds one instant).
 fn flag(duration: Micros, state: Option<State>, cost: u64, now: Micros) -> Checked {
     let until = match state {
@@ -449,7 +527,68 @@ mod tests {
         best
     }
 
+    /// What a limit has used at `now` after `state`: the quota less what a check of cost 1
+    /// sees left.
+    fn used(limit: Limit, state: Option<State>, now: Micros) -> u64 {
+        let v = check(limit, state, 1, now).verdict;
+        limit.quota() - if v.allowed { v.remaining + 1 } else { v.remaining }
+    }
+
+    #[test]
+    fn a_settle_corrects_the_estimate_by_the_actual_cost() {
+        let now = 1_000 * MICROS_PER_SEC;
+        for limit in [
+            Limit::token_bucket(1_000, MICROS_PER_MINUTE, 1_000),
+            Limit::SlidingWindow { limit: 1_000, window: MICROS_PER_MINUTE },
+            Limit::FixedWindow { limit: 1_000, window: MICROS_PER_MINUTE },
+        ] {
+            let reserved = check(limit, None, 100, now).next;
+            let (refunded, _) = settle(limit, Some(reserved), now, 30 - 100, now).expect("a refund");
+            assert_eq!(used(limit, Some(refunded), now), 30, "{limit:?}");
+            let (overrun, _) = settle(limit, Some(reserved), now, 300 - 100, now).expect("an overrun");
+            assert_eq!(used(limit, Some(overrun), now), 300, "{limit:?}");
+            // past the limit: counted all the same, and the next request is refused
+            let (over, _) = settle(limit, Some(reserved), now, 1_500 - 100, now).expect("an overrun");
+            assert!(!check(limit, Some(over), 1, now).verdict.allowed, "{limit:?}");
+            // a refund of more than is counted stops at zero
+            let (empty, _) = settle(limit, Some(reserved), now, -5_000, now).expect("a refund");
+            assert_eq!(used(limit, Some(empty), now), 0, "{limit:?}");
+            assert_eq!(settle(limit, Some(reserved), now, 0, now), None);
+        }
+        // a fixed window that has passed gives nothing back; a flag is never settled
+        let fixed = Limit::FixedWindow { limit: 1_000, window: MICROS_PER_MINUTE };
+        let reserved = check(fixed, None, 100, now).next;
+        assert_eq!(settle(fixed, Some(reserved), now, -100, now + MICROS_PER_MINUTE), None);
+        assert_eq!(settle(Limit::Flag { duration: 9 }, None, now, 5, now), None);
+    }
+
     proptest! {
+        #[test]
+        fn a_refund_never_takes_a_count_below_zero_nor_gives_more_than_it_took(
+            window_s in 1..600u64, cost in 1..1_000u64, actual in 0..1_000u64, wait in 0..1_200u64,
+        ) {
+            let now = 7_777 * MICROS_PER_SEC;
+            let later = now + wait * MICROS_PER_SEC;
+            for limit in [
+                Limit::token_bucket(100, window_s * MICROS_PER_SEC, 1_000),
+                Limit::SlidingWindow { limit: 1_000, window: window_s * MICROS_PER_SEC },
+                Limit::FixedWindow { limit: 1_000, window: window_s * MICROS_PER_SEC },
+            ] {
+                let reserved = Some(check(limit, None, cost, now).next);
+                let before = used(limit, reserved, later);
+                let delta = i64::try_from(actual).unwrap() - i64::try_from(cost).unwrap();
+                let after = match settle(limit, reserved, now, delta, later) {
+                    Some((st, _)) => used(limit, Some(st), later),
+                    None => before,
+                };
+                if delta < 0 {
+                    prop_assert!(after <= before && before - after <= delta.unsigned_abs(), "{limit:?}");
+                } else {
+                    prop_assert!(after >= before, "{limit:?}");
+                }
+            }
+        }
+
         #[test]
         fn bucket_never_allows_more_than_burst_plus_rate_in_any_minute(
             per_minute in 1..2_000u64, burst in 1..3_000u64, steps in steps()

@@ -287,6 +287,7 @@ fn request_of<'a>(
         api_key: header(http, &policy.api_keys.header),
         authorization: header(http, "authorization"),
         cost: 1,
+        reserve: None,
     };
     (Ok(request), facts)
 }

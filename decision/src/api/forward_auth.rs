@@ -59,13 +59,15 @@ pub enum Mode {
     Nginx,
 }
 
-/// The forward-auth routes, and `POST /v1/check` (`http_check`), for a listener of their own.
+/// The forward-auth routes, and `POST /v1/check` and `POST /v1/complete` (`http_check`), for a
+/// listener of their own.
 pub fn router<S: Store>(engine: Arc<Engine<S>>) -> axum::Router {
     use axum::routing::any;
     axum::Router::new()
         .route("/v1/forward-auth", any(|state, peer, headers| check::<S>(state, peer, headers, Mode::Standard)))
         .route("/v1/forward-auth/nginx", any(|state, peer, headers| check::<S>(state, peer, headers, Mode::Nginx)))
         .route("/v1/check", axum::routing::post(super::http_check::check::<S>))
+        .route("/v1/complete", axum::routing::post(super::http_check::complete::<S>))
         .with_state(engine)
 }
 
@@ -142,6 +144,7 @@ fn request_of<'a>(
         api_key: get(api_key_header),
         authorization: get("authorization"),
         cost: 1,
+        reserve: None,
     };
     (Ok(request), facts)
 }

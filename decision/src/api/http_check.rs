@@ -1,12 +1,18 @@
 //! `POST /v1/check` on the forward-auth listener: the native `portcullis.v1.Decision/Check` for
 //! clients that speak only HTTP and JSON. The body is a `CheckRequest` in JSON (its proto field
 //! names: `api_key` or `bearer_token`, `operation`, `resource`, `client_address`, `headers`,
-//! `cost`, `dry_run`, `request_id`, `content_length`); the answer is `200` with the
+//! `cost`, `dry_run`, `request_id`, `content_length`, `reserve`); the answer is `200` with the
 //! `CheckResponse` in JSON (`verdict` as `"allow"` or `"deny"`), decided and rendered exactly as
 //! the gRPC call is. A body that is not such JSON, or a request the native Check refuses, is
 //! answered `400` with `detail`; a body over 64 KiB `413`. `client_address` defaults to the
 //! caller's address, and another address is believed only from `network.trusted_proxies`. No
 //! concurrency slot is taken (no completion comes back over HTTP).
+//!
+//! `POST /v1/complete` settles a reservation (`"reserve": true` on the check): the body is
+//! `{"reservation": "...", "actual_cost": 30, "request_id": "..."}`, the answer `200` with
+//! `{"settled": true, "reserved_cost": 100}` (`settled` false: unknown, expired or settled
+//! before), `400` with `detail` for a request that is not one, `503` when the store fails (then
+//! nothing changed, and the call can be repeated).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,7 +22,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use proto::portcullis_v1::check_request::Credential;
-use proto::portcullis_v1::{CheckRequest, CheckResponse, Verdict};
+use proto::portcullis_v1::{CheckRequest, CheckResponse, CompleteRequest, Verdict};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -42,6 +48,7 @@ struct JsonCheck {
     dry_run: bool,
     request_id: String,
     content_length: u64,
+    reserve: bool,
 }
 
 /// `body` as an `application/json` answer.
@@ -77,6 +84,8 @@ fn to_json(r: &CheckResponse) -> Value {
         "decision_id": r.decision_id,
         "degraded": r.degraded,
         "dry_run": r.dry_run,
+        "reservation": r.reservation,
+        "reservation_ttl_ms": r.reservation_ttl_ms,
     })
 }
 
@@ -114,6 +123,7 @@ pub async fn check<S: Store>(
         dry_run: asked.dry_run,
         request_id: asked.request_id,
         content_length: asked.content_length,
+        reserve: asked.reserve,
     };
     let policy = engine.policy();
     // this listener may face clients: a client address other than the caller's own is believed
@@ -136,6 +146,51 @@ pub async fn check<S: Store>(
         Err(native::Refused::DeadlineExceeded) => json_answer(
             StatusCode::GATEWAY_TIMEOUT,
             &json!({ "status": 504, "error": "Gateway timeout", "detail": "the deadline passed" }),
+        ),
+    }
+}
+
+/// `CompleteRequest` in JSON, for a reservation (this listener takes no concurrency slot, so
+/// there is no lease to release).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct JsonComplete {
+    reservation: String,
+    actual_cost: u64,
+    request_id: String,
+}
+
+/// `POST /v1/complete`.
+pub async fn complete<S: Store>(State(engine): State<Arc<Engine<S>>>, body: axum::body::Body) -> Response {
+    let Ok(body) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
+        return json_answer(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &json!({ "status": 413, "error": "Payload too large", "detail": "the body is larger than 64 KiB" }),
+        );
+    };
+    let asked: JsonComplete = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return refused(StatusCode::BAD_REQUEST, &format!("the body is not a CompleteRequest in JSON: {e}"));
+        }
+    };
+    if asked.reservation.is_empty() {
+        return refused(StatusCode::BAD_REQUEST, "reservation is required (what a check with reserve answered)");
+    }
+    let msg = CompleteRequest {
+        reservation: asked.reservation,
+        actual_cost: asked.actual_cost,
+        request_id: asked.request_id,
+        ..Default::default()
+    };
+    match native::complete(&engine, &msg).await {
+        Ok(done) => {
+            json_answer(StatusCode::OK, &json!({ "settled": done.settled, "reserved_cost": done.reserved_cost }))
+        }
+        Err(native::NotCompleted::Invalid(why)) => refused(StatusCode::BAD_REQUEST, why),
+        Err(native::NotCompleted::StoreUnavailable) => json_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({ "status": 503, "error": "Service unavailable", "detail": "the store is unavailable; nothing changed" }),
         ),
     }
 }

@@ -2,7 +2,8 @@
 //! on the gRPC port for any client: `Check`, a transport-neutral request with a typed answer,
 //! decided by the same engine and rendered by the same `respond` table as ext_authz;
 //! `RenewLease`, for requests that outlive `lease_ttl`; and `Complete`, the completion call for
-//! proxies that do not speak Envoy's access log.
+//! proxies that do not speak Envoy's access log, which also settles a reservation (a Check
+//! with `reserve` counts its cost as an estimate; Complete's actual cost corrects it).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -32,6 +33,9 @@ pub const MAX_COST: i64 = 1_000_000_000;
 /// Longest `resource` accepted (Envoy's own limit on a request line is 60 KiB; a resource
 /// past this is not a request anybody routes).
 pub const MAX_RESOURCE_BYTES: usize = 8 * 1024;
+/// Longest reservation token accepted: 32 hex, a dot, and a subject in base64url (a subject is
+/// at most a few hundred bytes: a JWT `sub` or an API key id).
+pub const MAX_RESERVATION_BYTES: usize = 2048;
 /// Longest credential accepted (a JWT is refused past 8 KiB anyway).
 pub const MAX_CREDENTIAL_BYTES: usize = 16 * 1024;
 
@@ -55,6 +59,7 @@ fn request_of<'a>(
     deadline: Option<std::time::Instant>,
     headers: &'a (dyn Fn() -> Vec<(&'a str, &'a str)> + Sync),
     authorization: &'a Option<String>,
+    reserve: Option<&'a str>,
 ) -> (Result<Request<'a>, Malformed>, Facts<'a>) {
     let valid_id = valid_value(msg.request_id.as_bytes()) && msg.request_id.len() <= MAX_ID_BYTES;
     let method = if msg.operation.is_empty() { "GET" } else { msg.operation.as_str() };
@@ -85,6 +90,9 @@ fn request_of<'a>(
     }
     if msg.cost > MAX_COST {
         return refuse("cost is at most 1000000000");
+    }
+    if msg.reserve && msg.dry_run {
+        return refuse("reserve: a dry run counts nothing, so it cannot reserve (ask for one or the other)");
     }
     if !msg.headers.iter().all(|(k, v)| valid_name(k) && valid_value(v.as_bytes())) {
         return refuse("headers: a header name or value that RFC 9110 forbids");
@@ -124,6 +132,7 @@ fn request_of<'a>(
         api_key,
         authorization: authorization.as_deref(),
         cost: if msg.cost == 0 { 1 } else { msg.cost.unsigned_abs() },
+        reserve,
     };
     (Ok(request), facts)
 }
@@ -173,7 +182,29 @@ pub fn answer(o: &Outcome, policy: &Policy, request_id: &str, dry_run: bool) -> 
         decision_id: o.id.to_string(),
         degraded: d.reason == Reason::AllowedStoreUnavailable,
         dry_run,
+        reservation: match (&d.reservation, &d.ctx.identity) {
+            (Some(r), Some(id)) => reservation_token(&r.id, &id.subject),
+            _ => String::new(),
+        },
+        reservation_ttl_ms: d.reservation.as_ref().map_or(0, |r| r.ttl / 1_000),
     }
+}
+
+/// The reservation a client is given: `<id>.<subject>`, the id (32 hex, random: the secret
+/// part) and the subject in base64url, which names the store keys (their hash tag) so that a
+/// settle is one call on the right node.
+fn reservation_token(id: &str, subject: &str) -> String {
+    format!("{id}.{}", decision_core::encode::b64url(subject.as_bytes()))
+}
+
+/// The id and subject of a reservation token; None when it is not one `answer` could give.
+fn parse_reservation(token: &str) -> Option<(&str, String)> {
+    let (id, subject) = token.split_once('.')?;
+    if id.len() != 32 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let subject = String::from_utf8(decision_core::encode::b64url_decode(subject)?).ok()?;
+    (!subject.is_empty()).then_some((id, subject))
 }
 
 /// Why a native Check got no answer.
@@ -203,7 +234,8 @@ pub async fn decide<S: Store>(
         Some(Credential::BearerToken(t)) => Some(format!("Bearer {t}")),
         _ => None,
     };
-    let (request, mut facts) = request_of(msg, remote, deadline, &headers, &authorization);
+    let reserve = msg.reserve.then(crate::engine::new_reservation_id);
+    let (request, mut facts) = request_of(msg, remote, deadline, &headers, &authorization, reserve.as_deref());
     facts.concurrency_slot = slot;
     let malformed = request.as_ref().err().copied();
     let outcome = engine.check(&policy, request, &facts, started).await;
@@ -214,6 +246,55 @@ pub async fn decide<S: Store>(
         return Err(Refused::DeadlineExceeded);
     }
     Ok(answer(&outcome, &policy, facts.request_id, msg.dry_run))
+}
+
+/// Why a Complete was not done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotCompleted {
+    /// the request is not one to complete (gRPC INVALID_ARGUMENT, HTTP 400); why
+    Invalid(&'static str),
+    /// the store could not settle the reservation (gRPC UNAVAILABLE, HTTP 503): nothing was
+    /// released either, so the call can be repeated
+    StoreUnavailable,
+}
+
+/// A Complete, from either door (gRPC, or `POST /v1/complete` in JSON): the reservation
+/// settled first (so that a store failure leaves the call safe to repeat), then the lease
+/// released and the completion recorded.
+pub async fn complete<S: Store>(engine: &Engine<S>, r: &CompleteRequest) -> Result<CompleteResponse, NotCompleted> {
+    use NotCompleted::Invalid;
+    if r.lease.len() > MAX_ID_BYTES || r.request_id.len() > MAX_ID_BYTES {
+        return Err(Invalid("lease and request_id are at most 256 bytes"));
+    }
+    if r.lease.is_empty() && r.reservation.is_empty() {
+        return Err(Invalid("lease or reservation is required (what a Check answered)"));
+    }
+    let reservation = match r.reservation.as_str() {
+        "" => None,
+        t if t.len() > MAX_RESERVATION_BYTES => {
+            return Err(Invalid("reservation: not one a Check answered (too long)"));
+        }
+        t => Some(parse_reservation(t).ok_or(Invalid("reservation: not one a Check answered"))?),
+    };
+    if r.actual_cost > MAX_COST.unsigned_abs() {
+        return Err(Invalid("actual_cost is at most 1000000000"));
+    }
+    let settled = match &reservation {
+        Some((id, subject)) => {
+            engine.settle_reservation(subject, id, r.actual_cost).await.map_err(|_| NotCompleted::StoreUnavailable)?
+        }
+        None => None,
+    };
+    let c = Completion {
+        lease: Some(r.lease.as_str()).filter(|l| !l.is_empty()),
+        request_id: &r.request_id,
+        status: r.status_code,
+        upstream_error: r.upstream_error || r.status_code >= 500,
+        latency: Duration::from_micros(r.latency_us),
+        total_ms: r.latency_us as f64 / 1e3,
+    };
+    let released = engine.record_completion(&c).await;
+    Ok(CompleteResponse { released, settled: settled.is_some(), reserved_cost: settled.unwrap_or(0) })
 }
 
 #[tonic::async_trait]
@@ -256,19 +337,12 @@ impl<S: Store> Decision for DecisionApi<S> {
         &self,
         request: tonic::Request<CompleteRequest>,
     ) -> Result<tonic::Response<CompleteResponse>, tonic::Status> {
-        let r = request.into_inner();
-        if r.lease.len() > MAX_ID_BYTES || r.request_id.len() > MAX_ID_BYTES {
-            return Err(tonic::Status::invalid_argument("lease and request_id are at most 256 bytes"));
+        match complete(&self.engine, &request.into_inner()).await {
+            Ok(answer) => Ok(tonic::Response::new(answer)),
+            Err(NotCompleted::Invalid(why)) => Err(tonic::Status::invalid_argument(why)),
+            Err(NotCompleted::StoreUnavailable) => {
+                Err(tonic::Status::unavailable("the store that holds the reservation is unavailable"))
+            }
         }
-        let c = Completion {
-            lease: Some(r.lease.as_str()).filter(|l| !l.is_empty()),
-            request_id: &r.request_id,
-            status: r.status_code,
-            upstream_error: r.upstream_error || r.status_code >= 500,
-            latency: Duration::from_micros(r.latency_us),
-            total_ms: r.latency_us as f64 / 1e3,
-        };
-        let released = self.engine.record_completion(&c).await;
-        Ok(tonic::Response::new(CompleteResponse { released }))
     }
 }

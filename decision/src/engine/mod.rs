@@ -26,7 +26,7 @@ use decision_core::rls::{self, DescriptorReq, RlsDecision};
 use decision_core::{Decision, Reason, Request, conclude, plan, store_failed};
 
 pub use self::record::Facts;
-pub use self::slots::{Completion, Waiters, parse_lease};
+pub use self::slots::{Completion, Waiters, new_reservation_id, parse_lease};
 use crate::clock;
 use crate::store::{Admission, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
@@ -228,6 +228,14 @@ impl<S: Store> Engine<S> {
             audit.record(record::audit_event(audit, &d, policy, facts, took, id));
         }
         Outcome { decision: d, id }
+    }
+
+    /// Settles the reservation `id` (32 hex) of `subject` (the native API's `Complete`): the
+    /// actual cost replaces its estimate in the subject's tier quotas, in one store call. The
+    /// estimate when it was held; None when it is unknown, expired or settled before. Errors:
+    /// the store failed (and no `local_share` holds it).
+    pub async fn settle_reservation(&self, subject: &str, id: &str, actual: u64) -> Result<Option<u64>, StoreError> {
+        self.settle(&decision_core::decide::reservation_keys(subject, id), actual).await
     }
 
     /// Decides one request under `policy`: at most one store call (a bearer token that needs

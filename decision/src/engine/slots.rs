@@ -48,6 +48,11 @@ impl Waiters {
     }
 }
 
+/// A new reservation id (the native Check's `reserve`): 128 random bits as 32 hex, as a lease's.
+pub fn new_reservation_id() -> String {
+    new_lease_id()
+}
+
 /// A new lease id: 128 random bits as 32 hex (the store prefixes `l`, or `p` for a probe).
 pub(crate) fn new_lease_id() -> String {
     let mut bytes = [0u8; 16];

@@ -177,6 +177,20 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// A reservation settled in the store (`Store::settle`) or, while it fails under
+    /// `local_share`, in the local shares (which hold the reservations made meanwhile).
+    pub(super) async fn settle(&self, keys: &[String], actual: u64) -> Result<Option<u64>, StoreError> {
+        let now = crate::clock::now_micros();
+        let failed = match self.bounded(self.store.settle(keys, actual, now), None).await {
+            Ok(estimate) => return Ok(estimate),
+            Err(e) => e,
+        };
+        match self.store.local_share_instances() {
+            Some(_) => Ok(self.local.settle_now(keys, actual, now)),
+            None => Err(failed),
+        }
+    }
+
     /// A completion for the store or, while it fails under `local_share`, for the local shares
     /// (a lease granted by the store before it failed expires there by its TTL).
     pub(super) async fn complete_lease(

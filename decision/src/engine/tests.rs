@@ -24,6 +24,7 @@ fn basic_get() -> Request<'static> {
         api_key: Some(BASIC),
         authorization: None,
         cost: 1,
+        reserve: None,
     }
 }
 
@@ -138,6 +139,7 @@ async fn the_reference_policy_decides_as_its_comments_say() {
             api_key: c.key,
             authorization: c.auth.or(c.bearer.then_some(bearer)),
             cost: 1,
+            reserve: None,
         };
         let d = engine.decide(&policy, &req).await;
         assert_eq!(
@@ -265,6 +267,10 @@ impl Store for BrokenStore {
     }
 
     async fn renew(&self, _: &str, _: &str, _: u64, _: u64) -> Result<bool, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+
+    async fn settle(&self, _: &[String], _: u64, _: u64) -> Result<Option<u64>, StoreError> {
         Err(StoreError::Unavailable("connection refused".into()))
     }
 

@@ -52,6 +52,119 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     a_dry_run_answers_as_apply_and_counts_nothing(&make().await).await;
     a_renewed_lease_outlives_its_first_ttl(&make().await).await;
     leaving_frees_a_slot_granted_under_the_same_id(&make().await).await;
+    a_settle_refunds_and_overruns_exactly_once(&make().await).await;
+    a_refund_never_goes_below_zero_nor_past_full(&make().await).await;
+    an_unsettled_reservation_expires_keeping_its_estimate(&make().await).await;
+    concurrent_reservations_settle_exactly(&make().await).await;
+}
+
+/// A tier's plan as `decide::plan` makes it for `subject` with `reserve`: its burst bucket and
+/// daily window counting `cost`, the reservation `id` right after them, then a zone operation
+/// (another hash tag: a cluster splits the plan). The tier allows 1,000 in both.
+fn reserved_plan(subject: &str, id: Option<&str>, cost: u64, ttl: Micros) -> Vec<Op> {
+    let [record, burst, daily] = decision_core::decide::reservation_keys(subject, id.unwrap_or("0"));
+    let op = |key: String, limit, kind| Op { key, limit, cost, kind, shadow: false };
+    let mut ops = vec![
+        op(burst, Limit::token_bucket(1_000, MICROS_PER_MINUTE, 1_000), OpKind::TierBurst),
+        op(daily, Limit::SlidingWindow { limit: 1_000, window: 24 * 60 * MICROS_PER_MINUTE }, OpKind::TierDaily),
+    ];
+    if id.is_some() {
+        ops.push(op(record, Limit::Flag { duration: ttl }, OpKind::Reservation));
+    }
+    ops.push(window_op(&format!("pc:{{ip:{subject}}}:zone"), 1_000_000, MICROS_PER_MINUTE));
+    ops
+}
+
+/// What a subject has left in its burst bucket and its daily window at `now` (a dry run).
+async fn left<S: Store>(s: &S, subject: &str, now: Micros) -> (u64, u64) {
+    let v = s.dry_run(&reserved_plan(subject, None, 1, 0)[..2], now).await.expect("dry run");
+    (v[0].remaining + 1, v[1].remaining + 1)
+}
+
+async fn settle<S: Store>(s: &S, subject: &str, id: &str, actual: u64, now: Micros) -> Option<u64> {
+    s.settle(&decision_core::decide::reservation_keys(subject, id), actual, now).await.expect("settle")
+}
+
+const RES_A: &str = "0000000000000000000000000000000a";
+const RES_B: &str = "0000000000000000000000000000000b";
+const RES_C: &str = "0000000000000000000000000000000c";
+
+/// Estimate 100, actual 30: 70 come back. Estimate 100, actual 300: 200 more are counted. An
+/// overrun past the limit is counted, and refuses what follows. A settle happens once.
+async fn a_settle_refunds_and_overruns_exactly_once<S: Store>(s: &S) {
+    let b = s.backend();
+    let ttl = MICROS_PER_MINUTE;
+    let v = s.apply(&reserved_plan("alice", Some(RES_A), 100, ttl), T0).await.expect("apply");
+    assert!(v.iter().all(|v| v.allowed), "{b}: {v:?}");
+    assert_eq!(left(s, "alice", T0).await, (900, 900), "{b}: the estimate is counted");
+    assert_eq!(settle(s, "alice", RES_A, 30, T0).await, Some(100), "{b}");
+    assert_eq!(left(s, "alice", T0).await, (970, 970), "{b}: 70 returned");
+    assert_eq!(settle(s, "alice", RES_A, 0, T0).await, None, "{b}: settled twice");
+    assert_eq!(left(s, "alice", T0).await, (970, 970), "{b}: a second settle changed something");
+
+    s.apply(&reserved_plan("alice", Some(RES_B), 100, ttl), T0).await.expect("apply");
+    assert_eq!(settle(s, "alice", RES_B, 300, T0).await, Some(100), "{b}");
+    assert_eq!(left(s, "alice", T0).await, (670, 670), "{b}: 200 more counted");
+
+    s.apply(&reserved_plan("alice", Some(RES_C), 600, ttl), T0).await.expect("apply");
+    assert_eq!(settle(s, "alice", RES_C, 1_000, T0).await, Some(600), "{b}");
+    let v = s.dry_run(&reserved_plan("alice", None, 1, 0)[..2], T0).await.expect("dry run");
+    assert!(!v[0].allowed && !v[1].allowed, "{b}: an overrun past the limit must refuse the next request");
+    assert_eq!((v[0].remaining, v[1].remaining), (0, 0), "{b}");
+    // an unknown reservation, or one of another subject, settles nothing
+    assert_eq!(settle(s, "bob", RES_C, 0, T0).await, None, "{b}");
+    assert_eq!(settle(s, "alice", "ffffffffffffffffffffffffffffffff", 0, T0).await, None, "{b}");
+}
+
+/// A refund gives back only what is still counted: never below zero in a window that has
+/// rolled, never past full in a bucket that has refilled meanwhile.
+async fn a_refund_never_goes_below_zero_nor_past_full<S: Store>(s: &S) {
+    let b = s.backend();
+    let day = 24 * 60 * MICROS_PER_MINUTE;
+    let t = T0 - T0 % day + day / 2;
+    s.apply(&reserved_plan("carol", None, 50, 0), t).await.expect("apply");
+    s.apply(&reserved_plan("carol", Some(RES_A), 100, 2 * day), t).await.expect("apply");
+    assert_eq!(left(s, "carol", t).await, (850, 850), "{b}");
+    // 90 seconds later the bucket has refilled (1,000 a minute); the day's window still holds 150
+    let later = t + 90 * MICROS_PER_SEC;
+    assert_eq!(left(s, "carol", later).await, (1_000, 850), "{b}");
+    assert_eq!(settle(s, "carol", RES_A, 0, later).await, Some(100), "{b}");
+    assert_eq!(left(s, "carol", later).await, (1_000, 950), "{b}: a full bucket stays full, the window gives 100");
+
+    // in the next day's window, the previous day's count is what a refund can take back
+    s.apply(&reserved_plan("dave", Some(RES_B), 100, 2 * day), t).await.expect("apply");
+    let next_day = t + day;
+    assert_eq!(settle(s, "dave", RES_B, 400, next_day).await, Some(100), "{b}");
+    // the overrun is counted today; the estimate stays in yesterday, half weighted
+    assert_eq!(left(s, "dave", next_day).await.1, 1_000 - 300 - 50, "{b}");
+    s.apply(&reserved_plan("erin", Some(RES_C), 100, 3 * day), t).await.expect("apply");
+    assert_eq!(settle(s, "erin", RES_C, 0, next_day).await, Some(100), "{b}");
+    assert_eq!(left(s, "erin", next_day).await.1, 1_000, "{b}: yesterday's 100 refunded, not below zero");
+}
+
+/// A reservation never settled keeps its estimate and is gone after its time to live.
+async fn an_unsettled_reservation_expires_keeping_its_estimate<S: Store>(s: &S) {
+    let b = s.backend();
+    s.apply(&reserved_plan("frank", Some(RES_A), 100, 10 * MICROS_PER_SEC), T0).await.expect("apply");
+    let late = T0 + 11 * MICROS_PER_SEC;
+    assert_eq!(settle(s, "frank", RES_A, 1, late).await, None, "{b}: an expired reservation settled");
+    assert_eq!(left(s, "frank", late).await.1, 900, "{b}: the estimate stays counted");
+}
+
+/// Fifty reservations of 10 at once, then fifty settles at 3 at once: exactly 150 counted.
+async fn concurrent_reservations_settle_exactly<S: Store>(s: &S) {
+    let b = s.backend();
+    let ids: Vec<String> = (0..50).map(|i| format!("{i:032x}")).collect();
+    let plans: Vec<Vec<Op>> = ids.iter().map(|id| reserved_plan("grace", Some(id), 10, MICROS_PER_MINUTE)).collect();
+    let calls = plans.iter().map(|p| Box::pin(s.apply(p, T0)) as Pin<Box<dyn Future<Output = _> + Send + '_>>);
+    let verdicts: Vec<Result<Vec<decision_core::quota::Verdict>, super::StoreError>> = join_all(calls.collect()).await;
+    assert!(verdicts.iter().all(|v| v.as_ref().is_ok_and(|v| v.iter().all(|v| v.allowed))), "{b}");
+    assert_eq!(left(s, "grace", T0).await, (500, 500), "{b}");
+    let settles =
+        ids.iter().map(|id| Box::pin(settle(s, "grace", id, 3, T0)) as Pin<Box<dyn Future<Output = _> + Send + '_>>);
+    let settled = join_all(settles.collect()).await;
+    assert!(settled.iter().all(|e: &Option<u64>| *e == Some(10)), "{b}: {settled:?}");
+    assert_eq!(left(s, "grace", T0).await, (850, 850), "{b}: 50 x 3 counted");
 }
 
 /// `leave` after a grant (a request cancelled while its admission was under way): the slot is

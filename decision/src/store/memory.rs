@@ -12,7 +12,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 
-use decision_core::plan::Op;
+use decision_core::plan::{self, Op, OpKind};
 use decision_core::quota::{self, State, Verdict};
 use decision_core::traffic::{self, AdaptiveState, Admit, Breaker, Gate, Occupancy, TrafficConfig};
 use decision_core::units::Micros;
@@ -36,6 +36,19 @@ pub struct MemoryStore {
     shards: Vec<Mutex<Shard>>,
     /// traffic state per upstream (a handful of upstreams: one lock is enough)
     traffic: Mutex<HashMap<String, Upstream>>,
+    /// reservations waiting for their settle, by their record key's id (taken after the
+    /// shards' locks while a plan commits, and alone while a settle reads it: never the other
+    /// way round)
+    reservations: Mutex<HashMap<u128, Held>>,
+}
+
+/// A reservation's record: what apply.lua keeps in a Redis hash.
+struct Held {
+    at: Micros,
+    until: Micros,
+    estimate: u64,
+    /// the covered counters: key id and limit
+    covered: Vec<(u128, quota::Limit)>,
 }
 
 /// One upstream's slots, queue and breaker.
@@ -93,6 +106,7 @@ impl MemoryStore {
             hasher2: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             traffic: Mutex::new(HashMap::new()),
+            reservations: Mutex::new(HashMap::new()),
         }
     }
 
@@ -226,6 +240,8 @@ impl MemoryStore {
             let state = earlier.or_else(|| {
                 guards[guard_of(shard_ids[i])].get(&ids[i]).filter(|e| e.expires_at > now).map(|e| e.state)
             });
+            // a reservation's record is not a quota state: always allowed
+            let state = state.filter(|_| op.kind != OpKind::Reservation);
             checked.push(quota::check(op.limit, state, op.cost, now));
         }
         // All-or-nothing over the enforced operations; a shadow operation that is over its
@@ -235,6 +251,17 @@ impl MemoryStore {
                 if !c.verdict.allowed {
                     continue;
                 }
+                if ops[i].kind == OpKind::Reservation {
+                    let n = plan::covered(ops, i);
+                    let held = Held {
+                        at: now,
+                        until: now.saturating_add(ops[i].limit.window()),
+                        estimate: ops[i].cost,
+                        covered: (i - n..i).map(|j| (ids[j], ops[j].limit)).collect(),
+                    };
+                    lock(&self.reservations).insert(ids[i], held);
+                    continue;
+                }
                 let map = &mut guards[guard_of(shard_ids[i])];
                 map.insert(ids[i], Entry { state: c.next, expires_at: c.expires_at });
             }
@@ -242,8 +269,32 @@ impl MemoryStore {
         checked.into_iter().map(|c| c.verdict).collect()
     }
 
+    /// `Store::settle`, synchronously: `keys[0]` is the record's key (the counters it covers
+    /// are in the record itself).
+    pub fn settle_now(&self, keys: &[String], actual: u64, now: Micros) -> Option<u64> {
+        let held = lock(&self.reservations).remove(&self.id(keys.first()?))?;
+        if held.until <= now {
+            return None;
+        }
+        let delta =
+            i64::try_from(actual).unwrap_or(i64::MAX).saturating_sub(i64::try_from(held.estimate).unwrap_or(i64::MAX));
+        let mut order: Vec<usize> = held.covered.iter().map(|&(id, _)| Self::shard_of(id)).collect();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<MutexGuard<'_, Shard>> = order.iter().map(|&i| lock(&self.shards[i])).collect();
+        for &(id, limit) in &held.covered {
+            let map = &mut guards[order.iter().position(|&i| i == Self::shard_of(id)).unwrap_or(0)];
+            let state = map.get(&id).filter(|e| e.expires_at > now).map(|e| e.state);
+            if let Some((state, expires_at)) = quota::settle(limit, state, held.at, delta, now) {
+                map.insert(id, Entry { state, expires_at });
+            }
+        }
+        Some(held.estimate)
+    }
+
     /// Drops every entry expired at `now`; returns how many remain.
     pub fn sweep(&self, now: Micros) -> usize {
+        lock(&self.reservations).retain(|_, r| r.until > now);
         self.shards
             .iter()
             .map(|s| {
@@ -293,6 +344,10 @@ impl Store for MemoryStore {
 
     async fn renew(&self, upstream: &str, lease: &str, lease_ttl: Micros, now: Micros) -> Result<bool, StoreError> {
         Ok(self.renew_now(upstream, lease, lease_ttl, now))
+    }
+
+    async fn settle(&self, keys: &[String], actual: u64, now: Micros) -> Result<Option<u64>, StoreError> {
+        Ok(self.settle_now(keys, actual, now))
     }
 
     fn backend(&self) -> &'static str {

@@ -151,6 +151,18 @@ pub trait Store: Send + Sync + 'static {
         now: Micros,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Settles a reservation (`OpKind::Reservation`, written when its plan committed):
+    /// `keys` are its record's key, then the counters the record may name (`reservation_keys`);
+    /// the counters it covers are corrected by `actual` minus its estimate (`quota::settle`)
+    /// and the record is gone, in one atomic call. The estimate (`Some`) when the record was
+    /// held; None when it is unknown, expired at `now`, or was settled before (nothing changes).
+    fn settle(
+        &self,
+        keys: &[String],
+        actual: u64,
+        now: Micros,
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
+
     /// Calls `wake` with an upstream's key whenever any instance of the fleet frees one of its
     /// slots (a shared store's notification), for as long as the store lives. A store private
     /// to this process has nothing to add: this instance's own completions wake its waiters.

@@ -13,6 +13,11 @@
 //! Bounded: at most `capacity` plans; when full, entries that would no longer refuse are dropped,
 //! and if none can be, a new refusal is simply not remembered.
 //!
+//! Counters also go back when a reservation is settled for less than its estimate (the native
+//! API's reserve and Complete): the instance that settles empties its cache; another instance's
+//! remembered refusal of the same plan stands until it would lapse anyway (its retry-after), so
+//! a refund elsewhere is seen late, never a request let through early.
+//!
 //! Counters do go back when Redis loses them: a restart without persistence (the store calls
 //! fail meanwhile, and every failed call empties this cache) or a FLUSHALL while connected
 //! (not seen: refusals then stand until their retry-after, as with envoyproxy/ratelimit's cache).
@@ -22,7 +27,7 @@ use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use decision_core::plan::{Op, refuses};
+use decision_core::plan::{Op, OpKind, refuses};
 use decision_core::quota::{self, Limit, State, Verdict};
 use decision_core::units::Micros;
 use prometheus_client::metrics::counter::Counter;
@@ -77,7 +82,12 @@ impl OverLimitCache {
         }
         let mut h = self.hasher.build_hasher();
         for op in ops {
-            op.key.hash(&mut h);
+            // a reservation's key is new each time (its id): the plan is the same without it
+            if op.kind == OpKind::Reservation {
+                "reservation".hash(&mut h);
+            } else {
+                op.key.hash(&mut h);
+            }
             let (kind, a, b) = match op.limit {
                 Limit::TokenBucket { burst, interval } => (0u8, burst, interval),
                 Limit::SlidingWindow { limit, window } => (1, limit, window),

@@ -79,7 +79,7 @@ impl Decision for Noop {
         &self,
         _r: tonic::Request<CompleteRequest>,
     ) -> Result<tonic::Response<CompleteResponse>, tonic::Status> {
-        Ok(tonic::Response::new(CompleteResponse { released: false }))
+        Ok(tonic::Response::new(CompleteResponse::default()))
     }
 }
 

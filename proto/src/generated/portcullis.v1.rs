@@ -32,6 +32,12 @@ pub struct CheckRequest {
     /// The request body's size in bytes, when known (checked against limits.max_body).
     #[prost(uint64, tag = "10")]
     pub content_length: u64,
+    /// `cost` is an estimate (LLM tokens before the answer is known): when allowed, it is counted
+    /// and kept as a reservation (CheckResponse.reservation) until Complete settles it with the
+    /// actual cost; one never settled keeps its estimate and expires after the lease's time to
+    /// live. Only a request with tier quotas (an identity with a tier) reserves; not with dry_run.
+    #[prost(bool, tag = "11")]
+    pub reserve: bool,
     /// The caller's credential; none: an anonymous request.
     #[prost(oneof = "check_request::Credential", tags = "1, 2")]
     pub credential: ::core::option::Option<check_request::Credential>,
@@ -136,6 +142,13 @@ pub struct CheckResponse {
     /// True when the request was decided with dry_run: nothing was counted.
     #[prost(bool, tag = "13")]
     pub dry_run: bool,
+    /// The reservation the estimate is kept under, when reserve was asked and the request was
+    /// allowed and counted: pass it to Complete with the actual cost. Unguessable; empty otherwise.
+    #[prost(string, tag = "14")]
+    pub reservation: ::prost::alloc::string::String,
+    /// How long the reservation waits for its settle, in milliseconds (0 without one).
+    #[prost(uint64, tag = "15")]
+    pub reservation_ttl_ms: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CompleteRequest {
@@ -154,12 +167,27 @@ pub struct CompleteRequest {
     /// The request's id, for the audit trail.
     #[prost(string, tag = "5")]
     pub request_id: ::prost::alloc::string::String,
+    /// The reservation a Check answered, to settle with actual_cost; empty: nothing to settle.
+    /// Either lease or reservation (or both) is required.
+    #[prost(string, tag = "6")]
+    pub reservation: ::prost::alloc::string::String,
+    /// What the request really cost, in the units of the Check's cost (0 is a cost: nothing was
+    /// used, the whole estimate is given back). At most 1,000,000,000.
+    #[prost(uint64, tag = "7")]
+    pub actual_cost: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CompleteResponse {
     /// True when the lease was held and is now released.
     #[prost(bool, tag = "1")]
     pub released: bool,
+    /// True when the reservation was held and is now settled (false: unknown, expired, or
+    /// settled before; nothing changed).
+    #[prost(bool, tag = "2")]
+    pub settled: bool,
+    /// The estimate the settled reservation had counted (0 when not settled).
+    #[prost(uint64, tag = "3")]
+    pub reserved_cost: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RenewLeaseRequest {
@@ -326,7 +354,9 @@ pub mod decision_client {
         }
         /// A request finished: release the concurrency slot its lease holds (idempotent; a lease that
         /// expired or is unknown releases nothing) and, if it held one, count the outcome for its
-        /// upstream's circuit breaker and adaptive limit.
+        /// upstream's circuit breaker and adaptive limit. With a reservation, settle it: the actual
+        /// cost replaces the estimate in the tier quotas (a refund never below zero; an overrun
+        /// counted even past the limit), in one store call, once.
         pub async fn complete(
             &mut self,
             request: impl tonic::IntoRequest<super::CompleteRequest>,
@@ -405,7 +435,9 @@ pub mod decision_server {
         ) -> std::result::Result<tonic::Response<super::CheckResponse>, tonic::Status>;
         /// A request finished: release the concurrency slot its lease holds (idempotent; a lease that
         /// expired or is unknown releases nothing) and, if it held one, count the outcome for its
-        /// upstream's circuit breaker and adaptive limit.
+        /// upstream's circuit breaker and adaptive limit. With a reservation, settle it: the actual
+        /// cost replaces the estimate in the tier quotas (a refund never below zero; an overrun
+        /// counted even past the limit), in one store call, once.
         async fn complete(
             &self,
             request: tonic::Request<super::CompleteRequest>,

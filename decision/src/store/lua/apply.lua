@@ -10,8 +10,11 @@
 -- ARGV[3 + 5(i-1) .. 7 + 5(i-1)]   operation i:
 --           kind   "b" token bucket (GCRA) | "s" sliding-window counter | "f" fixed window
 --                  | "k" flag (an address block: cost 0 checks it, cost 1 raises it)
---           a      bucket: burst;           windows: limit;       flag: 0
---           b      bucket: interval (us);   windows: window (us); flag: duration (us)
+--                  | "r" reservation (always allowed; when the plan commits, a hash at its key:
+--                    at, until, cost (the estimate), n, and k1..kn / l1..ln, the key and
+--                    "kind a b" of the n operations right before it, which settle.lua corrects)
+--           a      bucket: burst;           windows: limit;       flag: 0;  reservation: n
+--           b      bucket: interval (us);   windows: window (us); flag and reservation: duration (us)
 --           cost   hits this request counts
 --           shadow 1: counted and reported, never refusing the plan; 0: enforced
 -- Returns   { now, committed (1|0; 0 when only checking), then for each operation: allowed (1|0), s1, s2, s3 }
@@ -36,15 +39,12 @@ local pending = {}
 local function load(key)
   local p = pending[key]
   if p ~= nil then return p end
-  local v = redis.call('GET', key)
-  if not v then return false end
-  local a, b, c = string.match(v, '^(%d+) ?(%d*) ?(%d*)$')
-  if not a then return false end
-  return { tonumber(a), tonumber(b) or 0, tonumber(c) or 0 }
+  return read_state(key)
 end
 
 local out = { now, 0 }
 local writes = {}
+local reservations = {}
 local commit = true
 
 for i = 1, #KEYS do
@@ -52,7 +52,7 @@ for i = 1, #KEYS do
   local kind, a, b = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
   local cost, shadow = tonumber(ARGV[base + 3]), ARGV[base + 4] == '1'
   local key = KEYS[i]
-  local st = load(key)
+  local st = kind ~= 'r' and load(key)
   local ok, nxt, expires
   if st then
     out[#out + 1], out[#out + 2], out[#out + 3], out[#out + 4] = 0, st[1], st[2], st[3]
@@ -66,17 +66,15 @@ for i = 1, #KEYS do
     ok = new_tat - now <= a * b
     if ok then nxt, expires = { new_tat, 0, 0 }, new_tat else nxt = st or { stored, 0, 0 } end
   elseif kind == 's' then
-    local aligned = now - now % b
-    local start, prev, cur = aligned, 0, 0
-    if st then
-      if st[1] == aligned then start, prev, cur = st[1], st[2], st[3]
-      elseif st[1] + b == aligned then start, prev, cur = aligned, st[3], 0
-      elseif st[1] > aligned then start, prev, cur = st[1], st[2], st[3] end
-    end
+    local start, prev, cur = roll(st, b, now)
     local elapsed = math.min(math.max(now - start, 0), b)
     local estimate = weighted(prev, b, elapsed) + cur
     ok = estimate + cost <= a
     if ok then nxt, expires = { start, prev, cur + cost }, start + 2 * b else nxt = st or { start, prev, cur } end
+  elseif kind == 'r' then
+    -- a reservation: always allowed; its record is written when the plan commits
+    ok = true
+    reservations[#reservations + 1] = { key, i, a, b, cost }
   elseif kind == 'k' then
     local untl = st and st[1] or 0
     if cost == 0 then
@@ -94,10 +92,10 @@ for i = 1, #KEYS do
     ok = cur + cost <= a
     if ok then nxt, expires = { start, 0, cur + cost }, start + b else nxt = st or { start, 0, cur } end
   end
-  pending[key] = nxt
+  if kind ~= 'r' then pending[key] = nxt end
   if ok then
     out[#out - 3] = 1
-    writes[#writes + 1] = { key, kind, nxt, expires }
+    if kind ~= 'r' then writes[#writes + 1] = { key, kind, nxt, expires } end
   elseif not shadow then
     commit = false
   end
@@ -106,13 +104,24 @@ end
 if commit and store then
   out[2] = 1
   for _, w in ipairs(writes) do
-    local v
-    if w[2] == 'b' or w[2] == 'k' then v = string.format('%d', w[3][1])
-    else v = string.format('%d %d %d', w[3][1], w[3][2], w[3][3]) end
-    local ttl = math.max(math.ceil((w[4] - now) / 1000), 1)
-    -- a test's clock is not the one Redis expires keys by: keep its keys at least a minute
-    if test_clock then ttl = math.max(ttl, 60000) end
-    redis.call('SET', w[1], v, 'PX', ttl)
+    write_state(w[1], w[2], w[3], w[4], now, test_clock)
+  end
+  for _, r in ipairs(reservations) do
+    -- the record: when, until when, the estimate, and each covered operation's key and limit
+    local key, at, covers, ttl, cost = r[1], r[2], r[3], r[4], r[5]
+    local fields = { 'at', now, 'until', now + ttl, 'cost', cost, 'n', covers }
+    for j = 1, covers do
+      local o = at - covers - 1 + j
+      local base = 3 + 5 * (o - 1)
+      fields[#fields + 1] = 'k' .. j
+      fields[#fields + 1] = KEYS[o]
+      fields[#fields + 1] = 'l' .. j
+      fields[#fields + 1] = ARGV[base] .. ' ' .. ARGV[base + 1] .. ' ' .. ARGV[base + 2]
+    end
+    redis.call('HSET', key, unpack(fields))
+    local ms = math.max(math.ceil(ttl / 1000), 1)
+    if test_clock then ms = math.max(ms, 60000) end
+    redis.call('PEXPIRE', key, ms)
   end
 end
 return out

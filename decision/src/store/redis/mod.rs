@@ -272,6 +272,29 @@ impl Store for RedisStore {
         traffic::completed(&reply)
     }
 
+    async fn settle(&self, keys: &[String], actual: u64, now: Micros) -> Result<Option<u64>, StoreError> {
+        let mut inv = self.scripts.settle.prepare_invoke();
+        for k in keys {
+            inv.key(k.as_str());
+        }
+        inv.arg(self.clock_arg(now)).arg(actual);
+        let reply = self.invoke(&inv).await?;
+        let estimate = match reply[..] {
+            [_, 1, estimate] => u64::try_from(estimate).ok(),
+            [_, 0, 0] => return Ok(None),
+            _ => None,
+        };
+        let estimate = estimate.ok_or_else(|| StoreError::Script(format!("settle.lua answered {reply:?}")))?;
+        // a refund takes counters back, which the over-limit cache assumes never happens: what
+        // it remembers may now refuse too much (other instances' refunds: see over_limit.rs)
+        if actual < estimate
+            && let Some(cache) = &self.over_limit
+        {
+            cache.forget_all();
+        }
+        Ok(Some(estimate))
+    }
+
     async fn apply(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
         let (verdicts, ()) = self
             .through_cache(ops, now, async {

@@ -2,7 +2,7 @@
 //! as verdicts, recomputed with the same pure quota function the memory store uses so both
 //! stores answer alike by construction.
 
-use decision_core::plan::Op;
+use decision_core::plan::{Op, OpKind};
 use decision_core::quota::{self, Limit, State, Verdict};
 use decision_core::units::Micros;
 use redis::cluster_routing::Slot;
@@ -21,12 +21,21 @@ pub(super) fn plan_args<'a>(
         inv.key(op.key.as_str());
     }
     inv.arg(clock).arg(u8::from(commit));
+    // the run of reservable operations right before each one (`plan::covered`, over this call's
+    // operations): what a reservation covers
+    let mut run = (0u64, 0u64);
     for op in ops {
         let (kind, a, b) = match op.limit {
+            _ if op.kind == OpKind::Reservation => ("r", if run.1 == op.cost { run.0 } else { 0 }, op.limit.window()),
             Limit::TokenBucket { burst, interval } => ("b", burst, interval),
             Limit::SlidingWindow { limit, window } => ("s", limit, window),
             Limit::FixedWindow { limit, window } => ("f", limit, window),
             Limit::Flag { duration } => ("k", 0, duration),
+        };
+        run = match run {
+            _ if !op.kind.reservable() => (0, 0),
+            (n, cost) if n > 0 && cost == op.cost => (n + 1, cost),
+            _ => (1, op.cost),
         };
         inv.arg(kind).arg(a).arg(b).arg(op.cost).arg(u8::from(op.shadow));
     }

@@ -3,7 +3,7 @@
 
 use redis::Script;
 
-/// The three scripts, assembled from `store/lua/` at compile time.
+/// The four scripts, assembled from `store/lua/` at compile time.
 pub(super) struct Scripts {
     /// `apply.lua`: one plan (or, on a cluster, one hash slot's part of it)
     pub apply: Script,
@@ -11,6 +11,8 @@ pub(super) struct Scripts {
     pub traffic: Script,
     /// `plan_admit.lua`: a plan and a new arrival's admission in one call (single node)
     pub plan_admit: Script,
+    /// `settle.lua`: a reservation settled with its actual cost
+    pub settle: Script,
 }
 
 impl Scripts {
@@ -27,6 +29,7 @@ impl Scripts {
                 "\nend\n",
                 include_str!("../lua/plan_admit.lua"),
             )),
+            settle: Script::new(concat!(include_str!("../lua/common.lua"), include_str!("../lua/settle.lua"))),
         }
     }
 }

@@ -630,3 +630,68 @@ fn traffic_lua_and_the_rust_traffic_rules_agree() {
         panic!("{e}");
     }
 }
+
+/// settle.lua and `quota::settle` (through the memory store) agree: random reservations on a
+/// subject's two tier limits (random kinds), settled with random actual costs at random later
+/// times (some after their window rolled, some after their record expired), leave both stores
+/// with the same counts, step after step.
+#[test]
+fn settle_lua_and_the_rust_settle_agree() {
+    let server = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let step = (prop_oneof![Just(0u64), 0..5_000_000u64, 0..120_000_000u64], 1..60u64, 0..120u64, any::<bool>());
+    let case = (random_limit(), random_limit(), prop::collection::vec(step, 1..30));
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 32, ..ProptestConfig::default() });
+    let result = runner.run(&case, |(burst, daily, steps)| {
+        assert_eq!(server.command("FLUSHALL"), "+OK\r\n");
+        let _in_runtime = rt.enter();
+        let redis = RedisStore::connect(&settings(server.url())).expect("store").with_test_clock();
+        let memory = MemoryStore::new();
+        let mut now = 1_800_000_000 * MICROS_PER_SEC + 654_321;
+        let mut open: Vec<String> = Vec::new();
+        let tier = |cost: u64| {
+            let [_, b, d] = decision_core::decide::reservation_keys("sam", "0");
+            vec![
+                Op { key: b, limit: burst, cost, kind: OpKind::TierBurst, shadow: false },
+                Op { key: d, limit: daily, cost, kind: OpKind::TierDaily, shadow: false },
+            ]
+        };
+        for (i, (dt, estimate, actual, reserve)) in steps.into_iter().enumerate() {
+            now += dt;
+            if reserve || open.is_empty() {
+                let id = format!("{i:032x}");
+                let mut ops = tier(estimate);
+                let [record, ..] = decision_core::decide::reservation_keys("sam", &id);
+                let ttl = 30 * MICROS_PER_SEC;
+                ops.push(Op {
+                    key: record,
+                    limit: Limit::Flag { duration: ttl },
+                    cost: estimate,
+                    kind: OpKind::Reservation,
+                    shadow: false,
+                });
+                let expected = memory.apply_now(&ops, now);
+                let got = rt.block_on(redis.apply(&ops, now)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(&got, &expected, "reserve at {}", now);
+                if !decision_core::plan::refuses(&ops, &got) {
+                    open.push(id);
+                }
+            } else {
+                let id = open.remove(usize::try_from(actual).unwrap_or(0) % open.len());
+                let keys = decision_core::decide::reservation_keys("sam", &id);
+                let expected = memory.settle_now(&keys, actual, now);
+                let got =
+                    rt.block_on(redis.settle(&keys, actual, now)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(got, expected, "settle {} at {}", id, now);
+            }
+            let probe = tier(1);
+            let expected = memory.dry_run_now(&probe, now);
+            let got = rt.block_on(redis.dry_run(&probe, now)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(got, expected, "the counts after step {} at {}", i, now);
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
