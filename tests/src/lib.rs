@@ -11,6 +11,7 @@ mod http;
 mod issuer;
 mod nginx;
 mod portcullis;
+mod proxies;
 mod redis;
 mod upstream;
 
@@ -19,6 +20,7 @@ pub use http::{HttpClient, Response, raw_status};
 pub use issuer::{Introspection, TestIssuer, b64};
 pub use nginx::{NGINX_SITE, Nginx, nginx_bin};
 pub use portcullis::{Portcullis, check_request, denied_status, portcullis_bin};
+pub use proxies::{CADDY_SITE, Proxy, TRAEFIK_MIDDLEWARE};
 pub use redis::{RedisCluster, RedisServer};
 pub use upstream::{Seen, Upstream};
 

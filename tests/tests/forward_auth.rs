@@ -1,5 +1,6 @@
-//! HTTP forward-auth against the real binary: through a real nginx (`auth_request`, configured
-//! as the README shows) the request matrix gets the statuses the native Check gives; directly,
+//! HTTP forward-auth against the real binary: through a real nginx (`auth_request`), a real
+//! Caddy (`forward_auth`) and a real Traefik (`forwardAuth`), each configured as the README
+//! shows, the request matrix gets the statuses the native Check gives; directly,
 //! the standard mode answers with the real status, headers and JSON body, and a request that
 //! cannot be checked (no URI; forwarded headers from an untrusted peer) gets a 400 that says
 //! why, with nothing counted.
@@ -7,7 +8,7 @@
 use proto::portcullis_v1::CheckRequest;
 use proto::portcullis_v1::check_request::Credential;
 use proto::portcullis_v1::decision_client::DecisionClient;
-use tests::{HttpClient, MATRIX_STATUSES, Nginx, Portcullis, Upstream, reference_policy, request_matrix};
+use tests::{HttpClient, MATRIX_STATUSES, Nginx, Portcullis, Proxy, Upstream, reference_policy, request_matrix};
 
 const BASIC: &str = "pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo";
 
@@ -265,4 +266,73 @@ async fn post_v1_check_mirrors_the_native_check_in_json() {
         .expect("native")
         .into_inner();
     assert_eq!(g.quotas.iter().find(|q| q.name == "daily").map(|q| q.remaining), Some(4_994 - 15), "{g:?}");
+}
+
+/// The request matrix through `proxy` (its X-Forwarded-For trusted for the client's address),
+/// each answer compared with the native Check's for the same request on another instance
+/// (`native`); then what reached `upstream`.
+async fn matrix_through(proxy: std::net::SocketAddr, native: &Portcullis, upstream: &Upstream, name: &str) {
+    let mut native = DecisionClient::connect(format!("http://{}", native.grpc)).await.expect("connect");
+    let http = HttpClient::new();
+    let mut statuses = Vec::new();
+    for (peer, method, path, key) in request_matrix() {
+        let mut headers = vec![("x-forwarded-for", peer)];
+        if let Some(k) = key {
+            headers.push(("x-api-key", k));
+        }
+        let r = http.request(method, &format!("http://{proxy}{path}"), &headers, "").await.expect(name);
+        let expected = native_status(&mut native, peer, method, path, key).await;
+        assert_eq!(u32::from(r.status), expected, "{name}: {method} {path} from {peer} with {key:?}: {r:?}");
+        match r.status {
+            401 => assert!(r.header("www-authenticate").is_some(), "{name} passes the challenge on: {r:?}"),
+            429 => {
+                assert!(r.header("retry-after").is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1)), "{r:?}");
+                assert!(r.body.contains("\"retry_after\""), "{name} passes portcullis's JSON body on: {r:?}");
+            }
+            _ => {}
+        }
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses, MATRIX_STATUSES, "{name}");
+    let seen = upstream.seen();
+    let first = seen.iter().find(|s| s.path == "/api/v1/items").expect("reached the upstream");
+    assert_eq!(first.headers.get("x-portcullis-subject").map(String::as_str), Some("demo-basic"), "{name}");
+    assert_eq!(first.headers.get("x-portcullis-tier").map(String::as_str), Some("basic"), "{name}");
+    assert!(seen.iter().all(|s| s.method == "GET"), "{name}: something denied reached the upstream: {seen:?}");
+}
+
+#[tokio::test]
+async fn through_caddy_and_traefik_the_matrix_gets_the_statuses_of_the_native_check() {
+    let http = HttpClient::new();
+    let forged = [("x-forwarded-uri", "/health"), ("x-forwarded-method", "GET"), ("x-forwarded-for", "10.0.0.1")];
+    for name in ["caddy", "traefik"] {
+        // fresh counters for each proxy: the matrix ends with one address over its limit
+        let (a, b) = (start(&policy()).await, start(&policy()).await);
+        let upstream = Upstream::start().await.expect("upstream");
+        let auth = a.forward_auth.expect("forward-auth on");
+        let proxy = match name {
+            "caddy" => Proxy::caddy(auth, upstream.addr).await,
+            _ => Proxy::traefik(auth, upstream.addr, true).await,
+        }
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        matrix_through(proxy.addr, &b, &upstream, name).await;
+        // Caddy describes the request it serves whoever sent it: a client's X-Forwarded-Uri
+        // naming a public path does not stand for it. Traefik behind a load balancer
+        // (trustForwardHeader: true) passes on what that load balancer sends, forged or not:
+        // the README says it must strip X-Forwarded-Method and -Uri, and this is why
+        let r = http.request("DELETE", &format!("http://{}/admin/users", proxy.addr), &forged, "").await.expect(name);
+        let believed = if name == "caddy" { 401 } else { 200 };
+        assert_eq!(r.status, believed, "{name}: {r:?}");
+    }
+    // Traefik at the edge (the README's default, trustForwardHeader: false): a client's own
+    // forwarded headers are not passed on, so its address is the one Traefik saw
+    let p = start(&policy()).await;
+    let upstream = Upstream::start().await.expect("upstream");
+    let edge =
+        Proxy::traefik(p.forward_auth.expect("on"), upstream.addr, false).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let headers = [("x-forwarded-for", "203.0.113.5"), ("x-api-key", tests::DEMO_SERVICE_KEY)];
+    let r = http.request("GET", &format!("http://{}/internal/x", edge.addr), &headers, "").await.expect("traefik");
+    assert_eq!(r.status, 200, "the client claimed an address outside the internal zone, and was not believed: {r:?}");
+    let r = http.request("DELETE", &format!("http://{}/admin/users", edge.addr), &forged, "").await.expect("traefik");
+    assert_eq!(r.status, 401, "{r:?}");
 }
