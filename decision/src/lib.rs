@@ -1,6 +1,7 @@
 //! The portcullis service: configuration, stores, the engine, the gRPC and HTTP adapters,
 //! telemetry and server wiring. Decisions themselves live in `decision-core`.
 
+pub mod admin;
 pub mod alerts;
 pub mod api;
 pub mod audit;

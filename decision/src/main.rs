@@ -1,4 +1,5 @@
-//! The `portcullis` command: `serve`, `check-config`, `explain`.
+//! The `portcullis` command: `serve`, `check-config`, `explain`, `keys`, `audit`, `report`,
+//! `admin` (a running instance's admin API).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -88,6 +89,25 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// The admin API of a running instance (`listen.admin`): status, usage, blocks. The token
+    /// comes from $PORTCULLIS_ADMIN_TOKEN or --token-file, never the command line.
+    Admin {
+        /// The admin listener, host:port.
+        #[arg(long, env = "PORTCULLIS_ADMIN_ADDR", default_value = "127.0.0.1:8083", global = true)]
+        addr: String,
+        /// A file holding the admin token (else $PORTCULLIS_ADMIN_TOKEN).
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
+        /// The admin token, from the environment (a command line is seen by `ps` and kept in
+        /// shell history: use the variable or --token-file).
+        #[arg(long, env = "PORTCULLIS_ADMIN_TOKEN", hide = true, hide_env_values = true, global = true)]
+        token: Option<String>,
+        /// One JSON object instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
     /// Decide one request against a policy without serving (a fresh memory store: nothing shared is consumed).
     Explain {
         #[arg(long, env = "PORTCULLIS_CONFIG")]
@@ -119,6 +139,78 @@ enum KeysCommand {
         /// The key id to put in the snippet.
         #[arg(long, default_value = "new-key")]
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// The policy in force (version, when loaded, the last refused reload) and the store.
+    Status,
+    /// A subject's tier limits: get, grant (more headroom now), reset.
+    Usage {
+        #[command(subcommand)]
+        command: UsageCommand,
+    },
+    /// Blocked addresses: list, block, unblock.
+    Blocks {
+        #[command(subcommand)]
+        command: BlocksCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsageCommand {
+    /// Every limit of a subject, as it stands (nothing counted).
+    Get {
+        subject: String,
+        /// The subject's tier (not needed for an API key of the policy).
+        #[arg(long, default_value = "")]
+        tier: String,
+    },
+    /// Gives `amount` units of one limit back for now (up to the whole quota).
+    Grant {
+        subject: String,
+        /// burst or daily
+        #[arg(long)]
+        limit: String,
+        #[arg(long)]
+        amount: u64,
+        #[arg(long, default_value = "")]
+        tier: String,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Forgets what a subject used of a limit (both without --limit).
+    Reset {
+        subject: String,
+        #[arg(long, default_value = "")]
+        limit: String,
+        #[arg(long, default_value = "")]
+        tier: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BlocksCommand {
+    /// The addresses blocked now.
+    List,
+    /// Blocks an address fleet-wide for a while.
+    Block {
+        address: String,
+        /// How long: 90s, 15m, 2h, 1d (at most 30 days).
+        #[arg(long = "for")]
+        duration: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Lifts an address's block and forgets its failed authentications.
+    Unblock {
+        address: String,
+        #[arg(long, default_value = "")]
+        reason: String,
     },
 }
 
@@ -232,6 +324,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             served.context("serving")?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Admin { addr, token_file, token, json, command } => {
+            use decision::admin::client::{Ask, run};
+            let token = match token_file {
+                Some(f) => std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?,
+                None => token.context("no admin token: set PORTCULLIS_ADMIN_TOKEN or give --token-file")?,
+            };
+            let token = token.trim().to_owned();
+            let ask = match command {
+                AdminCommand::Status => Ask::Status,
+                AdminCommand::Usage { command: UsageCommand::Get { subject, tier } } => Ask::Usage { subject, tier },
+                AdminCommand::Usage { command: UsageCommand::Grant { subject, limit, amount, tier, reason } } => {
+                    Ask::Grant { subject, tier, limit, amount, reason }
+                }
+                AdminCommand::Usage { command: UsageCommand::Reset { subject, limit, tier, reason } } => {
+                    Ask::Reset { subject, tier, limit, reason }
+                }
+                AdminCommand::Blocks { command: BlocksCommand::List } => Ask::Blocks,
+                AdminCommand::Blocks { command: BlocksCommand::Block { address, duration, reason } } => {
+                    let micros = decision_core::units::parse_duration(&duration)
+                        .map_err(|e| anyhow::anyhow!("--for {duration:?}: {e}"))?;
+                    Ask::Block { address, seconds: micros.div_ceil(1_000_000), reason }
+                }
+                AdminCommand::Blocks { command: BlocksCommand::Unblock { address, reason } } => {
+                    Ask::Unblock { address, reason }
+                }
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            match rt.block_on(run(&addr, &token, ask, json)) {
+                Ok(out) => {
+                    print!("{out}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("portcullis admin: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
         }
         Command::Audit { command: AuditCommand::Verify { files, checkpoints, public_key } } => {
             let mut text = String::new();

@@ -1,11 +1,12 @@
-//! Server wiring: the gRPC port (ext_authz v3, ratelimit v3, access log v3, portcullis.v1.Decision, grpc.health.v1) with explicit limits, the admin
-//! HTTP port (/healthz, /readyz, /metrics), policy reload on SIGHUP, and graceful shutdown on
-//! SIGTERM or Ctrl-C.
+//! Server wiring: the gRPC port (ext_authz v3, ratelimit v3, access log v3, portcullis.v1.Decision, grpc.health.v1) with explicit limits, the
+//! HTTP port (/healthz, /readyz, /metrics), the forward-auth listener, the admin API's listener
+//! (portcullis.v1.Admin, its own grpc.health.v1 and reflection), policy reload on SIGHUP, and
+//! graceful shutdown on SIGTERM or Ctrl-C.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -15,12 +16,14 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use proto::accesslog::access_log_service_server::AccessLogServiceServer;
 use proto::ext_authz::authorization_server::AuthorizationServer;
+use proto::portcullis_v1::admin_server::AdminServer;
 use proto::portcullis_v1::decision_server::DecisionServer;
 use proto::ratelimit::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
+use crate::admin::service::{AdminApi, PolicyStatus};
 use crate::api::accesslog::AccessLog;
 use crate::api::ext_authz::ExtAuthz;
 use crate::api::native::DecisionApi;
@@ -113,6 +116,7 @@ fn reload_on_hangup<S: Store>(
     engine: Arc<Engine<S>>,
     file: PathBuf,
     auth_metrics: crate::auth::AuthMetrics,
+    status: Arc<Mutex<PolicyStatus>>,
 ) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
@@ -128,17 +132,23 @@ fn reload_on_hangup<S: Store>(
                     Ok(cfg) => {
                         engine.replace_policy(cfg.policy);
                         engine.metrics.reload(true);
-                        tracing::info!(file = %file.display(), "policy reloaded");
+                        tracing::info!(file = %file.display(), version = %cfg.version, "policy reloaded");
+                        let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
+                        st.version = cfg.version;
+                        st.loaded_at = clock::now_micros();
+                        st.last_error = None;
                     }
                     Err(e) => {
                         engine.metrics.reload(false);
                         tracing::error!(file = %file.display(), problems = %e, "policy reload refused; the previous policy stays in force");
+                        status.lock().unwrap_or_else(|e| e.into_inner()).last_error =
+                            Some((e.to_string(), clock::now_micros()));
                     }
                 }
             }
         }
         #[cfg(not(unix))]
-        let _ = (engine, file, auth_metrics);
+        let _ = (engine, file, auth_metrics, status);
     }
 }
 
@@ -250,6 +260,14 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         Some(l) => Some(l.local_addr().map_err(ServeError::Http)?),
         None => None,
     };
+    let admin_listener = match &cfg.settings.admin {
+        Some(a) => Some(bind("admin", a.addr).await?),
+        None => None,
+    };
+    let admin_addr = match &admin_listener {
+        Some(l) => Some(l.local_addr().map_err(ServeError::Http)?),
+        None => None,
+    };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AuthorizationServer<ExtAuthz<S>>>().await;
@@ -258,7 +276,13 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
     let serving = Arc::new(AtomicBool::new(true));
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(reload_on_hangup(engine.clone(), cfg.file.clone(), cfg.auth_metrics.clone()));
+    let status = Arc::new(Mutex::new(PolicyStatus {
+        version: cfg.version.clone(),
+        file: cfg.file.display().to_string(),
+        loaded_at: clock::now_micros(),
+        last_error: None,
+    }));
+    tokio::spawn(reload_on_hangup(engine.clone(), cfg.file.clone(), cfg.auth_metrics.clone(), status.clone()));
     {
         let serving = serving.clone();
         let health_reporter = health_reporter.clone();
@@ -285,6 +309,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         .with_state(admin);
     let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     let stop_rx_forward = stop_rx.clone();
+    let stop_rx_admin = stop_rx.clone();
 
     let ext_authz = AuthorizationServer::new(ExtAuthz::new(engine.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
@@ -332,6 +357,29 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         .add_optional_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
 
+    // the admin API: its own listener, its own health service, reflection for grpcurl
+    let admin_api = async {
+        let (Some(listener), Some(settings)) = (admin_listener, cfg.settings.admin.clone()) else { return Ok(()) };
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_serving::<AdminServer<AdminApi<S>>>().await;
+        let api = AdminServer::new(AdminApi::new(engine.clone(), Arc::new(settings), status.clone()))
+            .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::portcullis_v1::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .ok();
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .add_service(health)
+            .add_service(api)
+            .add_optional_service(reflection)
+            .serve_with_incoming_shutdown(incoming, stopped(stop_rx_admin))
+            .await
+            .map_err(ServeError::Grpc)
+    };
+
     // forward-auth: its own listener, drained with the others
     let forward_auth = async {
         let Some(listener) = forward_auth_listener else { return Ok(()) };
@@ -342,12 +390,14 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         grpc_addr = %grpc_addr,
         http_addr = %http_addr,
         forward_auth_addr = forward_auth_addr.map(tracing::field::display),
+        admin_addr = admin_addr.map(tracing::field::display),
         store = engine.store().backend(),
+        policy_version = %cfg.version,
         policy = %cfg.file.display(),
         routes = engine.policy().routes.len(),
         "listening"
     );
-    let (g, h, f) = tokio::join!(grpc, async { http.await.map_err(ServeError::Http) }, forward_auth);
+    let (g, h, f, a) = tokio::join!(grpc, async { http.await.map_err(ServeError::Http) }, forward_auth, admin_api);
     if let Some(audit) = audit {
         // a last checkpoint, and every queued event delivered
         let _ = tokio::task::spawn_blocking(move || audit.stop()).await;
@@ -355,6 +405,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
     g?;
     h?;
     f?;
+    a?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -10,7 +10,8 @@ fn root() -> PathBuf {
 
 #[test]
 fn the_committed_code_is_what_the_generator_makes_of_the_protos() {
-    let fds = protox::compile(["portcullis/v1/decision.proto"], [root()]).expect("the .proto files compile");
+    let fds = protox::compile(["portcullis/v1/decision.proto", "portcullis/v1/admin.proto"], [root()])
+        .expect("the .proto files compile");
     // the descriptors gRPC reflection serves, encoded
     let descriptors = prost::Message::encode_to_vec(&fds);
     let out = std::env::temp_dir().join(format!("portcullis-proto-{}", std::process::id()));

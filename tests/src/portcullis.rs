@@ -92,6 +92,8 @@ pub struct Portcullis {
     pub http: SocketAddr,
     /// the forward-auth listener, when the policy turns it on (`listen.forward_auth`)
     pub forward_auth: Option<SocketAddr>,
+    /// the admin API's listener, when the policy turns it on (`listen.admin`)
+    pub admin: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<String>>>,
     pub dir: TempDir,
 }
@@ -157,17 +159,18 @@ impl Portcullis {
                             (v["grpc_addr"].as_str(), v["http_addr"].as_str(), tx.take())
                     {
                         let f = v["forward_auth_addr"].as_str().and_then(|a| a.parse().ok());
-                        let _ = tx.send((g.to_owned(), h.to_owned(), f));
+                        let a = v["admin_addr"].as_str().and_then(|a| a.parse().ok());
+                        let _ = tx.send((g.to_owned(), h.to_owned(), f, a));
                     }
                     lock(&logs).push(line);
                 }
             });
         }
-        let (grpc, http, forward_auth) = match tokio::time::timeout(READY_DEADLINE, rx).await {
+        let (grpc, http, forward_auth, admin) = match tokio::time::timeout(READY_DEADLINE, rx).await {
             Ok(Ok(addrs)) => addrs,
             _ => bail!("portcullis did not report its addresses; its log:\n{}", lock(&logs).join("\n")),
         };
-        Ok(Portcullis { child, grpc: grpc.parse()?, http: http.parse()?, forward_auth, logs, dir })
+        Ok(Portcullis { child, grpc: grpc.parse()?, http: http.parse()?, forward_auth, admin, logs, dir })
     }
 
     pub fn logs(&self) -> Vec<String> {

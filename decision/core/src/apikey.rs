@@ -76,6 +76,12 @@ impl ApiKeyTable {
         self.keys.is_empty()
     }
 
+    /// The tier index of the key with this id, if the table has one (the admin API's usage
+    /// calls, by id; never on a decision's path).
+    pub fn tier_of(&self, id: &str) -> Option<usize> {
+        self.keys.iter().find(|k| &*k.id == id).map(|k| k.tier)
+    }
+
     pub fn lookup(&self, presented: &[u8]) -> Lookup<'_> {
         let d = digest(presented);
         let mut found = None;

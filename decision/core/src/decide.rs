@@ -267,20 +267,7 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
     if let Some(id) = &ctx.identity
         && let Some(tier) = policy.tiers.get(id.tier)
     {
-        ops.push(Op {
-            key: format!("pc:{{s:{}}}:burst", id.subject),
-            limit: tier.bucket,
-            cost: req.cost,
-            kind: OpKind::TierBurst,
-            shadow: false,
-        });
-        ops.push(Op {
-            key: format!("pc:{{s:{}}}:daily", id.subject),
-            limit: tier.daily,
-            cost: req.cost,
-            kind: OpKind::TierDaily,
-            shadow: false,
-        });
+        ops.extend(tier_ops(&id.subject, tier, req.cost));
         if let Some(res) = req.reserve {
             // right after the operations it covers (`plan::covered`), in their hash tag
             ops.push(Op {
@@ -298,8 +285,35 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
     Ok(Plan { ops, ctx })
 }
 
-fn block_key(ip: IpAddr) -> String {
+/// The store key of an address's auto-block flag.
+pub fn block_key(ip: IpAddr) -> String {
     format!("pc:{{ip:{ip}}}:block")
+}
+
+/// The store key of an address's failed-authentication counter (same hash tag as its block).
+pub fn auth_failure_key(ip: IpAddr) -> String {
+    format!("pc:{{ip:{ip}}}:authfail")
+}
+
+/// The operations of a subject's tier quotas, counting `cost`: the burst bucket, then the daily
+/// window (keyed `pc:{s:<subject>}:burst` and `:daily`, one hash tag).
+pub fn tier_ops(subject: &str, tier: &crate::policy::Tier, cost: u64) -> [Op; 2] {
+    [
+        Op {
+            key: format!("pc:{{s:{subject}}}:burst"),
+            limit: tier.bucket,
+            cost,
+            kind: OpKind::TierBurst,
+            shadow: false,
+        },
+        Op {
+            key: format!("pc:{{s:{subject}}}:daily"),
+            limit: tier.daily,
+            cost,
+            kind: OpKind::TierDaily,
+            shadow: false,
+        },
+    ]
 }
 
 /// The cost-0 check of an address's auto-block flag, unless auto-block is off or the address's
@@ -331,13 +345,7 @@ pub fn failure_plan(policy: &Policy, d: &Decision) -> Option<Vec<Op>> {
     let ip = d.ctx.client_ip?;
     let check = block_check(policy, ip, d.ctx.zone)?;
     let ab = policy.network.auto_block.as_ref()?;
-    let count = Op {
-        key: format!("pc:{{ip:{ip}}}:authfail"),
-        limit: ab.failures,
-        cost: 1,
-        kind: OpKind::AuthFailure,
-        shadow: false,
-    };
+    let count = Op { key: auth_failure_key(ip), limit: ab.failures, cost: 1, kind: OpKind::AuthFailure, shadow: false };
     Some(vec![check, count])
 }
 

@@ -65,7 +65,10 @@ impl Validator<'_> {
                     None
                 }
                 (Some(f), None) => match std::fs::read_to_string(self.base.join(f)) {
-                    Ok(text) => Some(Jwks::Document(text)),
+                    Ok(text) => {
+                        super::read_source(&self.base.join(f), text.as_bytes());
+                        Some(Jwks::Document(text))
+                    }
                     Err(e) => {
                         self.err(
                             format!("{path}.jwks_file"),

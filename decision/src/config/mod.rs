@@ -14,6 +14,7 @@
 //! every problem it finds, each with its field path and line.
 
 mod access;
+mod admin;
 mod alerts;
 mod audit;
 mod bearer;
@@ -48,6 +49,7 @@ use std::time::Duration;
 
 use decision_core::policy::{HeaderDialect, OnStoreError, Policy, Precedence};
 use decision_core::units;
+use sha2::{Digest, Sha256};
 
 use crate::auth::AuthMetrics;
 use lines::LineIndex;
@@ -116,6 +118,8 @@ pub struct Settings {
     /// gRPC server reflection (v1 and v1alpha) for `portcullis.v1` on the gRPC port
     /// (`listen.grpc_reflection`, off by default: it tells any caller what the port serves)
     pub grpc_reflection: bool,
+    /// the admin API (`listen.admin` and `admin`); None: off
+    pub admin: Option<crate::admin::AdminSettings>,
     pub store: StoreSettings,
     /// None: no `audit` section, no audit trail
     pub audit: Option<crate::audit::AuditSettings>,
@@ -127,6 +131,10 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub file: PathBuf,
+    /// `sha256:<hex>` over the policy text and every file its loading read (ratelimit files,
+    /// JWKS files, CA files), in the order read: two instances with the same version enforce
+    /// the same policy
+    pub version: String,
     pub policy: Arc<Policy>,
     pub settings: Settings,
     /// the counters the policy's bearer verifiers count into (register them once; pass them to
@@ -172,8 +180,30 @@ pub fn parse_with(text: &str, base: &Path, auth_metrics: &AuthMetrics) -> Result
     };
     let index = LineIndex::build(text);
     let mut v = Validator { problems: Vec::new(), index: &index, base, auth_metrics };
+    SOURCES.with(|s| *s.borrow_mut() = Some(Sha256::new_with_prefix(text.as_bytes())));
     let out = v.policy(raw);
-    if v.problems.is_empty() { out.ok_or_else(Vec::new) } else { Err(v.problems) }
+    let digest = SOURCES.with(|s| s.borrow_mut().take()).map(|h| h.finalize()).unwrap_or_default();
+    let mut cfg = if v.problems.is_empty() { out.ok_or_else(Vec::new)? } else { return Err(v.problems) };
+    cfg.version = format!("sha256:{}", decision_core::encode::hex(&digest));
+    Ok(cfg)
+}
+
+thread_local! {
+    /// The digest of what the policy being loaded on this thread has read so far (`parse_with`
+    /// starts it with the policy text; `read_source` adds every other file).
+    static SOURCES: std::cell::RefCell<Option<Sha256>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Adds a file the policy being loaded made us read (its path, then its bytes) to its version.
+pub(crate) fn read_source(path: &Path, bytes: &[u8]) {
+    SOURCES.with(|s| {
+        if let Some(h) = s.borrow_mut().as_mut() {
+            h.update(path.as_os_str().as_encoded_bytes());
+            h.update([0]);
+            h.update(u64::try_from(bytes.len()).unwrap_or(u64::MAX).to_be_bytes());
+            h.update(bytes);
+        }
+    });
 }
 
 /// A deserialization error: serde_yaml's message reads `path: message at line L column C`.
@@ -245,10 +275,15 @@ impl Validator<'_> {
                 .as_deref()
                 .map(|a| self.addr("listen.forward_auth", Some(a), DEFAULT_FORWARD_AUTH_ADDR)),
             grpc_reflection: listen.grpc_reflection.unwrap_or(false),
+            admin: None,
             store,
             audit,
             alerts,
         };
+        let mut taken = vec![("listen.grpc", settings.grpc_addr), ("listen.http", settings.http_addr)];
+        taken.extend(settings.forward_auth_addr.map(|a| ("listen.forward_auth", a)));
+        let admin = self.admin(listen.admin.as_deref(), raw.admin.as_ref(), &taken);
+        let settings = Settings { admin, ..settings };
         let on_store_error = match raw.on_store_error {
             Some(raw::RawOnStoreError::Allow) => OnStoreError::Allow,
             _ => OnStoreError::Deny,
@@ -314,6 +349,7 @@ impl Validator<'_> {
         };
         Some(Config {
             file: PathBuf::new(),
+            version: String::new(),
             policy: Arc::new(policy),
             settings,
             auth_metrics: self.auth_metrics.clone(),

@@ -424,7 +424,10 @@ pub fn load(
                 Ok(_) => {}
             }
             let text = match std::fs::read_to_string(&file) {
-                Ok(t) => t,
+                Ok(t) => {
+                    super::read_source(&file, t.as_bytes());
+                    t
+                }
                 Err(e) => {
                     problems.push(fail(format!("cannot read: {e}"), None, String::new()));
                     continue;

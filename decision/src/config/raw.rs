@@ -68,6 +68,25 @@ pub struct RawPolicy {
     pub limits: Option<RawLimits>,
     pub audit: Option<RawAudit>,
     pub alerts: Option<RawAlerts>,
+    pub admin: Option<RawAdmin>,
+}
+
+/// `admin`: who may call the admin API (`listen.admin`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    #[serde(default)]
+    pub tokens: Vec<RawAdminToken>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdminToken {
+    pub id: String,
+    /// the SHA-256 of the token, hex
+    pub sha256: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +100,8 @@ pub struct RawListen {
     /// gRPC server reflection for portcullis.v1 on the gRPC port (grpcurl, Postman); off when
     /// absent
     pub grpc_reflection: Option<bool>,
+    /// the admin API (`portcullis.v1.Admin`); off when absent
+    pub admin: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

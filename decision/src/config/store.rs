@@ -72,8 +72,11 @@ impl Validator<'_> {
         if let Some(f) = &ca_file {
             if !tls {
                 self.err("store.redis.ca_file", "a CA file is for TLS: use a rediss:// URL");
-            } else if let Err(e) = std::fs::read(f) {
-                self.err("store.redis.ca_file", format!("cannot read {}: {e}", f.display()));
+            } else {
+                match std::fs::read(f) {
+                    Ok(bytes) => super::read_source(f, &bytes),
+                    Err(e) => self.err("store.redis.ca_file", format!("cannot read {}: {e}", f.display())),
+                }
             }
         }
         let over_limit_cache = r.over_limit_cache.unwrap_or(DEFAULT_OVER_LIMIT_CACHE);

@@ -404,3 +404,71 @@ fn alert_thresholds_are_compiled_and_checked() {
     let (text, problems) = problems_after("webhooks: []", "webhooks: [\"ftp://x/\"]");
     assert_problem(&problems, "alerts.webhooks[0]", line_of(&text, "ftp://x/"), "http:// or https://");
 }
+
+const ADMIN: &str = "\nadmin:\n  tokens:\n    - id: ops\n      sha256: eb4a81a266aa2358e1da82905a5b08bd910236e828c6a0f11e4175c480aa89f0\n      scopes: [read, blocks:write]\n";
+
+#[test]
+fn the_admin_api_needs_its_own_listener_and_well_formed_tokens() {
+    let with_admin = |listen: &str, admin: &str| {
+        let text = reference_text().replacen("listen:\n", &format!("listen:\n  admin: {listen}\n"), 1) + admin;
+        (parse(&text, &examples()), text)
+    };
+    let (ok, _) = with_admin("127.0.0.1:0", ADMIN);
+    let cfg = ok.unwrap_or_else(|p| panic!("{p:#?}"));
+    let admin = cfg.settings.admin.expect("on");
+    assert_eq!((admin.tokens.len(), &*admin.tokens[0].id), (1, "ops"));
+    assert_eq!(admin.tokens[0].scopes, [crate::admin::Scope::Read, crate::admin::Scope::BlocksWrite]);
+    assert!(cfg.version.starts_with("sha256:") && cfg.version.len() == 7 + 64, "{}", cfg.version);
+    // without listen.admin the section is kept for later but nothing listens
+    assert!(parse(&(reference_text() + ADMIN), &examples()).expect("valid").settings.admin.is_none());
+
+    let (no_tokens, _) = with_admin("127.0.0.1:0", "");
+    let problems = no_tokens.expect_err("no token");
+    assert!(
+        problems.iter().any(|p| p.path == "admin.tokens" && p.message.contains("at least one token")),
+        "{problems:#?}"
+    );
+    let (same_port, text2) = with_admin("127.0.0.1:8081", ADMIN);
+    assert_problem(
+        &same_port.expect_err("shared port"),
+        "listen.admin",
+        line_of(&text2, "admin: 127.0.0.1:8081"),
+        "of its own",
+    );
+    let sha = "sha256: eb4a81a266aa2358e1da82905a5b08bd910236e828c6a0f11e4175c480aa89f0";
+    let scopes = "scopes: [read, blocks:write]";
+    for (from, to, path, message) in [
+        (scopes, "scopes: [read, root]", "admin.tokens[0].scopes[1]", "unknown scope \"root\""),
+        (sha, "sha256: not-a-digest", "admin.tokens[0].sha256", "64 hexadecimal"),
+        ("id: ops", "id: \"ops team\"", "admin.tokens[0].id", "letters, digits"),
+        (scopes, "scopes: []", "admin.tokens[0].scopes", "at least one"),
+    ] {
+        let (refused, text) = with_admin("127.0.0.1:0", &ADMIN.replacen(from, to, 1));
+        assert_problem(&refused.expect_err(path), path, line_of(&text, to), message);
+    }
+    // two tokens with one id, or one token twice
+    let twice = format!(
+        "{ADMIN}    - id: ops\n      sha256: 43089ad2666e61a9f0f9dcd5f904b119ff89a44d3c8decdff84a6e8653fe64ba\n      scopes: [read]\n"
+    );
+    let (refused, _) = with_admin("127.0.0.1:0", &twice);
+    assert!(
+        refused.expect_err("dup").iter().any(|p| p.path == "admin.tokens[1].id" && p.message.contains("duplicate"))
+    );
+}
+
+#[test]
+fn the_policy_version_covers_the_files_it_names() {
+    let dir = std::env::temp_dir().join(format!("pc-version-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("ratelimit")).expect("dir");
+    for f in ["jwks.json", "ratelimit/edge.yaml"] {
+        let _ = std::fs::copy(examples().join(f), dir.join(f));
+    }
+    let text = reference_text();
+    let v1 = parse(&text, &dir).map(|c| c.version);
+    std::fs::write(dir.join("ratelimit/edge.yaml"), "domain: edge\ndescriptors: []\n").expect("write");
+    let v2 = parse(&text, &dir).map(|c| c.version);
+    let _ = std::fs::remove_dir_all(&dir);
+    let (v1, v2) = (v1.expect("valid"), v2.expect("still valid"));
+    assert_ne!(v1, v2, "a changed ratelimit file is a changed policy");
+    assert_eq!(parse(&text, &examples()).expect("valid").version, parse(&text, &examples()).expect("valid").version);
+}

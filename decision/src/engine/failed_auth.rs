@@ -36,8 +36,12 @@ impl<S: Store> Engine<S> {
         match conclude_failure(policy, d.clone(), &counted.verdicts) {
             AfterFailure::Answer(answer) => answer,
             AfterFailure::Block { raise, blocked } => {
-                match self.apply(std::slice::from_ref(&raise), now, None, None).await {
-                    Ok(_) => {
+                let raised = match blocked.ctx.client_ip {
+                    Some(ip) => self.raise_block(&raise, ip, now).await.map(|_| ()),
+                    None => self.apply(std::slice::from_ref(&raise), now, None, None).await.map(|_| ()),
+                };
+                match raised {
+                    Ok(()) => {
                         tracing::warn!(client_ip = ?blocked.ctx.client_ip, "address blocked after repeated failed authentications");
                         blocked
                     }

@@ -11,6 +11,7 @@
 //! - `observe`: what live monitoring learns from a decision, and what its alerts do;
 //! - `record`: the decision log line and the audit event of a decision.
 
+pub mod admin;
 mod failed_auth;
 mod observe;
 mod record;

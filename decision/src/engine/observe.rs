@@ -15,7 +15,7 @@ impl<S: Store> Engine<S> {
     pub async fn raised(&self, policy: &Policy, raised: crate::alerts::Raised, zone: u64) {
         if let Some(ip) = raised.block
             && let Some(op) = decision_core::decide::block_raise(policy, ip, zone)
-            && self.apply(std::slice::from_ref(&op), clock::now_micros(), None, None).await.is_ok()
+            && self.raise_block(&op, ip, clock::now_micros()).await.is_ok()
         {
             tracing::warn!(client_ip = %ip, "address blocked by a critical failed-authentication alert");
         }

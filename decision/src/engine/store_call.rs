@@ -20,7 +20,7 @@ impl<S: Store> Engine<S> {
     /// `deadline` when that is sooner (`DeadlineExceeded` past it; a call whose deadline has
     /// already passed is not started, so it counts nothing). A store failure is logged and
     /// counted in `portcullis_store_errors_total`; a success after failures is logged once.
-    async fn bounded<T>(
+    pub(super) async fn bounded<T>(
         &self,
         call: impl Future<Output = Result<T, StoreError>>,
         deadline: Option<Instant>,

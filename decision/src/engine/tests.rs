@@ -274,6 +274,26 @@ impl Store for BrokenStore {
         Err(StoreError::Unavailable("connection refused".into()))
     }
 
+    async fn adjust(&self, _: &[(String, decision_core::quota::Limit)], _: i64, _: u64) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+
+    async fn forget(&self, _: &[String]) -> Result<u64, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+
+    async fn note_block(&self, _: &str, _: u64, _: u64) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+
+    async fn unnote_block(&self, _: &str, _: u64) -> Result<bool, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+
+    async fn blocks(&self, _: u64) -> Result<Vec<(String, u64)>, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+
     async fn complete(
         &self,
         _: &crate::store::Release<'_>,

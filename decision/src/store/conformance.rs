@@ -56,6 +56,45 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     a_refund_never_goes_below_zero_nor_past_full(&make().await).await;
     an_unsettled_reservation_expires_keeping_its_estimate(&make().await).await;
     concurrent_reservations_settle_exactly(&make().await).await;
+    a_grant_gives_back_up_to_the_whole_quota_and_forget_resets(&make().await).await;
+    the_blocks_index_lists_what_is_blocked_soonest_first(&make().await).await;
+}
+
+/// `adjust` with a negative delta gives units back now (never past the whole quota); `forget`
+/// deletes counters and says how many existed.
+async fn a_grant_gives_back_up_to_the_whole_quota_and_forget_resets<S: Store>(s: &S) {
+    let b = s.backend();
+    s.apply(&reserved_plan("hank", None, 900, 0), T0).await.expect("apply");
+    assert_eq!(left(s, "hank", T0).await, (100, 100), "{b}");
+    let ops = reserved_plan("hank", None, 0, 0);
+    let counters: Vec<(String, Limit)> = ops[..2].iter().map(|o| (o.key.clone(), o.limit)).collect();
+    s.adjust(&counters[..1], -300, T0).await.expect("adjust");
+    assert_eq!(left(s, "hank", T0).await, (400, 100), "{b}: 300 burst units given back");
+    s.adjust(&counters, -5_000, T0).await.expect("adjust");
+    assert_eq!(left(s, "hank", T0).await, (1_000, 1_000), "{b}: never past the whole quota");
+    s.apply(&reserved_plan("hank", None, 10, 0), T0).await.expect("apply");
+    assert_eq!(s.forget(&[counters[1].0.clone(), "pc:{s:hank}:none".into()]).await.expect("forget"), 1, "{b}");
+    assert_eq!(left(s, "hank", T0).await, (990, 1_000), "{b}: the daily counter is forgotten, the bucket kept");
+}
+
+/// `note_block` keeps the later end of two blocks; `blocks` lists live ones soonest first;
+/// `unnote_block` says whether the address was listed.
+async fn the_blocks_index_lists_what_is_blocked_soonest_first<S: Store>(s: &S) {
+    let b = s.backend();
+    let min = MICROS_PER_MINUTE;
+    s.note_block("203.0.113.9", T0 + 15 * min, T0).await.expect("note");
+    s.note_block("2001:db8::1", T0 + 5 * min, T0).await.expect("note");
+    s.note_block("203.0.113.9", T0 + 10 * min, T0).await.expect("note: shorter, ignored");
+    s.note_block("198.51.100.1", T0 + min, T0).await.expect("note");
+    let listed = s.blocks(T0 + 2 * min).await.expect("blocks");
+    assert_eq!(
+        listed,
+        [("2001:db8::1".to_owned(), T0 + 5 * min), ("203.0.113.9".to_owned(), T0 + 15 * min)],
+        "{b}: the expired one dropped, the longer block kept"
+    );
+    assert!(s.unnote_block("203.0.113.9", T0 + 2 * min).await.expect("unnote"), "{b}");
+    assert!(!s.unnote_block("203.0.113.9", T0 + 2 * min).await.expect("unnote"), "{b}");
+    assert_eq!(s.blocks(T0 + 6 * min).await.expect("blocks"), [], "{b}");
 }
 
 /// A tier's plan as `decide::plan` makes it for `subject` with `reserve`: its burst bucket and

@@ -40,6 +40,8 @@ pub struct MemoryStore {
     /// shards' locks while a plan commits, and alone while a settle reads it: never the other
     /// way round)
     reservations: Mutex<HashMap<u128, Held>>,
+    /// the blocks index: address -> until
+    blocks: Mutex<HashMap<String, Micros>>,
 }
 
 /// A reservation's record: what apply.lua keeps in a Redis hash.
@@ -107,6 +109,7 @@ impl MemoryStore {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             traffic: Mutex::new(HashMap::new()),
             reservations: Mutex::new(HashMap::new()),
+            blocks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -292,6 +295,48 @@ impl MemoryStore {
         Some(held.estimate)
     }
 
+    /// `Store::adjust`, synchronously.
+    pub fn adjust_now(&self, counters: &[(String, quota::Limit)], delta: i64, now: Micros) {
+        for (key, limit) in counters {
+            let id = self.id(key);
+            let mut map = lock(&self.shards[Self::shard_of(id)]);
+            let state = map.get(&id).filter(|e| e.expires_at > now).map(|e| e.state);
+            if let Some((state, expires_at)) = quota::settle(*limit, state, now, delta, now) {
+                map.insert(id, Entry { state, expires_at });
+            }
+        }
+    }
+
+    /// `Store::forget`, synchronously.
+    pub fn forget_now(&self, keys: &[String]) -> u64 {
+        let mut n = 0;
+        for key in keys {
+            let id = self.id(key);
+            n += u64::from(lock(&self.shards[Self::shard_of(id)]).remove(&id).is_some());
+        }
+        n
+    }
+
+    /// `Store::note_block`, `unnote_block` and `blocks`, synchronously.
+    pub fn note_block_now(&self, address: &str, until: Micros, now: Micros) {
+        let mut blocks = lock(&self.blocks);
+        blocks.retain(|_, u| *u > now);
+        let entry = blocks.entry(address.to_owned()).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    pub fn unnote_block_now(&self, address: &str, now: Micros) -> bool {
+        lock(&self.blocks).remove(address).is_some_and(|u| u > now)
+    }
+
+    pub fn blocks_now(&self, now: Micros) -> Vec<(String, Micros)> {
+        let mut blocks = lock(&self.blocks);
+        blocks.retain(|_, u| *u > now);
+        let mut all: Vec<(String, Micros)> = blocks.iter().map(|(a, u)| (a.clone(), *u)).collect();
+        all.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        all
+    }
+
     /// Drops every entry expired at `now`; returns how many remain.
     pub fn sweep(&self, now: Micros) -> usize {
         lock(&self.reservations).retain(|_, r| r.until > now);
@@ -348,6 +393,28 @@ impl Store for MemoryStore {
 
     async fn settle(&self, keys: &[String], actual: u64, now: Micros) -> Result<Option<u64>, StoreError> {
         Ok(self.settle_now(keys, actual, now))
+    }
+
+    async fn adjust(&self, counters: &[(String, quota::Limit)], delta: i64, now: Micros) -> Result<(), StoreError> {
+        self.adjust_now(counters, delta, now);
+        Ok(())
+    }
+
+    async fn forget(&self, keys: &[String]) -> Result<u64, StoreError> {
+        Ok(self.forget_now(keys))
+    }
+
+    async fn note_block(&self, address: &str, until: Micros, now: Micros) -> Result<(), StoreError> {
+        self.note_block_now(address, until, now);
+        Ok(())
+    }
+
+    async fn unnote_block(&self, address: &str, now: Micros) -> Result<bool, StoreError> {
+        Ok(self.unnote_block_now(address, now))
+    }
+
+    async fn blocks(&self, now: Micros) -> Result<Vec<(String, Micros)>, StoreError> {
+        Ok(self.blocks_now(now))
     }
 
     fn backend(&self) -> &'static str {

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use decision_core::plan::Op;
-use decision_core::quota::Verdict;
+use decision_core::quota::{Limit, Verdict};
 use decision_core::traffic::{Admit, Mode, TrafficConfig};
 use decision_core::units::Micros;
 
@@ -162,6 +162,37 @@ pub trait Store: Send + Sync + 'static {
         actual: u64,
         now: Micros,
     ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
+
+    /// Admin (usage granted): `delta` units counted now in each of `counters` (a store key and
+    /// its limit, all in one hash tag), as `quota::settle` corrects an amount counted now: a
+    /// negative delta gives units back to the current window, never below zero (nor a bucket
+    /// past full). One call; every instance's over-limit cache forgets what it remembers.
+    fn adjust(
+        &self,
+        counters: &[(String, Limit)],
+        delta: i64,
+        now: Micros,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Admin (usage reset, unblock): `keys` (in one hash tag) deleted; how many existed. One
+    /// call; every instance's over-limit cache forgets what it remembers.
+    fn forget(&self, keys: &[String]) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// The blocks index, for the admin API's list: `address` is blocked until `until` (a later
+    /// block of the same address extends it, never shortens it); expired entries are dropped.
+    fn note_block(
+        &self,
+        address: &str,
+        until: Micros,
+        now: Micros,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The blocks index: `address` dropped (unblocked); whether it was there.
+    fn unnote_block(&self, address: &str, now: Micros) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The blocks index: every address blocked at `now`, with when its block ends, soonest
+    /// first.
+    fn blocks(&self, now: Micros) -> impl Future<Output = Result<Vec<(String, Micros)>, StoreError>> + Send;
 
     /// Calls `wake` with an upstream's key whenever any instance of the fleet frees one of its
     /// slots (a shared store's notification), for as long as the store lives. A store private

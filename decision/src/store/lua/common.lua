@@ -58,3 +58,39 @@ local function roll(st, b, now)
   end
   return aligned, 0, 0
 end
+
+-- Corrects the counter `key` (kind "b", "s" or "f"; `b` its interval or window) by `delta`
+-- units, for an amount counted at `at`: decision-core's quota::settle, mirrored exactly. An
+-- overrun (delta > 0) is counted now even past the limit; a refund goes back to the window the
+-- amount was counted in, never below zero (nor a bucket past full), and nothing once that
+-- window is gone.
+local function correct(key, kind, b, at, delta, now, test_clock)
+  local more = math.abs(delta)
+  local st = read_state(key)
+  local nxt, expires
+  if kind == 'b' then
+    local tat = st and st[1] or now
+    if delta > 0 then nxt = math.max(tat, now) + more * b
+    elseif tat > now then nxt = math.max(tat - more * b, now) end
+    if nxt then nxt, expires = { nxt, 0, 0 }, nxt end
+  elseif kind == 's' then
+    local start, prev, cur = roll(st, b, now)
+    local counted = at - at % b
+    if delta > 0 then nxt = { start, prev, cur + more }
+    elseif counted == start then nxt = { start, prev, math.max(cur - more, 0) }
+    elseif counted + b == start then nxt = { start, math.max(prev - more, 0), cur } end
+    expires = start + 2 * b
+  elseif kind == 'f' then
+    local start = now - now % b
+    local cur = 0
+    if st and st[1] >= start then cur = st[3] end
+    if delta > 0 then nxt = { start, 0, cur + more }
+    elseif at - at % b == start then nxt = { start, 0, math.max(cur - more, 0) } end
+    expires = start + b
+  end
+  if nxt then write_state(key, kind, nxt, expires, now, test_clock) end
+end
+
+-- What an admin change announces, so that every instance forgets the refusals its over-limit
+-- cache remembers (store/redis/mod.rs subscribes).
+local CHANGED_CHANNEL = 'pc:changed'

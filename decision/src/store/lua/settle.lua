@@ -1,6 +1,6 @@
 -- settle.lua: settles one reservation (the native API's reserve): the actual cost replaces the
 -- estimate in every counter the reservation covers, and the record is gone, in one call.
--- Loaded by store/redis/scripts.rs after common.lua (clock, read_state, write_state, roll).
+-- Loaded by store/redis/scripts.rs after common.lua (clock, correct).
 --
 -- KEYS[1]   the reservation's record (apply.lua's "r" operation wrote it)
 -- KEYS[2..] the counters it may correct (the subject's tier quotas); a record naming any other
@@ -10,9 +10,7 @@
 -- Returns   { now, settled (1|0), the estimate (0 when not settled) }; not settled: no such
 --           record, it expired (by the script's clock), or it was settled before
 --
--- The arithmetic mirrors decision-core's quota::settle exactly: an overrun is counted now even
--- past the limit; a refund goes back to the window the estimate was counted in, never below
--- zero (nor a bucket past full), and nothing once that window is gone.
+-- The arithmetic (common.lua's `correct`) mirrors decision-core's quota::settle exactly.
 
 local now, test_clock = clock(ARGV[1])
 local actual = tonumber(ARGV[2])
@@ -44,33 +42,7 @@ redis.call('DEL', KEYS[1])
 if untl <= now then return { now, 0, 0 } end
 
 local delta = actual - est
-local more = math.abs(delta)
 if delta ~= 0 then
-  for _, c in ipairs(covered) do
-    local key, kind, b = c[1], c[2], c[3]
-    local st = read_state(key)
-    local nxt, expires
-    if kind == 'b' then
-      local tat = st and st[1] or now
-      if delta > 0 then nxt = math.max(tat, now) + more * b
-      elseif tat > now then nxt = math.max(tat - more * b, now) end
-      if nxt then nxt, expires = { nxt, 0, 0 }, nxt end
-    elseif kind == 's' then
-      local start, prev, cur = roll(st, b, now)
-      local counted = at - at % b
-      if delta > 0 then nxt = { start, prev, cur + more }
-      elseif counted == start then nxt = { start, prev, math.max(cur - more, 0) }
-      elseif counted + b == start then nxt = { start, math.max(prev - more, 0), cur } end
-      expires = start + 2 * b
-    elseif kind == 'f' then
-      local start = now - now % b
-      local cur = 0
-      if st and st[1] >= start then cur = st[3] end
-      if delta > 0 then nxt = { start, 0, cur + more }
-      elseif at - at % b == start then nxt = { start, 0, math.max(cur - more, 0) } end
-      expires = start + b
-    end
-    if nxt then write_state(key, kind, nxt, expires, now, test_clock) end
-  end
+  for _, c in ipairs(covered) do correct(c[1], c[2], c[3], at, delta, now, test_clock) end
 end
 return { now, 1, est }

@@ -96,10 +96,10 @@ impl Pool {
     }
 
     /// One script call on the next connection; the reply is a flat list of integers.
-    pub async fn invoke(&self, inv: &redis::ScriptInvocation<'_>) -> redis::RedisResult<Vec<i64>> {
+    pub async fn invoke<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> redis::RedisResult<T> {
         match &self.conns {
-            Conns::Single(c) => inv.invoke_async::<Vec<i64>>(&mut c[self.next_connection(c.len())].clone()).await,
-            Conns::Cluster(c) => inv.invoke_async::<Vec<i64>>(&mut c[self.next_connection(c.len())].clone()).await,
+            Conns::Single(c) => inv.invoke_async::<T>(&mut c[self.next_connection(c.len())].clone()).await,
+            Conns::Cluster(c) => inv.invoke_async::<T>(&mut c[self.next_connection(c.len())].clone()).await,
         }
     }
 

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use decision_core::plan::{Op, refuses};
-use decision_core::quota::Verdict;
+use decision_core::quota::{Limit, Verdict};
 use decision_core::traffic::Admit;
 use decision_core::units::Micros;
 
@@ -36,6 +36,12 @@ use self::plan::{Replies, decode};
 use self::scripts::Scripts;
 pub use self::settings::{RedisSettings, redacted};
 pub use self::traffic::FREED_CHANNEL;
+
+/// The blocks index (a sorted set: address -> until), for the admin API's list.
+pub const BLOCKS_INDEX: &str = "pc:blocks";
+/// What admin changes are announced on (admin.lua's CHANGED_CHANNEL): counters went back, so
+/// every instance's over-limit cache forgets what it remembers.
+pub const CHANGED_CHANNEL: &str = "pc:changed";
 use super::over_limit::OverLimitCache;
 use super::{Admission, Planned, Release, Store, StoreError, UpstreamState};
 
@@ -45,7 +51,7 @@ pub struct RedisStore {
     timeout: Duration,
     local_share: Option<u64>,
     /// refused plans, answered without a call while they stay refused
-    over_limit: Option<OverLimitCache>,
+    over_limit: Option<std::sync::Arc<OverLimitCache>>,
     ready: AtomicBool,
     /// tests only: use the time passed to `apply` instead of the server's clock
     test_clock: bool,
@@ -61,7 +67,7 @@ impl RedisStore {
             scripts: Scripts::new(),
             timeout: s.timeout,
             local_share: s.local_share,
-            over_limit: (s.over_limit_cache > 0).then(|| OverLimitCache::new(s.over_limit_cache)),
+            over_limit: (s.over_limit_cache > 0).then(|| std::sync::Arc::new(OverLimitCache::new(s.over_limit_cache))),
             ready: AtomicBool::new(false),
             test_clock: false,
         })
@@ -100,6 +106,13 @@ impl RedisStore {
                 "Refused plans answered from the over-limit cache, without a store call",
                 cache.hits(),
             );
+        }
+    }
+
+    /// Forgets every refusal the over-limit cache remembers (counters went back here).
+    fn forget_refusals(&self) {
+        if let Some(cache) = &self.over_limit {
+            cache.forget_all();
         }
     }
 
@@ -201,7 +214,12 @@ impl RedisStore {
     /// One script call on the next connection; records whether the server answered (a failed
     /// call also empties the over-limit cache).
     async fn invoke(&self, inv: &redis::ScriptInvocation<'_>) -> Result<Vec<i64>, StoreError> {
-        let answered = self.pool.invoke(inv).await;
+        self.invoke_as::<Vec<i64>>(inv).await
+    }
+
+    /// `invoke`, for a script whose answer is not a list of integers.
+    async fn invoke_as<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> Result<T, StoreError> {
+        let answered = self.pool.invoke::<T>(inv).await;
         self.ready.store(answered.is_ok(), Ordering::Relaxed);
         if answered.is_err()
             && let Some(cache) = &self.over_limit
@@ -295,6 +313,75 @@ impl Store for RedisStore {
         Ok(Some(estimate))
     }
 
+    async fn adjust(&self, counters: &[(String, Limit)], delta: i64, now: Micros) -> Result<(), StoreError> {
+        let mut inv = self.scripts.admin.prepare_invoke();
+        for (key, _) in counters {
+            inv.key(key.as_str());
+        }
+        inv.arg(self.clock_arg(now)).arg("adjust").arg(delta);
+        for (_, limit) in counters {
+            let (kind, b) = match *limit {
+                Limit::TokenBucket { interval, .. } => ("b", interval),
+                Limit::SlidingWindow { window, .. } => ("s", window),
+                Limit::FixedWindow { window, .. } => ("f", window),
+                Limit::Flag { .. } => return Err(StoreError::Script("a flag cannot be adjusted".into())),
+            };
+            inv.arg(format!("{kind} {b}"));
+        }
+        self.invoke(&inv).await?;
+        self.forget_refusals();
+        Ok(())
+    }
+
+    async fn forget(&self, keys: &[String]) -> Result<u64, StoreError> {
+        let mut inv = self.scripts.admin.prepare_invoke();
+        for key in keys {
+            inv.key(key.as_str());
+        }
+        inv.arg(-1).arg("forget");
+        let reply = self.invoke(&inv).await?;
+        self.forget_refusals();
+        reply
+            .get(1)
+            .and_then(|n| u64::try_from(*n).ok())
+            .ok_or_else(|| StoreError::Script(format!("admin.lua forget answered {reply:?}")))
+    }
+
+    async fn note_block(&self, address: &str, until: Micros, now: Micros) -> Result<(), StoreError> {
+        let mut inv = self.scripts.admin.prepare_invoke();
+        inv.key(BLOCKS_INDEX).arg(self.clock_arg(now)).arg("note").arg(address).arg(until);
+        self.invoke(&inv).await.map(|_| ())
+    }
+
+    async fn unnote_block(&self, address: &str, now: Micros) -> Result<bool, StoreError> {
+        let mut inv = self.scripts.admin.prepare_invoke();
+        inv.key(BLOCKS_INDEX).arg(self.clock_arg(now)).arg("unnote").arg(address);
+        let reply = self.invoke(&inv).await?;
+        Ok(reply.get(1) == Some(&1))
+    }
+
+    async fn blocks(&self, now: Micros) -> Result<Vec<(String, Micros)>, StoreError> {
+        let mut inv = self.scripts.admin.prepare_invoke();
+        inv.key(BLOCKS_INDEX).arg(self.clock_arg(now)).arg("list");
+        let reply: Vec<redis::Value> = self.invoke_as(&inv).await?;
+        let text = |v: &redis::Value| -> Option<String> {
+            match v {
+                redis::Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+                redis::Value::SimpleString(s) => Some(s.clone()),
+                _ => None,
+            }
+        };
+        let bad = || StoreError::Script(format!("admin.lua list answered {reply:?}"));
+        let mut out = Vec::new();
+        for pair in reply.get(2..).ok_or_else(bad)?.chunks(2) {
+            let [address, until] = pair else { return Err(bad()) };
+            let address = text(address).ok_or_else(bad)?;
+            let until = text(until).and_then(|u| u.parse::<f64>().ok()).ok_or_else(bad)?;
+            out.push((address, until as Micros));
+        }
+        Ok(out)
+    }
+
     async fn apply(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
         let (verdicts, ()) = self
             .through_cache(ops, now, async {
@@ -311,15 +398,24 @@ impl Store for RedisStore {
 
     fn watch_freed(&self, wake: std::sync::Arc<dyn Fn(&str) + Send + Sync>) {
         let clients = self.pool.notify.clone();
+        let cache = self.over_limit.clone();
         tokio::spawn(async move {
             use futures_util::StreamExt;
             for client in clients.iter().cycle() {
                 match client.get_async_pubsub().await {
-                    Ok(mut pubsub) => match pubsub.subscribe(FREED_CHANNEL).await {
+                    Ok(mut pubsub) => match pubsub.subscribe(&[FREED_CHANNEL, CHANGED_CHANNEL]).await {
                         Ok(()) => {
+                            // (re)subscribed: changes announced meanwhile were missed
+                            if let Some(cache) = &cache {
+                                cache.forget_all();
+                            }
                             let mut messages = pubsub.on_message();
                             while let Some(msg) = messages.next().await {
-                                if let Ok(up) = msg.get_payload::<String>() {
+                                if msg.get_channel_name() == CHANGED_CHANNEL {
+                                    if let Some(cache) = &cache {
+                                        cache.forget_all();
+                                    }
+                                } else if let Ok(up) = msg.get_payload::<String>() {
                                     wake(&up);
                                 }
                             }

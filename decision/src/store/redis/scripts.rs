@@ -3,7 +3,7 @@
 
 use redis::Script;
 
-/// The four scripts, assembled from `store/lua/` at compile time.
+/// The five scripts, assembled from `store/lua/` at compile time.
 pub(super) struct Scripts {
     /// `apply.lua`: one plan (or, on a cluster, one hash slot's part of it)
     pub apply: Script,
@@ -13,6 +13,8 @@ pub(super) struct Scripts {
     pub plan_admit: Script,
     /// `settle.lua`: a reservation settled with its actual cost
     pub settle: Script,
+    /// `admin.lua`: the admin API's counters and blocks index
+    pub admin: Script,
 }
 
 impl Scripts {
@@ -30,6 +32,7 @@ impl Scripts {
                 include_str!("../lua/plan_admit.lua"),
             )),
             settle: Script::new(concat!(include_str!("../lua/common.lua"), include_str!("../lua/settle.lua"))),
+            admin: Script::new(concat!(include_str!("../lua/common.lua"), include_str!("../lua/admin.lua"))),
         }
     }
 }

@@ -1,0 +1,145 @@
+//! The admin API (`portcullis.v1.Admin`, `proto/portcullis/v1/admin.proto`): its own listener
+//! (`listen.admin`, off unless configured, never the public gRPC port), bearer tokens held as
+//! SHA-256 digests with scopes, every call audited. `service` serves it; `client` is what the
+//! `portcullis admin` commands use.
+
+pub mod client;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+
+/// What an admin token may do. A write scope does not imply `read`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// status, usage, blocks and keys listed, requests explained
+    Read,
+    /// API keys created, rotated and revoked; tokens revoked
+    KeysWrite,
+    /// usage granted and reset
+    UsageWrite,
+    /// addresses blocked and unblocked
+    BlocksWrite,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [Scope::Read, Scope::KeysWrite, Scope::UsageWrite, Scope::BlocksWrite];
+
+    /// The name in the policy (`admin.tokens[].scopes`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::KeysWrite => "keys:write",
+            Scope::UsageWrite => "usage:write",
+            Scope::BlocksWrite => "blocks:write",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+/// One admin token: its id (named in audit events, never the token) and SHA-256 digest.
+#[derive(Debug, Clone)]
+pub struct AdminToken {
+    pub id: Arc<str>,
+    pub digest: [u8; 32],
+    pub scopes: Vec<Scope>,
+}
+
+/// `listen.admin` and `admin`.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub addr: SocketAddr,
+    pub tokens: Vec<AdminToken>,
+}
+
+/// Who called, when the call was authenticated.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub token: Arc<str>,
+    pub scopes: Vec<Scope>,
+}
+
+/// Why an admin call was refused before it ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// no `authorization: Bearer` metadata, or a token that is none of the policy's (gRPC
+    /// UNAUTHENTICATED)
+    Unauthenticated,
+    /// a known token without the scope the method needs (gRPC PERMISSION_DENIED)
+    MissingScope(Scope),
+}
+
+impl AdminSettings {
+    /// The token `authorization` (the whole metadata value, `Bearer <token>`) presents. Every
+    /// token's digest is compared, in constant time, whatever matched before, so the time taken
+    /// tells nothing about which token came close (RFC 6750 for the scheme).
+    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Caller, Refusal> {
+        let presented = authorization
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(decision_core::identity::bearer_token)
+            .filter(|t| !t.is_empty())
+            .ok_or(Refusal::Unauthenticated)?;
+        let digest = decision_core::apikey::digest(presented.as_bytes());
+        let mut found = None;
+        for t in &self.tokens {
+            if bool::from(t.digest.ct_eq(&digest)) {
+                found = Some(t);
+            }
+        }
+        let t = found.ok_or(Refusal::Unauthenticated)?;
+        Ok(Caller { token: t.id.clone(), scopes: t.scopes.clone() })
+    }
+}
+
+impl Caller {
+    /// Ok when the caller holds `scope`.
+    pub fn may(&self, scope: Scope) -> Result<(), Refusal> {
+        if self.scopes.contains(&scope) { Ok(()) } else { Err(Refusal::MissingScope(scope)) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> AdminSettings {
+        AdminSettings {
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            tokens: vec![
+                AdminToken {
+                    id: "ops".into(),
+                    digest: decision_core::apikey::digest(b"pat_ops"),
+                    scopes: vec![Scope::Read, Scope::BlocksWrite],
+                },
+                AdminToken {
+                    id: "ro".into(),
+                    digest: decision_core::apikey::digest(b"pat_ro"),
+                    scopes: vec![Scope::Read],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_token_is_known_by_its_digest_and_holds_its_scopes_only() {
+        let s = settings();
+        let ops = s.authenticate(Some(b"Bearer pat_ops")).expect("ops");
+        assert_eq!(&*ops.token, "ops");
+        assert_eq!(ops.may(Scope::BlocksWrite), Ok(()));
+        assert_eq!(ops.may(Scope::UsageWrite), Err(Refusal::MissingScope(Scope::UsageWrite)));
+        let ro = s.authenticate(Some(b"bearer pat_ro")).expect("the scheme is case-insensitive");
+        assert_eq!(ro.may(Scope::BlocksWrite), Err(Refusal::MissingScope(Scope::BlocksWrite)));
+        for bad in [None, Some(&b"pat_ops"[..]), Some(b"Bearer pat_op"), Some(b"Basic cGF0X29wcw=="), Some(b"Bearer ")]
+        {
+            assert_eq!(s.authenticate(bad).err(), Some(Refusal::Unauthenticated), "{bad:?}");
+        }
+        for scope in Scope::ALL {
+            assert_eq!(Scope::parse(scope.as_str()), Some(scope));
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! `portcullis.v1.Admin` (proto/portcullis/v1/admin.proto), served on the admin listener only.
+//! Each call is authenticated (`AdminSettings::authenticate`), checked against the scope its
+//! method needs, run, and recorded as an `admin` audit event whatever came of it: the token's
+//! id (never the token), the method, the object (an address, a subject), the outcome and the
+//! operator's reason. Without an audit trail the same fields go to the log at info.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use decision_core::plan::OpKind;
+use decision_core::policy::{Policy, Tier};
+use decision_core::units::Micros;
+use proto::portcullis_v1::admin_server::Admin;
+use proto::portcullis_v1::{
+    BlockRequest, BlockedAddress, CheckRequest, CheckResponse, GetStatusRequest, GetStatusResponse, GetUsageRequest,
+    GrantUsageRequest, Limit, ListBlocksRequest, ListBlocksResponse, ResetUsageRequest, UnblockRequest,
+    UnblockResponse, Usage,
+};
+use serde_json::{Map, Value};
+use tonic::{Code, Request, Response, Status};
+
+use super::{AdminSettings, Caller, Refusal, Scope};
+use crate::api::{native, respond};
+use crate::clock;
+use crate::engine::Engine;
+use crate::store::Store;
+
+/// Longest subject, tier, limit name or reason accepted.
+pub const MAX_FIELD_BYTES: usize = 256;
+/// Most units one grant gives back.
+pub const MAX_GRANT: u64 = 1_000_000_000;
+/// Longest operator block: 30 days.
+pub const MAX_BLOCK_SECONDS: u64 = 30 * 24 * 3600;
+
+/// The policy in force and how it came to be, for `GetStatus` (the server updates it at every
+/// load and reload).
+#[derive(Debug, Clone, Default)]
+pub struct PolicyStatus {
+    pub version: String,
+    pub file: String,
+    pub loaded_at: Micros,
+    /// the last refused reload: its problems and when
+    pub last_error: Option<(String, Micros)>,
+}
+
+/// The `portcullis.v1.Admin` service.
+pub struct AdminApi<S> {
+    engine: Arc<Engine<S>>,
+    settings: Arc<AdminSettings>,
+    status: Arc<Mutex<PolicyStatus>>,
+}
+
+impl<S> AdminApi<S> {
+    pub fn new(engine: Arc<Engine<S>>, settings: Arc<AdminSettings>, status: Arc<Mutex<PolicyStatus>>) -> Self {
+        AdminApi { engine, settings, status }
+    }
+}
+
+/// What one admin call did, for its audit event.
+struct Call<'a> {
+    method: &'static str,
+    caller: Option<&'a str>,
+    object: String,
+    reason: &'a str,
+    peer: Option<IpAddr>,
+}
+
+/// `s`, if it is short and printable (an operator's text in an audit event or a store key).
+fn text<'a>(field: &str, s: &'a str) -> Result<&'a str, Status> {
+    if s.len() > MAX_FIELD_BYTES || !decision_core::fields::valid_value(s.as_bytes()) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: at most {MAX_FIELD_BYTES} bytes, with no control character"
+        )));
+    }
+    Ok(s)
+}
+
+fn address(s: &str) -> Result<IpAddr, Status> {
+    s.parse::<IpAddr>().map_err(|_| Status::invalid_argument(format!("address: {s:?} is not an IPv4 or IPv6 address")))
+}
+
+fn unavailable(e: crate::store::StoreError) -> Status {
+    tracing::warn!(error = %e, "admin call: the store failed");
+    Status::unavailable("the store is unavailable; nothing changed")
+}
+
+fn limit_kind(name: &str) -> Result<OpKind, Status> {
+    match name {
+        "burst" => Ok(OpKind::TierBurst),
+        "daily" => Ok(OpKind::TierDaily),
+        _ => Err(Status::invalid_argument(format!("limit: {name:?} is not one of a tier's limits (burst, daily)"))),
+    }
+}
+
+/// The subject and its tier: `tier` as given, or an API key's of the policy.
+fn subject_tier<'p>(policy: &'p Policy, subject: &str, tier: &str) -> Result<&'p Tier, Status> {
+    if subject.is_empty() {
+        return Err(Status::invalid_argument("subject is required (an API key's id, a token's sub)"));
+    }
+    text("subject", subject)?;
+    text("tier", tier)?;
+    let index = if tier.is_empty() {
+        policy.api_keys.tier_of(subject).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "tier: required for {subject:?}, which is not an API key of the policy (its tier is not known here)"
+            ))
+        })?
+    } else {
+        policy.tier(tier).ok_or_else(|| Status::invalid_argument(format!("tier: no tier {tier:?} in the policy")))?
+    };
+    policy.tiers.get(index).ok_or_else(|| Status::internal("a tier index out of range"))
+}
+
+impl<S: Store> AdminApi<S> {
+    /// Authenticates the call and checks its scope; a refusal is audited here.
+    fn gate<T>(&self, req: &Request<T>, method: &'static str, scope: Scope) -> Result<Caller, Status> {
+        let authorization = req.metadata().get("authorization").map(|v| v.as_bytes());
+        let refused = match self.settings.authenticate(authorization) {
+            Ok(caller) => match caller.may(scope) {
+                Ok(()) => return Ok(caller),
+                Err(r) => (r, Some(caller.token)),
+            },
+            Err(r) => (r, None),
+        };
+        let peer = req.remote_addr().map(|a| a.ip());
+        let call = Call { method, caller: refused.1.as_deref(), object: String::new(), reason: "", peer };
+        let status = match refused.0 {
+            Refusal::Unauthenticated => {
+                Status::unauthenticated("an admin token is required: authorization: Bearer <token> (admin.tokens)")
+            }
+            Refusal::MissingScope(s) => {
+                Status::permission_denied(format!("this token lacks the {} scope {method} needs", s.as_str()))
+            }
+        };
+        self.audit::<()>(&call, &Err(status.clone()));
+        Err(status)
+    }
+
+    /// The `admin` audit event (or log line) of a call, allowed or refused.
+    fn audit<T>(&self, c: &Call<'_>, outcome: &Result<T, Status>) {
+        let (outcome, detail) = match outcome {
+            Ok(_) => ("ok", String::new()),
+            Err(s) => (code_name(s.code()), s.message().to_owned()),
+        };
+        let actor = c.caller.unwrap_or("unauthenticated");
+        match self.engine.audit() {
+            Some(audit) => {
+                let mut ev = Map::new();
+                ev.insert("event".into(), "admin".into());
+                ev.insert("timestamp".into(), clock::rfc3339(clock::now_micros()).into());
+                ev.insert("actor".into(), actor.into());
+                ev.insert("method".into(), c.method.into());
+                ev.insert("object".into(), c.object.clone().into());
+                ev.insert("outcome".into(), outcome.into());
+                if !detail.is_empty() {
+                    ev.insert("detail".into(), detail.into());
+                }
+                if !c.reason.is_empty() {
+                    ev.insert("reason".into(), c.reason.into());
+                }
+                ev.insert("client_ip".into(), c.peer.map_or(Value::Null, |p| p.to_string().into()));
+                ev.insert("instance".into(), audit.instance.clone().into());
+                audit.record(ev);
+            }
+            None => tracing::info!(
+                target: "portcullis::admin",
+                actor,
+                method = c.method,
+                object = %c.object,
+                outcome,
+                reason = c.reason,
+                client_ip = c.peer.map(tracing::field::display),
+                "admin call"
+            ),
+        }
+    }
+
+    /// Runs an authenticated call and audits it.
+    fn finish<T>(&self, c: Call<'_>, outcome: Result<T, Status>) -> Result<Response<T>, Status> {
+        self.audit(&c, &outcome);
+        outcome.map(Response::new)
+    }
+
+    fn usage_of(&self, subject: &str, tier: &Tier, limits: Vec<crate::engine::admin::LimitUsage>) -> Usage {
+        Usage {
+            subject: subject.to_owned(),
+            tier: tier.name.to_string(),
+            limits: limits
+                .into_iter()
+                .map(|l| {
+                    let quota = l.limit.quota();
+                    Limit {
+                        name: l.kind.as_str().to_owned(),
+                        limit: quota,
+                        used: quota.saturating_sub(l.verdict.remaining),
+                        remaining: l.verdict.remaining,
+                        window_seconds: respond::secs_ceil(l.limit.window()),
+                        reset_seconds: respond::secs_ceil(l.verdict.reset),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// gRPC's name of a status code, in lower case (`permission_denied`).
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::InvalidArgument => "invalid_argument",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::Unauthenticated => "unauthenticated",
+        Code::Unavailable => "unavailable",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::FailedPrecondition => "failed_precondition",
+        _ => "error",
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> Admin for AdminApi<S> {
+    async fn get_status(&self, req: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {
+        let caller = self.gate(&req, "GetStatus", Scope::Read)?;
+        let peer = req.remote_addr().map(|a| a.ip());
+        let status = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let store = self.engine.store();
+        let answer = GetStatusResponse {
+            policy_version: status.version,
+            policy_file: status.file,
+            loaded_at: clock::rfc3339(status.loaded_at),
+            last_reload_error: status.last_error.as_ref().map_or_else(String::new, |(e, _)| e.clone()),
+            last_reload_error_at: status.last_error.as_ref().map_or_else(String::new, |(_, at)| clock::rfc3339(*at)),
+            store: store.backend().to_owned(),
+            store_ready: store.ready(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        let call = Call { method: "GetStatus", caller: Some(&caller.token), object: String::new(), reason: "", peer };
+        self.finish(call, Ok(answer))
+    }
+
+    async fn explain(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let caller = self.gate(&req, "Explain", Scope::Read)?;
+        let started = clock::instant();
+        let remote = req.remote_addr();
+        let mut msg = req.into_inner();
+        msg.dry_run = true;
+        msg.reserve = false;
+        let outcome = native::decide(&self.engine, &msg, remote, None, false, started).await.map_err(|r| match r {
+            native::Refused::Invalid(why) => Status::invalid_argument(why),
+            native::Refused::DeadlineExceeded => Status::deadline_exceeded("the deadline passed"),
+        });
+        let call = Call {
+            method: "Explain",
+            caller: Some(&caller.token),
+            object: format!("{} {}", msg.operation, msg.resource).chars().take(MAX_FIELD_BYTES).collect(),
+            reason: "",
+            peer: remote.map(|a| a.ip()),
+        };
+        self.finish(call, outcome)
+    }
+
+    async fn get_usage(&self, req: Request<GetUsageRequest>) -> Result<Response<Usage>, Status> {
+        let caller = self.gate(&req, "GetUsage", Scope::Read)?;
+        let peer = req.remote_addr().map(|a| a.ip());
+        let r = req.into_inner();
+        let policy = self.engine.policy();
+        let outcome = async {
+            let tier = subject_tier(&policy, &r.subject, &r.tier)?;
+            let limits = self.engine.usage(&r.subject, tier).await.map_err(unavailable)?;
+            Ok(self.usage_of(&r.subject, tier, limits))
+        }
+        .await;
+        let call =
+            Call { method: "GetUsage", caller: Some(&caller.token), object: r.subject.clone(), reason: "", peer };
+        self.finish(call, outcome)
+    }
+
+    async fn grant_usage(&self, req: Request<GrantUsageRequest>) -> Result<Response<Usage>, Status> {
+        let caller = self.gate(&req, "GrantUsage", Scope::UsageWrite)?;
+        let peer = req.remote_addr().map(|a| a.ip());
+        let r = req.into_inner();
+        let policy = self.engine.policy();
+        let outcome = async {
+            let tier = subject_tier(&policy, &r.subject, &r.tier)?;
+            let which = limit_kind(&r.limit)?;
+            text("reason", &r.reason)?;
+            if r.amount == 0 || r.amount > MAX_GRANT {
+                return Err(Status::invalid_argument("amount: 1 to 1000000000 units"));
+            }
+            self.engine.grant_usage(&r.subject, tier, which, r.amount).await.map_err(unavailable)?;
+            let limits = self.engine.usage(&r.subject, tier).await.map_err(unavailable)?;
+            Ok(self.usage_of(&r.subject, tier, limits))
+        }
+        .await;
+        let object = format!("{} {} +{}", r.subject, r.limit, r.amount).chars().take(MAX_FIELD_BYTES).collect();
+        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        self.finish(Call { method: "GrantUsage", caller: Some(&caller.token), object, reason, peer }, outcome)
+    }
+
+    async fn reset_usage(&self, req: Request<ResetUsageRequest>) -> Result<Response<Usage>, Status> {
+        let caller = self.gate(&req, "ResetUsage", Scope::UsageWrite)?;
+        let peer = req.remote_addr().map(|a| a.ip());
+        let r = req.into_inner();
+        let policy = self.engine.policy();
+        let outcome = async {
+            let tier = subject_tier(&policy, &r.subject, &r.tier)?;
+            let which = if r.limit.is_empty() { None } else { Some(limit_kind(&r.limit)?) };
+            text("reason", &r.reason)?;
+            self.engine.reset_usage(&r.subject, tier, which).await.map_err(unavailable)?;
+            let limits = self.engine.usage(&r.subject, tier).await.map_err(unavailable)?;
+            Ok(self.usage_of(&r.subject, tier, limits))
+        }
+        .await;
+        let object = format!("{} {}", r.subject, if r.limit.is_empty() { "all" } else { &r.limit });
+        let object = object.chars().take(MAX_FIELD_BYTES).collect();
+        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        self.finish(Call { method: "ResetUsage", caller: Some(&caller.token), object, reason, peer }, outcome)
+    }
+
+    async fn list_blocks(&self, req: Request<ListBlocksRequest>) -> Result<Response<ListBlocksResponse>, Status> {
+        let caller = self.gate(&req, "ListBlocks", Scope::Read)?;
+        let peer = req.remote_addr().map(|a| a.ip());
+        let now = clock::now_micros();
+        let outcome = self.engine.blocked_addresses().await.map_err(unavailable).map(|blocks| ListBlocksResponse {
+            blocks: blocks
+                .into_iter()
+                .map(|(address, until)| BlockedAddress {
+                    address,
+                    until: clock::rfc3339(until),
+                    remaining_seconds: respond::secs_ceil(until.saturating_sub(now)),
+                })
+                .collect(),
+        });
+        self.finish(
+            Call { method: "ListBlocks", caller: Some(&caller.token), object: String::new(), reason: "", peer },
+            outcome,
+        )
+    }
+
+    async fn block(&self, req: Request<BlockRequest>) -> Result<Response<BlockedAddress>, Status> {
+        let caller = self.gate(&req, "Block", Scope::BlocksWrite)?;
+        let peer = req.remote_addr().map(|a| a.ip());
+        let r = req.into_inner();
+        let outcome = async {
+            let ip = address(&r.address)?;
+            text("reason", &r.reason)?;
+            if r.duration_seconds == 0 || r.duration_seconds > MAX_BLOCK_SECONDS {
+                return Err(Status::invalid_argument("duration_seconds: 1 to 2592000 (30 days)"));
+            }
+            let until = self.engine.block_address(ip, r.duration_seconds * 1_000_000).await.map_err(unavailable)?;
+            Ok(BlockedAddress {
+                address: ip.to_string(),
+                until: clock::rfc3339(until),
+                remaining_seconds: respond::secs_ceil(until.saturating_sub(clock::now_micros())),
+            })
+        }
+        .await;
+        let object = r.address.chars().take(MAX_FIELD_BYTES).collect();
+        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        self.finish(Call { method: "Block", caller: Some(&caller.token), object, reason, peer }, outcome)
+    }
+
+    async fn unblock(&self, req: Request<UnblockRequest>) -> Result<Response<UnblockResponse>, Status> {
+        let caller = self.gate(&req, "Unblock", Scope::BlocksWrite)?;
+        let peer = req.remote_addr().map(|a| a.ip());
+        let r = req.into_inner();
+        let outcome = async {
+            let ip = address(&r.address)?;
+            text("reason", &r.reason)?;
+            let was_blocked = self.engine.unblock_address(ip).await.map_err(unavailable)?;
+            Ok(UnblockResponse { was_blocked })
+        }
+        .await;
+        let object = r.address.chars().take(MAX_FIELD_BYTES).collect();
+        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        self.finish(Call { method: "Unblock", caller: Some(&caller.token), object, reason, peer }, outcome)
+    }
+}

@@ -1,0 +1,383 @@
+//! The admin API (`portcullis.v1.Admin` on `listen.admin`) against the real binary: who may
+//! call it (no token, a wrong one, one without the scope: refused and audited; the public gRPC
+//! port does not serve it), what it changes fleet-wide on one redis-server (a grant lets a 429'd
+//! subject through on every instance, an unblock lifts an auto-block everywhere, an operator's
+//! block holds everywhere, even where the over-limit cache remembered a refusal), bad input
+//! refused with nothing changed, a store outage answered UNAVAILABLE within its timeout, and the
+//! `portcullis admin` commands.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use proto::portcullis_v1::admin_client::AdminClient;
+use proto::portcullis_v1::check_request::Credential;
+use proto::portcullis_v1::decision_client::DecisionClient;
+use proto::portcullis_v1::{
+    BlockRequest, CheckRequest, GetStatusRequest, GetUsageRequest, GrantUsageRequest, ListBlocksRequest,
+    ResetUsageRequest, UnblockRequest,
+};
+use tests::{Portcullis, RedisServer, TempDir, portcullis_bin, reference_policy};
+use tonic::transport::Channel;
+
+const OPS: &str = "pat_admin_GMS_xmuIGjOy6CuKH9myR-2eVEk6gNvL";
+const VIEWER: &str = "pat_viewer_9Qd2mZ7xLr4Tb8Wc1Hk6Ny3Pf5Sv0Je";
+const BASIC: &str = "pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo";
+
+/// The reference policy with the admin API on a free port, an operator token and a read-only one.
+fn admin_policy(base: &str) -> String {
+    base.replacen("listen:\n", "listen:\n  admin: 127.0.0.1:0\n", 1)
+        + "\nadmin:\n  tokens:\n    - id: ops\n      sha256: eb4a81a266aa2358e1da82905a5b08bd910236e828c6a0f11e4175c480aa89f0\n      \
+           scopes: [read, usage:write, blocks:write]\n    - id: viewer\n      \
+           sha256: 50e96fd8e1a16cdd1d8a3e7ac774145b08fa9d09e1b2c8183eba3505196956ca\n      scopes: [read]\n"
+}
+
+fn redis_policy(redis: &RedisServer) -> String {
+    admin_policy(&reference_policy().replacen("  memory: {}", &format!("  redis:\n    url: {}", redis.url()), 1))
+}
+
+async fn start(policy: &str) -> Portcullis {
+    Portcullis::start(policy).await.unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+async fn admin(p: &Portcullis) -> AdminClient<Channel> {
+    AdminClient::connect(format!("http://{}", p.admin.expect("admin listener on"))).await.expect("connect")
+}
+
+fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
+    r
+}
+
+async fn native(p: &Portcullis) -> DecisionClient<Channel> {
+    DecisionClient::connect(format!("http://{}", p.grpc)).await.expect("connect")
+}
+
+async fn status_of(c: &mut DecisionClient<Channel>, peer: &str, key: &str, cost: i64) -> u32 {
+    let r = c
+        .check(CheckRequest {
+            credential: Some(Credential::ApiKey(key.into())),
+            operation: "GET".into(),
+            resource: "/api/v1/items".into(),
+            client_address: peer.into(),
+            cost,
+            ..Default::default()
+        })
+        .await
+        .expect("check");
+    r.into_inner().http_status
+}
+
+/// Asks until the answer is `want`, for at most `within`: the last status.
+async fn until_status(c: &mut DecisionClient<Channel>, peer: &str, cost: i64, want: u32, within: Duration) -> u32 {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = status_of(c, peer, BASIC, cost).await;
+        if got == want || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn only_known_tokens_with_the_scope_get_in_and_every_call_is_audited() {
+    let dir = TempDir::new("admin-audit");
+    let audit = dir.0.join("audit.log");
+    let policy = admin_policy(&reference_policy().replacen(
+        "    - stdout: {}",
+        &format!("    - file: {{ path: \"{}\", fsync: always }}", audit.display()),
+        1,
+    ));
+    let p = start(&policy).await;
+    let mut c = admin(&p).await;
+
+    let e = c.get_status(GetStatusRequest {}).await.expect_err("no token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = c.get_status(authed("pat_admin_wrong", GetStatusRequest {})).await.expect_err("wrong token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = c
+        .block(authed(VIEWER, BlockRequest { address: "192.0.2.1".into(), duration_seconds: 60, reason: "x".into() }))
+        .await
+        .expect_err("no scope");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("blocks:write"), "{e:?}");
+
+    let s = c.get_status(authed(VIEWER, GetStatusRequest {})).await.expect("status").into_inner();
+    assert!(s.policy_version.starts_with("sha256:") && s.store == "memory" && s.store_ready, "{s:?}");
+    assert!(s.last_reload_error.is_empty(), "{s:?}");
+    let version_logged = p.logs().iter().any(|l| l.contains(&format!("\"policy_version\":\"{}\"", s.policy_version)));
+    assert!(version_logged, "the listening line names the same version");
+
+    // the public gRPC port does not serve Admin
+    let mut public = AdminClient::connect(format!("http://{}", p.grpc)).await.expect("connect");
+    let e = public.get_status(authed(OPS, GetStatusRequest {})).await.expect_err("not served there");
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+    // health answers on the admin port
+    let channel = Channel::from_shared(format!("http://{}", p.admin.expect("on")))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "portcullis.v1.Admin".into() })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+    // every call above is in the trail: who, what, how it ended; never a token
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "admin")
+            .collect();
+        if events.len() >= 4 || Instant::now() > deadline {
+            assert!(
+                !text.contains(OPS) && !text.contains(VIEWER) && !text.contains("pat_admin_wrong"),
+                "a token in the trail"
+            );
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let seen: Vec<(String, String, String)> = events
+        .iter()
+        .map(|v| {
+            let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+            (s("actor"), s("method"), s("outcome"))
+        })
+        .collect();
+    let expected = [
+        ("unauthenticated", "GetStatus", "unauthenticated"),
+        ("unauthenticated", "GetStatus", "unauthenticated"),
+        ("viewer", "Block", "permission_denied"),
+        ("viewer", "GetStatus", "ok"),
+    ];
+    assert_eq!(seen.len(), expected.len(), "{events:#?}");
+    for (got, want) in seen.iter().zip(expected) {
+        assert_eq!((got.0.as_str(), got.1.as_str(), got.2.as_str()), want, "{events:#?}");
+    }
+}
+
+#[tokio::test]
+async fn grants_unblocks_and_blocks_hold_on_every_instance_of_the_fleet() {
+    let redis = RedisServer::start();
+    let policy = redis_policy(&redis);
+    let fleet = [start(&policy).await, start(&policy).await, start(&policy).await];
+    let mut clients = Vec::new();
+    for p in &fleet {
+        clients.push(native(p).await);
+    }
+    let [a, b, c] = &mut clients[..] else { unreachable!() };
+    let mut admin_c = admin(&fleet[2]).await;
+
+    // the whole burst (100) spent through A: a request of 50 is refused on A and B for about 50
+    // seconds (the bucket refills one a second), which B's over-limit cache remembers
+    assert_eq!(status_of(a, "10.0.0.9", BASIC, 100).await, 200);
+    assert_eq!(status_of(a, "10.0.0.9", BASIC, 50).await, 429);
+    assert_eq!(status_of(b, "10.0.0.9", BASIC, 50).await, 429);
+    assert_eq!(status_of(b, "10.0.0.9", BASIC, 50).await, 429);
+    let usage = admin_c
+        .get_usage(authed(OPS, GetUsageRequest { subject: "demo-basic".into(), tier: String::new() }))
+        .await
+        .expect("usage")
+        .into_inner();
+    let burst = usage.limits.iter().find(|l| l.name == "burst").expect("burst");
+    assert!(burst.remaining <= 1 && burst.limit == 100, "{usage:?}");
+    // a grant on C: A and B let the subject through within a second
+    let granted = admin_c
+        .grant_usage(authed(
+            OPS,
+            GrantUsageRequest {
+                subject: "demo-basic".into(),
+                tier: String::new(),
+                limit: "burst".into(),
+                amount: 60,
+                reason: "support ticket 4711".into(),
+            },
+        ))
+        .await
+        .expect("grant")
+        .into_inner();
+    assert!(granted.limits.iter().any(|l| l.name == "burst" && l.remaining >= 60), "{granted:?}");
+    let second = Duration::from_secs(1);
+    assert_eq!(until_status(b, "10.0.0.9", 50, 200, second).await, 200, "B still refuses");
+    assert_eq!(status_of(a, "10.0.0.9", BASIC, 50).await, 429, "the grant was 60, and B took 50");
+
+    // ten failed authentications from one address through A: blocked on B and C too
+    for _ in 0..9 {
+        assert_eq!(status_of(a, "192.0.2.66", "pk_wrong", 1).await, 401);
+    }
+    assert_eq!(status_of(a, "192.0.2.66", "pk_wrong", 1).await, 403, "the tenth blocks the address");
+    assert_eq!(status_of(b, "192.0.2.66", BASIC, 1).await, 403);
+    assert_eq!(status_of(c, "192.0.2.66", BASIC, 1).await, 403);
+    let blocks = admin_c.list_blocks(authed(OPS, ListBlocksRequest {})).await.expect("list").into_inner();
+    let listed = blocks.blocks.iter().find(|b| b.address == "192.0.2.66").expect("listed");
+    assert!(listed.remaining_seconds > 800 && listed.remaining_seconds <= 900, "{blocks:?}");
+    // unblocked through B's admin API: A and C let it through within a second
+    let mut admin_b = admin(&fleet[1]).await;
+    let u = admin_b
+        .unblock(authed(OPS, UnblockRequest { address: "192.0.2.66".into(), reason: "false alarm".into() }))
+        .await
+        .expect("unblock")
+        .into_inner();
+    assert!(u.was_blocked);
+    assert_eq!(until_status(a, "192.0.2.66", 1, 200, second).await, 200, "A still blocks");
+    assert_eq!(until_status(c, "192.0.2.66", 1, 200, second).await, 200, "C still blocks");
+    let blocks = admin_c.list_blocks(authed(VIEWER, ListBlocksRequest {})).await.expect("list").into_inner();
+    assert!(blocks.blocks.iter().all(|b| b.address != "192.0.2.66"), "{blocks:?}");
+
+    // an operator's block through A holds on C at once
+    let mut admin_a = admin(&fleet[0]).await;
+    let blocked = admin_a
+        .block(authed(
+            OPS,
+            BlockRequest { address: "2001:db8::7".into(), duration_seconds: 120, reason: "abuse".into() },
+        ))
+        .await
+        .expect("block")
+        .into_inner();
+    assert_eq!((blocked.address.as_str(), blocked.remaining_seconds), ("2001:db8::7", 120));
+    assert_eq!(status_of(c, "2001:db8::7", BASIC, 1).await, 403);
+
+    // a reset forgets the day's count: the usage reads whole again
+    let reset = admin_a
+        .reset_usage(authed(
+            OPS,
+            ResetUsageRequest {
+                subject: "demo-basic".into(),
+                tier: String::new(),
+                limit: String::new(),
+                reason: String::new(),
+            },
+        ))
+        .await
+        .expect("reset")
+        .into_inner();
+    assert!(reset.limits.iter().all(|l| l.used == 0 && l.remaining == l.limit), "{reset:?}");
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_precisely_and_changes_nothing_and_an_outage_is_unavailable() {
+    let p = start(&admin_policy(&reference_policy())).await;
+    let mut c = admin(&p).await;
+    let usage = || GetUsageRequest { subject: "demo-basic".into(), tier: String::new() };
+    let before = c.get_usage(authed(OPS, usage())).await.expect("usage").into_inner();
+    let grant = |limit: &str, amount: u64, subject: &str, tier: &str| GrantUsageRequest {
+        subject: subject.into(),
+        tier: tier.into(),
+        limit: limit.into(),
+        amount,
+        reason: String::new(),
+    };
+    let cases: Vec<(tonic::Status, &str)> = vec![
+        (
+            c.grant_usage(authed(OPS, grant("weekly", 5, "demo-basic", ""))).await.expect_err("limit"),
+            "not one of a tier's limits",
+        ),
+        (c.grant_usage(authed(OPS, grant("burst", 0, "demo-basic", ""))).await.expect_err("amount"), "amount"),
+        (c.grant_usage(authed(OPS, grant("burst", 5, "alice", ""))).await.expect_err("tier"), "tier: required"),
+        (c.grant_usage(authed(OPS, grant("burst", 5, "alice", "gold"))).await.expect_err("tier"), "no tier \"gold\""),
+        (c.grant_usage(authed(OPS, grant("burst", 5, "", ""))).await.expect_err("subject"), "subject is required"),
+        (
+            c.block(authed(
+                OPS,
+                BlockRequest { address: "10.0.0.300".into(), duration_seconds: 60, reason: String::new() },
+            ))
+            .await
+            .expect_err("address"),
+            "not an IPv4 or IPv6 address",
+        ),
+        (
+            c.block(authed(
+                OPS,
+                BlockRequest { address: "10.0.0.3".into(), duration_seconds: 0, reason: String::new() },
+            ))
+            .await
+            .expect_err("duration"),
+            "duration_seconds",
+        ),
+        (
+            c.block(authed(
+                OPS,
+                BlockRequest { address: "10.0.0.3".into(), duration_seconds: 60, reason: "a\nb".into() },
+            ))
+            .await
+            .expect_err("reason"),
+            "reason",
+        ),
+        (
+            c.unblock(authed(OPS, UnblockRequest { address: "::g".into(), reason: String::new() }))
+                .await
+                .expect_err("addr"),
+            "address",
+        ),
+    ];
+    for (e, why) in cases {
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{why}: {e:?}");
+        assert!(e.message().contains(why), "{why}: {}", e.message());
+    }
+    assert_eq!(c.get_usage(authed(OPS, usage())).await.expect("usage").into_inner(), before, "nothing changed");
+    let blocks = c.list_blocks(authed(OPS, ListBlocksRequest {})).await.expect("list").into_inner();
+    assert!(blocks.blocks.is_empty(), "{blocks:?}");
+
+    // the store down: UNAVAILABLE within its timeout, for reads and writes alike
+    let down = admin_policy(&reference_policy().replacen(
+        "  memory: {}",
+        "  redis:\n    url: redis://127.0.0.1:1\n    timeout: 100ms",
+        1,
+    ));
+    let p = start(&down).await;
+    let mut c = admin(&p).await;
+    let t = Instant::now();
+    let e = c.get_usage(authed(OPS, usage())).await.expect_err("store down");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    let e = c
+        .unblock(authed(OPS, UnblockRequest { address: "10.0.0.3".into(), reason: String::new() }))
+        .await
+        .expect_err("store down");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "answered in {:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn the_admin_commands_print_tables_and_json_with_the_token_from_the_environment() {
+    let p = start(&admin_policy(&reference_policy())).await;
+    let addr = p.admin.expect("on").to_string();
+    let run = |args: &[&str], token: Option<&str>| {
+        let mut cmd = std::process::Command::new(portcullis_bin());
+        cmd.arg("admin").args(args).env("PORTCULLIS_ADMIN_ADDR", &addr).env_remove("PORTCULLIS_ADMIN_TOKEN");
+        if let Some(t) = token {
+            cmd.env("PORTCULLIS_ADMIN_TOKEN", t);
+        }
+        cmd.output().expect("portcullis admin")
+    };
+    let out = run(&["blocks", "block", "203.0.113.77", "--for", "10m", "--reason", "test"], Some(OPS));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&["blocks", "list"], Some(VIEWER));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("ADDRESS") && text.contains("203.0.113.77"), "{text}");
+    let out = run(&["usage", "get", "demo-basic", "--json"], Some(VIEWER));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!((v["subject"].as_str(), v["tier"].as_str()), (Some("demo-basic"), Some("basic")), "{v}");
+    assert_eq!(v["limits"][0]["name"], "burst");
+    // the token from a file
+    let dir = TempDir::new("admin-token");
+    let file = dir.0.join("token");
+    std::fs::write(&file, format!("{VIEWER}\n")).expect("write");
+    let out = run(&["status", "--token-file", file.to_str().expect("path")], None);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("policy_version: sha256:"), "{out:?}");
+    // no token, or a token without the scope: exit 1 and why
+    let out = run(&["status"], None);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PORTCULLIS_ADMIN_TOKEN"), "{out:?}");
+    let out = run(&["blocks", "unblock", "203.0.113.77"], Some(VIEWER));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"), "{out:?}");
+}
