@@ -156,6 +156,32 @@ enum AdminCommand {
         #[command(subcommand)]
         command: BlocksCommand,
     },
+    /// Bearer tokens: revoke.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Revokes a bearer token until it expires, on every instance: the token read from stdin
+    /// (a JWT's sub, jti and exp are read from it), or named by --subject, --jti and --expires-at.
+    Revoke {
+        /// Read the token from stdin (never the command line).
+        #[arg(long)]
+        token_stdin: bool,
+        /// As portcullis names it: jwt:<sub>, oauth:<sub>.
+        #[arg(long, default_value = "")]
+        subject: String,
+        #[arg(long, default_value = "")]
+        jti: String,
+        /// When the token expires (RFC 3339).
+        #[arg(long)]
+        expires_at: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -349,6 +375,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 AdminCommand::Blocks { command: BlocksCommand::Unblock { address, reason } } => {
                     Ask::Unblock { address, reason }
+                }
+                AdminCommand::Tokens {
+                    command: TokensCommand::Revoke { token_stdin, subject, jti, expires_at, reason },
+                } => {
+                    let mut token = String::new();
+                    if token_stdin {
+                        std::io::Read::read_to_string(&mut std::io::stdin(), &mut token)
+                            .context("reading the token")?;
+                    }
+                    let expires_at = match expires_at {
+                        Some(t) => {
+                            let us = decision_core::units::parse_rfc3339(&t)
+                                .map_err(|e| anyhow::anyhow!("--expires-at {t:?}: {e}"))?;
+                            i64::try_from(us / 1_000_000).unwrap_or(i64::MAX)
+                        }
+                        None => 0,
+                    };
+                    Ask::RevokeToken { token: token.trim().to_owned(), subject, jti, expires_at, reason }
                 }
             };
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -3,8 +3,11 @@
 //! port does not serve it), what it changes fleet-wide on one redis-server (a grant lets a 429'd
 //! subject through on every instance, an unblock lifts an auto-block everywhere, an operator's
 //! block holds everywhere, even where the over-limit cache remembered a refusal), bad input
-//! refused with nothing changed, a store outage answered UNAVAILABLE within its timeout, and the
-//! `portcullis admin` commands.
+//! refused with nothing changed, a store outage answered UNAVAILABLE within its timeout, bearer
+//! tokens revoked fleet-wide (and a revocation check that cannot be made answered by
+//! on_store_error), and the `portcullis admin` commands.
+// Tokens are judged by portcullis's wall clock, so the test must make them with one too.
+#![allow(clippy::disallowed_methods)]
 
 use std::time::Duration;
 
@@ -14,8 +17,8 @@ use proto::portcullis_v1::admin_client::AdminClient;
 use proto::portcullis_v1::check_request::Credential;
 use proto::portcullis_v1::decision_client::DecisionClient;
 use proto::portcullis_v1::{
-    BlockRequest, CheckRequest, GetStatusRequest, GetUsageRequest, GrantUsageRequest, ListBlocksRequest,
-    ResetUsageRequest, UnblockRequest,
+    BlockRequest, CheckRequest, CheckResponse, GetStatusRequest, GetUsageRequest, GrantUsageRequest, ListBlocksRequest,
+    ResetUsageRequest, RevokeTokenRequest, UnblockRequest,
 };
 use tests::{Portcullis, RedisServer, TempDir, portcullis_bin, reference_policy};
 use tonic::transport::Channel;
@@ -28,7 +31,7 @@ const BASIC: &str = "pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo";
 fn admin_policy(base: &str) -> String {
     base.replacen("listen:\n", "listen:\n  admin: 127.0.0.1:0\n", 1)
         + "\nadmin:\n  tokens:\n    - id: ops\n      sha256: eb4a81a266aa2358e1da82905a5b08bd910236e828c6a0f11e4175c480aa89f0\n      \
-           scopes: [read, usage:write, blocks:write]\n    - id: viewer\n      \
+           scopes: [read, usage:write, blocks:write, keys:write]\n    - id: viewer\n      \
            sha256: 50e96fd8e1a16cdd1d8a3e7ac774145b08fa9d09e1b2c8183eba3505196956ca\n      scopes: [read]\n"
 }
 
@@ -367,6 +370,20 @@ async fn the_admin_commands_print_tables_and_json_with_the_token_from_the_enviro
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!((v["subject"].as_str(), v["tier"].as_str()), (Some("demo-basic"), Some("basic")), "{v}");
     assert_eq!(v["limits"][0]["name"], "burst");
+    // a token revoked with the token on stdin, never on the command line
+    let mut child = std::process::Command::new(portcullis_bin())
+        .args(["admin", "tokens", "revoke", "--token-stdin", "--json"])
+        .env("PORTCULLIS_ADMIN_ADDR", &addr)
+        .env("PORTCULLIS_ADMIN_TOKEN", OPS)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), jwt("dora", Some("cli-1")).as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("revoke");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!((v["subject"].as_str(), v["token_id"].as_str()), (Some("jwt:dora"), Some("cli-1")), "{v}");
     // the token from a file
     let dir = TempDir::new("admin-token");
     let file = dir.0.join("token");
@@ -380,4 +397,136 @@ async fn the_admin_commands_print_tables_and_json_with_the_token_from_the_enviro
     let out = run(&["blocks", "unblock", "203.0.113.77"], Some(VIEWER));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"), "{out:?}");
+}
+
+fn jwks() -> String {
+    std::fs::read_to_string(tests::workspace_root().join("tests/fixtures/jwt/jwks.json")).expect("jwks fixture")
+}
+
+/// An RS256 token of the reference policy's issuer for `sub`, with `jti` when given.
+fn jwt(sub: &str, jti: Option<&str>) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let mut claims = serde_json::json!({
+        "iss": "https://auth.example.com/", "aud": "portcullis-demo", "sub": sub,
+        "exp": now + 600, "iat": now, "roles": ["user"], "tier": "business",
+    });
+    if let Some(j) = jti {
+        claims["jti"] = j.into();
+    }
+    let key = std::fs::read(tests::workspace_root().join("tests/fixtures/jwt/rsa.pem")).expect("key");
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    h.kid = Some("test-rs".into());
+    jsonwebtoken::encode(&h, &claims, &jsonwebtoken::EncodingKey::from_rsa_pem(&key).expect("pem")).expect("sign")
+}
+
+async fn bearer_check(c: &mut DecisionClient<Channel>, token: &str) -> CheckResponse {
+    c.check(CheckRequest {
+        credential: Some(Credential::BearerToken(token.into())),
+        operation: "GET".into(),
+        resource: "/api/v1/items".into(),
+        client_address: "10.0.0.12".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("check")
+    .into_inner()
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_refused_by_every_instance_and_others_are_not() {
+    let redis = RedisServer::start();
+    let policy = redis_policy(&redis);
+    let files = [("jwks.json", jwks())];
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let a = Portcullis::start_with(&policy, &files).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let b = Portcullis::start_with(&policy, &files).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let (mut na, mut nb) = (native(&a).await, native(&b).await);
+    let mut admin_a = admin(&a).await;
+
+    let with_jti = jwt("alice", Some("tok-1"));
+    let other = jwt("alice", Some("tok-2"));
+    let no_jti = jwt("alice", None);
+    for t in [&with_jti, &other, &no_jti] {
+        assert_eq!(bearer_check(&mut nb, t).await.http_status, 200);
+    }
+    // revoked by giving the token (its sub, jti and exp are read from it) on A: refused on B
+    let r = admin_a
+        .revoke_token(authed(
+            OPS,
+            RevokeTokenRequest { token: with_jti.clone(), reason: "leaked".into(), ..Default::default() },
+        ))
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert_eq!((r.subject.as_str(), r.token_id.as_str()), ("jwt:alice", "tok-1"), "{r:?}");
+    let denied = bearer_check(&mut nb, &with_jti).await;
+    assert_eq!((denied.http_status, denied.reason.as_str()), (401, "token_revoked"), "{denied:?}");
+    let challenge = denied.response_headers.iter().find(|h| h.name == "www-authenticate").expect("a challenge");
+    assert!(challenge.value.contains("error=\"invalid_token\""), "{challenge:?}");
+    assert_eq!(bearer_check(&mut na, &with_jti).await.http_status, 401);
+    // the subject's other tokens still work
+    assert_eq!(bearer_check(&mut nb, &other).await.http_status, 200);
+    assert_eq!(bearer_check(&mut na, &no_jti).await.http_status, 200);
+    // a token without jti is revoked by its digest; one by subject and jti without the token
+    let r = admin_a
+        .revoke_token(authed(OPS, RevokeTokenRequest { token: no_jti.clone(), ..Default::default() }))
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert_eq!(r.token_id.len(), 32, "{r:?}");
+    assert_eq!(bearer_check(&mut nb, &no_jti).await.reason, "token_revoked");
+    let exp = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("now").as_secs())
+        .expect("secs")
+        + 600;
+    admin_a
+        .revoke_token(authed(
+            OPS,
+            RevokeTokenRequest {
+                subject: "jwt:alice".into(),
+                jti: "tok-2".into(),
+                expires_at: exp,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("revoke");
+    assert_eq!(bearer_check(&mut na, &other).await.reason, "token_revoked");
+    assert_eq!(bearer_check(&mut nb, &jwt("bob", Some("tok-1"))).await.http_status, 200, "another subject's tok-1");
+
+    // refused: no scope (viewer), nothing to name, an expired token, a bad jti
+    let e = admin_a
+        .revoke_token(authed(VIEWER, RevokeTokenRequest { token: other.clone(), ..Default::default() }))
+        .await
+        .expect_err("scope");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    for (req, why) in [
+        (RevokeTokenRequest::default(), "give the token"),
+        (
+            RevokeTokenRequest { subject: "jwt:x".into(), jti: "j".into(), expires_at: 1_000, ..Default::default() },
+            "already expired",
+        ),
+        (
+            RevokeTokenRequest { subject: "jwt:x".into(), jti: "a b".into(), expires_at: exp, ..Default::default() },
+            "jti",
+        ),
+        (RevokeTokenRequest { token: "opaque-token".into(), ..Default::default() }, "subject: required"),
+    ] {
+        let e = admin_a.revoke_token(authed(OPS, req)).await.expect_err(why);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{why}: {e:?}");
+        assert!(e.message().contains(why), "{why}: {}", e.message());
+    }
+
+    // the store down: a bearer token's revocation cannot be checked, so on_store_error (deny)
+    // answers, within the store's timeout
+    let down = admin_policy(&reference_policy().replacen(
+        "  memory: {}",
+        "  redis:\n    url: redis://127.0.0.1:1\n    timeout: 100ms",
+        1,
+    ));
+    let p = Portcullis::start_with(&down, &files).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let mut c = native(&p).await;
+    let t = Instant::now();
+    let r = bearer_check(&mut c, &jwt("carol", Some("tok-9"))).await;
+    assert_eq!((r.http_status, r.reason.as_str()), (503, "store_unavailable"), "{r:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }

@@ -227,6 +227,7 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
                     tier: k.tier,
                     credential: CredentialKind::ApiKey,
                     auth_time: None,
+                    token_id: None,
                 },
             },
             (None, Some(auth)) if is_bearer(auth) => {
@@ -240,6 +241,7 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
                         tier: t.tier,
                         credential: t.credential,
                         auth_time: t.auth_time,
+                        token_id: Some(t.token_id),
                     },
                     Err(reason) => return deny(reason, ctx),
                 }
@@ -264,6 +266,17 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
     if let Some(op) = block_check(policy, ip, ctx.zone) {
         ops.push(op);
     }
+    // a bearer token's revocation, checked in the same call (before the quotas: a revoked
+    // token is refused as such, whatever its quotas say)
+    if let Some(Identity { subject, token_id: Some(token), .. }) = &ctx.identity {
+        ops.push(Op {
+            key: revocation_key(subject, token),
+            limit: Limit::Flag { duration: 0 },
+            cost: 0,
+            kind: OpKind::Revocation,
+            shadow: false,
+        });
+    }
     if let Some(id) = &ctx.identity
         && let Some(tier) = policy.tiers.get(id.tier)
     {
@@ -283,6 +296,12 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
         ops.push(Op { key: format!("pc:{{ip:{ip}}}:zone"), limit, cost: 1, kind: OpKind::Zone, shadow: false });
     }
     Ok(Plan { ops, ctx })
+}
+
+/// The store key of a bearer token's revocation flag: the subject's hash tag (so that it rides
+/// in the request's one call, on a cluster too) and the token's id.
+pub fn revocation_key(subject: &str, token_id: &str) -> String {
+    format!("pc:{{s:{subject}}}:rev:{token_id}")
 }
 
 /// The store key of an address's auto-block flag.
@@ -390,6 +409,7 @@ pub fn conclude(policy: &Policy, plan: Plan, verdicts: &[Verdict]) -> Decision {
                 OpKind::TierDaily => Reason::DailyQuotaExceeded,
                 OpKind::Zone | OpKind::Descriptor | OpKind::AuthFailure => Reason::ZoneRateExceeded,
                 OpKind::Block => Reason::IpBlocked,
+                OpKind::Revocation => Reason::TokenRevoked,
                 // always allowed
                 OpKind::Reservation => Reason::Allowed,
             };
@@ -403,12 +423,13 @@ pub fn conclude(policy: &Policy, plan: Plan, verdicts: &[Verdict]) -> Decision {
         }),
         _ => None,
     };
-    // what a client is told about: its limits, not the block check nor a reservation
+    // what a client is told about: its limits, not the block or revocation checks nor a
+    // reservation
     let quotas: Vec<QuotaReport> = plan
         .ops
         .iter()
         .zip(verdicts)
-        .filter(|(op, _)| !matches!(op.kind, OpKind::Block | OpKind::Reservation))
+        .filter(|(op, _)| !matches!(op.kind, OpKind::Block | OpKind::Reservation | OpKind::Revocation))
         .map(|(op, v)| QuotaReport { kind: op.kind, limit: op.limit, verdict: *v })
         .collect();
     let quota_warning = match (reason, policy.quota_warning) {

@@ -25,6 +25,9 @@ pub struct Identity {
     /// when the subject last authenticated (a token's `auth_time`, else its `iat`); API keys
     /// carry none, so they never satisfy a route that needs a fresh authentication
     pub auth_time: Option<Micros>,
+    /// a bearer token's id, by which it can be revoked (`VerifiedToken::token_id`); None for an
+    /// API key
+    pub token_id: Option<Arc<str>>,
 }
 
 /// A bearer token that passed every check, as a verifier reports it.
@@ -36,6 +39,25 @@ pub struct VerifiedToken {
     pub auth_time: Option<Micros>,
     pub expires_at: Micros,
     pub credential: CredentialKind,
+    /// what the token is revoked by: its `jti` when it has a usable one (1 to 128 visible
+    /// ASCII characters), else the first 32 hex digits of its SHA-256 (`token_id`)
+    pub token_id: Arc<str>,
+}
+
+/// Longest `jti` used as a token's id; a longer one, or one with other than visible ASCII, is
+/// replaced by the token's digest.
+pub const MAX_JTI_BYTES: usize = 128;
+
+/// A bearer token's revocation id: `jti` when usable, else the first 32 hex digits (128 bits)
+/// of the token's SHA-256 (RFC 7519 section 4.1.7 for `jti`).
+pub fn token_id(jti: Option<&str>, token: &str) -> Arc<str> {
+    match jti {
+        Some(j) if !j.is_empty() && j.len() <= MAX_JTI_BYTES && j.bytes().all(|b| b.is_ascii_graphic()) => j.into(),
+        _ => {
+            let digest = crate::apikey::digest(token.as_bytes());
+            crate::encode::hex(&digest[..16]).into()
+        }
+    }
 }
 
 /// Verifies bearer tokens (JWT in the decision crate). The core calls it only for a route that

@@ -18,6 +18,9 @@ pub enum OpKind {
     Block,
     /// the client address's failed-authentication counter
     AuthFailure,
+    /// a bearer token's revocation flag (checked, cost 0; raised by the admin API's
+    /// `RevokeToken` until the token expires)
+    Revocation,
     /// a reservation record (the native API's `reserve`): always allowed; when the plan commits,
     /// the store keeps, under this operation's key until its limit's `Flag` duration, the time,
     /// the estimate (its cost) and the operations it covers (`covered`), which a later settle
@@ -35,6 +38,7 @@ impl OpKind {
             OpKind::Block => "block",
             OpKind::AuthFailure => "auth_failures",
             OpKind::Reservation => "reservation",
+            OpKind::Revocation => "revocation",
         }
     }
 

@@ -50,6 +50,8 @@ pub enum Reason {
     JwksUnavailable,
     /// OAuth 2.0 introspection said the token is not active
     TokenInactive,
+    /// the token was revoked through the admin API (`RevokeToken`) before its expiry
+    TokenRevoked,
     /// OAuth 2.0 introspection could not be asked (outage, timeout): 503, so clients retry
     /// instead of discarding a good token
     IntrospectionUnavailable,
@@ -71,7 +73,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 48] = [
+    pub const ALL: [Reason; 49] = [
         Reason::Allowed,
         Reason::AllowedStoreUnavailable,
         Reason::BadRequest,
@@ -109,6 +111,7 @@ impl Reason {
         Reason::JwtUnknownTier,
         Reason::JwksUnavailable,
         Reason::TokenInactive,
+        Reason::TokenRevoked,
         Reason::IntrospectionUnavailable,
         Reason::FreshAuthRequired,
         Reason::RoleForbidden,
@@ -162,6 +165,7 @@ impl Reason {
             Reason::JwtUnknownTier => "jwt_unknown_tier",
             Reason::JwksUnavailable => "jwks_unavailable",
             Reason::TokenInactive => "token_inactive",
+            Reason::TokenRevoked => "token_revoked",
             Reason::IntrospectionUnavailable => "introspection_unavailable",
             Reason::FreshAuthRequired => "fresh_auth_required",
             Reason::RoleForbidden => "role_forbidden",
@@ -205,6 +209,7 @@ impl Reason {
             | Reason::JwtMissingSubject
             | Reason::JwtUnknownTier
             | Reason::TokenInactive
+            | Reason::TokenRevoked
             | Reason::FreshAuthRequired => 401,
             Reason::IpDenied | Reason::IpBlocked | Reason::NoRoute | Reason::ZoneForbidden | Reason::RoleForbidden => {
                 403

@@ -8,7 +8,7 @@ use std::time::Duration;
 use proto::portcullis_v1::admin_client::AdminClient;
 use proto::portcullis_v1::{
     BlockRequest, BlockedAddress, GetStatusRequest, GetUsageRequest, GrantUsageRequest, ListBlocksRequest,
-    ResetUsageRequest, UnblockRequest, Usage,
+    ResetUsageRequest, RevokeTokenRequest, UnblockRequest, Usage,
 };
 use serde_json::{Value, json};
 use tonic::transport::Channel;
@@ -26,6 +26,7 @@ pub enum Ask {
     Blocks,
     Block { address: String, seconds: u64, reason: String },
     Unblock { address: String, reason: String },
+    RevokeToken { token: String, subject: String, jti: String, expires_at: i64, reason: String },
 }
 
 /// Why a command failed: the admin API's answer (its code and message), or no answer.
@@ -99,6 +100,14 @@ pub async fn run(addr: &str, token: &str, ask: Ask, json: bool) -> Result<String
                 .map_err(AdminError::Refused)?
                 .into_inner();
             json!({ "was_blocked": u.was_blocked })
+        }
+        Ask::RevokeToken { token, subject, jti, expires_at, reason } => {
+            let r = c
+                .revoke_token(authed(&bearer, RevokeTokenRequest { token, subject, jti, expires_at, reason }))
+                .await
+                .map_err(AdminError::Refused)?
+                .into_inner();
+            json!({ "subject": r.subject, "token_id": r.token_id, "until": r.until })
         }
     };
     Ok(if json { format!("{v}\n") } else { table(&v) })

@@ -13,8 +13,8 @@ use decision_core::units::Micros;
 use proto::portcullis_v1::admin_server::Admin;
 use proto::portcullis_v1::{
     BlockRequest, BlockedAddress, CheckRequest, CheckResponse, GetStatusRequest, GetStatusResponse, GetUsageRequest,
-    GrantUsageRequest, Limit, ListBlocksRequest, ListBlocksResponse, ResetUsageRequest, UnblockRequest,
-    UnblockResponse, Usage,
+    GrantUsageRequest, Limit, ListBlocksRequest, ListBlocksResponse, ResetUsageRequest, RevokeTokenRequest,
+    RevokeTokenResponse, UnblockRequest, UnblockResponse, Usage,
 };
 use serde_json::{Map, Value};
 use tonic::{Code, Request, Response, Status};
@@ -31,6 +31,57 @@ pub const MAX_FIELD_BYTES: usize = 256;
 pub const MAX_GRANT: u64 = 1_000_000_000;
 /// Longest operator block: 30 days.
 pub const MAX_BLOCK_SECONDS: u64 = 30 * 24 * 3600;
+/// Longest revocation: 366 days (a token living longer is revoked that long).
+pub const MAX_REVOCATION_SECONDS: i64 = 366 * 24 * 3600;
+/// Longest token accepted for a revocation (a JWT is refused past 8 KiB anyway).
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// What a revocation names: the subject (as portcullis names it), the token's id, and when it
+/// expires (seconds since the epoch).
+fn revocation_of(r: &RevokeTokenRequest) -> Result<(String, String, i64), Status> {
+    text("subject", &r.subject)?;
+    text("jti", &r.jti)?;
+    if r.token.is_empty() {
+        if r.subject.is_empty() || r.jti.is_empty() || r.expires_at == 0 {
+            return Err(Status::invalid_argument("give the token, or its subject, jti and expires_at"));
+        }
+        let id = decision_core::identity::token_id(Some(&r.jti), "");
+        if *id != *r.jti {
+            return Err(Status::invalid_argument("jti: 1 to 128 visible ASCII characters"));
+        }
+        return Ok((r.subject.clone(), r.jti.clone(), r.expires_at));
+    }
+    if r.token.len() > MAX_TOKEN_BYTES || !r.token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Status::invalid_argument("token: at most 16 KiB of visible ASCII (without \"Bearer \")"));
+    }
+    // a JWT: its claims, read without checking the signature (a revocation only takes away)
+    let claims = r.token.split('.').nth(1).filter(|_| r.token.split('.').count() == 3).and_then(|p| {
+        let bytes = decision_core::encode::b64url_decode(p)?;
+        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&bytes).ok()
+    });
+    let (subject, jti, exp) = match &claims {
+        Some(c) => (
+            c.get("sub").and_then(|s| s.as_str()).map(|s| format!("jwt:{s}")),
+            c.get("jti").and_then(|j| j.as_str()),
+            c.get("exp").and_then(serde_json::Value::as_i64),
+        ),
+        None => (None, None, None),
+    };
+    let subject = match (subject, r.subject.is_empty()) {
+        (_, false) => r.subject.clone(),
+        (Some(s), true) => s,
+        (None, true) => {
+            return Err(Status::invalid_argument("subject: required for a token that is not a JWT with a sub"));
+        }
+    };
+    let expires_at = match (exp, r.expires_at) {
+        (_, e) if e != 0 => e,
+        (Some(e), _) => e,
+        (None, _) => return Err(Status::invalid_argument("expires_at: required for a token without exp")),
+    };
+    let jti = if r.jti.is_empty() { jti } else { Some(r.jti.as_str()) };
+    Ok((subject, decision_core::identity::token_id(jti, &r.token).to_string(), expires_at))
+}
 
 /// The policy in force and how it came to be, for `GetStatus` (the server updates it at every
 /// load and reload).
@@ -376,5 +427,33 @@ impl<S: Store> Admin for AdminApi<S> {
         let object = r.address.chars().take(MAX_FIELD_BYTES).collect();
         let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
         self.finish(Call { method: "Unblock", caller: Some(&caller.token), object, reason, peer }, outcome)
+    }
+
+    async fn revoke_token(&self, req: Request<RevokeTokenRequest>) -> Result<Response<RevokeTokenResponse>, Status> {
+        let caller = self.gate(&req, "RevokeToken", Scope::KeysWrite)?;
+        let peer = req.remote_addr().map(|a| a.ip());
+        let r = req.into_inner();
+        let named = revocation_of(&r);
+        let outcome = async {
+            let (subject, token_id, expires_at) = named.clone()?;
+            text("reason", &r.reason)?;
+            let now_s = i64::try_from(clock::now_micros() / 1_000_000).unwrap_or(i64::MAX);
+            if expires_at <= now_s {
+                return Err(Status::invalid_argument("expires_at: the token has already expired; nothing to revoke"));
+            }
+            let until_s = expires_at.min(now_s.saturating_add(MAX_REVOCATION_SECONDS));
+            let until = u64::try_from(until_s).unwrap_or(0).saturating_mul(1_000_000);
+            self.engine.revoke_token(&subject, &token_id, until).await.map_err(unavailable)?;
+            Ok(RevokeTokenResponse { subject, token_id, until: clock::rfc3339(until) })
+        }
+        .await;
+        // the object names the token by its id, never by the token
+        let object = match &named {
+            Ok((subject, id, _)) => format!("{subject} {id}"),
+            Err(_) => String::new(),
+        };
+        let object = object.chars().take(MAX_FIELD_BYTES).collect();
+        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        self.finish(Call { method: "RevokeToken", caller: Some(&caller.token), object, reason, peer }, outcome)
     }
 }

@@ -271,6 +271,9 @@ pub fn www_authenticate(reason: Reason, policy: &Policy) -> Option<String> {
         Reason::FreshAuthRequired => {
             Some("Bearer error=\"invalid_token\", error_description=\"re-authentication required\"".into())
         }
+        Reason::TokenRevoked => {
+            Some("Bearer error=\"invalid_token\", error_description=\"the token was revoked\"".into())
+        }
         r if r.status() == 401 => {
             let api_key = format!("ApiKey realm=\"portcullis\", header=\"{}\"", policy.api_keys.header);
             Some(if policy.bearer.is_some() { format!("Bearer realm=\"portcullis\", {api_key}") } else { api_key })

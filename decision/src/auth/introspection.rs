@@ -201,6 +201,7 @@ impl Introspector {
             auth_time,
             expires_at: until,
             credential: CredentialKind::Introspected,
+            token_id: decision_core::identity::token_id(m.get("jti").and_then(|j| j.as_str()), token),
         };
         (Ok(token), until)
     }

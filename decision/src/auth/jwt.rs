@@ -521,6 +521,7 @@ impl JwtVerifier {
                 auth_time,
                 expires_at: exp.saturating_add(leeway),
                 credential: CredentialKind::Jwt,
+                token_id: decision_core::identity::token_id(claims.get("jti").and_then(|j| j.as_str()), token),
             },
             nbf.map(|n| n.saturating_sub(leeway)),
         ))

@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use decision_core::decide::{auth_failure_key, block_key, tier_ops};
+use decision_core::decide::{auth_failure_key, block_key, revocation_key, tier_ops};
 use decision_core::plan::{Op, OpKind};
 use decision_core::policy::Tier;
 use decision_core::quota::{Limit, Verdict};
@@ -85,5 +85,19 @@ impl<S: Store> Engine<S> {
             .map(|op| op.key)
             .collect();
         self.bounded(self.store.forget(&keys), None).await
+    }
+
+    /// Revokes the bearer token `token_id` of `subject` until `until` (this instance's clock):
+    /// every instance refuses it, 401 `token_revoked`, in the request's own store call.
+    pub async fn revoke_token(&self, subject: &str, token_id: &str, until: Micros) -> Result<(), StoreError> {
+        let now = clock::now_micros();
+        let raise = Op {
+            key: revocation_key(subject, token_id),
+            limit: Limit::Flag { duration: until.saturating_sub(now).max(1) },
+            cost: 1,
+            kind: OpKind::Revocation,
+            shadow: false,
+        };
+        self.apply(std::slice::from_ref(&raise), now, None, None).await.map(|_| ())
     }
 }

@@ -265,6 +265,10 @@ impl MemoryStore {
                     lock(&self.reservations).insert(ids[i], held);
                     continue;
                 }
+                // a flag checked (cost 0) changes nothing
+                if matches!(ops[i].limit, quota::Limit::Flag { .. }) && ops[i].cost == 0 {
+                    continue;
+                }
                 let map = &mut guards[guard_of(shard_ids[i])];
                 map.insert(ids[i], Entry { state: c.next, expires_at: c.expires_at });
             }

@@ -845,6 +845,39 @@ pub struct UnblockResponse {
     #[prost(bool, tag = "1")]
     pub was_blocked: bool,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokeTokenRequest {
+    /// The token itself: a JWT's `sub`, `jti` and `exp` are read from it (its signature is not
+    /// checked: a revocation only takes away); an opaque token is known by its SHA-256, and needs
+    /// subject and expires_at. Or leave it out and give subject, jti and expires_at.
+    #[prost(string, tag = "1")]
+    pub token: ::prost::alloc::string::String,
+    /// The subject as portcullis names it: "jwt:<sub>" for a JWT, "oauth:<sub>" (or
+    /// "oauth:client:<client_id>") for an introspected token, as x-portcullis-subject shows it.
+    #[prost(string, tag = "2")]
+    pub subject: ::prost::alloc::string::String,
+    /// The token's `jti` (RFC 7519 section 4.1.7).
+    #[prost(string, tag = "3")]
+    pub jti: ::prost::alloc::string::String,
+    /// When the token expires (seconds since the epoch): the revocation lasts until then, at
+    /// most 366 days.
+    #[prost(int64, tag = "4")]
+    pub expires_at: i64,
+    /// Why, for the audit trail.
+    #[prost(string, tag = "5")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokeTokenResponse {
+    #[prost(string, tag = "1")]
+    pub subject: ::prost::alloc::string::String,
+    /// What the token is revoked by: its jti, or the first 32 hex digits of its SHA-256.
+    #[prost(string, tag = "2")]
+    pub token_id: ::prost::alloc::string::String,
+    /// Until when (RFC 3339).
+    #[prost(string, tag = "3")]
+    pub until: ::prost::alloc::string::String,
+}
 /// Generated client implementations.
 pub mod admin_client {
     #![allow(
@@ -1122,6 +1155,32 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("portcullis.v1.Admin", "Unblock"));
             self.inner.unary(req, path, codec).await
         }
+        /// Revokes a bearer token (a JWT or an opaque token) until it expires: every instance answers
+        /// it 401 token_revoked from then on (scope keys:write).
+        pub async fn revoke_token(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RevokeTokenRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RevokeTokenResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/portcullis.v1.Admin/RevokeToken",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("portcullis.v1.Admin", "RevokeToken"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1185,6 +1244,15 @@ pub mod admin_server {
             &self,
             request: tonic::Request<super::UnblockRequest>,
         ) -> std::result::Result<tonic::Response<super::UnblockResponse>, tonic::Status>;
+        /// Revokes a bearer token (a JWT or an opaque token) until it expires: every instance answers
+        /// it 401 token_revoked from then on (scope keys:write).
+        async fn revoke_token(
+            &self,
+            request: tonic::Request<super::RevokeTokenRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RevokeTokenResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct AdminServer<T> {
@@ -1591,6 +1659,49 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = UnblockSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/portcullis.v1.Admin/RevokeToken" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokeTokenSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::RevokeTokenRequest>
+                    for RevokeTokenSvc<T> {
+                        type Response = super::RevokeTokenResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RevokeTokenRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::revoke_token(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokeTokenSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -95,7 +95,8 @@ for i = 1, #KEYS do
   if kind ~= 'r' then pending[key] = nxt end
   if ok then
     out[#out - 3] = 1
-    if kind ~= 'r' then writes[#writes + 1] = { key, kind, nxt, expires } end
+    -- a reservation is written below; a flag checked (cost 0) changes nothing
+    if kind ~= 'r' and not (kind == 'k' and cost == 0) then writes[#writes + 1] = { key, kind, nxt, expires } end
   elseif not shadow then
     commit = false
   end
