@@ -161,6 +161,48 @@ enum AdminCommand {
         #[command(subcommand)]
         command: TokensCommand,
     },
+    /// API keys kept in the store: create, rotate, revoke, list (the policy file's listed too).
+    Keys {
+        #[command(subcommand)]
+        command: AdminKeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminKeysCommand {
+    /// Issues a key (printed once) kept in the store; every instance accepts it within a second.
+    Create {
+        id: String,
+        /// Role names, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+        #[arg(long)]
+        tier: String,
+        /// When it stops working (RFC 3339); default: until revoked.
+        #[arg(long)]
+        expires_at: Option<String>,
+        #[arg(long, default_value = "pk")]
+        prefix: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// A new value (printed once); the old one keeps working for --overlap (default 1h).
+    Rotate {
+        id: String,
+        /// How long the old value keeps working: 10m, 1h, 7d (at most 30 days).
+        #[arg(long, default_value = "1h")]
+        overlap: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Revokes a key: refused everywhere within a second.
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Every key: id, roles, tier, source, validity (never a key or a digest).
+    List,
 }
 
 #[derive(Subcommand)]
@@ -376,6 +418,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 AdminCommand::Blocks { command: BlocksCommand::Unblock { address, reason } } => {
                     Ask::Unblock { address, reason }
                 }
+                AdminCommand::Keys {
+                    command: AdminKeysCommand::Create { id, roles, tier, expires_at, prefix, reason },
+                } => {
+                    let expires_at = match expires_at {
+                        Some(t) => {
+                            let us = decision_core::units::parse_rfc3339(&t)
+                                .map_err(|e| anyhow::anyhow!("--expires-at {t:?}: {e}"))?;
+                            i64::try_from(us / 1_000_000).unwrap_or(i64::MAX)
+                        }
+                        None => 0,
+                    };
+                    Ask::CreateKey { id, roles, tier, expires_at, prefix, reason }
+                }
+                AdminCommand::Keys { command: AdminKeysCommand::Rotate { id, overlap, reason } } => {
+                    let us = decision_core::units::parse_duration(&overlap)
+                        .map_err(|e| anyhow::anyhow!("--overlap {overlap:?}: {e}"))?;
+                    let until = decision::clock::now_micros().saturating_add(us) / 1_000_000;
+                    Ask::RotateKey { id, old_expires_at: i64::try_from(until).unwrap_or(i64::MAX), reason }
+                }
+                AdminCommand::Keys { command: AdminKeysCommand::Revoke { id, reason } } => {
+                    Ask::RevokeKey { id, reason }
+                }
+                AdminCommand::Keys { command: AdminKeysCommand::List } => Ask::ListKeys,
                 AdminCommand::Tokens {
                     command: TokensCommand::Revoke { token_stdin, subject, jti, expires_at, reason },
                 } => {

@@ -215,6 +215,35 @@ async fn serve_memory(cfg: Config) -> Result<(), ServeError> {
 
 async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeError> {
     engine.watch_freed();
+    // the store-held API keys (the admin API's): read now, then again every so often for a
+    // change announcement this instance missed
+    if let Err(e) = engine.load_keys().await {
+        tracing::warn!(error = %e, "store-held API keys cannot be read yet; retrying in the background");
+    }
+    {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let every = crate::engine::admin::KEY_RESYNC_EVERY;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            let mut failing = false;
+            loop {
+                tick.tick().await;
+                match engine.load_keys().await {
+                    Ok(n) => {
+                        if failing || n > 0 {
+                            tracing::debug!(keys = n, "store-held API keys read");
+                        }
+                        failing = false;
+                    }
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "store-held API keys cannot be read; the last ones read stay in force");
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    }
     cfg.auth_metrics.register(&mut engine.metrics.registry());
     let audit = match &cfg.settings.audit {
         Some(a) => {

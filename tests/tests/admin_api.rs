@@ -530,3 +530,180 @@ async fn a_revoked_token_is_refused_by_every_instance_and_others_are_not() {
     assert_eq!((r.http_status, r.reason.as_str()), (503, "store_unavailable"), "{r:?}");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
+
+/// The SHA-256 of a key, as `portcullis keys hash` prints it.
+fn digest_of(key: &str) -> String {
+    let mut child = std::process::Command::new(portcullis_bin())
+        .args(["keys", "hash"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("keys hash");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), key.as_bytes()).expect("write");
+    String::from_utf8(child.wait_with_output().expect("digest").stdout).expect("utf-8").trim().to_owned()
+}
+
+async fn key_check(c: &mut DecisionClient<Channel>, key: &str) -> CheckResponse {
+    c.check(CheckRequest {
+        credential: Some(Credential::ApiKey(key.into())),
+        operation: "GET".into(),
+        resource: "/api/v1/items".into(),
+        client_address: "10.0.0.13".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("check")
+    .into_inner()
+}
+
+/// Asks with `key` until the answer's reason is `want`, for at most a second: the last reason.
+async fn until_reason(c: &mut DecisionClient<Channel>, key: &str, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let got = key_check(c, key).await.reason;
+        if got == want || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn keys_created_rotated_and_revoked_through_one_instance_hold_on_all_within_a_second() {
+    use proto::portcullis_v1::{CreateKeyRequest, ListKeysRequest, RevokeKeyRequest, RotateKeyRequest};
+    let redis = RedisServer::start();
+    let policy = redis_policy(&redis);
+    let fleet = [start(&policy).await, start(&policy).await, start(&policy).await];
+    let mut clients = Vec::new();
+    for p in &fleet {
+        clients.push(native(p).await);
+    }
+    let (mut admin_a, mut admin_b) = (admin(&fleet[0]).await, admin(&fleet[1]).await);
+
+    // created on A: accepted by B and C within a second, with its tier and roles
+    let create = CreateKeyRequest {
+        id: "partner-7".into(),
+        roles: vec!["developer".into()],
+        tier: "business".into(),
+        labels: [("team".to_owned(), "payments".to_owned())].into(),
+        prefix: "pk_live".into(),
+        reason: "onboarding".into(),
+        ..Default::default()
+    };
+    let created = admin_a.create_key(authed(OPS, create.clone())).await.expect("create").into_inner();
+    let key = created.key.clone();
+    assert!(key.starts_with("pk_live_") && key.len() == "pk_live_".len() + 32, "{key}");
+    let info = created.info.expect("info");
+    assert_eq!((info.source.as_str(), info.tier.as_str(), info.live_values), ("store", "business", 1), "{info:?}");
+    for c in &mut clients[1..] {
+        assert_eq!(until_reason(c, &key, "allowed").await, "allowed");
+    }
+    let r = key_check(&mut clients[2], &key).await;
+    let identity = r.identity.expect("identity");
+    assert_eq!((identity.subject.as_str(), identity.tier.as_str()), ("partner-7", "business"));
+    // only the digest is in Redis; the key never is
+    let stored = redis.command("HGET pc:keys partner-7");
+    assert!(stored.contains(&digest_of(&key)) && !stored.contains(&key), "{stored}");
+
+    // refused: an id the store or the policy file already has, an unknown role, an expiry
+    // before the start, an unknown id to rotate or revoke
+    let cases: Vec<(tonic::Status, tonic::Code, &str)> = vec![
+        (
+            admin_a.create_key(authed(OPS, create.clone())).await.expect_err("dup"),
+            tonic::Code::AlreadyExists,
+            "already exists",
+        ),
+        (
+            admin_a
+                .create_key(authed(OPS, CreateKeyRequest { id: "demo-basic".into(), ..create.clone() }))
+                .await
+                .expect_err("policy"),
+            tonic::Code::FailedPrecondition,
+            "policy file",
+        ),
+        (
+            admin_a
+                .create_key(authed(
+                    OPS,
+                    CreateKeyRequest { id: "k2".into(), roles: vec!["root".into()], ..create.clone() },
+                ))
+                .await
+                .expect_err("role"),
+            tonic::Code::InvalidArgument,
+            "no role \"root\"",
+        ),
+        (
+            admin_a
+                .create_key(authed(
+                    OPS,
+                    CreateKeyRequest {
+                        id: "k3".into(),
+                        not_before: 4_000_000_000,
+                        expires_at: 3_000_000_000,
+                        ..create.clone()
+                    },
+                ))
+                .await
+                .expect_err("expiry"),
+            tonic::Code::InvalidArgument,
+            "after not_before",
+        ),
+        (
+            admin_a
+                .revoke_key(authed(OPS, RevokeKeyRequest { id: "ghost".into(), reason: String::new() }))
+                .await
+                .expect_err("ghost"),
+            tonic::Code::NotFound,
+            "no API key \"ghost\"",
+        ),
+        (
+            admin_a
+                .create_key(authed(VIEWER, CreateKeyRequest { id: "k4".into(), ..create.clone() }))
+                .await
+                .expect_err("scope"),
+            tonic::Code::PermissionDenied,
+            "keys:write",
+        ),
+    ];
+    for (e, code, why) in cases {
+        assert_eq!(e.code(), code, "{why}: {e:?}");
+        assert!(e.message().contains(why), "{why}: {}", e.message());
+    }
+    let listed = admin_b.list_keys(authed(VIEWER, ListKeysRequest {})).await.expect("list").into_inner();
+    let ids: Vec<(&str, &str)> = listed.keys.iter().map(|k| (k.id.as_str(), k.source.as_str())).collect();
+    assert!(ids.contains(&("partner-7", "store")) && ids.contains(&("demo-basic", "policy")), "{ids:?}");
+    assert!(!ids.iter().any(|(id, _)| id.starts_with('k')), "nothing refused was created: {ids:?}");
+
+    // rotated on B with two seconds of overlap: both values work everywhere, then only the new
+    let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("now").as_secs())
+        .expect("secs");
+    let rotated = admin_b
+        .rotate_key(authed(
+            OPS,
+            RotateKeyRequest { id: "partner-7".into(), old_expires_at: now + 3, ..Default::default() },
+        ))
+        .await
+        .expect("rotate")
+        .into_inner();
+    let new_key = rotated.key.clone();
+    assert_ne!(new_key, key);
+    assert_eq!(rotated.info.expect("info").live_values, 2);
+    for c in [0, 2] {
+        assert_eq!(until_reason(&mut clients[c], &new_key, "allowed").await, "allowed");
+        assert_eq!(key_check(&mut clients[c], &key).await.reason, "allowed", "the old value, during the overlap");
+    }
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    assert_eq!(key_check(&mut clients[0], &key).await.reason, "api_key_expired");
+    assert_eq!(key_check(&mut clients[2], &new_key).await.reason, "allowed");
+
+    // revoked on B: A and C refuse it within a second
+    let revoked = admin_b
+        .revoke_key(authed(OPS, RevokeKeyRequest { id: "partner-7".into(), reason: "contract ended".into() }))
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert!(revoked.revoked);
+    for c in [0, 2] {
+        assert_eq!(until_reason(&mut clients[c], &new_key, "api_key_revoked").await, "api_key_revoked");
+    }
+}

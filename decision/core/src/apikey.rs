@@ -35,6 +35,22 @@ pub enum Lookup<'a> {
     Unknown,
 }
 
+/// API keys kept outside the policy file (the store's, issued through the admin API), as the
+/// host compiled them against the policy in force; the core consults it after the policy's own
+/// table. Implementations compare digests in constant time, as `ApiKeyTable::lookup` does.
+pub trait KeyDirectory: Send + Sync + std::fmt::Debug {
+    /// The key `presented` is, if the directory holds it (revoked ones included, so that they
+    /// are refused as such).
+    fn lookup(&self, presented: &[u8]) -> Option<ApiKey>;
+
+    /// How many key values it holds.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Parses a 64-hex-digit SHA-256 digest.
 pub fn parse_digest(hex: &str) -> Result<[u8; 32], String> {
     let bad = || format!("invalid SHA-256 digest {hex:?}: expected 64 hexadecimal digits");
@@ -74,6 +90,11 @@ impl ApiKeyTable {
 
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+
+    /// Every key, in the order pushed (the admin API's list; never on a decision's path).
+    pub fn keys(&self) -> impl Iterator<Item = &ApiKey> {
+        self.keys.iter()
     }
 
     /// The tier index of the key with this id, if the table has one (the admin API's usage

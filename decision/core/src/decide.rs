@@ -214,22 +214,33 @@ pub fn plan(policy: &Policy, req: &Request<'_>, now: Micros) -> Result<Plan, Box
             _ => (req.api_key, req.authorization),
         };
         let identity = match (api_key, authorization) {
-            (Some(key), _) => match policy.api_keys.lookup(key.as_bytes()) {
-                Lookup::Unknown => return deny(Reason::ApiKeyUnknown, ctx),
-                Lookup::Found(k) if k.revoked => return deny(Reason::ApiKeyRevoked, ctx),
-                Lookup::Found(k) if k.not_before.is_some_and(|t| now < t) => {
-                    return deny(Reason::ApiKeyNotYetValid, ctx);
+            (Some(key), _) => {
+                // the policy file's keys, then the store's (the admin API's)
+                let stored;
+                let found = match policy.api_keys.lookup(key.as_bytes()) {
+                    Lookup::Found(k) => Some(k),
+                    Lookup::Unknown => {
+                        stored = policy.store_keys.as_ref().and_then(|d| d.lookup(key.as_bytes()));
+                        stored.as_ref()
+                    }
+                };
+                match found {
+                    None => return deny(Reason::ApiKeyUnknown, ctx),
+                    Some(k) if k.revoked => return deny(Reason::ApiKeyRevoked, ctx),
+                    Some(k) if k.not_before.is_some_and(|t| now < t) => {
+                        return deny(Reason::ApiKeyNotYetValid, ctx);
+                    }
+                    Some(k) if k.expires_at.is_some_and(|t| now >= t) => return deny(Reason::ApiKeyExpired, ctx),
+                    Some(k) => Identity {
+                        subject: k.id.clone(),
+                        roles: k.roles,
+                        tier: k.tier,
+                        credential: CredentialKind::ApiKey,
+                        auth_time: None,
+                        token_id: None,
+                    },
                 }
-                Lookup::Found(k) if k.expires_at.is_some_and(|t| now >= t) => return deny(Reason::ApiKeyExpired, ctx),
-                Lookup::Found(k) => Identity {
-                    subject: k.id.clone(),
-                    roles: k.roles,
-                    tier: k.tier,
-                    credential: CredentialKind::ApiKey,
-                    auth_time: None,
-                    token_id: None,
-                },
-            },
+            }
             (None, Some(auth)) if is_bearer(auth) => {
                 let Some(verifier) = &policy.bearer else {
                     return deny(Reason::BearerNotEnabled, ctx);

@@ -169,6 +169,9 @@ impl Precedence {
 pub struct Policy {
     pub network: Network,
     pub api_keys: ApiKeyTable,
+    /// API keys kept in the store (the admin API's), consulted after `api_keys`; the host sets
+    /// it, compiled against this policy's roles and tiers
+    pub store_keys: Option<std::sync::Arc<dyn crate::apikey::KeyDirectory>>,
     /// verifies bearer tokens when JWT issuers are configured
     pub bearer: Option<std::sync::Arc<dyn crate::identity::BearerVerifier>>,
     /// None: a request with two credentials is refused (`ambiguous_credentials`)

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use proto::portcullis_v1::admin_client::AdminClient;
 use proto::portcullis_v1::{
-    BlockRequest, BlockedAddress, GetStatusRequest, GetUsageRequest, GrantUsageRequest, ListBlocksRequest,
-    ResetUsageRequest, RevokeTokenRequest, UnblockRequest, Usage,
+    BlockRequest, BlockedAddress, CreateKeyRequest, GetStatusRequest, GetUsageRequest, GrantUsageRequest, KeyInfo,
+    ListBlocksRequest, ListKeysRequest, ResetUsageRequest, RevokeKeyRequest, RevokeTokenRequest, RotateKeyRequest,
+    UnblockRequest, Usage,
 };
 use serde_json::{Value, json};
 use tonic::transport::Channel;
@@ -27,6 +28,10 @@ pub enum Ask {
     Block { address: String, seconds: u64, reason: String },
     Unblock { address: String, reason: String },
     RevokeToken { token: String, subject: String, jti: String, expires_at: i64, reason: String },
+    CreateKey { id: String, roles: Vec<String>, tier: String, expires_at: i64, prefix: String, reason: String },
+    RotateKey { id: String, old_expires_at: i64, reason: String },
+    RevokeKey { id: String, reason: String },
+    ListKeys,
 }
 
 /// Why a command failed: the admin API's answer (its code and message), or no answer.
@@ -109,6 +114,25 @@ pub async fn run(addr: &str, token: &str, ask: Ask, json: bool) -> Result<String
                 .into_inner();
             json!({ "subject": r.subject, "token_id": r.token_id, "until": r.until })
         }
+        Ask::CreateKey { id, roles, tier, expires_at, prefix, reason } => {
+            let req = CreateKeyRequest { id, roles, tier, expires_at, prefix, reason, ..Default::default() };
+            let k = c.create_key(authed(&bearer, req)).await.map_err(AdminError::Refused)?.into_inner();
+            json!({ "key": k.key, "keys": k.info.into_iter().map(key_json).collect::<Vec<_>>() })
+        }
+        Ask::RotateKey { id, old_expires_at, reason } => {
+            let req = RotateKeyRequest { id, old_expires_at, reason, ..Default::default() };
+            let k = c.rotate_key(authed(&bearer, req)).await.map_err(AdminError::Refused)?.into_inner();
+            json!({ "key": k.key, "keys": k.info.into_iter().map(key_json).collect::<Vec<_>>() })
+        }
+        Ask::RevokeKey { id, reason } => {
+            let k =
+                c.revoke_key(authed(&bearer, RevokeKeyRequest { id, reason })).await.map_err(AdminError::Refused)?;
+            json!({ "keys": [key_json(k.into_inner())] })
+        }
+        Ask::ListKeys => {
+            let l = c.list_keys(authed(&bearer, ListKeysRequest {})).await.map_err(AdminError::Refused)?.into_inner();
+            json!({ "keys": l.keys.into_iter().map(key_json).collect::<Vec<_>>() })
+        }
     };
     Ok(if json { format!("{v}\n") } else { table(&v) })
 }
@@ -128,6 +152,15 @@ fn usage_json(u: Usage) -> Value {
             "name": l.name, "limit": l.limit, "used": l.used, "remaining": l.remaining,
             "window_seconds": l.window_seconds, "reset_seconds": l.reset_seconds,
         })).collect::<Vec<_>>(),
+    })
+}
+
+fn key_json(k: KeyInfo) -> Value {
+    json!({
+        "id": k.id, "roles": k.roles.join(","), "tier": k.tier, "source": k.source,
+        "created_at": k.created_at, "live_values": k.live_values, "not_before": k.not_before,
+        "expires_at": k.expires_at, "revoked": k.revoked,
+        "labels": k.labels.iter().map(|(a, b)| format!("{a}={b}")).collect::<Vec<_>>().join(","),
     })
 }
 
@@ -156,7 +189,7 @@ fn table(v: &Value) -> String {
                 };
                 // what a row is about (its name or address) first
                 let mut cols: Vec<&String> = first.keys().collect();
-                cols.sort_by_key(|c| !matches!(c.as_str(), "name" | "address"));
+                cols.sort_by_key(|c| !matches!(c.as_str(), "name" | "address" | "id"));
                 let grid: Vec<Vec<String>> = rows
                     .iter()
                     .map(|r| cols.iter().map(|c| r.get(c.as_str()).map(cell).unwrap_or_default()).collect())

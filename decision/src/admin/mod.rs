@@ -4,6 +4,7 @@
 //! `portcullis admin` commands use.
 
 pub mod client;
+pub mod keys;
 pub mod service;
 
 use std::net::SocketAddr;

@@ -12,9 +12,10 @@ use decision_core::policy::{Policy, Tier};
 use decision_core::units::Micros;
 use proto::portcullis_v1::admin_server::Admin;
 use proto::portcullis_v1::{
-    BlockRequest, BlockedAddress, CheckRequest, CheckResponse, GetStatusRequest, GetStatusResponse, GetUsageRequest,
-    GrantUsageRequest, Limit, ListBlocksRequest, ListBlocksResponse, ResetUsageRequest, RevokeTokenRequest,
-    RevokeTokenResponse, UnblockRequest, UnblockResponse, Usage,
+    BlockRequest, BlockedAddress, CheckRequest, CheckResponse, CreateKeyRequest, CreatedKey, GetStatusRequest,
+    GetStatusResponse, GetUsageRequest, GrantUsageRequest, KeyInfo, Limit, ListBlocksRequest, ListBlocksResponse,
+    ListKeysRequest, ListKeysResponse, ResetUsageRequest, RevokeKeyRequest, RevokeTokenRequest, RevokeTokenResponse,
+    RotateKeyRequest, UnblockRequest, UnblockResponse, Usage,
 };
 use serde_json::{Map, Value};
 use tonic::{Code, Request, Response, Status};
@@ -35,6 +36,49 @@ pub const MAX_BLOCK_SECONDS: u64 = 30 * 24 * 3600;
 pub const MAX_REVOCATION_SECONDS: i64 = 366 * 24 * 3600;
 /// Longest token accepted for a revocation (a JWT is refused past 8 KiB anyway).
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+fn key_status(e: crate::engine::admin::KeyError) -> Status {
+    use crate::engine::admin::KeyError;
+    match e {
+        KeyError::Invalid(why) => Status::invalid_argument(why),
+        KeyError::NotFound(_) => Status::not_found(e.to_string()),
+        KeyError::Exists(_) => Status::already_exists(e.to_string()),
+        KeyError::InPolicy(_) => Status::failed_precondition(e.to_string()),
+        KeyError::Conflict(_) => Status::aborted(e.to_string()),
+        KeyError::Store(e) => unavailable(e),
+    }
+}
+
+/// Seconds since the epoch (0: none) as microseconds.
+fn micros_of(secs: i64) -> Option<Micros> {
+    (secs > 0).then(|| u64::try_from(secs).unwrap_or(0).saturating_mul(1_000_000))
+}
+
+/// What a store-held key's record shows (never a value or a digest).
+fn store_key_info(id: &str, r: &crate::admin::keys::KeyRecord) -> KeyInfo {
+    let now = clock::now_micros();
+    let live: Vec<_> = r.values.iter().filter(|v| v.expires_at.is_none_or(|e| e > now)).collect();
+    let not_before = live.iter().map(|v| v.not_before).min().flatten();
+    let expires_at =
+        if live.iter().any(|v| v.expires_at.is_none()) { None } else { live.iter().filter_map(|v| v.expires_at).max() };
+    KeyInfo {
+        id: id.to_owned(),
+        roles: r.roles.clone(),
+        tier: r.tier.clone(),
+        labels: r.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        source: "store".into(),
+        created_at: clock::rfc3339(r.created),
+        live_values: u32::try_from(live.len()).unwrap_or(u32::MAX),
+        not_before: not_before.map_or_else(String::new, clock::rfc3339),
+        expires_at: expires_at.map_or_else(String::new, clock::rfc3339),
+        revoked: r.revoked,
+    }
+}
+
+/// What a request's key fields leave out of the audit event: nothing secret is in them.
+fn key_object(id: &str) -> String {
+    id.chars().take(MAX_FIELD_BYTES).collect()
+}
 
 /// What a revocation names: the subject (as portcullis names it), the token's id, and when it
 /// expires (seconds since the epoch).
@@ -455,5 +499,103 @@ impl<S: Store> Admin for AdminApi<S> {
         let object = object.chars().take(MAX_FIELD_BYTES).collect();
         let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
         self.finish(Call { method: "RevokeToken", caller: Some(&caller.token), object, reason, peer }, outcome)
+    }
+
+    async fn create_key(&self, req: Request<CreateKeyRequest>) -> Result<Response<CreatedKey>, Status> {
+        let caller = self.gate(&req, "CreateKey", Scope::KeysWrite)?;
+        let peer = req.remote_addr().map(|a| a.ip());
+        let r = req.into_inner();
+        let outcome = async {
+            text("reason", &r.reason)?;
+            let new = crate::engine::admin::NewKey {
+                id: r.id.clone(),
+                roles: r.roles.clone(),
+                tier: r.tier.clone(),
+                not_before: micros_of(r.not_before),
+                expires_at: micros_of(r.expires_at),
+                labels: r.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                prefix: r.prefix.clone(),
+            };
+            let (key, record) = self.engine.create_key(new).await.map_err(key_status)?;
+            Ok(CreatedKey { key, info: Some(store_key_info(&r.id, &record)) })
+        }
+        .await;
+        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        self.finish(
+            Call { method: "CreateKey", caller: Some(&caller.token), object: key_object(&r.id), reason, peer },
+            outcome,
+        )
+    }
+
+    async fn rotate_key(&self, req: Request<RotateKeyRequest>) -> Result<Response<CreatedKey>, Status> {
+        let caller = self.gate(&req, "RotateKey", Scope::KeysWrite)?;
+        let peer = req.remote_addr().map(|a| a.ip());
+        let r = req.into_inner();
+        let outcome = async {
+            text("reason", &r.reason)?;
+            let until = micros_of(r.old_expires_at).unwrap_or_else(|| clock::now_micros() + 3_600_000_000);
+            let (key, record) = self.engine.rotate_key(&r.id, until, &r.prefix).await.map_err(key_status)?;
+            Ok(CreatedKey { key, info: Some(store_key_info(&r.id, &record)) })
+        }
+        .await;
+        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        self.finish(
+            Call { method: "RotateKey", caller: Some(&caller.token), object: key_object(&r.id), reason, peer },
+            outcome,
+        )
+    }
+
+    async fn revoke_key(&self, req: Request<RevokeKeyRequest>) -> Result<Response<KeyInfo>, Status> {
+        let caller = self.gate(&req, "RevokeKey", Scope::KeysWrite)?;
+        let peer = req.remote_addr().map(|a| a.ip());
+        let r = req.into_inner();
+        let outcome = async {
+            text("reason", &r.reason)?;
+            let record = self.engine.revoke_key(&r.id).await.map_err(key_status)?;
+            Ok(store_key_info(&r.id, &record))
+        }
+        .await;
+        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        self.finish(
+            Call { method: "RevokeKey", caller: Some(&caller.token), object: key_object(&r.id), reason, peer },
+            outcome,
+        )
+    }
+
+    async fn list_keys(&self, req: Request<ListKeysRequest>) -> Result<Response<ListKeysResponse>, Status> {
+        let caller = self.gate(&req, "ListKeys", Scope::Read)?;
+        let peer = req.remote_addr().map(|a| a.ip());
+        let policy = self.engine.policy();
+        let outcome = async {
+            let mut keys: Vec<KeyInfo> = Vec::new();
+            // the policy file's keys: one entry per id (a rotation lists an id twice there)
+            for k in policy.api_keys.keys() {
+                if let Some(info) = keys.iter_mut().find(|i| i.id == *k.id) {
+                    info.live_values += 1;
+                    continue;
+                }
+                keys.push(KeyInfo {
+                    id: k.id.to_string(),
+                    roles: policy.roles.names_of(k.roles).map(str::to_owned).collect(),
+                    tier: policy.tiers.get(k.tier).map_or_else(String::new, |t| t.name.to_string()),
+                    labels: Default::default(),
+                    source: "policy".into(),
+                    created_at: String::new(),
+                    live_values: 1,
+                    not_before: k.not_before.map_or_else(String::new, clock::rfc3339),
+                    expires_at: k.expires_at.map_or_else(String::new, clock::rfc3339),
+                    revoked: k.revoked,
+                });
+            }
+            for (id, r) in self.engine.store_keys().await.map_err(unavailable)? {
+                keys.push(store_key_info(&id, &r));
+            }
+            Ok(ListKeysResponse { keys })
+        }
+        .await;
+        self.finish(
+            Call { method: "ListKeys", caller: Some(&caller.token), object: String::new(), reason: "", peer },
+            outcome,
+        )
     }
 }

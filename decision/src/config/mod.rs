@@ -334,6 +334,7 @@ impl Validator<'_> {
         let policy = Policy {
             network,
             api_keys,
+            store_keys: None,
             bearer,
             credential_precedence,
             roles: roles?,

@@ -4,14 +4,16 @@
 //! timeout, and never on a decision's path.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use decision_core::decide::{auth_failure_key, block_key, revocation_key, tier_ops};
 use decision_core::plan::{Op, OpKind};
-use decision_core::policy::Tier;
+use decision_core::policy::{Policy, Tier};
 use decision_core::quota::{Limit, Verdict};
 use decision_core::units::Micros;
 
 use super::Engine;
+use crate::admin::keys::{CompiledKeys, KeyRecord, KeyValue, parse_record};
 use crate::clock;
 use crate::store::{Store, StoreError};
 
@@ -101,3 +103,235 @@ impl<S: Store> Engine<S> {
         self.apply(std::slice::from_ref(&raise), now, None, None).await.map(|_| ())
     }
 }
+
+/// The store-held API keys as this instance last read them.
+#[derive(Debug, Default)]
+pub struct KeyState {
+    pub records: std::collections::HashMap<String, KeyRecord>,
+}
+
+pub(super) fn lock_keys(m: &std::sync::Mutex<KeyState>) -> std::sync::MutexGuard<'_, KeyState> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `policy` with the store-held keys `records` compiled against it, and that compiled copy.
+pub(super) fn with_store_keys(
+    policy: &Arc<Policy>,
+    records: &std::collections::HashMap<String, KeyRecord>,
+) -> (Arc<Policy>, Arc<CompiledKeys>) {
+    let compiled = Arc::new(CompiledKeys::default());
+    compiled.install(CompiledKeys::compile(records, policy));
+    let mut p = Policy::clone(policy);
+    p.store_keys = Some(compiled.clone());
+    (Arc::new(p), compiled)
+}
+
+/// Why an API key could not be created, rotated or revoked.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no API key {0:?} in the store")]
+    NotFound(String),
+    #[error("an API key {0:?} already exists")]
+    Exists(String),
+    #[error("the API key {0:?} is in the policy file, which is read-only here")]
+    InPolicy(String),
+    #[error("the API key {0:?} changed meanwhile; try again")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a new key is made of: its id, roles and tier (names of the policy), validity, labels.
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    pub id: String,
+    pub roles: Vec<String>,
+    pub tier: String,
+    pub not_before: Option<Micros>,
+    pub expires_at: Option<Micros>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub prefix: String,
+}
+
+/// The prefix of a new key: letters, digits and '_', at most 32 (default "pk").
+fn key_prefix(prefix: &str) -> Result<&str, KeyError> {
+    let p = if prefix.is_empty() { "pk" } else { prefix };
+    if p.len() > 32 || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(KeyError::Invalid("prefix: at most 32 letters, digits or '_'".into()));
+    }
+    Ok(p)
+}
+
+/// A new random key with `prefix` and the record value of its digest.
+fn new_value(
+    prefix: &str,
+    not_before: Option<Micros>,
+    expires_at: Option<Micros>,
+) -> Result<(String, KeyValue), KeyError> {
+    let key = crate::keys::generate(prefix).map_err(|e| KeyError::Invalid(format!("no random key: {e}")))?;
+    let value = KeyValue { sha256: crate::keys::hex_digest(&key), not_before, expires_at };
+    Ok((key, value))
+}
+
+/// Longest key id (as the policy file's ids); at most 16 labels of 64 bytes.
+pub const MAX_KEY_ID: usize = 64;
+pub const MAX_LABELS: usize = 16;
+pub const MAX_LABEL_BYTES: usize = 64;
+/// The longest overlap a rotation grants the old values.
+pub const MAX_ROTATION_OVERLAP: Micros = 30 * 24 * 3600 * 1_000_000;
+
+impl<S: Store> Engine<S> {
+    /// Reads every store-held key and recompiles them against the policy in force (at start,
+    /// after a reconnection, and every `KEY_RESYNC_EVERY` for changes whose announcement was
+    /// missed).
+    pub async fn load_keys(&self) -> Result<usize, StoreError> {
+        let all = self.bounded(self.store.key_records(), None).await?;
+        let records: std::collections::HashMap<String, KeyRecord> =
+            all.into_iter().filter_map(|(id, text)| parse_record(&id, &text).map(|r| (id, r))).collect();
+        let n = records.len();
+        let mut keys = lock_keys(&self.keys);
+        if keys.records != records {
+            keys.records = records;
+            self.keys_in_force.load().install(CompiledKeys::compile(&keys.records, &self.policy()));
+        }
+        Ok(n)
+    }
+
+    /// Reads one store-held key again (another instance announced a change).
+    pub async fn reload_key(&self, id: &str) -> Result<(), StoreError> {
+        let text = self.bounded(self.store.key_record(id), None).await?;
+        let mut keys = lock_keys(&self.keys);
+        match text.as_deref().and_then(|t| parse_record(id, t)) {
+            Some(r) => keys.records.insert(id.to_owned(), r),
+            None => keys.records.remove(id),
+        };
+        self.keys_in_force.load().install(CompiledKeys::compile(&keys.records, &self.policy()));
+        Ok(())
+    }
+
+    /// Writes `record` for `id` if the store still holds `expected`, then takes it in here at
+    /// once (other instances on the store's announcement).
+    async fn put_key(&self, id: &str, record: &KeyRecord, expected: Option<&str>) -> Result<(), KeyError> {
+        let text = record.to_json();
+        let written = self.bounded(self.store.put_key_record(id, &text, expected), None).await?;
+        if !written {
+            return Err(if expected.is_none() { KeyError::Exists(id.into()) } else { KeyError::Conflict(id.into()) });
+        }
+        let mut keys = lock_keys(&self.keys);
+        keys.records.insert(id.to_owned(), record.clone());
+        self.keys_in_force.load().install(CompiledKeys::compile(&keys.records, &self.policy()));
+        Ok(())
+    }
+
+    /// Issues a key kept in the store: the key (shown once) and its record.
+    pub async fn create_key(&self, new: NewKey) -> Result<(String, KeyRecord), KeyError> {
+        let policy = self.policy();
+        let id_ok = !new.id.is_empty()
+            && new.id.len() <= MAX_KEY_ID
+            && new.id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !id_ok {
+            return Err(KeyError::Invalid("id: 1 to 64 letters, digits, '-', '_' or '.'".into()));
+        }
+        if policy.api_keys.tier_of(&new.id).is_some() {
+            return Err(KeyError::InPolicy(new.id));
+        }
+        if policy.tier(&new.tier).is_none() {
+            return Err(KeyError::Invalid(format!("tier: no tier {:?} in the policy", new.tier)));
+        }
+        if new.roles.is_empty() {
+            return Err(KeyError::Invalid("roles: at least one role of the policy".into()));
+        }
+        if let Some(r) = new.roles.iter().find(|r| policy.roles.granted(r).is_none()) {
+            return Err(KeyError::Invalid(format!("roles: no role {r:?} in the policy")));
+        }
+        if let (Some(nb), Some(exp)) = (new.not_before, new.expires_at)
+            && exp <= nb
+        {
+            return Err(KeyError::Invalid("expires_at: must be after not_before".into()));
+        }
+        let now = clock::now_micros();
+        if new.expires_at.is_some_and(|e| e <= now) {
+            return Err(KeyError::Invalid("expires_at: already past".into()));
+        }
+        if new.labels.len() > MAX_LABELS
+            || new.labels.iter().any(|(k, v)| {
+                k.is_empty()
+                    || k.len() > MAX_LABEL_BYTES
+                    || v.len() > MAX_LABEL_BYTES
+                    || !decision_core::fields::valid_value(k.as_bytes())
+                    || !decision_core::fields::valid_value(v.as_bytes())
+            })
+        {
+            return Err(KeyError::Invalid("labels: at most 16, names and values of 1 to 64 printable bytes".into()));
+        }
+        let (key, value) = new_value(key_prefix(&new.prefix)?, new.not_before, new.expires_at)?;
+        let record = KeyRecord {
+            roles: new.roles,
+            tier: new.tier,
+            labels: new.labels,
+            created: now,
+            revoked: false,
+            values: vec![value],
+        };
+        self.put_key(&new.id, &record, None).await?;
+        Ok((key, record))
+    }
+
+    /// A new value for a store-held key; its current values keep working until `old_until`
+    /// (never later than they would have). The new key and the record.
+    pub async fn rotate_key(&self, id: &str, old_until: Micros, prefix: &str) -> Result<(String, KeyRecord), KeyError> {
+        let now = clock::now_micros();
+        if old_until <= now || old_until > now.saturating_add(MAX_ROTATION_OVERLAP) {
+            return Err(KeyError::Invalid("old_expires_at: after now, and at most 30 days from now".into()));
+        }
+        let prefix = key_prefix(prefix)?;
+        let (current, mut record) = self.key_of(id).await?;
+        if record.revoked {
+            return Err(KeyError::Invalid(format!("the API key {id:?} is revoked: create a new one")));
+        }
+        let expires_at = record.values.iter().filter_map(|v| v.expires_at).max();
+        for v in &mut record.values {
+            v.expires_at = Some(v.expires_at.map_or(old_until, |e| e.min(old_until)));
+        }
+        // values already expired are dropped
+        record.values.retain(|v| v.expires_at.is_none_or(|e| e > now));
+        let (key, value) = new_value(prefix, None, expires_at.filter(|e| *e > old_until))?;
+        record.values.push(value);
+        self.put_key(id, &record, Some(&current)).await?;
+        Ok((key, record))
+    }
+
+    /// Revokes a store-held key: every value refused, `api_key_revoked`, from now on.
+    pub async fn revoke_key(&self, id: &str) -> Result<KeyRecord, KeyError> {
+        let (current, mut record) = self.key_of(id).await?;
+        record.revoked = true;
+        self.put_key(id, &record, Some(&current)).await?;
+        Ok(record)
+    }
+
+    /// A store-held key's record as stored (its text, for the conditional write) and read.
+    async fn key_of(&self, id: &str) -> Result<(String, KeyRecord), KeyError> {
+        if self.policy().api_keys.tier_of(id).is_some() {
+            return Err(KeyError::InPolicy(id.into()));
+        }
+        let text = self.bounded(self.store.key_record(id), None).await?.ok_or_else(|| KeyError::NotFound(id.into()))?;
+        let record =
+            parse_record(id, &text).ok_or_else(|| KeyError::Invalid(format!("the record of {id:?} cannot be read")))?;
+        Ok((text, record))
+    }
+
+    /// Every store-held key, as this instance holds them (read again from the store first).
+    pub async fn store_keys(&self) -> Result<Vec<(String, KeyRecord)>, StoreError> {
+        self.load_keys().await?;
+        let keys = lock_keys(&self.keys);
+        let mut all: Vec<(String, KeyRecord)> = keys.records.iter().map(|(k, r)| (k.clone(), r.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(all)
+    }
+}
+
+/// How often every instance reads all store-held keys again, for a change announcement it
+/// missed (a dropped subscription is also followed by a full read).
+pub const KEY_RESYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(10);

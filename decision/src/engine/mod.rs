@@ -111,6 +111,10 @@ pub struct Engine<S> {
     /// this process's half of every decision id, and the counter of the other half
     process_id: u64,
     decisions: std::sync::atomic::AtomicU64,
+    /// the store-held API keys (the admin API's), as last read from the store
+    keys: std::sync::Mutex<admin::KeyState>,
+    /// the compiled copy the policy in force consults
+    keys_in_force: ArcSwap<crate::admin::keys::CompiledKeys>,
 }
 
 impl<S: Store> Engine<S> {
@@ -118,7 +122,10 @@ impl<S: Store> Engine<S> {
         let metrics = Metrics::new();
         metrics.policy_loaded(policy.routes.len());
         start_background(&policy);
+        let (policy, compiled) = admin::with_store_keys(&policy, &Default::default());
         Engine {
+            keys: Default::default(),
+            keys_in_force: ArcSwap::new(compiled),
             policy: ArcSwap::new(policy),
             store,
             metrics,
@@ -154,11 +161,28 @@ impl<S: Store> Engine<S> {
     /// (the server calls it once, inside its runtime).
     pub fn watch_freed(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
-        self.store.watch_freed(Arc::new(move |key: &str| {
-            if let Some(engine) = weak.upgrade() {
-                engine.waiters.freed(key);
-            }
-        }));
+        let weak_changed = weak.clone();
+        self.store.watch_freed(
+            Arc::new(move |key: &str| {
+                if let Some(engine) = weak.upgrade() {
+                    engine.waiters.freed(key);
+                }
+            }),
+            Arc::new(move |what: &str| {
+                // another instance changed an API key record: reload it (all of them after a
+                // reconnection), off the subscriber's task
+                if let (Some(engine), Some(id)) = (weak_changed.upgrade(), what.strip_prefix("keys:")) {
+                    let id = id.to_owned();
+                    tokio::spawn(async move {
+                        let reloaded =
+                            if id == "*" { engine.load_keys().await.map(|_| ()) } else { engine.reload_key(&id).await };
+                        if let Err(e) = reloaded {
+                            tracing::warn!(error = %e, "store-held API keys not reloaded; the periodic resync will");
+                        }
+                    });
+                }
+            }),
+        );
     }
 
     /// The policy in force (one atomic load; hold it for the whole request).
@@ -169,6 +193,10 @@ impl<S: Store> Engine<S> {
     pub fn replace_policy(&self, policy: Arc<Policy>) {
         self.metrics.policy_loaded(policy.routes.len());
         start_background(&policy);
+        // the store-held keys, compiled against the new policy before it is in force
+        let keys = admin::lock_keys(&self.keys);
+        let (policy, compiled) = admin::with_store_keys(&policy, &keys.records);
+        self.keys_in_force.store(compiled);
         self.policy.store(policy);
     }
 

@@ -294,6 +294,18 @@ impl Store for BrokenStore {
         Err(StoreError::Unavailable("connection refused".into()))
     }
 
+    async fn key_records(&self) -> Result<Vec<(String, String)>, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+
+    async fn key_record(&self, _: &str) -> Result<Option<String>, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+
+    async fn put_key_record(&self, _: &str, _: &str, _: Option<&str>) -> Result<bool, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+
     async fn complete(
         &self,
         _: &crate::store::Release<'_>,

@@ -58,6 +58,24 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     concurrent_reservations_settle_exactly(&make().await).await;
     a_grant_gives_back_up_to_the_whole_quota_and_forget_resets(&make().await).await;
     the_blocks_index_lists_what_is_blocked_soonest_first(&make().await).await;
+    key_records_are_written_only_over_the_record_expected(&make().await).await;
+}
+
+/// `put_key_record` writes only when the current record is the one expected (none for a new
+/// id); `key_record` and `key_records` read what was written.
+async fn key_records_are_written_only_over_the_record_expected<S: Store>(s: &S) {
+    let b = s.backend();
+    assert!(s.put_key_record("k1", r#"{"v":1}"#, None).await.expect("put"), "{b}");
+    assert!(!s.put_key_record("k1", r#"{"v":2}"#, None).await.expect("put"), "{b}: an existing id written as new");
+    assert!(!s.put_key_record("k1", r#"{"v":2}"#, Some(r#"{"v":0}"#)).await.expect("put"), "{b}: a stale expectation");
+    assert!(s.put_key_record("k1", r#"{"v":2}"#, Some(r#"{"v":1}"#)).await.expect("put"), "{b}");
+    assert!(!s.put_key_record("k2", "{}", Some("{}")).await.expect("put"), "{b}: no record to replace");
+    assert_eq!(s.key_record("k1").await.expect("get").as_deref(), Some(r#"{"v":2}"#), "{b}");
+    assert_eq!(s.key_record("k2").await.expect("get"), None, "{b}");
+    assert!(s.put_key_record("k3", "{}", None).await.expect("put"), "{b}");
+    let mut all = s.key_records().await.expect("all");
+    all.sort();
+    assert_eq!(all, [("k1".to_owned(), r#"{"v":2}"#.to_owned()), ("k3".to_owned(), "{}".to_owned())], "{b}");
 }
 
 /// `adjust` with a negative delta gives units back now (never past the whole quota); `forget`

@@ -42,6 +42,8 @@ pub struct MemoryStore {
     reservations: Mutex<HashMap<u128, Held>>,
     /// the blocks index: address -> until
     blocks: Mutex<HashMap<String, Micros>>,
+    /// API key records (the admin API's): id -> JSON
+    keys: Mutex<HashMap<String, String>>,
 }
 
 /// A reservation's record: what apply.lua keeps in a Redis hash.
@@ -110,6 +112,7 @@ impl MemoryStore {
             traffic: Mutex::new(HashMap::new()),
             reservations: Mutex::new(HashMap::new()),
             blocks: Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::new()),
         }
     }
 
@@ -419,6 +422,23 @@ impl Store for MemoryStore {
 
     async fn blocks(&self, now: Micros) -> Result<Vec<(String, Micros)>, StoreError> {
         Ok(self.blocks_now(now))
+    }
+
+    async fn key_records(&self) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(lock(&self.keys).iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
+    async fn key_record(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(lock(&self.keys).get(id).cloned())
+    }
+
+    async fn put_key_record(&self, id: &str, record: &str, expected: Option<&str>) -> Result<bool, StoreError> {
+        let mut keys = lock(&self.keys);
+        if keys.get(id).map(String::as_str) != expected {
+            return Ok(false);
+        }
+        keys.insert(id.to_owned(), record.to_owned());
+        Ok(true)
     }
 
     fn backend(&self) -> &'static str {

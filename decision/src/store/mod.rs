@@ -194,10 +194,34 @@ pub trait Store: Send + Sync + 'static {
     /// first.
     fn blocks(&self, now: Micros) -> impl Future<Output = Result<Vec<(String, Micros)>, StoreError>> + Send;
 
+    /// Admin (API keys kept in the store): every key record, as (id, JSON text).
+    fn key_records(&self) -> impl Future<Output = Result<Vec<(String, String)>, StoreError>> + Send;
+
+    /// Admin: one key record's JSON text, if there is one.
+    fn key_record(&self, id: &str) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// Admin: writes `id`'s record if the current one is `expected` (None: there is none yet),
+    /// atomically; true when written. Every instance is told (`keys:<id>` on the change
+    /// channel), so that it reloads that record.
+    fn put_key_record(
+        &self,
+        id: &str,
+        record: &str,
+        expected: Option<&str>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// Calls `wake` with an upstream's key whenever any instance of the fleet frees one of its
     /// slots (a shared store's notification), for as long as the store lives. A store private
     /// to this process has nothing to add: this instance's own completions wake its waiters.
-    fn watch_freed(&self, _wake: std::sync::Arc<dyn Fn(&str) + Send + Sync>) {}
+    ///
+    /// `changed` is called with what another instance announced it changed (`keys:<id>`: an
+    /// API key record; `keys:*`: anything may have changed, after a reconnection).
+    fn watch_freed(
+        &self,
+        _wake: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
+        _changed: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
+    ) {
+    }
 
     /// With `local_share`: how many instances share each limit while this store fails (each then
     /// enforces its share, 1/n, from memory). None: failures are answered by `on_store_error`.

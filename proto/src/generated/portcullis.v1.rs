@@ -705,6 +705,102 @@ pub mod decision_server {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CreateKeyRequest {
+    /// 1 to 64 letters, digits, '-', '_' or '.'; not an id of the policy file or of the store.
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// Role names of the policy.
+    #[prost(string, repeated, tag = "2")]
+    pub roles: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// A tier of the policy.
+    #[prost(string, tag = "3")]
+    pub tier: ::prost::alloc::string::String,
+    /// Valid from (seconds since the epoch); 0: now.
+    #[prost(int64, tag = "4")]
+    pub not_before: i64,
+    /// Valid until (seconds since the epoch); 0: until revoked.
+    #[prost(int64, tag = "5")]
+    pub expires_at: i64,
+    /// Free-form labels (at most 16, keys and values at most 64 bytes each).
+    #[prost(map = "string, string", tag = "6")]
+    pub labels: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    /// The new key's prefix (letters, digits, '_'; default "pk").
+    #[prost(string, tag = "7")]
+    pub prefix: ::prost::alloc::string::String,
+    /// Why, for the audit trail.
+    #[prost(string, tag = "8")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CreatedKey {
+    /// The key: shown this once, never stored, never logged.
+    #[prost(string, tag = "1")]
+    pub key: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub info: ::core::option::Option<KeyInfo>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RotateKeyRequest {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// Until when the values the key had keep working (seconds since the epoch; 0: one hour
+    /// from now; at most 30 days from now).
+    #[prost(int64, tag = "2")]
+    pub old_expires_at: i64,
+    #[prost(string, tag = "3")]
+    pub prefix: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokeKeyRequest {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListKeysRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct KeyInfo {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub roles: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, tag = "3")]
+    pub tier: ::prost::alloc::string::String,
+    #[prost(map = "string, string", tag = "4")]
+    pub labels: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    /// "policy" (read-only) or "store".
+    #[prost(string, tag = "5")]
+    pub source: ::prost::alloc::string::String,
+    /// When it was created (RFC 3339; empty for a policy key).
+    #[prost(string, tag = "6")]
+    pub created_at: ::prost::alloc::string::String,
+    /// The values that work now or will (after a rotation: the new one and the old until it
+    /// expires).
+    #[prost(uint32, tag = "7")]
+    pub live_values: u32,
+    /// The earliest a value works from, and the latest it works until (RFC 3339; empty: none).
+    #[prost(string, tag = "8")]
+    pub not_before: ::prost::alloc::string::String,
+    #[prost(string, tag = "9")]
+    pub expires_at: ::prost::alloc::string::String,
+    #[prost(bool, tag = "10")]
+    pub revoked: bool,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListKeysResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub keys: ::prost::alloc::vec::Vec<KeyInfo>,
+}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetStatusRequest {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1181,6 +1277,101 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("portcullis.v1.Admin", "RevokeToken"));
             self.inner.unary(req, path, codec).await
         }
+        /// Issues an API key kept in the store: returned once, only its SHA-256 is kept; every
+        /// instance accepts it within a second (scope keys:write).
+        pub async fn create_key(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CreateKeyRequest>,
+        ) -> std::result::Result<tonic::Response<super::CreatedKey>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/portcullis.v1.Admin/CreateKey",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("portcullis.v1.Admin", "CreateKey"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// A new value for a store-held key: the old value(s) keep working until old_expires_at, so
+        /// clients can switch over (scope keys:write).
+        pub async fn rotate_key(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RotateKeyRequest>,
+        ) -> std::result::Result<tonic::Response<super::CreatedKey>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/portcullis.v1.Admin/RotateKey",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("portcullis.v1.Admin", "RotateKey"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Revokes a store-held key: every instance answers it 401 api_key_revoked within a second
+        /// (scope keys:write).
+        pub async fn revoke_key(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RevokeKeyRequest>,
+        ) -> std::result::Result<tonic::Response<super::KeyInfo>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/portcullis.v1.Admin/RevokeKey",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("portcullis.v1.Admin", "RevokeKey"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Every API key, from the policy file (read-only) and from the store: metadata only, never a
+        /// key or a digest (scope read).
+        pub async fn list_keys(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListKeysRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListKeysResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/portcullis.v1.Admin/ListKeys",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("portcullis.v1.Admin", "ListKeys"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1251,6 +1442,33 @@ pub mod admin_server {
             request: tonic::Request<super::RevokeTokenRequest>,
         ) -> std::result::Result<
             tonic::Response<super::RevokeTokenResponse>,
+            tonic::Status,
+        >;
+        /// Issues an API key kept in the store: returned once, only its SHA-256 is kept; every
+        /// instance accepts it within a second (scope keys:write).
+        async fn create_key(
+            &self,
+            request: tonic::Request<super::CreateKeyRequest>,
+        ) -> std::result::Result<tonic::Response<super::CreatedKey>, tonic::Status>;
+        /// A new value for a store-held key: the old value(s) keep working until old_expires_at, so
+        /// clients can switch over (scope keys:write).
+        async fn rotate_key(
+            &self,
+            request: tonic::Request<super::RotateKeyRequest>,
+        ) -> std::result::Result<tonic::Response<super::CreatedKey>, tonic::Status>;
+        /// Revokes a store-held key: every instance answers it 401 api_key_revoked within a second
+        /// (scope keys:write).
+        async fn revoke_key(
+            &self,
+            request: tonic::Request<super::RevokeKeyRequest>,
+        ) -> std::result::Result<tonic::Response<super::KeyInfo>, tonic::Status>;
+        /// Every API key, from the policy file (read-only) and from the store: metadata only, never a
+        /// key or a digest (scope read).
+        async fn list_keys(
+            &self,
+            request: tonic::Request<super::ListKeysRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListKeysResponse>,
             tonic::Status,
         >;
     }
@@ -1702,6 +1920,178 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RevokeTokenSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/portcullis.v1.Admin/CreateKey" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateKeySvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::CreateKeyRequest>
+                    for CreateKeySvc<T> {
+                        type Response = super::CreatedKey;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CreateKeyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::create_key(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateKeySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/portcullis.v1.Admin/RotateKey" => {
+                    #[allow(non_camel_case_types)]
+                    struct RotateKeySvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::RotateKeyRequest>
+                    for RotateKeySvc<T> {
+                        type Response = super::CreatedKey;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RotateKeyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::rotate_key(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RotateKeySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/portcullis.v1.Admin/RevokeKey" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokeKeySvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::RevokeKeyRequest>
+                    for RevokeKeySvc<T> {
+                        type Response = super::KeyInfo;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RevokeKeyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::revoke_key(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokeKeySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/portcullis.v1.Admin/ListKeys" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListKeysSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::ListKeysRequest>
+                    for ListKeysSvc<T> {
+                        type Response = super::ListKeysResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListKeysRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::list_keys(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListKeysSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

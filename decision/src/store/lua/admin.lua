@@ -10,6 +10,12 @@
 --   "unnote"  KEYS[1]: the blocks index; ARGV[3]: address. Returns { now, removed (1|0) }.
 --   "list"    KEYS[1]: the blocks index; expired entries dropped. Returns { now, n, then
 --             address, until for each }.
+--   "keys"    KEYS[1]: the key records (a hash: id -> JSON). Returns { id, record, ... }.
+--   "key"     KEYS[1]: the key records; ARGV[3]: id. Returns the record, or nil.
+--   "putkey"  KEYS[1]: the key records; ARGV[3]: id, ARGV[4]: the new record, ARGV[5]: "1" when
+--             a current record is expected, ARGV[6]: that record. Writes only when the current
+--             one is the one expected (none, or equal); publishes "keys:<id>". Returns 1 when
+--             written, 0 when not.
 -- "adjust" and "forget" publish "counters" on CHANGED_CHANNEL: counters went back, which the
 -- other instances' over-limit caches must learn.
 
@@ -41,5 +47,19 @@ elseif op == 'list' then
   local out = { now, #all / 2 }
   for i = 1, #all do out[#out + 1] = all[i] end
   return out
+elseif op == 'keys' then
+  return redis.call('HGETALL', KEYS[1])
+elseif op == 'key' then
+  return redis.call('HGET', KEYS[1], ARGV[3])
+elseif op == 'putkey' then
+  local current = redis.call('HGET', KEYS[1], ARGV[3])
+  if ARGV[5] == '1' then
+    if current ~= ARGV[6] then return 0 end
+  elseif current then
+    return 0
+  end
+  redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+  redis.call('PUBLISH', CHANGED_CHANNEL, 'keys:' .. ARGV[3])
+  return 1
 end
 return redis.error_reply('admin.lua: unknown operation ' .. tostring(op))

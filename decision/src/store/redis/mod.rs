@@ -39,6 +39,8 @@ pub use self::traffic::FREED_CHANNEL;
 
 /// The blocks index (a sorted set: address -> until), for the admin API's list.
 pub const BLOCKS_INDEX: &str = "pc:blocks";
+/// The API key records the admin API issues (a hash: id -> JSON).
+pub const KEY_RECORDS: &str = "pc:keys";
 /// What admin changes are announced on (admin.lua's CHANGED_CHANNEL): counters went back, so
 /// every instance's over-limit cache forgets what it remembers.
 pub const CHANGED_CHANNEL: &str = "pc:changed";
@@ -382,6 +384,38 @@ impl Store for RedisStore {
         Ok(out)
     }
 
+    async fn key_records(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut inv = self.scripts.admin.prepare_invoke();
+        inv.key(KEY_RECORDS).arg(-1).arg("keys");
+        let flat: Vec<String> = self.invoke_as(&inv).await?;
+        Ok(flat
+            .chunks(2)
+            .filter_map(|p| match p {
+                [id, record] => Some((id.clone(), record.clone())),
+                _ => None,
+            })
+            .collect())
+    }
+
+    async fn key_record(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let mut inv = self.scripts.admin.prepare_invoke();
+        inv.key(KEY_RECORDS).arg(-1).arg("key").arg(id);
+        self.invoke_as(&inv).await
+    }
+
+    async fn put_key_record(&self, id: &str, record: &str, expected: Option<&str>) -> Result<bool, StoreError> {
+        let mut inv = self.scripts.admin.prepare_invoke();
+        inv.key(KEY_RECORDS)
+            .arg(-1)
+            .arg("putkey")
+            .arg(id)
+            .arg(record)
+            .arg(if expected.is_some() { "1" } else { "0" })
+            .arg(expected.unwrap_or(""));
+        let written: i64 = self.invoke_as(&inv).await?;
+        Ok(written == 1)
+    }
+
     async fn apply(&self, ops: &[Op], now: Micros) -> Result<Vec<Verdict>, StoreError> {
         let (verdicts, ()) = self
             .through_cache(ops, now, async {
@@ -396,7 +430,11 @@ impl Store for RedisStore {
         self.apply_in_store(ops, now, false).await.map(|(verdicts, _)| verdicts)
     }
 
-    fn watch_freed(&self, wake: std::sync::Arc<dyn Fn(&str) + Send + Sync>) {
+    fn watch_freed(
+        &self,
+        wake: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
+        changed: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
+    ) {
         let clients = self.pool.notify.clone();
         let cache = self.over_limit.clone();
         tokio::spawn(async move {
@@ -409,11 +447,15 @@ impl Store for RedisStore {
                             if let Some(cache) = &cache {
                                 cache.forget_all();
                             }
+                            changed("keys:*");
                             let mut messages = pubsub.on_message();
                             while let Some(msg) = messages.next().await {
                                 if msg.get_channel_name() == CHANGED_CHANNEL {
                                     if let Some(cache) = &cache {
                                         cache.forget_all();
+                                    }
+                                    if let Ok(what) = msg.get_payload::<String>() {
+                                        changed(&what);
                                     }
                                 } else if let Ok(up) = msg.get_payload::<String>() {
                                     wake(&up);

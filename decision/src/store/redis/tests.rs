@@ -495,9 +495,12 @@ async fn a_freed_slot_is_announced_to_every_instance() {
         RedisStore::connect(&settings(server.url())).expect("store"),
     );
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    b.watch_freed(std::sync::Arc::new(move |key: &str| {
-        let _ = tx.send(key.to_owned());
-    }));
+    b.watch_freed(
+        std::sync::Arc::new(move |key: &str| {
+            let _ = tx.send(key.to_owned());
+        }),
+        std::sync::Arc::new(|_: &str| {}),
+    );
     let cfg = TrafficConfig {
         concurrency_limit: 1,
         queue_size: 1,
