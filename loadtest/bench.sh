@@ -106,6 +106,18 @@ start_portcullis_redis() {
   for _ in $(seq 1 100); do redis-cli -p "$redis_port" PING 2>/dev/null | grep -q PONG && break; sleep 0.1; done
   sed -e "s|^  memory: {}|  redis: { url: \"redis://127.0.0.1:$redis_port\", timeout: 1s, pool_size: 4 }|" \
     loadtest/bench/policy.yaml > "$work/policy-redis.yaml"
+  # 100,000 API keys kept in the store (as the admin API's CreateKey writes them), read by
+  # portcullis when it starts: pk_bench_store_<i>, tier open, role user
+  python3 - <<'PY' | redis-cli -p "$redis_port" --pipe > /dev/null
+import hashlib, json, sys
+out = sys.stdout
+for i in range(100000):
+    rec = json.dumps({"roles": ["user"], "tier": "open", "created": 0,
+                      "values": [{"sha256": hashlib.sha256(f"pk_bench_store_{i}".encode()).hexdigest()}]},
+                     separators=(",", ":"))
+    args = ["HSET", "pc:keys", f"bench-store-{i}", rec]
+    out.write(f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args))
+PY
   mkdir -p "$work/ratelimit" && cp loadtest/bench/ratelimit/bench.yaml "$work/ratelimit/" && cp loadtest/bench/jwks.json "$work/"
   rm -f "$work/portcullis-redis.listen"
   "${server_cpu[@]}" "$portcullis" serve --config "$work/policy-redis.yaml" --log-format json \
@@ -207,6 +219,8 @@ start_portcullis_redis
 lt --name rls-1-desc-1-key-redis  --target rls --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --expect all
 lt --name rls-1-desc-100k-keys-redis --target rls --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --keys 100000 --expect all
 lt --name ext-authz-api-key-redis --target ext-authz --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --api-key pk_bench_open --expect all
+# the same with one of the 100,000 keys the store holds (the policy file's key above)
+lt --name ext-authz-store-key-redis --target ext-authz --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --api-key pk_bench_store_77777 --expect all
 # a client hammering past its limit: after the first refusal, the over-limit cache answers
 # without a Redis call (compare with rls-limited on the memory store, and the redis CPU column)
 lt --name rls-limited-redis       --target rls --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --descriptor-key limited --expect 100
@@ -274,6 +288,9 @@ if native and key:
     print(f"\nnative Check vs ext_authz Check (the same API-key decision): {native['rps'] / key['rps']:.2f}x the throughput")
 if fa and key:
     print(f"\nforward-auth (HTTP/1.1) vs ext_authz Check (the same API-key decision): {fa['rps'] / key['rps']:.2f}x the throughput")
+store_key, file_key = by.get("ext-authz-store-key-redis"), by.get("ext-authz-api-key-redis")
+if store_key and file_key:
+    print(f"\none of 100,000 store-held keys vs the policy file's key (Redis store): {store_key['rps'] / file_key['rps']:.2f}x the throughput")
 if jwt and key:
     print(f"\nJWT (one RS256 token, cached after its first verification) vs API key: {key['rps'] / jwt['rps']:.2f}x the cost per decision")
 m = by["memory-per-key"]
