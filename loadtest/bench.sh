@@ -115,7 +115,7 @@ for i in range(100000):
     rec = json.dumps({"roles": ["user"], "tier": "open", "created": 0,
                       "values": [{"sha256": hashlib.sha256(f"pk_bench_store_{i}".encode()).hexdigest()}]},
                      separators=(",", ":"))
-    args = ["HSET", "pc:keys", f"bench-store-{i}", rec]
+    args = ["HSET", "pc:{keys}", f"bench-store-{i}", rec]
     out.write(f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args))
 PY
   mkdir -p "$work/ratelimit" && cp loadtest/bench/ratelimit/bench.yaml "$work/ratelimit/" && cp loadtest/bench/jwks.json "$work/"

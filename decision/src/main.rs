@@ -98,10 +98,7 @@ enum Command {
         /// A file holding the admin token (else $PORTCULLIS_ADMIN_TOKEN).
         #[arg(long, global = true)]
         token_file: Option<PathBuf>,
-        /// The admin token, from the environment (a command line is seen by `ps` and kept in
-        /// shell history: use the variable or --token-file).
-        #[arg(long, env = "PORTCULLIS_ADMIN_TOKEN", hide = true, hide_env_values = true, global = true)]
-        token: Option<String>,
+
         /// One JSON object instead of a table.
         #[arg(long, global = true)]
         json: bool,
@@ -393,11 +390,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             served.context("serving")?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Admin { addr, token_file, token, json, command } => {
+        Command::Admin { addr, token_file, json, command } => {
             use decision::admin::client::{Ask, run};
             let token = match token_file {
                 Some(f) => std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?,
-                None => token.context("no admin token: set PORTCULLIS_ADMIN_TOKEN or give --token-file")?,
+                // the environment only: a flag would put the token where `ps` and shell history
+                // keep it
+                #[allow(clippy::disallowed_methods)]
+                None => std::env::var("PORTCULLIS_ADMIN_TOKEN")
+                    .context("no admin token: set PORTCULLIS_ADMIN_TOKEN or give --token-file")?,
             };
             let token = token.trim().to_owned();
             let ask = match command {

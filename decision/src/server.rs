@@ -117,6 +117,7 @@ fn reload_on_hangup<S: Store>(
     file: PathBuf,
     auth_metrics: crate::auth::AuthMetrics,
     status: Arc<Mutex<PolicyStatus>>,
+    admin: Option<Arc<arc_swap::ArcSwap<crate::admin::AdminSettings>>>,
 ) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
@@ -131,6 +132,18 @@ fn reload_on_hangup<S: Store>(
                 match config::load_with(&file, &auth_metrics) {
                     Ok(cfg) => {
                         engine.replace_policy(cfg.policy);
+                        // the admin tokens follow the policy (a token removed there is refused
+                        // at once); the listener's address changes only at a restart
+                        if let Some(admin) = &admin {
+                            let next = cfg.settings.admin.clone().unwrap_or_else(|| crate::admin::AdminSettings {
+                                addr: admin.load().addr,
+                                tokens: Vec::new(),
+                            });
+                            if next.addr != admin.load().addr {
+                                tracing::warn!("listen.admin changed: the admin API keeps its address until a restart");
+                            }
+                            admin.store(Arc::new(next));
+                        }
                         engine.metrics.reload(true);
                         tracing::info!(file = %file.display(), version = %cfg.version, "policy reloaded");
                         let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
@@ -148,7 +161,7 @@ fn reload_on_hangup<S: Store>(
             }
         }
         #[cfg(not(unix))]
-        let _ = (engine, file, auth_metrics, status);
+        let _ = (engine, file, auth_metrics, status, admin);
     }
 }
 
@@ -217,7 +230,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
     engine.watch_freed();
     // the store-held API keys (the admin API's): read now, then again every so often for a
     // change announcement this instance missed
-    if let Err(e) = engine.load_keys().await {
+    if let Err(e) = engine.load_keys(true).await {
         tracing::warn!(error = %e, "store-held API keys cannot be read yet; retrying in the background");
     }
     {
@@ -228,7 +241,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
             let mut failing = false;
             loop {
                 tick.tick().await;
-                match engine.load_keys().await {
+                match engine.load_keys(false).await {
                     Ok(n) => {
                         if failing || n > 0 {
                             tracing::debug!(keys = n, "store-held API keys read");
@@ -311,7 +324,14 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         loaded_at: clock::now_micros(),
         last_error: None,
     }));
-    tokio::spawn(reload_on_hangup(engine.clone(), cfg.file.clone(), cfg.auth_metrics.clone(), status.clone()));
+    let admin_settings = cfg.settings.admin.clone().map(|a| Arc::new(arc_swap::ArcSwap::from_pointee(a)));
+    tokio::spawn(reload_on_hangup(
+        engine.clone(),
+        cfg.file.clone(),
+        cfg.auth_metrics.clone(),
+        status.clone(),
+        admin_settings.clone(),
+    ));
     {
         let serving = serving.clone();
         let health_reporter = health_reporter.clone();
@@ -388,10 +408,10 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
 
     // the admin API: its own listener, its own health service, reflection for grpcurl
     let admin_api = async {
-        let (Some(listener), Some(settings)) = (admin_listener, cfg.settings.admin.clone()) else { return Ok(()) };
+        let (Some(listener), Some(settings)) = (admin_listener, admin_settings) else { return Ok(()) };
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_serving::<AdminServer<AdminApi<S>>>().await;
-        let api = AdminServer::new(AdminApi::new(engine.clone(), Arc::new(settings), status.clone()))
+        let api = AdminServer::new(AdminApi::new(engine.clone(), settings, status.clone()))
             .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::portcullis_v1::FILE_DESCRIPTOR_SET)

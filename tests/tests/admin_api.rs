@@ -166,6 +166,25 @@ async fn only_known_tokens_with_the_scope_get_in_and_every_call_is_audited() {
     for (got, want) in seen.iter().zip(expected) {
         assert_eq!((got.0.as_str(), got.1.as_str(), got.2.as_str()), want, "{events:#?}");
     }
+
+    // the viewer token removed from the policy and SIGHUP: refused at once; the version moves
+    let file = p.dir.0.join("policy.yaml");
+    let text = std::fs::read_to_string(&file).expect("policy");
+    let viewer = "    - id: viewer\n      sha256: 50e96fd8e1a16cdd1d8a3e7ac774145b08fa9d09e1b2c8183eba3505196956ca\n      scopes: [read]\n";
+    assert!(text.contains(viewer));
+    std::fs::write(&file, text.replace(viewer, "")).expect("write");
+    p.signal("HUP").await.expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let e = c.get_status(authed(VIEWER, GetStatusRequest {})).await;
+        if e.as_ref().err().map(tonic::Status::code) == Some(tonic::Code::Unauthenticated) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the removed token still works: {e:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = c.get_status(authed(OPS, GetStatusRequest {})).await.expect("status").into_inner();
+    assert_ne!(after.policy_version, s.policy_version, "{after:?}");
 }
 
 #[tokio::test]
@@ -602,7 +621,7 @@ async fn keys_created_rotated_and_revoked_through_one_instance_hold_on_all_withi
     let identity = r.identity.expect("identity");
     assert_eq!((identity.subject.as_str(), identity.tier.as_str()), ("partner-7", "business"));
     // only the digest is in Redis; the key never is
-    let stored = redis.command("HGET pc:keys partner-7");
+    let stored = redis.command("HGET pc:{keys} partner-7");
     assert!(stored.contains(&digest_of(&key)) && !stored.contains(&key), "{stored}");
 
     // refused: an id the store or the policy file already has, an unknown role, an expiry

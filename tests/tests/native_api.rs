@@ -416,3 +416,24 @@ async fn bad_reservations_and_settles_are_refused_and_change_nothing() {
     let r = c.check(anonymous).await.expect("check").into_inner();
     assert!(r.http_status == 200 && r.reservation.is_empty() && r.reservation_ttl_ms == 0, "{r:?}");
 }
+
+#[tokio::test]
+async fn a_request_refused_a_slot_keeps_no_reservation_and_its_estimate_comes_back() {
+    let policy = reference_policy().replacen("concurrency_limit: 1000", "concurrency_limit: 1", 1).replacen(
+        "queue_size: 5000",
+        "queue_size: 0",
+        1,
+    );
+    let p = start(&policy).await;
+    let mut c = native(&p).await;
+    let ask = CheckRequest { cost: 40, reserve: true, ..ask("10.0.0.7", "GET", "/api/v1/items", Some(BASIC)) };
+    let first = c.check(ask.clone()).await.expect("check").into_inner();
+    assert!(first.http_status == 200 && !first.reservation.is_empty() && !first.lease.is_empty(), "{first:?}");
+    // the one slot is held: refused 503, with no reservation, and its 40 given back
+    let second = c.check(ask.clone()).await.expect("check").into_inner();
+    assert_eq!((second.http_status, second.reason.as_str()), (503, "queue_full"), "{second:?}");
+    assert!(second.reservation.is_empty() && second.reservation_ttl_ms == 0, "{second:?}");
+    let dry = CheckRequest { dry_run: true, reserve: false, cost: 1, ..ask };
+    let r = c.check(dry).await.expect("dry run").into_inner();
+    assert_eq!(remaining(&r)["daily"], 5_000 - 40 - 1, "only the first request's estimate stands: {r:?}");
+}

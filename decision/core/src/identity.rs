@@ -39,20 +39,27 @@ pub struct VerifiedToken {
     pub auth_time: Option<Micros>,
     pub expires_at: Micros,
     pub credential: CredentialKind,
-    /// what the token is revoked by: its `jti` when it has a usable one (1 to 128 visible
-    /// ASCII characters), else the first 32 hex digits of its SHA-256 (`token_id`)
+    /// what the token is revoked by: its `jti` when it has a usable one (1 to 128 letters,
+    /// digits, '.', '_' or '-': nothing that could end a store key's hash tag or field), else
+    /// the first 32 hex digits of its SHA-256 (`token_id`)
     pub token_id: Arc<str>,
 }
 
-/// Longest `jti` used as a token's id; a longer one, or one with other than visible ASCII, is
-/// replaced by the token's digest.
+/// Longest `jti` used as a token's id; a longer one, or one with other characters than
+/// letters, digits, '.', '_' and '-', is replaced by the token's digest.
 pub const MAX_JTI_BYTES: usize = 128;
 
 /// A bearer token's revocation id: `jti` when usable, else the first 32 hex digits (128 bits)
 /// of the token's SHA-256 (RFC 7519 section 4.1.7 for `jti`).
 pub fn token_id(jti: Option<&str>, token: &str) -> Arc<str> {
     match jti {
-        Some(j) if !j.is_empty() && j.len() <= MAX_JTI_BYTES && j.bytes().all(|b| b.is_ascii_graphic()) => j.into(),
+        Some(j)
+            if !j.is_empty()
+                && j.len() <= MAX_JTI_BYTES
+                && j.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) =>
+        {
+            j.into()
+        }
         _ => {
             let digest = crate::apikey::digest(token.as_bytes());
             crate::encode::hex(&digest[..16]).into()

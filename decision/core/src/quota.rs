@@ -134,6 +134,8 @@ pub fn settle(
                 _ => now,
             };
             let next = if delta > 0 {
+                // at most 2^52 microseconds at once, so that Lua's doubles compute it exactly
+                let more = more.min(LUA_EXACT / interval.max(1));
                 tat.max(now).saturating_add(more.saturating_mul(interval))
             } else if tat > now {
                 tat.saturating_sub(more.saturating_mul(interval)).max(now)
@@ -178,6 +180,53 @@ pub fn settle(
                 return None;
             }
             Some((State::Window { start, prev: 0, cur }, start + window))
+        }
+        Limit::Flag { .. } => None,
+    }
+}
+
+/// The largest amount of time settle and grant move a bucket by at once: 2^52 microseconds
+/// (142 years), below which the Redis scripts' doubles are exact.
+pub const LUA_EXACT: u64 = 1 << 52;
+
+/// Units given back to a limit now (the admin API's grant): a bucket refilled by `amount`
+/// tokens (never past full); a window's count lowered by `amount`, from the current window
+/// first and then from the previous one (a sliding window's estimate weighs it), never below
+/// zero. None when nothing changes.
+pub fn grant(limit: Limit, state: Option<State>, amount: u64, now: Micros) -> Option<(State, Micros)> {
+    if amount == 0 {
+        return None;
+    }
+    match limit {
+        Limit::TokenBucket { interval, .. } => match state {
+            Some(State::Bucket { tat }) if tat > now => {
+                let next = tat.saturating_sub(amount.saturating_mul(interval)).max(now);
+                Some((State::Bucket { tat: next }, next))
+            }
+            _ => None,
+        },
+        Limit::SlidingWindow { window, .. } => {
+            let window = window.max(1);
+            let aligned = now - now % window;
+            let (start, prev, cur) = match state {
+                Some(State::Window { start, prev, cur }) if start == aligned => (start, prev, cur),
+                Some(State::Window { start, cur, .. }) if start + window == aligned => (aligned, cur, 0),
+                Some(State::Window { start, prev, cur }) if start > aligned => (start, prev, cur),
+                _ => return None,
+            };
+            let from_cur = amount.min(cur);
+            let from_prev = (amount - from_cur).min(prev);
+            Some((State::Window { start, prev: prev - from_prev, cur: cur - from_cur }, start + 2 * window))
+        }
+        Limit::FixedWindow { window, .. } => {
+            let window = window.max(1);
+            let start = now - now % window;
+            match state {
+                Some(State::Window { start: s, cur, .. }) if s >= start => {
+                    Some((State::Window { start, prev: 0, cur: cur.saturating_sub(amount) }, start + window))
+                }
+                _ => None,
+            }
         }
         Limit::Flag { .. } => None,
     }

@@ -91,7 +91,9 @@ fn revocation_of(r: &RevokeTokenRequest) -> Result<(String, String, i64), Status
         }
         let id = decision_core::identity::token_id(Some(&r.jti), "");
         if *id != *r.jti {
-            return Err(Status::invalid_argument("jti: 1 to 128 visible ASCII characters"));
+            return Err(Status::invalid_argument(
+                "jti: 1 to 128 letters, digits, '.', '_' or '-' (another jti is revoked by giving the token)",
+            ));
         }
         return Ok((r.subject.clone(), r.jti.clone(), r.expires_at));
     }
@@ -123,7 +125,12 @@ fn revocation_of(r: &RevokeTokenRequest) -> Result<(String, String, i64), Status
         (Some(e), _) => e,
         (None, _) => return Err(Status::invalid_argument("expires_at: required for a token without exp")),
     };
-    let jti = if r.jti.is_empty() { jti } else { Some(r.jti.as_str()) };
+    // an opaque token is known by its digest only (introspection's answer is not ours to see)
+    let jti = match (&claims, r.jti.is_empty()) {
+        (None, _) => None,
+        (Some(_), true) => jti,
+        (Some(_), false) => Some(r.jti.as_str()),
+    };
     Ok((subject, decision_core::identity::token_id(jti, &r.token).to_string(), expires_at))
 }
 
@@ -141,12 +148,17 @@ pub struct PolicyStatus {
 /// The `portcullis.v1.Admin` service.
 pub struct AdminApi<S> {
     engine: Arc<Engine<S>>,
-    settings: Arc<AdminSettings>,
+    /// the tokens in force: a policy reload swaps them (the listener's address stays)
+    settings: Arc<arc_swap::ArcSwap<AdminSettings>>,
     status: Arc<Mutex<PolicyStatus>>,
 }
 
 impl<S> AdminApi<S> {
-    pub fn new(engine: Arc<Engine<S>>, settings: Arc<AdminSettings>, status: Arc<Mutex<PolicyStatus>>) -> Self {
+    pub fn new(
+        engine: Arc<Engine<S>>,
+        settings: Arc<arc_swap::ArcSwap<AdminSettings>>,
+        status: Arc<Mutex<PolicyStatus>>,
+    ) -> Self {
         AdminApi { engine, settings, status }
     }
 }
@@ -158,6 +170,12 @@ struct Call<'a> {
     object: String,
     reason: &'a str,
     peer: Option<IpAddr>,
+}
+
+/// `s` as an audit event or a log line may hold it: at most `MAX_FIELD_BYTES` characters,
+/// control characters replaced by '?'.
+fn clean(s: &str) -> String {
+    s.chars().take(MAX_FIELD_BYTES).map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 /// `s`, if it is short and printable (an operator's text in an audit event or a store key).
@@ -176,7 +194,9 @@ fn address(s: &str) -> Result<IpAddr, Status> {
 
 fn unavailable(e: crate::store::StoreError) -> Status {
     tracing::warn!(error = %e, "admin call: the store failed");
-    Status::unavailable("the store is unavailable; nothing changed")
+    Status::unavailable(
+        "the store is unavailable or did not answer in time: the change may not have been made (read before trying again)",
+    )
 }
 
 fn limit_kind(name: &str) -> Result<OpKind, Status> {
@@ -210,7 +230,7 @@ impl<S: Store> AdminApi<S> {
     /// Authenticates the call and checks its scope; a refusal is audited here.
     fn gate<T>(&self, req: &Request<T>, method: &'static str, scope: Scope) -> Result<Caller, Status> {
         let authorization = req.metadata().get("authorization").map(|v| v.as_bytes());
-        let refused = match self.settings.authenticate(authorization) {
+        let refused = match self.settings.load().authenticate(authorization) {
             Ok(caller) => match caller.may(scope) {
                 Ok(()) => return Ok(caller),
                 Err(r) => (r, Some(caller.token)),
@@ -231,12 +251,16 @@ impl<S: Store> AdminApi<S> {
         Err(status)
     }
 
-    /// The `admin` audit event (or log line) of a call, allowed or refused.
+    /// The `admin` audit event (or log line) of a call, allowed or refused. The object, the
+    /// reason and the detail are cut to `MAX_FIELD_BYTES` characters with control characters
+    /// replaced, whatever the caller sent.
     fn audit<T>(&self, c: &Call<'_>, outcome: &Result<T, Status>) {
         let (outcome, detail) = match outcome {
             Ok(_) => ("ok", String::new()),
-            Err(s) => (code_name(s.code()), s.message().to_owned()),
+            Err(s) => (code_name(s.code()), clean(s.message())),
         };
+        let (object, reason) = (clean(&c.object), clean(c.reason));
+        let c = Call { object, reason: &reason, ..*c };
         let actor = c.caller.unwrap_or("unauthenticated");
         match self.engine.audit() {
             Some(audit) => {
@@ -261,7 +285,7 @@ impl<S: Store> AdminApi<S> {
                 target: "portcullis::admin",
                 actor,
                 method = c.method,
-                object = %c.object,
+                object = ?c.object,
                 outcome,
                 reason = c.reason,
                 client_ip = c.peer.map(tracing::field::display),
@@ -349,7 +373,8 @@ impl<S: Store> Admin for AdminApi<S> {
         let call = Call {
             method: "Explain",
             caller: Some(&caller.token),
-            object: format!("{} {}", msg.operation, msg.resource).chars().take(MAX_FIELD_BYTES).collect(),
+            // the path only: a query can carry a credential
+            object: format!("{} {}", msg.operation, msg.resource.split('?').next().unwrap_or_default()),
             reason: "",
             peer: remote.map(|a| a.ip()),
         };
@@ -482,6 +507,9 @@ impl<S: Store> Admin for AdminApi<S> {
             let (subject, token_id, expires_at) = named.clone()?;
             text("reason", &r.reason)?;
             let now_s = i64::try_from(clock::now_micros() / 1_000_000).unwrap_or(i64::MAX);
+            // a JWT is accepted up to its issuer's leeway past exp: revoked that long too
+            let leeway_s = i64::try_from(crate::config::MAX_JWT_LEEWAY / 1_000_000).unwrap_or(0);
+            let expires_at = expires_at.saturating_add(leeway_s);
             if expires_at <= now_s {
                 return Err(Status::invalid_argument("expires_at: the token has already expired; nothing to revoke"));
             }

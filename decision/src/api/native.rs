@@ -183,10 +183,10 @@ pub fn answer(o: &Outcome, policy: &Policy, request_id: &str, dry_run: bool) -> 
         degraded: d.reason == Reason::AllowedStoreUnavailable,
         dry_run,
         reservation: match (&d.reservation, &d.ctx.identity) {
-            (Some(r), Some(id)) => reservation_token(&r.id, &id.subject),
+            (Some(r), Some(id)) if d.allowed() => reservation_token(&r.id, &id.subject),
             _ => String::new(),
         },
-        reservation_ttl_ms: d.reservation.as_ref().map_or(0, |r| r.ttl / 1_000),
+        reservation_ttl_ms: d.reservation.as_ref().filter(|_| d.allowed()).map_or(0, |r| r.ttl / 1_000),
     }
 }
 

@@ -201,7 +201,9 @@ impl Introspector {
             auth_time,
             expires_at: until,
             credential: CredentialKind::Introspected,
-            token_id: decision_core::identity::token_id(m.get("jti").and_then(|j| j.as_str()), token),
+            // an opaque token is revoked by its digest: the admin API has the token, not what
+            // the issuer's introspection would say of it
+            token_id: decision_core::identity::token_id(None, token),
         };
         (Ok(token), until)
     }

@@ -16,6 +16,9 @@ pub const JWT_ALGORITHMS: [&str; 10] =
     ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"];
 /// Clock skew allowed on a token's exp, nbf and iat when the policy does not say.
 pub const DEFAULT_JWT_LEEWAY: &str = "30s";
+/// The most clock skew an issuer may be allowed (RFC 7519 asks for "a few minutes" at most);
+/// a revocation lasts this long past a token's `exp`, so it never lapses while the token works.
+pub const MAX_JWT_LEEWAY: decision_core::units::Micros = 5 * 60 * 1_000_000;
 /// The tier of a token without a tier claim (the reference: "missing -> basic").
 pub const DEFAULT_JWT_TIER: &str = "basic";
 /// `jwks_url` issuers: background refresh period, refetch cooldown and fetch timeout.
@@ -121,6 +124,9 @@ impl Validator<'_> {
                     units::parse_duration(j.leeway.as_deref().unwrap_or(DEFAULT_JWT_LEEWAY)),
                 )
                 .unwrap_or(0);
+            if leeway > MAX_JWT_LEEWAY {
+                self.err(format!("{path}.leeway"), "at most 5m (clock skew, not a grace period)");
+            }
             let (role_bits, tier_index, default_tier) = bearer_tables(roles, tiers);
             if let Some(jwks) = jwks {
                 match crate::auth::jwt::Issuer::new(

@@ -44,7 +44,12 @@ impl<S: Store> Engine<S> {
     pub async fn block_address(&self, ip: IpAddr, duration: Micros) -> Result<Micros, StoreError> {
         let raise =
             Op { key: block_key(ip), limit: Limit::Flag { duration }, cost: 1, kind: OpKind::Block, shadow: false };
-        self.raise_block(&raise, ip, clock::now_micros()).await
+        let now = clock::now_micros();
+        // the store itself, never local shares: an operator is told whether the fleet has it
+        let verdicts = self.bounded(self.store.apply(std::slice::from_ref(&raise), now), None).await?;
+        let until = now.saturating_add(verdicts.first().map_or(0, |v| v.reset));
+        self.bounded(self.store.note_block(&ip.to_string(), until, now), None).await?;
+        Ok(until)
     }
 
     /// Lifts `ip`'s block and forgets its failed authentications, fleet-wide: whether it was
@@ -62,10 +67,11 @@ impl<S: Store> Engine<S> {
     /// `subject`'s tier limits as they stand, counting nothing.
     pub async fn usage(&self, subject: &str, tier: &Tier) -> Result<Vec<LimitUsage>, StoreError> {
         let ops = tier_ops(subject, tier, 0);
-        let planned = self.dry_run(&ops, clock::now_micros(), None).await?;
+        // the store itself, never local shares: what the fleet has counted
+        let verdicts = self.bounded(self.store.dry_run(&ops, clock::now_micros()), None).await?;
         Ok(ops
             .iter()
-            .zip(planned.verdicts)
+            .zip(verdicts)
             .map(|(op, verdict)| LimitUsage { kind: op.kind, limit: op.limit, verdict })
             .collect())
     }
@@ -100,7 +106,7 @@ impl<S: Store> Engine<S> {
             kind: OpKind::Revocation,
             shadow: false,
         };
-        self.apply(std::slice::from_ref(&raise), now, None, None).await.map(|_| ())
+        self.bounded(self.store.apply(std::slice::from_ref(&raise), now), None).await.map(|_| ())
     }
 }
 
@@ -108,6 +114,8 @@ impl<S: Store> Engine<S> {
 #[derive(Debug, Default)]
 pub struct KeyState {
     pub records: std::collections::HashMap<String, KeyRecord>,
+    /// the store's version of the records when they were last read whole
+    pub version: Option<u64>,
 }
 
 pub(super) fn lock_keys(m: &std::sync::Mutex<KeyState>) -> std::sync::MutexGuard<'_, KeyState> {
@@ -183,15 +191,25 @@ pub const MAX_LABEL_BYTES: usize = 64;
 pub const MAX_ROTATION_OVERLAP: Micros = 30 * 24 * 3600 * 1_000_000;
 
 impl<S: Store> Engine<S> {
-    /// Reads every store-held key and recompiles them against the policy in force (at start,
-    /// after a reconnection, and every `KEY_RESYNC_EVERY` for changes whose announcement was
-    /// missed).
-    pub async fn load_keys(&self) -> Result<usize, StoreError> {
-        let all = self.bounded(self.store.key_records(), None).await?;
+    /// Reads every store-held key and recompiles them against the policy in force, when they
+    /// changed since the last read (their version), or always with `force` (at start, after a
+    /// reconnection); every `KEY_RESYNC_EVERY` for a change whose announcement was missed.
+    /// Reads, reloads and writes of key records run one at a time, so an older read is never
+    /// installed over a newer one. Returns how many records there are.
+    pub async fn load_keys(&self, force: bool) -> Result<usize, StoreError> {
+        let _io = self.key_io.lock().await;
+        let version = self.bounded(self.store.keys_version(), None).await?;
+        if !force && lock_keys(&self.keys).version == Some(version) {
+            return Ok(lock_keys(&self.keys).records.len());
+        }
+        let all = tokio::time::timeout(KEY_LOAD_TIMEOUT, self.store.key_records())
+            .await
+            .map_err(|_| StoreError::Timeout(KEY_LOAD_TIMEOUT))??;
         let records: std::collections::HashMap<String, KeyRecord> =
             all.into_iter().filter_map(|(id, text)| parse_record(&id, &text).map(|r| (id, r))).collect();
         let n = records.len();
         let mut keys = lock_keys(&self.keys);
+        keys.version = Some(version);
         if keys.records != records {
             keys.records = records;
             self.keys_in_force.load().install(CompiledKeys::compile(&keys.records, &self.policy()));
@@ -201,9 +219,14 @@ impl<S: Store> Engine<S> {
 
     /// Reads one store-held key again (another instance announced a change).
     pub async fn reload_key(&self, id: &str) -> Result<(), StoreError> {
+        let _io = self.key_io.lock().await;
         let text = self.bounded(self.store.key_record(id), None).await?;
         let mut keys = lock_keys(&self.keys);
-        match text.as_deref().and_then(|t| parse_record(id, t)) {
+        let record = text.as_deref().and_then(|t| parse_record(id, t));
+        if keys.records.get(id) == record.as_ref() {
+            return Ok(());
+        }
+        match record {
             Some(r) => keys.records.insert(id.to_owned(), r),
             None => keys.records.remove(id),
         };
@@ -214,6 +237,7 @@ impl<S: Store> Engine<S> {
     /// Writes `record` for `id` if the store still holds `expected`, then takes it in here at
     /// once (other instances on the store's announcement).
     async fn put_key(&self, id: &str, record: &KeyRecord, expected: Option<&str>) -> Result<(), KeyError> {
+        let _io = self.key_io.lock().await;
         let text = record.to_json();
         let written = self.bounded(self.store.put_key_record(id, &text, expected), None).await?;
         if !written {
@@ -291,7 +315,9 @@ impl<S: Store> Engine<S> {
         if record.revoked {
             return Err(KeyError::Invalid(format!("the API key {id:?} is revoked: create a new one")));
         }
-        let expires_at = record.values.iter().filter_map(|v| v.expires_at).max();
+        // the key's own end: none if any live value never expires, else the latest
+        let live = record.values.iter().filter(|v| v.expires_at.is_none_or(|e| e > now));
+        let expires_at = live.map(|v| v.expires_at).try_fold(0, |m: Micros, e| e.map(|e| m.max(e)));
         for v in &mut record.values {
             v.expires_at = Some(v.expires_at.map_or(old_until, |e| e.min(old_until)));
         }
@@ -324,7 +350,7 @@ impl<S: Store> Engine<S> {
 
     /// Every store-held key, as this instance holds them (read again from the store first).
     pub async fn store_keys(&self) -> Result<Vec<(String, KeyRecord)>, StoreError> {
-        self.load_keys().await?;
+        self.load_keys(false).await?;
         let keys = lock_keys(&self.keys);
         let mut all: Vec<(String, KeyRecord)> = keys.records.iter().map(|(k, r)| (k.clone(), r.clone())).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
@@ -332,6 +358,10 @@ impl<S: Store> Engine<S> {
     }
 }
 
-/// How often every instance reads all store-held keys again, for a change announcement it
-/// missed (a dropped subscription is also followed by a full read).
+/// How often every instance checks whether the store-held keys changed (their version) and
+/// reads them again if so, for a change announcement it missed (a dropped subscription is
+/// also followed by a full read).
 pub const KEY_RESYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest a full read of the store-held keys may take (a page at a time, each page one
+/// short store call).
+pub const KEY_LOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);

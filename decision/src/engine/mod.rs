@@ -113,6 +113,8 @@ pub struct Engine<S> {
     decisions: std::sync::atomic::AtomicU64,
     /// the store-held API keys (the admin API's), as last read from the store
     keys: std::sync::Mutex<admin::KeyState>,
+    /// one read, reload or write of key records at a time
+    key_io: tokio::sync::Mutex<()>,
     /// the compiled copy the policy in force consults
     keys_in_force: ArcSwap<crate::admin::keys::CompiledKeys>,
 }
@@ -125,6 +127,7 @@ impl<S: Store> Engine<S> {
         let (policy, compiled) = admin::with_store_keys(&policy, &Default::default());
         Engine {
             keys: Default::default(),
+            key_io: Default::default(),
             keys_in_force: ArcSwap::new(compiled),
             policy: ArcSwap::new(policy),
             store,
@@ -174,8 +177,11 @@ impl<S: Store> Engine<S> {
                 if let (Some(engine), Some(id)) = (weak_changed.upgrade(), what.strip_prefix("keys:")) {
                     let id = id.to_owned();
                     tokio::spawn(async move {
-                        let reloaded =
-                            if id == "*" { engine.load_keys().await.map(|_| ()) } else { engine.reload_key(&id).await };
+                        let reloaded = if id == "*" {
+                            engine.load_keys(true).await.map(|_| ())
+                        } else {
+                            engine.reload_key(&id).await
+                        };
                         if let Err(e) = reloaded {
                             tracing::warn!(error = %e, "store-held API keys not reloaded; the periodic resync will");
                         }
@@ -350,7 +356,15 @@ impl<S: Store> Engine<S> {
             // an allowed request takes a concurrency slot of its route's upstream; boxed: the
             // waiting loop's future is large, and every decision would carry it
             (Some((cfg, route)), Some(lease), Reason::Allowed) => {
-                Box::pin(self.take_slot(policy, cfg, route, d, lease, first, deadline)).await
+                let mut d = Box::pin(self.take_slot(policy, cfg, route, d, lease, first, deadline)).await;
+                // refused a slot: a reservation made with the plan is given back whole
+                if !d.allowed()
+                    && let (Some(r), Some(id)) = (d.reservation.take(), d.ctx.identity.as_ref())
+                    && let Err(e) = self.settle_reservation(&id.subject, &r.id, 0).await
+                {
+                    tracing::warn!(error = %e, "a refused request's reservation was not given back; it expires with its lease");
+                }
+                d
             }
             _ => d,
         };

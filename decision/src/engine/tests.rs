@@ -298,6 +298,10 @@ impl Store for BrokenStore {
         Err(StoreError::Unavailable("connection refused".into()))
     }
 
+    async fn keys_version(&self) -> Result<u64, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+
     async fn key_record(&self, _: &str) -> Result<Option<String>, StoreError> {
         Err(StoreError::Unavailable("connection refused".into()))
     }

@@ -90,6 +90,16 @@ async fn a_grant_gives_back_up_to_the_whole_quota_and_forget_resets<S: Store>(s:
     assert_eq!(left(s, "hank", T0).await, (400, 100), "{b}: 300 burst units given back");
     s.adjust(&counters, -5_000, T0).await.expect("adjust");
     assert_eq!(left(s, "hank", T0).await, (1_000, 1_000), "{b}: never past the whole quota");
+    // a day later the day's count sits in the previous window: a grant takes it from there
+    let day = 24 * 60 * MICROS_PER_MINUTE;
+    let t = T0 - T0 % day;
+    s.apply(&reserved_plan("ivy", None, 800, 0), t + 1).await.expect("apply");
+    let ivy: Vec<(String, Limit)> =
+        reserved_plan("ivy", None, 0, 0)[1..2].iter().map(|o| (o.key.clone(), o.limit)).collect();
+    let next_day = t + day;
+    assert_eq!(left(s, "ivy", next_day).await.1, 200, "{b}: the previous day's 800 still weigh fully");
+    s.adjust(&ivy, -500, next_day).await.expect("grant");
+    assert_eq!(left(s, "ivy", next_day).await.1, 700, "{b}: 500 given back from the previous window");
     s.apply(&reserved_plan("hank", None, 10, 0), T0).await.expect("apply");
     assert_eq!(s.forget(&[counters[1].0.clone(), "pc:{s:hank}:none".into()]).await.expect("forget"), 1, "{b}");
     assert_eq!(left(s, "hank", T0).await, (990, 1_000), "{b}: the daily counter is forgotten, the bucket kept");

@@ -42,8 +42,8 @@ pub struct MemoryStore {
     reservations: Mutex<HashMap<u128, Held>>,
     /// the blocks index: address -> until
     blocks: Mutex<HashMap<String, Micros>>,
-    /// API key records (the admin API's): id -> JSON
-    keys: Mutex<HashMap<String, String>>,
+    /// API key records (the admin API's): id -> JSON, and how many writes they have seen
+    keys: Mutex<(HashMap<String, String>, u64)>,
 }
 
 /// A reservation's record: what apply.lua keeps in a Redis hash.
@@ -112,7 +112,7 @@ impl MemoryStore {
             traffic: Mutex::new(HashMap::new()),
             reservations: Mutex::new(HashMap::new()),
             blocks: Mutex::new(HashMap::new()),
-            keys: Mutex::new(HashMap::new()),
+            keys: Mutex::new((HashMap::new(), 0)),
         }
     }
 
@@ -308,7 +308,12 @@ impl MemoryStore {
             let id = self.id(key);
             let mut map = lock(&self.shards[Self::shard_of(id)]);
             let state = map.get(&id).filter(|e| e.expires_at > now).map(|e| e.state);
-            if let Some((state, expires_at)) = quota::settle(*limit, state, now, delta, now) {
+            let next = if delta < 0 {
+                quota::grant(*limit, state, delta.unsigned_abs(), now)
+            } else {
+                quota::settle(*limit, state, now, delta, now)
+            };
+            if let Some((state, expires_at)) = next {
                 map.insert(id, Entry { state, expires_at });
             }
         }
@@ -425,19 +430,24 @@ impl Store for MemoryStore {
     }
 
     async fn key_records(&self) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(lock(&self.keys).iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        Ok(lock(&self.keys).0.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
+    async fn keys_version(&self) -> Result<u64, StoreError> {
+        Ok(lock(&self.keys).1)
     }
 
     async fn key_record(&self, id: &str) -> Result<Option<String>, StoreError> {
-        Ok(lock(&self.keys).get(id).cloned())
+        Ok(lock(&self.keys).0.get(id).cloned())
     }
 
     async fn put_key_record(&self, id: &str, record: &str, expected: Option<&str>) -> Result<bool, StoreError> {
         let mut keys = lock(&self.keys);
-        if keys.get(id).map(String::as_str) != expected {
+        if keys.0.get(id).map(String::as_str) != expected {
             return Ok(false);
         }
-        keys.insert(id.to_owned(), record.to_owned());
+        keys.0.insert(id.to_owned(), record.to_owned());
+        keys.1 += 1;
         Ok(true)
     }
 

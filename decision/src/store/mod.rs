@@ -163,10 +163,11 @@ pub trait Store: Send + Sync + 'static {
         now: Micros,
     ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
 
-    /// Admin (usage granted): `delta` units counted now in each of `counters` (a store key and
-    /// its limit, all in one hash tag), as `quota::settle` corrects an amount counted now: a
-    /// negative delta gives units back to the current window, never below zero (nor a bucket
-    /// past full). One call; every instance's over-limit cache forgets what it remembers.
+    /// Admin (usage granted): a negative `delta` gives units back to each of `counters` (a
+    /// store key and its limit, all in one hash tag) as `quota::grant` does (from the current
+    /// window first, then the previous one; never below zero, nor a bucket past full); a
+    /// positive one counts them now (`quota::settle`). One call; every instance's over-limit
+    /// cache forgets what it remembers.
     fn adjust(
         &self,
         counters: &[(String, Limit)],
@@ -194,8 +195,13 @@ pub trait Store: Send + Sync + 'static {
     /// first.
     fn blocks(&self, now: Micros) -> impl Future<Output = Result<Vec<(String, Micros)>, StoreError>> + Send;
 
-    /// Admin (API keys kept in the store): every key record, as (id, JSON text).
+    /// Admin (API keys kept in the store): every key record, as (id, JSON text), read a page
+    /// at a time (each page one short call, so that a large set never blocks the store).
     fn key_records(&self) -> impl Future<Output = Result<Vec<(String, String)>, StoreError>> + Send;
+
+    /// Admin: a number that changes whenever a key record is written (a resync reads the
+    /// records again only when it changed).
+    fn keys_version(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Admin: one key record's JSON text, if there is one.
     fn key_record(&self, id: &str) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;

@@ -70,7 +70,8 @@ local function correct(key, kind, b, at, delta, now, test_clock)
   local nxt, expires
   if kind == 'b' then
     local tat = st and st[1] or now
-    if delta > 0 then nxt = math.max(tat, now) + more * b
+    -- at most 2^52 microseconds at once (quota::LUA_EXACT), where doubles are still exact
+    if delta > 0 then nxt = math.max(tat, now) + math.min(more, math.floor(4503599627370496 / b)) * b
     elseif tat > now then nxt = math.max(tat - more * b, now) end
     if nxt then nxt, expires = { nxt, 0, 0 }, nxt end
   elseif kind == 's' then
@@ -94,3 +95,33 @@ end
 -- What an admin change announces, so that every instance forgets the refusals its over-limit
 -- cache remembers (store/redis/mod.rs subscribes).
 local CHANGED_CHANNEL = 'pc:changed'
+
+-- Gives `amount` units of the counter `key` back now (the admin API's grant):
+-- decision-core's quota::grant, mirrored exactly. A bucket refilled (never past full); a
+-- window's count lowered from the current window first, then the previous one, never below
+-- zero.
+local function grant(key, kind, b, amount, now, test_clock)
+  local st = read_state(key)
+  if not st then return end
+  local nxt, expires
+  if kind == 'b' then
+    if st[1] > now then
+      nxt = { math.max(st[1] - amount * b, now), 0, 0 }
+      expires = nxt[1]
+    end
+  elseif kind == 's' then
+    local aligned = now - now % b
+    if st[1] == aligned or st[1] + b == aligned or st[1] > aligned then
+      local start, prev, cur = roll(st, b, now)
+      local from_cur = math.min(amount, cur)
+      local from_prev = math.min(amount - from_cur, prev)
+      nxt, expires = { start, prev - from_prev, cur - from_cur }, start + 2 * b
+    end
+  elseif kind == 'f' then
+    local start = now - now % b
+    if st[1] >= start then
+      nxt, expires = { start, 0, math.max(st[3] - amount, 0) }, start + b
+    end
+  end
+  if nxt then write_state(key, kind, nxt, expires, now, test_clock) end
+end

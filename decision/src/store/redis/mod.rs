@@ -39,8 +39,10 @@ pub use self::traffic::FREED_CHANNEL;
 
 /// The blocks index (a sorted set: address -> until), for the admin API's list.
 pub const BLOCKS_INDEX: &str = "pc:blocks";
-/// The API key records the admin API issues (a hash: id -> JSON).
-pub const KEY_RECORDS: &str = "pc:keys";
+/// The API key records the admin API issues (a hash: id -> JSON), and their version (bumped
+/// at every write), in one hash slot.
+pub const KEY_RECORDS: &str = "pc:{keys}";
+pub const KEYS_VERSION: &str = "pc:{keys}:version";
 /// What admin changes are announced on (admin.lua's CHANGED_CHANNEL): counters went back, so
 /// every instance's over-limit cache forgets what it remembers.
 pub const CHANGED_CHANNEL: &str = "pc:changed";
@@ -385,16 +387,31 @@ impl Store for RedisStore {
     }
 
     async fn key_records(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let mut inv = self.scripts.admin.prepare_invoke();
-        inv.key(KEY_RECORDS).arg(-1).arg("keys");
-        let flat: Vec<String> = self.invoke_as(&inv).await?;
-        Ok(flat
-            .chunks(2)
-            .filter_map(|p| match p {
+        let mut all = Vec::new();
+        let mut cursor = "0".to_owned();
+        loop {
+            let mut inv = self.scripts.admin.prepare_invoke();
+            inv.key(KEY_RECORDS).arg(-1).arg("keys").arg(cursor.as_str());
+            let (next, flat): (String, Vec<String>) = self.invoke_as(&inv).await?;
+            all.extend(flat.chunks(2).filter_map(|p| match p {
                 [id, record] => Some((id.clone(), record.clone())),
                 _ => None,
-            })
-            .collect())
+            }));
+            if next == "0" {
+                return Ok(all);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn keys_version(&self) -> Result<u64, StoreError> {
+        let mut inv = self.scripts.admin.prepare_invoke();
+        inv.key(KEY_RECORDS).key(KEYS_VERSION).arg(-1).arg("version");
+        let reply = self.invoke(&inv).await?;
+        reply
+            .get(1)
+            .and_then(|v| u64::try_from(*v).ok())
+            .ok_or_else(|| StoreError::Script(format!("admin.lua version answered {reply:?}")))
     }
 
     async fn key_record(&self, id: &str) -> Result<Option<String>, StoreError> {
@@ -406,6 +423,7 @@ impl Store for RedisStore {
     async fn put_key_record(&self, id: &str, record: &str, expected: Option<&str>) -> Result<bool, StoreError> {
         let mut inv = self.scripts.admin.prepare_invoke();
         inv.key(KEY_RECORDS)
+            .key(KEYS_VERSION)
             .arg(-1)
             .arg("putkey")
             .arg(id)

@@ -634,10 +634,11 @@ fn traffic_lua_and_the_rust_traffic_rules_agree() {
     }
 }
 
-/// settle.lua and `quota::settle` (through the memory store) agree: random reservations on a
-/// subject's two tier limits (random kinds), settled with random actual costs at random later
-/// times (some after their window rolled, some after their record expired), leave both stores
-/// with the same counts, step after step.
+/// settle.lua and `quota::settle` (through the memory store) agree, and admin.lua's grants and
+/// `quota::grant`: random reservations on a subject's two tier limits (random kinds), settled
+/// with random actual costs at random later times (some after their window rolled, some after
+/// their record expired), and operators' grants between them, leave both stores with the same
+/// counts, step after step.
 #[test]
 fn settle_lua_and_the_rust_settle_agree() {
     let server = RedisServer::start();
@@ -661,7 +662,13 @@ fn settle_lua_and_the_rust_settle_agree() {
         };
         for (i, (dt, estimate, actual, reserve)) in steps.into_iter().enumerate() {
             now += dt;
-            if reserve || open.is_empty() {
+            if estimate % 5 == 0 {
+                // an operator's grant of `actual` units on both limits
+                let counters: Vec<(String, Limit)> = tier(0).into_iter().map(|o| (o.key, o.limit)).collect();
+                let delta = -i64::try_from(actual).unwrap_or(0);
+                memory.adjust_now(&counters, delta, now);
+                rt.block_on(redis.adjust(&counters, delta, now)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            } else if reserve || open.is_empty() {
                 let id = format!("{i:032x}");
                 let mut ops = tier(estimate);
                 let [record, ..] = decision_core::decide::reservation_keys("sam", &id);
