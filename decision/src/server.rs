@@ -109,16 +109,83 @@ fn stop_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-/// Reloads the policy on SIGHUP: a valid file is swapped in, an invalid one is refused with
-/// its problems and the old policy keeps serving. Like `stop_signal`, the handler is installed
-/// when this is called.
-fn reload_on_hangup<S: Store>(
+/// What a policy reload needs, and what it updates: the engine's policy, the admin tokens,
+/// the status `GetStatus` reports, and the files a watch looks at.
+struct Reloader<S> {
     engine: Arc<Engine<S>>,
     file: PathBuf,
     auth_metrics: crate::auth::AuthMetrics,
     status: Arc<Mutex<PolicyStatus>>,
     admin: Option<Arc<arc_swap::ArcSwap<crate::admin::AdminSettings>>>,
-) -> impl std::future::Future<Output = ()> {
+    /// the files the policy in force was read from, besides the policy file
+    sources: Mutex<Vec<PathBuf>>,
+}
+
+/// What a file looks like to a watch: where its path leads (a Kubernetes ConfigMap's files are
+/// symlinks through `..data`, swapped whole), and that target's size, modification time and
+/// inode; None when it cannot be read.
+type FileMark = (PathBuf, Option<(PathBuf, u64, Option<std::time::SystemTime>, u64)>);
+
+fn mark(path: &std::path::Path) -> FileMark {
+    let seen = std::fs::canonicalize(path).ok().and_then(|target| {
+        let m = std::fs::metadata(&target).ok()?;
+        #[cfg(unix)]
+        let ino = std::os::unix::fs::MetadataExt::ino(&m);
+        #[cfg(not(unix))]
+        let ino = 0;
+        Some((target, m.len(), m.modified().ok(), ino))
+    });
+    (path.to_owned(), seen)
+}
+
+impl<S: Store> Reloader<S> {
+    /// The marks of the policy file and the files it named.
+    fn marks(&self) -> Vec<FileMark> {
+        let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        std::iter::once(self.file.clone()).chain(sources).map(|p| mark(&p)).collect()
+    }
+
+    /// Loads the policy again: a valid one is swapped in whole (with the admin tokens), an
+    /// invalid one is refused with its problems, counted (`result="error"`) and recorded for
+    /// `GetStatus`, and the old one keeps serving.
+    fn reload(&self, why: &str) {
+        match config::load_with(&self.file, &self.auth_metrics) {
+            Ok(cfg) => {
+                self.engine.replace_policy(cfg.policy);
+                // the admin tokens follow the policy (a token removed there is refused at
+                // once); the listener's address changes only at a restart
+                if let Some(admin) = &self.admin {
+                    let next = cfg
+                        .settings
+                        .admin
+                        .clone()
+                        .unwrap_or_else(|| crate::admin::AdminSettings { addr: admin.load().addr, tokens: Vec::new() });
+                    if next.addr != admin.load().addr {
+                        tracing::warn!("listen.admin changed: the admin API keeps its address until a restart");
+                    }
+                    admin.store(Arc::new(next));
+                }
+                self.engine.metrics.reload(true);
+                tracing::info!(file = %self.file.display(), version = %cfg.version, why, "policy reloaded");
+                *self.sources.lock().unwrap_or_else(|e| e.into_inner()) = cfg.sources;
+                let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                st.version = cfg.version;
+                st.loaded_at = clock::now_micros();
+                st.last_error = None;
+            }
+            Err(e) => {
+                self.engine.metrics.reload(false);
+                tracing::error!(file = %self.file.display(), problems = %e, why, "policy reload refused; the previous policy stays in force");
+                self.status.lock().unwrap_or_else(|e| e.into_inner()).last_error =
+                    Some((e.to_string(), clock::now_micros()));
+            }
+        }
+    }
+}
+
+/// Reloads the policy on SIGHUP. Like `stop_signal`, the handler is installed when this is
+/// called.
+fn reload_on_hangup<S: Store>(r: Arc<Reloader<S>>) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     async move {
@@ -129,39 +196,31 @@ fn reload_on_hangup<S: Store>(
                 return;
             };
             while hup.recv().await.is_some() {
-                match config::load_with(&file, &auth_metrics) {
-                    Ok(cfg) => {
-                        engine.replace_policy(cfg.policy);
-                        // the admin tokens follow the policy (a token removed there is refused
-                        // at once); the listener's address changes only at a restart
-                        if let Some(admin) = &admin {
-                            let next = cfg.settings.admin.clone().unwrap_or_else(|| crate::admin::AdminSettings {
-                                addr: admin.load().addr,
-                                tokens: Vec::new(),
-                            });
-                            if next.addr != admin.load().addr {
-                                tracing::warn!("listen.admin changed: the admin API keeps its address until a restart");
-                            }
-                            admin.store(Arc::new(next));
-                        }
-                        engine.metrics.reload(true);
-                        tracing::info!(file = %file.display(), version = %cfg.version, "policy reloaded");
-                        let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
-                        st.version = cfg.version;
-                        st.loaded_at = clock::now_micros();
-                        st.last_error = None;
-                    }
-                    Err(e) => {
-                        engine.metrics.reload(false);
-                        tracing::error!(file = %file.display(), problems = %e, "policy reload refused; the previous policy stays in force");
-                        status.lock().unwrap_or_else(|e| e.into_inner()).last_error =
-                            Some((e.to_string(), clock::now_micros()));
-                    }
-                }
+                r.reload("SIGHUP");
             }
         }
         #[cfg(not(unix))]
-        let _ = (engine, file, auth_metrics, status, admin);
+        let _ = r;
+    }
+}
+
+/// Reloads the policy when its file, or a file it names, changes (checked every `every`): a
+/// write in place, a replacement, or Kubernetes' swap of a mounted ConfigMap's or Secret's
+/// `..data` symlink, which a watch of the file itself would miss. A change that does not load
+/// is tried again only once the files change again.
+async fn reload_on_change<S: Store>(r: Arc<Reloader<S>>, every: Duration) {
+    let mut seen = r.marks();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = r.marks();
+        if now != seen {
+            r.reload("the policy's files changed");
+            // after a load, its own list of files; marks taken now, so a change made while it
+            // loaded is seen at the next tick
+            seen = r.marks();
+        }
     }
 }
 
@@ -325,24 +384,36 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         last_error: None,
     }));
     let admin_settings = cfg.settings.admin.clone().map(|a| Arc::new(arc_swap::ArcSwap::from_pointee(a)));
-    tokio::spawn(reload_on_hangup(
-        engine.clone(),
-        cfg.file.clone(),
-        cfg.auth_metrics.clone(),
-        status.clone(),
-        admin_settings.clone(),
-    ));
+    let reloader = Arc::new(Reloader {
+        engine: engine.clone(),
+        file: cfg.file.clone(),
+        auth_metrics: cfg.auth_metrics.clone(),
+        status: status.clone(),
+        admin: admin_settings.clone(),
+        sources: Mutex::new(cfg.sources.clone()),
+    });
+    tokio::spawn(reload_on_hangup(reloader.clone()));
+    if let Some(every) = cfg.settings.watch {
+        tokio::spawn(reload_on_change(reloader, every));
+    }
     {
         let serving = serving.clone();
         let health_reporter = health_reporter.clone();
         let stop = stop_signal();
+        let delay = cfg.settings.shutdown_delay;
         tokio::spawn(async move {
             stop.await;
-            tracing::info!("stopping: draining connections");
             serving.store(false, Ordering::Relaxed);
             health_reporter.set_not_serving::<AuthorizationServer<ExtAuthz<S>>>().await;
             health_reporter.set_not_serving::<RateLimitServiceServer<Rls<S>>>().await;
             health_reporter.set_not_serving::<DecisionServer<DecisionApi<S>>>().await;
+            // not ready at once, still answering for a while: the endpoints controller and the
+            // proxies stop sending here before the listeners close
+            if !delay.is_zero() {
+                tracing::info!(delay_ms = delay.as_millis(), "stopping: not ready, still answering");
+                tokio::time::sleep(delay).await;
+            }
+            tracing::info!("stopping: draining connections");
             let _ = stop_tx.send(true);
         });
     }

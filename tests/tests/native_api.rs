@@ -169,6 +169,10 @@ async fn costs_count_exactly_dry_runs_count_nothing_and_bad_input_is_refused() {
         assert!(tokio::time::Instant::now() < deadline, "no audit event carries decision {id}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    // and the version of the policy that decided it
+    let trail = std::fs::read_to_string(&audit).unwrap_or_default();
+    let line = trail.lines().find(|l| l.contains(&format!("\"decision_id\":\"{id}\""))).expect("the event");
+    assert!(line.contains("\"policy_version\":\"sha256:"), "{line}");
 
     // more than the bucket holds: 429, nothing counted, told when to come back
     let r = c.check(with(90, false)).await.expect("check").into_inner();

@@ -190,6 +190,9 @@ pub struct Policy {
     pub ratelimit_headers: HeaderDialect,
     /// concurrency slots, queue and circuit breaker per upstream (`traffic`)
     pub traffic: Option<crate::traffic::TrafficConfig>,
+    /// the version the host gave this policy (a digest of its files; empty when none), carried
+    /// into every decision's audit event
+    pub version: std::sync::Arc<str>,
 }
 
 impl Policy {

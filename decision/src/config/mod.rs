@@ -59,6 +59,8 @@ pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:8081";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9102";
 /// Where `listen.forward_auth` would listen if its address did not parse (it is then refused).
 pub const DEFAULT_FORWARD_AUTH_ADDR: &str = "127.0.0.1:8082";
+/// How often the policy's files are checked for a change (`reload.interval`).
+pub const DEFAULT_RELOAD_INTERVAL: &str = "500ms";
 pub const DEFAULT_MAX_BODY: &str = "5MB";
 pub const DEFAULT_MAX_HEADER_BYTES: &str = "16KB";
 pub const DEFAULT_QUOTA_WARNING: &str = "80%";
@@ -120,6 +122,14 @@ pub struct Settings {
     pub grpc_reflection: bool,
     /// the admin API (`listen.admin` and `admin`); None: off
     pub admin: Option<crate::admin::AdminSettings>,
+    /// how often the policy file and the files it names are checked for a change (`reload`);
+    /// None: only SIGHUP reloads
+    pub watch: Option<Duration>,
+    /// after SIGTERM, how long the service keeps answering with /readyz (and gRPC health) not
+    /// ready before it drains (`listen.shutdown_delay`, default 0): longer than the time the
+    /// endpoints take to drop it (Kubernetes: a few seconds; terminationGracePeriodSeconds must
+    /// cover this and the drain)
+    pub shutdown_delay: Duration,
     pub store: StoreSettings,
     /// None: no `audit` section, no audit trail
     pub audit: Option<crate::audit::AuditSettings>,
@@ -135,6 +145,9 @@ pub struct Config {
     /// JWKS files, CA files), in the order read: two instances with the same version enforce
     /// the same policy
     pub version: String,
+    /// every file the load read besides the policy file (ratelimit, JWKS, CA files), in order:
+    /// what a reload watches
+    pub sources: Vec<PathBuf>,
     pub policy: Arc<Policy>,
     pub settings: Settings,
     /// the counters the policy's bearer verifiers count into (register them once; pass them to
@@ -180,24 +193,30 @@ pub fn parse_with(text: &str, base: &Path, auth_metrics: &AuthMetrics) -> Result
     };
     let index = LineIndex::build(text);
     let mut v = Validator { problems: Vec::new(), index: &index, base, auth_metrics };
-    SOURCES.with(|s| *s.borrow_mut() = Some(Sha256::new_with_prefix(text.as_bytes())));
+    SOURCES.with(|s| *s.borrow_mut() = Some((Sha256::new_with_prefix(text.as_bytes()), Vec::new())));
     let out = v.policy(raw);
-    let digest = SOURCES.with(|s| s.borrow_mut().take()).map(|h| h.finalize()).unwrap_or_default();
+    let (digest, sources) =
+        SOURCES.with(|s| s.borrow_mut().take()).map(|(h, files)| (h.finalize(), files)).unwrap_or_default();
     let mut cfg = if v.problems.is_empty() { out.ok_or_else(Vec::new)? } else { return Err(v.problems) };
     cfg.version = format!("sha256:{}", decision_core::encode::hex(&digest));
+    cfg.sources = sources;
+    if let Some(p) = Arc::get_mut(&mut cfg.policy) {
+        p.version = Arc::from(cfg.version.as_str());
+    }
     Ok(cfg)
 }
 
 thread_local! {
     /// The digest of what the policy being loaded on this thread has read so far (`parse_with`
     /// starts it with the policy text; `read_source` adds every other file).
-    static SOURCES: std::cell::RefCell<Option<Sha256>> = const { std::cell::RefCell::new(None) };
+    static SOURCES: std::cell::RefCell<Option<(Sha256, Vec<PathBuf>)>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Adds a file the policy being loaded made us read (its path, then its bytes) to its version.
 pub(crate) fn read_source(path: &Path, bytes: &[u8]) {
     SOURCES.with(|s| {
-        if let Some(h) = s.borrow_mut().as_mut() {
+        if let Some((h, files)) = s.borrow_mut().as_mut() {
+            files.push(path.to_owned());
             h.update(path.as_os_str().as_encoded_bytes());
             h.update([0]);
             h.update(u64::try_from(bytes.len()).unwrap_or(u64::MAX).to_be_bytes());
@@ -276,6 +295,8 @@ impl Validator<'_> {
                 .map(|a| self.addr("listen.forward_auth", Some(a), DEFAULT_FORWARD_AUTH_ADDR)),
             grpc_reflection: listen.grpc_reflection.unwrap_or(false),
             admin: None,
+            watch: self.reload_watch(raw.reload.as_ref()),
+            shutdown_delay: self.duration("listen.shutdown_delay", listen.shutdown_delay.as_deref(), "0s"),
             store,
             audit,
             alerts,
@@ -347,14 +368,25 @@ impl Validator<'_> {
             ratelimit: rls,
             ratelimit_headers,
             traffic,
+            version: Arc::from(""),
         };
         Some(Config {
             file: PathBuf::new(),
             version: String::new(),
+            sources: Vec::new(),
             policy: Arc::new(policy),
             settings,
             auth_metrics: self.auth_metrics.clone(),
         })
+    }
+
+    /// `reload`: watch the files (default: every 500 ms), or not.
+    fn reload_watch(&mut self, r: Option<&raw::RawReload>) -> Option<Duration> {
+        let every = self.duration("reload.interval", r.and_then(|r| r.interval.as_deref()), DEFAULT_RELOAD_INTERVAL);
+        if every < Duration::from_millis(100) || every > Duration::from_secs(3600) {
+            self.err("reload.interval", "100ms to 1h");
+        }
+        r.and_then(|r| r.watch).unwrap_or(true).then_some(every)
     }
 
     /// A duration setting, or its default.

@@ -69,6 +69,15 @@ pub struct RawPolicy {
     pub audit: Option<RawAudit>,
     pub alerts: Option<RawAlerts>,
     pub admin: Option<RawAdmin>,
+    pub reload: Option<RawReload>,
+}
+
+/// `reload`: whether (and how often) the policy file and the files it names are watched.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReload {
+    pub watch: Option<bool>,
+    pub interval: Option<String>,
 }
 
 /// `admin`: who may call the admin API (`listen.admin`).
@@ -102,6 +111,8 @@ pub struct RawListen {
     pub grpc_reflection: Option<bool>,
     /// the admin API (`portcullis.v1.Admin`); off when absent
     pub admin: Option<String>,
+    /// after SIGTERM, how long to keep answering while /readyz says not ready
+    pub shutdown_delay: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

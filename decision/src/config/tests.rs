@@ -472,3 +472,21 @@ fn the_policy_version_covers_the_files_it_names() {
     assert_ne!(v1, v2, "a changed ratelimit file is a changed policy");
     assert_eq!(parse(&text, &examples()).expect("valid").version, parse(&text, &examples()).expect("valid").version);
 }
+
+#[test]
+fn files_are_watched_by_default_and_the_interval_is_bounded() {
+    let cfg = parse(&reference_text(), &examples()).expect("valid");
+    assert_eq!(cfg.settings.watch, Some(Duration::from_millis(500)));
+    assert_eq!(cfg.settings.shutdown_delay, Duration::ZERO);
+    let off = parse(&(reference_text() + "\nreload: { watch: false }\n"), &examples()).expect("valid");
+    assert_eq!(off.settings.watch, None);
+    let text = reference_text() + "\nreload: { interval: 10ms }\n";
+    assert_problem(
+        &parse(&text, &examples()).expect_err("too often"),
+        "reload.interval",
+        line_of(&text, "interval: 10ms"),
+        "100ms to 1h",
+    );
+    let delayed = reference_text().replacen("listen:\n", "listen:\n  shutdown_delay: 5s\n", 1);
+    assert_eq!(parse(&delayed, &examples()).expect("valid").settings.shutdown_delay, Duration::from_secs(5));
+}

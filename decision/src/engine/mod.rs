@@ -122,7 +122,7 @@ pub struct Engine<S> {
 impl<S: Store> Engine<S> {
     pub fn new(policy: Arc<Policy>, store: S) -> Self {
         let metrics = Metrics::new();
-        metrics.policy_loaded(policy.routes.len());
+        metrics.policy_loaded(policy.routes.len(), &policy.version);
         start_background(&policy);
         let (policy, compiled) = admin::with_store_keys(&policy, &Default::default());
         Engine {
@@ -197,7 +197,7 @@ impl<S: Store> Engine<S> {
     }
 
     pub fn replace_policy(&self, policy: Arc<Policy>) {
-        self.metrics.policy_loaded(policy.routes.len());
+        self.metrics.policy_loaded(policy.routes.len(), &policy.version);
         start_background(&policy);
         // the store-held keys, compiled against the new policy before it is in force
         let keys = admin::lock_keys(&self.keys);

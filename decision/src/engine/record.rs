@@ -77,6 +77,9 @@ pub(super) fn audit_event(
     let mut ev = crate::audit::event::build(&input, &audit.mask);
     ev.insert("event".into(), "decision".into());
     ev.insert("decision_id".into(), id.to_string().into());
+    if !policy.version.is_empty() {
+        ev.insert("policy_version".into(), (*policy.version).into());
+    }
     if facts.dry_run {
         ev.insert("dry_run".into(), true.into());
     }

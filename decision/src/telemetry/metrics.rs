@@ -39,6 +39,8 @@ pub struct Metrics {
     store_errors: Family<Labels1, Counter>,
     reloads: Family<Labels1, Counter>,
     policy_routes: Gauge,
+    /// 1 for the version of the policy in force (`portcullis_policy_info{version}`)
+    policy_info: Family<Vec<(&'static str, String)>, Gauge>,
     ratelimit: Family<RlsLabels, Counter>,
     ratelimit_seconds: Histogram,
     slots_in_use: Family<UpstreamLabel, Gauge>,
@@ -82,7 +84,13 @@ impl Metrics {
         let store_errors = Family::<Labels1, Counter>::default();
         registry.register("store_errors", "Store calls that failed or timed out, by backend", store_errors.clone());
         let reloads = Family::<Labels1, Counter>::default();
-        registry.register("policy_reloads", "Policy reloads by result (ok, rejected)", reloads.clone());
+        registry.register("policy_reloads", "Policy reloads by result (ok, error)", reloads.clone());
+        let policy_info = Family::<Vec<(&'static str, String)>, Gauge>::default();
+        registry.register(
+            "policy_info",
+            "The policy in force: its version (sha256 over its files) as a label, value 1",
+            policy_info.clone(),
+        );
         let policy_routes = Gauge::default();
         registry.register("policy_routes", "Routes in the policy being served", policy_routes.clone());
         let ratelimit = Family::<RlsLabels, Counter>::default();
@@ -149,6 +157,7 @@ impl Metrics {
             store_errors,
             reloads,
             policy_routes,
+            policy_info,
             ratelimit,
             ratelimit_seconds,
             slots_in_use,
@@ -208,11 +217,15 @@ impl Metrics {
     }
 
     pub fn reload(&self, ok: bool) {
-        self.reloads.get_or_create(&[("result", if ok { "ok" } else { "rejected" })]).inc();
+        self.reloads.get_or_create(&[("result", if ok { "ok" } else { "error" })]).inc();
     }
 
-    pub fn policy_loaded(&self, routes: usize) {
+    pub fn policy_loaded(&self, routes: usize, version: &str) {
         self.policy_routes.set(i64::try_from(routes).unwrap_or(i64::MAX));
+        if !version.is_empty() {
+            self.policy_info.clear();
+            self.policy_info.get_or_create(&vec![("version", version.to_owned())]).set(1);
+        }
     }
 
     /// The registry (prefix `portcullis_`) a subsystem registers its metrics into when it is
