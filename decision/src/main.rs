@@ -382,6 +382,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(a) = forward_auth_addr {
                 cfg.settings.forward_auth_addr = Some(a);
             }
+            // a secret: from the environment only, never a flag (`ps`, shell history)
+            #[allow(clippy::disallowed_methods)]
+            if let Ok(pepper) = std::env::var("PORTCULLIS_KEY_PEPPER") {
+                match decision::admin::keys::Pepper::new(pepper.as_bytes()) {
+                    Ok(p) => cfg.settings.key_pepper = Some(p),
+                    Err(e) => {
+                        tracing::error!(error = %e, "refusing to start: PORTCULLIS_KEY_PEPPER");
+                        return Ok(ExitCode::from(1));
+                    }
+                }
+            }
             let served = rt.block_on(decision::server::serve(cfg));
             if let Some(t) = traces {
                 // the last batch of spans

@@ -289,6 +289,10 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
     engine.watch_freed();
     // the store-held API keys (the admin API's): read now, then again every so often for a
     // change announcement this instance missed
+    if let Some(p) = cfg.settings.key_pepper.clone() {
+        engine.set_key_pepper(p);
+        tracing::info!("store-held API keys are digested with the key pepper");
+    }
     if let Err(e) = engine.load_keys(true).await {
         tracing::warn!(error = %e, "store-held API keys cannot be read yet; retrying in the background");
     }

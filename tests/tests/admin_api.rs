@@ -726,3 +726,29 @@ async fn keys_created_rotated_and_revoked_through_one_instance_hold_on_all_withi
         assert_eq!(until_reason(&mut clients[c], &new_key, "api_key_revoked").await, "api_key_revoked");
     }
 }
+
+#[tokio::test]
+async fn with_a_pepper_the_store_holds_digests_useless_without_it() {
+    use proto::portcullis_v1::CreateKeyRequest;
+    let redis = RedisServer::start();
+    let policy = redis_policy(&redis);
+    let pepper = [("PORTCULLIS_KEY_PEPPER", "a-pepper-of-32-bytes-for-the-test")];
+    let a = Portcullis::start_with_env(&policy, &[], &pepper).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let b = Portcullis::start_with_env(&policy, &[], &pepper).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let plain = start(&policy).await;
+    let create = CreateKeyRequest {
+        id: "peppered-1".into(),
+        roles: vec!["user".into()],
+        tier: "basic".into(),
+        ..Default::default()
+    };
+    let key = admin(&a).await.create_key(authed(OPS, create)).await.expect("create").into_inner().key;
+    let stored = redis.command("HGET pc:{keys} peppered-1");
+    assert!(stored.contains("\"peppered\":true") && !stored.contains(&digest_of(&key)), "{stored}");
+    assert_eq!(until_reason(&mut native(&b).await, &key, "allowed").await, "allowed");
+    // an instance without the pepper cannot match it
+    assert_eq!(key_check(&mut native(&plain).await, &key).await.reason, "api_key_unknown");
+    // too short a pepper: the service does not start
+    let short = Portcullis::start_with_env(&policy, &[], &[("PORTCULLIS_KEY_PEPPER", "short")]).await;
+    assert!(short.is_err(), "a 5-byte pepper was accepted");
+}

@@ -104,7 +104,13 @@ impl ApiKeyTable {
     }
 
     pub fn lookup(&self, presented: &[u8]) -> Lookup<'_> {
-        let d = digest(presented);
+        self.lookup_digest(&digest(presented))
+    }
+
+    /// The key whose digest is `d` (a digest the host computed otherwise: the store-held keys'
+    /// peppered HMAC), compared in constant time as `lookup` does.
+    pub fn lookup_digest(&self, d: &[u8; 32]) -> Lookup<'_> {
+        let d = *d;
         let mut found = None;
         if let Some(candidates) = self.by_prefix.get(&prefix(&d)) {
             for &i in candidates {

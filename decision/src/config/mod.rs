@@ -125,6 +125,9 @@ pub struct Settings {
     /// how often the policy file and the files it names are checked for a change (`reload`);
     /// None: only SIGHUP reloads
     pub watch: Option<Duration>,
+    /// the store-held API keys' pepper (`PORTCULLIS_KEY_PEPPER`, set by the command, never in
+    /// the policy file)
+    pub key_pepper: Option<crate::admin::keys::Pepper>,
     /// after SIGTERM, how long the service keeps answering with /readyz (and gRPC health) not
     /// ready before it drains (`listen.shutdown_delay`, default 0): longer than the time the
     /// endpoints take to drop it (Kubernetes: a few seconds; terminationGracePeriodSeconds must
@@ -296,6 +299,7 @@ impl Validator<'_> {
             grpc_reflection: listen.grpc_reflection.unwrap_or(false),
             admin: None,
             watch: self.reload_watch(raw.reload.as_ref()),
+            key_pepper: None,
             shutdown_delay: self.duration("listen.shutdown_delay", listen.shutdown_delay.as_deref(), "0s"),
             store,
             audit,

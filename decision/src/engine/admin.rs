@@ -126,8 +126,9 @@ pub(super) fn lock_keys(m: &std::sync::Mutex<KeyState>) -> std::sync::MutexGuard
 pub(super) fn with_store_keys(
     policy: &Arc<Policy>,
     records: &std::collections::HashMap<String, KeyRecord>,
+    pepper: Option<crate::admin::keys::Pepper>,
 ) -> (Arc<Policy>, Arc<CompiledKeys>) {
-    let compiled = Arc::new(CompiledKeys::default());
+    let compiled = Arc::new(CompiledKeys::with_pepper(pepper));
     compiled.install(CompiledKeys::compile(records, policy));
     let mut p = Policy::clone(policy);
     p.store_keys = Some(compiled.clone());
@@ -172,15 +173,17 @@ fn key_prefix(prefix: &str) -> Result<&str, KeyError> {
     Ok(p)
 }
 
-/// A new random key with `prefix` and the record value of its digest.
+/// A new random key with `prefix` and the record value of its digest (peppered when `keys`
+/// has a pepper).
 fn new_value(
+    keys: &CompiledKeys,
     prefix: &str,
     not_before: Option<Micros>,
     expires_at: Option<Micros>,
 ) -> Result<(String, KeyValue), KeyError> {
     let key = crate::keys::generate(prefix).map_err(|e| KeyError::Invalid(format!("no random key: {e}")))?;
-    let value = KeyValue { sha256: crate::keys::hex_digest(&key), not_before, expires_at };
-    Ok((key, value))
+    let (sha256, peppered) = keys.digest_of(&key);
+    Ok((key, KeyValue { sha256, peppered, not_before, expires_at }))
 }
 
 /// Longest key id (as the policy file's ids); at most 16 labels of 64 bytes.
@@ -191,6 +194,16 @@ pub const MAX_LABEL_BYTES: usize = 64;
 pub const MAX_ROTATION_OVERLAP: Micros = 30 * 24 * 3600 * 1_000_000;
 
 impl<S: Store> Engine<S> {
+    /// Digests store-held keys with `pepper` from now on (the server sets it once, before
+    /// serving, from `PORTCULLIS_KEY_PEPPER`).
+    pub fn set_key_pepper(&self, pepper: crate::admin::keys::Pepper) {
+        let _ = self.pepper.set(pepper);
+        let keys = lock_keys(&self.keys);
+        let (policy, compiled) = with_store_keys(&self.policy(), &keys.records, self.pepper.get().cloned());
+        self.keys_in_force.store(compiled);
+        self.policy.store(policy);
+    }
+
     /// Reads every store-held key and recompiles them against the policy in force, when they
     /// changed since the last read (their version), or always with `force` (at start, after a
     /// reconnection); every `KEY_RESYNC_EVERY` for a change whose announcement was missed.
@@ -290,7 +303,8 @@ impl<S: Store> Engine<S> {
         {
             return Err(KeyError::Invalid("labels: at most 16, names and values of 1 to 64 printable bytes".into()));
         }
-        let (key, value) = new_value(key_prefix(&new.prefix)?, new.not_before, new.expires_at)?;
+        let (key, value) =
+            new_value(&self.keys_in_force.load(), key_prefix(&new.prefix)?, new.not_before, new.expires_at)?;
         let record = KeyRecord {
             roles: new.roles,
             tier: new.tier,
@@ -323,7 +337,7 @@ impl<S: Store> Engine<S> {
         }
         // values already expired are dropped
         record.values.retain(|v| v.expires_at.is_none_or(|e| e > now));
-        let (key, value) = new_value(prefix, None, expires_at.filter(|e| *e > old_until))?;
+        let (key, value) = new_value(&self.keys_in_force.load(), prefix, None, expires_at.filter(|e| *e > old_until))?;
         record.values.push(value);
         self.put_key(id, &record, Some(&current)).await?;
         Ok((key, record))

@@ -115,6 +115,8 @@ pub struct Engine<S> {
     keys: std::sync::Mutex<admin::KeyState>,
     /// one read, reload or write of key records at a time
     key_io: tokio::sync::Mutex<()>,
+    /// the store-held keys' pepper, when the server was given one
+    pepper: std::sync::OnceLock<crate::admin::keys::Pepper>,
     /// the compiled copy the policy in force consults
     keys_in_force: ArcSwap<crate::admin::keys::CompiledKeys>,
 }
@@ -124,10 +126,11 @@ impl<S: Store> Engine<S> {
         let metrics = Metrics::new();
         metrics.policy_loaded(policy.routes.len(), &policy.version);
         start_background(&policy);
-        let (policy, compiled) = admin::with_store_keys(&policy, &Default::default());
+        let (policy, compiled) = admin::with_store_keys(&policy, &Default::default(), None);
         Engine {
             keys: Default::default(),
             key_io: Default::default(),
+            pepper: Default::default(),
             keys_in_force: ArcSwap::new(compiled),
             policy: ArcSwap::new(policy),
             store,
@@ -201,7 +204,7 @@ impl<S: Store> Engine<S> {
         start_background(&policy);
         // the store-held keys, compiled against the new policy before it is in force
         let keys = admin::lock_keys(&self.keys);
-        let (policy, compiled) = admin::with_store_keys(&policy, &keys.records);
+        let (policy, compiled) = admin::with_store_keys(&policy, &keys.records, self.pepper.get().cloned());
         self.keys_in_force.store(compiled);
         self.policy.store(policy);
     }
