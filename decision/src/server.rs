@@ -155,11 +155,11 @@ impl<S: Store> Reloader<S> {
                 // the admin tokens follow the policy (a token removed there is refused at
                 // once); the listener's address changes only at a restart
                 if let Some(admin) = &self.admin {
-                    let next = cfg
-                        .settings
-                        .admin
-                        .clone()
-                        .unwrap_or_else(|| crate::admin::AdminSettings { addr: admin.load().addr, tokens: Vec::new() });
+                    let next = cfg.settings.admin.clone().unwrap_or_else(|| crate::admin::AdminSettings {
+                        addr: admin.load().addr,
+                        tokens: Vec::new(),
+                        tls: admin.load().tls.clone(),
+                    });
                     if next.addr != admin.load().addr {
                         tracing::warn!("listen.admin changed: the admin API keeps its address until a restart");
                     }
@@ -486,22 +486,29 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         let (Some(listener), Some(settings)) = (admin_listener, admin_settings) else { return Ok(()) };
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_serving::<AdminServer<AdminApi<S>>>().await;
+        let tls = settings.load().tls.clone();
         let api = AdminServer::new(AdminApi::new(engine.clone(), settings, status.clone()))
             .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::portcullis_v1::FILE_DESCRIPTOR_SET)
             .build_v1()
             .ok();
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .add_service(health)
             .add_service(api)
-            .add_optional_service(reflection)
-            .serve_with_incoming_shutdown(incoming, stopped(stop_rx_admin))
-            .await
-            .map_err(ServeError::Grpc)
+            .add_optional_service(reflection);
+        match tls {
+            None => {
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                router.serve_with_incoming_shutdown(incoming, stopped(stop_rx_admin)).await.map_err(ServeError::Grpc)
+            }
+            Some(tls) => {
+                let incoming = crate::admin::tls::incoming(listener, tls, engine.clone());
+                router.serve_with_incoming_shutdown(incoming, stopped(stop_rx_admin)).await.map_err(ServeError::Grpc)
+            }
+        }
     };
 
     // forward-auth: its own listener, drained with the others

@@ -752,3 +752,86 @@ async fn with_a_pepper_the_store_holds_digests_useless_without_it() {
     let short = Portcullis::start_with_env(&policy, &[], &[("PORTCULLIS_KEY_PEPPER", "short")]).await;
     assert!(short.is_err(), "a 5-byte pepper was accepted");
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate from it, and a client
+/// certificate from another CA, made with openssl in `dir`.
+fn certificates(dir: &std::path::Path) {
+    let script = r#"
+set -e
+ec() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+for ca in ca other-ca; do
+  ec $ca.key
+  openssl req -x509 -new -key $ca.key -out $ca.pem -days 2 -subj "/CN=$ca" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+done
+issue() { # name ca extensions subject
+  ec $1.key
+  openssl req -new -key $1.key -out $1.csr -subj "/CN=$4" 2>/dev/null
+  printf '%s\n' "$3" > $1.ext
+  openssl x509 -req -in $1.csr -CA $2.pem -CAkey $2.key -CAcreateserial -out $1.pem -days 2 -extfile $1.ext 2>/dev/null
+}
+issue server ca "subjectAltName=IP:127.0.0.1
+extendedKeyUsage=serverAuth" 127.0.0.1
+issue client ca "extendedKeyUsage=clientAuth" ops-laptop
+issue stranger other-ca "extendedKeyUsage=clientAuth" stranger
+"#;
+    let out = std::process::Command::new("bash").arg("-c").arg(script).current_dir(dir).output().expect("openssl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn over_mtls_only_a_client_certificate_from_the_ca_gets_in_and_a_stranger_is_audited() {
+    let files = TempDir::new("admin-mtls");
+    certificates(&files.0);
+    let audit = files.0.join("audit.log");
+    let path = |f: &str| files.0.join(f).display().to_string();
+    let policy = admin_policy(&reference_policy().replacen(
+        "    - stdout: {}",
+        &format!("    - file: {{ path: \"{}\", fsync: always }}", audit.display()),
+        1,
+    )) + &format!(
+        "  tls:\n    cert_file: {}\n    key_file: {}\n    client_ca_file: {}\n",
+        path("server.pem"),
+        path("server.key"),
+        path("ca.pem")
+    );
+    let p = start(&policy).await;
+    let addr = p.admin.expect("on").to_string();
+    let client = |args: &[String]| {
+        let mut cmd = std::process::Command::new(tests::grpc_python());
+        cmd.arg(tests::workspace_root().join("tests/clients/admin_tls_client.py")).arg(&addr).arg(path("ca.pem"));
+        let out = cmd.args(args).output().expect("python");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    let with_cert = |token: &str, name: &str| {
+        client(&[token.to_owned(), path(&format!("{name}.pem")), path(&format!("{name}.key"))])
+    };
+    let ok = with_cert(OPS, "client");
+    assert_eq!(ok["code"], "OK", "{ok}");
+    assert!(ok["policy_version"].as_str().is_some_and(|v| v.starts_with("sha256:")), "{ok}");
+    // the certificate does not stand for a token
+    assert_eq!(with_cert("pat_wrong", "client")["code"], "UNAUTHENTICATED");
+    // no certificate, or one from another CA: the handshake fails, nothing is served
+    assert_eq!(client(&[OPS.to_owned()])["code"], "UNAVAILABLE");
+    assert_eq!(with_cert(OPS, "stranger")["code"], "UNAVAILABLE");
+    // plain gRPC to the TLS port: nothing served either
+    let plain = AdminClient::connect(format!("http://{addr}")).await;
+    if let Ok(mut plain) = plain {
+        assert!(plain.get_status(authed(OPS, GetStatusRequest {})).await.is_err(), "plain gRPC served");
+    }
+    // the refused handshakes are in the trail
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        let tls_refusals = text
+            .lines()
+            .filter(|l| l.contains("\"method\":\"TLS\"") && l.contains("\"outcome\":\"unauthenticated\""))
+            .count();
+        if tls_refusals >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "refused handshakes not audited: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod keys;
 pub mod service;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,6 +57,69 @@ pub struct AdminToken {
 pub struct AdminSettings {
     pub addr: SocketAddr,
     pub tokens: Vec<AdminToken>,
+    /// TLS on the admin listener (`admin.tls`); None: plain gRPC (keep it private)
+    pub tls: Option<AdminTls>,
+}
+
+/// `admin.tls`: the listener's certificate chain and key (PEM), and the CA whose client
+/// certificates the listener requires (mTLS) when given. Read and checked while the policy
+/// loads; a bearer token is still required on every call.
+#[derive(Clone)]
+pub struct AdminTls {
+    pub config: Arc<rustls::ServerConfig>,
+    /// whether a client certificate from `client_ca_file` is required
+    pub mutual: bool,
+}
+
+impl std::fmt::Debug for AdminTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminTls").field("mutual", &self.mutual).finish_non_exhaustive()
+    }
+}
+
+impl AdminTls {
+    /// The server configuration: TLS 1.2 and 1.3 (rustls's defaults), ALPN `h2` (gRPC), the
+    /// chain and key from PEM files, and with `client_ca` a verifier that requires a client
+    /// certificate chaining to it. Errors name the file and what is wrong with it.
+    pub fn load(
+        cert_file: &std::path::Path,
+        key_file: &std::path::Path,
+        client_ca: Option<&std::path::Path>,
+    ) -> Result<AdminTls, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert_file.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no certificate in it", cert_file.display()));
+        }
+        let key = PrivateKeyDer::from_pem_file(key_file)
+            .map_err(|e| format!("{}: not a PEM private key: {e}", key_file.display()))?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let builder = match client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+                    let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
+                    roots.add(cert).map_err(|e| format!("{}: not a CA certificate: {e}", ca.display()))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|e| format!("{}: {e}", ca.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("{} and {}: {e}", cert_file.display(), key_file.display()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(AdminTls { config: Arc::new(config), mutual: client_ca.is_some() })
+    }
 }
 
 /// Who called, when the call was authenticated.
@@ -111,6 +175,7 @@ mod tests {
     fn settings() -> AdminSettings {
         AdminSettings {
             addr: "127.0.0.1:0".parse().expect("addr"),
+            tls: None,
             tokens: vec![
                 AdminToken {
                     id: "ops".into(),

@@ -172,6 +172,12 @@ struct Call<'a> {
     peer: Option<IpAddr>,
 }
 
+/// The caller's address: over plain TCP as tonic records it, over TLS as the admin listener's
+/// accept loop does (`tls::PeerInfo`).
+fn peer_of<T>(req: &Request<T>) -> Option<IpAddr> {
+    req.remote_addr().or_else(|| req.extensions().get::<super::tls::PeerInfo>().and_then(|p| p.remote)).map(|a| a.ip())
+}
+
 /// `s` as an audit event or a log line may hold it: at most `MAX_FIELD_BYTES` characters,
 /// control characters replaced by '?'.
 fn clean(s: &str) -> String {
@@ -237,7 +243,7 @@ impl<S: Store> AdminApi<S> {
             },
             Err(r) => (r, None),
         };
-        let peer = req.remote_addr().map(|a| a.ip());
+        let peer = peer_of(req);
         let call = Call { method, caller: refused.1.as_deref(), object: String::new(), reason: "", peer };
         let status = match refused.0 {
             Refusal::Unauthenticated => {
@@ -342,7 +348,7 @@ fn code_name(code: Code) -> &'static str {
 impl<S: Store> Admin for AdminApi<S> {
     async fn get_status(&self, req: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {
         let caller = self.gate(&req, "GetStatus", Scope::Read)?;
-        let peer = req.remote_addr().map(|a| a.ip());
+        let peer = peer_of(&req);
         let status = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let store = self.engine.store();
         let answer = GetStatusResponse {
@@ -362,7 +368,8 @@ impl<S: Store> Admin for AdminApi<S> {
     async fn explain(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         let caller = self.gate(&req, "Explain", Scope::Read)?;
         let started = clock::instant();
-        let remote = req.remote_addr();
+        let remote =
+            req.remote_addr().or_else(|| req.extensions().get::<super::tls::PeerInfo>().and_then(|p| p.remote));
         let mut msg = req.into_inner();
         msg.dry_run = true;
         msg.reserve = false;
@@ -383,7 +390,7 @@ impl<S: Store> Admin for AdminApi<S> {
 
     async fn get_usage(&self, req: Request<GetUsageRequest>) -> Result<Response<Usage>, Status> {
         let caller = self.gate(&req, "GetUsage", Scope::Read)?;
-        let peer = req.remote_addr().map(|a| a.ip());
+        let peer = peer_of(&req);
         let r = req.into_inner();
         let policy = self.engine.policy();
         let outcome = async {
@@ -399,7 +406,7 @@ impl<S: Store> Admin for AdminApi<S> {
 
     async fn grant_usage(&self, req: Request<GrantUsageRequest>) -> Result<Response<Usage>, Status> {
         let caller = self.gate(&req, "GrantUsage", Scope::UsageWrite)?;
-        let peer = req.remote_addr().map(|a| a.ip());
+        let peer = peer_of(&req);
         let r = req.into_inner();
         let policy = self.engine.policy();
         let outcome = async {
@@ -421,7 +428,7 @@ impl<S: Store> Admin for AdminApi<S> {
 
     async fn reset_usage(&self, req: Request<ResetUsageRequest>) -> Result<Response<Usage>, Status> {
         let caller = self.gate(&req, "ResetUsage", Scope::UsageWrite)?;
-        let peer = req.remote_addr().map(|a| a.ip());
+        let peer = peer_of(&req);
         let r = req.into_inner();
         let policy = self.engine.policy();
         let outcome = async {
@@ -441,7 +448,7 @@ impl<S: Store> Admin for AdminApi<S> {
 
     async fn list_blocks(&self, req: Request<ListBlocksRequest>) -> Result<Response<ListBlocksResponse>, Status> {
         let caller = self.gate(&req, "ListBlocks", Scope::Read)?;
-        let peer = req.remote_addr().map(|a| a.ip());
+        let peer = peer_of(&req);
         let now = clock::now_micros();
         let outcome = self.engine.blocked_addresses().await.map_err(unavailable).map(|blocks| ListBlocksResponse {
             blocks: blocks
@@ -461,7 +468,7 @@ impl<S: Store> Admin for AdminApi<S> {
 
     async fn block(&self, req: Request<BlockRequest>) -> Result<Response<BlockedAddress>, Status> {
         let caller = self.gate(&req, "Block", Scope::BlocksWrite)?;
-        let peer = req.remote_addr().map(|a| a.ip());
+        let peer = peer_of(&req);
         let r = req.into_inner();
         let outcome = async {
             let ip = address(&r.address)?;
@@ -484,7 +491,7 @@ impl<S: Store> Admin for AdminApi<S> {
 
     async fn unblock(&self, req: Request<UnblockRequest>) -> Result<Response<UnblockResponse>, Status> {
         let caller = self.gate(&req, "Unblock", Scope::BlocksWrite)?;
-        let peer = req.remote_addr().map(|a| a.ip());
+        let peer = peer_of(&req);
         let r = req.into_inner();
         let outcome = async {
             let ip = address(&r.address)?;
@@ -500,7 +507,7 @@ impl<S: Store> Admin for AdminApi<S> {
 
     async fn revoke_token(&self, req: Request<RevokeTokenRequest>) -> Result<Response<RevokeTokenResponse>, Status> {
         let caller = self.gate(&req, "RevokeToken", Scope::KeysWrite)?;
-        let peer = req.remote_addr().map(|a| a.ip());
+        let peer = peer_of(&req);
         let r = req.into_inner();
         let named = revocation_of(&r);
         let outcome = async {
@@ -531,7 +538,7 @@ impl<S: Store> Admin for AdminApi<S> {
 
     async fn create_key(&self, req: Request<CreateKeyRequest>) -> Result<Response<CreatedKey>, Status> {
         let caller = self.gate(&req, "CreateKey", Scope::KeysWrite)?;
-        let peer = req.remote_addr().map(|a| a.ip());
+        let peer = peer_of(&req);
         let r = req.into_inner();
         let outcome = async {
             text("reason", &r.reason)?;
@@ -557,7 +564,7 @@ impl<S: Store> Admin for AdminApi<S> {
 
     async fn rotate_key(&self, req: Request<RotateKeyRequest>) -> Result<Response<CreatedKey>, Status> {
         let caller = self.gate(&req, "RotateKey", Scope::KeysWrite)?;
-        let peer = req.remote_addr().map(|a| a.ip());
+        let peer = peer_of(&req);
         let r = req.into_inner();
         let outcome = async {
             text("reason", &r.reason)?;
@@ -575,7 +582,7 @@ impl<S: Store> Admin for AdminApi<S> {
 
     async fn revoke_key(&self, req: Request<RevokeKeyRequest>) -> Result<Response<KeyInfo>, Status> {
         let caller = self.gate(&req, "RevokeKey", Scope::KeysWrite)?;
-        let peer = req.remote_addr().map(|a| a.ip());
+        let peer = peer_of(&req);
         let r = req.into_inner();
         let outcome = async {
             text("reason", &r.reason)?;
@@ -592,7 +599,7 @@ impl<S: Store> Admin for AdminApi<S> {
 
     async fn list_keys(&self, req: Request<ListKeysRequest>) -> Result<Response<ListKeysResponse>, Status> {
         let caller = self.gate(&req, "ListKeys", Scope::Read)?;
-        let peer = req.remote_addr().map(|a| a.ip());
+        let peer = peer_of(&req);
         let policy = self.engine.policy();
         let outcome = async {
             let mut keys: Vec<KeyInfo> = Vec::new();

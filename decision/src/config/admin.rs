@@ -67,6 +67,22 @@ impl Validator<'_> {
         if admin.is_none_or(|a| a.tokens.is_empty()) {
             self.err("admin.tokens", "the admin API (listen.admin) is authenticated: give at least one token");
         }
-        Some(AdminSettings { addr, tokens })
+        let tls = admin.and_then(|a| a.tls.as_ref()).and_then(|t| {
+            let path = |f: &str| self.base.join(f);
+            let ca = t.client_ca_file.as_deref().map(path);
+            for f in [Some(path(&t.cert_file)), Some(path(&t.key_file)), ca.clone()].into_iter().flatten() {
+                if let Ok(bytes) = std::fs::read(&f) {
+                    super::read_source(&f, &bytes);
+                }
+            }
+            match crate::admin::AdminTls::load(&path(&t.cert_file), &path(&t.key_file), ca.as_deref()) {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    self.err("admin.tls", e);
+                    None
+                }
+            }
+        });
+        Some(AdminSettings { addr, tokens, tls })
     }
 }

@@ -86,6 +86,16 @@ pub struct RawReload {
 pub struct RawAdmin {
     #[serde(default)]
     pub tokens: Vec<RawAdminToken>,
+    pub tls: Option<RawAdminTls>,
+}
+
+/// `admin.tls`: the admin listener over TLS, and with `client_ca_file` mTLS.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdminTls {
+    pub cert_file: String,
+    pub key_file: String,
+    pub client_ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

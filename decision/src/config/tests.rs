@@ -490,3 +490,12 @@ fn files_are_watched_by_default_and_the_interval_is_bounded() {
     let delayed = reference_text().replacen("listen:\n", "listen:\n  shutdown_delay: 5s\n", 1);
     assert_eq!(parse(&delayed, &examples()).expect("valid").settings.shutdown_delay, Duration::from_secs(5));
 }
+
+#[test]
+fn admin_tls_files_are_checked_while_the_policy_loads() {
+    let text = reference_text().replacen("listen:\n", "listen:\n  admin: 127.0.0.1:0\n", 1)
+        + ADMIN
+        + "  tls:\n    cert_file: missing.pem\n    key_file: missing.key\n";
+    let problems = parse(&text, &examples()).expect_err("no such files");
+    assert!(problems.iter().any(|p| p.path == "admin.tls" && p.message.contains("missing.pem")), "{problems:#?}");
+}
