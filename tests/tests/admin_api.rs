@@ -835,3 +835,49 @@ async fn over_mtls_only_a_client_certificate_from_the_ca_gets_in_and_a_stranger_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The data path a user runs: Envoy in front of one instance, the admin API of another, one
+/// redis-server. A key created through the admin API is let through Envoy within a second; a
+/// revoked one is refused there within a second; an operator's block holds there at once.
+#[tokio::test]
+async fn through_the_real_envoy_keys_and_blocks_made_on_another_instance_hold_within_a_second() {
+    use proto::portcullis_v1::{CreateKeyRequest, RevokeKeyRequest};
+    let redis = RedisServer::start();
+    let policy = redis_policy(&redis);
+    let stack = tests::Stack::start_with(&policy, &[]).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let other = start(&policy).await;
+    let mut a = admin(&other).await;
+    let create = CreateKeyRequest {
+        id: "edge-1".into(),
+        roles: vec!["user".into()],
+        tier: "basic".into(),
+        ..Default::default()
+    };
+    let key = a.create_key(authed(OPS, create)).await.expect("create").into_inner().key;
+    let status = |key: String| {
+        let stack = &stack;
+        async move {
+            stack
+                .send("GET", "/api/v1/items", &[("x-api-key", key.as_str()), ("x-forwarded-for", "10.0.0.31")])
+                .await
+                .status
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while status(key.clone()).await != 200 {
+        assert!(Instant::now() < deadline, "the new key is not accepted through Envoy within a second");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.revoke_key(authed(OPS, RevokeKeyRequest { id: "edge-1".into(), reason: String::new() })).await.expect("revoke");
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while status(key.clone()).await != 401 {
+        assert!(Instant::now() < deadline, "the revoked key is still accepted through Envoy");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stack.send("GET", "/health", &[("x-forwarded-for", "10.0.0.32")]).await.status, 200);
+    a.block(authed(OPS, BlockRequest { address: "10.0.0.32".into(), duration_seconds: 60, reason: "test".into() }))
+        .await
+        .expect("block");
+    let r = stack.send("GET", "/health", &[("x-forwarded-for", "10.0.0.32")]).await;
+    assert_eq!(r.status, 403, "the operator's block holds through Envoy: {r:?}");
+}
