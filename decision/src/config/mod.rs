@@ -7,6 +7,8 @@
 //! | `PORTCULLIS_GRPC_ADDR` | gRPC listen address, overrides `listen.grpc` | `127.0.0.1:8081` |
 //! | `PORTCULLIS_HTTP_ADDR` | admin HTTP listen address, overrides `listen.http` | `127.0.0.1:9102` |
 //! | `PORTCULLIS_FORWARD_AUTH_ADDR` | HTTP forward-auth listen address, overrides (and turns on) `listen.forward_auth` | off |
+//! | `PORTCULLIS_REDIS_URL` | overrides `store.redis.url` (a Secret: it may hold a password) | the policy's |
+//! | `PORTCULLIS_KEY_PEPPER` | the store-held API keys' pepper (at least 16 bytes; environment only) | none |
 //! | `PORTCULLIS_LOG_FORMAT` | `json` or `pretty` | `pretty` |
 //! | `PORTCULLIS_LOG` | log filter (tracing's `EnvFilter` syntax) | `info` |
 //!
