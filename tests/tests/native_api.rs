@@ -51,6 +51,35 @@ fn normal(name: &str, value: &str) -> (String, String) {
     (name.to_owned(), value)
 }
 
+/// The seconds a client is told to wait or until a reset (`t=` of RateLimit, X-RateLimit-Reset,
+/// Retry-After), taken out of `seen` (replaced by "~") and returned in order.
+fn seconds_of(seen: &mut Seen) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (name, value) in seen.client.iter_mut() {
+        match name.as_str() {
+            "ratelimit" => {
+                let mut rest = value.as_str();
+                let mut kept = String::new();
+                while let Some(i) = rest.find("t=") {
+                    kept.push_str(&rest[..i + 2]);
+                    let digits: String = rest[i + 2..].chars().take_while(char::is_ascii_digit).collect();
+                    out.push(digits.parse().unwrap_or(u64::MAX));
+                    kept.push('~');
+                    rest = &rest[i + 2 + digits.len()..];
+                }
+                kept.push_str(rest);
+                *value = kept;
+            }
+            "x-ratelimit-reset" | "retry-after" => {
+                out.push(value.parse().unwrap_or(u64::MAX));
+                *value = "~".into();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 fn body_of(body: &str) -> Option<(u64, String)> {
     let v: serde_json::Value = serde_json::from_str(body).ok()?;
     Some((v["status"].as_u64()?, v["error"].as_str()?.to_owned()))
@@ -99,7 +128,12 @@ async fn same_answers(policy: &str, matrix: &[(&str, &str, &str, Option<&str>)])
         }
         let via_ext_authz = seen_ext_authz(&envoy_like.check(ext).await.expect("ext_authz").into_inner());
         let answer = ours.check(ask(peer, method, path, key)).await.expect("native").into_inner();
-        let via_native = seen_native(&answer);
+        let mut via_native = seen_native(&answer);
+        let mut via_ext_authz = via_ext_authz;
+        // the two calls may straddle a second: times left to a reset may differ by one
+        let (t_ext, t_native) = (seconds_of(&mut via_ext_authz), seconds_of(&mut via_native));
+        assert_eq!(t_ext.len(), t_native.len(), "{method} {path}");
+        assert!(t_ext.iter().zip(&t_native).all(|(a, b)| a.abs_diff(*b) <= 1), "{t_ext:?} vs {t_native:?}");
         assert_eq!(via_ext_authz, via_native, "{method} {path} from {peer} with {key:?}");
         assert_eq!(answer.verdict == Verdict::Allow as i32, answer.http_status == 200);
         statuses.push(via_native.status);
