@@ -310,6 +310,13 @@ enum AuditCommand {
     },
 }
 
+/// `--expires-at` (RFC 3339) as seconds since the epoch; absent: 0 (none).
+fn epoch_seconds(t: Option<&str>) -> anyhow::Result<i64> {
+    let Some(t) = t else { return Ok(0) };
+    let us = decision_core::units::parse_rfc3339(t).map_err(|e| anyhow::anyhow!("--expires-at {t:?}: {e}"))?;
+    Ok(i64::try_from(us / 1_000_000).unwrap_or(i64::MAX))
+}
+
 #[allow(clippy::print_stdout)]
 fn main() -> ExitCode {
     // one TLS provider for the whole process (outbound HTTPS, rediss://): ring
@@ -455,14 +462,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 AdminCommand::Keys {
                     command: AdminKeysCommand::Create { id, roles, tier, expires_at, prefix, reason },
                 } => {
-                    let expires_at = match expires_at {
-                        Some(t) => {
-                            let us = decision_core::units::parse_rfc3339(&t)
-                                .map_err(|e| anyhow::anyhow!("--expires-at {t:?}: {e}"))?;
-                            i64::try_from(us / 1_000_000).unwrap_or(i64::MAX)
-                        }
-                        None => 0,
-                    };
+                    let expires_at = epoch_seconds(expires_at.as_deref())?;
                     Ask::CreateKey { id, roles, tier, expires_at, prefix, reason }
                 }
                 AdminCommand::Keys { command: AdminKeysCommand::Rotate { id, overlap, reason } } => {
@@ -483,14 +483,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         std::io::Read::read_to_string(&mut std::io::stdin(), &mut token)
                             .context("reading the token")?;
                     }
-                    let expires_at = match expires_at {
-                        Some(t) => {
-                            let us = decision_core::units::parse_rfc3339(&t)
-                                .map_err(|e| anyhow::anyhow!("--expires-at {t:?}: {e}"))?;
-                            i64::try_from(us / 1_000_000).unwrap_or(i64::MAX)
-                        }
-                        None => 0,
-                    };
+                    let expires_at = epoch_seconds(expires_at.as_deref())?;
                     Ask::RevokeToken { token: token.trim().to_owned(), subject, jti, expires_at, reason }
                 }
             };

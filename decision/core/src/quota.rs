@@ -146,13 +146,7 @@ pub fn settle(
         }
         Limit::SlidingWindow { window, .. } => {
             let window = window.max(1);
-            let aligned = now - now % window;
-            let (start, mut prev, mut cur) = match state {
-                Some(State::Window { start, prev, cur }) if start == aligned => (start, prev, cur),
-                Some(State::Window { start, cur, .. }) if start + window == aligned => (aligned, cur, 0),
-                Some(State::Window { start, prev, cur }) if start > aligned => (start, prev, cur),
-                _ => (aligned, 0, 0),
-            };
+            let (start, mut prev, mut cur) = roll(state, window, now);
             let counted_in = reserved_at - reserved_at % window;
             if delta > 0 {
                 cur = cur.saturating_add(more);
@@ -207,13 +201,10 @@ pub fn grant(limit: Limit, state: Option<State>, amount: u64, now: Micros) -> Op
         },
         Limit::SlidingWindow { window, .. } => {
             let window = window.max(1);
-            let aligned = now - now % window;
-            let (start, prev, cur) = match state {
-                Some(State::Window { start, prev, cur }) if start == aligned => (start, prev, cur),
-                Some(State::Window { start, cur, .. }) if start + window == aligned => (aligned, cur, 0),
-                Some(State::Window { start, prev, cur }) if start > aligned => (start, prev, cur),
-                _ => return None,
-            };
+            let (start, prev, cur) = roll(state, window, now);
+            if prev == 0 && cur == 0 {
+                return None;
+            }
             let from_cur = amount.min(cur);
             let from_prev = (amount - from_cur).min(prev);
             Some((State::Window { start, prev: prev - from_prev, cur: cur - from_cur }, start + 2 * window))
@@ -332,16 +323,23 @@ pub fn weighted(prev: u64, window: Micros, elapsed: Micros) -> u64 {
     u64::try_from(num.div_ceil(u128::from(WEIGHT_SCALE))).unwrap_or(u64::MAX)
 }
 
-fn sliding(limit: u64, window: Micros, state: Option<State>, cost: u64, now: Micros) -> Checked {
-    let window = window.max(1);
+/// A sliding window's state moved to the window `now` falls in: the same window, the next one
+/// (the current count becomes the previous), a state from the future (a clock behind the one
+/// that wrote it) kept as it is, or anything older forgotten. As (start, prev, cur); common.lua's
+/// `roll` is its mirror.
+fn roll(state: Option<State>, window: Micros, now: Micros) -> (Micros, u64, u64) {
     let aligned = now - now % window;
-    let (start, prev, cur) = match state {
+    match state {
         Some(State::Window { start, prev, cur }) if start == aligned => (start, prev, cur),
         Some(State::Window { start, cur, .. }) if start + window == aligned => (aligned, cur, 0),
-        // A state from the future (a clock behind the one that wrote it): keep its counts.
         Some(State::Window { start, prev, cur }) if start > aligned => (start, prev, cur),
         _ => (aligned, 0, 0),
-    };
+    }
+}
+
+fn sliding(limit: u64, window: Micros, state: Option<State>, cost: u64, now: Micros) -> Checked {
+    let window = window.max(1);
+    let (start, prev, cur) = roll(state, window, now);
     let elapsed = now.saturating_sub(start).min(window);
     let estimate = weighted(prev, window, elapsed).saturating_add(cur);
     let reset = window - elapsed;
