@@ -411,6 +411,8 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
             health_reporter.set_not_serving::<AuthorizationServer<ExtAuthz<S>>>().await;
             health_reporter.set_not_serving::<RateLimitServiceServer<Rls<S>>>().await;
             health_reporter.set_not_serving::<DecisionServer<DecisionApi<S>>>().await;
+            // and the server as a whole (""), which a Kubernetes gRPC probe asks about
+            health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             // not ready at once, still answering for a while: the endpoints controller and the
             // proxies stop sending here before the listeners close
             if !delay.is_zero() {

@@ -120,6 +120,18 @@ async fn after_sigterm_readyz_is_503_at_once_while_checks_are_still_answered() {
         assert!(t.elapsed() < Duration::from_millis(500), "/readyz still ready");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // gRPC health too, for the whole server ("", what a Kubernetes gRPC probe asks)
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", p.grpc))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let overall = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(overall.status, tonic_health::pb::health_check_response::ServingStatus::NotServing as i32);
     // still answering, for the delay
     for _ in 0..5 {
         assert_eq!(daily_limit(&mut c).await, 5_000);

@@ -11,6 +11,8 @@
 //! | `PORTCULLIS_KEY_PEPPER` | the store-held API keys' pepper (at least 16 bytes; environment only) | none |
 //! | `PORTCULLIS_LOG_FORMAT` | `json` or `pretty` | `pretty` |
 //! | `PORTCULLIS_LOG` | log filter (tracing's `EnvFilter` syntax) | `info` |
+//! | `PORTCULLIS_ADMIN_ADDR` | `portcullis admin`: the admin API's address | `127.0.0.1:8083` |
+//! | `PORTCULLIS_ADMIN_TOKEN` | `portcullis admin`: the admin token (or `--token-file`) | none |
 //!
 //! Raw serde structs (`raw`) stop here: `validate` turns them into domain types and reports
 //! every problem it finds, each with its field path and line.
