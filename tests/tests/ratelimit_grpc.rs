@@ -243,18 +243,34 @@ async fn malformed_requests_are_refused_with_invalid_argument() {
     // a descriptor whose actions were all skipped by Envoy arrives empty: it matches nothing
     let r = ask(&mut c, vec![RateLimitDescriptor::default(), desc(&[("user", "zed")])], 1).await;
     assert_eq!(codes(&r), [OK, OK]);
-    // negative hits (returning budget) are refused loudly, never counted as hits
+    // negative hits mixed with positive ones in one request: refused, nothing counted
     let mut back = desc(&[("user", "zed")]);
     back.is_negative_hits = true;
     back.hits_addend = Some(UInt64Value { value: 5 });
     let err = c
-        .should_rate_limit(RateLimitRequest { domain: "test".into(), descriptors: vec![back], hits_addend: 1 })
+        .should_rate_limit(RateLimitRequest {
+            domain: "test".into(),
+            descriptors: vec![back.clone(), desc(&[("user", "zed")])],
+            hits_addend: 1,
+        })
         .await
-        .expect_err("negative hits");
+        .expect_err("mixed hits");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("is_negative_hits"), "{}", err.message());
     let r = ask(&mut c, vec![desc(&[("user", "zed")])], 1).await;
     assert_eq!(r.statuses[0].limit_remaining, 1, "zed has used 2 of 3: nothing was counted for the refused call");
+    let r = ask(&mut c, vec![desc(&[("user", "zed")])], 1).await;
+    assert_eq!(r.statuses[0].limit_remaining, 0, "zed has used 3 of 3");
+    assert_eq!(codes(&ask(&mut c, vec![desc(&[("user", "zed")])], 1).await), [OVER]);
+    // Envoy 1.38's is_negative_hits: 5 given back (never below zero), the budget is whole again
+    let r = c
+        .should_rate_limit(RateLimitRequest { domain: "test".into(), descriptors: vec![back], hits_addend: 1 })
+        .await
+        .expect("negative hits")
+        .into_inner();
+    assert_eq!(codes(&r), [OK]);
+    let r = ask(&mut c, vec![desc(&[("user", "zed")])], 1).await;
+    assert_eq!((codes(&r), r.statuses[0].limit_remaining), (vec![OK], 2), "all 3 given back, then 1 counted");
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! Envoy's rate limit service (`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`):
 //! descriptors in, one status per descriptor out (in request order), with the RateLimit headers
 //! and, over the limit, the reference 429 body. A store failure is gRPC UNAVAILABLE, so Envoy's
-//! `failure_mode_deny` decides (Envoy reads UNKNOWN as OK).
+//! `failure_mode_deny` decides (Envoy reads UNKNOWN as OK). Descriptors with `is_negative_hits`
+//! (Envoy 1.38) give their hits back to the limits they match instead (`Engine::return_hits`).
 
 use std::sync::Arc;
 
@@ -104,12 +105,13 @@ impl<S: Store> RateLimitService for Rls<S> {
         if msg.domain.is_empty() {
             return Err(tonic::Status::invalid_argument("rate limit domain must not be empty"));
         }
-        // `is_negative_hits` (Envoy 1.38: give hits back to the budget) is refused, not counted
-        // as a positive hit: returning hits needs store support that is not there yet.
-        if let Some(i) = msg.descriptors.iter().position(|d| d.is_negative_hits) {
-            return Err(tonic::Status::invalid_argument(format!(
-                "descriptor {i}: is_negative_hits is not supported (hits can only be counted, not returned)"
-            )));
+        // `is_negative_hits` (Envoy 1.38): the hits are given back to the budget, not counted;
+        // a request is all one or all the other
+        let negative = msg.descriptors.iter().filter(|d| d.is_negative_hits).count();
+        if negative > 0 && negative < msg.descriptors.len() {
+            return Err(tonic::Status::invalid_argument(
+                "is_negative_hits: every descriptor of a request, or none (hits are counted or given back, not both)",
+            ));
         }
         // hits_addend 0 means 1 at the request level; a descriptor's own hits_addend wins.
         let request_hits = u64::from(msg.hits_addend.max(1));
@@ -124,6 +126,20 @@ impl<S: Store> RateLimitService for Rls<S> {
             .collect();
         validate(&descriptors).map_err(|e| tonic::Status::invalid_argument(e.0))?;
         let policy = self.engine.policy();
+        if negative > 0 {
+            self.engine.return_hits(&policy, &msg.domain, &descriptors, deadline).await.map_err(|e| match e {
+                StoreError::DeadlineExceeded => {
+                    tonic::Status::deadline_exceeded("the call's deadline passed before the hits were given back")
+                }
+                e => tonic::Status::unavailable(format!("the store failed; hits may not have been given back: {e}")),
+            })?;
+            let ok = DescriptorStatus { code: Code::Ok as i32, ..Default::default() };
+            return Ok(tonic::Response::new(RateLimitResponse {
+                overall_code: Code::Ok as i32,
+                statuses: vec![ok; descriptors.len()],
+                ..Default::default()
+            }));
+        }
         let decision =
             self.engine.rate_limit(&policy, &msg.domain, &descriptors, deadline).await.map_err(|e| match e {
                 StoreError::DeadlineExceeded => {

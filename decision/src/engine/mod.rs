@@ -412,6 +412,26 @@ impl<S: Store> Engine<S> {
         Ok(decision)
     }
 
+    /// Envoy's `is_negative_hits` (Envoy 1.38): each descriptor's hits given back to the limits
+    /// it matches, now (as the admin API's grant: from the current window first, never below
+    /// zero), one store call per limit, on the store itself. Every instance's over-limit cache
+    /// forgets its refusals. Errors: the store failed or the deadline passed.
+    pub async fn return_hits(
+        &self,
+        policy: &Policy,
+        domain: &str,
+        descriptors: &[DescriptorReq<'_>],
+        deadline: Option<Instant>,
+    ) -> Result<(), StoreError> {
+        let plan = rls::plan(&policy.ratelimit, domain, descriptors);
+        let now = clock::now_micros();
+        for op in &plan.ops {
+            let delta = i64::try_from(op.cost).map_or(i64::MIN, |c| -c);
+            self.bounded(self.store.adjust(&[(op.key.clone(), op.limit)], delta, now), deadline).await?;
+        }
+        Ok(())
+    }
+
     /// The metrics and the debug log line of one RLS call: labels come from the policy only (an
     /// unknown domain is `unknown`, an unmatched descriptor `none`).
     fn record_rate_limit(&self, policy: &Policy, domain: &str, descriptors: usize, d: &RlsDecision, took: Duration) {
