@@ -310,19 +310,32 @@ pub fn deny_body(d: &Decision, request_id: &str, now: Micros) -> String {
 
 /// The reference guide's 429 body.
 fn too_many_requests_body(retry_after_secs: u64, remaining: u64, now: Micros) -> String {
-    serde_json::json!({
-        "status": 429,
-        "error": Reason::TierRateExceeded.client_error(),
-        "reset_time": clock::rfc3339(now + retry_after_secs * MICROS_PER_SEC),
-        "remaining_requests": remaining,
-        "retry_after": retry_after_secs,
-    })
-    .to_string()
+    // written directly (the keys in serde_json's order, as before): the refused path builds
+    // no JSON value per request; nothing here needs escaping
+    let reset_time = clock::rfc3339(now.saturating_add(retry_after_secs.saturating_mul(MICROS_PER_SEC)));
+    let error = Reason::TierRateExceeded.client_error();
+    format!(
+        "{{\"error\":\"{error}\",\"remaining_requests\":{remaining},\"reset_time\":\"{reset_time}\",\"retry_after\":{retry_after_secs},\"status\":429}}"
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_429_body_is_what_serde_json_would_write() {
+        let now = 1_800_000_000 * MICROS_PER_SEC;
+        let expected = serde_json::json!({
+            "status": 429,
+            "error": "Rate limit exceeded",
+            "reset_time": clock::rfc3339(now + 7 * MICROS_PER_SEC),
+            "remaining_requests": 3,
+            "retry_after": 7,
+        })
+        .to_string();
+        assert_eq!(too_many_requests_body(7, 3, now), expected);
+    }
 
     fn limits() -> [LimitState<'static>; 2] {
         [
