@@ -93,8 +93,8 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// The admin API of a running instance (`listen.admin`): status, usage, blocks. The token
-    /// comes from $PORTCULLIS_ADMIN_TOKEN or --token-file, never the command line.
+    /// The admin API of a running instance (`listen.admin`): status, usage, blocks, tokens, keys.
+    /// The token comes from $PORTCULLIS_ADMIN_TOKEN or --token-file, never the command line.
     Admin {
         /// The admin listener, host:port.
         #[arg(long, env = "PORTCULLIS_ADMIN_ADDR", default_value = "127.0.0.1:8083", global = true)]
@@ -187,7 +187,8 @@ enum AdminKeysCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// A new value (printed once); the old one keeps working for --overlap (default 1h).
+    /// A new value (printed once, with the key's own prefix); the old one keeps working for
+    /// --overlap (default 1h).
     Rotate {
         id: String,
         /// How long the old value keeps working: 10m, 1h, 7d (at most 30 days).
@@ -437,10 +438,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 // the environment only: a flag would put the token where `ps` and shell history
                 // keep it
                 #[allow(clippy::disallowed_methods)]
-                None => std::env::var("PORTCULLIS_ADMIN_TOKEN")
-                    .context("no admin token: set PORTCULLIS_ADMIN_TOKEN or give --token-file")?,
+                None => std::env::var("PORTCULLIS_ADMIN_TOKEN").unwrap_or_default(),
             };
             let token = token.trim().to_owned();
+            if token.is_empty() {
+                anyhow::bail!("no admin token: set PORTCULLIS_ADMIN_TOKEN or give --token-file");
+            }
             let ask = match command {
                 AdminCommand::Status => Ask::Status,
                 AdminCommand::Usage { command: UsageCommand::Get { subject, tier } } => Ask::Usage { subject, tier },

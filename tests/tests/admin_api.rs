@@ -688,6 +688,18 @@ async fn keys_created_rotated_and_revoked_through_one_instance_hold_on_all_withi
         assert_eq!(e.code(), code, "{why}: {e:?}");
         assert!(e.message().contains(why), "{why}: {}", e.message());
     }
+    // its usage, by id alone: the store knows its tier; another tier is refused
+    let usage = admin_b
+        .get_usage(authed(VIEWER, GetUsageRequest { subject: "partner-7".into(), tier: String::new() }))
+        .await
+        .expect("usage of a store-held key")
+        .into_inner();
+    assert_eq!(usage.tier, "business", "{usage:?}");
+    let e = admin_b
+        .get_usage(authed(VIEWER, GetUsageRequest { subject: "partner-7".into(), tier: "basic".into() }))
+        .await
+        .expect_err("a contradicting tier");
+    assert!(e.message().contains("another tier"), "{e:?}");
     let listed = admin_b.list_keys(authed(VIEWER, ListKeysRequest {})).await.expect("list").into_inner();
     let ids: Vec<(&str, &str)> = listed.keys.iter().map(|k| (k.id.as_str(), k.source.as_str())).collect();
     assert!(ids.contains(&("partner-7", "store")) && ids.contains(&("demo-basic", "policy")), "{ids:?}");
@@ -706,6 +718,7 @@ async fn keys_created_rotated_and_revoked_through_one_instance_hold_on_all_withi
         .into_inner();
     let new_key = rotated.key.clone();
     assert_ne!(new_key, key);
+    assert!(new_key.starts_with("pk_live_"), "a rotation keeps the key's prefix: {new_key}");
     assert_eq!(rotated.info.expect("info").live_values, 2);
     for c in [0, 2] {
         assert_eq!(until_reason(&mut clients[c], &new_key, "allowed").await, "allowed");

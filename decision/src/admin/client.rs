@@ -39,10 +39,31 @@ pub enum Ask {
 pub enum AdminError {
     #[error("cannot reach the admin API at {addr}: {reason}")]
     Connect { addr: String, reason: String },
-    #[error("{:?}: {}", .0.code(), .0.message())]
+    #[error("{}", refused_text(.0))]
     Refused(tonic::Status),
     #[error("the admin token is not a valid header value")]
     BadToken,
+}
+
+/// A refusal as a user reads it: the code, the message, and what an empty UNIMPLEMENTED or a
+/// transport failure means.
+fn refused_text(s: &tonic::Status) -> String {
+    use std::error::Error as _;
+    match s.code() {
+        tonic::Code::Unimplemented => {
+            "the admin API is not served at this address (the gRPC port? use listen.admin's)".into()
+        }
+        tonic::Code::Unavailable if s.message().is_empty() || s.message().contains("transport") => {
+            let mut why = s.message().to_owned();
+            let mut source = s.source();
+            while let Some(e) = source {
+                why = format!("{why}: {e}");
+                source = e.source();
+            }
+            format!("Unavailable: {why}")
+        }
+        code => format!("{code:?}: {}", s.message()),
+    }
 }
 
 /// Runs `ask` against the admin API at `addr` (`host:port`, or a URL) with `token`; the answer
@@ -56,7 +77,16 @@ pub async fn run(addr: &str, token: &str, ask: Ask, json: bool) -> Result<String
         .timeout(CALL_TIMEOUT)
         .connect()
         .await
-        .map_err(|e| connect(e.to_string()))?;
+        .map_err(|e| {
+            use std::error::Error as _;
+            let mut why = e.to_string();
+            let mut source = e.source();
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            connect(why)
+        })?;
     let mut c = AdminClient::new(channel);
     let bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
         format!("Bearer {token}").parse().map_err(|_| AdminError::BadToken)?;

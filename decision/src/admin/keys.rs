@@ -25,6 +25,9 @@ pub struct KeyRecord {
     pub created: Micros,
     #[serde(default)]
     pub revoked: bool,
+    /// the prefix its values are made with (a rotation keeps it)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
     /// its values: one, or after a rotation the new one and the old ones until they expire
     pub values: Vec<KeyValue>,
 }

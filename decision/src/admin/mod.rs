@@ -132,9 +132,10 @@ pub struct Caller {
 /// Why an admin call was refused before it ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// no `authorization: Bearer` metadata, or a token that is none of the policy's (gRPC
-    /// UNAUTHENTICATED)
+    /// no `authorization: Bearer` metadata (gRPC UNAUTHENTICATED)
     Unauthenticated,
+    /// a token that is none of the policy's (gRPC UNAUTHENTICATED)
+    UnknownToken,
     /// a known token without the scope the method needs (gRPC PERMISSION_DENIED)
     MissingScope(Scope),
 }
@@ -156,7 +157,7 @@ impl AdminSettings {
                 found = Some(t);
             }
         }
-        let t = found.ok_or(Refusal::Unauthenticated)?;
+        let t = found.ok_or(Refusal::UnknownToken)?;
         Ok(Caller { token: t.id.clone(), scopes: t.scopes.clone() })
     }
 }

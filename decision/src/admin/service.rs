@@ -213,21 +213,39 @@ fn limit_kind(name: &str) -> Result<OpKind, Status> {
     }
 }
 
-/// The subject and its tier: `tier` as given, or an API key's of the policy.
-fn subject_tier<'p>(policy: &'p Policy, subject: &str, tier: &str) -> Result<&'p Tier, Status> {
+/// The subject's tier: an API key's (of the policy file, or `stored_tier`, of the store), or
+/// `tier` as given for a token's subject; a given tier that contradicts a key's is refused.
+fn subject_tier<'p>(
+    policy: &'p Policy,
+    subject: &str,
+    tier: &str,
+    stored_tier: Option<&str>,
+) -> Result<&'p Tier, Status> {
     if subject.is_empty() {
         return Err(Status::invalid_argument("subject is required (an API key's id, a token's sub)"));
     }
     text("subject", subject)?;
     text("tier", tier)?;
-    let index = if tier.is_empty() {
-        policy.api_keys.tier_of(subject).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "tier: required for {subject:?}, which is not an API key of the policy (its tier is not known here)"
-            ))
-        })?
-    } else {
-        policy.tier(tier).ok_or_else(|| Status::invalid_argument(format!("tier: no tier {tier:?} in the policy")))?
+    // the tier an API key (of the policy file or of the store) has
+    let known = policy.api_keys.tier_of(subject).or_else(|| stored_tier.and_then(|t| policy.tier(t)));
+    let index = match (known, tier.is_empty()) {
+        (Some(k), true) => k,
+        (None, true) => {
+            return Err(Status::invalid_argument(format!(
+                "tier: required for {subject:?}, which is no API key's id (a token's subject: give its tier)"
+            )));
+        }
+        (known, false) => {
+            let given = policy
+                .tier(tier)
+                .ok_or_else(|| Status::invalid_argument(format!("tier: no tier {tier:?} in the policy")))?;
+            if known.is_some_and(|k| k != given) {
+                return Err(Status::invalid_argument(format!(
+                    "tier: {subject:?} is an API key of another tier; leave tier out"
+                )));
+            }
+            given
+        }
     };
     policy.tiers.get(index).ok_or_else(|| Status::internal("a tier index out of range"))
 }
@@ -249,6 +267,7 @@ impl<S: Store> AdminApi<S> {
             Refusal::Unauthenticated => {
                 Status::unauthenticated("an admin token is required: authorization: Bearer <token> (admin.tokens)")
             }
+            Refusal::UnknownToken => Status::unauthenticated("unknown admin token (none of admin.tokens)"),
             Refusal::MissingScope(s) => {
                 Status::permission_denied(format!("this token lacks the {} scope {method} needs", s.as_str()))
             }
@@ -394,7 +413,7 @@ impl<S: Store> Admin for AdminApi<S> {
         let r = req.into_inner();
         let policy = self.engine.policy();
         let outcome = async {
-            let tier = subject_tier(&policy, &r.subject, &r.tier)?;
+            let tier = subject_tier(&policy, &r.subject, &r.tier, self.engine.store_key_tier(&r.subject).as_deref())?;
             let limits = self.engine.usage(&r.subject, tier).await.map_err(unavailable)?;
             Ok(self.usage_of(&r.subject, tier, limits))
         }
@@ -410,7 +429,7 @@ impl<S: Store> Admin for AdminApi<S> {
         let r = req.into_inner();
         let policy = self.engine.policy();
         let outcome = async {
-            let tier = subject_tier(&policy, &r.subject, &r.tier)?;
+            let tier = subject_tier(&policy, &r.subject, &r.tier, self.engine.store_key_tier(&r.subject).as_deref())?;
             let which = limit_kind(&r.limit)?;
             text("reason", &r.reason)?;
             if r.amount == 0 || r.amount > MAX_GRANT {
@@ -432,7 +451,7 @@ impl<S: Store> Admin for AdminApi<S> {
         let r = req.into_inner();
         let policy = self.engine.policy();
         let outcome = async {
-            let tier = subject_tier(&policy, &r.subject, &r.tier)?;
+            let tier = subject_tier(&policy, &r.subject, &r.tier, self.engine.store_key_tier(&r.subject).as_deref())?;
             let which = if r.limit.is_empty() { None } else { Some(limit_kind(&r.limit)?) };
             text("reason", &r.reason)?;
             self.engine.reset_usage(&r.subject, tier, which).await.map_err(unavailable)?;

@@ -311,6 +311,7 @@ impl<S: Store> Engine<S> {
             labels: new.labels,
             created: now,
             revoked: false,
+            prefix: Some(key_prefix(&new.prefix)?.to_owned()),
             values: vec![value],
         };
         self.put_key(&new.id, &record, None).await?;
@@ -324,8 +325,13 @@ impl<S: Store> Engine<S> {
         if old_until <= now || old_until > now.saturating_add(MAX_ROTATION_OVERLAP) {
             return Err(KeyError::Invalid("old_expires_at: after now, and at most 30 days from now".into()));
         }
-        let prefix = key_prefix(prefix)?;
         let (current, mut record) = self.key_of(id).await?;
+        // the key's own prefix unless another is asked for
+        let prefix = match (prefix.is_empty(), &record.prefix) {
+            (true, Some(own)) => key_prefix(own)?.to_owned(),
+            _ => key_prefix(prefix)?.to_owned(),
+        };
+        let prefix = prefix.as_str();
         if record.revoked {
             return Err(KeyError::Invalid(format!("the API key {id:?} is revoked: create a new one")));
         }
@@ -360,6 +366,11 @@ impl<S: Store> Engine<S> {
         let record =
             parse_record(id, &text).ok_or_else(|| KeyError::Invalid(format!("the record of {id:?} cannot be read")))?;
         Ok((text, record))
+    }
+
+    /// The tier a store-held key names, as this instance holds it (None: no such key).
+    pub fn store_key_tier(&self, id: &str) -> Option<String> {
+        lock_keys(&self.keys).records.get(id).map(|r| r.tier.clone())
     }
 
     /// Every store-held key, as this instance holds them (read again from the store first).
