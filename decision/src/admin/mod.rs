@@ -201,10 +201,10 @@ mod tests {
         assert_eq!(ops.may(Scope::UsageWrite), Err(Refusal::MissingScope(Scope::UsageWrite)));
         let ro = s.authenticate(Some(b"bearer pat_ro")).expect("the scheme is case-insensitive");
         assert_eq!(ro.may(Scope::BlocksWrite), Err(Refusal::MissingScope(Scope::BlocksWrite)));
-        for bad in [None, Some(&b"pat_ops"[..]), Some(b"Bearer pat_op"), Some(b"Basic cGF0X29wcw=="), Some(b"Bearer ")]
-        {
+        for bad in [None, Some(&b"pat_ops"[..]), Some(b"Basic cGF0X29wcw=="), Some(b"Bearer ")] {
             assert_eq!(s.authenticate(bad).err(), Some(Refusal::Unauthenticated), "{bad:?}");
         }
+        assert_eq!(s.authenticate(Some(b"Bearer pat_op")).err(), Some(Refusal::UnknownToken));
         for scope in Scope::ALL {
             assert_eq!(Scope::parse(scope.as_str()), Some(scope));
         }
