@@ -45,6 +45,17 @@ pub enum AdminError {
     BadToken,
 }
 
+/// `what`, followed by every cause in `source`'s chain (a transport error's "connection
+/// refused" sits two levels down).
+fn with_causes(what: &str, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut text = what.to_owned();
+    while let Some(e) = source {
+        text = format!("{text}: {e}");
+        source = e.source();
+    }
+    text
+}
+
 /// A refusal as a user reads it: the code, the message, and what an empty UNIMPLEMENTED or a
 /// transport failure means.
 fn refused_text(s: &tonic::Status) -> String {
@@ -54,13 +65,7 @@ fn refused_text(s: &tonic::Status) -> String {
             "the admin API is not served at this address (the gRPC port? use listen.admin's)".into()
         }
         tonic::Code::Unavailable if s.message().is_empty() || s.message().contains("transport") => {
-            let mut why = s.message().to_owned();
-            let mut source = s.source();
-            while let Some(e) = source {
-                why = format!("{why}: {e}");
-                source = e.source();
-            }
-            format!("Unavailable: {why}")
+            format!("Unavailable: {}", with_causes(s.message(), s.source()))
         }
         code => format!("{code:?}: {}", s.message()),
     }
@@ -79,13 +84,7 @@ pub async fn run(addr: &str, token: &str, ask: Ask, json: bool) -> Result<String
         .await
         .map_err(|e| {
             use std::error::Error as _;
-            let mut why = e.to_string();
-            let mut source = e.source();
-            while let Some(s) = source {
-                why = format!("{why}: {s}");
-                source = s.source();
-            }
-            connect(why)
+            connect(with_causes(&e.to_string(), e.source()))
         })?;
     let mut c = AdminClient::new(channel);
     let bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =

@@ -8,10 +8,70 @@ pub mod keys;
 pub mod service;
 pub mod tls;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use subtle::ConstantTimeEq;
+
+/// Longest object, reason or detail an `admin` audit event holds (characters).
+pub const MAX_EVENT_FIELD: usize = 256;
+
+/// `s` as an audit event or a log line may hold it: at most `MAX_EVENT_FIELD` characters,
+/// control characters replaced by '?'.
+pub fn clean(s: &str) -> String {
+    s.chars().take(MAX_EVENT_FIELD).map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
+/// One `admin` audit event: an API call (allowed or refused) or a refused TLS handshake.
+pub struct AdminEvent<'a> {
+    /// the token's id; None: unauthenticated
+    pub actor: Option<&'a str>,
+    pub method: &'a str,
+    pub object: &'a str,
+    /// `ok`, or the gRPC code's name in lower case
+    pub outcome: &'a str,
+    pub detail: &'a str,
+    pub reason: &'a str,
+    pub peer: Option<IpAddr>,
+}
+
+/// Records `e` in the audit trail, or without one logs it at info (target `portcullis::admin`).
+/// Object, reason and detail are `clean`ed here, whatever the caller sent.
+pub fn record<S: crate::store::Store>(engine: &crate::engine::Engine<S>, e: &AdminEvent<'_>) {
+    let (object, reason, detail) = (clean(e.object), clean(e.reason), clean(e.detail));
+    let actor = e.actor.unwrap_or("unauthenticated");
+    match engine.audit() {
+        Some(audit) => {
+            let mut ev = serde_json::Map::new();
+            ev.insert("event".into(), "admin".into());
+            ev.insert("timestamp".into(), crate::clock::rfc3339(crate::clock::now_micros()).into());
+            ev.insert("actor".into(), actor.into());
+            ev.insert("method".into(), e.method.into());
+            ev.insert("object".into(), object.into());
+            ev.insert("outcome".into(), e.outcome.into());
+            if !detail.is_empty() {
+                ev.insert("detail".into(), detail.into());
+            }
+            if !reason.is_empty() {
+                ev.insert("reason".into(), reason.into());
+            }
+            ev.insert("client_ip".into(), e.peer.map_or(serde_json::Value::Null, |p| p.to_string().into()));
+            ev.insert("instance".into(), audit.instance.clone().into());
+            audit.record(ev);
+        }
+        None => tracing::info!(
+            target: "portcullis::admin",
+            actor,
+            method = e.method,
+            object = ?object,
+            outcome = e.outcome,
+            detail = ?detail,
+            reason = ?reason,
+            client_ip = e.peer.map(tracing::field::display),
+            "admin call"
+        ),
+    }
+}
 
 /// What an admin token may do. A write scope does not imply `read`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -17,7 +17,6 @@ use proto::portcullis_v1::{
     ListKeysRequest, ListKeysResponse, ResetUsageRequest, RevokeKeyRequest, RevokeTokenRequest, RevokeTokenResponse,
     RotateKeyRequest, UnblockRequest, UnblockResponse, Usage,
 };
-use serde_json::{Map, Value};
 use tonic::{Code, Request, Response, Status};
 
 use super::{AdminSettings, Caller, Refusal, Scope};
@@ -73,11 +72,6 @@ fn store_key_info(id: &str, r: &crate::admin::keys::KeyRecord) -> KeyInfo {
         expires_at: expires_at.map_or_else(String::new, clock::rfc3339),
         revoked: r.revoked,
     }
-}
-
-/// What a request's key fields leave out of the audit event: nothing secret is in them.
-fn key_object(id: &str) -> String {
-    id.chars().take(MAX_FIELD_BYTES).collect()
 }
 
 /// What a revocation names: the subject (as portcullis names it), the token's id, and when it
@@ -178,12 +172,6 @@ fn peer_of<T>(req: &Request<T>) -> Option<IpAddr> {
     req.remote_addr().or_else(|| req.extensions().get::<super::tls::PeerInfo>().and_then(|p| p.remote)).map(|a| a.ip())
 }
 
-/// `s` as an audit event or a log line may hold it: at most `MAX_FIELD_BYTES` characters,
-/// control characters replaced by '?'.
-fn clean(s: &str) -> String {
-    s.chars().take(MAX_FIELD_BYTES).map(|c| if c.is_control() { '?' } else { c }).collect()
-}
-
 /// `s`, if it is short and printable (an operator's text in an audit event or a store key).
 fn text<'a>(field: &str, s: &'a str) -> Result<&'a str, Status> {
     if s.len() > MAX_FIELD_BYTES || !decision_core::fields::valid_value(s.as_bytes()) {
@@ -276,47 +264,23 @@ impl<S: Store> AdminApi<S> {
         Err(status)
     }
 
-    /// The `admin` audit event (or log line) of a call, allowed or refused. The object, the
-    /// reason and the detail are cut to `MAX_FIELD_BYTES` characters with control characters
-    /// replaced, whatever the caller sent.
+    /// The `admin` audit event (or log line) of a call, allowed or refused (`super::record`
+    /// cleans and cuts what the caller sent).
     fn audit<T>(&self, c: &Call<'_>, outcome: &Result<T, Status>) {
         let (outcome, detail) = match outcome {
-            Ok(_) => ("ok", String::new()),
-            Err(s) => (code_name(s.code()), clean(s.message())),
+            Ok(_) => ("ok", ""),
+            Err(s) => (code_name(s.code()), s.message()),
         };
-        let (object, reason) = (clean(&c.object), clean(c.reason));
-        let c = Call { object, reason: &reason, ..*c };
-        let actor = c.caller.unwrap_or("unauthenticated");
-        match self.engine.audit() {
-            Some(audit) => {
-                let mut ev = Map::new();
-                ev.insert("event".into(), "admin".into());
-                ev.insert("timestamp".into(), clock::rfc3339(clock::now_micros()).into());
-                ev.insert("actor".into(), actor.into());
-                ev.insert("method".into(), c.method.into());
-                ev.insert("object".into(), c.object.clone().into());
-                ev.insert("outcome".into(), outcome.into());
-                if !detail.is_empty() {
-                    ev.insert("detail".into(), detail.into());
-                }
-                if !c.reason.is_empty() {
-                    ev.insert("reason".into(), c.reason.into());
-                }
-                ev.insert("client_ip".into(), c.peer.map_or(Value::Null, |p| p.to_string().into()));
-                ev.insert("instance".into(), audit.instance.clone().into());
-                audit.record(ev);
-            }
-            None => tracing::info!(
-                target: "portcullis::admin",
-                actor,
-                method = c.method,
-                object = ?c.object,
-                outcome,
-                reason = c.reason,
-                client_ip = c.peer.map(tracing::field::display),
-                "admin call"
-            ),
-        }
+        let event = super::AdminEvent {
+            actor: c.caller,
+            method: c.method,
+            object: &c.object,
+            outcome,
+            detail,
+            reason: c.reason,
+            peer: c.peer,
+        };
+        super::record(&self.engine, &event);
     }
 
     /// Runs an authenticated call and audits it.
@@ -440,8 +404,8 @@ impl<S: Store> Admin for AdminApi<S> {
             Ok(self.usage_of(&r.subject, tier, limits))
         }
         .await;
-        let object = format!("{} {} +{}", r.subject, r.limit, r.amount).chars().take(MAX_FIELD_BYTES).collect();
-        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        let object = format!("{} {} +{}", r.subject, r.limit, r.amount);
+        let reason = r.reason.as_str();
         self.finish(Call { method: "GrantUsage", caller: Some(&caller.token), object, reason, peer }, outcome)
     }
 
@@ -460,8 +424,7 @@ impl<S: Store> Admin for AdminApi<S> {
         }
         .await;
         let object = format!("{} {}", r.subject, if r.limit.is_empty() { "all" } else { &r.limit });
-        let object = object.chars().take(MAX_FIELD_BYTES).collect();
-        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        let reason = r.reason.as_str();
         self.finish(Call { method: "ResetUsage", caller: Some(&caller.token), object, reason, peer }, outcome)
     }
 
@@ -503,8 +466,8 @@ impl<S: Store> Admin for AdminApi<S> {
             })
         }
         .await;
-        let object = r.address.chars().take(MAX_FIELD_BYTES).collect();
-        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        let object = r.address.clone();
+        let reason = r.reason.as_str();
         self.finish(Call { method: "Block", caller: Some(&caller.token), object, reason, peer }, outcome)
     }
 
@@ -519,8 +482,8 @@ impl<S: Store> Admin for AdminApi<S> {
             Ok(UnblockResponse { was_blocked })
         }
         .await;
-        let object = r.address.chars().take(MAX_FIELD_BYTES).collect();
-        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        let object = r.address.clone();
+        let reason = r.reason.as_str();
         self.finish(Call { method: "Unblock", caller: Some(&caller.token), object, reason, peer }, outcome)
     }
 
@@ -550,8 +513,7 @@ impl<S: Store> Admin for AdminApi<S> {
             Ok((subject, id, _)) => format!("{subject} {id}"),
             Err(_) => String::new(),
         };
-        let object = object.chars().take(MAX_FIELD_BYTES).collect();
-        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        let reason = r.reason.as_str();
         self.finish(Call { method: "RevokeToken", caller: Some(&caller.token), object, reason, peer }, outcome)
     }
 
@@ -574,9 +536,9 @@ impl<S: Store> Admin for AdminApi<S> {
             Ok(CreatedKey { key, info: Some(store_key_info(&r.id, &record)) })
         }
         .await;
-        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        let reason = r.reason.as_str();
         self.finish(
-            Call { method: "CreateKey", caller: Some(&caller.token), object: key_object(&r.id), reason, peer },
+            Call { method: "CreateKey", caller: Some(&caller.token), object: r.id.clone(), reason, peer },
             outcome,
         )
     }
@@ -592,9 +554,9 @@ impl<S: Store> Admin for AdminApi<S> {
             Ok(CreatedKey { key, info: Some(store_key_info(&r.id, &record)) })
         }
         .await;
-        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        let reason = r.reason.as_str();
         self.finish(
-            Call { method: "RotateKey", caller: Some(&caller.token), object: key_object(&r.id), reason, peer },
+            Call { method: "RotateKey", caller: Some(&caller.token), object: r.id.clone(), reason, peer },
             outcome,
         )
     }
@@ -609,9 +571,9 @@ impl<S: Store> Admin for AdminApi<S> {
             Ok(store_key_info(&r.id, &record))
         }
         .await;
-        let reason = if r.reason.len() <= MAX_FIELD_BYTES { r.reason.as_str() } else { "" };
+        let reason = r.reason.as_str();
         self.finish(
-            Call { method: "RevokeKey", caller: Some(&caller.token), object: key_object(&r.id), reason, peer },
+            Call { method: "RevokeKey", caller: Some(&caller.token), object: r.id.clone(), reason, peer },
             outcome,
         )
     }

@@ -104,23 +104,14 @@ pub fn incoming<S: Store>(
 
 /// A refused handshake, as an `admin` audit event (or a log line without a trail).
 fn refused<S: Store>(engine: &Engine<S>, peer: SocketAddr, why: &str) {
-    let why: String = why.chars().take(256).map(|c| if c.is_control() { '?' } else { c }).collect();
-    match engine.audit() {
-        Some(audit) => {
-            let mut ev = serde_json::Map::new();
-            ev.insert("event".into(), "admin".into());
-            ev.insert("timestamp".into(), crate::clock::rfc3339(crate::clock::now_micros()).into());
-            ev.insert("actor".into(), "unauthenticated".into());
-            ev.insert("method".into(), "TLS".into());
-            ev.insert("object".into(), "".into());
-            ev.insert("outcome".into(), "unauthenticated".into());
-            ev.insert("detail".into(), why.into());
-            ev.insert("client_ip".into(), peer.ip().to_string().into());
-            ev.insert("instance".into(), audit.instance.clone().into());
-            audit.record(ev);
-        }
-        None => {
-            tracing::info!(target: "portcullis::admin", client_ip = %peer.ip(), detail = %why, "admin TLS handshake refused")
-        }
-    }
+    let event = super::AdminEvent {
+        actor: None,
+        method: "TLS",
+        object: "",
+        outcome: "unauthenticated",
+        detail: why,
+        reason: "",
+        peer: Some(peer.ip()),
+    };
+    super::record(engine, &event);
 }
