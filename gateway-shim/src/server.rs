@@ -127,7 +127,15 @@ pub async fn run(cfg: Config, on_bound: impl FnOnce(Bound)) -> anyhow::Result<()
         http: http.as_ref().map(TcpListener::local_addr).transpose()?,
         metrics: metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?,
     };
-    tracing::info!(https = %bound.https, http = ?bound.http, metrics = ?bound.metrics, upstream = %cfg.upstream.url, portcullis = %cfg.portcullis.address, "portcullis-shim listening");
+    let or_none = |a: Option<SocketAddr>| a.map_or_else(String::new, |a| a.to_string());
+    tracing::info!(
+        https = %bound.https,
+        http = %or_none(bound.http),
+        metrics = %or_none(bound.metrics),
+        upstream = %cfg.upstream.url,
+        portcullis = %cfg.portcullis.address,
+        "portcullis-shim listening"
+    );
     on_bound(bound);
 
     tokio::spawn(crate::tls::watch(cfg.tls.clone(), resolver.clone(), metrics.clone()));

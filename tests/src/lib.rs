@@ -13,6 +13,7 @@ mod nginx;
 mod portcullis;
 mod proxies;
 mod redis;
+mod shim;
 mod upstream;
 
 pub use envoy::{Envoy, Stack, envoy_bin};
@@ -22,6 +23,9 @@ pub use nginx::{NGINX_SITE, Nginx, nginx_bin};
 pub use portcullis::{Portcullis, check_request, denied_status, portcullis_bin};
 pub use proxies::{CADDY_SITE, Proxy, TRAEFIK_MIDDLEWARE};
 pub use redis::{RedisCluster, RedisServer};
+pub use shim::{
+    Certs, CurlResponse, Shim, ShimDir, TlsUpstream, curl, openssl, raw_tls, shim_bin, shim_config, spki_pin,
+};
 pub use upstream::{Seen, Upstream};
 
 use std::path::{Path, PathBuf};
