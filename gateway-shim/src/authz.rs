@@ -26,6 +26,8 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// `None` on the plain listener.
     pub tls: Option<TlsInfo>,
+    /// HTTP/1.1 connections: what the head scan found for each request, in order.
+    pub h1_verdicts: Option<crate::h1scan::Verdicts>,
 }
 
 /// The TLS session of a connection.

@@ -7,6 +7,7 @@
 pub mod authz;
 pub mod clock;
 pub mod config;
+pub mod h1scan;
 pub mod metrics;
 pub mod plain;
 pub mod proxy;

@@ -322,7 +322,15 @@ impl Shim {
     /// Answers one request on the TLS listener.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<ShimBody> {
         let id = request_id();
-        let mut resp = self.clone().route(req, &conn, &id).await;
+        // one verdict per request, taken first whatever the answer
+        let both_framings = conn.h1_verdicts.as_ref().is_some_and(crate::h1scan::take);
+        let mut resp = if both_framings {
+            let mut r = json_response(StatusCode::BAD_REQUEST, "both Transfer-Encoding and Content-Length", &id);
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        } else {
+            self.clone().route(req, &conn, &id).await
+        };
         if let Ok(v) = HeaderValue::from_str(&self.cfg.hsts.value) {
             resp.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, v);
         }
@@ -348,12 +356,6 @@ impl Shim {
                 None => return json_response(StatusCode::BAD_REQUEST, "invalid Content-Length", id),
             },
         };
-        if parts.version == Version::HTTP_11
-            && parts.headers.contains_key(header::TRANSFER_ENCODING)
-            && parts.headers.contains_key(header::CONTENT_LENGTH)
-        {
-            return json_response(StatusCode::BAD_REQUEST, "both Transfer-Encoding and Content-Length", id);
-        }
         if declared.is_some_and(|n| n > cfg.limits.max_body_bytes) {
             return json_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large", id);
         }

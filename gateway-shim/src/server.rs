@@ -192,25 +192,23 @@ pub async fn run(cfg: Config, on_bound: impl FnOnce(Bound)) -> anyhow::Result<()
                             peer_certificate: peer_cert.as_deref().map(|d| url_encode(&pem(d))),
                             local_principal: resolver.current().principal.clone(),
                         }),
+                        h1_verdicts: None,
                     };
                     let h2 = session.alpn_protocol() == Some(b"h2");
-                    let info = Arc::new(info);
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let shim = shim.clone();
-                        let info = info.clone();
-                        async move { Ok::<_, Infallible>(shim.handle(req, info).await) }
-                    });
-                    let builder = if h2 { builder.http2_only() } else { builder.http1_only() };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    let mut info = info;
+                    if h2 {
+                        serve(stream, builder.http2_only(), Arc::new(info), shim, watcher, peer).await;
+                    } else {
+                        let (scan, verdicts) = crate::h1scan::Scan::new(stream);
+                        info.h1_verdicts = Some(verdicts);
+                        serve(scan, builder.http1_only(), Arc::new(info), shim, watcher, peer).await;
                     }
                 });
             }
             accepted = accept_opt(http.as_ref()) => {
                 let Ok((tcp, peer)) = accepted else { continue };
                 let local = tcp.local_addr().unwrap_or(bound.https);
-                let info = Arc::new(ConnInfo { peer, local, tls: None });
+                let info = Arc::new(ConnInfo { peer, local, tls: None, h1_verdicts: None });
                 let plain = cfg.plain.clone();
                 let creds = shim.credential_headers.clone();
                 let events = events.clone();
@@ -249,6 +247,28 @@ pub async fn run(cfg: Config, on_bound: impl FnOnce(Bound)) -> anyhow::Result<()
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves one TLS connection with `builder` (HTTP/1.1 or HTTP/2 only, by ALPN).
+async fn serve<IO>(
+    io: IO,
+    builder: auto::Builder<TokioExecutor>,
+    info: Arc<ConnInfo>,
+    shim: Arc<Shim>,
+    watcher: hyper_util::server::graceful::Watcher,
+    peer: SocketAddr,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let shim = shim.clone();
+        let info = info.clone();
+        async move { Ok::<_, Infallible>(shim.handle(req, info).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }
 
 async fn accept_opt(l: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {

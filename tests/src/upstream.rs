@@ -13,6 +13,9 @@ pub struct Seen {
     pub method: String,
     pub path: String,
     pub headers: HashMap<String, String>,
+    /// The body's length (the upstream reads every body before answering); `None` when
+    /// reading it failed (the sender aborted it).
+    pub body_len: Option<usize>,
 }
 
 /// How the upstream answers, and how busy it has been.
@@ -71,8 +74,10 @@ impl Upstream {
                     .collect();
                 let path =
                     req.uri().path_and_query().map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
-                let body = serde_json::json!({ "path": path, "method": req.method().as_str() }).to_string();
-                lock(&record).push(Seen { method: req.method().to_string(), path, headers });
+                let method = req.method().to_string();
+                let body_len = axum::body::to_bytes(req.into_body(), 64 << 20).await.ok().map(|b| b.len());
+                let body = serde_json::json!({ "path": path, "method": method }).to_string();
+                lock(&record).push(Seen { method, path, headers, body_len });
                 (status, [("content-type", "application/json")], body)
             }
         });
