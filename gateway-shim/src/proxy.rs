@@ -452,7 +452,10 @@ impl Shim {
         let t = clock::instant();
         let answer = client.check(call).await;
         self.metrics.check_duration.observe(t.elapsed().as_secs_f64());
-        let mut response_headers = HeaderMap::new();
+        // towards the client, applied to the upstream's response as Envoy's encoder filters run
+        // (last filter first): the ratelimit answer's headers, then ext_authz's with their actions
+        let mut rl_headers = HeaderMap::new();
+        let mut authz_headers: Vec<proto::types::HeaderValueOption> = Vec::new();
         let mut metadata = None;
         match answer {
             Err(e) => {
@@ -491,7 +494,7 @@ impl Shim {
                             }
                         }
                         authz::apply_options(&mut parts.headers, &ok.headers);
-                        authz::apply_options(&mut response_headers, &ok.response_headers_to_add);
+                        authz_headers = ok.response_headers_to_add;
                         metadata = r.dynamic_metadata;
                     }
                     None if r.status.as_ref().is_none_or(|s| s.code == 0) => {
@@ -554,9 +557,7 @@ impl Shim {
                             parts.headers.insert(n, v);
                         }
                     }
-                    for (k, v) in &extra {
-                        response_headers.append(k, v.clone());
-                    }
+                    rl_headers = extra;
                 }
                 Err(e) if rl.failure_mode_deny => {
                     tracing::warn!(error = %e, request_id = %id, "ratelimit call failed");
@@ -670,17 +671,19 @@ impl Shim {
                 });
             }
             let (mut rparts, _) = up_resp.into_parts();
-            for (k, v) in &response_headers {
+            for (k, v) in &rl_headers {
                 rparts.headers.append(k, v.clone());
             }
+            authz::apply_options(&mut rparts.headers, &authz_headers);
             return Response::from_parts(rparts, full(Bytes::new()));
         }
 
         let (mut rparts, rbody) = up_resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
-        for (k, v) in &response_headers {
+        for (k, v) in &rl_headers {
             rparts.headers.append(k, v.clone());
         }
+        authz::apply_options(&mut rparts.headers, &authz_headers);
         rparts.version = Version::HTTP_11;
         completion.set(status.as_u16(), status.is_server_error());
         Response::from_parts(rparts, Completing { inner: rbody, done: completion }.boxed())
