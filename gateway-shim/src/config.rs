@@ -179,7 +179,7 @@ struct RawAudit {
 /// What the plain-HTTP listener does with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlainMode {
-    /// 400 with a JSON body: a credential sent in clear is already exposed, so nothing is
+    /// 403 with a JSON body: a credential sent in clear is already exposed, so nothing is
     /// forwarded and no redirect teaches the client that plain HTTP works.
     Reject,
     /// 308 to `https://<redirect_host><path and query>`.
@@ -571,6 +571,15 @@ mod tests {
         assert!(!c.portcullis.failure_mode_allow);
         assert_eq!(c.limits.max_header_bytes, 60 << 10);
         assert_eq!(c.portcullis.timeout, Duration::from_secs(31));
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/shim.yaml");
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.plain.mode, PlainMode::Redirect);
+        assert_eq!(c.portcullis.ratelimit.map(|r| r.domain).as_deref(), Some("edge"));
+        assert_eq!(c.https.port(), 8443);
     }
 
     #[test]

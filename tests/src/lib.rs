@@ -95,6 +95,23 @@ pub fn grpc_python() -> PathBuf {
     python
 }
 
+/// The Python with sslyze (PyPI) that `scripts/test.sh` installs into the test virtualenv, for
+/// the TLS scan against Mozilla's profiles. Missing, the test fails with what to do.
+pub fn sslyze_python() -> PathBuf {
+    let python = match std::env::var_os("PORTCULLIS_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/portcullis/venv/bin/python"),
+    };
+    let ok =
+        std::process::Command::new(&python).args(["-c", "import sslyze"]).output().is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{} cannot import sslyze: run scripts/test.sh (it installs sslyze into ~/.cache/portcullis/venv), or set PORTCULLIS_PYTHON",
+        python.display()
+    );
+    python
+}
+
 /// The reference policy's demo keys the request matrix uses (their comments in policy.yaml).
 pub const DEMO_BASIC_KEY: &str = "pk_demo_basic_bQF_Mjs3_9sg1wzvxXNOqTIo";
 pub const DEMO_SERVICE_KEY: &str = "pk_demo_service_k1-mDUeWOB7yj39g_aZ3tBG8";

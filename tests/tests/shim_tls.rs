@@ -267,3 +267,24 @@ async fn client_certificates_are_required_when_configured() {
     assert_eq!(r.status, 0, "{r:?}");
     assert_eq!(upstream.seen().len(), 1);
 }
+
+#[tokio::test]
+async fn a_scan_against_mozillas_intermediate_profile_passes() {
+    let d = ShimDir::new("shim-sslyze");
+    let (_p, _u, shim) = stack(&d, "").await;
+    let out = tokio::process::Command::new(tests::sslyze_python())
+        .args(["-m", "sslyze", "--mozilla_config=intermediate"])
+        .arg(format!("--certinfo_ca_file={}", d.certs.ca.display()))
+        .arg(format!("localhost:{}", shim.https.port()))
+        .output()
+        .await
+        .expect("running sslyze");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(": OK - Compliant."),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // and what the scan saw: no TLS 1.0/1.1, no CBC or RSA key exchange under TLS 1.2
+    assert!(!text.contains("TLS_RSA_WITH"), "{text}");
+}
