@@ -28,9 +28,9 @@ case "$mode" in
 esac
 
 if [ "$profile" = release ]; then
-  cargo build --quiet --release -p decision -p loadtest --bins
+  cargo build --quiet --release -p decision -p loadtest -p gateway-shim --bins
 else
-  cargo build --quiet -p decision -p loadtest --bins
+  cargo build --quiet -p decision -p loadtest -p gateway-shim --bins
 fi
 bin="target/$profile"
 portcullis="${PORTCULLIS_BIN:-$bin/portcullis}"
@@ -165,6 +165,49 @@ PY
   envoy_addr="127.0.0.1:$listen"
 }
 
+# A certificate for the HTTPS cases (Envoy and the shim serve the same one), and a copy of an
+# Envoy config whose listener terminates TLS with it (TLS 1.2+, ALPN h2 and http/1.1, as the
+# shim). Writes $2.
+mkdir -p "$work/tls"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+  -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE \
+  -keyout "$work/tls/key.pem" -out "$work/tls/cert.pem" 2>/dev/null
+tls_envoy() { # source-config output
+  python3 - "$1" "$work/tls" > "$2" <<'PY'
+import sys
+text, tls = open(sys.argv[1]).read(), sys.argv[2]
+block = f"""        - transport_socket:
+            name: envoy.transport_sockets.tls
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+              common_tls_context:
+                tls_params: {{ tls_minimum_protocol_version: TLSv1_2 }}
+                alpn_protocols: [h2, http/1.1]
+                tls_certificates:
+                  - certificate_chain: {{ filename: {tls}/cert.pem }}
+                    private_key: {{ filename: {tls}/key.pem }}
+          filters:"""
+assert text.count("        - filters:") == 1, "the listener's filter chain moved"
+print(text.replace("        - filters:", block, 1), end="")
+PY
+}
+
+# portcullis-shim on the same certificate, asking `$2` (portcullis, or portcullis-noop), in
+# front of the no-op upstream; with `ratelimit` as the example Envoy route when $3 is set.
+# Sets shim_pid and shim_addr.
+start_shim() { # name decision-addr [ratelimit]
+  local rl=""
+  [ -n "${3:-}" ] && rl=", ratelimit: { domain: edge }"
+  printf 'listen: { https: 127.0.0.1:0 }\ntls: { cert_file: %s/cert.pem, key_file: %s/key.pem }\nportcullis: { address: "http://%s"%s }\nupstream: { url: "http://%s" }\n' \
+    "$work/tls" "$work/tls" "$2" "$rl" "$upstream_addr" > "$work/shim-$1.yaml"
+  rm -f "$work/shim-$1.listen"
+  "${server_cpu[@]}" "$bin/portcullis-shim" serve --config "$work/shim-$1.yaml" --log-format json --log warn,gateway_shim::server=info \
+    2> >(grep --line-buffered -m1 'portcullis-shim listening' > "$work/shim-$1.listen"; cat > /dev/null) &
+  shim_pid=$!; pids+=("$shim_pid")
+  wait_for "$work/shim-$1.listen" listening
+  shim_addr="$(sed -E 's/.*"https":"([^"]+)".*/\1/' "$work/shim-$1.listen")"
+}
+
 lt() { "${client_cpu[@]}" "$bin/portcullis-loadtest" --json "$@" >> "$out"; }
 common=(--connections "$conns" --streams "$streams" --duration "$dur")
 
@@ -199,6 +242,25 @@ start_envoy direct loadtest/bench/envoy-direct.yaml
 lt --name http-envoy-direct        --target http --addr "$envoy_addr" --server-pid "$envoy_pid" "${common[@]}" --path /api/v1/bench --expect all
 start_envoy portcullis deploy/examples/envoy.yaml
 lt --name http-envoy-portcullis    --target http --addr "$envoy_addr" --server-pid "$pc_pid" "${common[@]}" --path /api/v1/bench --api-key pk_bench_open --expect all
+kill "$envoy_pid"; wait "$envoy_pid" 2>/dev/null || true
+# HTTPS end to end, Envoy against portcullis-shim: the same certificate, upstream, policy and
+# pinning, HTTP/1.1 over TLS from the load generator. The direct pair: Envoy alone, and the shim
+# asking portcullis-noop (the shim always asks; the no-op answer is the cheapest there is). Then
+# each asking portcullis (ext_authz, ratelimit, completions) as deploy/examples/envoy.yaml does.
+tls_envoy loadtest/bench/envoy-direct.yaml "$work/envoy-direct-tls.src.yaml"
+start_envoy direct-tls "$work/envoy-direct-tls.src.yaml"
+lt --name https-envoy-direct       --target http --ca-file "$work/tls/cert.pem" --addr "$envoy_addr" --server-pid "$envoy_pid" "${common[@]}" --path /api/v1/bench --expect all
+kill "$envoy_pid"; wait "$envoy_pid" 2>/dev/null || true
+start_shim direct "$noop_addr"
+lt --name http-shim-direct         --target http --ca-file "$work/tls/cert.pem" --addr "$shim_addr" --server-pid "$shim_pid" "${common[@]}" --path /api/v1/bench --expect all
+kill "$shim_pid"; wait "$shim_pid" 2>/dev/null || true
+tls_envoy deploy/examples/envoy.yaml "$work/envoy-portcullis-tls.src.yaml"
+start_envoy portcullis-tls "$work/envoy-portcullis-tls.src.yaml"
+lt --name https-envoy-portcullis   --target http --ca-file "$work/tls/cert.pem" --addr "$envoy_addr" --server-pid "$pc_pid" "${common[@]}" --path /api/v1/bench --api-key pk_bench_open --expect all
+kill "$envoy_pid"; wait "$envoy_pid" 2>/dev/null || true
+start_shim portcullis "$pc_addr" ratelimit
+lt --name http-shim-portcullis     --target http --ca-file "$work/tls/cert.pem" --addr "$shim_addr" --server-pid "$pc_pid" "${common[@]}" --path /api/v1/bench --api-key pk_bench_open --expect all
+kill "$shim_pid"; wait "$shim_pid" 2>/dev/null || true
 # the same, with an audit trail and a concurrency slot per request; then how many audit events
 # were written and dropped under that load (the target is zero dropped)
 start_portcullis_full
@@ -255,6 +317,7 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 by = {r["name"]: r for r in rows}
 base = {"ext-authz": by["noop-ext-authz"], "native": by["noop-native"], "forward-auth": by["noop-forward-auth"], "rls-1": by["noop-rls-1"], "rls-5": by["noop-rls-5"]}
 def baseline(name):
+    if name.startswith("https-") or name.startswith("http-shim"): return by["https-envoy-direct"]
     if name.startswith("http-"): return by["http-envoy-direct"]
     if name == "rls-limited-redis": return by["rls-limited"]
     if name.endswith("-redis"): return by["redis-benchmark-evalsha"]
@@ -269,14 +332,17 @@ jwt, key, native, fa = by.get("ext-authz-jwt"), by.get("ext-authz-api-key"), by.
 for r in rows:
     if r["name"] == "memory-per-key": continue
     b = baseline(r["name"])
-    fixed = r["name"].startswith("noop") or r["name"].startswith("redis-benchmark") or r["name"] == "http-envoy-direct" or "open" in r["mode"]
+    fixed = r["name"].startswith("noop") or r["name"].startswith("redis-benchmark") or r["name"] in ("http-envoy-direct", "https-envoy-direct") or "open" in r["mode"]
     ratio = "-" if fixed else f'{r["rps"] / b["rps"]:.2f}'
     lat = r["latency_us"]
     val = lambda v: "-" if v is None else v
     cpu = lambda v: "-" if v is None else f"{v:.0f}%"
     print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {val(lat["p50"])} | {val(lat["p99"])} | {val(lat["p99.9"])} | {val(r["outcomes"]["allowed"])} | {val(r["outcomes"]["over_limit"])} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} | {cpu(r.get("store_cpu_pct"))} |')
 print(open(sys.argv[1] + ".audit").read().strip())
-print("\nbaselines: no-op cases for ext_authz, the native Check, forward-auth (a no-op HTTP/1.1 server) and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis (rls-limited-redis: rls-limited on the memory store); Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis")
+print("\nbaselines: no-op cases for ext_authz, the native Check, forward-auth (a no-op HTTP/1.1 server) and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis (rls-limited-redis: rls-limited on the memory store); Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis; Envoy alone over TLS (https-envoy-direct) for the HTTPS cases, Envoy's and the shim's")
+se, sp, ee, ep = by.get("http-shim-direct"), by.get("http-shim-portcullis"), by.get("https-envoy-direct"), by.get("https-envoy-portcullis")
+if se and sp and ee and ep:
+    print(f"\nportcullis-shim vs one Envoy worker over HTTPS: direct {se['rps'] / ee['rps']:.2f}x, asking portcullis {sp['rps'] / ep['rps']:.2f}x the throughput")
 ceil, piped = by.get("redis-benchmark-evalsha"), by.get("redis-benchmark-evalsha-pipelined-16")
 us = lambda r, k: r[k] / 100 / r["rps"] * 1e6 if r and r.get(k) is not None and r["rps"] else float("nan")
 for name in ("rls-1-desc-100k-keys-redis", "ext-authz-api-key-redis"):

@@ -27,6 +27,9 @@ struct Args {
     /// the server's gRPC address
     #[arg(long)]
     addr: String,
+    /// HTTP target over HTTPS, trusting this CA (PEM); the certificate must name the address
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
     /// a name for the report
     #[arg(long, default_value = "case")]
     name: String,
@@ -214,6 +217,7 @@ fn main() -> ExitCode {
     };
     let cfg = Config {
         addr: args.addr.clone(),
+        ca_file: args.ca_file.clone(),
         connections: args.connections,
         streams: args.streams,
         duration: args.duration,

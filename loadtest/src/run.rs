@@ -22,6 +22,8 @@ use crate::target::{
 #[derive(Debug, Clone)]
 pub struct Config {
     pub addr: String,
+    /// the HTTP targets over HTTPS, trusting this CA
+    pub ca_file: Option<std::path::PathBuf>,
     pub connections: usize,
     pub streams: usize,
     pub duration: Duration,
@@ -44,7 +46,7 @@ pub struct RunResult {
 }
 
 type HttpPool = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     http_body_util::Empty<hyper::body::Bytes>,
 >;
 
@@ -53,8 +55,9 @@ enum Client {
     ExtAuthz(AuthorizationClient<Channel>),
     Rls(RateLimitServiceClient<Channel>),
     Native(DecisionClient<Channel>),
-    /// a keep-alive pool: as many HTTP/1.1 connections as requests in flight
-    Http(HttpPool, Arc<str>),
+    /// a keep-alive pool: as many HTTP/1.1 connections as requests in flight; the authority,
+    /// and whether it is HTTPS
+    Http(HttpPool, Arc<str>, bool),
 }
 
 impl Client {
@@ -72,8 +75,8 @@ impl Client {
                 Ok(r) => classify_rls(r.get_ref()),
                 Err(_) => Outcome::Error,
             },
-            Client::Http(pool, authority) => {
-                match pool.request(spec.http_request(authority, i, key)).await {
+            Client::Http(pool, authority, tls) => {
+                match pool.request(spec.http_request(if *tls { "https" } else { "http" }, authority, i, key)).await {
                     Ok(res) => {
                         let status = res.status().as_u16();
                         // read the body to its end, so the connection can be reused
@@ -94,10 +97,28 @@ async fn connect(cfg: &Config) -> anyhow::Result<Vec<Client>> {
     if matches!(cfg.spec.kind, Kind::Http | Kind::ForwardAuth) {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(ca) = &cfg.ca_file {
+            use rustls::pki_types::pem::PemObject;
+            for c in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
+                roots.add(c?)?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let pool = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_max_idle_per_host(cfg.connections.max(1) * cfg.streams.max(1))
-            .build(connector);
-        return Ok(vec![Client::Http(pool, Arc::from(cfg.addr.as_str())); cfg.connections.max(1)]);
+            .build(https);
+        let client = Client::Http(pool, Arc::from(cfg.addr.as_str()), cfg.ca_file.is_some());
+        return Ok(vec![client; cfg.connections.max(1)]);
     }
     let mut clients = Vec::with_capacity(cfg.connections);
     for _ in 0..cfg.connections.max(1) {

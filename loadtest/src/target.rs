@@ -194,6 +194,7 @@ impl Spec {
     /// what portcullis counts).
     pub fn http_request(
         &self,
+        scheme: &str,
         authority: &str,
         i: u64,
         key: u64,
@@ -202,13 +203,13 @@ impl Spec {
         let mut b = if self.kind == Kind::ForwardAuth {
             hyper::Request::builder()
                 .method("GET")
-                .uri(format!("http://{authority}/v1/forward-auth"))
+                .uri(format!("{scheme}://{authority}/v1/forward-auth"))
                 .header("x-forwarded-method", shape.method)
                 .header("x-forwarded-uri", shape.path)
                 .header("x-forwarded-host", "api.bench.test")
                 .header("x-forwarded-proto", "https")
         } else {
-            hyper::Request::builder().method(shape.method).uri(format!("http://{authority}{}", shape.path))
+            hyper::Request::builder().method(shape.method).uri(format!("{scheme}://{authority}{}", shape.path))
         };
         b = b.header("host", authority).header("x-forwarded-for", peer_of(key));
         if !shape.api_key.is_empty() {
