@@ -25,6 +25,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Above portcullis's default `traffic.queue_timeout` (30 s), like the example Envoy config.
 pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(31);
+/// A third of portcullis's default `traffic.lease_ttl` (60 s): a request still running renews its
+/// lease this often (`Decision/RenewLease`), then at a third of the life the renewal gives.
+pub const DEFAULT_LEASE_RENEW_INTERVAL: Duration = Duration::from_secs(20);
 /// The example Envoy config's ratelimit filter timeout.
 pub const DEFAULT_RATELIMIT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long SIGTERM waits for in-flight requests before closing them.
@@ -117,6 +120,7 @@ struct RawPortcullis {
     #[serde(default)]
     failure_mode_allow: bool,
     ratelimit: Option<RawRatelimit>,
+    lease_renew_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,6 +245,8 @@ pub struct Portcullis {
     pub timeout: Duration,
     pub failure_mode_allow: bool,
     pub ratelimit: Option<Ratelimit>,
+    /// How long a request may hold its lease before the first `RenewLease`.
+    pub lease_renew_interval: Duration,
 }
 
 /// Request limits (`limits`).
@@ -438,6 +444,13 @@ fn validate(raw: Raw, path: &Path, base: &Path) -> Result<Config, String> {
     };
 
     let p = raw.portcullis;
+    if p.lease_renew_interval
+        .as_deref()
+        .and_then(|d| parse_duration(d).ok())
+        .is_some_and(|d| d < Duration::from_millis(100))
+    {
+        return Err("portcullis.lease_renew_interval: at least 100ms".into());
+    }
     if !(p.address.starts_with("http://") || p.address.starts_with("https://")) {
         return Err(format!("portcullis.address: {:?} must be http://host:port or https://host:port", p.address));
     }
@@ -445,6 +458,11 @@ fn validate(raw: Raw, path: &Path, base: &Path) -> Result<Config, String> {
         address: p.address,
         timeout: duration("portcullis.timeout", p.timeout.as_ref(), DEFAULT_CHECK_TIMEOUT)?,
         failure_mode_allow: p.failure_mode_allow,
+        lease_renew_interval: duration(
+            "portcullis.lease_renew_interval",
+            p.lease_renew_interval.as_ref(),
+            DEFAULT_LEASE_RENEW_INTERVAL,
+        )?,
         ratelimit: p
             .ratelimit
             .map(|r| -> Result<Ratelimit, String> {

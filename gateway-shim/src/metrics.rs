@@ -35,6 +35,8 @@ pub struct Metrics {
     pub check_duration: Histogram,
     /// Completions by outcome (released, not_released, error).
     pub completions: Family<Outcome, Counter>,
+    /// Lease renewals of long requests by outcome (renewed, gone, error).
+    pub renewals: Family<Outcome, Counter>,
     /// The served certificate's notAfter, Unix seconds (alert on `- time() < 30*86400`).
     pub cert_expiry: Gauge,
     /// Certificate reloads by outcome (ok, refused).
@@ -65,6 +67,12 @@ impl Metrics {
         );
         let completions = Family::<Outcome, Counter>::default();
         registry.register("completions", "Decision/Complete calls, by outcome", completions.clone());
+        let renewals = Family::<Outcome, Counter>::default();
+        registry.register(
+            "lease_renewals",
+            "Decision/RenewLease calls for running requests, by outcome",
+            renewals.clone(),
+        );
         let cert_expiry = Gauge::default();
         registry.register_with_unit(
             "certificate_expiry_timestamp",
@@ -83,6 +91,7 @@ impl Metrics {
             checks,
             check_duration,
             completions,
+            renewals,
             cert_expiry,
             cert_reloads,
             upstream_errors,

@@ -17,8 +17,8 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Version};
 use proto::ext_authz::authorization_client::AuthorizationClient;
 use proto::ext_authz::check_response::HttpResponse;
-use proto::portcullis_v1::CompleteRequest;
 use proto::portcullis_v1::decision_client::DecisionClient;
+use proto::portcullis_v1::{CompleteRequest, RenewLeaseRequest};
 use proto::ratelimit::rate_limit_response::Code as RlCode;
 use proto::ratelimit::rate_limit_service_client::RateLimitServiceClient;
 use tokio::sync::Notify;
@@ -217,11 +217,43 @@ struct Completion {
     status: u16,
     started: Instant,
     upstream_error: bool,
+    /// The task renewing the lease while the request runs.
+    renewal: tokio::task::AbortHandle,
     _pending: PendingGuard,
+}
+
+/// Renews `lease` after `first`, then at a third of each renewal's life, until aborted (the
+/// request completed) or portcullis says the lease is gone.
+fn renew(shim: Arc<Shim>, lease: String, first: Duration) -> tokio::task::AbortHandle {
+    tokio::spawn(async move {
+        let mut wait = first;
+        loop {
+            tokio::time::sleep(wait).await;
+            let mut call = tonic::Request::new(RenewLeaseRequest { lease: lease.clone() });
+            call.set_timeout(Duration::from_secs(2));
+            match shim.decision.clone().renew_lease(call).await {
+                Ok(r) if r.get_ref().renewed => {
+                    shim.metrics.renewals.get_or_create(&Outcome { outcome: "renewed" }).inc();
+                    wait = Duration::from_millis(r.get_ref().ttl_ms / 3).clamp(Duration::from_millis(100), first);
+                }
+                Ok(_) => {
+                    shim.metrics.renewals.get_or_create(&Outcome { outcome: "gone" }).inc();
+                    tracing::warn!("a running request's lease had already expired: its slot may be held twice");
+                    return;
+                }
+                Err(e) => {
+                    shim.metrics.renewals.get_or_create(&Outcome { outcome: "error" }).inc();
+                    tracing::warn!(error = %e, "Decision/RenewLease failed; trying again");
+                }
+            }
+        }
+    })
+    .abort_handle()
 }
 
 impl Completion {
     async fn send(self) {
+        self.renewal.abort();
         let req = CompleteRequest {
             lease: self.lease.clone(),
             status_code: u32::from(self.status),
@@ -516,6 +548,7 @@ impl Shim {
         // sent when dropped, whichever way this request ends from here on
         let mut completion = CompleteOnDrop(lease.filter(|l| !l.is_empty()).map(|lease| Completion {
             shim: self.clone(),
+            renewal: renew(self.clone(), lease.clone(), cfg.portcullis.lease_renew_interval),
             lease,
             request_id: id.to_owned(),
             status: 0,

@@ -385,3 +385,41 @@ async fn sigterm_drains_in_flight_requests_and_completes_their_leases() {
         .body;
     assert!(m.contains("portcullis_traffic_completions_total{result=\"released\"} 3"), "{m}");
 }
+
+#[tokio::test]
+async fn a_request_longer_than_its_lease_keeps_its_slot() {
+    // one slot, leases of 2 s, an upstream taking 4 s: without renewals the first request's lease
+    // expires half way and a second request gets the slot while the first still runs
+    let start = reference_policy().find("traffic:").expect("traffic section");
+    let end = reference_policy().find("\nlimits:").expect("limits section");
+    let mut policy = reference_policy();
+    policy.replace_range(
+        start..end,
+        "traffic:\n  concurrency_limit: 1\n  queue_size: 5\n  queue_timeout: 10s\n  lease_ttl: 2s\n",
+    );
+    let d = ShimDir::new("shim-renew");
+    let portcullis = Portcullis::start(&policy).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let upstream = Upstream::start().await.expect("upstream");
+    upstream.set_delay(Duration::from_secs(4));
+    let cfg = shim_config(&d.cert, &d.key, portcullis.grpc, &format!("http://{}", upstream.addr), "")
+        .replace("ratelimit: { domain: edge } }", "ratelimit: { domain: edge }, lease_renew_interval: 500ms }");
+    assert!(cfg.contains("lease_renew_interval"), "the portcullis line moved");
+    let shim = Shim::start(d.path(), &cfg).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let ca = d.certs.ca.to_string_lossy().into_owned();
+    let send = || {
+        let (ca, url) = (ca.clone(), shim.url("/api/v1/items"));
+        tokio::spawn(async move { curl(&["--cacert", &ca, "-H", &format!("x-api-key: {DEMO_BASIC_KEY}"), &url]).await })
+    };
+    let first = send();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream.max_in_flight() < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the first request did not reach the upstream");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = send();
+    let (a, b) = (first.await.expect("client"), second.await.expect("client"));
+    assert_eq!((a.status, b.status), (200, 200), "{a:?} {b:?}");
+    assert_eq!(upstream.max_in_flight(), 1, "the second request got the slot while the first still held it");
+    let m = shim.metrics().await;
+    assert!(m.contains("portcullis_shim_lease_renewals_total{outcome=\"renewed\"}"), "{m}");
+}
