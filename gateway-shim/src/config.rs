@@ -240,7 +240,7 @@ pub struct Ratelimit {
 /// Where and how portcullis is asked (`portcullis`).
 #[derive(Debug, Clone)]
 pub struct Portcullis {
-    /// The gRPC endpoint, `http://host:port`.
+    /// The gRPC endpoint, `http://host:port` (HTTP/2 without TLS).
     pub address: String,
     pub timeout: Duration,
     pub failure_mode_allow: bool,
@@ -451,8 +451,11 @@ fn validate(raw: Raw, path: &Path, base: &Path) -> Result<Config, String> {
     {
         return Err("portcullis.lease_renew_interval: at least 100ms".into());
     }
-    if !(p.address.starts_with("http://") || p.address.starts_with("https://")) {
-        return Err(format!("portcullis.address: {:?} must be http://host:port or https://host:port", p.address));
+    if !p.address.starts_with("http://") {
+        return Err(format!(
+            "portcullis.address: {:?} must be http://host:port (the shim speaks plain HTTP/2 to portcullis: run them side by side, in one pod or on a private network)",
+            p.address
+        ));
     }
     let portcullis = Portcullis {
         address: p.address,
