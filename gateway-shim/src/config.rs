@@ -19,6 +19,9 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 << 20;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time between two pieces of a request body before 408.
 pub const DEFAULT_IDLE_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Envoy's default `stream_idle_timeout` (5 minutes): a response or a WebSocket tunnel in which
+/// nothing moved for this long is closed, and its lease no longer renewed.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Envoy's default cluster `connect_timeout` is 5 s; ours is shorter, an upstream is near.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Envoy's default route timeout (15 s), until the upstream's response headers.
@@ -154,6 +157,7 @@ struct RawUpstream {
 struct RawNetwork {
     #[serde(default)]
     trusted_proxies: Vec<String>,
+    credential_headers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +168,7 @@ struct RawLimits {
     max_body_bytes: Option<String>,
     header_read_timeout: Option<String>,
     idle_body_timeout: Option<String>,
+    stream_idle_timeout: Option<String>,
     drain_timeout: Option<String>,
 }
 
@@ -257,6 +262,7 @@ pub struct Limits {
     pub max_body_bytes: u64,
     pub header_read_timeout: Duration,
     pub idle_body_timeout: Duration,
+    pub stream_idle_timeout: Duration,
     pub drain_timeout: Duration,
 }
 
@@ -280,6 +286,10 @@ pub struct Config {
     pub portcullis: Portcullis,
     pub upstream: Upstream,
     pub trusted_proxies: Vec<IpNet>,
+    /// Headers that carry credentials (lower-case): a `Connection` header never removes them,
+    /// and the plain listener records whether one was present (default `authorization`,
+    /// `x-api-key`: set the policy's `api_keys.header` here if it differs).
+    pub credential_headers: Vec<String>,
     pub limits: Limits,
     /// Path prefixes on which a WebSocket upgrade may go through (after the decision).
     pub websocket: Vec<String>,
@@ -435,7 +445,7 @@ fn validate(raw: Raw, path: &Path, base: &Path) -> Result<Config, String> {
         return Err("plain_http.redirect_host: required with mode redirect (the Host header is never reflected)".into());
     }
     if raw.listen.http.is_some() && raw.plain_http.mode.is_none() {
-        tracing::info!("plain_http.mode unset: the plain listener rejects every request (400)");
+        tracing::info!("plain_http.mode unset: the plain listener rejects every request (403)");
     }
     let plain = Plain {
         mode,
@@ -456,6 +466,9 @@ fn validate(raw: Raw, path: &Path, base: &Path) -> Result<Config, String> {
             "portcullis.address: {:?} must be http://host:port (the shim speaks plain HTTP/2 to portcullis: run them side by side, in one pod or on a private network)",
             p.address
         ));
+    }
+    if p.timeout.as_deref().and_then(|d| parse_duration(d).ok()).is_some_and(|d| d < Duration::from_millis(10)) {
+        return Err("portcullis.timeout: at least 10ms".into());
     }
     let portcullis = Portcullis {
         address: p.address,
@@ -503,6 +516,13 @@ fn validate(raw: Raw, path: &Path, base: &Path) -> Result<Config, String> {
         .map(|p| parse_pin(p))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("upstream.pins: {e}"))?;
+    for (field, d) in
+        [("upstream.connect_timeout", &u.connect_timeout), ("upstream.response_timeout", &u.response_timeout)]
+    {
+        if d.as_deref().and_then(|d| parse_duration(d).ok()).is_some_and(|d| d < Duration::from_millis(10)) {
+            return Err(format!("{field}: at least 10ms"));
+        }
+    }
     let upstream = Upstream {
         url,
         https: https_up,
@@ -524,6 +544,19 @@ fn validate(raw: Raw, path: &Path, base: &Path) -> Result<Config, String> {
         })
         .collect::<Result<Vec<_>, _>>()?;
 
+    let credential_headers: Vec<String> = raw
+        .network
+        .credential_headers
+        .unwrap_or_else(|| vec!["authorization".into(), "x-api-key".into()])
+        .into_iter()
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    if let Some(bad) = credential_headers
+        .iter()
+        .find(|h| h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+    {
+        return Err(format!("network.credential_headers: {bad:?} is not a header name"));
+    }
     let l = raw.limits;
     let size = |field: &str, v: Option<&String>, default: u64| -> Result<u64, String> {
         v.map_or(Ok(default), |s| parse_size(s).map_err(|e| format!("{field}: {e}")))
@@ -542,8 +575,22 @@ fn validate(raw: Raw, path: &Path, base: &Path) -> Result<Config, String> {
             l.idle_body_timeout.as_ref(),
             DEFAULT_IDLE_BODY_TIMEOUT,
         )?,
+        stream_idle_timeout: duration(
+            "limits.stream_idle_timeout",
+            l.stream_idle_timeout.as_ref(),
+            DEFAULT_STREAM_IDLE_TIMEOUT,
+        )?,
         drain_timeout: duration("limits.drain_timeout", l.drain_timeout.as_ref(), DEFAULT_DRAIN_TIMEOUT)?,
     };
+    for (field, d) in [
+        ("limits.header_read_timeout", limits.header_read_timeout),
+        ("limits.idle_body_timeout", limits.idle_body_timeout),
+        ("limits.stream_idle_timeout", limits.stream_idle_timeout),
+    ] {
+        if d < Duration::from_millis(100) {
+            return Err(format!("{field}: at least 100ms"));
+        }
+    }
     if !(1024..=(1 << 20)).contains(&limits.max_header_bytes) {
         return Err("limits.max_header_bytes: between 1KiB and 1MiB".into());
     }
@@ -567,6 +614,7 @@ fn validate(raw: Raw, path: &Path, base: &Path) -> Result<Config, String> {
         portcullis,
         upstream,
         trusted_proxies,
+        credential_headers,
         limits,
         websocket: raw.routes.websocket,
         audit_path: raw.audit.path.map(|p| relative(base, p)),

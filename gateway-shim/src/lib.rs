@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod h1scan;
 pub mod metrics;
+pub mod path;
 pub mod plain;
 pub mod proxy;
 pub mod server;

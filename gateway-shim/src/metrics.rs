@@ -41,7 +41,8 @@ pub struct Metrics {
     pub cert_expiry: Gauge,
     /// Certificate reloads by outcome (ok, refused).
     pub cert_reloads: Family<Outcome, Counter>,
-    /// Upstream failures by kind (connect, tls, timeout, reset).
+    /// Upstream failures by kind: `connect` (refused, unreachable, or its TLS or pin refused),
+    /// `timeout`, `reset`, and `client_body` (the client's body broke a limit mid-request).
     pub upstream_errors: Family<Outcome, Counter>,
 }
 

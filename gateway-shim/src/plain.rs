@@ -6,7 +6,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -17,39 +17,52 @@ use crate::config::{Plain, PlainMode};
 use crate::metrics::{Metrics, Outcome};
 use crate::proxy::{ShimBody, json_response, request_id};
 
-/// Where `insecure_request` events go: a JSON-lines file (`audit.path`), or the log.
+/// How many events may wait for the writer thread; past that they are counted and dropped, so a
+/// flood on the plain port never stalls the runtime that serves HTTPS.
+const EVENT_QUEUE: usize = 4096;
+
+/// Where `insecure_request` events go: a JSON-lines file (`audit.path`, written by a thread of
+/// its own), or the log.
 pub struct Events {
-    file: Option<Mutex<std::fs::File>>,
+    file: Option<std::sync::mpsc::SyncSender<String>>,
 }
 
 impl Events {
     /// Opens (appends to) `path`, or logs events when `None`.
     pub fn open(path: Option<&Path>) -> anyhow::Result<Events> {
         use anyhow::Context;
-        let file = path
-            .map(|p| {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .with_context(|| format!("audit.path {}", p.display()))
+        let Some(p) = path else { return Ok(Events { file: None }) };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .with_context(|| format!("audit.path {}", p.display()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(EVENT_QUEUE);
+        std::thread::Builder::new()
+            .name("shim-events".into())
+            .spawn(move || {
+                for line in rx {
+                    if let Err(e) = file.write_all(line.as_bytes()) {
+                        tracing::error!(error = %e, "writing an insecure_request event failed");
+                    }
+                }
             })
-            .transpose()?;
-        Ok(Events { file: file.map(Mutex::new) })
+            .context("starting the event writer")?;
+        Ok(Events { file: Some(tx) })
     }
 
-    /// Writes one event (a JSON object) as a line.
-    pub fn write(&self, event: &serde_json::Value) {
+    /// Writes one event (a JSON object) as a line; false when it was dropped (queue full).
+    pub fn write(&self, event: &serde_json::Value) -> bool {
         match &self.file {
-            Some(f) => {
+            Some(tx) => {
                 let mut line = event.to_string();
                 line.push('\n');
-                let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
-                if let Err(e) = f.write_all(line.as_bytes()) {
-                    tracing::error!(error = %e, "writing an audit event failed");
-                }
+                tx.try_send(line).is_ok()
             }
-            None => tracing::warn!(target: "portcullis_shim::audit", event = %event, "insecure_request"),
+            None => {
+                tracing::warn!(target: "portcullis_shim::audit", event = %event, "insecure_request");
+                true
+            }
         }
     }
 }
@@ -83,7 +96,7 @@ pub fn handle(
         PlainMode::Redirect => "redirected",
     };
     metrics.insecure.get_or_create(&Outcome { outcome }).inc();
-    events.write(&serde_json::json!({
+    let written = events.write(&serde_json::json!({
         "time_unix_ms": crate::clock::unix_millis(),
         "event": "insecure_request",
         "client_ip": conn.peer.ip().to_string(),
@@ -93,6 +106,9 @@ pub fn handle(
         "outcome": outcome,
         "request_id": id,
     }));
+    if !written {
+        metrics.insecure.get_or_create(&Outcome { outcome: "event_dropped" }).inc();
+    }
     match plain.mode {
         PlainMode::Reject => json_response(
             StatusCode::FORBIDDEN,

@@ -48,6 +48,25 @@ const HOP_BY_HOP: [&str; 8] = [
     "transfer-encoding",
 ];
 
+/// Request headers a client may not send on: they would tell the upstream another client, host,
+/// port, prefix or path than the one decided (`X-Forwarded-For`, `-Proto` and `-Host` are rebuilt
+/// by the shim).
+const STRIPPED: [&str; 7] = [
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
+/// Marks a response as the connection's last.
+fn closing(mut r: Response<ShimBody>) -> Response<ShimBody> {
+    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 /// What a `Connection` header may not remove: the credentials and what the shim itself sets or
 /// relies on (a client naming `x-api-key` in `Connection` must not strip its own credential
 /// between the decision and the upstream, nor hide one from the decision).
@@ -223,12 +242,27 @@ struct Completion {
 }
 
 /// Renews `lease` after `first`, then at a third of each renewal's life, until aborted (the
-/// request completed) or portcullis says the lease is gone.
-fn renew(shim: Arc<Shim>, lease: String, first: Duration) -> tokio::task::AbortHandle {
+/// request completed), portcullis says the lease is gone, or the response has not moved
+/// (`progress`: milliseconds after `started`) for `limits.stream_idle_timeout`, so that a stalled
+/// stream gives its slot back.
+fn renew(
+    shim: Arc<Shim>,
+    lease: String,
+    first: Duration,
+    started: Instant,
+    progress: Arc<std::sync::atomic::AtomicU64>,
+) -> tokio::task::AbortHandle {
     tokio::spawn(async move {
         let mut wait = first;
+        let idle = shim.cfg.limits.stream_idle_timeout;
         loop {
             tokio::time::sleep(wait).await;
+            let moved = Duration::from_millis(progress.load(Ordering::Relaxed));
+            if started.elapsed().saturating_sub(moved) > idle {
+                shim.metrics.renewals.get_or_create(&Outcome { outcome: "stalled" }).inc();
+                tracing::warn!("a response stalled past limits.stream_idle_timeout: its lease is no longer renewed");
+                return;
+            }
             let mut call = tonic::Request::new(RenewLeaseRequest { lease: lease.clone() });
             call.set_timeout(Duration::from_secs(2));
             match shim.decision.clone().renew_lease(call).await {
@@ -303,6 +337,11 @@ impl Drop for CompleteOnDrop {
 struct Completing {
     inner: Incoming,
     done: CompleteOnDrop,
+    /// No frame from the upstream for `limits.stream_idle_timeout`: the response is cut.
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    started: Instant,
+    progress: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Body for Completing {
@@ -324,7 +363,24 @@ impl Body for Completing {
                 drop(CompleteOnDrop(this.done.0.take()));
                 Poll::Ready(Some(Err(Box::new(e))))
             }
-            other => other.map_err(|e| Box::new(e) as BoxError),
+            Poll::Ready(Some(Ok(frame))) => {
+                let at = u64::try_from(this.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                this.progress.store(at, Ordering::Relaxed);
+                this.timer.as_mut().reset(tokio::time::Instant::now() + this.idle);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => {
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    if let Some(c) = this.done.0.as_mut() {
+                        c.upstream_error = true;
+                    }
+                    drop(CompleteOnDrop(this.done.0.take()));
+                    return Poll::Ready(Some(Err(
+                        "the upstream's response stalled past limits.stream_idle_timeout".into()
+                    )));
+                }
+                Poll::Pending
+            }
         }
     }
 
@@ -392,20 +448,44 @@ impl Shim {
             return json_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large", id);
         }
 
-        // upgrades: h2c never (it would bypass TLS's ALPN); WebSocket only where a route allows
-        let upgrade = header_str(&parts.headers, &header::UPGRADE).map(str::to_ascii_lowercase);
-        let websocket = match upgrade.as_deref() {
-            None => false,
-            Some(u) if u.split(',').any(|p| p.trim() == "h2c") || parts.headers.contains_key("http2-settings") => {
-                return json_response(StatusCode::BAD_REQUEST, "Upgrade: h2c is not allowed", id);
+        // CONNECT tunnels nothing here (Envoy refuses it unless configured)
+        if parts.method == hyper::Method::CONNECT {
+            return closing(json_response(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported", id));
+        }
+        // the path that is decided is the path that is forwarded (Envoy's normalize_path,
+        // merge_slashes, and escaped slashes refused)
+        let path_and_query = match crate::path::normalize(parts.uri.path_and_query().map_or("/", |p| p.as_str())) {
+            Ok(p) => p,
+            Err(e) => return json_response(StatusCode::BAD_REQUEST, &format!("invalid path: {e:?}"), id),
+        };
+
+        // upgrades (every Upgrade line): h2c never (it would bypass TLS's ALPN); WebSocket only
+        // where a route allows it. A refused upgrade closes its connection, so that nothing the
+        // client sends after it is read as another request.
+        let upgrade: Vec<String> = parts
+            .headers
+            .get_all(header::UPGRADE)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+            .flat_map(|v| v.split(',').map(|p| p.trim().to_owned()).collect::<Vec<_>>())
+            .filter(|p| !p.is_empty())
+            .collect();
+        let websocket = match upgrade.as_slice() {
+            [] if !parts.headers.contains_key("http2-settings") => false,
+            u if u.iter().any(|p| p == "h2c") || parts.headers.contains_key("http2-settings") => {
+                return closing(json_response(StatusCode::BAD_REQUEST, "Upgrade: h2c is not allowed", id));
             }
-            Some("websocket") if parts.version == Version::HTTP_11 => {
-                if !cfg.websocket.iter().any(|p| parts.uri.path().starts_with(p.as_str())) {
-                    return json_response(StatusCode::FORBIDDEN, "WebSocket upgrade is not allowed on this route", id);
+            [only] if only == "websocket" && parts.version == Version::HTTP_11 => {
+                if !cfg.websocket.iter().any(|p| path_and_query.starts_with(p.as_str())) {
+                    return closing(json_response(
+                        StatusCode::FORBIDDEN,
+                        "WebSocket upgrade is not allowed on this route",
+                        id,
+                    ));
                 }
                 true
             }
-            Some(_) => return json_response(StatusCode::BAD_REQUEST, "unsupported Upgrade", id),
+            _ => return closing(json_response(StatusCode::BAD_REQUEST, "unsupported Upgrade", id)),
         };
 
         // hop-by-hop headers and those the client's Connection header names (never a protected one)
@@ -429,9 +509,18 @@ impl Shim {
         if !websocket {
             parts.headers.remove(header::UPGRADE);
         }
-        // the client's copies of our headers: only portcullis sets them
-        let ours: Vec<HeaderName> =
-            parts.headers.keys().filter(|k| k.as_str().starts_with("x-portcullis-")).cloned().collect();
+        // the client's copies of our headers (only portcullis sets them), of the forwarding headers
+        // the shim sets or that would tell the upstream another client, host or path, and of
+        // Envoy's internal headers (Envoy strips those from external requests too)
+        let ours: Vec<HeaderName> = parts
+            .headers
+            .keys()
+            .filter(|k| {
+                let k = k.as_str();
+                k.starts_with("x-portcullis-") || k.starts_with("x-envoy-") || STRIPPED.contains(&k)
+            })
+            .cloned()
+            .collect();
         for k in ours {
             parts.headers.remove(k);
         }
@@ -442,8 +531,22 @@ impl Shim {
             .map(|a| a.as_str().to_owned())
             .or_else(|| header_str(&parts.headers, &header::HOST).map(str::to_owned))
             .unwrap_or_default();
-        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
         let method = parts.method.as_str().to_owned();
+        // one Host, the one decided (an absolute-form target or :authority wins, as in Envoy)
+        match HeaderValue::from_str(&host) {
+            Ok(v) if !host.is_empty() => {
+                parts.headers.insert(header::HOST, v);
+            }
+            _ => return json_response(StatusCode::BAD_REQUEST, "missing or invalid Host", id),
+        }
+        // HTTP/2 splits cookies into several fields; they are one field again (RFC 9113 8.2.3)
+        if parts.headers.get_all(header::COOKIE).iter().count() > 1 {
+            let joined: Vec<u8> =
+                parts.headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()).collect::<Vec<_>>().join(&b"; "[..]);
+            if let Ok(v) = HeaderValue::from_bytes(&joined) {
+                parts.headers.insert(header::COOKIE, v);
+            }
+        }
         let protocol = match parts.version {
             Version::HTTP_2 => "HTTP/2",
             Version::HTTP_10 => "HTTP/1.0",
@@ -546,9 +649,10 @@ impl Shim {
 
         let lease = header_str(&parts.headers, &HeaderName::from_static(LEASE_HEADER)).map(str::to_owned);
         // sent when dropped, whichever way this request ends from here on
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut completion = CompleteOnDrop(lease.filter(|l| !l.is_empty()).map(|lease| Completion {
             shim: self.clone(),
-            renewal: renew(self.clone(), lease.clone(), cfg.portcullis.lease_renew_interval),
+            renewal: renew(self.clone(), lease.clone(), cfg.portcullis.lease_renew_interval, started, progress.clone()),
             lease,
             request_id: id.to_owned(),
             status: 0,
@@ -694,12 +798,18 @@ impl Shim {
             let server_upgrade = hyper::upgrade::on(&mut up_resp);
             if let Some(client_upgrade) = client_upgrade {
                 completion.set(101, false);
+                let idle = cfg.limits.stream_idle_timeout;
                 tokio::spawn(async move {
                     let _guard = completion;
                     if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
-                        let mut c = hyper_util::rt::TokioIo::new(c);
-                        let mut s = hyper_util::rt::TokioIo::new(s);
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                        tunnel(
+                            hyper_util::rt::TokioIo::new(c),
+                            hyper_util::rt::TokioIo::new(s),
+                            idle,
+                            started,
+                            progress,
+                        )
+                        .await;
                     }
                 });
             }
@@ -719,7 +829,47 @@ impl Shim {
         authz::apply_options(&mut rparts.headers, &authz_headers);
         rparts.version = Version::HTTP_11;
         completion.set(status.as_u16(), status.is_server_error());
-        Response::from_parts(rparts, Completing { inner: rbody, done: completion }.boxed())
+        let idle = cfg.limits.stream_idle_timeout;
+        let body = Completing {
+            inner: rbody,
+            done: completion,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            started,
+            progress,
+        };
+        Response::from_parts(rparts, body.boxed())
+    }
+}
+
+/// Copies both ways until either side closes or nothing moves for `idle`.
+async fn tunnel<A, B>(a: A, b: B, idle: Duration, started: Instant, progress: Arc<std::sync::atomic::AtomicU64>)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let (mut up, mut down) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
+    loop {
+        let moved = tokio::select! {
+            r = ar.read(&mut up) => match r {
+                Ok(n) if n > 0 => bw.write_all(&up[..n]).await.is_ok(),
+                _ => false,
+            },
+            r = br.read(&mut down) => match r {
+                Ok(n) if n > 0 => aw.write_all(&down[..n]).await.is_ok(),
+                _ => false,
+            },
+            _ = tokio::time::sleep(idle) => false,
+        };
+        if !moved {
+            let _ = aw.shutdown().await;
+            let _ = bw.shutdown().await;
+            return;
+        }
+        progress.store(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 }
 

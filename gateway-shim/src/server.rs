@@ -108,7 +108,7 @@ pub async fn run(cfg: Config, on_bound: impl FnOnce(Bound)) -> anyhow::Result<()
         upstream: crate::upstream::client(&cfg.upstream)?,
         metrics: metrics.clone(),
         pending: Arc::new(Pending::default()),
-        credential_headers: vec!["authorization".into(), "x-api-key".into()],
+        credential_headers: cfg.credential_headers.clone(),
         cfg: cfg.clone(),
     });
     let events = Arc::new(Events::open(cfg.audit_path.as_deref())?);
@@ -320,7 +320,11 @@ async fn serve_metrics(l: TcpListener, metrics: Arc<Metrics>, draining: Arc<Atom
                 };
                 async move { Ok::<_, Infallible>(r) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
         });
     }
 }

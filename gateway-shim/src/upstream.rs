@@ -158,7 +158,7 @@ pub fn client(u: &config::Upstream) -> anyhow::Result<UpClient> {
     let connector =
         if u.http2 { builder.enable_http2().wrap_connector(http) } else { builder.enable_http1().wrap_connector(http) };
     let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(std::time::Duration::from_secs(60));
+    b.pool_idle_timeout(std::time::Duration::from_secs(60)).pool_timer(hyper_util::rt::TokioTimer::new());
     if u.http2 {
         b.http2_only(true);
     }

@@ -149,14 +149,22 @@ async fn run_matrix(door: &Door) -> (Vec<Seen>, Vec<BTreeMap<String, String>>) {
         seen.push(door.send(method, path, &headers, "").await);
     }
     // 431 (over the policy's 16KB of headers), 413 (over its max_body, 1KB here)
+    let mut upstream_saw = Vec::new();
     let big = "a".repeat(17_000);
     seen.push(door.send("GET", "/health", &[("x-big", &big)], "").await);
     seen.push(door.send("POST", "/api/v1/items", &[("x-api-key", BUSINESS)], &"b".repeat(2000)).await);
     seen.push(door.send("POST", "/api/v1/items", &[("x-api-key", BUSINESS)], "small").await);
+    // paths as Envoy normalizes them (normalize_path, merge_slashes): decided and forwarded alike
+    for path in ["/api/v1/./items", "//api//v1/items", "/admin/../api/v1/items", "/api/v1/items/%2e%2e/x"] {
+        let before = door.upstream().seen().len();
+        seen.push(door.send("GET", path, &[("x-api-key", BASIC)], "").await);
+        let after = door.upstream().seen();
+        let forwarded = if after.len() > before { after[after.len() - 1].path.clone() } else { String::new() };
+        upstream_saw.push(BTreeMap::from([("path".to_owned(), forwarded)]));
+    }
     // identity headers forwarded, forged ones not
     let forged =
         [("x-portcullis-subject", "demo-admin"), ("x-portcullis-tier", "enterprise"), ("x-portcullis-roles", "admin")];
-    let mut upstream_saw = Vec::new();
     for key in [Some(BASIC), Some(ENTERPRISE), None] {
         let mut headers = forged.to_vec();
         if let Some(k) = key {
@@ -186,7 +194,7 @@ async fn envoy_and_the_shim_give_the_same_answers() {
     let (b, b_up) = run_matrix(&shim).await;
     let statuses: Vec<u16> = a.iter().map(|s| s.status).collect();
     assert_eq!(&statuses[..MATRIX_STATUSES.len()], MATRIX_STATUSES, "the matrix through Envoy");
-    assert_eq!(&statuses[MATRIX_STATUSES.len()..], [431, 413, 200, 200, 200, 200]);
+    assert_eq!(&statuses[MATRIX_STATUSES.len()..], [431, 413, 200, 200, 200, 200, 200, 200, 200, 200]);
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         assert_eq!(x, y, "request {i}: Envoy (left) and the shim (right) differ");
     }
@@ -195,8 +203,10 @@ async fn envoy_and_the_shim_give_the_same_answers() {
     let refused = &a[MATRIX_STATUSES.len() - 1];
     assert!(refused.retry_after && refused.body["error"] == "Rate limit exceeded", "{refused:?}");
     assert_eq!(a_up, b_up, "the upstream's identity headers");
-    assert_eq!(a_up[0].get("x-portcullis-subject").map(String::as_str), Some("demo-basic"));
-    assert!(a_up[2].is_empty(), "no identity (and no forged one) on a public route: {:?}", a_up[2]);
+    let paths: Vec<&str> = a_up[..4].iter().map(|m| m["path"].as_str()).collect();
+    assert_eq!(paths, ["/api/v1/items", "/api/v1/items", "/api/v1/items", "/api/v1/x"]);
+    assert_eq!(a_up[4].get("x-portcullis-subject").map(String::as_str), Some("demo-basic"));
+    assert!(a_up[6].is_empty(), "no identity (and no forged one) on a public route: {:?}", a_up[6]);
     // every allowed request's lease was released, through the access log and through Complete
     let (ra, rb) = (envoy.released().await, shim.released().await);
     assert_eq!(ra, envoy.upstream().seen().len() as u64);

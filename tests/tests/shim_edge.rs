@@ -138,6 +138,53 @@ async fn hop_by_hop_headers_upgrades_and_slow_heads() {
     assert_eq!(h.get("x-forwarded-for").map(String::as_str), Some("127.0.0.1"));
     assert!(h.get("x-request-id").is_some_and(|v| v.len() == 36), "{h:?}");
 
+    // forwarding headers a client could use to tell the upstream another client, host or path,
+    // and Envoy's internal ones, never reach it; the Host is the one decided
+    let r = curl(&[
+        "--cacert",
+        &ca,
+        "-H",
+        "Forwarded: for=10.0.0.1;host=internal",
+        "-H",
+        "X-Real-IP: 10.0.0.1",
+        "-H",
+        "X-Original-URL: /admin/users",
+        "-H",
+        "x-envoy-retry-on: 5xx",
+        &e.shim.url("/health"),
+    ])
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = e.upstream.seen();
+    let h = &seen.last().expect("seen").headers;
+    for gone in ["forwarded", "x-real-ip", "x-original-url", "x-envoy-retry-on"] {
+        assert!(!h.contains_key(gone), "{gone} reached the upstream: {h:?}");
+    }
+    let out = e
+        .raw("GET https://public.example/health HTTP/1.1\r\nHost: internal.example\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(statuses(&out), [200], "{out}");
+    let seen = e.upstream.seen();
+    let h = &seen.last().expect("seen").headers;
+    assert_eq!(h.get("host").map(String::as_str), Some("public.example"), "{h:?}");
+    assert_eq!(h.get("x-forwarded-host").map(String::as_str), Some("public.example"), "{h:?}");
+
+    // the path decided is the path forwarded; an escaped slash is refused; CONNECT is not served
+    let out = e.raw("GET //health/./ HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(statuses(&out), [200], "{out}");
+    assert_eq!(e.upstream.seen().last().expect("seen").path, "/health/");
+    let before = e.upstream.seen().len();
+    let out = e.raw("GET /api%2Fv1/items HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(statuses(&out), [400], "{out}");
+    let out = e.raw("CONNECT internal.example:443 HTTP/1.1\r\nHost: internal.example:443\r\n\r\n").await;
+    assert_eq!(statuses(&out), [405], "{out}");
+    // a refused upgrade closes its connection: what follows is never read as a request
+    let out = e
+        .raw("GET /health HTTP/1.1\r\nHost: a\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\nGET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await;
+    assert_eq!(statuses(&out), [400], "{out}");
+    assert_eq!(e.upstream.seen().len(), before);
+
     // X-Forwarded-For: a trusted peer's list is kept and the peer appended
     let r = curl(&["--cacert", &ca, "-H", "x-forwarded-for: 9.9.9.9", &e.shim.url("/health")]).await;
     assert_eq!(r.status, 200, "{r:?}");
@@ -322,7 +369,15 @@ async fn plain_http_is_rejected_or_redirected_and_recorded() {
     assert!(e.upstream.seen().is_empty());
     let r = curl(&[&format!("http://{plain}/health")]).await;
     assert_eq!(r.status, 403, "{r:?}");
-    let events = std::fs::read_to_string(e.d.path().join("events.jsonl")).expect("the events file");
+    // a thread of the shim writes the file: wait for both lines
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let text = std::fs::read_to_string(e.d.path().join("events.jsonl")).unwrap_or_default();
+        if text.lines().count() >= 2 || tokio::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let lines: Vec<serde_json::Value> = events.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
     assert_eq!(lines.len(), 2, "{events}");
     assert_eq!(lines[0]["event"], "insecure_request");
