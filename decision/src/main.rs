@@ -18,6 +18,14 @@ struct Cli {
     command: Command,
 }
 
+/// The shape of the async runtime (`--runtime`).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum RuntimeShape {
+    Auto,
+    CurrentThread,
+    MultiThread,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the decision service (gRPC + admin HTTP) on the embedded memory store.
@@ -40,6 +48,11 @@ enum Command {
         redis_url: Option<String>,
         #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "pretty")]
         log_format: LogFormat,
+        /// The async runtime: `auto` is one current-thread runtime when one core is available
+        /// (CPU affinity or a cgroup quota of one CPU, as `std::thread::available_parallelism`
+        /// sees it) and a multi-thread runtime on more.
+        #[arg(long, env = "PORTCULLIS_RUNTIME", value_enum, default_value = "auto")]
+        runtime: RuntimeShape,
         /// Log filter, in tracing's EnvFilter syntax.
         #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]
         log: String,
@@ -358,22 +371,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             forward_auth_addr,
             redis_url,
             log_format,
+            runtime,
             log,
             clock_offset_secs,
             otlp_traces_endpoint,
             otlp_endpoint,
             otel_service_name,
         } => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
+            let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+            let current_thread = match runtime {
+                RuntimeShape::Auto => cores == 1,
+                RuntimeShape::CurrentThread => true,
+                RuntimeShape::MultiThread => false,
+            };
+            // On one core a current-thread runtime lets a connection's task run after several
+            // streams have finished, so h2 writes their answers together (the multi-thread
+            // scheduler's LIFO slot ran it after every answer): 6-20% more decisions a second
+            // on one core (see the issue 16 note); on more cores the multi-thread runtime spreads
+            // the streams of Envoy's few connections over all of them.
+            let rt = if current_thread {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+            }
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
             let otlp = otlp_traces_endpoint
                 .or(otlp_endpoint)
                 .filter(|e| !e.is_empty())
                 .map(|endpoint| telemetry::Otlp { endpoint, service_name: otel_service_name });
             // inside the runtime: the OTLP exporter's channel lives there
             let (_log_guard, traces) = rt.block_on(async { telemetry::init(log_format, &log, otlp.as_ref()) });
+            tracing::info!(
+                runtime = if current_thread { "current_thread" } else { "multi_thread" },
+                cores,
+                "async runtime"
+            );
             if clock_offset_secs != 0 {
                 decision::clock::set_offset(clock_offset_secs.saturating_mul(1_000_000));
                 tracing::warn!(clock_offset_secs, "this instance's clock is shifted (a test setting)");

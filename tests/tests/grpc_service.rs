@@ -377,3 +377,47 @@ async fn the_native_complete_call_releases_a_lease_once() {
     let again = c.check(ask()).await.expect("check").into_inner();
     assert!(lease_of(&again).is_some(), "{again:?}");
 }
+
+#[tokio::test]
+async fn the_current_thread_runtime_decides_the_matrix_and_holds_concurrent_load() {
+    // what `--runtime auto` picks on one core (a pod with a one-CPU limit, or taskset -c 0)
+    // the basic tier's refill slowed to 1 a minute, so that the burst counts exactly however slow
+    // this machine is
+    let policy = reference_policy().replacen("basic:      { per_minute: 60,", "basic:      { per_minute: 1,", 1);
+    assert_ne!(policy, reference_policy(), "the reference tier line moved");
+    let p = Portcullis::start_with_env(&policy, &[], &[("PORTCULLIS_RUNTIME", "current-thread")])
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    p.wait_for_log("the runtime line", |l| l.contains("\"runtime\":\"current_thread\""))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let mut c = client(&p).await;
+    let mut statuses = Vec::new();
+    for (peer, method, path, key) in tests::request_matrix() {
+        let headers: Vec<(&str, &str)> = key.map(|k| vec![("x-api-key", k)]).unwrap_or_default();
+        let r = c.check(check_request(peer, method, path, &headers)).await.expect("check").into_inner();
+        statuses.push(denied_status(&r).map_or(200, |s| u16::try_from(s).unwrap_or(0)));
+    }
+    assert_eq!(statuses, tests::MATRIX_STATUSES);
+    // 8 connections x 25 requests at once: every one answered, exactly the burst allowed
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut c = client(&p).await;
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0;
+            for _ in 0..25 {
+                let r = c.check(check_request("10.0.0.9", "GET", "/api/v1/items", &[("x-api-key", BASIC)])).await;
+                if denied_status(&r.expect("an answer").into_inner()).is_none() {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += t.await.expect("task");
+    }
+    // the basic tier's burst is 100, and the matrix's basic requests took 11 of it
+    assert_eq!(allowed, 100 - 11, "the burst, exactly");
+}
