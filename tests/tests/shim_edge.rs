@@ -478,3 +478,31 @@ async fn a_request_longer_than_its_lease_keeps_its_slot() {
     let m = shim.metrics().await;
     assert!(m.contains("portcullis_shim_lease_renewals_total{outcome=\"renewed\"}"), "{m}");
 }
+
+#[tokio::test]
+async fn portcullis_unreachable_is_503_unless_failure_mode_allow() {
+    let d = ShimDir::new("shim-unreachable");
+    let upstream = Upstream::start().await.expect("upstream");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let ca = d.certs.ca.to_string_lossy().into_owned();
+    // the default: refuse, as Envoy's failure_mode_allow: false
+    let cfg = shim_config(&d.cert, &d.key, closed, &format!("http://{}", upstream.addr), "");
+    let shim = Shim::start(d.path(), &cfg).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let r = curl(&["--cacert", &ca, "-H", &format!("x-api-key: {DEMO_BASIC_KEY}"), &shim.url("/api/v1/items")]).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json()["status"], 503, "{r:?}");
+    assert!(upstream.seen().is_empty());
+    assert!(shim.metrics().await.contains("portcullis_shim_checks_total{outcome=\"error\"} 1"));
+    drop(shim);
+    // failure_mode_allow: true lets the request through without a decision (and without the
+    // ratelimit call, whose own failure_mode_deny is turned off here)
+    let cfg = cfg.replace(
+        "ratelimit: { domain: edge } }",
+        "failure_mode_allow: true, ratelimit: { domain: edge, failure_mode_deny: false } }",
+    );
+    assert!(cfg.contains("failure_mode_allow: true"), "the portcullis line moved");
+    let shim = Shim::start(d.path(), &cfg).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let r = curl(&["--cacert", &ca, &shim.url("/api/v1/items")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(upstream.seen().len(), 1);
+}

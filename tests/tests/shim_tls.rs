@@ -181,6 +181,12 @@ async fn a_certificate_swapped_on_disk_is_served_without_restart() {
     let shim = Shim::start(d.path(), &cfg).await.unwrap_or_else(|e| panic!("{e:#}"));
     let port = shim.https.port();
     assert!(served_cn(port).await.contains("CN=server"), "the first certificate");
+    // a 30-day certificate is within the default warning horizon (30d), not the critical one (7d)
+    let line = shim
+        .wait_for_log("the expiry warning", |l| l.contains("expires within the warning horizon"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(line.contains("\"level\":\"WARN\"") && line.contains("\"days_left\":"), "{line}");
 
     // the swap: a new folder, then ..data re-pointed in one rename, as the kubelet does
     let swap = |name: &str, cert: &Path, key: &Path| {
