@@ -153,7 +153,7 @@ say "the shipped example policy validates"
 # the shim's example, with the certificate its header comment tells a user to make
 mkdir -p /tmp/portcullis-shim
 if [ ! -s /tmp/portcullis-shim/tls.crt ] || ! openssl x509 -checkend 86400 -noout -in /tmp/portcullis-shim/tls.crt >/dev/null; then
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=localhost \
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 90 -subj /CN=localhost \
     -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
     -keyout /tmp/portcullis-shim/tls.key -out /tmp/portcullis-shim/tls.crt 2>/dev/null
 fi

@@ -29,6 +29,9 @@ enum Command {
     Serve {
         #[arg(long, env = "PORTCULLIS_SHIM_CONFIG")]
         config: PathBuf,
+        /// portcullis's gRPC address, `http://host:port` (overrides portcullis.address).
+        #[arg(long, env = "PORTCULLIS_SHIM_PORTCULLIS_ADDR")]
+        portcullis_addr: Option<String>,
         #[arg(long, env = "PORTCULLIS_SHIM_LOG_FORMAT", value_enum, default_value = "pretty")]
         log_format: LogFormat,
         /// Log filter, in tracing's EnvFilter syntax.
@@ -81,10 +84,19 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Serve { config, log_format, log } => {
+        Command::Serve { config, portcullis_addr, log_format, log } => {
             init_logging(log_format, &log);
             let cfg = match check(&config) {
-                Ok(c) => c,
+                Ok(mut c) => {
+                    if let Some(addr) = portcullis_addr {
+                        if !addr.starts_with("http://") {
+                            tracing::error!(addr, "refusing to start: --portcullis-addr must be http://host:port");
+                            return ExitCode::FAILURE;
+                        }
+                        c.portcullis.address = addr;
+                    }
+                    c
+                }
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "refusing to start");
                     return ExitCode::FAILURE;
