@@ -275,6 +275,54 @@ kill "$pcf_pid"; wait "$pcf_pid" 2>/dev/null || true
 # correctness under load: exactly what the policy allows, the rest over the limit
 lt --name ext-authz-limited       --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_limited --expect 100
 lt --name rls-limited             --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --descriptor-key limited --expect 100
+# The RLS cases again from h2load (nghttp2's HTTP/2 load generator, a C client much cheaper than
+# ours, pinned the same way) sending the same ShouldRateLimit call, so that these ratios do not
+# depend on our load generator's own cost. h2load sees HTTP statuses only (gRPC's status is in
+# the trailers): these rows measure throughput; the rows above check outcomes.
+command -v h2load >/dev/null 2>&1 \
+  || { echo "bench.sh: h2load is missing (Debian: apt-get install nghttp2-client; scripts/test.sh installs it)" >&2; exit 1; }
+rls_body() { # descriptor-key value file: one gRPC message, RateLimitRequest{domain: bench, [{key: value}], hits_addend: 1}
+  python3 - "$1" "$2" "$3" <<'PY'
+import struct, sys
+def varint(n):
+    out = b""
+    while True:
+        b, n = n & 0x7F, n >> 7
+        if n:
+            out += bytes([b | 0x80])
+        else:
+            return out + bytes([b])
+ld = lambda tag, b: bytes([tag]) + varint(len(b)) + b
+entry = ld(0x0A, sys.argv[1].encode()) + ld(0x12, sys.argv[2].encode())
+msg = ld(0x0A, b"bench") + ld(0x12, ld(0x0A, entry)) + b"\x18\x01"
+open(sys.argv[3], "wb").write(b"\x00" + struct.pack(">I", len(msg)) + msg)
+PY
+}
+h2() { # name addr body-file
+  local report
+  report="$("${client_cpu[@]}" h2load -c "$conns" -m "$streams" -D "$dur" --warm-up-time=1s \
+    -H 'content-type: application/grpc' -H 'te: trailers' -d "$3" \
+    "http://$2/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit" 2>&1)" \
+    || { echo "bench.sh: h2load ($1) failed:" >&2; echo "$report" >&2; exit 1; }
+  python3 - "$1" "$conns" "$streams" "$report" >> "$out" <<'PY'
+import json, re, sys
+name, conns, streams, text = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", text).group(1))
+req = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", text)
+codes = re.search(r"status codes: (\d+) 2xx", text)
+errors = int(req.group(5)) + int(req.group(6)) if req else 0
+if errors or not codes or int(codes.group(1)) == 0:
+    sys.exit(f"bench.sh: h2load ({name}): {errors} failed or errored, or no 2xx:\n{text}")
+print(json.dumps({"name": name, "mode": "closed", "rps": rps, "connections": conns, "streams": streams,
+                  "latency_us": {"p50": None, "p99": None, "p99.9": None},
+                  "outcomes": {"allowed": None, "over_limit": None, "errors": errors},
+                  "client_cpu_pct": None, "server_cpu_pct": None}))
+PY
+}
+rls_body k0 v1 "$work/rls-ok.bin"; rls_body limited v1 "$work/rls-limited.bin"
+h2 noop-rls-1-h2load        "$noop_addr" "$work/rls-ok.bin"
+h2 rls-1-desc-1-key-h2load  "$pc_addr"   "$work/rls-ok.bin"
+h2 rls-limited-h2load       "$pc_addr"   "$work/rls-limited.bin"
 # the Redis store: the same cases, and the ceiling of redis-benchmark running the same script by
 # EVALSHA with the same concurrency (one connection per stream, not pipelined)
 start_portcullis_redis
@@ -319,6 +367,7 @@ base = {"ext-authz": by["noop-ext-authz"], "native": by["noop-native"], "forward
 def baseline(name):
     if name.startswith("https-") or name.startswith("http-shim"): return by["https-envoy-direct"]
     if name.startswith("http-"): return by["http-envoy-direct"]
+    if name.endswith("-h2load"): return by["noop-rls-1-h2load"]
     if name == "rls-limited-redis": return by["rls-limited"]
     if name.endswith("-redis"): return by["redis-benchmark-evalsha"]
     if name.startswith("ext-authz"): return base["ext-authz"]
@@ -339,7 +388,7 @@ for r in rows:
     cpu = lambda v: "-" if v is None else f"{v:.0f}%"
     print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {val(lat["p50"])} | {val(lat["p99"])} | {val(lat["p99.9"])} | {val(r["outcomes"]["allowed"])} | {val(r["outcomes"]["over_limit"])} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} | {cpu(r.get("store_cpu_pct"))} |')
 print(open(sys.argv[1] + ".audit").read().strip())
-print("\nbaselines: no-op cases for ext_authz, the native Check, forward-auth (a no-op HTTP/1.1 server) and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis (rls-limited-redis: rls-limited on the memory store); Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis; Envoy alone over TLS (https-envoy-direct) for the HTTPS cases, Envoy's and the shim's")
+print("\nbaselines: no-op cases for ext_authz, the native Check, forward-auth (a no-op HTTP/1.1 server) and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis (rls-limited-redis: rls-limited on the memory store); Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis; Envoy alone over TLS (https-envoy-direct) for the HTTPS cases, Envoy's and the shim's; noop-rls-1-h2load for the h2load rows")
 se, sp, ee, ep = by.get("http-shim-direct"), by.get("http-shim-portcullis"), by.get("https-envoy-direct"), by.get("https-envoy-portcullis")
 if se and sp and ee and ep:
     print(f"\nportcullis-shim vs one Envoy worker over HTTPS: direct {se['rps'] / ee['rps']:.2f}x, asking portcullis {sp['rps'] / ep['rps']:.2f}x the throughput")
@@ -350,6 +399,9 @@ for name in ("rls-1-desc-100k-keys-redis", "ext-authz-api-key-redis"):
     if r and ceil and piped:
         print(f"\nCPU per decision, {name}: portcullis {us(r, 'server_cpu_pct'):.0f} us, redis-server {us(r, 'store_cpu_pct'):.0f} us, load generator {us(r, 'client_cpu_pct'):.0f} us"
               f" (redis-server per EVALSHA under redis-benchmark: {us(ceil, 'store_cpu_pct'):.0f} us not pipelined, {us(piped, 'store_cpu_pct'):.0f} us 16 deep)")
+ok_h2, lim_h2, ok_lt, lim_lt = by.get("rls-1-desc-1-key-h2load"), by.get("rls-limited-h2load"), by.get("rls-1-desc-1-key"), by.get("rls-limited")
+if ok_h2 and lim_h2 and ok_lt and lim_lt:
+    print(f"\nRLS over the limit vs under it (memory store): {lim_lt['rps'] / ok_lt['rps']:.2f}x from portcullis-loadtest, {lim_h2['rps'] / ok_h2['rps']:.2f}x from h2load")
 if native and key:
     print(f"\nnative Check vs ext_authz Check (the same API-key decision): {native['rps'] / key['rps']:.2f}x the throughput")
 if fa and key:

