@@ -101,8 +101,27 @@ async fn serve_http(listener: tokio::net::TcpListener) {
     }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// The runtime portcullis's `--runtime auto` picks (current-thread on one core, multi-thread on
+/// more), so that the baseline runs the same gRPC stack in the same shape.
+fn main() -> std::process::ExitCode {
+    let one_core = std::thread::available_parallelism().map_or(true, |n| n.get() == 1);
+    let rt = if one_core {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
+    .enable_all()
+    .build();
+    match rt {
+        Ok(rt) => rt.block_on(serve()),
+        Err(e) => {
+            eprintln!("portcullis-noop: starting the runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve() -> std::process::ExitCode {
     let addr: SocketAddr = std::env::args()
         .skip_while(|a| a != "--addr")
         .nth(1)
