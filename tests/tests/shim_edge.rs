@@ -422,8 +422,8 @@ async fn sigterm_drains_in_flight_requests_and_completes_their_leases() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     e.shim.signal("TERM").await.expect("kill -TERM");
-    // no new connections once draining
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // no new connections once draining (the listener is closed before this line is logged)
+    e.shim.wait_for_log("the drain", |l| l.contains("shutting down")).await.unwrap_or_else(|err| panic!("{err:#}"));
     let r = curl(&["--cacert", &ca, "--max-time", "2", &e.shim.url("/health")]).await;
     assert_eq!(r.status, 0, "accepted a new request while draining: {r:?}");
     for t in inflight {
