@@ -243,6 +243,23 @@ lt --name http-envoy-direct        --target http --addr "$envoy_addr" --server-p
 start_envoy portcullis deploy/examples/envoy.yaml
 lt --name http-envoy-portcullis    --target http --addr "$envoy_addr" --server-pid "$pc_pid" "${common[@]}" --path /api/v1/bench --api-key pk_bench_open --expect all
 kill "$envoy_pid"; wait "$envoy_pid" 2>/dev/null || true
+# the same Envoy with the ratelimit filter alone (no ext_authz, no access log): what the call a
+# plain RLS deployment makes costs, beside the whole set above
+python3 - deploy/examples/envoy.yaml > "$work/envoy-rls-only.src.yaml" <<'PY'
+import sys
+text = open(sys.argv[1]).read()
+def cut(text, start, end):
+    a, b = text.index(start), text.index(end)
+    assert a < b, (start, end)
+    return text[:a] + text[b:]
+text = cut(text, "                access_log:\n", "                # Defence in depth")
+text = cut(text, "                  - name: envoy.filters.http.ext_authz\n", "                  - name: envoy.filters.http.ratelimit\n")
+assert "ext_authz" not in text.split("http_filters:")[1] and "access_log" not in text
+print(text, end="")
+PY
+start_envoy rls-only "$work/envoy-rls-only.src.yaml"
+lt --name http-envoy-rls-only      --target http --addr "$envoy_addr" --server-pid "$pc_pid" "${common[@]}" --path /api/v1/bench --api-key pk_bench_open --expect all
+kill "$envoy_pid"; wait "$envoy_pid" 2>/dev/null || true
 # HTTPS end to end, Envoy against portcullis-shim: the same certificate, upstream, policy and
 # pinning, HTTP/1.1 over TLS from the load generator. The direct pair: Envoy alone, and the shim
 # asking portcullis-noop (the shim always asks; the no-op answer is the cheapest there is). Then
@@ -389,6 +406,9 @@ for r in rows:
     print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {val(lat["p50"])} | {val(lat["p99"])} | {val(lat["p99.9"])} | {val(r["outcomes"]["allowed"])} | {val(r["outcomes"]["over_limit"])} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} | {cpu(r.get("store_cpu_pct"))} |')
 print(open(sys.argv[1] + ".audit").read().strip())
 print("\nbaselines: no-op cases for ext_authz, the native Check, forward-auth (a no-op HTTP/1.1 server) and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis (rls-limited-redis: rls-limited on the memory store); Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis; Envoy alone over TLS (https-envoy-direct) for the HTTPS cases, Envoy's and the shim's; noop-rls-1-h2load for the h2load rows")
+ed, er, ea = by.get("http-envoy-direct"), by.get("http-envoy-rls-only"), by.get("http-envoy-portcullis")
+if ed and er and ea:
+    print(f"\nthrough one Envoy worker, against Envoy alone: the ratelimit call only {er['rps'] / ed['rps']:.2f}, ext_authz + ratelimit + access log {ea['rps'] / ed['rps']:.2f}")
 se, sp, ee, ep = by.get("http-shim-direct"), by.get("http-shim-portcullis"), by.get("https-envoy-direct"), by.get("https-envoy-portcullis")
 if se and sp and ee and ep:
     print(f"\nportcullis-shim vs one Envoy worker over HTTPS: direct {se['rps'] / ee['rps']:.2f}x, asking portcullis {sp['rps'] / ep['rps']:.2f}x the throughput")
