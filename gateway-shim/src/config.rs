@@ -270,7 +270,7 @@ pub struct Limits {
 #[derive(Debug, Clone)]
 pub struct Hsts {
     /// The whole `Strict-Transport-Security` value.
-    pub value: String,
+    pub value: hyper::header::HeaderValue,
 }
 
 /// The validated configuration.
@@ -609,7 +609,9 @@ fn validate(raw: Raw, path: &Path, base: &Path) -> Result<Config, String> {
         http,
         metrics,
         tls,
-        hsts: Hsts { value: hsts },
+        hsts: Hsts {
+            value: hyper::header::HeaderValue::from_str(&hsts).map_err(|_| "hsts: not a header value".to_owned())?,
+        },
         plain,
         portcullis,
         upstream,

@@ -23,7 +23,9 @@ pub fn take(v: &Verdicts) -> bool {
 
 /// The most header bytes the scan holds (hyper refuses longer heads itself).
 const MAX_HEAD: usize = 1 << 20;
-const MAX_HEADERS: usize = 1024;
+const MAX_HEADERS: usize = 2048;
+/// Header fields parsed on the stack.
+const FEW_HEADERS: usize = 64;
 
 #[derive(Debug)]
 enum State {
@@ -132,9 +134,19 @@ impl<IO> Scan<IO> {
     }
 
     fn head(&mut self, head: &[u8]) {
-        let mut headers = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+        // most heads fit the stack; only a longer one pays for the large table
+        let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+        let mut many;
+        let mut req = httparse::Request::new(&mut few);
+        let parsed = match req.parse(head) {
+            Err(httparse::Error::TooManyHeaders) => {
+                many = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
+                req = httparse::Request::new(&mut many);
+                req.parse(head)
+            }
+            other => other,
+        };
+        if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
             self.state = State::Off;
             return;
         }
@@ -192,8 +204,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Scan<IO> {
         let this = &mut *self;
         let r = Pin::new(&mut this.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &r {
-            let new = buf.filled()[before..].to_vec();
-            this.feed(&new);
+            this.feed(&buf.filled()[before..]);
         }
         r
     }

@@ -167,8 +167,16 @@ pub fn request_id() -> String {
     }
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(36);
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            id.push('-');
+        }
+        id.push(char::from(HEX[usize::from(x >> 4)]));
+        id.push(char::from(HEX[usize::from(x & 0x0f)]));
+    }
+    id
 }
 
 /// The request body as it goes upstream: at most `max` bytes, and no more than `idle` between
@@ -419,9 +427,7 @@ impl Shim {
         } else {
             self.clone().route(req, &conn, &id).await
         };
-        if let Ok(v) = HeaderValue::from_str(&self.cfg.hsts.value) {
-            resp.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, v);
-        }
+        resp.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, self.cfg.hsts.value.clone());
         self.metrics.responses.get_or_create(&Code { code: resp.status().as_u16() }).inc();
         resp
     }

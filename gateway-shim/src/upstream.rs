@@ -73,45 +73,6 @@ impl ServerCertVerifier for Pinned {
     }
 }
 
-/// The verifier of an `http://` upstream's client, which never starts TLS: it trusts nothing.
-#[derive(Debug)]
-struct Refuse(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Refuse {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Err(rustls::Error::General("the upstream is http://: TLS is not expected".into()))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("the upstream is http://".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("the upstream is http://".into()))
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// Builds the upstream client from `upstream`: roots, pins, timeouts, protocols.
 pub fn client(u: &config::Upstream) -> anyhow::Result<UpClient> {
     let mut http = HttpConnector::new();
@@ -138,22 +99,21 @@ pub fn client(u: &config::Upstream) -> anyhow::Result<UpClient> {
         }
         anyhow::ensure!(!roots.is_empty(), "upstream: no trusted roots (the system has none; set upstream.ca_file)");
     }
-    let verifier: Arc<dyn ServerCertVerifier> = if u.https {
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    // ALPN is set by the connector builder: h2 with `http2`, else http/1.1
+    let versions = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .context("TLS versions")?;
+    let tls = if u.https {
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
             .context("upstream certificate verifier")?;
-        Arc::new(Pinned { inner, pins: u.pins.clone() })
+        // not a bypass: the verifier runs WebPKI first, then adds the pins
+        versions.dangerous().with_custom_certificate_verifier(Arc::new(Pinned { inner, pins: u.pins.clone() }))
     } else {
-        // an http:// upstream never starts TLS; should anything try, nothing is trusted
-        Arc::new(Refuse(provider.clone()))
-    };
-    // ALPN is set by the connector builder: h2 with `http2`, else http/1.1
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .context("TLS versions")?
-        .dangerous() // not a bypass: our verifier runs WebPKI first, then adds the pins
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        // an http:// upstream never starts TLS; should anything try, no root is trusted
+        versions.with_root_certificates(roots)
+    }
+    .with_no_client_auth();
     let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
     let connector =
         if u.http2 { builder.enable_http2().wrap_connector(http) } else { builder.enable_http1().wrap_connector(http) };
