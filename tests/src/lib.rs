@@ -11,6 +11,7 @@ mod http;
 mod issuer;
 mod nginx;
 mod portcullis;
+mod process;
 mod proxies;
 mod redis;
 mod shim;
@@ -21,6 +22,7 @@ pub use http::{HttpClient, Response, raw_status};
 pub use issuer::{Introspection, TestIssuer, b64};
 pub use nginx::{NGINX_SITE, Nginx, nginx_bin};
 pub use portcullis::{Portcullis, check_request, denied_status, portcullis_bin};
+pub use process::{Process, build_bin};
 pub use proxies::{CADDY_SITE, Proxy, TRAEFIK_MIDDLEWARE};
 pub use redis::{RedisCluster, RedisServer};
 pub use shim::{

@@ -4,39 +4,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
 
-use crate::{READY_DEADLINE, TempDir, lock, workspace_root};
-
-/// Builds a binary of the workspace once per test run, without the variables cargo sets for
-/// this test crate (they would make build scripts rerun).
-fn build_bin(package: &str, bin: &str) -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = std::process::Command::new(cargo);
-    build.args(["build", "--quiet", "-p", package, "--bin", bin]).current_dir(workspace_root());
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"]
-            .iter()
-            .any(|p| name.starts_with(p))
-        {
-            build.env_remove(name.as_ref());
-        }
-    }
-    let status = build.status().unwrap_or_else(|e| panic!("running cargo build for {bin}: {e}"));
-    assert!(status.success(), "cargo build -p {package} --bin {bin} failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    let path = target.join("debug").join(bin);
-    assert!(path.is_file(), "no {bin} binary at {}", path.display());
-    path
-}
+use crate::TempDir;
+use crate::process::{Process, build_bin};
 
 /// The portcullis-shim binary, rebuilt once per test run.
 pub fn shim_bin() -> PathBuf {
@@ -190,11 +166,10 @@ pub fn spki_pin(cert: &Path) -> String {
 
 /// A running portcullis-shim.
 pub struct Shim {
-    child: Child,
+    process: Process,
     pub https: SocketAddr,
     pub http: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
-    logs: Arc<Mutex<Vec<String>>>,
     pub config: PathBuf,
 }
 
@@ -218,81 +193,25 @@ impl Shim {
     pub async fn start(dir: &Path, yaml: &str) -> anyhow::Result<Shim> {
         let config = dir.join("shim.yaml");
         std::fs::write(&config, yaml)?;
-        let mut child = Command::new(shim_bin())
-            .args(["serve", "--config"])
+        let mut cmd = Command::new(shim_bin());
+        cmd.args(["serve", "--config"])
             .arg(&config)
             .args(["--log-format", "json"])
-            .env("PORTCULLIS_SHIM_LOG", "info,gateway_shim=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning portcullis-shim")?;
-        let stderr = child.stderr.take().context("shim stderr")?;
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        {
-            let logs = logs.clone();
-            tokio::spawn(async move {
-                let mut tx = Some(tx);
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                        && v["message"] == "portcullis-shim listening"
-                        && let Some(tx) = tx.take()
-                    {
-                        let addr = |k: &str| v[k].as_str().and_then(|a| a.parse::<SocketAddr>().ok());
-                        let _ = tx.send((addr("https"), addr("http"), addr("metrics")));
-                    }
-                    lock(&logs).push(line);
-                }
-            });
-        }
-        let (https, http, metrics) = match tokio::time::timeout(READY_DEADLINE, rx).await {
-            Ok(Ok((Some(h), p, m))) => (h, p, m),
-            _ => {
-                let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                bail!("portcullis-shim did not report its addresses; its log:\n{}", lock(&logs).join("\n"))
+            .env("PORTCULLIS_SHIM_LOG", "info,gateway_shim=debug");
+        let (process, (https, http, metrics)) = Process::spawn("portcullis-shim", cmd, |v| {
+            let addr = |k: &str| v[k].as_str().and_then(|a| a.parse::<SocketAddr>().ok());
+            match (v["message"].as_str(), addr("https")) {
+                (Some("portcullis-shim listening"), Some(h)) => Some((h, addr("http"), addr("metrics"))),
+                _ => None,
             }
-        };
-        Ok(Shim { child, https, http, metrics, logs, config })
-    }
-
-    pub fn logs(&self) -> Vec<String> {
-        lock(&self.logs).clone()
-    }
-
-    /// Polls the log until a line satisfies `pred`.
-    pub async fn wait_for_log(&self, what: &str, pred: impl Fn(&str) -> bool) -> anyhow::Result<String> {
-        let deadline = tokio::time::Instant::now() + READY_DEADLINE;
-        loop {
-            if let Some(l) = self.logs().into_iter().find(|l| pred(l)) {
-                return Ok(l);
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("no shim log line for {what}; the log:\n{}", self.logs().join("\n"));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await?;
+        Ok(Shim { process, https, http, metrics, config })
     }
 
     /// `https://127.0.0.1:<port><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("https://127.0.0.1:{}{path}", self.https.port())
-    }
-
-    /// Sends a Unix signal by name with kill(1).
-    pub async fn signal(&self, sig: &str) -> anyhow::Result<()> {
-        let pid = self.child.id().context("the shim has exited")?;
-        let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().await?;
-        anyhow::ensure!(status.success(), "kill -{sig} {pid} failed");
-        Ok(())
-    }
-
-    pub async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        Ok(tokio::time::timeout(within, self.child.wait()).await.context("the shim did not exit in time")??)
     }
 
     /// The metrics page.
@@ -303,6 +222,21 @@ impl Shim {
             .await
             .map(|r| r.body)
             .unwrap_or_default()
+    }
+}
+
+/// The process: its log, signals, exit.
+impl std::ops::Deref for Shim {
+    type Target = Process;
+
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Shim {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
     }
 }
 
