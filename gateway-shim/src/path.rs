@@ -3,6 +3,11 @@
 //! (percent-encodings of unreserved characters decoded, the others upper-cased, dot segments
 //! removed per section 5.2.4), runs of slashes merged, and an encoded slash or backslash
 //! refused. The upstream gets the path that was decided, never the raw one.
+//!
+//! Not `decision_core::path::normalize`: that one is the decision's, stricter than Envoy (it
+//! refuses a `..` above the root, which Envoy clamps, and the segments a later decoder could
+//! read as dots). The shim forwards what Envoy would, and portcullis then normalizes the Check's
+//! path with its own rules and refuses what they refuse, exactly as behind Envoy.
 
 /// Why a path was refused (400).
 #[derive(Debug, PartialEq, Eq)]
