@@ -73,7 +73,7 @@ start_portcullis_full() {
   mkdir -p "$work/ratelimit" && cp loadtest/bench/ratelimit/bench.yaml "$work/ratelimit/" && cp loadtest/bench/jwks.json "$work/"
   { cat loadtest/bench/policy.yaml
     printf 'audit:\n  sinks:\n    - file: { path: "%s/audit.log", fsync: interval }\n  spill_dir: "%s/spill"\n' "$work" "$work"
-    printf 'traffic:\n  concurrency_limit: 100000\n  queue_size: 0\n'
+    printf 'traffic:\n  concurrency_limit: 10000000\n  queue_size: 0\n  lease_ttl: 5s\n'
   } > "$work/policy-full.yaml"
   rm -f "$work/portcullis-full.listen"
   "${server_cpu[@]}" "$portcullis" serve --config "$work/policy-full.yaml" --log-format json \

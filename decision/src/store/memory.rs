@@ -7,9 +7,9 @@
 //! holds millions). With random seeds per process, a collision can neither be found from outside
 //! nor, at 2^-128 a pair, expected from inside.
 
-use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::{Mutex, MutexGuard};
 
 use decision_core::plan::{self, Op, OpKind};
@@ -58,8 +58,7 @@ struct Held {
 /// One upstream's slots, queue and breaker.
 #[derive(Default)]
 struct Upstream {
-    /// lease id -> expiry
-    slots: HashMap<String, Micros>,
+    slots: Slots,
     /// waiters in arrival order, with their deadlines
     queue: std::collections::VecDeque<(String, Micros)>,
     breaker: Breaker,
@@ -68,10 +67,74 @@ struct Upstream {
     adaptive: AdaptiveState,
 }
 
+/// The granted slots of one upstream, by lease id and by expiry: what traffic.lua keeps in a
+/// sorted set. Lease ids are held as the store's 128-bit keyed hash of the id (as quota keys
+/// are, see the module's comment), in B-trees: expiring a lapsed slot, granting, renewing and
+/// freeing one cost O(log n) and no allocation, and nothing ever rehashes the whole set (a hash
+/// map of 250,000 string ids under grant-and-expire churn rehashed itself every few seconds,
+/// stalling every decision for tens of milliseconds; sweeping it on every admission was most of
+/// the CPU).
+#[derive(Default)]
+struct Slots {
+    /// hashed lease id (with its kind prefix) -> (expiry, sequence number)
+    by_id: BTreeMap<u128, (Micros, u64)>,
+    /// (expiry, sequence number) -> hashed lease id, in the order they lapse
+    by_expiry: BTreeMap<(Micros, u64), u128>,
+    /// the next sequence number: makes equal expiries distinct keys
+    seq: u64,
+}
+
+impl Slots {
+    fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Holds `id` until `expiry` (a new slot; an id already held is moved to `expiry`).
+    fn insert(&mut self, id: u128, expiry: Micros) {
+        self.remove(id);
+        self.seq += 1;
+        self.by_id.insert(id, (expiry, self.seq));
+        self.by_expiry.insert((expiry, self.seq), id);
+    }
+
+    /// Frees `id`; its expiry if it was held.
+    fn remove(&mut self, id: u128) -> Option<Micros> {
+        let at = self.by_id.remove(&id)?;
+        self.by_expiry.remove(&at);
+        Some(at.0)
+    }
+
+    /// Moves a held, unexpired `id` to `expiry`; false when it is not held at `now`.
+    fn renew(&mut self, id: u128, expiry: Micros, now: Micros) -> bool {
+        let Some(at) = self.by_id.get_mut(&id) else { return false };
+        if at.0 <= now {
+            return false;
+        }
+        self.by_expiry.remove(at);
+        self.seq += 1;
+        *at = (expiry, self.seq);
+        self.by_expiry.insert(*at, id);
+        true
+    }
+
+    /// Frees every slot whose expiry is at or before `now`.
+    fn expire(&mut self, now: Micros) {
+        while let Some(first) = self.by_expiry.first_entry() {
+            if first.key().0 > now {
+                break;
+            }
+            let id = first.remove();
+            self.by_id.remove(&id);
+        }
+    }
+}
+
 impl Upstream {
     fn expire(&mut self, now: Micros) {
-        self.slots.retain(|_, exp| *exp > now);
-        self.queue.retain(|(_, deadline)| *deadline > now);
+        self.slots.expire(now);
+        if !self.queue.is_empty() {
+            self.queue.retain(|(_, deadline)| *deadline > now);
+        }
     }
 
     fn limit(&self, cfg: &TrafficConfig) -> u64 {
@@ -122,7 +185,10 @@ impl MemoryStore {
         // a request waits in the queue under its lease id
         let waiter = lease;
         let mut all = lock(&self.traffic);
-        let up = all.entry(upstream.to_owned()).or_default();
+        if !all.contains_key(upstream) {
+            all.insert(upstream.to_owned(), Upstream::default());
+        }
+        let Some(up) = all.get_mut(upstream) else { unreachable!("inserted above") };
         up.expire(now);
         let (gate, next) = match &cfg.breaker {
             Some(b) => up.breaker.gate(b, cfg.lease_ttl, now),
@@ -141,7 +207,7 @@ impl MemoryStore {
         };
         if free && my_turn {
             let probe = gate == Gate::Probe;
-            let id = format!("{}{lease}", if probe { traffic::PROBE_PREFIX } else { 'l' });
+            let id = self.slot_id(if probe { traffic::PROBE_PREFIX } else { 'l' }, lease);
             up.slots.insert(id, now + cfg.lease_ttl);
             if returning {
                 up.queue.pop_front();
@@ -170,7 +236,9 @@ impl MemoryStore {
         if let Some(up) = lock(&self.traffic).get_mut(upstream) {
             up.queue.retain(|(w, _)| w != lease);
             // a slot granted under this id (a cancelled request's) is freed, uncounted
-            up.slots.retain(|held, _| held.strip_prefix(['l', 'p']) != Some(lease));
+            for prefix in ['l', traffic::PROBE_PREFIX] {
+                up.slots.remove(self.slot_id(prefix, lease));
+            }
         }
     }
 
@@ -180,15 +248,10 @@ impl MemoryStore {
         if lease.starts_with(traffic::PROBE_PREFIX) {
             return false;
         }
+        let id = self.id(lease);
         let mut all = lock(&self.traffic);
         let Some(up) = all.get_mut(upstream) else { return false };
-        match up.slots.get_mut(lease) {
-            Some(expiry) if *expiry > now => {
-                *expiry = now + lease_ttl;
-                true
-            }
-            _ => false,
-        }
+        up.slots.renew(id, now + lease_ttl, now)
     }
 
     /// `Store::complete`, synchronously.
@@ -199,7 +262,7 @@ impl MemoryStore {
             return (false, UpstreamState { limit: cfg.concurrency_limit, ..UpstreamState::default() });
         };
         up.expire(now);
-        let Some(expiry) = up.slots.remove(lease) else { return (false, up.occupied(cfg)) };
+        let Some(expiry) = up.slots.remove(self.id(lease)) else { return (false, up.occupied(cfg)) };
         let held = now.saturating_sub(expiry.saturating_sub(cfg.lease_ttl));
         up.hold = traffic::mean_hold(up.hold, held);
         if let Some(b) = &cfg.breaker {
@@ -213,6 +276,22 @@ impl MemoryStore {
 
     fn id(&self, key: &str) -> u128 {
         (u128::from(self.hasher.hash_one(key)) << 64) | u128::from(self.hasher2.hash_one(key))
+    }
+
+    /// `id` of the slot id `prefix` + `lease` (what `complete` and `renew` are later given),
+    /// without building that string.
+    fn slot_id(&self, prefix: char, lease: &str) -> u128 {
+        let mut buf = [0u8; 4];
+        let prefix = prefix.encode_utf8(&mut buf).as_bytes();
+        let one = |h: &RandomState| {
+            let mut h = h.build_hasher();
+            // what `str`'s Hash writes: its bytes, then 0xff
+            h.write(prefix);
+            h.write(lease.as_bytes());
+            h.write_u8(0xff);
+            h.finish()
+        };
+        (u128::from(one(&self.hasher)) << 64) | u128::from(one(&self.hasher2))
     }
 
     fn shard_of(id: u128) -> usize {
@@ -463,6 +542,35 @@ mod tests {
     #[tokio::test]
     async fn memory_store_passes_the_conformance_suite() {
         super::super::conformance::run_all(|| async { MemoryStore::new() }).await;
+    }
+
+    #[test]
+    fn a_slot_id_hashes_as_the_lease_string_complete_is_given() {
+        let s = MemoryStore::new();
+        for (prefix, lease) in [('l', "0123456789abcdef0123456789abcdef"), ('p', "x"), ('l', ""), ('p', "é✓")] {
+            assert_eq!(s.slot_id(prefix, lease), s.id(&format!("{prefix}{lease}")), "{prefix}{lease}");
+        }
+        assert_ne!(s.slot_id('l', "a"), s.slot_id('p', "a"));
+    }
+
+    #[test]
+    fn slots_lapse_in_expiry_order_and_a_renewed_or_freed_one_moves_or_goes() {
+        let mut slots = Slots::default();
+        for (id, expiry) in [(1, 30), (2, 10), (3, 20), (4, 10)] {
+            slots.insert(id, expiry);
+        }
+        assert!(slots.renew(2, 40, 5), "held and unexpired");
+        assert_eq!(slots.remove(3), Some(20));
+        assert_eq!(slots.remove(3), None);
+        slots.expire(10);
+        assert_eq!((slots.len(), slots.by_id.contains_key(&4)), (2, false), "4 lapsed at 10, 2 was renewed");
+        assert!(!slots.renew(1, 100, 30), "lapsed at 30: not renewed");
+        slots.expire(30);
+        assert_eq!(slots.by_id.keys().copied().collect::<Vec<_>>(), [2]);
+        slots.insert(2, 5);
+        assert_eq!((slots.len(), slots.by_expiry.len()), (1, 1), "re-granting an id moves it");
+        slots.expire(5);
+        assert_eq!((slots.len(), slots.by_expiry.len()), (0, 0));
     }
 
     #[test]
