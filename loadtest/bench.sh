@@ -67,7 +67,9 @@ start_portcullis() {
 }
 
 # portcullis on the bench policy plus an audit trail (a file sink, fsync once a second) and
-# traffic control (a concurrency slot per request): what a production policy pays for them.
+# traffic control (a concurrency slot per request): what a production policy pays for them. The
+# load generator sends no completions, so each slot is held until its lease lapses (5 s): a few
+# hundred thousand held at once, under a limit set high enough never to refuse.
 # Sets pcf_pid, pcf_addr and pcf_http.
 start_portcullis_full() {
   mkdir -p "$work/ratelimit" && cp loadtest/bench/ratelimit/bench.yaml "$work/ratelimit/" && cp loadtest/bench/jwks.json "$work/"

@@ -37,16 +37,48 @@ impl Chain {
         Chain { name: name.to_owned(), seq: 0, head: GENESIS.to_owned() }
     }
 
-    /// Seals an event: adds chain, seq, prev_hash and hash; returns its JSON line.
+    /// Seals an event: adds chain, seq, prev_hash and hash; returns its JSON line. The event is
+    /// serialized once: its canonical JSON (sorted keys, compact) is what is hashed, and the
+    /// line is that text with `"hash":"<hex>"` spliced in at its sorted place, byte for byte
+    /// what serializing the sealed object gives (`hash_of` and `verify` recompute it so).
     pub fn seal(&mut self, mut event: Map<String, Value>) -> String {
         self.seq += 1;
+        event.remove("hash");
         event.insert("chain".into(), Value::from(self.name.clone()));
         event.insert("seq".into(), Value::from(self.seq));
-        event.insert("prev_hash".into(), Value::from(self.head.clone()));
-        let hash = hash_of(&self.head, &event);
-        event.insert("hash".into(), Value::from(hash.clone()));
+        event.insert("prev_hash".into(), Value::from(self.head.as_str()));
+        let mut text: Vec<u8> = Vec::with_capacity(1024);
+        text.push(b'{');
+        // where "hash" goes: before the first key that sorts after it (with that key's comma)
+        let mut at = None;
+        for (i, (k, v)) in event.iter().enumerate() {
+            if at.is_none() && k.as_str() > "hash" {
+                at = Some(text.len());
+            }
+            if i > 0 {
+                text.push(b',');
+            }
+            // writing JSON into a Vec cannot fail (keys are strings, values are `Value`s)
+            let _ = serde_json::to_writer(&mut text, k);
+            text.push(b':');
+            let _ = serde_json::to_writer(&mut text, v);
+        }
+        text.push(b'}');
+        let mut h = Sha256::new();
+        h.update(self.head.as_bytes());
+        h.update(&text);
+        let hash = decision_core::encode::hex(&h.finalize());
+        let (at, before, after) = match at {
+            Some(at) if at > 1 => (at, ",", ""),
+            Some(at) => (at, "", ","),
+            None if event.is_empty() => (1, "", ""),
+            None => (text.len() - 1, ",", ""),
+        };
+        let member = format!("{before}\"hash\":\"{hash}\"{after}");
+        text.splice(at..at, member.into_bytes());
         self.head = hash;
-        Value::Object(event).to_string()
+        // serde_json writes UTF-8 only
+        String::from_utf8(text).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 
     pub fn head(&self) -> (&str, u64) {
@@ -256,6 +288,29 @@ mod tests {
                 if i % 3 == 0 { b.seal(ev) } else { a.seal(ev) }
             })
             .collect()
+    }
+
+    #[test]
+    fn a_sealed_line_is_the_sealed_object_serialized_whatever_its_keys() {
+        let mut c = Chain::new("pc-a/1");
+        let mut prev = GENESIS.to_owned();
+        let shapes: Vec<Vec<(&str, Value)>> = vec![
+            vec![],
+            vec![("a", Value::from(1))],
+            vec![("zz", Value::from("é \" \\ \u{1} ✓")), ("aa", serde_json::json!({"n": [1, 2.5, null]}))],
+            vec![("hash", Value::from("forged")), ("h", Value::from(true)), ("hasi", Value::from(false))],
+            vec![("\u{7f}", Value::from(0)), ("", Value::from(-1))],
+        ];
+        for shape in shapes {
+            let ev: Map<String, Value> = shape.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            let line = c.seal(ev);
+            let parsed: Map<String, Value> = serde_json::from_str(&line).expect("a JSON object");
+            assert_eq!(line, Value::Object(parsed.clone()).to_string(), "canonical");
+            assert_eq!(parsed["prev_hash"], Value::from(prev.as_str()));
+            let hash = hash_of(&prev, &parsed);
+            assert_eq!(parsed["hash"], Value::from(hash.as_str()), "{line}");
+            prev = hash;
+        }
     }
 
     fn tampered(lines: &[String]) -> Tampering {

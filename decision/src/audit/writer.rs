@@ -1,5 +1,9 @@
 //! The audit writer: events from the request path are queued without blocking a decision, sealed
-//! into this instance's chain by one writer thread, and handed to every sink. Each sink has its
+//! into this instance's chain by one writer thread, and handed to every sink. The request path
+//! only pushes onto a bounded in-memory queue and wakes nobody while the writer is busy: the
+//! writer takes the whole queue every `BATCH_WAIT` while events keep coming (and sleeps until
+//! woken otherwise), so a busy instance pays no thread wake-up per event. Sinks write what they
+//! are handed in batches (one `write` for a file). Each sink has its
 //! own thread and a bounded queue; when a sink is slow or failing and its queue is full, its
 //! events spill to a file on local disk, in order, and are replayed from there before anything
 //! newer, so a slow sink loses nothing. A graceful stop seals a last checkpoint and drains every
@@ -11,8 +15,8 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{JoinHandle, Thread};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -57,17 +61,35 @@ impl AuditMetrics {
 
 /// Events waiting for the writer at most.
 const QUEUE: usize = 65_536;
+/// How long the writer lets events gather after a batch before it takes the next one: at most
+/// this much later on disk, and one wake-up per batch instead of one per event.
+const BATCH_WAIT: Duration = Duration::from_millis(2);
+/// Lines a sink writes in one go at most.
+const SINK_BATCH: usize = 512;
 /// How long a stop waits for a failing sink before leaving its spill file for the next start.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
-enum Msg {
-    Event(Map<String, Value>),
-    Stop,
+/// What the request path hands the writer.
+#[derive(Default)]
+struct Inbox {
+    /// events not yet taken by the writer, oldest first (at most `QUEUE`)
+    events: Mutex<Vec<Map<String, Value>>>,
+    /// set by the writer before it sleeps with nothing to do: the next event wakes it
+    idle: AtomicBool,
+    /// set by `Audit::stop`: the writer seals what is queued, a last checkpoint, and ends
+    stop: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // a panic while holding it cannot leave the queue half-written (a Vec push or swap)
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The request path's handle on the audit trail.
 pub struct Audit {
-    tx: SyncSender<Msg>,
+    inbox: Arc<Inbox>,
+    /// the writer thread, woken when an event arrives while it is idle
+    waker: Thread,
     writer: Mutex<Option<JoinHandle<()>>>,
     /// headers masked besides the credential headers (lower case)
     pub mask: Vec<String>,
@@ -94,14 +116,16 @@ impl Audit {
             let spill = s.spill_dir.join(format!("{}-{i}-{}.spill", sanitize(&s.instance), sink.kind()));
             sinks.push(SinkHandle::start(sink.clone(), spill, s.sink_queue, &metrics)?);
         }
-        let (tx, rx) = sync_channel(QUEUE);
+        let inbox = Arc::new(Inbox::default());
         let settings = s.clone();
         let events = metrics.events.clone();
+        let writer_inbox = inbox.clone();
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || write_loop(rx, chain_name, settings, sinks, runtime, events))?;
+            .spawn(move || write_loop(&writer_inbox, chain_name, settings, sinks, runtime, events))?;
         Ok(Arc::new(Audit {
-            tx,
+            inbox,
+            waker: writer.thread().clone(),
             writer: Mutex::new(Some(writer)),
             mask: s.mask_headers.clone(),
             instance: s.instance.clone(),
@@ -109,20 +133,28 @@ impl Audit {
         }))
     }
 
-    /// Queues an event (already masked); never blocks.
+    /// Queues an event (already masked); never blocks (a short lock on the queue). Counted as
+    /// dropped when `QUEUE` events already wait or the trail is stopped.
     pub fn record(&self, event: Map<String, Value>) {
-        match self.tx.try_send(Msg::Event(event)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+        {
+            let mut q = lock(&self.inbox.events);
+            if q.len() >= QUEUE || self.inbox.stop.load(Ordering::Acquire) {
+                drop(q);
                 self.metrics.dropped.inc();
+                return;
             }
+            q.push(event);
+        }
+        if self.inbox.idle.swap(false, Ordering::AcqRel) {
+            self.waker.unpark();
         }
     }
 
-    /// Seals a last checkpoint and drains every sink; returns when done.
+    /// Seals what is queued and a last checkpoint, and drains every sink; returns when done.
     pub fn stop(&self) {
-        let _ = self.tx.send(Msg::Stop);
-        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.inbox.stop.store(true, Ordering::Release);
+        self.waker.unpark();
+        let handle = lock(&self.writer).take();
         if let Some(h) = handle {
             let _ = h.join();
         }
@@ -134,7 +166,7 @@ fn sanitize(s: &str) -> String {
 }
 
 fn write_loop(
-    rx: Receiver<Msg>,
+    inbox: &Inbox,
     chain_name: String,
     s: AuditSettings,
     sinks: Vec<SinkHandle>,
@@ -175,22 +207,41 @@ fn write_loop(
         }
         emit(chain, cp);
     };
+    let mut batch = Vec::new();
     loop {
-        let wait = next.saturating_duration_since(clock::instant());
-        match rx.recv_timeout(wait) {
-            Ok(Msg::Event(ev)) => emit(&mut chain, ev),
-            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => {
+        // the stop flag before the take: every event queued before `stop` is in this batch
+        let stopping = inbox.stop.load(Ordering::Acquire);
+        std::mem::swap(&mut *lock(&inbox.events), &mut batch);
+        let busy = !batch.is_empty();
+        for ev in batch.drain(..) {
+            emit(&mut chain, ev);
+        }
+        if stopping {
+            checkpoint(&mut chain, &mut emit);
+            break;
+        }
+        let now = clock::instant();
+        if now >= next {
+            if chain.head().1 > covered {
                 checkpoint(&mut chain, &mut emit);
-                break;
+                covered = chain.head().1;
             }
-            Err(RecvTimeoutError::Timeout) => {
-                if chain.head().1 > covered {
-                    checkpoint(&mut chain, &mut emit);
-                    covered = chain.head().1;
-                }
+            while next <= now {
                 next += s.checkpoint_every;
             }
         }
+        if busy {
+            // more are likely coming: let them gather
+            std::thread::park_timeout(BATCH_WAIT);
+            continue;
+        }
+        // nothing to do: sleep until the next checkpoint or an event (`record` wakes an idle
+        // writer); look once more after saying so, or an event queued just before would wait
+        inbox.idle.store(true, Ordering::Release);
+        if lock(&inbox.events).is_empty() && !inbox.stop.load(Ordering::Acquire) {
+            std::thread::park_timeout(next.saturating_duration_since(clock::instant()));
+        }
+        inbox.idle.store(false, Ordering::Release);
     }
     for sink in sinks {
         sink.close();
@@ -228,6 +279,10 @@ async fn anchor(url: crate::https::Url, body: String) {
 /// Where a sink writes.
 trait Output: Send {
     fn write(&mut self, line: &str) -> std::io::Result<()>;
+    /// Writes `lines` in order (one call each unless the output can do better).
+    fn write_batch(&mut self, lines: &[String]) -> std::io::Result<()> {
+        lines.iter().try_for_each(|l| self.write(l))
+    }
     /// called when the queue is idle
     fn flush(&mut self) -> std::io::Result<()>;
 }
@@ -307,6 +362,32 @@ impl Output for FileOut {
             Fsync::Always => {}
             Fsync::Interval if self.last_sync.elapsed() >= Duration::from_secs(1) => self.flush()?,
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// One `write` for the whole batch (then one `fdatasync` with `fsync: always`); line by
+    /// line when the batch would cross `max_size`, so that rotation never splits a line.
+    fn write_batch(&mut self, lines: &[String]) -> std::io::Result<()> {
+        let len: u64 = lines.iter().map(|l| l.len() as u64 + 1).sum();
+        if lines.len() < 2 || self.max_size.is_some_and(|max| self.size + len > max) {
+            return lines.iter().try_for_each(|l| self.write(l));
+        }
+        let mut buf = Vec::with_capacity(len as usize);
+        for l in lines {
+            buf.extend_from_slice(l.as_bytes());
+            buf.push(b'\n');
+        }
+        let always = self.fsync == Fsync::Always;
+        let f = self.open()?;
+        f.write_all(&buf)?;
+        if always {
+            f.sync_data()?;
+        }
+        self.size += len;
+        self.dirty = !always;
+        if self.fsync == Fsync::Interval && self.last_sync.elapsed() >= Duration::from_secs(1) {
+            self.flush()?;
         }
         Ok(())
     }
@@ -474,17 +555,17 @@ impl SinkHandle {
     }
 }
 
-/// Writes a line, retrying with backoff until it goes through or `deadline` (if any) passes.
+/// Writes lines, retrying with backoff until they go through or `deadline` (if any) passes.
 fn deliver(
     name: &str,
     out: &mut dyn Output,
-    line: &str,
+    lines: &[String],
     deadline: Option<std::time::Instant>,
     errors: &Counter,
 ) -> bool {
     let mut delay = Duration::from_millis(50);
     loop {
-        match out.write(line) {
+        match out.write_batch(lines) {
             Ok(()) => return true,
             Err(e) => {
                 errors.inc();
@@ -500,6 +581,7 @@ fn deliver(
 }
 
 fn sink_loop(name: &'static str, mut out: Box<dyn Output>, rx: Receiver<Option<String>>, spill: Arc<Spill>) {
+    let mut batch = Vec::with_capacity(SINK_BATCH);
     let mut offset = 0u64;
     let mut deadline = None;
     let mut stopping = false;
@@ -507,17 +589,35 @@ fn sink_loop(name: &'static str, mut out: Box<dyn Output>, rx: Receiver<Option<S
         // the queue first: what is in it is older than anything spilled since
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Some(line)) => {
-                if !deliver(name, out.as_mut(), &line, deadline, &spill.metrics.sink_errors) {
-                    // the drain deadline passed with the sink still failing: keep this line and
-                    // everything after it, in order, for the next start
-                    let mut pending = vec![line];
+                // what else is queued goes in the same write (a stop marker ends the batch)
+                batch.push(line);
+                let mut stop_seen = false;
+                while batch.len() < SINK_BATCH {
+                    match rx.try_recv() {
+                        Ok(Some(l)) => batch.push(l),
+                        Ok(None) => {
+                            stop_seen = true;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if !deliver(name, out.as_mut(), &batch, deadline, &spill.metrics.sink_errors) {
+                    // the drain deadline passed with the sink still failing: keep these lines
+                    // and everything after them, in order, for the next start
+                    let mut pending = std::mem::take(&mut batch);
                     while let Ok(Some(l)) = rx.try_recv() {
                         pending.push(l);
                     }
                     keep_for_next_start(&spill, offset, &pending);
                     return;
                 }
-                continue;
+                batch.clear();
+                if !stop_seen {
+                    continue;
+                }
+                stopping = true;
+                deadline = Some(clock::instant() + DRAIN_DEADLINE);
             }
             Ok(None) => {
                 stopping = true;
@@ -597,7 +697,8 @@ fn replay(
                 return offset; // more arrived: the next round reads it
             }
             Ok(n) if line.ends_with('\n') => {
-                if !deliver(name, out, line.trim_end_matches('\n'), deadline, &spill.metrics.sink_errors) {
+                let one = [line.trim_end_matches('\n').to_owned()];
+                if !deliver(name, out, &one, deadline, &spill.metrics.sink_errors) {
                     return offset; // left in the file for the next start
                 }
                 offset += n as u64;
