@@ -11,6 +11,11 @@
 //! ```                                                            # (and `http <addr>`)
 #![allow(clippy::print_stdout)]
 
+/// The allocator portcullis runs on (decision/src/main.rs), so that the baseline differs from
+/// it by the decision's work only.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 
 use proto::ext_authz::authorization_server::{Authorization, AuthorizationServer};
