@@ -279,9 +279,14 @@ async fn anchor(url: crate::https::Url, body: String) {
 /// Where a sink writes.
 trait Output: Send {
     fn write(&mut self, line: &str) -> std::io::Result<()>;
-    /// Writes `lines` in order (one call each unless the output can do better).
-    fn write_batch(&mut self, lines: &[String]) -> std::io::Result<()> {
-        lines.iter().try_for_each(|l| self.write(l))
+    /// Writes `lines` in order (one call each unless the output can do better). On an error,
+    /// how many lines went out whole before it, so that a retry sends only the rest (a line
+    /// sent twice would read as a replayed event to `audit verify`).
+    fn write_batch(&mut self, lines: &[String]) -> Result<(), (usize, std::io::Error)> {
+        for (i, l) in lines.iter().enumerate() {
+            self.write(l).map_err(|e| (i, e))?;
+        }
+        Ok(())
     }
     /// called when the queue is idle
     fn flush(&mut self) -> std::io::Result<()>;
@@ -368,26 +373,34 @@ impl Output for FileOut {
 
     /// One `write` for the whole batch (then one `fdatasync` with `fsync: always`); line by
     /// line when the batch would cross `max_size`, so that rotation never splits a line.
-    fn write_batch(&mut self, lines: &[String]) -> std::io::Result<()> {
+    fn write_batch(&mut self, lines: &[String]) -> Result<(), (usize, std::io::Error)> {
         let len: u64 = lines.iter().map(|l| l.len() as u64 + 1).sum();
         if lines.len() < 2 || self.max_size.is_some_and(|max| self.size + len > max) {
-            return lines.iter().try_for_each(|l| self.write(l));
+            for (i, l) in lines.iter().enumerate() {
+                self.write(l).map_err(|e| (i, e))?;
+            }
+            return Ok(());
         }
-        let mut buf = Vec::with_capacity(len as usize);
+        let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
         for l in lines {
             buf.extend_from_slice(l.as_bytes());
             buf.push(b'\n');
         }
         let always = self.fsync == Fsync::Always;
-        let f = self.open()?;
-        f.write_all(&buf)?;
-        if always {
-            f.sync_data()?;
+        let f = self.open().map_err(|e| (0, e))?;
+        let (written, failed) = write_some(f, &buf);
+        self.size += written as u64;
+        if let Some(e) = failed {
+            // the lines that went out whole; a torn one is written again whole
+            return Err((buf[..written].iter().filter(|&&b| b == b'\n').count(), e));
         }
-        self.size += len;
+        if always && let Some(f) = self.file.as_mut() {
+            f.sync_data().map_err(|e| (lines.len(), e))?;
+        }
         self.dirty = !always;
         if self.fsync == Fsync::Interval && self.last_sync.elapsed() >= Duration::from_secs(1) {
-            self.flush()?;
+            // written; only the sync failed: nothing to write again
+            self.flush().map_err(|e| (lines.len(), e))?;
         }
         Ok(())
     }
@@ -402,6 +415,21 @@ impl Output for FileOut {
         }
         Ok(())
     }
+}
+
+/// Writes `buf` to `f` until all of it is written or a write fails: the bytes written, and the
+/// error if one ended it.
+fn write_some(f: &mut File, buf: &[u8]) -> (usize, Option<std::io::Error>) {
+    let mut written = 0;
+    while written < buf.len() {
+        match f.write(&buf[written..]) {
+            Ok(0) => return (written, Some(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (written, Some(e)),
+        }
+    }
+    (written, None)
 }
 
 struct RedisStreamOut {
@@ -555,23 +583,26 @@ impl SinkHandle {
     }
 }
 
-/// Writes lines, retrying with backoff until they go through or `deadline` (if any) passes.
+/// Writes lines, retrying what has not gone out with backoff until all of it has, or
+/// `deadline` (if any) passes: then `Err` with how many lines went out.
 fn deliver(
     name: &str,
     out: &mut dyn Output,
     lines: &[String],
     deadline: Option<std::time::Instant>,
     errors: &Counter,
-) -> bool {
+) -> Result<(), usize> {
     let mut delay = Duration::from_millis(50);
+    let mut done = 0;
     loop {
-        match out.write_batch(lines) {
-            Ok(()) => return true,
-            Err(e) => {
+        match out.write_batch(&lines[done..]) {
+            Ok(()) => return Ok(()),
+            Err((whole, e)) => {
+                done = (done + whole).min(lines.len());
                 errors.inc();
                 tracing::warn!(sink = name, error = %e, "audit sink write failed; retrying");
                 if deadline.is_some_and(|d| clock::instant() >= d) {
-                    return false;
+                    return Err(done);
                 }
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(2));
@@ -602,10 +633,10 @@ fn sink_loop(name: &'static str, mut out: Box<dyn Output>, rx: Receiver<Option<S
                         Err(_) => break,
                     }
                 }
-                if !deliver(name, out.as_mut(), &batch, deadline, &spill.metrics.sink_errors) {
-                    // the drain deadline passed with the sink still failing: keep these lines
-                    // and everything after them, in order, for the next start
-                    let mut pending = std::mem::take(&mut batch);
+                if let Err(done) = deliver(name, out.as_mut(), &batch, deadline, &spill.metrics.sink_errors) {
+                    // the drain deadline passed with the sink still failing: keep the lines not
+                    // delivered and everything after them, in order, for the next start
+                    let mut pending = batch.split_off(done);
                     while let Ok(Some(l)) = rx.try_recv() {
                         pending.push(l);
                     }
@@ -698,7 +729,7 @@ fn replay(
             }
             Ok(n) if line.ends_with('\n') => {
                 let one = [line.trim_end_matches('\n').to_owned()];
-                if !deliver(name, out, &one, deadline, &spill.metrics.sink_errors) {
+                if deliver(name, out, &one, deadline, &spill.metrics.sink_errors).is_err() {
                     return offset; // left in the file for the next start
                 }
                 offset += n as u64;
@@ -712,6 +743,41 @@ fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sink that takes lines until `down_at` of them are in, then fails `failures` times.
+    struct Flaky {
+        got: Vec<String>,
+        down_at: usize,
+        failures: usize,
+    }
+
+    impl Output for Flaky {
+        fn write(&mut self, line: &str) -> std::io::Result<()> {
+            if self.got.len() == self.down_at && self.failures > 0 {
+                self.failures -= 1;
+                return Err(std::io::Error::other("down"));
+            }
+            self.got.push(line.to_owned());
+            Ok(())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_batch_retried_after_a_failure_sends_each_line_once() {
+        let lines: Vec<String> = (0..6).map(|i| format!("line {i}")).collect();
+        let errors = Counter::default();
+        let mut out = Flaky { got: Vec::new(), down_at: 2, failures: 1 };
+        assert_eq!(deliver("t", &mut out, &lines, None, &errors), Ok(()));
+        assert_eq!(out.got, lines, "lines 0 and 1 are not written twice");
+        assert_eq!(errors.get(), 1);
+        // still failing at the drain deadline: how many went out, so the rest is kept
+        let mut out = Flaky { got: Vec::new(), down_at: 4, failures: usize::MAX };
+        assert_eq!(deliver("t", &mut out, &lines, Some(clock::instant()), &errors), Err(4));
+    }
 
     #[test]
     fn a_full_file_is_rotated_and_no_line_is_split() {
