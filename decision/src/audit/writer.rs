@@ -161,6 +161,15 @@ impl Audit {
     }
 }
 
+impl Drop for Audit {
+    /// Dropped without `stop` (serving ended early): the writer still seals what is queued and
+    /// a last checkpoint, and closes its sinks, on its own thread.
+    fn drop(&mut self) {
+        self.inbox.stop.store(true, Ordering::Release);
+        self.waker.unpark();
+    }
+}
+
 fn sanitize(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
@@ -326,6 +335,37 @@ impl FileOut {
         self.file.as_mut().ok_or_else(|| std::io::Error::other("no file"))
     }
 
+    /// Appends `buf`, `lines` whole lines, then syncs as `fsync` says. When a write fails part
+    /// way, the file is cut back to its last whole line, so that the retry of a torn line never
+    /// lands behind its first half (one line of neither, which `audit verify` would refuse).
+    /// Err: the lines that went out whole, and the error.
+    fn append(&mut self, buf: &[u8], lines: usize) -> Result<(), (usize, std::io::Error)> {
+        self.open().map_err(|e| (0, e))?;
+        let before = self.size;
+        let always = self.fsync == Fsync::Always;
+        let f = self.file.as_mut().ok_or_else(|| (0, std::io::Error::other("no file")))?;
+        let (written, failed) = write_some(f, buf);
+        if let Some(e) = failed {
+            let whole = buf[..written].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            if whole < written && f.set_len(before + whole as u64).is_err() {
+                // not even that: reopened (and sized) at the next write
+                self.file = None;
+            }
+            self.size = before + whole as u64;
+            return Err((buf[..whole].iter().filter(|&&b| b == b'\n').count(), e));
+        }
+        if always {
+            f.sync_data().map_err(|e| (lines, e))?;
+        }
+        self.size = before + buf.len() as u64;
+        self.dirty = !always;
+        if self.fsync == Fsync::Interval && self.last_sync.elapsed() >= Duration::from_secs(1) {
+            // written; only the sync failed: nothing to write again
+            self.flush().map_err(|e| (lines, e))?;
+        }
+        Ok(())
+    }
+
     /// Renames the full file to `<path>.<UTC time>` and starts a new one.
     fn rotate(&mut self) -> std::io::Result<()> {
         if let Some(f) = self.file.take() {
@@ -354,27 +394,18 @@ impl Output for FileOut {
             self.open()?;
             self.rotate()?;
         }
-        let always = self.fsync == Fsync::Always;
-        let f = self.open()?;
-        f.write_all(line.as_bytes())?;
-        f.write_all(b"\n")?;
-        if always {
-            f.sync_data()?;
-        }
-        self.size += len;
-        self.dirty = !always;
-        match self.fsync {
-            Fsync::Always => {}
-            Fsync::Interval if self.last_sync.elapsed() >= Duration::from_secs(1) => self.flush()?,
-            _ => {}
-        }
-        Ok(())
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        self.append(&buf, 1).map_err(|(_, e)| e)
     }
 
     /// One `write` for the whole batch (then one `fdatasync` with `fsync: always`); line by
     /// line when the batch would cross `max_size`, so that rotation never splits a line.
     fn write_batch(&mut self, lines: &[String]) -> Result<(), (usize, std::io::Error)> {
         let len: u64 = lines.iter().map(|l| l.len() as u64 + 1).sum();
+        // opened first: the size a rotation is decided by is the file's, from the first batch on
+        self.open().map_err(|e| (0, e))?;
         if lines.len() < 2 || self.max_size.is_some_and(|max| self.size + len > max) {
             for (i, l) in lines.iter().enumerate() {
                 self.write(l).map_err(|e| (i, e))?;
@@ -386,23 +417,7 @@ impl Output for FileOut {
             buf.extend_from_slice(l.as_bytes());
             buf.push(b'\n');
         }
-        let always = self.fsync == Fsync::Always;
-        let f = self.open().map_err(|e| (0, e))?;
-        let (written, failed) = write_some(f, &buf);
-        self.size += written as u64;
-        if let Some(e) = failed {
-            // the lines that went out whole; a torn one is written again whole
-            return Err((buf[..written].iter().filter(|&&b| b == b'\n').count(), e));
-        }
-        if always && let Some(f) = self.file.as_mut() {
-            f.sync_data().map_err(|e| (lines.len(), e))?;
-        }
-        self.dirty = !always;
-        if self.fsync == Fsync::Interval && self.last_sync.elapsed() >= Duration::from_secs(1) {
-            // written; only the sync failed: nothing to write again
-            self.flush().map_err(|e| (lines.len(), e))?;
-        }
-        Ok(())
+        self.append(&buf, lines.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -633,6 +648,11 @@ fn sink_loop(name: &'static str, mut out: Box<dyn Output>, rx: Receiver<Option<S
                         Err(_) => break,
                     }
                 }
+                if stop_seen {
+                    // stopping: this batch, too, is given up at the drain deadline
+                    stopping = true;
+                    deadline = Some(clock::instant() + DRAIN_DEADLINE);
+                }
                 if let Err(done) = deliver(name, out.as_mut(), &batch, deadline, &spill.metrics.sink_errors) {
                     // the drain deadline passed with the sink still failing: keep the lines not
                     // delivered and everything after them, in order, for the next start
@@ -647,8 +667,6 @@ fn sink_loop(name: &'static str, mut out: Box<dyn Output>, rx: Receiver<Option<S
                 if !stop_seen {
                     continue;
                 }
-                stopping = true;
-                deadline = Some(clock::instant() + DRAIN_DEADLINE);
             }
             Ok(None) => {
                 stopping = true;
