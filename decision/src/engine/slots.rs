@@ -53,17 +53,45 @@ pub fn new_reservation_id() -> String {
     new_lease_id()
 }
 
+/// Random bytes for lease ids, drawn from the kernel's generator 4 KiB at a time on each
+/// thread: one `getrandom` call per 256 leases instead of one per lease (that syscall was 2.4% of
+/// a decision's CPU with traffic control on). Every byte is handed out once.
+struct RandomPool {
+    bytes: [u8; 4096],
+    at: usize,
+}
+
+thread_local! {
+    static RANDOM: std::cell::RefCell<RandomPool> =
+        const { std::cell::RefCell::new(RandomPool { bytes: [0; 4096], at: 4096 }) };
+}
+
+/// 16 bytes from this thread's pool; None if the kernel's generator fails.
+fn random_16() -> Option<[u8; 16]> {
+    RANDOM.with_borrow_mut(|p| {
+        if p.at + 16 > p.bytes.len() {
+            getrandom::getrandom(&mut p.bytes).ok()?;
+            p.at = 0;
+        }
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&p.bytes[p.at..p.at + 16]);
+        p.at += 16;
+        Some(out)
+    })
+}
+
 /// A new lease id: 128 random bits as 32 hex (the store prefixes `l`, or `p` for a probe).
 pub(crate) fn new_lease_id() -> String {
-    let mut bytes = [0u8; 16];
-    if getrandom::getrandom(&mut bytes).is_err() {
+    let bytes = random_16().unwrap_or_else(|| {
         // the kernel's generator does not fail once the system is up; if it ever does, a
         // clock-and-counter id is still unique, which is all a lease id must be
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut bytes = [0u8; 16];
         bytes[..8].copy_from_slice(&clock::now_micros().to_be_bytes());
         bytes[8..].copy_from_slice(&n.to_be_bytes());
-    }
+        bytes
+    });
     decision_core::encode::hex(&bytes)
 }
 
@@ -339,5 +367,8 @@ mod tests {
         }
         assert_eq!(new_lease_id().len(), 32);
         assert_ne!(new_lease_id(), new_lease_id());
+        // across several refills of the thread's pool (256 ids each), every id is new
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_lease_id()).collect();
+        assert_eq!(ids.len(), 1000);
     }
 }
