@@ -152,8 +152,7 @@ impl Audit {
 
     /// Seals what is queued and a last checkpoint, and drains every sink; returns when done.
     pub fn stop(&self) {
-        self.inbox.stop.store(true, Ordering::Release);
-        self.waker.unpark();
+        self.ask_to_stop();
         let handle = lock(&self.writer).take();
         if let Some(h) = handle {
             let _ = h.join();
@@ -161,12 +160,19 @@ impl Audit {
     }
 }
 
-impl Drop for Audit {
-    /// Dropped without `stop` (serving ended early): the writer still seals what is queued and
-    /// a last checkpoint, and closes its sinks, on its own thread.
-    fn drop(&mut self) {
+impl Audit {
+    /// Tells the writer to seal what is queued and a last checkpoint, and close its sinks.
+    fn ask_to_stop(&self) {
         self.inbox.stop.store(true, Ordering::Release);
         self.waker.unpark();
+    }
+}
+
+impl Drop for Audit {
+    /// Dropped without `stop` (serving ended early): the writer still finishes, on its own
+    /// thread.
+    fn drop(&mut self) {
+        self.ask_to_stop();
     }
 }
 
@@ -576,7 +582,7 @@ impl SinkHandle {
 
     /// Hands a line to the sink, or to its spill file when the sink is behind.
     fn push(&self, line: String) {
-        let _guard = self.spill.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock(&self.spill.lock);
         if self.spill.active.load(Ordering::Acquire) {
             self.spill.append(&line);
             return;
@@ -694,7 +700,7 @@ fn sink_loop(name: &'static str, mut out: Box<dyn Output>, rx: Receiver<Option<S
 /// Rewrites the spill file as `pending` (older) followed by what is left of it after `offset`,
 /// so the next start replays exactly what was not delivered, in order.
 fn keep_for_next_start(spill: &Spill, offset: u64, pending: &[String]) {
-    let _guard = spill.lock.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = lock(&spill.lock);
     let rest = std::fs::read(&spill.path).unwrap_or_default();
     let rest = rest.get(usize::try_from(offset).unwrap_or(usize::MAX)..).unwrap_or_default();
     let mut text = Vec::with_capacity(rest.len() + pending.iter().map(|l| l.len() + 1).sum::<usize>());
@@ -736,7 +742,7 @@ fn replay(
             Ok(0) => {
                 // caught up: under the lock, so that no line is appended between this check and
                 // the end of spilling
-                let _guard = spill.lock.lock().unwrap_or_else(|e| e.into_inner());
+                let _guard = lock(&spill.lock);
                 let len = std::fs::metadata(&spill.path).map_or(0, |m| m.len());
                 if len <= offset {
                     let _ = File::create(&spill.path); // truncate
