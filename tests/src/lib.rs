@@ -51,6 +51,16 @@ pub fn reference_policy() -> String {
         .unwrap_or_else(|e| panic!("reading deploy/examples/policy.yaml: {e}"))
 }
 
+/// The reference policy with its `traffic:` section (up to `limits:`) replaced by `section`,
+/// which starts with `traffic:` and ends with a newline.
+pub fn reference_policy_with_traffic(section: &str) -> String {
+    let mut policy = reference_policy();
+    let start = policy.find("traffic:").expect("the reference policy's traffic section");
+    let end = policy.find("\nlimits:").expect("the reference policy's limits section");
+    policy.replace_range(start..end, section);
+    policy
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -18,7 +18,7 @@ use crate::{TempDir, examples_dir};
 /// The portcullis binary, rebuilt once per test run so a test never runs a stale build.
 pub fn portcullis_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| build_bin("decision", "portcullis")).clone()
+    BIN.get_or_init(|| build_bin("portcullis")).clone()
 }
 
 /// A Check request as Envoy would send it, from `peer`.

@@ -13,15 +13,14 @@ use tokio::process::{Child, Command};
 
 use crate::{READY_DEADLINE, lock, workspace_root};
 
-/// Builds the workspace's binaries (debug) and returns the path of `bin`, which `package` must
-/// provide. The command is the one `scripts/test.sh` runs before the tests
+/// Builds the workspace's binaries (debug) and returns the path of `bin`. The command is the one `scripts/test.sh` runs before the tests
 /// (`cargo build --workspace --bins`), so here it finds everything fresh: a narrower
 /// `-p package` build would resolve a different feature set for the shared dependencies and
 /// compile a second copy of all of them (about 1.2 GB and two minutes on a clean CI machine).
 /// Runs cargo without the variables it sets for this test crate: a build script that reads one
 /// (ring's reads CARGO_MANIFEST_DIR) would otherwise see it change between this build and every
 /// other, and rebuild itself and all that depends on it (about 20 s a test binary).
-pub fn build_bin(package: &str, bin: &str) -> PathBuf {
+pub fn build_bin(bin: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = std::process::Command::new(cargo);
     build.args(["build", "--quiet", "--workspace", "--bins"]).current_dir(workspace_root());
@@ -35,7 +34,7 @@ pub fn build_bin(package: &str, bin: &str) -> PathBuf {
         }
     }
     let status = build.status().unwrap_or_else(|e| panic!("running cargo build for the {bin} binary: {e}"));
-    assert!(status.success(), "cargo build --workspace --bins failed (wanted {bin} of {package})");
+    assert!(status.success(), "cargo build --workspace --bins failed (wanted {bin})");
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
     let path = target.join("debug").join(bin);
     assert!(path.is_file(), "no {bin} binary at {}", path.display());

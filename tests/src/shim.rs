@@ -17,7 +17,7 @@ use crate::process::{Process, build_bin};
 /// The portcullis-shim binary, rebuilt once per test run.
 pub fn shim_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| build_bin("gateway-shim", "portcullis-shim")).clone()
+    BIN.get_or_init(|| build_bin("portcullis-shim")).clone()
 }
 
 /// Runs `openssl` in `dir`; fails the test with its output when it fails.

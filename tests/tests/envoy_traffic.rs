@@ -6,22 +6,15 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use tests::{Envoy, HttpClient, Portcullis, RedisServer, Response, Stack, Upstream, reference_policy};
+use tests::{Envoy, HttpClient, Portcullis, RedisServer, Response, Stack, Upstream};
 
 const ENTERPRISE: &str = "pk_demo_enterprise_DR0FrukJrixiiVxml8E7DJmI";
 
 /// The reference policy with a small `traffic` section.
 fn policy(limit: u64, queue: u64, breaker: &str) -> String {
-    let start = reference_policy().find("traffic:").expect("traffic section");
-    let end = reference_policy().find("\nlimits:").expect("limits section");
-    let mut p = reference_policy();
-    p.replace_range(
-        start..end,
-        &format!(
-            "traffic:\n  concurrency_limit: {limit}\n  queue_size: {queue}\n  queue_timeout: 10s\n  lease_ttl: 3s\n{breaker}\n"
-        ),
-    );
-    p
+    tests::reference_policy_with_traffic(&format!(
+        "traffic:\n  concurrency_limit: {limit}\n  queue_size: {queue}\n  queue_timeout: 10s\n  lease_ttl: 3s\n{breaker}\n"
+    ))
 }
 
 const BREAKER: &str =

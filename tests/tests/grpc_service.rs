@@ -348,10 +348,8 @@ fn lease_of(r: &proto::ext_authz::CheckResponse) -> Option<String> {
 async fn the_native_complete_call_releases_a_lease_once() {
     use proto::portcullis_v1::CompleteRequest;
     use proto::portcullis_v1::decision_client::DecisionClient;
-    let start_ = reference_policy().find("traffic:").expect("traffic");
-    let end = reference_policy().find("\nlimits:").expect("limits");
-    let mut policy = reference_policy();
-    policy.replace_range(start_..end, "traffic:\n  concurrency_limit: 1\n  queue_size: 0\n  lease_ttl: 60s\n");
+    let policy =
+        tests::reference_policy_with_traffic("traffic:\n  concurrency_limit: 1\n  queue_size: 0\n  lease_ttl: 60s\n");
     let p = start(&policy).await;
     let mut c = client(&p).await;
     let ask = || check_request("10.0.0.1", "GET", "/api/v1/items", &[("x-api-key", BASIC)]);

@@ -275,10 +275,8 @@ async fn a_python_grpcio_client_checks_and_completes() {
 #[tokio::test]
 async fn a_renewed_lease_keeps_its_slot_past_lease_ttl() {
     use proto::portcullis_v1::RenewLeaseRequest;
-    let (from, to) =
-        (reference_policy().find("traffic:").expect("traffic"), reference_policy().find("\nlimits:").expect("limits"));
-    let mut policy = reference_policy();
-    policy.replace_range(from..to, "traffic:\n  concurrency_limit: 1\n  queue_size: 0\n  lease_ttl: 2s\n");
+    let policy =
+        tests::reference_policy_with_traffic("traffic:\n  concurrency_limit: 1\n  queue_size: 0\n  lease_ttl: 2s\n");
     let p = start(&policy).await;
     let mut c = native(&p).await;
     let one = || ask("10.0.0.5", "GET", "/api/v1/items", Some(BASIC));
@@ -306,11 +304,7 @@ async fn a_renewed_lease_keeps_its_slot_past_lease_ttl() {
 #[tokio::test]
 async fn a_cancelled_waiter_gives_its_place_in_the_queue_back() {
     use proto::portcullis_v1::CompleteRequest;
-    let (from, to) =
-        (reference_policy().find("traffic:").expect("traffic"), reference_policy().find("\nlimits:").expect("limits"));
-    let mut policy = reference_policy();
-    policy.replace_range(
-        from..to,
+    let policy = tests::reference_policy_with_traffic(
         "traffic:\n  concurrency_limit: 1\n  queue_size: 5\n  queue_timeout: 30s\n  lease_ttl: 60s\n",
     );
     let p = start(&policy).await;

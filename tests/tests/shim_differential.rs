@@ -215,14 +215,9 @@ async fn envoy_and_the_shim_give_the_same_answers() {
 
 /// The reference policy with a breaker that opens after 4 completions, half of them failed.
 fn breaker_policy() -> String {
-    let start = reference_policy().find("traffic:").expect("traffic section");
-    let end = reference_policy().find("\nlimits:").expect("limits section");
-    let mut p = reference_policy();
-    p.replace_range(
-        start..end,
+    tests::reference_policy_with_traffic(
         "traffic:\n  concurrency_limit: 10\n  queue_size: 10\n  queue_timeout: 10s\n  lease_ttl: 3s\n  circuit_breaker:\n    error_threshold: 50%\n    min_requests: 4\n    window: 10s\n    reset_timeout: 30s\n",
-    );
-    p
+    )
 }
 
 /// Four requests to a failing upstream, then requests until the breaker answers (completions

@@ -445,11 +445,7 @@ async fn sigterm_drains_in_flight_requests_and_completes_their_leases() {
 async fn a_request_longer_than_its_lease_keeps_its_slot() {
     // one slot, leases of 2 s, an upstream taking 4 s: without renewals the first request's lease
     // expires half way and a second request gets the slot while the first still runs
-    let start = reference_policy().find("traffic:").expect("traffic section");
-    let end = reference_policy().find("\nlimits:").expect("limits section");
-    let mut policy = reference_policy();
-    policy.replace_range(
-        start..end,
+    let policy = tests::reference_policy_with_traffic(
         "traffic:\n  concurrency_limit: 1\n  queue_size: 5\n  queue_timeout: 10s\n  lease_ttl: 2s\n",
     );
     let d = ShimDir::new("shim-renew");
