@@ -229,6 +229,10 @@ async fn trip(door: &Door) -> Vec<Seen> {
     for _ in 0..4 {
         out.push(door.send("GET", "/api/v1/work", &key, "").await);
     }
+    // the four completions in the breaker before the next request: otherwise how many requests
+    // it takes to see the 503 (each counted by the rate limits, whose remaining count the 503
+    // carries) depends on when the completions arrive, which differs between the doors
+    completions_released(door.portcullis(), 4).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let r = door.send("GET", "/api/v1/work", &key, "").await;
@@ -245,6 +249,21 @@ async fn trip(door: &Door) -> Vec<Seen> {
     }
     assert_eq!(door.upstream().seen().len(), reached, "an open breaker keeps requests off the upstream");
     out
+}
+
+/// Waits (up to 5 s) until `p` has released `n` leases on completions.
+async fn completions_released(p: &Portcullis, n: u64) {
+    let url = format!("http://{}/metrics", p.http);
+    let want = format!("portcullis_traffic_completions_total{{result=\"released\"}} {n}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = tests::HttpClient::new().request("GET", &url, &[], "").await.expect("metrics").body;
+        if m.lines().any(|l| l == want) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no {want} in {m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
