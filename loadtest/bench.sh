@@ -342,6 +342,28 @@ rls_body k0 v1 "$work/rls-ok.bin"; rls_body limited v1 "$work/rls-limited.bin"
 h2 noop-rls-1-h2load        "$noop_addr" "$work/rls-ok.bin"
 h2 rls-1-desc-1-key-h2load  "$pc_addr"   "$work/rls-ok.bin"
 h2 rls-limited-h2load       "$pc_addr"   "$work/rls-limited.bin"
+# The same call with two cores for the servers (this machine's two, unpinned, h2load sharing
+# them): `--runtime auto` gives each server one current-thread runtime per core for its gRPC
+# connections; portcullis once more on tokio's multi-thread runtime, the shape it replaced.
+start_two_cores() { # name args...: sets tc_pid and tc_addr
+  local name="$1"; shift
+  rm -f "$work/$name.listen"
+  "$@" 2> >(grep --line-buffered -m1 'listening' > "$work/$name.listen"; cat > /dev/null) > "$work/$name.out" &
+  tc_pid=$!; pids+=("$tc_pid")
+  for _ in $(seq 1 300); do grep -q listening "$work/$name.listen" "$work/$name.out" 2>/dev/null && break; sleep 0.1; done
+  tc_addr="$(sed -nE 's/.*"grpc_addr":"([^"]+)".*/\1/p; s/^listening (.*)/\1/p' "$work/$name.listen" "$work/$name.out" | head -n 1)"
+  [ -n "$tc_addr" ] || { echo "bench.sh: $name did not start" >&2; cat "$work/$name.listen" "$work/$name.out" >&2; exit 1; }
+}
+if [ "$(nproc)" -ge 2 ] && [ "${#server_cpu[@]}" -gt 0 ]; then
+  pinned_client=("${client_cpu[@]}"); client_cpu=(taskset -c 0,1)
+  start_two_cores noop-2cores taskset -c 0,1 "$bin/portcullis-noop" --addr 127.0.0.1:0
+  h2 noop-rls-1-2cores-h2load "$tc_addr" "$work/rls-ok.bin"; kill "$tc_pid"
+  start_two_cores pc-2cores taskset -c 0,1 "$portcullis" serve --config loadtest/bench/policy.yaml --log-format json
+  h2 rls-1-desc-1-key-2cores-h2load "$tc_addr" "$work/rls-ok.bin"; kill "$tc_pid"
+  start_two_cores pc-2cores-mt taskset -c 0,1 "$portcullis" serve --config loadtest/bench/policy.yaml --log-format json --runtime multi-thread
+  h2 rls-1-desc-1-key-2cores-multi-thread-h2load "$tc_addr" "$work/rls-ok.bin"; kill "$tc_pid"
+  client_cpu=("${pinned_client[@]}")
+fi
 # the Redis store: the same cases, and the ceiling of redis-benchmark running the same script by
 # EVALSHA with the same concurrency (one connection per stream, not pipelined)
 start_portcullis_redis
@@ -386,6 +408,7 @@ base = {"ext-authz": by["noop-ext-authz"], "native": by["noop-native"], "forward
 def baseline(name):
     if name.startswith("https-") or name.startswith("http-shim"): return by["https-envoy-direct"]
     if name.startswith("http-"): return by["http-envoy-direct"]
+    if name.endswith("-2cores-h2load") or name.endswith("-2cores-multi-thread-h2load"): return by["noop-rls-1-2cores-h2load"]
     if name.endswith("-h2load"): return by["noop-rls-1-h2load"]
     if name == "rls-limited-redis": return by["rls-limited"]
     if name.endswith("-redis"): return by["redis-benchmark-evalsha"]
@@ -407,7 +430,7 @@ for r in rows:
     cpu = lambda v: "-" if v is None else f"{v:.0f}%"
     print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {val(lat["p50"])} | {val(lat["p99"])} | {val(lat["p99.9"])} | {val(r["outcomes"]["allowed"])} | {val(r["outcomes"]["over_limit"])} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} | {cpu(r.get("store_cpu_pct"))} |')
 print(open(sys.argv[1] + ".audit").read().strip())
-print("\nbaselines: no-op cases for ext_authz, the native Check, forward-auth (a no-op HTTP/1.1 server) and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis (rls-limited-redis: rls-limited on the memory store); Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis; Envoy alone over TLS (https-envoy-direct) for the HTTPS cases, Envoy's and the shim's; noop-rls-1-h2load for the h2load rows")
+print("\nbaselines: no-op cases for ext_authz, the native Check, forward-auth (a no-op HTTP/1.1 server) and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis (rls-limited-redis: rls-limited on the memory store); Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis; Envoy alone over TLS (https-envoy-direct) for the HTTPS cases, Envoy's and the shim's; noop-rls-1-h2load for the h2load rows (noop-rls-1-2cores-h2load for those on two cores)")
 ed, er, ea = by.get("http-envoy-direct"), by.get("http-envoy-rls-only"), by.get("http-envoy-portcullis")
 if ed and er and ea:
     print(f"\nthrough one Envoy worker, against Envoy alone: the ratelimit call only {er['rps'] / ed['rps']:.2f}, ext_authz + ratelimit + access log {ea['rps'] / ed['rps']:.2f}")
@@ -424,6 +447,9 @@ for name in ("rls-1-desc-100k-keys-redis", "ext-authz-api-key-redis"):
 ok_h2, lim_h2, ok_lt, lim_lt = by.get("rls-1-desc-1-key-h2load"), by.get("rls-limited-h2load"), by.get("rls-1-desc-1-key"), by.get("rls-limited")
 if ok_h2 and lim_h2 and ok_lt and lim_lt:
     print(f"\nRLS over the limit vs under it (memory store): {lim_lt['rps'] / ok_lt['rps']:.2f}x from portcullis-loadtest, {lim_h2['rps'] / ok_h2['rps']:.2f}x from h2load")
+one, two, two_mt = by.get("rls-1-desc-1-key-h2load"), by.get("rls-1-desc-1-key-2cores-h2load"), by.get("rls-1-desc-1-key-2cores-multi-thread-h2load")
+if one and two and two_mt:
+    print(f"\nRLS from h2load on one core: {one['rps']:.0f}/s; on two (shared with h2load): {two['rps']:.0f}/s on per-core runtimes, {two['rps'] / two_mt['rps']:.2f}x the multi-thread runtime's {two_mt['rps']:.0f}/s")
 if native and key:
     print(f"\nnative Check vs ext_authz Check (the same API-key decision): {native['rps'] / key['rps']:.2f}x the throughput")
 if fa and key:

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod explain;
 #[cfg(test)]

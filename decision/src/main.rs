@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use decision::config;
+use decision::server::Connections;
 use decision::store::MemoryStore;
 use decision::telemetry::{self, LogFormat};
 
@@ -30,6 +31,7 @@ enum RuntimeShape {
     Auto,
     CurrentThread,
     MultiThread,
+    PerCore,
 }
 
 #[derive(Subcommand)]
@@ -54,9 +56,12 @@ enum Command {
         redis_url: Option<String>,
         #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "pretty")]
         log_format: LogFormat,
-        /// The async runtime: `auto` is one current-thread runtime when one core is available
-        /// (CPU affinity or a cgroup quota of one CPU, as `std::thread::available_parallelism`
-        /// sees it) and a multi-thread runtime on more.
+        /// The async runtime: `current-thread` runs everything on one thread; `multi-thread` on
+        /// tokio's work-stealing runtime; `per-core` serves gRPC connections on one
+        /// current-thread runtime per available core (each connection stays on one), the rest
+        /// on a multi-thread runtime. `auto` is `current-thread` when one core is available (CPU
+        /// affinity or a cgroup quota of one CPU, as `std::thread::available_parallelism` sees
+        /// it) and `per-core` on more.
         #[arg(long, env = "PORTCULLIS_RUNTIME", value_enum, default_value = "auto")]
         runtime: RuntimeShape,
         /// Log filter, in tracing's EnvFilter syntax.
@@ -385,16 +390,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             otel_service_name,
         } => {
             let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-            let current_thread = match runtime {
-                RuntimeShape::Auto => cores == 1,
-                RuntimeShape::CurrentThread => true,
-                RuntimeShape::MultiThread => false,
+            let shape = match runtime {
+                RuntimeShape::Auto if cores == 1 => RuntimeShape::CurrentThread,
+                RuntimeShape::Auto => RuntimeShape::PerCore,
+                shape => shape,
             };
-            // On one core a current-thread runtime lets a connection's task run after several
-            // streams have finished, so h2 writes their answers together (the multi-thread
-            // scheduler's LIFO slot ran it after every answer): 6-20% more decisions a second
-            // on one core (see the issue 16 note); on more cores the multi-thread runtime spreads
-            // the streams of Envoy's few connections over all of them.
+            // A current-thread runtime lets a connection's task run after several streams have
+            // finished, so h2 writes their answers together (the multi-thread scheduler's LIFO
+            // slot ran it after every answer): on one core everything runs on one; on more, each
+            // core serves its share of the gRPC connections on one (see decision::runtimes).
+            let (current_thread, connections) = match shape {
+                RuntimeShape::CurrentThread => (true, Connections::Here),
+                RuntimeShape::PerCore => (false, Connections::PerCore(cores)),
+                RuntimeShape::MultiThread | RuntimeShape::Auto => (false, Connections::Here),
+            };
             let rt = if current_thread {
                 tokio::runtime::Builder::new_current_thread()
             } else {
@@ -410,7 +419,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // inside the runtime: the OTLP exporter's channel lives there
             let (_log_guard, traces) = rt.block_on(async { telemetry::init(log_format, &log, otlp.as_ref()) });
             tracing::info!(
-                runtime = if current_thread { "current_thread" } else { "multi_thread" },
+                runtime = match shape {
+                    RuntimeShape::CurrentThread => "current_thread",
+                    RuntimeShape::PerCore => "per_core",
+                    _ => "multi_thread",
+                },
                 cores,
                 "async runtime"
             );
@@ -463,7 +476,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            let served = rt.block_on(decision::server::serve(cfg));
+            let served = rt.block_on(decision::server::serve(cfg, connections));
             if let Some(t) = traces {
                 // the last batch of spans
                 let _ = t.shutdown();

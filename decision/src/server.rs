@@ -40,59 +40,6 @@ pub const MAX_GRPC_MESSAGE_BYTES: usize = 4 << 20;
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// Largest HTTP/2 header list of a gRPC call (gRPC metadata, not the checked request's headers).
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
-/// A gRPC connection whose writes h2 coalesces: it reports no vectored writes, so h2 copies
-/// every frame payload under 1 KiB into its write buffer (with vectored writes it chains any
-/// payload of 256 bytes or more, and flushes before the next frame: an OVER_LIMIT or a denied
-/// answer, over 256 bytes with its headers and body, cost two `writev` calls and broke the
-/// batching of the answers after it, so a refusal was a third slower than an allowance).
-pub struct Coalesced(tokio::net::TcpStream);
-
-impl tokio::io::AsyncRead for Coalesced {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Coalesced {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        false
-    }
-}
-
-impl tonic::transport::server::Connected for Coalesced {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.connect_info()
-    }
-}
-
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections are closed (with a GOAWAY and a grace period) after this long, so that Envoy's
@@ -280,10 +227,20 @@ async fn reload_on_change<S: Store>(r: Arc<Reloader<S>>, every: Duration) {
 /// How often a Redis store that is down is probed, so /readyz reports it back up on its own.
 pub const STORE_PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// Runs the service on the store the policy names until a stop signal.
-pub async fn serve(cfg: Config) -> Result<(), ServeError> {
+/// Where the gRPC listener's connections are served (`portcullis serve --runtime`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Connections {
+    /// On the runtime that runs [`serve`], with everything else.
+    Here,
+    /// On this many current-thread runtimes of their own, one per core ([`crate::connections`]).
+    PerCore(usize),
+}
+
+/// Runs the service on the store the policy names until a stop signal, serving gRPC
+/// connections as `connections` says.
+pub async fn serve(cfg: Config, connections: Connections) -> Result<(), ServeError> {
     match cfg.settings.store.clone() {
-        StoreSettings::Memory => serve_memory(cfg).await,
+        StoreSettings::Memory => serve_memory(cfg, connections).await,
         StoreSettings::Redis(r) => {
             let store = RedisStore::connect(&r)?;
             let engine = Engine::shared(cfg.policy.clone(), store);
@@ -316,12 +273,12 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
                     }
                 });
             }
-            run(cfg, engine).await
+            run(cfg, engine, connections).await
         }
     }
 }
 
-async fn serve_memory(cfg: Config) -> Result<(), ServeError> {
+async fn serve_memory(cfg: Config, connections: Connections) -> Result<(), ServeError> {
     let store = MemoryStore::new();
     let engine = Engine::shared(cfg.policy.clone(), store);
     {
@@ -335,10 +292,10 @@ async fn serve_memory(cfg: Config) -> Result<(), ServeError> {
             }
         });
     }
-    run(cfg, engine).await
+    run(cfg, engine, connections).await
 }
 
-async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeError> {
+async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>, connections: Connections) -> Result<(), ServeError> {
     engine.watch_freed();
     // the store-held API keys (the admin API's): read now, then again every so often for a
     // change announcement this instance missed
@@ -519,14 +476,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         }
         None => (None, None),
     };
-    let incoming = {
-        use futures_util::StreamExt;
-        TcpIncoming::from(grpc_listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(KEEPALIVE_INTERVAL))
-            .map(|conn| conn.map(Coalesced))
-    };
-    let grpc = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -539,8 +489,25 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>) -> Result<(), ServeE
         .add_service(access_log)
         .add_service(native)
         .add_optional_service(reflection_v1)
-        .add_optional_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
+        .add_optional_service(reflection_v1alpha);
+    let open = crate::connections::OpenConnections::default();
+    engine.metrics.registry().register(
+        "grpc_connections",
+        "Open connections on the gRPC port, by the runtime serving them (0 to N-1 with --runtime per-core)",
+        open.clone(),
+    );
+    let grpc = async {
+        match connections {
+            Connections::Here => {
+                let gauge = open.get_or_create(&vec![("runtime", "0".to_owned())]).clone();
+                let incoming = crate::connections::incoming(grpc_listener, gauge);
+                router.serve_with_incoming_shutdown(incoming, stopped(stop_rx)).await.map_err(ServeError::Grpc)
+            }
+            Connections::PerCore(n) => {
+                crate::connections::serve_per_core(grpc_listener, n, router, stop_rx, &open).await
+            }
+        }
+    };
 
     // the admin API: its own listener, its own health service, reflection for grpcurl
     let admin_api = async {

@@ -419,3 +419,68 @@ async fn the_current_thread_runtime_decides_the_matrix_and_holds_concurrent_load
     // the basic tier's burst is 100, and the matrix's basic requests took 11 of it
     assert_eq!(allowed, 100 - 11, "the burst, exactly");
 }
+
+#[tokio::test]
+async fn the_per_core_runtimes_spread_connections_count_exactly_and_drain_on_sigterm() {
+    // what `--runtime auto` picks on more than one core: each gRPC connection is served by one
+    // of N current-thread runtimes, the one with the fewest connections when it was accepted
+    let policy = reference_policy().replacen("basic:      { per_minute: 60,", "basic:      { per_minute: 1,", 1);
+    assert_ne!(policy, reference_policy(), "the reference tier line moved");
+    let mut p = Portcullis::start_with_env(&policy, &[], &[("PORTCULLIS_RUNTIME", "per-core")])
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let line = p
+        .wait_for_log("the runtime line", |l| l.contains("\"runtime\":\"per_core\""))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let cores: usize = serde_json::from_str::<serde_json::Value>(&line).expect("json")["cores"]
+        .as_u64()
+        .and_then(|n| usize::try_from(n).ok())
+        .expect("cores in the runtime line");
+    // two connections per runtime, each asked once so that it is accepted and handed over
+    let mut clients = Vec::new();
+    for _ in 0..2 * cores {
+        let mut c = client(&p).await;
+        let r = c.check(check_request("10.0.0.9", "GET", "/api/v1/items", &[("x-api-key", BASIC)])).await;
+        assert!(denied_status(&r.expect("an answer").into_inner()).is_none());
+        clients.push(c);
+    }
+    let metrics = tests::HttpClient::new()
+        .request("GET", &format!("http://{}/metrics", p.http), &[], "")
+        .await
+        .expect("metrics")
+        .body;
+    for i in 0..cores {
+        let want = format!("portcullis_grpc_connections{{runtime=\"{i}\"}} 2");
+        assert!(metrics.lines().any(|l| l == want), "{want} in:\n{metrics}");
+    }
+    // all of them at once, 25 requests each: the runtimes share one store, so the burst is
+    // exactly the burst (100, of which the first requests above took 2 x cores)
+    let mut tasks = Vec::new();
+    for mut c in clients {
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0;
+            for _ in 0..25 {
+                let r = c.check(check_request("10.0.0.9", "GET", "/api/v1/items", &[("x-api-key", BASIC)])).await;
+                if denied_status(&r.expect("an answer").into_inner()).is_none() {
+                    ok += 1;
+                }
+            }
+            (ok, c)
+        }));
+    }
+    let mut allowed = 0;
+    let mut clients = Vec::new();
+    for t in tasks {
+        let (ok, c) = t.await.expect("task");
+        allowed += ok;
+        clients.push(c);
+    }
+    assert_eq!(allowed, (100 - 2 * cores).min(25 * 2 * cores), "the burst, exactly");
+    // SIGTERM: every runtime drains its connections (GOAWAY) and the process exits 0
+    p.signal("TERM").await.expect("signal");
+    let status = p.wait_exit(Duration::from_secs(20)).await.expect("exit");
+    assert!(status.success(), "{status:?}");
+    p.wait_for_log("the stop line", |l| l.contains("\"message\":\"stopped\"")).await.expect("stopped");
+    drop(clients);
+}

@@ -29,7 +29,6 @@ use proto::ratelimit::rate_limit_response::{Code, DescriptorStatus};
 use proto::ratelimit::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
 use proto::ratelimit::{RateLimitRequest, RateLimitResponse};
 use proto::types::RpcStatus;
-use tonic::transport::server::TcpIncoming;
 
 struct Noop;
 
@@ -106,11 +105,13 @@ async fn serve_http(listener: tokio::net::TcpListener) {
     }
 }
 
-/// The runtime portcullis's `--runtime auto` picks (current-thread on one core, multi-thread on
-/// more), so that the baseline runs the same gRPC stack in the same shape.
+/// The runtime portcullis's `--runtime auto` picks: everything on one current-thread runtime on
+/// one core; on more, the gRPC connections on one current-thread runtime per core
+/// (`decision::connections::serve_per_core`), the HTTP upstream on a multi-thread runtime. The
+/// baseline runs the same gRPC stack in the same shape.
 fn main() -> std::process::ExitCode {
-    let one_core = std::thread::available_parallelism().map_or(true, |n| n.get() == 1);
-    let rt = if one_core {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let rt = if cores == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
@@ -118,7 +119,7 @@ fn main() -> std::process::ExitCode {
     .enable_all()
     .build();
     match rt {
-        Ok(rt) => rt.block_on(serve()),
+        Ok(rt) => rt.block_on(serve(cores)),
         Err(e) => {
             eprintln!("portcullis-noop: starting the runtime: {e}");
             std::process::ExitCode::FAILURE
@@ -126,7 +127,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn serve() -> std::process::ExitCode {
+async fn serve(cores: usize) -> std::process::ExitCode {
     let addr: SocketAddr = std::env::args()
         .skip_while(|a| a != "--addr")
         .nth(1)
@@ -155,17 +156,27 @@ async fn serve() -> std::process::ExitCode {
         }
     }
     println!("listening {local}");
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // the same explicit settings as portcullis's server
-    let served = tonic::transport::Server::builder()
-        .max_concurrent_streams(1024)
-        .http2_max_header_list_size(16 << 10)
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+    let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(decision::server::MAX_CONCURRENT_STREAMS)
+        .http2_max_header_list_size(decision::server::MAX_HEADER_LIST_BYTES)
+        .http2_keepalive_interval(Some(decision::server::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(decision::server::KEEPALIVE_TIMEOUT))
         .add_service(AuthorizationServer::new(Noop))
         .add_service(RateLimitServiceServer::new(Noop))
-        .add_service(DecisionServer::new(Noop))
-        .serve_with_incoming(incoming)
-        .await;
+        .add_service(DecisionServer::new(Noop));
+    let served = if cores == 1 {
+        router
+            .serve_with_incoming(decision::connections::incoming(listener, Default::default()))
+            .await
+            .map_err(|e| e.to_string())
+    } else {
+        // never stopped: the benchmark kills it
+        let (_stop, never) = tokio::sync::watch::channel(false);
+        decision::connections::serve_per_core(listener, cores, router, never, &Default::default())
+            .await
+            .map_err(|e| e.to_string())
+    };
     match served {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
