@@ -2,8 +2,9 @@
 //! into this instance's chain by one writer thread, and handed to every sink. The request path
 //! only pushes onto a bounded in-memory queue and wakes nobody while the writer is busy: the
 //! writer takes the whole queue every `BATCH_WAIT` while events keep coming (and sleeps until
-//! woken otherwise), so a busy instance pays no thread wake-up per event. Sinks write what they
-//! are handed in batches (one `write` for a file). Each sink has its
+//! woken otherwise), so a busy instance pays no thread wake-up per event. Each round's sealed
+//! lines go to a sink as one hand-over (one wake-up of the sink's thread, not one per line), and
+//! sinks write what they are handed in batches (one `write` for a file). Each sink has its
 //! own thread and a bounded queue; when a sink is slow or failing and its queue is full, its
 //! events spill to a file on local disk, in order, and are replayed from there before anything
 //! newer, so a slow sink loses nothing. A graceful stop seals a last checkpoint and drains every
@@ -13,7 +14,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{JoinHandle, Thread};
@@ -191,11 +192,22 @@ fn write_loop(
     let mut chain = Chain::new(&chain_name);
     let mut covered = 0;
     let mut next = clock::instant() + s.checkpoint_every;
+    // this round's sealed lines, handed to the sinks together at its end
+    let sealed = std::cell::RefCell::new(Vec::new());
     let mut emit = |chain: &mut Chain, event: Map<String, Value>| {
-        let line = chain.seal(event);
+        sealed.borrow_mut().push(chain.seal(event));
         events.inc();
-        for sink in &sinks {
-            sink.push(line.clone());
+    };
+    let hand_over = || {
+        let lines = std::mem::take(&mut *sealed.borrow_mut());
+        if lines.is_empty() {
+            return;
+        }
+        if let Some((last, others)) = sinks.split_last() {
+            for sink in others {
+                sink.push(lines.clone());
+            }
+            last.push(lines);
         }
     };
     let checkpoint = |chain: &mut Chain, emit: &mut dyn FnMut(&mut Chain, Map<String, Value>)| {
@@ -233,6 +245,7 @@ fn write_loop(
         }
         if stopping {
             checkpoint(&mut chain, &mut emit);
+            hand_over();
             break;
         }
         let now = clock::instant();
@@ -245,6 +258,7 @@ fn write_loop(
                 next += s.checkpoint_every;
             }
         }
+        hand_over();
         if busy {
             // more are likely coming: let them gather
             std::thread::park_timeout(BATCH_WAIT);
@@ -550,7 +564,11 @@ impl Spill {
 
 struct SinkHandle {
     name: &'static str,
-    tx: SyncSender<Option<String>>,
+    /// hand-overs of lines, in order; `None` asks the sink to drain and stop
+    tx: SyncSender<Option<Vec<String>>>,
+    /// lines handed over and not yet taken by the sink's thread, at most `queue`
+    queued: Arc<AtomicUsize>,
+    queue: usize,
     spill: Arc<Spill>,
     thread: JoinHandle<()>,
 }
@@ -572,30 +590,48 @@ impl SinkHandle {
             lock: Mutex::new(()),
             metrics: metrics.clone(),
         });
-        let (tx, rx) = sync_channel(queue);
+        // bounded in lines by `queued`; a hand-over holds one line or more, so this never fills first
+        let (tx, rx) = sync_channel(queue.max(1));
+        let queued = Arc::new(AtomicUsize::new(0));
         let worker_spill = spill.clone();
+        let taken = queued.clone();
         let thread = std::thread::Builder::new()
             .name(format!("audit-{name}"))
-            .spawn(move || sink_loop(name, out, rx, worker_spill))?;
-        Ok(SinkHandle { name, tx, spill, thread })
+            .spawn(move || sink_loop(name, out, rx, &taken, worker_spill))?;
+        Ok(SinkHandle { name, tx, queued, queue, spill, thread })
     }
 
-    /// Hands a line to the sink, or to its spill file when the sink is behind.
-    fn push(&self, line: String) {
+    /// Hands lines to the sink in one go, or to its spill file (in order, behind what is there)
+    /// when the sink is behind: its queue would pass `queue` lines, or its thread is gone.
+    fn push(&self, lines: Vec<String>) {
         let _guard = lock(&self.spill.lock);
+        let spill = |lines: &[String]| {
+            for line in lines {
+                self.spill.append(line);
+            }
+        };
         if self.spill.active.load(Ordering::Acquire) {
-            self.spill.append(&line);
+            spill(&lines);
             return;
         }
-        match self.tx.try_send(Some(line)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(Some(line))) | Err(TrySendError::Disconnected(Some(line))) => {
-                tracing::warn!(sink = self.name, "audit sink is behind; spilling to disk");
-                self.spill.active.store(true, Ordering::Release);
-                self.spill.append(&line);
+        let n = lines.len();
+        if self.queued.load(Ordering::Acquire) + n <= self.queue {
+            self.queued.fetch_add(n, Ordering::AcqRel);
+            match self.tx.try_send(Some(lines)) {
+                Ok(()) => return,
+                Err(TrySendError::Full(Some(lines))) | Err(TrySendError::Disconnected(Some(lines))) => {
+                    self.queued.fetch_sub(n, Ordering::AcqRel);
+                    tracing::warn!(sink = self.name, "audit sink is behind; spilling to disk");
+                    self.spill.active.store(true, Ordering::Release);
+                    spill(&lines);
+                }
+                Err(_) => {}
             }
-            Err(_) => {}
+            return;
         }
+        tracing::warn!(sink = self.name, "audit sink is behind; spilling to disk");
+        self.spill.active.store(true, Ordering::Release);
+        spill(&lines);
     }
 
     fn close(self) {
@@ -632,7 +668,17 @@ fn deliver(
     }
 }
 
-fn sink_loop(name: &'static str, mut out: Box<dyn Output>, rx: Receiver<Option<String>>, spill: Arc<Spill>) {
+fn sink_loop(
+    name: &'static str,
+    mut out: Box<dyn Output>,
+    rx: Receiver<Option<Vec<String>>>,
+    queued: &AtomicUsize,
+    spill: Arc<Spill>,
+) {
+    let take = |lines: Vec<String>, batch: &mut Vec<String>| {
+        queued.fetch_sub(lines.len(), Ordering::AcqRel);
+        batch.extend(lines);
+    };
     let mut batch = Vec::with_capacity(SINK_BATCH);
     let mut offset = 0u64;
     let mut deadline = None;
@@ -640,13 +686,13 @@ fn sink_loop(name: &'static str, mut out: Box<dyn Output>, rx: Receiver<Option<S
     loop {
         // the queue first: what is in it is older than anything spilled since
         match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(Some(line)) => {
+            Ok(Some(lines)) => {
                 // what else is queued goes in the same write (a stop marker ends the batch)
-                batch.push(line);
+                take(lines, &mut batch);
                 let mut stop_seen = false;
                 while batch.len() < SINK_BATCH {
                     match rx.try_recv() {
-                        Ok(Some(l)) => batch.push(l),
+                        Ok(Some(l)) => take(l, &mut batch),
                         Ok(None) => {
                             stop_seen = true;
                             break;
@@ -664,7 +710,7 @@ fn sink_loop(name: &'static str, mut out: Box<dyn Output>, rx: Receiver<Option<S
                     // delivered and everything after them, in order, for the next start
                     let mut pending = batch.split_off(done);
                     while let Ok(Some(l)) = rx.try_recv() {
-                        pending.push(l);
+                        take(l, &mut pending);
                     }
                     keep_for_next_start(&spill, offset, &pending);
                     return;
