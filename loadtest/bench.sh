@@ -294,9 +294,10 @@ kill "$pcf_pid"; wait "$pcf_pid" 2>/dev/null || true
 # correctness under load: exactly what the policy allows, the rest over the limit
 lt --name ext-authz-limited       --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_limited --expect 100
 lt --name rls-limited             --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --descriptor-key limited --expect 100
-# The RLS cases again from h2load (nghttp2's HTTP/2 load generator, a C client much cheaper than
-# ours, pinned the same way) sending the same ShouldRateLimit call, so that these ratios do not
-# depend on our load generator's own cost. h2load sees HTTP statuses only (gRPC's status is in
+# The RLS and ext_authz cases again from h2load (nghttp2's HTTP/2 load generator, a C client much
+# cheaper than ours, pinned the same way) sending the same call (the ext_authz bodies are
+# written by portcullis-loadtest --write-request), so that these ratios do not depend on our load
+# generator's own cost. h2load sees HTTP statuses only (gRPC's status is in
 # the trailers): these rows measure throughput; the rows above check outcomes.
 command -v h2load >/dev/null 2>&1 \
   || { echo "bench.sh: h2load is missing (Debian: apt-get install nghttp2-client; scripts/test.sh installs it)" >&2; exit 1; }
@@ -317,11 +318,11 @@ msg = ld(0x0A, b"bench") + ld(0x12, ld(0x0A, entry)) + b"\x18\x01"
 open(sys.argv[3], "wb").write(b"\x00" + struct.pack(">I", len(msg)) + msg)
 PY
 }
-h2() { # name addr body-file
+h2() { # name addr body-file [gRPC method path, default RLS ShouldRateLimit]
   local report
   report="$("${client_cpu[@]}" h2load -c "$conns" -m "$streams" -D "$dur" --warm-up-time=1s \
     -H 'content-type: application/grpc' -H 'te: trailers' -d "$3" \
-    "http://$2/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit" 2>&1)" \
+    "http://$2${4:-/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit}" 2>&1)" \
     || { echo "bench.sh: h2load ($1) failed:" >&2; echo "$report" >&2; exit 1; }
   python3 - "$1" "$conns" "$streams" "$report" >> "$out" <<'PY'
 import json, re, sys
@@ -342,6 +343,13 @@ rls_body k0 v1 "$work/rls-ok.bin"; rls_body limited v1 "$work/rls-limited.bin"
 h2 noop-rls-1-h2load        "$noop_addr" "$work/rls-ok.bin"
 h2 rls-1-desc-1-key-h2load  "$pc_addr"   "$work/rls-ok.bin"
 h2 rls-limited-h2load       "$pc_addr"   "$work/rls-limited.bin"
+check_path=/envoy.service.auth.v3.Authorization/Check
+"$bin/portcullis-loadtest" --target ext-authz --addr unused --api-key pk_bench_open --write-request "$work/check-ok.bin"
+"$bin/portcullis-loadtest" --target ext-authz --addr unused --api-key pk_bench_limited --write-request "$work/check-limited.bin"
+h2 noop-ext-authz-h2load     "$noop_addr" "$work/check-ok.bin" "$check_path"
+h2 ext-authz-api-key-h2load  "$pc_addr"   "$work/check-ok.bin" "$check_path"
+# (pk_bench_limited's burst went in ext-authz-limited above: every one of these is refused)
+h2 ext-authz-limited-h2load  "$pc_addr"   "$work/check-limited.bin" "$check_path"
 # The same call with two cores for the servers (this machine's two, unpinned, h2load sharing
 # them): `--runtime auto` gives each server one current-thread runtime per core for its gRPC
 # connections; portcullis once more on tokio's multi-thread runtime, the shape it replaced.
@@ -374,6 +382,7 @@ lt --name ext-authz-api-key-redis --target ext-authz --addr "$pcr_addr" --server
 lt --name ext-authz-store-key-redis --target ext-authz --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --api-key pk_bench_store_77777 --expect all
 # a client hammering past its limit: after the first refusal, the over-limit cache answers
 # without a Redis call (compare with rls-limited on the memory store, and the redis CPU column)
+lt --name ext-authz-limited-redis --target ext-authz --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --api-key pk_bench_limited --expect 100
 lt --name rls-limited-redis       --target rls --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --descriptor-key limited --expect 100
 sha="$(redis-cli -p "$redis_port" SCRIPT LOAD "$(cat decision/src/store/lua/common.lua decision/src/store/lua/apply.lua)")"
 redis_ticks() { awk '{print $14 + $15}' "/proc/$redis_pid/stat"; }
@@ -409,8 +418,10 @@ def baseline(name):
     if name.startswith("https-") or name.startswith("http-shim"): return by["https-envoy-direct"]
     if name.startswith("http-"): return by["http-envoy-direct"]
     if name.endswith("-2cores-h2load") or name.endswith("-2cores-multi-thread-h2load"): return by["noop-rls-1-2cores-h2load"]
+    if name.startswith("ext-authz") and name.endswith("-h2load"): return by["noop-ext-authz-h2load"]
     if name.endswith("-h2load"): return by["noop-rls-1-h2load"]
     if name == "rls-limited-redis": return by["rls-limited"]
+    if name == "ext-authz-limited-redis": return by["ext-authz-limited"]
     if name.endswith("-redis"): return by["redis-benchmark-evalsha"]
     if name.startswith("ext-authz"): return base["ext-authz"]
     if name.startswith("native"): return base["native"]
@@ -430,7 +441,7 @@ for r in rows:
     cpu = lambda v: "-" if v is None else f"{v:.0f}%"
     print(f'| {r["name"]} ({r["mode"]}) | {r["rps"]:.0f} | {ratio} | {val(lat["p50"])} | {val(lat["p99"])} | {val(lat["p99.9"])} | {val(r["outcomes"]["allowed"])} | {val(r["outcomes"]["over_limit"])} | {r["outcomes"]["errors"]} | {cpu(r["client_cpu_pct"])} | {cpu(r["server_cpu_pct"])} | {cpu(r.get("store_cpu_pct"))} |')
 print(open(sys.argv[1] + ".audit").read().strip())
-print("\nbaselines: no-op cases for ext_authz, the native Check, forward-auth (a no-op HTTP/1.1 server) and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis (rls-limited-redis: rls-limited on the memory store); Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis; Envoy alone over TLS (https-envoy-direct) for the HTTPS cases, Envoy's and the shim's; noop-rls-1-h2load for the h2load rows (noop-rls-1-2cores-h2load for those on two cores)")
+print("\nbaselines: no-op cases for ext_authz, the native Check, forward-auth (a no-op HTTP/1.1 server) and RLS on the memory store; redis-benchmark EVALSHA (same script, same concurrency) for cases on Redis (rls-limited-redis and ext-authz-limited-redis: the same case on the memory store); Envoy alone (http-envoy-direct) for HTTP through Envoy with portcullis; Envoy alone over TLS (https-envoy-direct) for the HTTPS cases, Envoy's and the shim's; noop-rls-1-h2load and noop-ext-authz-h2load for the h2load rows (noop-rls-1-2cores-h2load for those on two cores)")
 ed, er, ea = by.get("http-envoy-direct"), by.get("http-envoy-rls-only"), by.get("http-envoy-portcullis")
 if ed and er and ea:
     print(f"\nthrough one Envoy worker, against Envoy alone: the ratelimit call only {er['rps'] / ed['rps']:.2f}, ext_authz + ratelimit + access log {ea['rps'] / ed['rps']:.2f}")
@@ -444,9 +455,12 @@ for name in ("rls-1-desc-100k-keys-redis", "ext-authz-api-key-redis"):
     if r and ceil and piped:
         print(f"\nCPU per decision, {name}: portcullis {us(r, 'server_cpu_pct'):.0f} us, redis-server {us(r, 'store_cpu_pct'):.0f} us, load generator {us(r, 'client_cpu_pct'):.0f} us"
               f" (redis-server per EVALSHA under redis-benchmark: {us(ceil, 'store_cpu_pct'):.0f} us not pipelined, {us(piped, 'store_cpu_pct'):.0f} us 16 deep)")
-ok_h2, lim_h2, ok_lt, lim_lt = by.get("rls-1-desc-1-key-h2load"), by.get("rls-limited-h2load"), by.get("rls-1-desc-1-key"), by.get("rls-limited")
-if ok_h2 and lim_h2 and ok_lt and lim_lt:
-    print(f"\nRLS over the limit vs under it (memory store): {lim_lt['rps'] / ok_lt['rps']:.2f}x from portcullis-loadtest, {lim_h2['rps'] / ok_h2['rps']:.2f}x from h2load")
+pairs = [("RLS, memory store", "rls-1-desc-1-key", "rls-limited"), ("RLS, memory store, h2load", "rls-1-desc-1-key-h2load", "rls-limited-h2load"),
+         ("RLS, Redis store", "rls-1-desc-1-key-redis", "rls-limited-redis"), ("ext_authz, memory store", "ext-authz-api-key", "ext-authz-limited"),
+         ("ext_authz, memory store, h2load", "ext-authz-api-key-h2load", "ext-authz-limited-h2load"), ("ext_authz, Redis store", "ext-authz-api-key-redis", "ext-authz-limited-redis")]
+shown = [f"{what} {by[lim]['rps'] / by[ok]['rps']:.2f}x" for what, ok, lim in pairs if ok in by and lim in by]
+if shown:
+    print("\nover the limit vs under it (refused vs allowed throughput): " + "; ".join(shown))
 one, two, two_mt = by.get("rls-1-desc-1-key-h2load"), by.get("rls-1-desc-1-key-2cores-h2load"), by.get("rls-1-desc-1-key-2cores-multi-thread-h2load")
 if one and two and two_mt:
     print(f"\nRLS from h2load on one core: {one['rps']:.0f}/s; on two (shared with h2load): {two['rps']:.0f}/s on per-core runtimes, {two['rps'] / two_mt['rps']:.2f}x the multi-thread runtime's {two_mt['rps']:.0f}/s")

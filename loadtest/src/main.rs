@@ -98,6 +98,11 @@ struct Args {
     /// with --rates: write an SVG chart of the latency percentiles against offered load
     #[arg(long)]
     svg: Option<std::path::PathBuf>,
+    /// send nothing: write the first request of ext-authz, native or rls as one gRPC message
+    /// (a zero flag byte, the 4-byte big-endian length, the protobuf) to this file and exit, the
+    /// body for another client such as h2load (`-d FILE`)
+    #[arg(long)]
+    write_request: Option<std::path::PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -268,6 +273,28 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         }
+    }
+    if let Some(path) = &args.write_request {
+        use prost::Message;
+        let msg = match cfg.spec.kind {
+            Kind::ExtAuthz => cfg.spec.check_request(0, 0).encode_to_vec(),
+            Kind::Native => cfg.spec.native_request(0, 0).encode_to_vec(),
+            Kind::Rls => cfg.spec.rls_request(0).encode_to_vec(),
+            Kind::Http | Kind::ForwardAuth => {
+                eprintln!("portcullis-loadtest: --write-request: only gRPC targets (ext-authz, native, rls) have one");
+                return ExitCode::from(2);
+            }
+        };
+        let Ok(len) = u32::try_from(msg.len()) else { return ExitCode::from(2) };
+        let mut body = Vec::with_capacity(5 + msg.len());
+        body.push(0);
+        body.extend_from_slice(&len.to_be_bytes());
+        body.extend_from_slice(&msg);
+        if let Err(e) = std::fs::write(path, body) {
+            eprintln!("portcullis-loadtest: --write-request {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+        return ExitCode::SUCCESS;
     }
     if !args.rates.is_empty() {
         return sweep(&args, &rt, &cfg, expect);
