@@ -102,6 +102,18 @@ pub fn incoming(listener: TcpListener, open: Gauge) -> impl futures_util::Stream
 /// family behind `portcullis_grpc_connections`.
 pub type OpenConnections = Family<Vec<(&'static str, String)>, Gauge>;
 
+thread_local! {
+    /// On a per-core runtime's thread: its index and how many there are.
+    static RUNTIME: std::cell::Cell<Option<(usize, usize)>> = const { std::cell::Cell::new(None) };
+}
+
+/// On a thread of [`serve_per_core`]: `(index, count)` of its runtime, so a client (the Redis
+/// store's connections) can keep state of its own per runtime and never wake another thread;
+/// `None` elsewhere.
+pub fn runtime_index() -> Option<(usize, usize)> {
+    RUNTIME.with(std::cell::Cell::get)
+}
+
 /// How long the accept loop waits after a failed `accept` (out of file descriptors, say)
 /// before it tries again, so it does not spin.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
@@ -136,8 +148,9 @@ pub async fn serve_per_core(
     stop: watch::Receiver<bool>,
     open: &OpenConnections,
 ) -> Result<(), ServeError> {
-    let mut workers = Vec::with_capacity(threads.max(1));
-    for i in 0..threads.max(1) {
+    let count = threads.max(1);
+    let mut workers = Vec::with_capacity(count);
+    for i in 0..count {
         let (conns, mut rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
         let live = open.get_or_create(&vec![("runtime", i.to_string())]).clone();
         let (done_tx, done) = oneshot::channel();
@@ -146,6 +159,7 @@ pub async fn serve_per_core(
         std::thread::Builder::new()
             .name(format!("grpc-{i}"))
             .spawn(move || {
+                RUNTIME.with(|r| r.set(Some((i, count))));
                 let served = rt.block_on(async move {
                     // registered with this runtime's reactor here, as it is polled
                     // (counted by the accept loop as it handed it over)

@@ -1,7 +1,11 @@
 //! The connections to Redis: `pool_size` multiplexed connections used in turn (each pipelines
 //! the calls made on it concurrently), to one node or to a cluster, made lazily so portcullis
-//! starts while Redis is unreachable and reconnects on its own.
+//! starts while Redis is unreachable and reconnects on its own. To one node, each per-core
+//! runtime (`crate::connections`) gets connections of its own, made on it the first time it
+//! calls, so their I/O runs on the thread that made the call (a call on another runtime's
+//! connection woke that thread twice).
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -23,6 +27,11 @@ enum Conns {
 pub(super) struct Pool {
     conns: Conns,
     next: AtomicUsize,
+    /// to one node: how to make more connections, for each per-core runtime's own
+    single: Option<(redis::Client, ConnectionManagerConfig)>,
+    /// each per-core runtime's connections (`pool_size` shared among them, at least one each),
+    /// made on it; `None` inside when they could not be made (the shared ones serve it then)
+    per_runtime: OnceLock<Vec<OnceLock<Option<Vec<ConnectionManager>>>>>,
     /// where to subscribe to the freed-slot notifications: the node, or each cluster node in turn
     /// (a cluster delivers a PUBLISH to subscribers on every node)
     pub notify: Vec<redis::Client>,
@@ -52,6 +61,7 @@ impl Pool {
         };
         let connect_timeout = s.timeout.max(Duration::from_millis(250));
         let pool = s.pool_size.max(1);
+        let mut single = None;
         let (notify, conns) = if s.cluster.is_empty() {
             let client = client(&s.url)?;
             let config = ConnectionManagerConfig::new()
@@ -65,6 +75,7 @@ impl Pool {
                     .map_err(|e| StoreError::Unavailable(e.to_string()))?;
                 conns.push(c);
             }
+            single = Some((client.clone(), config));
             (vec![client], Conns::Single(conns))
         } else {
             let mut builder = redis::cluster::ClusterClientBuilder::new(s.cluster.iter().map(String::as_str))
@@ -82,7 +93,14 @@ impl Pool {
             let notify = s.cluster.iter().map(|u| client(u)).collect::<Result<_, _>>()?;
             (notify, Conns::Cluster(conns))
         };
-        Ok(Pool { conns, next: AtomicUsize::new(0), notify, probe_timeout: connect_timeout })
+        Ok(Pool {
+            conns,
+            next: AtomicUsize::new(0),
+            single,
+            per_runtime: OnceLock::new(),
+            notify,
+            probe_timeout: connect_timeout,
+        })
     }
 
     /// Whether the connections are to a Redis Cluster.
@@ -95,10 +113,48 @@ impl Pool {
         self.next.fetch_add(1, Ordering::Relaxed) % n
     }
 
-    /// One script call on the next connection; the reply is a flat list of integers.
+    /// On a per-core runtime's thread, to one node: that runtime's own connections, made now the
+    /// first time (`ConnectionManager` runs its I/O on the runtime it is made on).
+    fn own_connections(&self) -> Option<&[ConnectionManager]> {
+        let (index, runtimes) = crate::connections::runtime_index()?;
+        let (client, config) = self.single.as_ref()?;
+        let sets = self.per_runtime.get_or_init(|| (0..runtimes).map(|_| OnceLock::new()).collect());
+        let each = self.pool_size().div_ceil(runtimes).max(1);
+        sets.get(index)?
+            .get_or_init(|| {
+                (0..each)
+                    .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()).ok())
+                    .collect::<Option<Vec<_>>>()
+            })
+            .as_deref()
+    }
+
+    /// The connections to one node a call on this thread uses: a per-core runtime's own; once
+    /// those exist, the first shared one for the few calls made elsewhere (probes, the admin
+    /// API), leaving the others unmade; else all the shared ones.
+    fn single_conns<'a>(&'a self, shared: &'a [ConnectionManager]) -> &'a [ConnectionManager] {
+        match self.own_connections() {
+            Some(own) => own,
+            None if self.per_runtime.get().is_some() => &shared[..1],
+            None => shared,
+        }
+    }
+
+    fn pool_size(&self) -> usize {
+        match &self.conns {
+            Conns::Single(c) => c.len(),
+            Conns::Cluster(c) => c.len(),
+        }
+    }
+
+    /// One script call on the next connection (of this per-core runtime's own, on one); the
+    /// reply is a flat list of integers.
     pub async fn invoke<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> redis::RedisResult<T> {
         match &self.conns {
-            Conns::Single(c) => inv.invoke_async::<T>(&mut c[self.next_connection(c.len())].clone()).await,
+            Conns::Single(c) => {
+                let c = self.single_conns(c);
+                inv.invoke_async::<T>(&mut c[self.next_connection(c.len())].clone()).await
+            }
             Conns::Cluster(c) => inv.invoke_async::<T>(&mut c[self.next_connection(c.len())].clone()).await,
         }
     }
@@ -110,6 +166,7 @@ impl Pool {
         let answered = async {
             match &self.conns {
                 Conns::Single(c) => {
+                    let c = self.single_conns(c);
                     ping.query_async::<redis::Value>(&mut c[self.next_connection(c.len())].clone()).await
                 }
                 // every master must answer, each asked by its address: a PING the client routes
