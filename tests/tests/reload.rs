@@ -114,8 +114,11 @@ async fn after_sigterm_readyz_is_503_at_once_while_checks_are_still_answered() {
     let readyz = format!("http://{}/readyz", p.http);
     assert_eq!(http.request("GET", &readyz, &[], "").await.expect("readyz").status, 200);
     let mut c = DecisionClient::connect(format!("http://{}", p.grpc)).await.expect("connect");
-    p.signal("TERM").await.expect("SIGTERM");
+    // before the signal: the process gets it later than this, so `t.elapsed()` at its exit is
+    // never less than how long it took (after the signal the stop could already be 2 s old by a
+    // few microseconds when `t` is read, with a drain that fast)
     let t = Instant::now();
+    p.signal("TERM").await.expect("SIGTERM");
     while http.request("GET", &readyz, &[], "").await.map(|r| r.status).unwrap_or(0) != 503 {
         assert!(t.elapsed() < Duration::from_millis(500), "/readyz still ready");
         tokio::time::sleep(Duration::from_millis(10)).await;
