@@ -10,6 +10,8 @@ use std::fmt;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use super::event::Members;
+
 /// The `prev_hash` of a chain's first event.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -64,6 +66,57 @@ impl Chain {
             let _ = serde_json::to_writer(&mut text, v);
         }
         text.push(b'}');
+        self.finish(text, at)
+    }
+
+    /// `seal` for an event already in canonical JSON ([`Members`]): the same line, byte for
+    /// byte, as sealing the event as a `Map` (a member named like a chain member gives way to
+    /// it, a "hash" member is left out), without a map.
+    pub fn seal_members(&mut self, event: &mut Members) -> String {
+        self.seq += 1;
+        let (chain, prev_hash) = (serde_json::to_string(&self.name), serde_json::to_string(&self.head));
+        let seq = self.seq.to_string();
+        // the chain's members, sorted among themselves
+        let ours: [(&str, &[u8]); 3] = [
+            ("chain", chain.as_deref().unwrap_or("null").as_bytes()),
+            ("prev_hash", prev_hash.as_deref().unwrap_or("null").as_bytes()),
+            ("seq", seq.as_bytes()),
+        ];
+        let mut text: Vec<u8> = Vec::with_capacity(1024);
+        text.push(b'{');
+        let mut at = None;
+        let mut put = |text: &mut Vec<u8>, k: &str, v: &[u8]| {
+            if at.is_none() && k > "hash" {
+                at = Some(text.len());
+            }
+            if text.len() > 1 {
+                text.push(b',');
+            }
+            let _ = serde_json::to_writer(&mut *text, k);
+            text.push(b':');
+            text.extend_from_slice(v);
+        };
+        let mut mine = ours.iter().peekable();
+        for (k, v) in event.sorted() {
+            if k == "hash" || ours.iter().any(|(o, _)| *o == k) {
+                continue;
+            }
+            while let Some((o, ov)) = mine.next_if(|(o, _)| *o < k) {
+                put(&mut text, o, ov);
+            }
+            put(&mut text, k, v);
+        }
+        for (o, ov) in mine {
+            put(&mut text, o, ov);
+        }
+        text.push(b'}');
+        self.finish(text, at)
+    }
+
+    /// Hashes the canonical text of an event (`{...}`, without "hash"), splices `"hash":"<hex>"`
+    /// in at `at` (where the first key sorting after "hash" starts; None: at the end), and
+    /// moves the chain's head on.
+    fn finish(&mut self, mut text: Vec<u8>, at: Option<usize>) -> String {
         let mut h = Sha256::new();
         h.update(self.head.as_bytes());
         h.update(&text);
@@ -71,7 +124,7 @@ impl Chain {
         let (at, before, after) = match at {
             Some(at) if at > 1 => (at, ",", ""),
             Some(at) => (at, "", ","),
-            None if event.is_empty() => (1, "", ""),
+            None if text.len() == 2 => (1, "", ""),
             None => (text.len() - 1, ",", ""),
         };
         let member = format!("{before}\"hash\":\"{hash}\"{after}");

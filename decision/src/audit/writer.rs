@@ -25,6 +25,7 @@ use prometheus_client::registry::Registry;
 use serde_json::{Map, Value};
 
 use super::chain::Chain;
+use super::event::Members;
 use super::{AuditSettings, Fsync, SinkSettings, checkpoint};
 use crate::clock;
 
@@ -70,11 +71,31 @@ const SINK_BATCH: usize = 512;
 /// How long a stop waits for a failing sink before leaving its spill file for the next start.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
+/// An event for the trail, masked already: an object, or (a decision's) canonical JSON built
+/// as it was made ([`Members`]), which the writer seals without a map.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Object(Map<String, Value>),
+    Members(Members),
+}
+
+impl From<Map<String, Value>> for Event {
+    fn from(m: Map<String, Value>) -> Event {
+        Event::Object(m)
+    }
+}
+
+impl From<Members> for Event {
+    fn from(m: Members) -> Event {
+        Event::Members(m)
+    }
+}
+
 /// What the request path hands the writer.
 #[derive(Default)]
 struct Inbox {
     /// events not yet taken by the writer, oldest first (at most `QUEUE`)
-    events: Mutex<Vec<Map<String, Value>>>,
+    events: Mutex<Vec<Event>>,
     /// set by the writer before it sleeps with nothing to do: the next event wakes it
     idle: AtomicBool,
     /// set by `Audit::stop`: the writer seals what is queued, a last checkpoint, and ends
@@ -136,7 +157,8 @@ impl Audit {
 
     /// Queues an event (already masked); never blocks (a short lock on the queue). Counted as
     /// dropped when `QUEUE` events already wait or the trail is stopped.
-    pub fn record(&self, event: Map<String, Value>) {
+    pub fn record(&self, event: impl Into<Event>) {
+        let event = event.into();
         {
             let mut q = lock(&self.inbox.events);
             if q.len() >= QUEUE || self.inbox.stop.load(Ordering::Acquire) {
@@ -194,8 +216,12 @@ fn write_loop(
     let mut next = clock::instant() + s.checkpoint_every;
     // this round's sealed lines, handed to the sinks together at its end
     let sealed = std::cell::RefCell::new(Vec::new());
-    let mut emit = |chain: &mut Chain, event: Map<String, Value>| {
-        sealed.borrow_mut().push(chain.seal(event));
+    let mut emit = |chain: &mut Chain, event: Event| {
+        let line = match event {
+            Event::Object(m) => chain.seal(m),
+            Event::Members(mut m) => chain.seal_members(&mut m),
+        };
+        sealed.borrow_mut().push(line);
         events.inc();
     };
     let hand_over = || {
@@ -210,7 +236,7 @@ fn write_loop(
             last.push(lines);
         }
     };
-    let checkpoint = |chain: &mut Chain, emit: &mut dyn FnMut(&mut Chain, Map<String, Value>)| {
+    let checkpoint = |chain: &mut Chain, emit: &mut dyn FnMut(&mut Chain, Event)| {
         let (head, seq) = chain.head();
         let (head, seq) = (head.to_owned(), seq);
         let cp = checkpoint::build(
@@ -232,7 +258,7 @@ fn write_loop(
                 rt.spawn(anchor(url.clone(), text.clone()));
             }
         }
-        emit(chain, cp);
+        emit(chain, cp.into());
     };
     let mut batch = Vec::new();
     loop {

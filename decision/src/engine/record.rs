@@ -46,7 +46,8 @@ impl<'a> Facts<'a> {
     }
 }
 
-/// The audit event of a decision: the reference's record, credentials masked as it is built.
+/// The audit event of a decision: the reference's record, credentials masked as it is built,
+/// in canonical JSON already (no map on the request path).
 pub(super) fn audit_event(
     audit: &crate::audit::Audit,
     d: &Decision,
@@ -54,7 +55,7 @@ pub(super) fn audit_event(
     facts: &Facts<'_>,
     took: Duration,
     id: super::DecisionId,
-) -> serde_json::Map<String, serde_json::Value> {
+) -> crate::audit::event::Members {
     let (path, query) = facts.target.split_once('?').unwrap_or((facts.target, ""));
     let input = crate::audit::event::EventInput {
         request_id: facts.request_id,
@@ -74,14 +75,14 @@ pub(super) fn audit_event(
         instance: &audit.instance,
         credential_header: Some(&policy.api_keys.header),
     };
-    let mut ev = crate::audit::event::build(&input, &audit.mask);
-    ev.insert("event".into(), "decision".into());
-    ev.insert("decision_id".into(), id.to_string().into());
+    let mut ev = crate::audit::event::build_members(&input, &audit.mask);
+    ev.push("event", "decision");
+    ev.push("decision_id", &id.to_string());
     if !policy.version.is_empty() {
-        ev.insert("policy_version".into(), (*policy.version).into());
+        ev.push("policy_version", &*policy.version);
     }
     if facts.dry_run {
-        ev.insert("dry_run".into(), true.into());
+        ev.push("dry_run", &true);
     }
     ev
 }
