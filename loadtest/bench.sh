@@ -365,11 +365,11 @@ start_two_cores() { # name args...: sets tc_pid and tc_addr
 if [ "$(nproc)" -ge 2 ] && [ "${#server_cpu[@]}" -gt 0 ]; then
   pinned_client=("${client_cpu[@]}"); client_cpu=(taskset -c 0,1)
   start_two_cores noop-2cores taskset -c 0,1 "$bin/portcullis-noop" --addr 127.0.0.1:0
-  h2 noop-rls-1-2cores-h2load "$tc_addr" "$work/rls-ok.bin"; kill "$tc_pid"
+  h2 noop-rls-1-2cores-h2load "$tc_addr" "$work/rls-ok.bin"; kill "$tc_pid"; wait "$tc_pid" 2>/dev/null || true
   start_two_cores pc-2cores taskset -c 0,1 "$portcullis" serve --config loadtest/bench/policy.yaml --log-format json
-  h2 rls-1-desc-1-key-2cores-h2load "$tc_addr" "$work/rls-ok.bin"; kill "$tc_pid"
+  h2 rls-1-desc-1-key-2cores-h2load "$tc_addr" "$work/rls-ok.bin"; kill "$tc_pid"; wait "$tc_pid" 2>/dev/null || true
   start_two_cores pc-2cores-mt taskset -c 0,1 "$portcullis" serve --config loadtest/bench/policy.yaml --log-format json --runtime multi-thread
-  h2 rls-1-desc-1-key-2cores-multi-thread-h2load "$tc_addr" "$work/rls-ok.bin"; kill "$tc_pid"
+  h2 rls-1-desc-1-key-2cores-multi-thread-h2load "$tc_addr" "$work/rls-ok.bin"; kill "$tc_pid"; wait "$tc_pid" 2>/dev/null || true
   client_cpu=("${pinned_client[@]}")
 fi
 # the Redis store: the same cases, and the ceiling of redis-benchmark running the same script by
@@ -380,16 +380,16 @@ lt --name rls-1-desc-100k-keys-redis --target rls --addr "$pcr_addr" --server-pi
 lt --name ext-authz-api-key-redis --target ext-authz --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --api-key pk_bench_open --expect all
 # the same with one of the 100,000 keys the store holds (the policy file's key above)
 lt --name ext-authz-store-key-redis --target ext-authz --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --api-key pk_bench_store_77777 --expect all
-# a client hammering past its limit: after the first refusal, the over-limit cache answers
-# without a Redis call (compare with rls-limited on the memory store, and the redis CPU column)
 # Redis on the load generator's core instead of portcullis's (as a peer's figures are taken: each
 # server on a core of its own), h2load sending the RLS call: what portcullis does when Redis is
 # not competing with it for its core
 if [ "${#server_cpu[@]}" -gt 0 ]; then
-  taskset -p -c 1 "$redis_pid" > /dev/null
+  taskset -a -p -c 1 "$redis_pid" > /dev/null
   h2 rls-1-desc-1-key-redis-own-core-h2load "$pcr_addr" "$work/rls-ok.bin"
-  taskset -p -c 0 "$redis_pid" > /dev/null
+  taskset -a -p -c 0 "$redis_pid" > /dev/null
 fi
+# a client hammering past its limit: after the first refusal, the over-limit cache answers
+# without a Redis call (compare with rls-limited on the memory store, and the redis CPU column)
 lt --name ext-authz-limited-redis --target ext-authz --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --api-key pk_bench_limited --expect 100
 lt --name rls-limited-redis       --target rls --addr "$pcr_addr" --server-pid "$pcr_pid" --store-pid "$redis_pid" "${common[@]}" --descriptor-key limited --expect 100
 sha="$(redis-cli -p "$redis_port" SCRIPT LOAD "$(cat decision/src/store/lua/common.lua decision/src/store/lua/apply.lua)")"

@@ -32,8 +32,8 @@ use crate::server::{KEEPALIVE_INTERVAL, ServeError};
 /// every frame payload under 1 KiB into its write buffer (with vectored writes it chains any
 /// payload of 256 bytes or more, and flushes before the next frame: an OVER_LIMIT or a denied
 /// answer, over 256 bytes with its headers and body, cost two `writev` calls and broke the
-/// batching of the answers after it, so a refusal was a third slower than an allowance). On a
-/// per-core runtime it counts in that runtime's live connections until it is dropped.
+/// batching of the answers after it, so a refusal was a third slower than an allowance). It
+/// counts in its runtime's open connections (`portcullis_grpc_connections`) until it is dropped.
 pub struct Coalesced {
     stream: tokio::net::TcpStream,
     _live: Live,
@@ -129,18 +129,20 @@ impl Drop for Live {
 }
 
 struct Worker {
-    conns: mpsc::UnboundedSender<std::net::TcpStream>,
+    /// accepted connections, each already counted in `live`
+    conns: mpsc::UnboundedSender<(std::net::TcpStream, Live)>,
     live: Gauge,
     done: oneshot::Receiver<Result<(), ServeError>>,
 }
 
 /// Serves `router` on `listener` with `threads` (at least 1) current-thread runtimes, each on a
-/// thread of its own named `grpc-<i>`, until
-/// `stop` turns true; then it stops accepting (the listening socket is closed at once), lets
-/// every runtime drain its connections gracefully (HTTP/2 GOAWAY, in-flight calls finish) and
-/// returns when all have. Each runtime's open connections are `open`'s gauge labelled
-/// `runtime="<i>"`. Errors: a runtime or thread that cannot be started (`ServeError::Http`), or
-/// the first runtime's server error (`ServeError::Grpc`).
+/// thread of its own named `grpc-<i>`, until `stop` turns true; then it stops accepting (the
+/// listening socket is closed at once), lets every runtime drain its connections gracefully
+/// (HTTP/2 GOAWAY, in-flight calls finish) and returns when all have. Each runtime's open
+/// connections are `open`'s gauge labelled `runtime="<i>"`. A runtime whose server ends early
+/// gets no more connections. Errors: a runtime or thread that cannot be started
+/// (`ServeError::Http`, before anything is served), or the first runtime's server error or
+/// unexpected end (`ServeError::Grpc`, `ServeError::Http`).
 pub async fn serve_per_core(
     listener: TcpListener,
     threads: usize,
@@ -151,20 +153,28 @@ pub async fn serve_per_core(
     let count = threads.max(1);
     let mut workers = Vec::with_capacity(count);
     for i in 0..count {
-        let (conns, mut rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
+        let (conns, mut rx) = mpsc::unbounded_channel::<(std::net::TcpStream, Live)>();
         let live = open.get_or_create(&vec![("runtime", i.to_string())]).clone();
         let (done_tx, done) = oneshot::channel();
-        let (router, mut stop, counter) = (router.clone(), stop.clone(), live.clone());
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServeError::Http)?;
+        let (started_tx, started) = oneshot::channel::<std::io::Result<()>>();
+        let (router, mut stop) = (router.clone(), stop.clone());
         std::thread::Builder::new()
             .name(format!("grpc-{i}"))
             .spawn(move || {
+                // built here, so that a thread that cannot start drops nothing of tokio's on the
+                // caller's runtime
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = started_tx.send(Ok(()));
                 RUNTIME.with(|r| r.set(Some((i, count))));
                 let served = rt.block_on(async move {
                     // registered with this runtime's reactor here, as it is polled
-                    // (counted by the accept loop as it handed it over)
-                    let incoming = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(move |s| {
-                        let live = Live(counter.clone());
+                    let incoming = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|(s, live)| {
                         tokio::net::TcpStream::from_std(s).map(|stream| Coalesced { stream, _live: live })
                     });
                     router
@@ -176,13 +186,19 @@ pub async fn serve_per_core(
                 let _ = done_tx.send(served.map_err(ServeError::Grpc));
             })
             .map_err(ServeError::Http)?;
+        started
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("a gRPC runtime thread ended as it started")))
+            .map_err(ServeError::Http)?;
         workers.push(Worker { conns, live, done });
     }
     accept(listener, &workers, stop).await;
     let mut first_error = Ok(());
     for w in workers {
         drop(w.conns);
-        let served = w.done.await.unwrap_or(Ok(()));
+        let served = w.done.await.unwrap_or_else(|_| {
+            Err(ServeError::Http(std::io::Error::other("a gRPC runtime thread ended unexpectedly")))
+        });
         if first_error.is_ok() {
             first_error = served;
         }
@@ -190,8 +206,9 @@ pub async fn serve_per_core(
     first_error
 }
 
-/// The accept loop: each connection to the worker with the fewest live ones (the first of them
-/// on a tie), until `stop`; the listening socket is dropped when it returns.
+/// The accept loop: each connection to the running worker with the fewest live ones (the first
+/// of them on a tie), until `stop` or until no worker runs; the listening socket is dropped
+/// when it returns.
 async fn accept(listener: TcpListener, workers: &[Worker], mut stop: watch::Receiver<bool>) {
     let mut incoming =
         std::pin::pin!(TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(KEEPALIVE_INTERVAL)));
@@ -210,11 +227,13 @@ async fn accept(listener: TcpListener, workers: &[Worker], mut stop: watch::Rece
             }
         };
         let Ok(stream) = stream.into_std() else { continue };
-        let Some(w) = workers.iter().min_by_key(|w| w.live.get()) else { return };
+        let Some(w) = workers.iter().filter(|w| !w.conns.is_closed()).min_by_key(|w| w.live.get()) else {
+            tracing::error!("every gRPC runtime has ended: no more connections are accepted");
+            return;
+        };
+        // counted from here; a connection the runtime never takes (it stopped) is dropped with
+        // its count
         w.live.inc();
-        if w.conns.send(stream).is_err() {
-            // that runtime has stopped (its server failed): the connection is closed
-            w.live.dec();
-        }
+        let _ = w.conns.send((stream, Live(w.live.clone())));
     }
 }

@@ -398,7 +398,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // A current-thread runtime lets a connection's task run after several streams have
             // finished, so h2 writes their answers together (the multi-thread scheduler's LIFO
             // slot ran it after every answer): on one core everything runs on one; on more, each
-            // core serves its share of the gRPC connections on one (see decision::runtimes).
+            // core serves its share of the gRPC connections on one (see decision::connections).
             let (current_thread, connections) = match shape {
                 RuntimeShape::CurrentThread => (true, Connections::Here),
                 RuntimeShape::PerCore => (false, Connections::PerCore(cores)),

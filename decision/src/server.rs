@@ -330,6 +330,8 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>, connections: Connect
             }
         });
     }
+    // work that outlives a request runs here, not on a per-core runtime that ends as it drains
+    engine.set_background(tokio::runtime::Handle::current());
     cfg.auth_metrics.register(&mut engine.metrics.registry());
     let audit = match &cfg.settings.audit {
         Some(a) => {

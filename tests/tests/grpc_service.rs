@@ -423,8 +423,16 @@ async fn the_current_thread_runtime_decides_the_matrix_and_holds_concurrent_load
 #[tokio::test]
 async fn the_per_core_runtimes_spread_connections_count_exactly_and_drain_on_sigterm() {
     // what `--runtime auto` picks on more than one core: each gRPC connection is served by one
-    // of N current-thread runtimes, the one with the fewest connections when it was accepted
-    let policy = reference_policy().replacen("basic:      { per_minute: 60,", "basic:      { per_minute: 1,", 1);
+    // of N current-thread runtimes (one per core), the one with the fewest connections when it
+    // was accepted. The basic tier: no refill, and a burst of 50 a core (first the matrix's
+    // burst, so the count below is exact on any core count)
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let burst = 50 * cores;
+    let policy = reference_policy().replacen(
+        "basic:      { per_minute: 60,   burst: 100,",
+        &format!("basic:      {{ per_minute: 1,   burst: {burst},"),
+        1,
+    );
     assert_ne!(policy, reference_policy(), "the reference tier line moved");
     let mut p = Portcullis::start_with_env(&policy, &[], &[("PORTCULLIS_RUNTIME", "per-core")])
         .await
@@ -433,10 +441,8 @@ async fn the_per_core_runtimes_spread_connections_count_exactly_and_drain_on_sig
         .wait_for_log("the runtime line", |l| l.contains("\"runtime\":\"per_core\""))
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let cores: usize = serde_json::from_str::<serde_json::Value>(&line).expect("json")["cores"]
-        .as_u64()
-        .and_then(|n| usize::try_from(n).ok())
-        .expect("cores in the runtime line");
+    let logged = serde_json::from_str::<serde_json::Value>(&line).expect("json")["cores"].as_u64();
+    assert_eq!(logged, u64::try_from(cores).ok(), "the runtimes are one per core: {line}");
     // two connections per runtime, each asked once so that it is accepted and handed over
     let mut clients = Vec::new();
     for _ in 0..2 * cores {
@@ -454,8 +460,8 @@ async fn the_per_core_runtimes_spread_connections_count_exactly_and_drain_on_sig
         let want = format!("portcullis_grpc_connections{{runtime=\"{i}\"}} 2");
         assert!(metrics.lines().any(|l| l == want), "{want} in:\n{metrics}");
     }
-    // all of them at once, 25 requests each: the runtimes share one store, so the burst is
-    // exactly the burst (100, of which the first requests above took 2 x cores)
+    // all of them at once, 25 requests each (50 x cores in all): the runtimes share one store,
+    // so exactly the burst is allowed (of which the first requests above took 2 x cores)
     let mut tasks = Vec::new();
     for mut c in clients {
         tasks.push(tokio::spawn(async move {
@@ -476,7 +482,7 @@ async fn the_per_core_runtimes_spread_connections_count_exactly_and_drain_on_sig
         allowed += ok;
         clients.push(c);
     }
-    assert_eq!(allowed, (100 - 2 * cores).min(25 * 2 * cores), "the burst, exactly");
+    assert_eq!(allowed, burst - 2 * cores, "the burst, exactly");
     // SIGTERM: every runtime drains its connections (GOAWAY) and the process exits 0
     p.signal("TERM").await.expect("signal");
     let status = p.wait_exit(Duration::from_secs(20)).await.expect("exit");

@@ -304,9 +304,18 @@ fn write_loop(
 }
 
 fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
+    append_lines(path, std::slice::from_ref(&line))
+}
+
+/// Appends `lines`, each with its newline, in one write, then `fdatasync`.
+fn append_lines<L: AsRef<str>>(path: &Path, lines: &[L]) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(lines.iter().map(|l| l.as_ref().len() + 1).sum());
+    for l in lines {
+        buf.extend_from_slice(l.as_ref().as_bytes());
+        buf.push(b'\n');
+    }
     let mut f = OpenOptions::new().create(true).append(true).open(path)?;
-    f.write_all(line.as_bytes())?;
-    f.write_all(b"\n")?;
+    f.write_all(&buf)?;
     f.sync_data()
 }
 
@@ -577,13 +586,18 @@ struct Spill {
 }
 
 impl Spill {
-    fn append(&self, line: &str) {
-        if let Err(e) = append_line(&self.path, line) {
-            // the disk refuses too: nothing left to keep the event in
-            self.metrics.dropped.inc();
-            tracing::error!(file = %self.path.display(), error = %e, "cannot spill an audit event");
+    /// Appends lines, in order, with one write and one `fdatasync`.
+    fn append(&self, lines: &[String]) {
+        if lines.is_empty() {
+            return;
+        }
+        let n = lines.len() as u64;
+        if let Err(e) = append_lines(&self.path, lines) {
+            // the disk refuses too: nothing left to keep the events in
+            self.metrics.dropped.inc_by(n);
+            tracing::error!(file = %self.path.display(), error = %e, lines = n, "cannot spill audit events");
         } else {
-            self.metrics.spilled.inc();
+            self.metrics.spilled.inc_by(n);
         }
     }
 }
@@ -627,37 +641,35 @@ impl SinkHandle {
         Ok(SinkHandle { name, tx, queued, queue, spill, thread })
     }
 
-    /// Hands lines to the sink in one go, or to its spill file (in order, behind what is there)
-    /// when the sink is behind: its queue would pass `queue` lines, or its thread is gone.
-    fn push(&self, lines: Vec<String>) {
+    /// Hands lines to the sink in one go: as many as its queue has room for (`queue` lines),
+    /// and the rest to its spill file, in order behind what is there (once lines are spilled,
+    /// every later line goes there too until the sink has replayed them); all of them to the
+    /// spill file when its thread is gone.
+    fn push(&self, mut lines: Vec<String>) {
         let _guard = lock(&self.spill.lock);
-        let spill = |lines: &[String]| {
-            for line in lines {
-                self.spill.append(line);
-            }
-        };
-        if self.spill.active.load(Ordering::Acquire) {
-            spill(&lines);
-            return;
-        }
-        let n = lines.len();
-        if self.queued.load(Ordering::Acquire) + n <= self.queue {
-            self.queued.fetch_add(n, Ordering::AcqRel);
-            match self.tx.try_send(Some(lines)) {
-                Ok(()) => return,
-                Err(TrySendError::Full(Some(lines))) | Err(TrySendError::Disconnected(Some(lines))) => {
+        if !self.spill.active.load(Ordering::Acquire) {
+            let room = self.queue.saturating_sub(self.queued.load(Ordering::Acquire));
+            let rest = if lines.len() > room { lines.split_off(room) } else { Vec::new() };
+            if !lines.is_empty() {
+                let n = lines.len();
+                self.queued.fetch_add(n, Ordering::AcqRel);
+                if let Err(TrySendError::Full(Some(back)) | TrySendError::Disconnected(Some(back))) =
+                    self.tx.try_send(Some(lines))
+                {
                     self.queued.fetch_sub(n, Ordering::AcqRel);
-                    tracing::warn!(sink = self.name, "audit sink is behind; spilling to disk");
-                    self.spill.active.store(true, Ordering::Release);
-                    spill(&lines);
+                    lines = back;
+                } else {
+                    lines = Vec::new();
                 }
-                Err(_) => {}
             }
-            return;
+            lines.extend(rest);
+            if lines.is_empty() {
+                return;
+            }
+            tracing::warn!(sink = self.name, lines = lines.len(), "audit sink is behind; spilling to disk");
+            self.spill.active.store(true, Ordering::Release);
         }
-        tracing::warn!(sink = self.name, "audit sink is behind; spilling to disk");
-        self.spill.active.store(true, Ordering::Release);
-        spill(&lines);
+        self.spill.append(&lines);
     }
 
     fn close(self) {
@@ -907,6 +919,42 @@ mod tests {
         let mut want = lines.clone();
         want.sort();
         assert_eq!(seen, want, "every line whole, in one file or another");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_hand_over_past_the_queue_sends_what_fits_and_spills_the_rest_in_order() {
+        let dir = std::env::temp_dir().join(format!("portcullis-handover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let metrics = AuditMetrics::default();
+        let spill = Arc::new(Spill {
+            path: dir.join("sink.spill"),
+            active: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            metrics: metrics.clone(),
+        });
+        // a sink whose thread takes nothing: its queue holds 3 lines
+        let (tx, rx) = sync_channel(3);
+        let sink = SinkHandle {
+            name: "test",
+            tx,
+            queued: Arc::new(AtomicUsize::new(0)),
+            queue: 3,
+            spill: spill.clone(),
+            thread: std::thread::spawn(|| {}),
+        };
+        let lines = |r: std::ops::Range<usize>| r.map(|i| format!("line {i}")).collect::<Vec<_>>();
+        sink.push(lines(0..2));
+        sink.push(lines(2..6));
+        // behind the spilled ones, even though nothing was taken from the queue since
+        sink.push(lines(6..7));
+        let queued: Vec<String> = rx.try_iter().flatten().flatten().collect();
+        assert_eq!(queued, lines(0..3), "what fitted went to the queue, in order");
+        let spilled = std::fs::read_to_string(dir.join("sink.spill")).expect("spill file");
+        assert_eq!(spilled, lines(3..7).join("\n") + "\n", "the rest, in order, each line once");
+        assert_eq!(metrics.spilled.get(), 4);
+        assert_eq!(metrics.dropped.get(), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

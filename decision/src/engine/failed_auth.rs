@@ -67,7 +67,9 @@ impl<S: Store> Engine<S> {
         let Some(fetch) = verifier.fetch_for(token, reason) else { return false };
         let wait =
             deadline.map_or(FETCH_WAIT, |d| FETCH_WAIT.min(d.saturating_duration_since(crate::clock::instant())));
-        let _ = tokio::time::timeout(wait, tokio::spawn(fetch)).await;
+        // on the background runtime: the fetch goes on past `wait` (and past this runtime)
+        let Some(rt) = self.background() else { return false };
+        let _ = tokio::time::timeout(wait, rt.spawn(fetch)).await;
         true
     }
 }

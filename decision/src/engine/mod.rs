@@ -98,6 +98,10 @@ pub struct Engine<S> {
     audit: std::sync::OnceLock<Arc<crate::audit::Audit>>,
     /// live monitoring, when the policy has an `alerts` section (set once by the server)
     alerts: std::sync::OnceLock<Arc<crate::alerts::Monitor>>,
+    /// where work that outlives a request runs (a lease left after the answer, a key set
+    /// fetched): the server's main runtime, which outlives the per-core runtimes that end as
+    /// they drain; unset, the caller's runtime
+    background: std::sync::OnceLock<tokio::runtime::Handle>,
     /// the counters of the `local_share` degraded mode (used only while the store fails)
     local: crate::store::MemoryStore,
     /// whether the last store call failed and was answered from local shares
@@ -138,6 +142,7 @@ impl<S: Store> Engine<S> {
             waiters: Default::default(),
             audit: Default::default(),
             alerts: Default::default(),
+            background: Default::default(),
             local: crate::store::MemoryStore::new(),
             degraded: std::sync::atomic::AtomicBool::new(false),
             unknown_domain: Arc::from("unknown"),
@@ -220,6 +225,17 @@ impl<S: Store> Engine<S> {
 
     pub fn audit(&self) -> Option<&Arc<crate::audit::Audit>> {
         self.audit.get()
+    }
+
+    /// Runs work that outlives a request on `rt` from now on (once; the server's main runtime).
+    pub fn set_background(&self, rt: tokio::runtime::Handle) {
+        let _ = self.background.set(rt);
+    }
+
+    /// Where work that outlives a request runs: the runtime `set_background` gave, else the
+    /// caller's; None outside any runtime.
+    pub(crate) fn background(&self) -> Option<tokio::runtime::Handle> {
+        self.background.get().cloned().or_else(|| tokio::runtime::Handle::try_current().ok())
     }
 
     /// Turns live monitoring on (once).

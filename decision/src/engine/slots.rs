@@ -148,10 +148,10 @@ async fn sleep_until_caller(deadline: Option<std::time::Instant>) {
 }
 
 impl<S: Store> Engine<S> {
-    /// `leave`, on a task of its own (with a shared engine; else not at all: the place or slot
-    /// then expires by itself).
+    /// `leave`, on a task of its own on the background runtime (with a shared engine; else not
+    /// at all: the place or slot then expires by itself).
     pub(crate) fn leave_later(&self, upstream: &str, lease: &str) {
-        let (Some(engine), Ok(rt)) = (self.this.upgrade(), tokio::runtime::Handle::try_current()) else { return };
+        let (Some(engine), Some(rt)) = (self.this.upgrade(), self.background()) else { return };
         let (upstream, lease) = (upstream.to_owned(), lease.to_owned());
         rt.spawn(async move {
             engine.leave(&upstream, &lease).await;

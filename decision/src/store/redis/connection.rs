@@ -1,9 +1,11 @@
 //! The connections to Redis: `pool_size` multiplexed connections used in turn (each pipelines
 //! the calls made on it concurrently), to one node or to a cluster, made lazily so portcullis
 //! starts while Redis is unreachable and reconnects on its own. To one node, each per-core
-//! runtime (`crate::connections`) gets connections of its own, made on it the first time it
-//! calls, so their I/O runs on the thread that made the call (a call on another runtime's
-//! connection woke that thread twice).
+//! runtime (`crate::connections`) also gets `ceil(pool_size / runtimes)` connections of its own
+//! (at least one), made on it the first time it calls, so their I/O runs on the thread that made
+//! the call (a call on another runtime's connection woke that thread twice); the `pool_size`
+//! shared ones serve calls made elsewhere (forward-auth, the admin API, probes). A cluster's
+//! connections are all shared.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -129,14 +131,23 @@ impl Pool {
             .as_deref()
     }
 
-    /// The connections to one node a call on this thread uses: a per-core runtime's own; once
-    /// those exist, the first shared one for the few calls made elsewhere (probes, the admin
-    /// API), leaving the others unmade; else all the shared ones.
-    fn single_conns<'a>(&'a self, shared: &'a [ConnectionManager]) -> &'a [ConnectionManager] {
+    /// The connections to one node a call on this thread uses, and the index of the next one: a
+    /// per-core runtime's own (in turn by a counter of its thread, so the cores share no
+    /// counter), else the shared ones (forward-auth, the admin API, probes: in turn).
+    fn single_conns<'a>(&'a self, shared: &'a [ConnectionManager]) -> (&'a [ConnectionManager], usize) {
+        thread_local! {
+            static NEXT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        }
         match self.own_connections() {
-            Some(own) => own,
-            None if self.per_runtime.get().is_some() => &shared[..1],
-            None => shared,
+            Some(own) => {
+                let i = NEXT.with(|n| {
+                    let i = n.get();
+                    n.set(i.wrapping_add(1));
+                    i
+                });
+                (own, i % own.len())
+            }
+            None => (shared, self.next_connection(shared.len())),
         }
     }
 
@@ -152,8 +163,8 @@ impl Pool {
     pub async fn invoke<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> redis::RedisResult<T> {
         match &self.conns {
             Conns::Single(c) => {
-                let c = self.single_conns(c);
-                inv.invoke_async::<T>(&mut c[self.next_connection(c.len())].clone()).await
+                let (c, i) = self.single_conns(c);
+                inv.invoke_async::<T>(&mut c[i].clone()).await
             }
             Conns::Cluster(c) => inv.invoke_async::<T>(&mut c[self.next_connection(c.len())].clone()).await,
         }
@@ -166,8 +177,8 @@ impl Pool {
         let answered = async {
             match &self.conns {
                 Conns::Single(c) => {
-                    let c = self.single_conns(c);
-                    ping.query_async::<redis::Value>(&mut c[self.next_connection(c.len())].clone()).await
+                    let (c, i) = self.single_conns(c);
+                    ping.query_async::<redis::Value>(&mut c[i].clone()).await
                 }
                 // every master must answer, each asked by its address: a PING the client routes
                 // to one random node, or fans out to the masters it still holds connections to,
