@@ -16,6 +16,18 @@ async fn client(p: &Portcullis) -> AuthorizationClient<tonic::transport::Channel
     AuthorizationClient::connect(format!("http://{}", p.grpc)).await.unwrap_or_else(|e| panic!("connect: {e}"))
 }
 
+/// Sends `n` checks with the basic key, one after the other; how many were allowed.
+async fn allowed_of(c: &mut AuthorizationClient<tonic::transport::Channel>, n: usize) -> usize {
+    let mut ok = 0;
+    for _ in 0..n {
+        let r = c.check(check_request("10.0.0.9", "GET", "/api/v1/items", &[("x-api-key", BASIC)])).await;
+        if denied_status(&r.expect("an answer").into_inner()).is_none() {
+            ok += 1;
+        }
+    }
+    ok
+}
+
 async fn start(policy: &str) -> Portcullis {
     Portcullis::start(policy).await.unwrap_or_else(|e| panic!("{e:#}"))
 }
@@ -401,16 +413,7 @@ async fn the_current_thread_runtime_decides_the_matrix_and_holds_concurrent_load
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let mut c = client(&p).await;
-        tasks.push(tokio::spawn(async move {
-            let mut ok = 0;
-            for _ in 0..25 {
-                let r = c.check(check_request("10.0.0.9", "GET", "/api/v1/items", &[("x-api-key", BASIC)])).await;
-                if denied_status(&r.expect("an answer").into_inner()).is_none() {
-                    ok += 1;
-                }
-            }
-            ok
-        }));
+        tasks.push(tokio::spawn(async move { allowed_of(&mut c, 25).await }));
     }
     let mut allowed = 0;
     for t in tasks {
@@ -464,16 +467,7 @@ async fn the_per_core_runtimes_spread_connections_count_exactly_and_drain_on_sig
     // so exactly the burst is allowed (of which the first requests above took 2 x cores)
     let mut tasks = Vec::new();
     for mut c in clients {
-        tasks.push(tokio::spawn(async move {
-            let mut ok = 0;
-            for _ in 0..25 {
-                let r = c.check(check_request("10.0.0.9", "GET", "/api/v1/items", &[("x-api-key", BASIC)])).await;
-                if denied_status(&r.expect("an answer").into_inner()).is_none() {
-                    ok += 1;
-                }
-            }
-            (ok, c)
-        }));
+        tasks.push(tokio::spawn(async move { (allowed_of(&mut c, 25).await, c) }));
     }
     let mut allowed = 0;
     let mut clients = Vec::new();
