@@ -295,29 +295,12 @@ kill "$pcf_pid"; wait "$pcf_pid" 2>/dev/null || true
 lt --name ext-authz-limited       --target ext-authz --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --api-key pk_bench_limited --expect 100
 lt --name rls-limited             --target rls --addr "$pc_addr" --server-pid "$pc_pid" "${common[@]}" --descriptor-key limited --expect 100
 # The RLS and ext_authz cases again from h2load (nghttp2's HTTP/2 load generator, a C client much
-# cheaper than ours, pinned the same way) sending the same call (the ext_authz bodies are
-# written by portcullis-loadtest --write-request), so that these ratios do not depend on our load
+# cheaper than ours, pinned the same way) sending the same call (the bodies are written by
+# portcullis-loadtest --write-request), so that these ratios do not depend on our load
 # generator's own cost. h2load sees HTTP statuses only (gRPC's status is in
 # the trailers): these rows measure throughput; the rows above check outcomes.
 command -v h2load >/dev/null 2>&1 \
   || { echo "bench.sh: h2load is missing (Debian: apt-get install nghttp2-client; scripts/test.sh installs it)" >&2; exit 1; }
-rls_body() { # descriptor-key value file: one gRPC message, RateLimitRequest{domain: bench, [{key: value}], hits_addend: 1}
-  python3 - "$1" "$2" "$3" <<'PY'
-import struct, sys
-def varint(n):
-    out = b""
-    while True:
-        b, n = n & 0x7F, n >> 7
-        if n:
-            out += bytes([b | 0x80])
-        else:
-            return out + bytes([b])
-ld = lambda tag, b: bytes([tag]) + varint(len(b)) + b
-entry = ld(0x0A, sys.argv[1].encode()) + ld(0x12, sys.argv[2].encode())
-msg = ld(0x0A, b"bench") + ld(0x12, ld(0x0A, entry)) + b"\x18\x01"
-open(sys.argv[3], "wb").write(b"\x00" + struct.pack(">I", len(msg)) + msg)
-PY
-}
 h2() { # name addr body-file [gRPC method path, default RLS ShouldRateLimit]
   local report
   report="$("${client_cpu[@]}" h2load -c "$conns" -m "$streams" -D "$dur" --warm-up-time=1s \
@@ -339,13 +322,16 @@ print(json.dumps({"name": name, "mode": "closed", "rps": rps, "connections": con
                   "client_cpu_pct": None, "server_cpu_pct": None}))
 PY
 }
-rls_body k0 v1 "$work/rls-ok.bin"; rls_body limited v1 "$work/rls-limited.bin"
+# the bodies: what portcullis-loadtest sends, as one gRPC message each
+body() { "$bin/portcullis-loadtest" --addr unused --write-request "$@"; }
+body "$work/rls-ok.bin" --target rls
+body "$work/rls-limited.bin" --target rls --descriptor-key limited
 h2 noop-rls-1-h2load        "$noop_addr" "$work/rls-ok.bin"
 h2 rls-1-desc-1-key-h2load  "$pc_addr"   "$work/rls-ok.bin"
 h2 rls-limited-h2load       "$pc_addr"   "$work/rls-limited.bin"
 check_path=/envoy.service.auth.v3.Authorization/Check
-"$bin/portcullis-loadtest" --target ext-authz --addr unused --api-key pk_bench_open --write-request "$work/check-ok.bin"
-"$bin/portcullis-loadtest" --target ext-authz --addr unused --api-key pk_bench_limited --write-request "$work/check-limited.bin"
+body "$work/check-ok.bin" --target ext-authz --api-key pk_bench_open
+body "$work/check-limited.bin" --target ext-authz --api-key pk_bench_limited
 h2 noop-ext-authz-h2load     "$noop_addr" "$work/check-ok.bin" "$check_path"
 h2 ext-authz-api-key-h2load  "$pc_addr"   "$work/check-ok.bin" "$check_path"
 # (pk_bench_limited's burst went in ext-authz-limited above: every one of these is refused)

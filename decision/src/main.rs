@@ -399,10 +399,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // finished, so h2 writes their answers together (the multi-thread scheduler's LIFO
             // slot ran it after every answer): on one core everything runs on one; on more, each
             // core serves its share of the gRPC connections on one (see decision::connections).
-            let (current_thread, connections) = match shape {
-                RuntimeShape::CurrentThread => (true, Connections::Here),
-                RuntimeShape::PerCore => (false, Connections::PerCore(cores)),
-                RuntimeShape::MultiThread | RuntimeShape::Auto => (false, Connections::Here),
+            let (current_thread, connections, shape_name) = match shape {
+                RuntimeShape::CurrentThread => (true, Connections::Here, "current_thread"),
+                RuntimeShape::PerCore => (false, Connections::PerCore(cores), "per_core"),
+                RuntimeShape::MultiThread | RuntimeShape::Auto => (false, Connections::Here, "multi_thread"),
             };
             let rt = if current_thread {
                 tokio::runtime::Builder::new_current_thread()
@@ -418,15 +418,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map(|endpoint| telemetry::Otlp { endpoint, service_name: otel_service_name });
             // inside the runtime: the OTLP exporter's channel lives there
             let (_log_guard, traces) = rt.block_on(async { telemetry::init(log_format, &log, otlp.as_ref()) });
-            tracing::info!(
-                runtime = match shape {
-                    RuntimeShape::CurrentThread => "current_thread",
-                    RuntimeShape::PerCore => "per_core",
-                    _ => "multi_thread",
-                },
-                cores,
-                "async runtime"
-            );
+            tracing::info!(runtime = shape_name, cores, "async runtime");
             if clock_offset_secs != 0 {
                 decision::clock::set_offset(clock_offset_secs.saturating_mul(1_000_000));
                 tracing::warn!(clock_offset_secs, "this instance's clock is shifted (a test setting)");

@@ -43,36 +43,30 @@ impl Chain {
     /// serialized once: its canonical JSON (sorted keys, compact) is what is hashed, and the
     /// line is that text with `"hash":"<hex>"` spliced in at its sorted place, byte for byte
     /// what serializing the sealed object gives (`hash_of` and `verify` recompute it so).
-    pub fn seal(&mut self, mut event: Map<String, Value>) -> String {
-        self.seq += 1;
-        event.remove("hash");
-        event.insert("chain".into(), Value::from(self.name.clone()));
-        event.insert("seq".into(), Value::from(self.seq));
-        event.insert("prev_hash".into(), Value::from(self.head.as_str()));
-        let mut text: Vec<u8> = Vec::with_capacity(1024);
-        text.push(b'{');
-        // where "hash" goes: before the first key that sorts after it (with that key's comma)
-        let mut at = None;
-        for (i, (k, v)) in event.iter().enumerate() {
-            if at.is_none() && k.as_str() > "hash" {
-                at = Some(text.len());
-            }
-            if i > 0 {
-                text.push(b',');
-            }
+    pub fn seal(&mut self, event: Map<String, Value>) -> String {
+        // each value serialized once, into one buffer; the map iterates in key order
+        let mut values: Vec<u8> = Vec::with_capacity(1024);
+        let mut spans = Vec::with_capacity(event.len());
+        for (k, v) in &event {
+            let start = values.len();
             // writing JSON into a Vec cannot fail (keys are strings, values are `Value`s)
-            let _ = serde_json::to_writer(&mut text, k);
-            text.push(b':');
-            let _ = serde_json::to_writer(&mut text, v);
+            let _ = serde_json::to_writer(&mut values, v);
+            spans.push((k.as_str(), start..values.len()));
         }
-        text.push(b'}');
-        self.finish(text, at)
+        self.seal_sorted(spans.iter().map(|(k, r)| (*k, &values[r.clone()])))
     }
 
     /// `seal` for an event already in canonical JSON ([`Members`]): the same line, byte for
-    /// byte, as sealing the event as a `Map` (a member named like a chain member gives way to
-    /// it, a "hash" member is left out), without a map.
+    /// byte, as sealing the event as a `Map`, without a map.
     pub fn seal_members(&mut self, event: &mut Members) -> String {
+        self.seal_sorted(event.sorted())
+    }
+
+    /// Seals an event given as its members in key order, each value's JSON text: the chain's
+    /// members (chain, prev_hash, seq) merged in at their sorted places (a member of the same
+    /// name gives way, a "hash" member is left out), the canonical text hashed, and
+    /// `"hash":"<hex>"` spliced in at its own sorted place.
+    fn seal_sorted<'k, 'v>(&mut self, members: impl Iterator<Item = (&'k str, &'v [u8])>) -> String {
         self.seq += 1;
         let (chain, prev_hash) = (serde_json::to_string(&self.name), serde_json::to_string(&self.head));
         let seq = self.seq.to_string();
@@ -84,6 +78,7 @@ impl Chain {
         ];
         let mut text: Vec<u8> = Vec::with_capacity(1024);
         text.push(b'{');
+        // where "hash" goes: before the first key that sorts after it (with that key's comma)
         let mut at = None;
         let mut put = |text: &mut Vec<u8>, k: &str, v: &[u8]| {
             if at.is_none() && k > "hash" {
@@ -97,7 +92,7 @@ impl Chain {
             text.extend_from_slice(v);
         };
         let mut mine = ours.iter().peekable();
-        for (k, v) in event.sorted() {
+        for (k, v) in members {
             if k == "hash" || ours.iter().any(|(o, _)| *o == k) {
                 continue;
             }
@@ -110,25 +105,13 @@ impl Chain {
             put(&mut text, o, ov);
         }
         text.push(b'}');
-        self.finish(text, at)
-    }
-
-    /// Hashes the canonical text of an event (`{...}`, without "hash"), splices `"hash":"<hex>"`
-    /// in at `at` (where the first key sorting after "hash" starts; None: at the end), and
-    /// moves the chain's head on.
-    fn finish(&mut self, mut text: Vec<u8>, at: Option<usize>) -> String {
         let mut h = Sha256::new();
         h.update(self.head.as_bytes());
         h.update(&text);
         let hash = decision_core::encode::hex(&h.finalize());
-        let (at, before, after) = match at {
-            Some(at) if at > 1 => (at, ",", ""),
-            Some(at) => (at, "", ","),
-            None if text.len() == 2 => (1, "", ""),
-            None => (text.len() - 1, ",", ""),
-        };
-        let member = format!("{before}\"hash\":\"{hash}\"{after}");
-        text.splice(at..at, member.into_bytes());
+        // the chain's members are always there, so "hash" never comes first
+        let at = at.unwrap_or(text.len() - 1);
+        text.splice(at..at, format!(",\"hash\":\"{hash}\"").into_bytes());
         self.head = hash;
         // serde_json writes UTF-8 only
         String::from_utf8(text).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())

@@ -129,17 +129,17 @@ impl Members {
         self.members.iter().map(|(k, r)| (*k, &self.text[r.clone()]))
     }
 
-    /// The same event as a `Map` (for tests and for what reads events as objects).
+    /// The same event as a `Map`.
     pub fn to_map(&mut self) -> Map<String, Value> {
         self.sorted().map(|(k, v)| (k.to_owned(), serde_json::from_slice(v).unwrap_or(Value::Null))).collect()
     }
 }
 
-/// `build`, as [`Members`]: the same event, the same masking, serialized as it is built.
-pub fn build_members(e: &EventInput<'_>, mask: &[String]) -> Members {
+/// Builds an event, serialized as it is built; `mask` is the policy's `audit.mask_headers`.
+pub fn build(mut e: EventInput<'_>, mask: &[String]) -> Members {
     let mut ev = Members { text: Vec::with_capacity(512), members: Vec::with_capacity(24) };
     // the headers object: sorted by name, the last value of a repeated name (as a map keeps it)
-    let mut headers: Vec<(&str, &str)> = e.headers.clone();
+    let headers = &mut e.headers;
     headers.sort_by(|a, b| a.0.cmp(b.0));
     let mut obj: Vec<u8> = Vec::with_capacity(256);
     obj.push(b'{');
@@ -184,12 +184,6 @@ pub fn build_members(e: &EventInput<'_>, mask: &[String]) -> Members {
     ev
 }
 
-/// Builds an event; `mask` is the policy's `audit.mask_headers`. The map of
-/// [`build_members`]'s event (one implementation of the record and its masking).
-pub fn build(e: &EventInput<'_>, mask: &[String]) -> Map<String, Value> {
-    build_members(e, mask).to_map()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,7 +223,7 @@ mod tests {
             instance: "pc-a",
             credential_header: Some("x-api-key"),
         };
-        let ev = build(&input, &["x-custom-secret".to_owned()]);
+        let ev = build(input, &["x-custom-secret".to_owned()]).to_map();
         let text = Value::Object(ev.clone()).to_string();
         for s in secrets {
             assert!(!text.contains(s), "{s} leaked into {text}");
@@ -260,7 +254,7 @@ mod tests {
             credential_header: Some("x-partner-key"),
             ..EventInput::default()
         };
-        let ev = build(&input, &["authorization".to_owned()]);
+        let ev = build(input, &["authorization".to_owned()]).to_map();
         assert_eq!(ev["headers"]["X-Partner-Key"], MASKED);
         assert_eq!(ev["headers"]["x-other"], "visible");
         assert!(!Value::Object(ev).to_string().contains("pk_partner_secret_value"));
@@ -295,7 +289,7 @@ mod tests {
             instance: "pc-a",
             credential_header: Some("x-api-key"),
         };
-        let mut members = build_members(&input, &[]);
+        let mut members = build(input, &[]);
         members.push("event", "decision");
         // members named like the chain's own give way to them
         members.push("seq", &99);

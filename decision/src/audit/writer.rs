@@ -249,7 +249,7 @@ fn write_loop(
         );
         let text = Value::Object(cp.clone()).to_string();
         if let Some(path) = &s.checkpoint_file
-            && let Err(e) = append_line(path, &text)
+            && let Err(e) = append_lines(path, &[&text])
         {
             tracing::error!(file = %path.display(), error = %e, "cannot append the audit checkpoint");
         }
@@ -303,19 +303,20 @@ fn write_loop(
     }
 }
 
-fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
-    append_lines(path, std::slice::from_ref(&line))
-}
-
-/// Appends `lines`, each with its newline, in one write, then `fdatasync`.
-fn append_lines<L: AsRef<str>>(path: &Path, lines: &[L]) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(lines.iter().map(|l| l.as_ref().len() + 1).sum());
+/// `lines`, each followed by a newline, in one buffer (with room for `extra` more bytes).
+fn newline_joined<L: AsRef<str>>(lines: &[L], extra: usize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(lines.iter().map(|l| l.as_ref().len() + 1).sum::<usize>() + extra);
     for l in lines {
         buf.extend_from_slice(l.as_ref().as_bytes());
         buf.push(b'\n');
     }
+    buf
+}
+
+/// Appends `lines`, each with its newline, in one write, then `fdatasync`.
+fn append_lines<L: AsRef<str>>(path: &Path, lines: &[L]) -> std::io::Result<()> {
     let mut f = OpenOptions::new().create(true).append(true).open(path)?;
-    f.write_all(&buf)?;
+    f.write_all(&newline_joined(lines, 0))?;
     f.sync_data()
 }
 
@@ -449,10 +450,7 @@ impl Output for FileOut {
             self.open()?;
             self.rotate()?;
         }
-        let mut buf = Vec::with_capacity(line.len() + 1);
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
-        self.append(&buf, 1).map_err(|(_, e)| e)
+        self.append(&newline_joined(&[line], 0), 1).map_err(|(_, e)| e)
     }
 
     /// One `write` for the whole batch (then one `fdatasync` with `fsync: always`); line by
@@ -467,12 +465,7 @@ impl Output for FileOut {
             }
             return Ok(());
         }
-        let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-        for l in lines {
-            buf.extend_from_slice(l.as_bytes());
-            buf.push(b'\n');
-        }
-        self.append(&buf, lines.len())
+        self.append(&newline_joined(lines, 0), lines.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -649,18 +642,17 @@ impl SinkHandle {
         let _guard = lock(&self.spill.lock);
         if !self.spill.active.load(Ordering::Acquire) {
             let room = self.queue.saturating_sub(self.queued.load(Ordering::Acquire));
-            let rest = if lines.len() > room { lines.split_off(room) } else { Vec::new() };
+            let rest = lines.split_off(lines.len().min(room));
             if !lines.is_empty() {
                 let n = lines.len();
                 self.queued.fetch_add(n, Ordering::AcqRel);
-                if let Err(TrySendError::Full(Some(back)) | TrySendError::Disconnected(Some(back))) =
-                    self.tx.try_send(Some(lines))
-                {
-                    self.queued.fetch_sub(n, Ordering::AcqRel);
-                    lines = back;
-                } else {
-                    lines = Vec::new();
-                }
+                lines = match self.tx.try_send(Some(lines)) {
+                    Ok(()) => Vec::new(),
+                    Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => {
+                        self.queued.fetch_sub(n, Ordering::AcqRel);
+                        back.unwrap_or_default()
+                    }
+                };
             }
             lines.extend(rest);
             if lines.is_empty() {
@@ -787,11 +779,7 @@ fn keep_for_next_start(spill: &Spill, offset: u64, pending: &[String]) {
     let _guard = lock(&spill.lock);
     let rest = std::fs::read(&spill.path).unwrap_or_default();
     let rest = rest.get(usize::try_from(offset).unwrap_or(usize::MAX)..).unwrap_or_default();
-    let mut text = Vec::with_capacity(rest.len() + pending.iter().map(|l| l.len() + 1).sum::<usize>());
-    for l in pending {
-        text.extend_from_slice(l.as_bytes());
-        text.push(b'\n');
-    }
+    let mut text = newline_joined(pending, rest.len());
     text.extend_from_slice(rest);
     let tmp = spill.path.with_extension("spill.tmp");
     let ok = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &spill.path));

@@ -75,7 +75,7 @@ pub(super) fn audit_event(
         instance: &audit.instance,
         credential_header: Some(&policy.api_keys.header),
     };
-    let mut ev = crate::audit::event::build_members(&input, &audit.mask);
+    let mut ev = crate::audit::event::build(input, &audit.mask);
     ev.push("event", "decision");
     ev.push("decision_id", &id.to_string());
     if !policy.version.is_empty() {

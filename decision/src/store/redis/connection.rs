@@ -117,11 +117,11 @@ impl Pool {
 
     /// On a per-core runtime's thread, to one node: that runtime's own connections, made now the
     /// first time (`ConnectionManager` runs its I/O on the runtime it is made on).
-    fn own_connections(&self) -> Option<&[ConnectionManager]> {
+    fn own_connections(&self, pool_size: usize) -> Option<&[ConnectionManager]> {
         let (index, runtimes) = crate::connections::runtime_index()?;
         let (client, config) = self.single.as_ref()?;
         let sets = self.per_runtime.get_or_init(|| (0..runtimes).map(|_| OnceLock::new()).collect());
-        let each = self.pool_size().div_ceil(runtimes).max(1);
+        let each = pool_size.div_ceil(runtimes).max(1);
         sets.get(index)?
             .get_or_init(|| {
                 (0..each)
@@ -138,7 +138,7 @@ impl Pool {
         thread_local! {
             static NEXT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
         }
-        match self.own_connections() {
+        match self.own_connections(shared.len()) {
             Some(own) => {
                 let i = NEXT.with(|n| {
                     let i = n.get();
@@ -148,13 +148,6 @@ impl Pool {
                 (own, i % own.len())
             }
             None => (shared, self.next_connection(shared.len())),
-        }
-    }
-
-    fn pool_size(&self) -> usize {
-        match &self.conns {
-            Conns::Single(c) => c.len(),
-            Conns::Cluster(c) => c.len(),
         }
     }
 
