@@ -90,12 +90,17 @@ impl tonic::transport::server::Connected for Coalesced {
 /// coalesced writes ([`Coalesced`]), each counted in `open` while it lives. A failed `accept` is
 /// an `Err` item, which tonic skips.
 pub fn incoming(listener: TcpListener, open: Gauge) -> impl futures_util::Stream<Item = std::io::Result<Coalesced>> {
-    TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(KEEPALIVE_INTERVAL)).map(move |conn| {
+    accepted(listener).map(move |conn| {
         conn.map(|stream| {
             open.inc();
             Coalesced { stream, _live: Live(open.clone()) }
         })
     })
+}
+
+/// The listener's accepted connections with TCP_NODELAY and keepalive set.
+fn accepted(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(KEEPALIVE_INTERVAL))
 }
 
 /// Open gRPC connections by the runtime serving them (label `runtime`: `0` to N-1), the gauge
@@ -210,8 +215,7 @@ pub async fn serve_per_core(
 /// of them on a tie), until `stop` or until no worker runs; the listening socket is dropped
 /// when it returns.
 async fn accept(listener: TcpListener, workers: &[Worker], mut stop: watch::Receiver<bool>) {
-    let mut incoming =
-        std::pin::pin!(TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(KEEPALIVE_INTERVAL)));
+    let mut incoming = std::pin::pin!(accepted(listener));
     loop {
         let conn = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
