@@ -308,11 +308,31 @@ pub fn deny_body(d: &Decision, request_id: &str, now: Micros) -> String {
     body.to_string()
 }
 
-/// The reference guide's 429 body.
+/// The reference guide's 429 body. It depends only on the wait, the remaining count and the
+/// second the wait ends in, so every refusal in one second with the same wait has the same body:
+/// each thread keeps the last one it wrote and copies it, instead of formatting the date and the
+/// JSON per refusal (which made a refusal dearer than an allowance).
 fn too_many_requests_body(retry_after_secs: u64, remaining: u64, now: Micros) -> String {
+    thread_local! {
+        /// (reset second, retry-after, remaining) and the body written for them
+        static LAST: std::cell::RefCell<((u64, u64, u64), String)> = const { std::cell::RefCell::new(((0, 0, 0), String::new())) };
+    }
+    let reset = now.saturating_add(retry_after_secs.saturating_mul(MICROS_PER_SEC));
+    let key = (reset / MICROS_PER_SEC, retry_after_secs, remaining);
+    LAST.with_borrow_mut(|(last, body)| {
+        if *last != key || body.is_empty() {
+            *body = format_429_body(retry_after_secs, remaining, reset);
+            *last = key;
+        }
+        body.clone()
+    })
+}
+
+/// The 429 body itself, `reset` the instant the wait ends.
+fn format_429_body(retry_after_secs: u64, remaining: u64, reset: Micros) -> String {
     // written directly (the keys in serde_json's order, as before): the refused path builds
-    // no JSON value per request; nothing here needs escaping
-    let reset_time = clock::rfc3339(now.saturating_add(retry_after_secs.saturating_mul(MICROS_PER_SEC)));
+    // no JSON value; nothing here needs escaping
+    let reset_time = clock::rfc3339(reset);
     let error = Reason::TierRateExceeded.client_error();
     format!(
         "{{\"error\":\"{error}\",\"remaining_requests\":{remaining},\"reset_time\":\"{reset_time}\",\"retry_after\":{retry_after_secs},\"status\":429}}"
@@ -335,6 +355,19 @@ mod tests {
         })
         .to_string();
         assert_eq!(too_many_requests_body(7, 3, now), expected);
+        // the body kept for the same second and wait, and written anew for any other
+        assert_eq!(too_many_requests_body(7, 3, now + 999_999), expected);
+        for (retry, remaining, at) in [(8, 3, now), (7, 2, now), (7, 3, now + MICROS_PER_SEC)] {
+            let expected = serde_json::json!({
+                "status": 429,
+                "error": "Rate limit exceeded",
+                "reset_time": clock::rfc3339(at + retry * MICROS_PER_SEC),
+                "remaining_requests": remaining,
+                "retry_after": retry,
+            })
+            .to_string();
+            assert_eq!(too_many_requests_body(retry, remaining, at), expected);
+        }
     }
 
     fn limits() -> [LimitState<'static>; 2] {

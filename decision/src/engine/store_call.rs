@@ -20,37 +20,45 @@ impl<S: Store> Engine<S> {
     /// `deadline` when that is sooner (`DeadlineExceeded` past it; a call whose deadline has
     /// already passed is not started, so it counts nothing). A store failure is logged and
     /// counted in `portcullis_store_errors_total`; a success after failures is logged once.
-    pub(super) async fn bounded<T>(
-        &self,
-        call: impl Future<Output = Result<T, StoreError>>,
+    ///
+    /// The call is boxed here, at once, before any future holds it. An async fn's future keeps
+    /// its arguments beside what it moves them into, so an unboxed store call was copied into
+    /// each enclosing future and moved with it, level after level (rust-lang/rust#62958): a
+    /// ShouldRateLimit future on Redis was 19 KB, and copying it was a tenth of the CPU.
+    pub(super) fn bounded<'a, T: Send + 'a>(
+        &'a self,
+        call: impl Future<Output = Result<T, StoreError>> + Send + 'a,
         deadline: Option<Instant>,
-    ) -> Result<T, StoreError> {
-        let left = deadline.map(|d| d.saturating_duration_since(crate::clock::instant()));
-        if left == Some(Duration::ZERO) {
-            return Err(StoreError::DeadlineExceeded);
-        }
-        let answer = match (self.store.timeout(), left) {
-            (Some(t), Some(l)) if l < t => {
-                tokio::time::timeout(l, call).await.unwrap_or(Err(StoreError::DeadlineExceeded))
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'a {
+        let call = Box::pin(call);
+        async move {
+            let left = deadline.map(|d| d.saturating_duration_since(crate::clock::instant()));
+            if left == Some(Duration::ZERO) {
+                return Err(StoreError::DeadlineExceeded);
             }
-            (None, Some(l)) => tokio::time::timeout(l, call).await.unwrap_or(Err(StoreError::DeadlineExceeded)),
-            (Some(t), _) => tokio::time::timeout(t, call).await.unwrap_or(Err(StoreError::Timeout(t))),
-            (None, None) => call.await,
-        };
-        match &answer {
-            // the caller gave up: the store did nothing wrong
-            Err(StoreError::DeadlineExceeded) => {}
-            Ok(_) => {
-                if self.degraded.swap(false, Ordering::Relaxed) {
-                    tracing::info!(backend = self.store.backend(), "store reachable again: shared limits are back");
+            let answer = match (self.store.timeout(), left) {
+                (Some(t), Some(l)) if l < t => {
+                    tokio::time::timeout(l, call).await.unwrap_or(Err(StoreError::DeadlineExceeded))
+                }
+                (None, Some(l)) => tokio::time::timeout(l, call).await.unwrap_or(Err(StoreError::DeadlineExceeded)),
+                (Some(t), _) => tokio::time::timeout(t, call).await.unwrap_or(Err(StoreError::Timeout(t))),
+                (None, None) => call.await,
+            };
+            match &answer {
+                // the caller gave up: the store did nothing wrong
+                Err(StoreError::DeadlineExceeded) => {}
+                Ok(_) => {
+                    if self.degraded.swap(false, Ordering::Relaxed) {
+                        tracing::info!(backend = self.store.backend(), "store reachable again: shared limits are back");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(backend = self.store.backend(), error = %e, "store call failed");
+                    self.metrics.store_error(self.store.backend());
                 }
             }
-            Err(e) => {
-                tracing::warn!(backend = self.store.backend(), error = %e, "store call failed");
-                self.metrics.store_error(self.store.backend());
-            }
+            answer
         }
-        answer
     }
 
     /// After a failed call: the number of instances sharing each limit, when the store says
@@ -100,35 +108,42 @@ impl<S: Store> Engine<S> {
 
     /// A plan's store call, bounded; a store answering a different number of verdicts than
     /// operations has failed. Under `local_share` a failure (not the caller's deadline) is
-    /// answered from this instance's shares, counted there only when `commit`.
-    async fn plan_call(
-        &self,
-        call: impl Future<Output = Result<Planned, StoreError>>,
-        ops: &[Op],
+    /// answered from this instance's shares, counted there only when `commit`. Not an async fn,
+    /// so that `call` goes straight into `bounded`'s box (see there).
+    fn plan_call<'a>(
+        &'a self,
+        call: impl Future<Output = Result<Planned, StoreError>> + Send + 'a,
+        ops: &'a [Op],
         now: Micros,
         deadline: Option<Instant>,
         commit: bool,
-    ) -> Result<Planned, StoreError> {
-        let checked = async {
-            let planned = call.await?;
-            if planned.verdicts.len() != ops.len() {
-                return Err(StoreError::Unavailable(format!(
-                    "{} verdicts for {} operations",
-                    planned.verdicts.len(),
-                    ops.len()
-                )));
-            }
-            Ok(planned)
-        };
-        let failed = match self.bounded(checked, deadline).await {
-            Ok(planned) => return Ok(planned),
-            Err(StoreError::DeadlineExceeded) => return Err(StoreError::DeadlineExceeded),
-            Err(e) => e,
-        };
-        let Some(n) = self.local_share() else { return Err(failed) };
-        let shared: Vec<Op> = ops.iter().map(|op| Op { limit: op.limit.share(n), ..op.clone() }).collect();
-        let verdicts = if commit { self.local.apply_now(&shared, now) } else { self.local.dry_run_now(&shared, now) };
-        Ok(Planned { verdicts, admitted: None })
+    ) -> impl Future<Output = Result<Planned, StoreError>> + Send + 'a {
+        let checked = self.bounded(
+            async move {
+                let planned = call.await?;
+                if planned.verdicts.len() != ops.len() {
+                    return Err(StoreError::Unavailable(format!(
+                        "{} verdicts for {} operations",
+                        planned.verdicts.len(),
+                        ops.len()
+                    )));
+                }
+                Ok(planned)
+            },
+            deadline,
+        );
+        async move {
+            let failed = match checked.await {
+                Ok(planned) => return Ok(planned),
+                Err(StoreError::DeadlineExceeded) => return Err(StoreError::DeadlineExceeded),
+                Err(e) => e,
+            };
+            let Some(n) = self.local_share() else { return Err(failed) };
+            let shared: Vec<Op> = ops.iter().map(|op| Op { limit: op.limit.share(n), ..op.clone() }).collect();
+            let verdicts =
+                if commit { self.local.apply_now(&shared, now) } else { self.local.dry_run_now(&shared, now) };
+            Ok(Planned { verdicts, admitted: None })
+        }
     }
 
     /// An admission by the store or, while it fails under `local_share`, by this instance's
