@@ -147,14 +147,20 @@ struct Worker {
 /// connections are `open`'s gauge labelled `runtime="<i>"`. A runtime whose server ends early
 /// gets no more connections. Errors: a runtime or thread that cannot be started
 /// (`ServeError::Http`, before anything is served), or the first runtime's server error or
-/// unexpected end (`ServeError::Grpc`, `ServeError::Http`).
-pub async fn serve_per_core(
+/// unexpected end (`ServeError::Grpc`, `ServeError::Http`). Each runtime runs `warm_up()` as a
+/// task of its own as it starts (the store's `Store::warm_up`: its own Redis connections).
+pub async fn serve_per_core<W, F>(
     listener: TcpListener,
     threads: usize,
     router: Router,
     stop: watch::Receiver<bool>,
     open: &OpenConnections,
-) -> Result<(), ServeError> {
+    warm_up: W,
+) -> Result<(), ServeError>
+where
+    W: Fn() -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     let count = threads.max(1);
     let mut workers = Vec::with_capacity(count);
     for i in 0..count {
@@ -162,7 +168,7 @@ pub async fn serve_per_core(
         let live = open.get_or_create(&vec![("runtime", i.to_string())]).clone();
         let (done_tx, done) = oneshot::channel();
         let (started_tx, started) = oneshot::channel::<std::io::Result<()>>();
-        let (router, mut stop) = (router.clone(), stop.clone());
+        let (router, mut stop, warm_up) = (router.clone(), stop.clone(), warm_up.clone());
         std::thread::Builder::new()
             .name(format!("grpc-{i}"))
             .spawn(move || {
@@ -178,6 +184,7 @@ pub async fn serve_per_core(
                 let _ = started_tx.send(Ok(()));
                 RUNTIME.with(|r| r.set(Some((i, count))));
                 let served = rt.block_on(async move {
+                    tokio::spawn(warm_up());
                     // registered with this runtime's reactor here, as it is polled
                     let incoming = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|(s, live)| {
                         tokio::net::TcpStream::from_std(s).map(|stream| Coalesced { stream, _live: live })

@@ -506,7 +506,12 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>, connections: Connect
                 router.serve_with_incoming_shutdown(incoming, stopped(stop_rx)).await.map_err(ServeError::Grpc)
             }
             Connections::PerCore(n) => {
-                crate::connections::serve_per_core(grpc_listener, n, router, stop_rx, &open).await
+                let engine = engine.clone();
+                let warm_up = move || {
+                    let engine = engine.clone();
+                    async move { engine.store().warm_up().await }
+                };
+                crate::connections::serve_per_core(grpc_listener, n, router, stop_rx, &open, warm_up).await
             }
         }
     };

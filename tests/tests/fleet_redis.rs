@@ -449,3 +449,20 @@ async fn readiness_means_able_to_decide_with_the_configured_user() {
     assert_eq!(denied_status(r.get_ref()), None, "{r:?}");
     p.wait_for_log("the store back", |l| l.contains("redis store is up")).await.unwrap_or_else(|e| panic!("{e:#}"));
 }
+
+#[tokio::test]
+async fn each_per_core_runtime_connects_to_redis_as_it_starts() {
+    // on per-core runtimes, each has Redis connections of its own (ceil(pool_size / runtimes), at
+    // least one), connected as the runtime starts rather than inside its first request's store
+    // timeout: Redis sees them, each having run its PING, before any request is made
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let want = cores * 2usize.div_ceil(cores); // pool_size 2 in `policy`
+    let redis = RedisServer::start();
+    let p = Portcullis::start_with_env(&policy(&redis.url(), "deny"), &[], &[("PORTCULLIS_RUNTIME", "per-core")])
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let warmed = || redis.cli(&["CLIENT", "LIST"]).lines().filter(|l| l.contains(" cmd=ping ")).count();
+    wait_until("each runtime's own connections", async || warmed() >= want).await;
+    assert_eq!(warmed(), want, "one set per runtime:\n{}", redis.cli(&["CLIENT", "LIST"]));
+    drop(p);
+}

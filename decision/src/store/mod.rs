@@ -119,6 +119,15 @@ pub trait Store: Send + Sync + 'static {
         apply_then_admit(self, ops, a, now)
     }
 
+    /// Gets ready to serve calls made on the calling thread's runtime: run once on each per-core
+    /// runtime as it starts (`crate::connections::serve_per_core`), so its first request does
+    /// not wait for a connection inside that request's store timeout. Failures are only logged
+    /// (at debug; readiness reports the store): calls connect again as they are made. Nothing
+    /// to do by default.
+    fn warm_up(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
     /// Whether `apply_admit` makes one call of the plan and the admission (a single Redis node);
     /// if not, the engine asks for the slot with its own call, under its own timeout.
     fn apply_admit_is_one_call(&self) -> bool {

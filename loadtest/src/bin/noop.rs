@@ -173,7 +173,7 @@ async fn serve(cores: usize) -> std::process::ExitCode {
     } else {
         // never stopped: the benchmark kills it
         let (_stop, never) = tokio::sync::watch::channel(false);
-        decision::connections::serve_per_core(listener, cores, router, never, &Default::default())
+        decision::connections::serve_per_core(listener, cores, router, never, &Default::default(), || async {})
             .await
             .map_err(|e| e.to_string())
     };

@@ -2,8 +2,9 @@
 //! the calls made on it concurrently), to one node or to a cluster, made lazily so portcullis
 //! starts while Redis is unreachable and reconnects on its own. To one node, each per-core
 //! runtime (`crate::connections`) also gets `ceil(pool_size / runtimes)` connections of its own
-//! (at least one), made on it the first time it calls, so their I/O runs on the thread that made
-//! the call (a call on another runtime's connection woke that thread twice); the `pool_size`
+//! (at least one), made and connected on it as it starts (`Pool::warm_up`), so their I/O runs on
+//! the thread that makes the call (a call on another runtime's connection woke that thread
+//! twice) and its first call does not wait for a connection; the `pool_size`
 //! shared ones serve calls made elsewhere (forward-auth, the admin API, probes). A cluster's
 //! connections are all shared.
 
@@ -160,6 +161,29 @@ impl Pool {
                 inv.invoke_async::<T>(&mut c[i].clone()).await
             }
             Conns::Cluster(c) => inv.invoke_async::<T>(&mut c[self.next_connection(c.len())].clone()).await,
+        }
+    }
+
+    /// On a per-core runtime's thread, to one node: makes that runtime's own connections and
+    /// connects each now (a PING, within the probe timeout), not on the runtime's first call.
+    /// A failure is logged at debug: the connection is made again as it is used.
+    pub async fn warm_up(&self) {
+        let Conns::Single(shared) = &self.conns else { return };
+        let Some(own) = self.own_connections(shared.len()) else { return };
+        let pings = own.iter().map(|c| {
+            let mut c = c.clone();
+            async move {
+                tokio::time::timeout(self.probe_timeout, redis::cmd("PING").query_async::<redis::Value>(&mut c)).await
+            }
+        });
+        for answer in futures_util::future::join_all(pings).await {
+            match answer {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "a per-core Redis connection did not connect at start"),
+                Err(_) => {
+                    tracing::debug!("a per-core Redis connection did not connect within the probe timeout at start")
+                }
+            }
         }
     }
 

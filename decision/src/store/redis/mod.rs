@@ -511,6 +511,10 @@ impl Store for RedisStore {
     fn ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
+
+    async fn warm_up(&self) {
+        self.pool.warm_up().await;
+    }
 }
 
 #[cfg(test)]
