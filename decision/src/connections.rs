@@ -158,7 +158,7 @@ pub async fn serve_per_core<W, F>(
     warm_up: W,
 ) -> Result<(), ServeError>
 where
-    W: Fn() -> F + Clone + Send + 'static,
+    W: FnOnce() -> F + Clone + Send + 'static,
     F: std::future::Future<Output = ()> + Send + 'static,
 {
     let count = threads.max(1);

@@ -507,10 +507,7 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>, connections: Connect
             }
             Connections::PerCore(n) => {
                 let engine = engine.clone();
-                let warm_up = move || {
-                    let engine = engine.clone();
-                    async move { engine.store().warm_up().await }
-                };
+                let warm_up = move || async move { engine.store().warm_up().await };
                 crate::connections::serve_per_core(grpc_listener, n, router, stop_rx, &open, warm_up).await
             }
         }

@@ -313,18 +313,17 @@ pub fn deny_body(d: &Decision, request_id: &str, now: Micros) -> String {
 /// each thread keeps the last one it wrote and copies it, instead of formatting the date and the
 /// JSON per refusal (which made a refusal dearer than an allowance).
 fn too_many_requests_body(retry_after_secs: u64, remaining: u64, now: Micros) -> String {
+    /// (reset second, retry-after, remaining): what a 429 body depends on
+    type Key = (u64, u64, u64);
     thread_local! {
-        /// (reset second, retry-after, remaining) and the body written for them
-        static LAST: std::cell::RefCell<((u64, u64, u64), String)> = const { std::cell::RefCell::new(((0, 0, 0), String::new())) };
+        /// the last key and the body written for it
+        static LAST: std::cell::RefCell<Option<(Key, String)>> = const { std::cell::RefCell::new(None) };
     }
     let reset = now.saturating_add(retry_after_secs.saturating_mul(MICROS_PER_SEC));
     let key = (reset / MICROS_PER_SEC, retry_after_secs, remaining);
-    LAST.with_borrow_mut(|(last, body)| {
-        if *last != key || body.is_empty() {
-            *body = format_429_body(retry_after_secs, remaining, reset);
-            *last = key;
-        }
-        body.clone()
+    LAST.with_borrow_mut(|last| match last {
+        Some((k, body)) if *k == key => body.clone(),
+        _ => last.insert((key, format_429_body(retry_after_secs, remaining, reset))).1.clone(),
     })
 }
 

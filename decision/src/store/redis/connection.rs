@@ -172,17 +172,11 @@ impl Pool {
         let Some(own) = self.own_connections(shared.len()) else { return };
         let pings = own.iter().map(|c| {
             let mut c = c.clone();
-            async move {
-                tokio::time::timeout(self.probe_timeout, redis::cmd("PING").query_async::<redis::Value>(&mut c)).await
-            }
+            self.within_probe_timeout(async move { redis::cmd("PING").query_async::<redis::Value>(&mut c).await })
         });
         for answer in futures_util::future::join_all(pings).await {
-            match answer {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::debug!(error = %e, "a per-core Redis connection did not connect at start"),
-                Err(_) => {
-                    tracing::debug!("a per-core Redis connection did not connect within the probe timeout at start")
-                }
+            if let Err(e) = answer {
+                tracing::debug!(error = %e, "a per-core Redis connection did not connect at start");
             }
         }
     }
@@ -203,6 +197,15 @@ impl Pool {
                 Conns::Cluster(c) => ping_every_master(&mut c[self.next_connection(c.len())].clone()).await,
             }
         };
+        self.within_probe_timeout(answered).await
+    }
+
+    /// A PING's answer within the probe timeout: Ok, or why not (`Unavailable("PING: ...")`, or
+    /// `Timeout`).
+    async fn within_probe_timeout(
+        &self,
+        answered: impl Future<Output = redis::RedisResult<redis::Value>>,
+    ) -> Result<(), StoreError> {
         match tokio::time::timeout(self.probe_timeout, answered).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(StoreError::Unavailable(format!("PING: {e}"))),
