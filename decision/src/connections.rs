@@ -114,9 +114,18 @@ thread_local! {
 
 /// On a thread of [`serve_per_core`]: `(index, count)` of its runtime, so a client (the Redis
 /// store's connections) can keep state of its own per runtime and never wake another thread;
-/// `None` elsewhere.
+/// `(0, 1)` on the thread of a process's only runtime ([`single_runtime_thread`]); `None`
+/// elsewhere.
 pub fn runtime_index() -> Option<(usize, usize)> {
     RUNTIME.with(std::cell::Cell::get)
+}
+
+/// Marks the calling thread as the one that runs a process's only runtime (a current-thread
+/// runtime serving everything: `--runtime current-thread`, or `auto` on one core), so
+/// [`runtime_index`] is `(0, 1)` there and the clients that keep state per runtime (the Redis
+/// store's own connection) do so on it too. Call it on the thread that will `block_on`.
+pub fn single_runtime_thread() {
+    RUNTIME.with(|r| r.set(Some((0, 1))));
 }
 
 /// How long the accept loop waits after a failed `accept` (out of file descriptors, say)

@@ -405,6 +405,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 RuntimeShape::MultiThread | RuntimeShape::Auto => (false, Connections::Here, "multi_thread"),
             };
             let rt = if current_thread {
+                decision::connections::single_runtime_thread();
                 tokio::runtime::Builder::new_current_thread()
             } else {
                 tokio::runtime::Builder::new_multi_thread()

@@ -501,6 +501,11 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>, connections: Connect
     let grpc = async {
         match connections {
             Connections::Here => {
+                // the only runtime of the process: it has the store's own connection too
+                if crate::connections::runtime_index().is_some() {
+                    let engine = engine.clone();
+                    tokio::spawn(async move { engine.store().warm_up().await });
+                }
                 let gauge = open.get_or_create(&vec![("runtime", "0".to_owned())]).clone();
                 let incoming = crate::connections::incoming(grpc_listener, gauge);
                 router.serve_with_incoming_shutdown(incoming, stopped(stop_rx)).await.map_err(ServeError::Grpc)

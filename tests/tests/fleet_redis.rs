@@ -451,18 +451,35 @@ async fn readiness_means_able_to_decide_with_the_configured_user() {
 }
 
 #[tokio::test]
-async fn each_per_core_runtime_connects_to_redis_as_it_starts() {
-    // on per-core runtimes, each has Redis connections of its own (ceil(pool_size / runtimes), at
-    // least one), connected as the runtime starts rather than inside its first request's store
-    // timeout: Redis sees them, each having run its PING, before any request is made
+async fn each_runtime_connects_its_own_redis_connection_as_it_starts() {
+    // each per-core runtime, and the only runtime of a current-thread process, has one Redis
+    // connection of its own (whatever pool_size says: 2 in `policy`), connected as the runtime
+    // starts rather than inside its first request's store timeout: Redis sees them, each having
+    // run its PING, before any request is made
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let want = cores * 2usize.div_ceil(cores); // pool_size 2 in `policy`
-    let redis = RedisServer::start();
-    let p = Portcullis::start_with_env(&policy(&redis.url(), "deny"), &[], &[("PORTCULLIS_RUNTIME", "per-core")])
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let warmed = || redis.cli(&["CLIENT", "LIST"]).lines().filter(|l| l.contains(" cmd=ping ")).count();
-    wait_until("each runtime's own connections", async || warmed() >= want).await;
-    assert_eq!(warmed(), want, "one set per runtime:\n{}", redis.cli(&["CLIENT", "LIST"]));
-    drop(p);
+    for shape in ["per-core", "current-thread"] {
+        let redis = RedisServer::start();
+        let p = Portcullis::start_with_env(&policy(&redis.url(), "deny"), &[], &[("PORTCULLIS_RUNTIME", shape)])
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let clients = || redis.cli(&["CLIENT", "LIST"]);
+        let warmed = || clients().lines().filter(|l| l.contains(" cmd=ping ")).count();
+        if shape == "per-core" {
+            // the startup probe runs elsewhere, on a shared connection (its last command the
+            // plan script's EVALSHA): the PINGed ones are the runtimes'
+            wait_until("each runtime's own connection", async || warmed() >= cores).await;
+            assert_eq!(warmed(), cores, "{shape}: one connection per runtime:\n{}", clients());
+        } else {
+            // everything, the startup probe too, runs on the one runtime and its one connection
+            p.wait_for_log("the store up", |l| l.contains("redis store is up"))
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            let used = clients()
+                .lines()
+                .filter(|l| !l.contains(" cmd=client|list ") && !l.contains(" cmd=subscribe "))
+                .count();
+            assert_eq!(used, 1, "{shape}: one connection:\n{}", clients());
+        }
+        drop(p);
+    }
 }

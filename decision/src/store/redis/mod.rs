@@ -1,7 +1,8 @@
 //! The fleet store: every counter in Redis, so any number of portcullis instances agree as if
 //! they were one process. A plan is one script call (`lua/apply.lua`, run by EVALSHA and
-//! reloaded on NOSCRIPT after a failover or a SCRIPT FLUSH) on one of `pool_size` multiplexed
-//! connections, which pipeline concurrent calls; time comes from the Redis server.
+//! reloaded on NOSCRIPT after a failover or a SCRIPT FLUSH) on a multiplexed connection (a
+//! per-core runtime's own, else one of `pool_size` shared ones), which pipelines concurrent
+//! calls; time comes from the Redis server.
 //!
 //! On Redis Cluster the keys of one plan may live in several slots (an address's keys and an
 //! identity's keys carry different hash tags). Such a plan is split by hash slot and kept
