@@ -121,8 +121,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Gets ready to serve calls made on the calling thread's runtime: run once on each per-core
     /// runtime as it starts (`crate::connections::serve_per_core`), and on a process's only
-    /// current-thread runtime (`crate::connections::single_runtime_thread`), so its first request does
-    /// not wait for a connection inside that request's store timeout. Failures are only logged
+    /// current-thread runtime (`crate::connections::single_runtime_thread`), so its first request
+    /// does not wait for a connection inside that request's store timeout. Failures are only logged
     /// (at debug; readiness reports the store): calls connect again as they are made. Nothing
     /// to do by default.
     fn warm_up(&self) -> impl Future<Output = ()> + Send {

@@ -4,9 +4,10 @@
 //! runtime (`crate::connections`), or a process's only current-thread runtime, also gets one
 //! connection of its own, made and connected on it as it starts (`Pool::warm_up`), so its I/O
 //! runs on the thread that makes the call (a call on another runtime's connection woke that
-//! thread twice) and its first call does not wait for a connection. One, not a share of `pool_size`: every call that runtime makes is pipelined on it,
-//! and Redis reads and answers them in one batch, where more connections from one thread only
-//! split the batches (measured: 4 connections per runtime did 10-15% fewer decisions than 1).
+//! thread twice) and its first call does not wait for a connection. One, not a share of
+//! `pool_size`: every call that runtime makes is pipelined on it, and Redis reads and answers
+//! them in one batch, where more connections from one thread only split the batches (measured:
+//! 4 connections on one runtime did 13-18% fewer Redis decisions a second than 1).
 //! The `pool_size` shared ones serve calls made elsewhere (the multi-thread runtime; with
 //! per-core runtimes, forward-auth, the admin API, probes). A cluster's connections are all
 //! shared.
@@ -33,10 +34,10 @@ enum Conns {
 pub(super) struct Pool {
     conns: Conns,
     next: AtomicUsize,
-    /// to one node: how to make more connections, for each per-core runtime's own
+    /// to one node: how to make more connections, for each runtime's own
     single: Option<(redis::Client, ConnectionManagerConfig)>,
-    /// each per-core runtime's own connection, made on it; `None` inside when it could not be
-    /// made (the shared ones serve that runtime then)
+    /// each runtime's own connection (per core, or the only one), made on it; `None` inside when
+    /// it could not be made (the shared ones serve that runtime then)
     per_runtime: OnceLock<Vec<OnceLock<Option<ConnectionManager>>>>,
     /// where to subscribe to the freed-slot notifications: the node, or each cluster node in turn
     /// (a cluster delivers a PUBLISH to subscribers on every node)
@@ -131,8 +132,9 @@ impl Pool {
             .as_ref()
     }
 
-    /// The connection to one node a call on this thread uses: a per-core runtime's own, else the
-    /// next of the shared ones (the multi-thread runtime, forward-auth, the admin API, probes).
+    /// The connection to one node a call on this thread uses: its runtime's own (per core, or the
+    /// only one), else the next of the shared ones (the multi-thread runtime; with per-core
+    /// runtimes, forward-auth, the admin API, probes).
     fn single_conn<'a>(&'a self, shared: &'a [ConnectionManager]) -> &'a ConnectionManager {
         match self.own_connection() {
             Some(own) => own,
@@ -140,7 +142,7 @@ impl Pool {
         }
     }
 
-    /// One script call on this per-core runtime's own connection (to one node), else on the next
+    /// One script call on this thread's runtime's own connection (to one node), else on the next
     /// shared one; the reply is a flat list of integers.
     pub async fn invoke<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> redis::RedisResult<T> {
         match &self.conns {
@@ -149,14 +151,14 @@ impl Pool {
         }
     }
 
-    /// On a per-core runtime's thread, to one node: makes that runtime's own connection and
-    /// connects it now (a PING, within the probe timeout), not on the runtime's first call. A
-    /// failure is logged at debug: the connection is made again as it is used.
+    /// On a runtime's thread (per core, or the only one), to one node: makes its own connection
+    /// and connects it now (a PING, within the probe timeout), not on the runtime's first call.
+    /// A failure is logged at debug: the connection is made again as it is used.
     pub async fn warm_up(&self) {
         let Some(own) = self.own_connection() else { return }; // a cluster's are all shared
         let ping = async { redis::cmd("PING").query_async::<redis::Value>(&mut own.clone()).await };
         if let Err(e) = self.within_probe_timeout(ping).await {
-            tracing::debug!(error = %e, "a per-core Redis connection did not connect at start");
+            tracing::debug!(error = %e, "a runtime's own Redis connection did not connect at start");
         }
     }
 
