@@ -323,6 +323,40 @@ async fn redis_faults_are_answered_by_on_store_error_within_the_timeout() {
 }
 
 #[tokio::test]
+async fn a_store_outage_is_logged_once_per_interval_not_once_per_request() {
+    // through an outage every decision's store call fails: each is answered by on_store_error
+    // and counted in the metrics, but the log says so once (then at most once every 10 s, with
+    // how many lines it left out), not once per request
+    let mut redis = RedisServer::start();
+    let p = Portcullis::start(&policy(&redis.url(), "allow")).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let c = client(&p).await;
+    redis.kill();
+    let checks = (0..100).map(|i| {
+        let mut c = c.clone();
+        async move {
+            let ip = format!("10.8.0.{i}");
+            c.check(check_request(&ip, "GET", "/api/v1/x", &[("x-api-key", BASIC)])).await.expect("answer").into_inner()
+        }
+    });
+    for r in futures_util::future::join_all(checks).await {
+        assert!(matches!(r.http_response, Some(HttpResponse::OkResponse(_))), "allowed expected: {r:?}");
+    }
+    let http = HttpClient::new();
+    let m = http.request("GET", &format!("http://{}/metrics", p.http), &[], "").await.expect("metrics").body;
+    let counted: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_store_errors_total{backend=\"redis\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no store error count:\n{m}"));
+    assert!(counted >= 100.0, "every failed call counted: {counted}");
+    p.wait_for_log("the outage's warning", |l| l.contains("store call failed"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let lines = p.logs().iter().filter(|l| l.contains("store call failed")).count();
+    assert_eq!(lines, 1, "one line for {counted} failed calls:\n{:#?}", p.logs());
+}
+
+#[tokio::test]
 async fn on_store_error_allow_lets_requests_through_marked() {
     let mut redis = RedisServer::start();
     let p = Portcullis::start(&policy(&redis.url(), "allow")).await.unwrap_or_else(|e| panic!("{e:#}"));

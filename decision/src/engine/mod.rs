@@ -31,6 +31,7 @@ pub use self::slots::{Completion, Waiters, new_reservation_id, parse_lease};
 use crate::clock;
 use crate::store::{Admission, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::throttle::{self, Throttle};
 
 /// Starts what a policy's verifiers do in the background (fetching remote key sets); it ends by
 /// itself when the policy is replaced and dropped. Outside a Tokio runtime (a unit test, the
@@ -271,7 +272,12 @@ impl<S: Store> Engine<S> {
             }
             Ok(req) => self.decide_as(policy, &req, How::of(facts)).await,
             Err(Malformed(why)) => {
-                tracing::warn!(reason = why, "malformed check request");
+                // a client may send these as fast as it likes: throttled (each is counted as
+                // a bad_request decision)
+                static MALFORMED: Throttle = Throttle::new(throttle::EVERY);
+                if let Some(suppressed) = MALFORMED.allow() {
+                    tracing::warn!(reason = why, suppressed, "malformed check request");
+                }
                 Decision::deny(Reason::BadRequest, Default::default())
             }
         };
@@ -381,7 +387,14 @@ impl<S: Store> Engine<S> {
                     && let (Some(r), Some(id)) = (d.reservation.take(), d.ctx.identity.as_ref())
                     && let Err(e) = self.settle_reservation(&id.subject, &r.id, 0).await
                 {
-                    tracing::warn!(error = %e, "a refused request's reservation was not given back; it expires with its lease");
+                    static NOT_GIVEN_BACK: Throttle = Throttle::new(throttle::EVERY);
+                    if let Some(suppressed) = NOT_GIVEN_BACK.allow() {
+                        tracing::warn!(
+                            error = %e,
+                            suppressed,
+                            "a refused request's reservation was not given back; it expires with its lease"
+                        );
+                    }
                 }
                 d
             }
@@ -417,8 +430,12 @@ impl<S: Store> Engine<S> {
                     return Err(StoreError::DeadlineExceeded);
                 }
                 Err(e) => {
-                    // request-derived values are recorded as strings, which every log format escapes
-                    tracing::warn!(domain, error = %e, "ratelimit answered UNAVAILABLE: store failed");
+                    // request-derived values are recorded as strings, which every log format
+                    // escapes; once per call through an outage: throttled
+                    static UNAVAILABLE: Throttle = Throttle::new(throttle::EVERY);
+                    if let Some(suppressed) = UNAVAILABLE.allow() {
+                        tracing::warn!(domain, error = %e, suppressed, "ratelimit answered UNAVAILABLE: store failed");
+                    }
                     return Err(e);
                 }
             }

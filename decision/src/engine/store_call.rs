@@ -14,6 +14,7 @@ use decision_core::units::Micros;
 
 use super::Engine;
 use crate::store::{Admission, Planned, Release, Store, StoreError, UpstreamState};
+use crate::telemetry::throttle::{self, Throttle};
 
 impl<S: Store> Engine<S> {
     /// Runs one store call under the store's timeout (`Timeout` past it) and the caller's
@@ -53,7 +54,11 @@ impl<S: Store> Engine<S> {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(backend = self.store.backend(), error = %e, "store call failed");
+                    // once per call through an outage: throttled (every failure is counted)
+                    static FAILED: Throttle = Throttle::new(throttle::EVERY);
+                    if let Some(suppressed) = FAILED.allow() {
+                        tracing::warn!(backend = self.store.backend(), error = %e, suppressed, "store call failed");
+                    }
                     self.metrics.store_error(self.store.backend());
                 }
             }

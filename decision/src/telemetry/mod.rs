@@ -1,6 +1,7 @@
 //! Logs (`tracing`, pretty or JSON lines) and Prometheus metrics.
 
 pub mod metrics;
+pub mod throttle;
 
 use tracing_subscriber::EnvFilter;
 
