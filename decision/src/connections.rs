@@ -108,7 +108,7 @@ fn accepted(listener: TcpListener) -> TcpIncoming {
 pub type OpenConnections = Family<Vec<(&'static str, String)>, Gauge>;
 
 thread_local! {
-    /// On a per-core runtime's thread: its index and how many there are.
+    /// On a per-core runtime's thread, or the only runtime's: its index and how many there are.
     static RUNTIME: std::cell::Cell<Option<(usize, usize)>> = const { std::cell::Cell::new(None) };
 }
 
@@ -157,7 +157,7 @@ struct Worker {
 /// gets no more connections. Errors: a runtime or thread that cannot be started
 /// (`ServeError::Http`, before anything is served), or the first runtime's server error or
 /// unexpected end (`ServeError::Grpc`, `ServeError::Http`). Each runtime runs `warm_up()` as a
-/// task of its own as it starts (the store's `Store::warm_up`: its own Redis connections).
+/// task of its own as it starts (the store's `Store::warm_up`: its own Redis connection).
 pub async fn serve_per_core<W, F>(
     listener: TcpListener,
     threads: usize,

@@ -328,6 +328,7 @@ async fn a_store_outage_is_logged_once_per_interval_not_once_per_request() {
     // and counted in the metrics, but the log says so once (then at most once every 10 s, with
     // how many lines it left out), not once per request
     let mut redis = RedisServer::start();
+    let port = redis.port;
     let p = Portcullis::start(&policy(&redis.url(), "allow")).await.unwrap_or_else(|e| panic!("{e:#}"));
     let c = client(&p).await;
     redis.kill();
@@ -354,6 +355,20 @@ async fn a_store_outage_is_logged_once_per_interval_not_once_per_request() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     let lines = p.logs().iter().filter(|l| l.contains("store call failed")).count();
     assert_eq!(lines, 1, "one line for {counted} failed calls:\n{:#?}", p.logs());
+    // Redis back: the calls left out of the log are reported as calls succeed again
+    let _redis = RedisServer::start_on(port);
+    let mut c = c.clone();
+    wait_until("service after the restart", async || {
+        let r = c.check(check_request("10.8.1.1", "GET", "/api/v1/x", &[("x-api-key", BASIC)])).await.expect("answer");
+        let Some(HttpResponse::OkResponse(ok)) = r.into_inner().http_response else { return false };
+        !ok.headers.iter().filter_map(|h| h.header.as_ref()).any(|h| h.key == "x-portcullis-degraded")
+    })
+    .await;
+    let back = p
+        .wait_for_log("the recovery line", |l| l.contains("store calls succeed again"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(back.contains("suppressed") && !back.contains("suppressed=0"), "{back}");
 }
 
 #[tokio::test]
@@ -493,21 +508,35 @@ async fn each_runtime_connects_its_own_redis_connection_as_it_starts() {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     for shape in ["per-core", "current-thread"] {
         let redis = RedisServer::start();
-        let p = Portcullis::start_with_env(&policy(&redis.url(), "deny"), &[], &[("PORTCULLIS_RUNTIME", shape)])
+        let env = [
+            ("PORTCULLIS_RUNTIME", shape),
+            ("PORTCULLIS_LOG_FORMAT", "json"),
+            ("PORTCULLIS_LOG", "info,decision::store::redis::connection=debug"),
+        ];
+        let p = Portcullis::start_with_env(&policy(&redis.url(), "deny"), &[], &env)
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
-        let clients = || redis.cli(&["CLIENT", "LIST"]);
-        let warmed = || clients().lines().filter(|l| l.contains(" cmd=ping ")).count();
-        if shape == "per-core" {
-            // the startup probe runs elsewhere, on a shared connection (its last command the
-            // plan script's EVALSHA): the PINGed ones are the runtimes'
-            wait_until("each runtime's own connection", async || warmed() >= cores).await;
-            assert_eq!(warmed(), cores, "{shape}: one connection per runtime:\n{}", clients());
-        } else {
+        let want = if shape == "per-core" { cores } else { 1 };
+        // each runtime says so, by its index, once its own connection has answered a PING
+        let up = || {
+            p.logs()
+                .iter()
+                .filter(|l| l.contains("own Redis connection is up"))
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON log line")["runtime"].to_string())
+                .collect::<Vec<_>>()
+        };
+        wait_until("each runtime's own connection", async || up().len() >= want).await;
+        let mut runtimes = up();
+        runtimes.sort();
+        runtimes.dedup();
+        assert_eq!(runtimes.len(), want, "{shape}: one warmed connection per runtime: {:?}", up());
+        assert_eq!(up().len(), want, "{shape}: each runtime warms one connection: {:?}", up());
+        if shape == "current-thread" {
             // everything, the startup probe too, runs on the one runtime and its one connection
             p.wait_for_log("the store up", |l| l.contains("redis store is up"))
                 .await
                 .unwrap_or_else(|e| panic!("{e:#}"));
+            let clients = || redis.cli(&["CLIENT", "LIST"]);
             let used = clients()
                 .lines()
                 .filter(|l| !l.contains(" cmd=client|list ") && !l.contains(" cmd=subscribe "))

@@ -4,8 +4,8 @@
 //!
 //! - `mod.rs`: the engine, the policy swap, `check` (a request from any adapter, decided and
 //!   recorded), `decide` and `rate_limit`;
-//! - `store_call`: the one way to call the store (timeout, failures logged and counted, the
-//!   `local_share` fallback);
+//! - `store_call`: the one way to call the store (timeout, failures counted and logged under a
+//!   throttle, the `local_share` fallback);
 //! - `failed_auth`: the bearer fetch before a second try, auto-block after a failed authentication;
 //! - `slots`: traffic control's slots, queue and completions;
 //! - `observe`: what live monitoring learns from a decision, and what its alerts do;

@@ -1,8 +1,9 @@
 //! The one way the engine calls its store, for plans and for traffic alike: bounded by the
 //! store's timeout and by the caller's deadline when it is sooner (a call is not started once
-//! the deadline has passed), every failure logged and counted, and, under `local_share`, a
-//! failed call answered from this instance's share of each limit in memory (`Limit::share`, the
-//! concurrency limit and queue divided by the instance count).
+//! the deadline has passed), every failure counted and logged under a [`Throttle`] (the first at
+//! once, then at most one line every 10 s, and what was left out when calls succeed again),
+//! and, under `local_share`, a failed call answered from this instance's share of each limit in
+//! memory (`Limit::share`, the concurrency limit and queue divided by the instance count).
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -16,11 +17,18 @@ use super::Engine;
 use crate::store::{Admission, Planned, Release, Store, StoreError, UpstreamState};
 use crate::telemetry::throttle::{self, Throttle};
 
+/// Every store call's failure, whichever path made it: logged the first time, then at most once
+/// an interval with how many were left out.
+static FAILED: Throttle = Throttle::new(throttle::EVERY);
+/// The line that reports [`FAILED`]'s left-out failures once calls succeed again.
+static RECOVERED: Throttle = Throttle::new(throttle::EVERY);
+
 impl<S: Store> Engine<S> {
     /// Runs one store call under the store's timeout (`Timeout` past it) and the caller's
     /// `deadline` when that is sooner (`DeadlineExceeded` past it; a call whose deadline has
-    /// already passed is not started, so it counts nothing). A store failure is logged and
-    /// counted in `portcullis_store_errors_total`; a success after failures is logged once.
+    /// already passed is not started, so it counts nothing). A store failure is counted in
+    /// `portcullis_store_errors_total` and logged under [`FAILED`]'s throttle; a success after
+    /// failures left out of the log says how many.
     ///
     /// The call is boxed here, at once, before any future holds it. An async fn's future keeps
     /// its arguments beside what it moves them into, so an unboxed store call was copied into
@@ -49,13 +57,21 @@ impl<S: Store> Engine<S> {
                 // the caller gave up: the store did nothing wrong
                 Err(StoreError::DeadlineExceeded) => {}
                 Ok(_) => {
-                    if self.degraded.swap(false, Ordering::Relaxed) {
+                    // loads first: a read of a line no core writes costs nothing in steady state
+                    if self.degraded.load(Ordering::Relaxed) && self.degraded.swap(false, Ordering::Relaxed) {
                         tracing::info!(backend = self.store.backend(), "store reachable again: shared limits are back");
+                    }
+                    // failures left out of the log since its last line are reported as calls
+                    // succeed again (at most once an interval, should successes and failures
+                    // interleave), not only with the next outage's first line
+                    if FAILED.suppressed() > 0 && RECOVERED.allow().is_some() {
+                        let suppressed = FAILED.take_suppressed();
+                        if suppressed > 0 {
+                            tracing::info!(backend = self.store.backend(), suppressed, "store calls succeed again");
+                        }
                     }
                 }
                 Err(e) => {
-                    // once per call through an outage: throttled (every failure is counted)
-                    static FAILED: Throttle = Throttle::new(throttle::EVERY);
                     if let Some(suppressed) = FAILED.allow() {
                         tracing::warn!(backend = self.store.backend(), error = %e, suppressed, "store call failed");
                     }

@@ -1,7 +1,8 @@
 //! Log lines that could otherwise be written once per request: a store call failing through an
 //! outage, a flood of malformed requests. Such a call site keeps a [`Throttle`]: its first
 //! occurrence is logged at once, then at most one line per [`EVERY`], each carrying `suppressed`,
-//! how many occurrences since the last line were not logged. The metrics still count every one.
+//! how many occurrences since the last line were not logged (a call site may also report them
+//! as its condition ends: [`Throttle::take_suppressed`]). The metrics still count every one.
 //! At 50,000 decisions a second an outage would otherwise write 100,000 lines a second, and once
 //! the log writer's buffer is full (`LOG_BUFFER_LINES`), logging makes decisions wait.
 
@@ -49,6 +50,18 @@ impl Throttle {
             None
         }
     }
+
+    /// How many occurrences have not been logged since the last line (a relaxed load: cheap
+    /// enough to check on every success).
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed.load(Ordering::Relaxed)
+    }
+
+    /// Takes the count of occurrences not logged, for a line that reports them otherwise (as the
+    /// condition ends); the next line this throttle allows counts from zero.
+    pub fn take_suppressed(&self) -> u64 {
+        self.suppressed.swap(0, Ordering::Relaxed)
+    }
 }
 
 #[cfg(test)]
@@ -57,14 +70,24 @@ mod tests {
 
     #[test]
     fn the_first_occurrence_is_logged_then_one_per_interval_with_the_count_left_out() {
-        let t = Throttle::new(Duration::from_millis(50));
+        let t = Throttle::new(Duration::from_secs(1));
         assert_eq!(t.allow(), Some(0));
         for _ in 0..5 {
             assert_eq!(t.allow(), None);
         }
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(1100));
         assert_eq!(t.allow(), Some(5), "the five left out are reported with the next line");
         assert_eq!(t.allow(), None);
+    }
+
+    #[test]
+    fn what_was_left_out_can_be_taken_once_by_another_line() {
+        let t = Throttle::new(EVERY);
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!((t.allow(), t.allow()), (None, None));
+        assert_eq!(t.suppressed(), 2);
+        assert_eq!(t.take_suppressed(), 2);
+        assert_eq!((t.suppressed(), t.take_suppressed()), (0, 0));
     }
 
     #[test]

@@ -153,12 +153,15 @@ impl Pool {
 
     /// On a runtime's thread (per core, or the only one), to one node: makes its own connection
     /// and connects it now (a PING, within the probe timeout), not on the runtime's first call.
-    /// A failure is logged at debug: the connection is made again as it is used.
+    /// Either outcome is logged at debug with the runtime's index; after a failure the
+    /// connection is made again as it is used.
     pub async fn warm_up(&self) {
         let Some(own) = self.own_connection() else { return }; // a cluster's are all shared
+        let runtime = crate::connections::runtime_index().map_or(0, |(i, _)| i);
         let ping = async { redis::cmd("PING").query_async::<redis::Value>(&mut own.clone()).await };
-        if let Err(e) = self.within_probe_timeout(ping).await {
-            tracing::debug!(error = %e, "a runtime's own Redis connection did not connect at start");
+        match self.within_probe_timeout(ping).await {
+            Ok(()) => tracing::debug!(runtime, "a runtime's own Redis connection is up"),
+            Err(e) => tracing::debug!(runtime, error = %e, "a runtime's own Redis connection did not connect at start"),
         }
     }
 

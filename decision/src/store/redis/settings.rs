@@ -13,7 +13,9 @@ pub struct RedisSettings {
     pub cluster: Vec<String>,
     /// the longest one store call may take before `on_store_error` applies
     pub timeout: Duration,
-    /// multiplexed connections, used in turn
+    /// shared multiplexed connections, used in turn by calls made off the gRPC runtimes (the
+    /// multi-thread runtime; with per-core runtimes, forward-auth, the admin API, probes); each
+    /// current-thread runtime has one connection of its own whatever this says
     pub pool_size: usize,
     /// `rediss://`: CA certificates (PEM) to trust instead of the system's
     pub ca_file: Option<std::path::PathBuf>,
