@@ -6,8 +6,9 @@
 //! runs on the thread that makes the call (a call on another runtime's connection woke that
 //! thread twice) and its first call does not wait for a connection. One, not a share of
 //! `pool_size`: every call that runtime makes is pipelined on it, and Redis reads and answers
-//! them in one batch, where more connections from one thread only split the batches (measured:
-//! 4 connections on one runtime did 13-18% fewer Redis decisions a second than 1).
+//! them in one batch, where more connections from one thread only split the batches (measured
+//! on one core: 4 connections did up to 18% fewer Redis decisions a second than 1, and took
+//! 7-14% more of portcullis's CPU per decision).
 //! The `pool_size` shared ones serve calls made elsewhere (the multi-thread runtime; with
 //! per-core runtimes, forward-auth, the admin API, probes). A cluster's connections are all
 //! shared.
