@@ -498,21 +498,21 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>, connections: Connect
         "Open connections on the gRPC port, by the runtime serving them (0 to N-1 with --runtime per-core)",
         open.clone(),
     );
+    // the store's warm-up, once on each runtime that serves gRPC (a no-op on one that keeps no
+    // connection of its own: the multi-thread runtime, the memory store)
+    let warm_up = {
+        let engine = engine.clone();
+        move || async move { engine.store().warm_up().await }
+    };
     let grpc = async {
         match connections {
             Connections::Here => {
-                // the only runtime of the process: it has the store's own connection too
-                if crate::connections::runtime_index().is_some() {
-                    let engine = engine.clone();
-                    tokio::spawn(async move { engine.store().warm_up().await });
-                }
+                tokio::spawn(warm_up());
                 let gauge = open.get_or_create(&vec![("runtime", "0".to_owned())]).clone();
                 let incoming = crate::connections::incoming(grpc_listener, gauge);
                 router.serve_with_incoming_shutdown(incoming, stopped(stop_rx)).await.map_err(ServeError::Grpc)
             }
             Connections::PerCore(n) => {
-                let engine = engine.clone();
-                let warm_up = move || async move { engine.store().warm_up().await };
                 crate::connections::serve_per_core(grpc_listener, n, router, stop_rx, &open, warm_up).await
             }
         }

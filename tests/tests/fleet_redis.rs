@@ -503,8 +503,8 @@ async fn readiness_means_able_to_decide_with_the_configured_user() {
 async fn each_runtime_connects_its_own_redis_connection_as_it_starts() {
     // each per-core runtime, and the only runtime of a current-thread process, has one Redis
     // connection of its own (whatever pool_size says: 2 in `policy`), connected as the runtime
-    // starts rather than inside its first request's store timeout: Redis sees them, each having
-    // run its PING, before any request is made
+    // starts rather than inside its first request's store timeout: each runtime logs, by its
+    // index, that its connection answered a PING, before any request is made
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     for shape in ["per-core", "current-thread"] {
         let redis = RedisServer::start();
