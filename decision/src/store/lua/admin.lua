@@ -1,9 +1,10 @@
--- admin.lua: the admin API's store calls. Loaded by store/redis/scripts.rs after common.lua.
+-- admin.lua: the admin API's store calls. Loaded by store/redis/scripts.rs after common.lua and
+-- adjust.lua.
 --
 -- ARGV[1]   the time in microseconds, or -1 for the server's clock
 -- ARGV[2]   the operation:
 --   "adjust"  KEYS: counters (one hash tag); ARGV[3]: delta; ARGV[4..]: each key's "kind b".
---             A negative delta gives units back (common.lua's `grant`), a positive one counts
+--             A negative delta gives units back (adjust.lua's `grant`), a positive one counts
 --             them now (`correct`). Returns { now, 0 }.
 --   "forget"  KEYS: keys deleted (one hash tag). Returns { now, how many existed }.
 --   "note"    KEYS[1]: the blocks index (a sorted set: address -> until); ARGV[3]: address,

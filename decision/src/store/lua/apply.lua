@@ -33,70 +33,92 @@
 
 local now, test_clock = clock(ARGV[1])
 local store = ARGV[2] == '1'
+local n = #KEYS
 
-local pending = {}
-
+-- The states this plan has already changed, by key (a plan may name a key twice): only a plan
+-- of more than one operation needs them. A state is read as three numbers (read_state's
+-- { a, b, c } unpacked), so a one-operation plan builds no table but its reply.
+local pending = n > 1 and {} or nil
 local function load(key)
-  local p = pending[key]
-  if p ~= nil then return p end
+  if pending then
+    local p = pending[key]
+    if p ~= nil then return p[1], p[2], p[3] end
+  end
   return read_state(key)
 end
 
-local out = { now, 0 }
-local writes = {}
-local reservations = {}
+-- the reply: { now, committed }, then four values per operation (sized by the constructor for
+-- the usual one)
+local out = n == 1 and { now, 0, 0, 0, 0, 0 } or { now, 0 }
+-- the writes a commit makes, six values each: key, kind, a, b, c, expires
+local writes, nw = {}, 0
+local reservations
 local commit = true
 
-for i = 1, #KEYS do
+for i = 1, n do
   local base = 3 + 5 * (i - 1)
   local kind, a, b = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
   local cost, shadow = tonumber(ARGV[base + 3]), ARGV[base + 4] == '1'
   local key = KEYS[i]
-  local st = kind ~= 'r' and load(key)
-  local ok, nxt, expires
-  if st then
-    out[#out + 1], out[#out + 2], out[#out + 3], out[#out + 4] = 0, st[1], st[2], st[3]
+  local s1, s2, s3
+  if kind ~= 'r' then s1, s2, s3 = load(key) end
+  local o = 4 * i - 1
+  if s1 then
+    out[o], out[o + 1], out[o + 2], out[o + 3] = 0, s1, s2, s3
   else
-    out[#out + 1], out[#out + 2], out[#out + 3], out[#out + 4] = 0, -1, 0, 0
+    out[o], out[o + 1], out[o + 2], out[o + 3] = 0, -1, 0, 0
   end
+  -- ok: allowed; n1..n3: the state after it (or the state as it stays); expires: when to forget it
+  local ok, n1, n2, n3, expires
   if kind == 'b' then
-    local stored = st and st[1] or now
-    local tat = math.max(stored, now)
+    local stored = s1 or now
+    local tat = max(stored, now)
     local new_tat = tat + cost * b
     ok = new_tat - now <= a * b
-    if ok then nxt, expires = { new_tat, 0, 0 }, new_tat else nxt = st or { stored, 0, 0 } end
+    if ok then n1, n2, n3, expires = new_tat, 0, 0, new_tat
+    elseif s1 then n1, n2, n3 = s1, s2, s3
+    else n1, n2, n3 = stored, 0, 0 end
   elseif kind == 's' then
-    local start, prev, cur = roll(st, b, now)
-    local elapsed = math.min(math.max(now - start, 0), b)
+    local start, prev, cur = roll(s1, s2, s3, b, now)
+    local elapsed = min(max(now - start, 0), b)
     local estimate = weighted(prev, b, elapsed) + cur
     ok = estimate + cost <= a
-    if ok then nxt, expires = { start, prev, cur + cost }, start + 2 * b else nxt = st or { start, prev, cur } end
+    if ok then n1, n2, n3, expires = start, prev, cur + cost, start + 2 * b
+    elseif s1 then n1, n2, n3 = s1, s2, s3
+    else n1, n2, n3 = start, prev, cur end
   elseif kind == 'r' then
     -- a reservation: always allowed; its record is written when the plan commits
     ok = true
+    reservations = reservations or {}
     reservations[#reservations + 1] = { key, i, a, b, cost }
   elseif kind == 'k' then
-    local untl = st and st[1] or 0
+    local untl = s1 or 0
     if cost == 0 then
       ok = untl <= now
-      nxt, expires = { untl, 0, 0 }, untl
+      n1, n2, n3, expires = untl, 0, 0, untl
     else
       ok = true
-      nxt = { math.max(untl, now + b), 0, 0 }
-      expires = nxt[1]
+      n1, n2, n3 = max(untl, now + b), 0, 0
+      expires = n1
     end
   else
     local start = now - now % b
     local cur = 0
-    if st and st[1] >= start then cur = st[3] end
+    if s1 and s1 >= start then cur = s3 end
     ok = cur + cost <= a
-    if ok then nxt, expires = { start, 0, cur + cost }, start + b else nxt = st or { start, 0, cur } end
+    if ok then n1, n2, n3, expires = start, 0, cur + cost, start + b
+    elseif s1 then n1, n2, n3 = s1, s2, s3
+    else n1, n2, n3 = start, 0, cur end
   end
-  if kind ~= 'r' then pending[key] = nxt end
+  if pending and kind ~= 'r' then pending[key] = { n1, n2, n3 } end
   if ok then
-    out[#out - 3] = 1
+    out[o] = 1
     -- a reservation is written below; a flag checked (cost 0) changes nothing
-    if kind ~= 'r' and not (kind == 'k' and cost == 0) then writes[#writes + 1] = { key, kind, nxt, expires } end
+    if kind ~= 'r' and not (kind == 'k' and cost == 0) then
+      writes[nw + 1], writes[nw + 2], writes[nw + 3], writes[nw + 4], writes[nw + 5], writes[nw + 6] =
+        key, kind, n1, n2, n3, expires
+      nw = nw + 6
+    end
   elseif not shadow then
     commit = false
   end
@@ -104,25 +126,27 @@ end
 
 if commit and store then
   out[2] = 1
-  for _, w in ipairs(writes) do
-    write_state(w[1], w[2], w[3], w[4], now, test_clock)
+  for w = 1, nw, 6 do
+    write_state(writes[w], writes[w + 1], writes[w + 2], writes[w + 3], writes[w + 4], writes[w + 5], now, test_clock)
   end
-  for _, r in ipairs(reservations) do
-    -- the record: when, until when, the estimate, and each covered operation's key and limit
-    local key, at, covers, ttl, cost = r[1], r[2], r[3], r[4], r[5]
-    local fields = { 'at', now, 'until', now + ttl, 'cost', cost, 'n', covers }
-    for j = 1, covers do
-      local o = at - covers - 1 + j
-      local base = 3 + 5 * (o - 1)
-      fields[#fields + 1] = 'k' .. j
-      fields[#fields + 1] = KEYS[o]
-      fields[#fields + 1] = 'l' .. j
-      fields[#fields + 1] = ARGV[base] .. ' ' .. ARGV[base + 1] .. ' ' .. ARGV[base + 2]
+  if reservations then
+    for _, r in ipairs(reservations) do
+      -- the record: when, until when, the estimate, and each covered operation's key and limit
+      local key, at, covers, ttl, cost = r[1], r[2], r[3], r[4], r[5]
+      local fields = { 'at', now, 'until', now + ttl, 'cost', cost, 'n', covers }
+      for j = 1, covers do
+        local o = at - covers - 1 + j
+        local base = 3 + 5 * (o - 1)
+        fields[#fields + 1] = 'k' .. j
+        fields[#fields + 1] = KEYS[o]
+        fields[#fields + 1] = 'l' .. j
+        fields[#fields + 1] = ARGV[base] .. ' ' .. ARGV[base + 1] .. ' ' .. ARGV[base + 2]
+      end
+      redis.call('HSET', key, unpack(fields))
+      local ms = max(ceil(ttl / 1000), 1)
+      if test_clock then ms = max(ms, 60000) end
+      redis.call('PEXPIRE', key, ms)
     end
-    redis.call('HSET', key, unpack(fields))
-    local ms = math.max(math.ceil(ttl / 1000), 1)
-    if test_clock then ms = math.max(ms, 60000) end
-    redis.call('PEXPIRE', key, ms)
   end
 end
 return out

@@ -1,6 +1,6 @@
 -- settle.lua: settles one reservation (the native API's reserve): the actual cost replaces the
 -- estimate in every counter the reservation covers, and the record is gone, in one call.
--- Loaded by store/redis/scripts.rs after common.lua (clock, correct).
+-- Loaded by store/redis/scripts.rs after common.lua (clock) and adjust.lua (correct).
 --
 -- KEYS[1]   the reservation's record (apply.lua's "r" operation wrote it)
 -- KEYS[2..] the counters it may correct (the subject's tier quotas); a record naming any other
@@ -10,7 +10,7 @@
 -- Returns   { now, settled (1|0), the estimate (0 when not settled) }; not settled: no such
 --           record, it expired (by the script's clock), or it was settled before
 --
--- The arithmetic (common.lua's `correct`) mirrors decision-core's quota::settle exactly.
+-- The arithmetic (adjust.lua's `correct`) mirrors decision-core's quota::settle exactly.
 
 local now, test_clock = clock(ARGV[1])
 local actual = tonumber(ARGV[2])

@@ -31,8 +31,16 @@ impl Scripts {
                 "\nend\n",
                 include_str!("../lua/plan_admit.lua"),
             )),
-            settle: Script::new(concat!(include_str!("../lua/common.lua"), include_str!("../lua/settle.lua"))),
-            admin: Script::new(concat!(include_str!("../lua/common.lua"), include_str!("../lua/admin.lua"))),
+            settle: Script::new(concat!(
+                include_str!("../lua/common.lua"),
+                include_str!("../lua/adjust.lua"),
+                include_str!("../lua/settle.lua")
+            )),
+            admin: Script::new(concat!(
+                include_str!("../lua/common.lua"),
+                include_str!("../lua/adjust.lua"),
+                include_str!("../lua/admin.lua")
+            )),
         }
     }
 }
