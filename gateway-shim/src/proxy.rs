@@ -29,6 +29,19 @@ use crate::clock;
 use crate::config::Config;
 use crate::metrics::{Code, Metrics, Outcome};
 use crate::upstream::UpClient;
+use decision_core::throttle::{self, Throttle};
+
+// Warnings that could repeat once per request (portcullis or the upstream unreachable, leases
+// lost or stalled in numbers): each written the first time and then at most once every 10 s,
+// with `suppressed`, how many were left out; the metrics count every one.
+static CHECK_FAILED: Throttle = Throttle::new(throttle::EVERY);
+static CHECK_RECOVERED: Throttle = Throttle::new(throttle::EVERY);
+static RATELIMIT_FAILED: Throttle = Throttle::new(throttle::EVERY);
+static UPSTREAM_FAILED: Throttle = Throttle::new(throttle::EVERY);
+static COMPLETE_FAILED: Throttle = Throttle::new(throttle::EVERY);
+static RENEW_FAILED: Throttle = Throttle::new(throttle::EVERY);
+static LEASE_GONE: Throttle = Throttle::new(throttle::EVERY);
+static STALLED: Throttle = Throttle::new(throttle::EVERY);
 
 /// Errors inside a response body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -268,7 +281,12 @@ fn renew(
             let moved = Duration::from_millis(progress.load(Ordering::Relaxed));
             if started.elapsed().saturating_sub(moved) > idle {
                 shim.metrics.renewals.get_or_create(&Outcome { outcome: "stalled" }).inc();
-                tracing::warn!("a response stalled past limits.stream_idle_timeout: its lease is no longer renewed");
+                if let Some(suppressed) = STALLED.allow(clock::instant()) {
+                    tracing::warn!(
+                        suppressed,
+                        "a response stalled past limits.stream_idle_timeout: its lease is no longer renewed"
+                    );
+                }
                 return;
             }
             let mut call = tonic::Request::new(RenewLeaseRequest { lease: lease.clone() });
@@ -280,12 +298,19 @@ fn renew(
                 }
                 Ok(_) => {
                     shim.metrics.renewals.get_or_create(&Outcome { outcome: "gone" }).inc();
-                    tracing::warn!("a running request's lease had already expired: its slot may be held twice");
+                    if let Some(suppressed) = LEASE_GONE.allow(clock::instant()) {
+                        tracing::warn!(
+                            suppressed,
+                            "a running request's lease had already expired: its slot may be held twice"
+                        );
+                    }
                     return;
                 }
                 Err(e) => {
                     shim.metrics.renewals.get_or_create(&Outcome { outcome: "error" }).inc();
-                    tracing::warn!(error = %e, "Decision/RenewLease failed; trying again");
+                    if let Some(suppressed) = RENEW_FAILED.allow(clock::instant()) {
+                        tracing::warn!(error = %e, suppressed, "Decision/RenewLease failed; trying again");
+                    }
                 }
             }
         }
@@ -311,7 +336,9 @@ impl Completion {
             Ok(r) if r.get_ref().released => "released",
             Ok(_) => "not_released",
             Err(e) => {
-                tracing::warn!(error = %e, request_id = %self.request_id, "Decision/Complete failed; the lease expires on its own");
+                if let Some(suppressed) = COMPLETE_FAILED.allow(clock::instant()) {
+                    tracing::warn!(error = %e, request_id = %self.request_id, suppressed, "Decision/Complete failed; the lease expires on its own");
+                }
                 "error"
             }
         };
@@ -601,7 +628,9 @@ impl Shim {
         match answer {
             Err(e) => {
                 self.metrics.checks.get_or_create(&Outcome { outcome: "error" }).inc();
-                tracing::warn!(error = %e, request_id = %id, "ext_authz Check failed");
+                if let Some(suppressed) = CHECK_FAILED.allow(clock::instant()) {
+                    tracing::warn!(error = %e, request_id = %id, suppressed, "ext_authz Check failed");
+                }
                 if !cfg.portcullis.failure_mode_allow {
                     return json_response(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -611,6 +640,11 @@ impl Shim {
                 }
             }
             Ok(r) => {
+                // the failures left out of the log, reported once Check answers again
+                if CHECK_FAILED.suppressed() > 0 && CHECK_RECOVERED.allow(clock::instant()).is_some() {
+                    let suppressed = CHECK_FAILED.take_suppressed();
+                    tracing::info!(suppressed, "ext_authz Check answers again");
+                }
                 let r = r.into_inner();
                 match r.http_response {
                     Some(HttpResponse::DeniedResponse(d)) => {
@@ -703,7 +737,9 @@ impl Shim {
                     rl_headers = extra;
                 }
                 Err(e) if rl.failure_mode_deny => {
-                    tracing::warn!(error = %e, request_id = %id, "ratelimit call failed");
+                    if let Some(suppressed) = RATELIMIT_FAILED.allow(clock::instant()) {
+                        tracing::warn!(error = %e, request_id = %id, suppressed, "ratelimit call failed");
+                    }
                     // Envoy's ratelimit filter answers 500 with failure_mode_deny
                     completion.set(500, false);
                     return json_response(
@@ -713,7 +749,9 @@ impl Shim {
                     );
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, request_id = %id, "ratelimit call failed; allowed (failure_mode_deny: false)")
+                    if let Some(suppressed) = RATELIMIT_FAILED.allow(clock::instant()) {
+                        tracing::warn!(error = %e, request_id = %id, suppressed, "ratelimit call failed; allowed (failure_mode_deny: false)");
+                    }
                 }
             }
         }
@@ -792,7 +830,9 @@ impl Shim {
                     _ => (StatusCode::BAD_GATEWAY, "the upstream failed", "reset", true),
                 };
                 self.metrics.upstream_errors.get_or_create(&Outcome { outcome: kind }).inc();
-                tracing::warn!(error = ?e, request_id = %id, "upstream request failed");
+                if let Some(suppressed) = UPSTREAM_FAILED.allow(clock::instant()) {
+                    tracing::warn!(error = ?e, request_id = %id, suppressed, "upstream request failed");
+                }
                 completion.set(status.as_u16(), upstream_error);
                 return json_response(status, message, id);
             }

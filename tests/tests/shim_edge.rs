@@ -298,8 +298,15 @@ async fn upstream_failures_are_502_and_504_and_certificates_are_always_verified(
     let shim = Shim::start(d.path(), &shim_config(&d.cert, &d.key, portcullis.grpc, &format!("http://{closed}"), ""))
         .await
         .unwrap();
-    let r = get(&shim).await;
-    assert_eq!((r.status, r.json()["status"].as_u64()), (502, Some(502)), "{r:?}");
+    for _ in 0..4 {
+        let r = get(&shim).await;
+        assert_eq!((r.status, r.json()["status"].as_u64()), (502, Some(502)), "{r:?}");
+    }
+    // counted every time, logged once (then at most once every 10 s)
+    assert!(shim.metrics().await.contains("portcullis_shim_upstream_errors_total{outcome=\"connect\"} 4"));
+    shim.wait_for_log("the upstream's warning", |l| l.contains("upstream request failed")).await.unwrap();
+    let lines = shim.logs().iter().filter(|l| l.contains("upstream request failed")).count();
+    assert_eq!(lines, 1, "one line for four failures:\n{:#?}", shim.logs());
     drop(shim);
 
     // slow: 504 at upstream.response_timeout
@@ -484,11 +491,19 @@ async fn portcullis_unreachable_is_503_unless_failure_mode_allow() {
     // the default: refuse, as Envoy's failure_mode_allow: false
     let cfg = shim_config(&d.cert, &d.key, closed, &format!("http://{}", upstream.addr), "");
     let shim = Shim::start(d.path(), &cfg).await.unwrap_or_else(|e| panic!("{e:#}"));
-    let r = curl(&["--cacert", &ca, "-H", &format!("x-api-key: {DEMO_BASIC_KEY}"), &shim.url("/api/v1/items")]).await;
-    assert_eq!(r.status, 503, "{r:?}");
-    assert_eq!(r.json()["status"], 503, "{r:?}");
+    for _ in 0..5 {
+        let r =
+            curl(&["--cacert", &ca, "-H", &format!("x-api-key: {DEMO_BASIC_KEY}"), &shim.url("/api/v1/items")]).await;
+        assert_eq!(r.status, 503, "{r:?}");
+        assert_eq!(r.json()["status"], 503, "{r:?}");
+    }
     assert!(upstream.seen().is_empty());
-    assert!(shim.metrics().await.contains("portcullis_shim_checks_total{outcome=\"error\"} 1"));
+    // every failed Check counted, one warning written (then at most one every 10 s, with the
+    // count left out): an outage does not write a line per request
+    assert!(shim.metrics().await.contains("portcullis_shim_checks_total{outcome=\"error\"} 5"));
+    shim.wait_for_log("the outage's warning", |l| l.contains("ext_authz Check failed")).await.unwrap();
+    let lines = shim.logs().iter().filter(|l| l.contains("ext_authz Check failed")).count();
+    assert_eq!(lines, 1, "one line for five failed checks:\n{:#?}", shim.logs());
     drop(shim);
     // failure_mode_allow: true lets the request through without a decision (and without the
     // ratelimit call, whose own failure_mode_deny is turned off here)

@@ -15,6 +15,7 @@ pub mod quota;
 pub mod reason;
 pub mod rls;
 pub mod roles;
+pub mod throttle;
 pub mod traffic;
 pub mod units;
 

@@ -31,7 +31,7 @@ pub use self::slots::{Completion, Waiters, new_reservation_id, parse_lease};
 use crate::clock;
 use crate::store::{Admission, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::throttle::{self, Throttle};
+use decision_core::throttle::{self, Throttle};
 
 /// Starts what a policy's verifiers do in the background (fetching remote key sets); it ends by
 /// itself when the policy is replaced and dropped. Outside a Tokio runtime (a unit test, the
@@ -275,7 +275,7 @@ impl<S: Store> Engine<S> {
                 // a client may send these as fast as it likes: throttled (each is counted as
                 // a bad_request decision)
                 static MALFORMED: Throttle = Throttle::new(throttle::EVERY);
-                if let Some(suppressed) = MALFORMED.allow() {
+                if let Some(suppressed) = MALFORMED.allow(crate::clock::instant()) {
                     tracing::warn!(reason = why, suppressed, "malformed check request");
                 }
                 Decision::deny(Reason::BadRequest, Default::default())
@@ -388,7 +388,7 @@ impl<S: Store> Engine<S> {
                     && let Err(e) = self.settle_reservation(&id.subject, &r.id, 0).await
                 {
                     static NOT_GIVEN_BACK: Throttle = Throttle::new(throttle::EVERY);
-                    if let Some(suppressed) = NOT_GIVEN_BACK.allow() {
+                    if let Some(suppressed) = NOT_GIVEN_BACK.allow(crate::clock::instant()) {
                         tracing::warn!(
                             error = %e,
                             suppressed,
@@ -433,7 +433,7 @@ impl<S: Store> Engine<S> {
                     // request-derived values are recorded as strings, which every log format
                     // escapes; once per call through an outage: throttled
                     static UNAVAILABLE: Throttle = Throttle::new(throttle::EVERY);
-                    if let Some(suppressed) = UNAVAILABLE.allow() {
+                    if let Some(suppressed) = UNAVAILABLE.allow(crate::clock::instant()) {
                         tracing::warn!(domain, error = %e, suppressed, "ratelimit answered UNAVAILABLE: store failed");
                     }
                     return Err(e);

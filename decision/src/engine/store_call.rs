@@ -15,7 +15,7 @@ use decision_core::units::Micros;
 
 use super::Engine;
 use crate::store::{Admission, Planned, Release, Store, StoreError, UpstreamState};
-use crate::telemetry::throttle::{self, Throttle};
+use decision_core::throttle::{self, Throttle};
 
 /// Every store call's failure, whichever path made it: logged the first time, then at most once
 /// an interval with how many were left out.
@@ -64,7 +64,7 @@ impl<S: Store> Engine<S> {
                     // failures left out of the log since its last line are reported as calls
                     // succeed again (at most once an interval, should successes and failures
                     // interleave), not only with the next outage's first line
-                    if FAILED.suppressed() > 0 && RECOVERED.allow().is_some() {
+                    if FAILED.suppressed() > 0 && RECOVERED.allow(crate::clock::instant()).is_some() {
                         let suppressed = FAILED.take_suppressed();
                         if suppressed > 0 {
                             tracing::info!(backend = self.store.backend(), suppressed, "store calls succeed again");
@@ -72,7 +72,7 @@ impl<S: Store> Engine<S> {
                     }
                 }
                 Err(e) => {
-                    if let Some(suppressed) = FAILED.allow() {
+                    if let Some(suppressed) = FAILED.allow(crate::clock::instant()) {
                         tracing::warn!(backend = self.store.backend(), error = %e, suppressed, "store call failed");
                     }
                     self.metrics.store_error(self.store.backend());

@@ -1,7 +1,6 @@
 //! Logs (`tracing`, pretty or JSON lines) and Prometheus metrics.
 
 pub mod metrics;
-pub mod throttle;
 
 use tracing_subscriber::EnvFilter;
 
