@@ -63,9 +63,14 @@ impl Pool {
             }
             None => None,
         };
-        let client = |url: &str| match &certs {
-            Some(c) => redis::Client::build_with_tls(url, c.clone()).map_err(|e| invalid(url, e)),
-            None => redis::Client::open(url).map_err(|e| invalid(url, e)),
+        let client = |url: &str| {
+            let info = redis::IntoConnectionInfo::into_connection_info(url)
+                .map_err(|e| invalid(url, e))?
+                .set_tcp_settings(tcp_settings());
+            match &certs {
+                Some(c) => redis::Client::build_with_tls(info, c.clone()).map_err(|e| invalid(url, e)),
+                None => redis::Client::open(info).map_err(|e| invalid(url, e)),
+            }
         };
         let connect_timeout = s.timeout.max(Duration::from_millis(250));
         let pool = s.pool_size.max(1);
@@ -89,6 +94,7 @@ impl Pool {
             let mut builder = redis::cluster::ClusterClientBuilder::new(s.cluster.iter().map(String::as_str))
                 .connection_timeout(connect_timeout)
                 .response_timeout(s.timeout)
+                .tcp_settings(tcp_settings())
                 .retries(2);
             if let Some(c) = &certs {
                 builder = builder.certs(c.clone());
@@ -199,6 +205,14 @@ impl Pool {
     pub fn probe_timeout(&self) -> Duration {
         self.probe_timeout
     }
+}
+
+/// The TCP options of every connection to Redis: `TCP_NODELAY` (redis-rs leaves Nagle's
+/// algorithm on by default, which holds a connection's next pipelined write back until Redis has
+/// acknowledged the previous one, so concurrent decisions' calls waited for each other's round
+/// trip).
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
 
 /// PINGs every master of the cluster's slot layout (`CLUSTER SLOTS`, asked of any node), each by
