@@ -551,6 +551,10 @@ async fn run<S: Store>(cfg: Config, engine: Arc<Engine<S>>, connections: Connect
     // forward-auth: its own listener, drained with the others
     let forward_auth = async {
         let Some(listener) = forward_auth_listener else { return Ok(()) };
+        // as the gRPC listener: a response is not held back behind an unacknowledged one
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let app = crate::api::forward_auth::router(engine.clone()).into_make_service_with_connect_info::<SocketAddr>();
         axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx_forward)).await.map_err(ServeError::Http)
     };
