@@ -67,26 +67,44 @@ start_portcullis() { # policy-file (in $work, beside a copy of the bench's ratel
 stop() { kill "$@" 2>/dev/null || true; wait "$@" 2>/dev/null || true; }
 
 out="$work/rows.jsonl"
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # a process's user + system CPU, in 1/100 s
+pid_of() { if [ "$1" = limitador ]; then echo "$peer_pid"; else echo "$pc_pid"; fi; }
+# the server's CPU per request (and redis-server's, when one runs): its CPU over 2.5 s in the
+# middle of the run, against the run's req/s
 h2() { # case server port body-file conns streams
-  local report
-  report="$("${client[@]}" h2load -c "$5" -m "$6" -D "$dur" --warm-up-time=1s \
+  local report pid s0 s1 r0=0 r1=0
+  pid="$(pid_of "$2")"
+  "${client[@]}" h2load -c "$5" -m "$6" -D "$dur" --warm-up-time=1s \
     -H 'content-type: application/grpc' -H 'te: trailers' -d "$4" \
-    "http://127.0.0.1:$3/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit" 2>&1)" \
-    || { echo "peer.sh: h2load ($1, $2) failed:" >&2; echo "$report" >&2; exit 1; }
-  python3 - "$1" "$2" "$report" >> "$out" <<'PY'
+    "http://127.0.0.1:$3/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit" > "$work/h2.out" 2>&1 &
+  local h=$!
+  sleep 2; s0="$(ticks "$pid")"; [ -n "${redis_pid:-}" ] && r0="$(ticks "$redis_pid")"
+  sleep 2.5; s1="$(ticks "$pid")"; [ -n "${redis_pid:-}" ] && r1="$(ticks "$redis_pid")"
+  wait "$h" || { echo "peer.sh: h2load ($1, $2) failed:" >&2; cat "$work/h2.out" >&2; exit 1; }
+  report="$(cat "$work/h2.out")"
+  python3 - "$1" "$2" "$report" "$((s1 - s0))" "$((r1 - r0))" >> "$out" <<'PY'
 import json, re, sys
 case, server, text = sys.argv[1], sys.argv[2], sys.argv[3]
 rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", text).group(1))
 req = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", text)
 if not req or int(req.group(5)) or int(req.group(6)) or not re.search(r"status codes: [1-9]\d* 2xx", text):
     sys.exit(f"peer.sh: h2load ({case}, {server}): failures, errors or no 2xx:\n{text}")
-print(json.dumps({"case": case, "server": server, "rps": rps}))
+us = lambda t: int(t) / 100 / 2.5 / rps * 1e6 if rps else None
+print(json.dumps({"case": case, "server": server, "rps": rps, "server_us": us(sys.argv[4]),
+                  "redis_us": us(sys.argv[5]) if int(sys.argv[5]) else None}))
 PY
 }
 lt() { # case server port extra-args...
-  local c="$1" s="$2" p="$3"; shift 3
-  "${client[@]}" "$bin/portcullis-loadtest" --json --target rls --addr "127.0.0.1:$p" --connections 4 --streams 8 --duration "$dur" "$@" \
-    | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"case": sys.argv[1], "server": sys.argv[2], "rps": r["rps"]}))' "$c" "$s" >> "$out"
+  local c="$1" s="$2" p="$3" store=(); shift 3
+  [ -n "${redis_pid:-}" ] && store=(--store-pid "$redis_pid")
+  "${client[@]}" "$bin/portcullis-loadtest" --json --target rls --addr "127.0.0.1:$p" --connections 4 --streams 8 --duration "$dur" \
+    --server-pid "$(pid_of "$s")" "${store[@]}" "$@" \
+    | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+us = lambda pct: pct / 100 / r["rps"] * 1e6 if pct is not None and r["rps"] else None
+print(json.dumps({"case": sys.argv[1], "server": sys.argv[2], "rps": r["rps"], "server_us": us(r.get("server_cpu_pct")),
+                  "redis_us": us(r.get("store_cpu_pct"))}))' "$c" "$s" >> "$out"
 }
 body() { "$bin/portcullis-loadtest" --addr unused --write-request "$@"; }
 body "$work/ok.bin" --target rls
@@ -112,6 +130,7 @@ both "memory, 10,000 keys, 4x8 (portcullis-loadtest)" lt --keys 10000 --expect a
 both "memory, over the limit, 4x8 (h2load)" h2 "$work/limited.bin" 4 8
 stop "$peer_pid" "$pc_pid"
 
+redis_pid=""
 # Redis, a fresh redis-server on the load generator's core for each server
 redis_port="$(free_port)"
 "${client[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" > /dev/null &
@@ -132,12 +151,16 @@ python3 - "$out" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 cases = list(dict.fromkeys(r["case"] for r in rows))
-print("| case | Limitador req/s (median) | portcullis req/s (median) | portcullis / Limitador | rounds (Limitador; portcullis) |")
-print("|---|---|---|---|---|")
+med = lambda c, s, k: statistics.median([r[k] for r in rows if r["case"] == c and r["server"] == s and r.get(k) is not None] or [float("nan")])
+print("| case | Limitador req/s | portcullis req/s | throughput, portcullis / Limitador | server CPU per request, Limitador / portcullis (us) | redis-server CPU per request, Limitador / portcullis (us) | rounds, req/s (Limitador; portcullis) |")
+print("|---|---|---|---|---|---|---|")
 for c in cases:
     lim = [r["rps"] for r in rows if r["case"] == c and r["server"] == "limitador"]
     pc = [r["rps"] for r in rows if r["case"] == c and r["server"] == "portcullis"]
     ml, mp = statistics.median(lim), statistics.median(pc)
     fmt = lambda xs: " / ".join(f"{x:.0f}" for x in xs)
-    print(f"| {c} | {ml:.0f} | {mp:.0f} | {mp / ml:.2f} | {fmt(lim)}; {fmt(pc)} |")
+    cpu = f'{med(c, "limitador", "server_us"):.1f} / {med(c, "portcullis", "server_us"):.1f}'
+    rcpu = f'{med(c, "limitador", "redis_us"):.1f} / {med(c, "portcullis", "redis_us"):.1f}' if c.startswith("Redis") else "-"
+    print(f"| {c} | {ml:.0f} | {mp:.0f} | {mp / ml:.2f} | {cpu} | {rcpu} | {fmt(lim)}; {fmt(pc)} |")
+print("\n(medians of the rounds; CPU per request is each process's CPU time over the run, or over 2.5 s in its middle for h2load, divided by the requests answered)")
 PY
