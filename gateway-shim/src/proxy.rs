@@ -784,9 +784,18 @@ impl Shim {
             up.url.authority().map_or("", |a| a.as_str()),
             path_and_query
         );
+        // an error answered from here on carries the allowed decision's response headers, as
+        // Envoy's local replies pass back through the ext_authz and ratelimit filters
+        let decided = |mut resp: Response<ShimBody>| {
+            for (k, v) in &rl_headers {
+                resp.headers_mut().append(k, v.clone());
+            }
+            authz::apply_options(resp.headers_mut(), &authz_headers);
+            resp
+        };
         let Ok(uri) = uri.parse::<hyper::Uri>() else {
             completion.set(400, false);
-            return json_response(StatusCode::BAD_REQUEST, "invalid request target", id);
+            return decided(json_response(StatusCode::BAD_REQUEST, "invalid request target", id));
         };
         let flag = Arc::new(AtomicU8::new(0));
         let mut client_upgrade = None;
@@ -818,7 +827,7 @@ impl Shim {
             Err(_) => {
                 self.metrics.upstream_errors.get_or_create(&Outcome { outcome: "timeout" }).inc();
                 completion.set(504, true);
-                return json_response(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time", id);
+                return decided(json_response(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time", id));
             }
             Ok(Err(e)) => {
                 let (status, message, kind, upstream_error) = match flag.load(Ordering::SeqCst) {
@@ -834,7 +843,7 @@ impl Shim {
                     tracing::warn!(error = ?e, request_id = %id, suppressed, "upstream request failed");
                 }
                 completion.set(status.as_u16(), upstream_error);
-                return json_response(status, message, id);
+                return decided(json_response(status, message, id));
             }
             Ok(Ok(r)) => r,
         };

@@ -307,6 +307,11 @@ async fn upstream_failures_are_502_and_504_and_certificates_are_always_verified(
     shim.wait_for_log("the upstream's warning", |l| l.contains("upstream request failed")).await.unwrap();
     let lines = shim.logs().iter().filter(|l| l.contains("upstream request failed")).count();
     assert_eq!(lines, 1, "one line for four failures:\n{:#?}", shim.logs());
+    // allowed, then the upstream fails: the 502 carries the decision's response headers (the
+    // quota's RateLimit headers), as Envoy's local reply passes back through its filters
+    let r = curl(&["--cacert", &ca, "-H", &format!("x-api-key: {BUSINESS}"), &shim.url("/api/v1/items")]).await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(r.header("x-ratelimit-limit").is_some() && r.header("ratelimit-policy").is_some(), "{r:?}");
     drop(shim);
 
     // slow: 504 at upstream.response_timeout
