@@ -67,7 +67,8 @@ start_portcullis() { # policy-file (in $work, beside a copy of the bench's ratel
 stop() { kill "$@" 2>/dev/null || true; wait "$@" 2>/dev/null || true; }
 
 out="$work/rows.jsonl"
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # a process's user + system CPU, in 1/100 s
+hz="$(getconf CLK_TCK)"
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # a process's user + system CPU, in 1/$hz s
 pid_of() { if [ "$1" = limitador ]; then echo "$peer_pid"; else echo "$pc_pid"; fi; }
 # the server's CPU per request (and redis-server's, when one runs): its CPU over 2.5 s in the
 # middle of the run, against the run's req/s
@@ -82,14 +83,14 @@ h2() { # case server port body-file conns streams
   sleep 2.5; s1="$(ticks "$pid")"; [ -n "${redis_pid:-}" ] && r1="$(ticks "$redis_pid")"
   wait "$h" || { echo "peer.sh: h2load ($1, $2) failed:" >&2; cat "$work/h2.out" >&2; exit 1; }
   report="$(cat "$work/h2.out")"
-  python3 - "$1" "$2" "$report" "$((s1 - s0))" "$((r1 - r0))" >> "$out" <<'PY'
+  python3 - "$1" "$2" "$report" "$((s1 - s0))" "$((r1 - r0))" "$hz" >> "$out" <<'PY'
 import json, re, sys
-case, server, text = sys.argv[1], sys.argv[2], sys.argv[3]
+case, server, text, hz = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[6])
 rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", text).group(1))
 req = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", text)
 if not req or int(req.group(5)) or int(req.group(6)) or not re.search(r"status codes: [1-9]\d* 2xx", text):
     sys.exit(f"peer.sh: h2load ({case}, {server}): failures, errors or no 2xx:\n{text}")
-us = lambda t: int(t) / 100 / 2.5 / rps * 1e6 if rps else None
+us = lambda t: int(t) / hz / 2.5 / rps * 1e6 if rps else None
 print(json.dumps({"case": case, "server": server, "rps": rps, "server_us": us(sys.argv[4]),
                   "redis_us": us(sys.argv[5]) if int(sys.argv[5]) else None}))
 PY
@@ -110,6 +111,19 @@ body() { "$bin/portcullis-loadtest" --addr unused --write-request "$@"; }
 body "$work/ok.bin" --target rls
 body "$work/limited.bin" --target rls --descriptor-key limited
 
+# Both servers apply the same limits: each allows exactly 100 of 300 `limited` requests (the
+# load generator checks every answer), so neither answers OK without counting.
+check_limits() {
+  local s port
+  for s in limitador portcullis; do
+    port="$peer_port"
+    if [ "$s" = portcullis ]; then port="$pc_port"; fi
+    "${client[@]}" "$bin/portcullis-loadtest" --target rls --addr "127.0.0.1:$port" --requests 300 --connections 1 \
+      --streams 4 --descriptor-key limited --expect 100 > /dev/null \
+      || { echo "peer.sh: $s did not allow exactly 100 of 300 requests over a limit of 100" >&2; exit 1; }
+  done
+}
+
 # each case: both servers, alternated, `rounds` times
 both() { # case runner args-after-port...
   local c="$1" run="$2"; shift 2
@@ -122,16 +136,18 @@ both() { # case runner args-after-port...
 echo "peer.sh: $rounds rounds of $dur per case and server, servers on core 0, load generator (and redis-server) on core 1" >&2
 # memory
 start_peer memory
-mkdir -p "$work/ratelimit" && cp loadtest/bench/ratelimit/bench.yaml "$work/ratelimit/" && cp loadtest/bench/jwks.json "$work/"
+mkdir -p "$work/ratelimit"
+cp loadtest/bench/ratelimit/bench.yaml "$work/ratelimit/"
+cp loadtest/bench/jwks.json "$work/"
 cp loadtest/bench/policy.yaml "$work/policy-memory.yaml"
 start_portcullis "$work/policy-memory.yaml"
+check_limits
 both "memory, one hot key, 4x8 (h2load)" h2 "$work/ok.bin" 4 8
 both "memory, 10,000 keys, 4x8 (portcullis-loadtest)" lt --keys 10000 --expect all
 both "memory, over the limit, 4x8 (h2load)" h2 "$work/limited.bin" 4 8
 stop "$peer_pid" "$pc_pid"
 
-redis_pid=""
-# Redis, a fresh redis-server on the load generator's core for each server
+# Redis: one redis-server, on the load generator's core, that both servers use in turn on the load generator's core for each server
 redis_port="$(free_port)"
 "${client[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" > /dev/null &
 redis_pid=$!; pids+=("$redis_pid")
@@ -141,6 +157,7 @@ sed -e "s|^  memory: {}|  redis: { url: \"redis://127.0.0.1:$redis_port\", timeo
   loadtest/bench/policy.yaml > "$work/policy-redis.yaml"
 grep -q "redis: { url" "$work/policy-redis.yaml" || { echo "peer.sh: the bench policy's store line moved" >&2; exit 1; }
 start_portcullis "$work/policy-redis.yaml"
+check_limits
 both "Redis, one hot key, 4x8 (h2load)" h2 "$work/ok.bin" 4 8
 both "Redis, 10,000 keys, 4x8 (portcullis-loadtest)" lt --keys 10000 --expect all
 both "Redis, one hot key, 16x16 (h2load)" h2 "$work/ok.bin" 16 16

@@ -4,6 +4,7 @@
 //! and written as an `insecure_request` event: address, method, the path without its query, and
 //! whether a credential header was present, never its value.
 
+use decision_core::throttle::{self, Throttle};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -43,7 +44,11 @@ impl Events {
             .spawn(move || {
                 for line in rx {
                     if let Err(e) = file.write_all(line.as_bytes()) {
-                        tracing::error!(error = %e, "writing an insecure_request event failed");
+                        // once per plain-HTTP request while the disk is full: throttled
+                        static FAILED: Throttle = Throttle::new(throttle::EVERY);
+                        if let Some(suppressed) = FAILED.allow(crate::clock::instant()) {
+                            tracing::error!(error = %e, suppressed, "writing an insecure_request event failed");
+                        }
                     }
                 }
             })

@@ -43,6 +43,22 @@ static RENEW_FAILED: Throttle = Throttle::new(throttle::EVERY);
 static LEASE_GONE: Throttle = Throttle::new(throttle::EVERY);
 static STALLED: Throttle = Throttle::new(throttle::EVERY);
 
+/// A reply the shim makes itself after an allowed Check (a refusal by the ratelimit call, an
+/// upstream failure), as Envoy's encoder filters leave a local reply, last filter first: the
+/// ratelimit call's response headers (`rl`), then ext_authz's `response_headers_to_add` with
+/// their append actions (`authz_headers`).
+fn decided(
+    mut resp: Response<ShimBody>,
+    rl: &HeaderMap,
+    authz_headers: &[proto::types::HeaderValueOption],
+) -> Response<ShimBody> {
+    for (k, v) in rl {
+        resp.headers_mut().append(k, v.clone());
+    }
+    authz::apply_options(resp.headers_mut(), authz_headers);
+    resp
+}
+
 /// Errors inside a response body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of every response the shim sends.
@@ -643,7 +659,9 @@ impl Shim {
                 // the failures left out of the log, reported once Check answers again
                 if CHECK_FAILED.suppressed() > 0 && CHECK_RECOVERED.allow(clock::instant()).is_some() {
                     let suppressed = CHECK_FAILED.take_suppressed();
-                    tracing::info!(suppressed, "ext_authz Check answers again");
+                    if suppressed > 0 {
+                        tracing::info!(suppressed, "ext_authz Check answers again");
+                    }
                 }
                 let r = r.into_inner();
                 match r.http_response {
@@ -725,7 +743,7 @@ impl Shim {
                         }
                         resp.headers_mut().insert("x-envoy-ratelimited", HeaderValue::from_static("true"));
                         completion.set(429, false);
-                        return resp;
+                        return decided(resp, &HeaderMap::new(), &authz_headers);
                     }
                     for h in &r.request_headers_to_add {
                         if let (Ok(n), Ok(v)) =
@@ -742,11 +760,9 @@ impl Shim {
                     }
                     // Envoy's ratelimit filter answers 500 with failure_mode_deny
                     completion.set(500, false);
-                    return json_response(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "the rate limit service is unavailable",
-                        id,
-                    );
+                    let resp =
+                        json_response(StatusCode::INTERNAL_SERVER_ERROR, "the rate limit service is unavailable", id);
+                    return decided(resp, &HeaderMap::new(), &authz_headers);
                 }
                 Err(e) => {
                     if let Some(suppressed) = RATELIMIT_FAILED.allow(clock::instant()) {
@@ -784,18 +800,13 @@ impl Shim {
             up.url.authority().map_or("", |a| a.as_str()),
             path_and_query
         );
-        // an error answered from here on carries the allowed decision's response headers, as
-        // Envoy's local replies pass back through the ext_authz and ratelimit filters
-        let decided = |mut resp: Response<ShimBody>| {
-            for (k, v) in &rl_headers {
-                resp.headers_mut().append(k, v.clone());
-            }
-            authz::apply_options(resp.headers_mut(), &authz_headers);
-            resp
-        };
         let Ok(uri) = uri.parse::<hyper::Uri>() else {
             completion.set(400, false);
-            return decided(json_response(StatusCode::BAD_REQUEST, "invalid request target", id));
+            return decided(
+                json_response(StatusCode::BAD_REQUEST, "invalid request target", id),
+                &rl_headers,
+                &authz_headers,
+            );
         };
         let flag = Arc::new(AtomicU8::new(0));
         let mut client_upgrade = None;
@@ -827,7 +838,8 @@ impl Shim {
             Err(_) => {
                 self.metrics.upstream_errors.get_or_create(&Outcome { outcome: "timeout" }).inc();
                 completion.set(504, true);
-                return decided(json_response(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time", id));
+                let resp = json_response(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time", id);
+                return decided(resp, &rl_headers, &authz_headers);
             }
             Ok(Err(e)) => {
                 let (status, message, kind, upstream_error) = match flag.load(Ordering::SeqCst) {
@@ -843,7 +855,7 @@ impl Shim {
                     tracing::warn!(error = ?e, request_id = %id, suppressed, "upstream request failed");
                 }
                 completion.set(status.as_u16(), upstream_error);
-                return decided(json_response(status, message, id));
+                return decided(json_response(status, message, id), &rl_headers, &authz_headers);
             }
             Ok(Ok(r)) => r,
         };

@@ -522,3 +522,33 @@ async fn portcullis_unreachable_is_503_unless_failure_mode_allow() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(upstream.seen().len(), 1);
 }
+
+#[tokio::test]
+async fn a_ratelimit_refusal_after_an_allowed_check_carries_both_answers_headers() {
+    // the edge domain at one request a minute per client address, so the second is refused
+    let edge = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/ratelimit/edge.yaml"))
+        .expect("the example edge domain");
+    let tight = edge.replace("requests_per_unit: 600", "requests_per_unit: 1");
+    assert_ne!(tight, edge, "the edge domain's limit moved");
+    let d = ShimDir::new("shim-rl-headers");
+    let portcullis = Portcullis::start_with(&reference_policy(), &[("ratelimit/edge.yaml", &tight)])
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let upstream = Upstream::start().await.expect("upstream");
+    let cfg = shim_config(&d.cert, &d.key, portcullis.grpc, &format!("http://{}", upstream.addr), "");
+    let shim = Shim::start(d.path(), &cfg).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let ca = d.certs.ca.to_string_lossy().into_owned();
+    let (key, url) = (format!("x-api-key: {BUSINESS}"), shim.url("/api/v1/items"));
+    let args = ["--cacert", ca.as_str(), "-H", key.as_str(), url.as_str()];
+    let get = || curl(&args);
+    assert_eq!(get().await.status, 200);
+    // the ratelimit call refuses after ext_authz allowed: its headers and ext_authz's, as the
+    // real Envoy sends them (both RateLimit-Policy lists, X-RateLimit-*, x-envoy-ratelimited)
+    let r = get().await;
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.header("x-envoy-ratelimited"), Some("true"), "{r:?}");
+    let policy = r.header_all("ratelimit-policy");
+    assert!(policy.contains("\"edge.remote_address\"") && policy.contains("\"burst\""), "{r:?}");
+    assert!(r.header("x-ratelimit-limit").is_some(), "{r:?}");
+    assert_eq!(upstream.seen().len(), 1, "the refused request never reached the upstream");
+}

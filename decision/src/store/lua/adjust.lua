@@ -16,22 +16,22 @@ local function correct(key, kind, w, at, delta, now, test_clock)
   if kind == 'b' then
     local tat = s1 or now
     -- at most 2^52 microseconds at once (quota::LUA_EXACT), where doubles are still exact
-    if delta > 0 then n1 = max(tat, now) + min(more, floor(4503599627370496 / w)) * w
-    elseif tat > now then n1 = max(tat - more * w, now) end
+    if delta > 0 then n1 = math_max(tat, now) + math_min(more, math_floor(4503599627370496 / w)) * w
+    elseif tat > now then n1 = math_max(tat - more * w, now) end
     if n1 then n2, n3, expires = 0, 0, n1 end
   elseif kind == 's' then
     local start, prev, cur = roll(s1, s2, s3, w, now)
     local counted = at - at % w
     if delta > 0 then n1, n2, n3 = start, prev, cur + more
-    elseif counted == start then n1, n2, n3 = start, prev, max(cur - more, 0)
-    elseif counted + w == start then n1, n2, n3 = start, max(prev - more, 0), cur end
+    elseif counted == start then n1, n2, n3 = start, prev, math_max(cur - more, 0)
+    elseif counted + w == start then n1, n2, n3 = start, math_max(prev - more, 0), cur end
     expires = start + 2 * w
   elseif kind == 'f' then
     local start = now - now % w
     local cur = 0
     if s1 and s1 >= start then cur = s3 end
     if delta > 0 then n1, n2, n3 = start, 0, cur + more
-    elseif at - at % w == start then n1, n2, n3 = start, 0, max(cur - more, 0) end
+    elseif at - at % w == start then n1, n2, n3 = start, 0, math_max(cur - more, 0) end
     expires = start + w
   end
   if n1 then write_state(key, kind, n1, n2, n3, expires, now, test_clock) end
@@ -51,21 +51,21 @@ local function grant(key, kind, w, amount, now, test_clock)
   local n1, n2, n3, expires
   if kind == 'b' then
     if s1 > now then
-      n1, n2, n3 = max(s1 - amount * w, now), 0, 0
+      n1, n2, n3 = math_max(s1 - amount * w, now), 0, 0
       expires = n1
     end
   elseif kind == 's' then
     local aligned = now - now % w
     if s1 == aligned or s1 + w == aligned or s1 > aligned then
       local start, prev, cur = roll(s1, s2, s3, w, now)
-      local from_cur = min(amount, cur)
-      local from_prev = min(amount - from_cur, prev)
+      local from_cur = math_min(amount, cur)
+      local from_prev = math_min(amount - from_cur, prev)
       n1, n2, n3, expires = start, prev - from_prev, cur - from_cur, start + 2 * w
     end
   elseif kind == 'f' then
     local start = now - now % w
     if s1 >= start then
-      n1, n2, n3, expires = start, 0, max(s3 - amount, 0), start + w
+      n1, n2, n3, expires = start, 0, math_max(s3 - amount, 0), start + w
     end
   end
   if n1 then write_state(key, kind, n1, n2, n3, expires, now, test_clock) end

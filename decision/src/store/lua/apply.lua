@@ -36,8 +36,8 @@ local store = ARGV[2] == '1'
 local n = #KEYS
 
 -- The states this plan has already changed, by key (a plan may name a key twice): only a plan
--- of more than one operation needs them. A state is read as three numbers (read_state's
--- { a, b, c } unpacked), so a one-operation plan builds no table but its reply.
+-- of more than one operation needs them. Otherwise a state is three numbers (read_state's
+-- a, b, c), so a one-operation plan builds two tables: its reply and its list of writes.
 local pending = n > 1 and {} or nil
 local function load(key)
   if pending then
@@ -72,7 +72,7 @@ for i = 1, n do
   local ok, n1, n2, n3, expires
   if kind == 'b' then
     local stored = s1 or now
-    local tat = max(stored, now)
+    local tat = math_max(stored, now)
     local new_tat = tat + cost * b
     ok = new_tat - now <= a * b
     if ok then n1, n2, n3, expires = new_tat, 0, 0, new_tat
@@ -80,7 +80,7 @@ for i = 1, n do
     else n1, n2, n3 = stored, 0, 0 end
   elseif kind == 's' then
     local start, prev, cur = roll(s1, s2, s3, b, now)
-    local elapsed = min(max(now - start, 0), b)
+    local elapsed = math_min(math_max(now - start, 0), b)
     local estimate = weighted(prev, b, elapsed) + cur
     ok = estimate + cost <= a
     if ok then n1, n2, n3, expires = start, prev, cur + cost, start + 2 * b
@@ -98,7 +98,7 @@ for i = 1, n do
       n1, n2, n3, expires = untl, 0, 0, untl
     else
       ok = true
-      n1, n2, n3 = max(untl, now + b), 0, 0
+      n1, n2, n3 = math_max(untl, now + b), 0, 0
       expires = n1
     end
   else
@@ -143,8 +143,8 @@ if commit and store then
         fields[#fields + 1] = ARGV[base] .. ' ' .. ARGV[base + 1] .. ' ' .. ARGV[base + 2]
       end
       redis.call('HSET', key, unpack(fields))
-      local ms = max(ceil(ttl / 1000), 1)
-      if test_clock then ms = max(ms, 60000) end
+      local ms = math_max(math_ceil(ttl / 1000), 1)
+      if test_clock then ms = math_max(ms, 60000) end
       redis.call('PEXPIRE', key, ms)
     end
   end

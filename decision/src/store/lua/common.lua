@@ -5,7 +5,9 @@
 -- script builds is garbage Redis's Lua collects, and a decision is one script call.
 
 local SCALE = 100000
-local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
+-- math's functions as locals (a global lookup each use otherwise), named apart from the names
+-- the scripts after this one use for their own values (traffic.lua has a local `max`)
+local math_floor, math_ceil, math_max, math_min = math.floor, math.ceil, math.max, math.min
 
 -- The time in microseconds: `arg` when a test passes one (>= 0), else the Redis server's TIME.
 -- Returns the time and whether it is a test's.
@@ -19,10 +21,10 @@ end
 -- prev * (window - elapsed) / window, rounded up, in milliseconds and units of 1e-5 (every
 -- intermediate below 2^53, so doubles compute what Rust's integers do)
 local function weighted(prev, window, elapsed)
-  local wms = max(floor(window / 1000), 1)
-  local ems = min(floor(elapsed / 1000), wms)
-  local weight = floor((wms - ems) * SCALE / wms)
-  return ceil(prev * weight / SCALE)
+  local wms = math_max(math_floor(window / 1000), 1)
+  local ems = math_min(math_floor(elapsed / 1000), wms)
+  local weight = math_floor((wms - ems) * SCALE / wms)
+  return math_ceil(prev * weight / SCALE)
 end
 
 -- A quota state as apply.lua stores it: "tat" (a bucket), "until" (a flag) or "start prev cur"
@@ -42,8 +44,8 @@ local function write_state(key, kind, a, b, c, expires, now, test_clock)
   local v
   if kind == 'b' or kind == 'k' then v = string.format('%d', a)
   else v = string.format('%d %d %d', a, b, c) end
-  local ttl = max(ceil((expires - now) / 1000), 1)
-  if test_clock then ttl = max(ttl, 60000) end
+  local ttl = math_max(math_ceil((expires - now) / 1000), 1)
+  if test_clock then ttl = math_max(ttl, 60000) end
   redis.call('SET', key, v, 'PX', ttl)
 end
 

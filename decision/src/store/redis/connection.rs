@@ -20,7 +20,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 
-use super::settings::{RedisSettings, redacted};
+use super::settings::{RedisSettings, redacted, tcp_settings};
 use crate::store::StoreError;
 
 /// Multiplexed connections, used in turn.
@@ -205,14 +205,6 @@ impl Pool {
     pub fn probe_timeout(&self) -> Duration {
         self.probe_timeout
     }
-}
-
-/// The TCP options of every connection to Redis: `TCP_NODELAY` (redis-rs leaves Nagle's
-/// algorithm on by default, which holds a connection's next pipelined write back until Redis has
-/// acknowledged the previous one, so concurrent decisions' calls waited for each other's round
-/// trip).
-fn tcp_settings() -> redis::io::tcp::TcpSettings {
-    redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
 
 /// PINGs every master of the cluster's slot layout (`CLUSTER SLOTS`, asked of any node), each by

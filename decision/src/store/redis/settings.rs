@@ -50,3 +50,11 @@ pub fn redacted(url: &str) -> String {
         None => url.to_owned(),
     }
 }
+
+/// The TCP options of every connection portcullis makes to Redis (the store's, and the audit
+/// trail's Redis stream sink): `TCP_NODELAY`. redis-rs leaves Nagle's algorithm on by default,
+/// which holds a connection's next pipelined write back until Redis has acknowledged the
+/// previous one: up to a round trip, or a delayed ACK, on a real network.
+pub fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
+}
