@@ -64,11 +64,22 @@ start_portcullis() { # policy-file (in $work, beside a copy of the bench's ratel
   pc_port="$port"
   wait_port "$pc_port"
 }
-stop() { kill "$@" 2>/dev/null || true; wait "$@" 2>/dev/null || true; }
+# stops these processes and forgets them, so cleanup never signals a pid the system has reused
+stop() {
+  kill "$@" 2>/dev/null || true; wait "$@" 2>/dev/null || true
+  local keep=() p q gone
+  for p in "${pids[@]}"; do
+    gone=""; for q in "$@"; do [ "$p" = "$q" ] && gone=1; done
+    [ -z "$gone" ] && keep+=("$p")
+  done
+  pids=("${keep[@]}")
+}
 
 out="$work/rows.jsonl"
 hz="$(getconf CLK_TCK)"
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # a process's user + system CPU, in 1/$hz s
+ticks() { # a process's user + system CPU, in 1/$hz s; a process gone ends the run, saying so
+  awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || { echo "peer.sh: process $1 exited during a run" >&2; exit 1; }
+}
 pid_of() { if [ "$1" = limitador ]; then echo "$peer_pid"; else echo "$pc_pid"; fi; }
 # the server's CPU per request (and redis-server's, when one runs): its CPU over 2.5 s in the
 # middle of the run, against the run's req/s
