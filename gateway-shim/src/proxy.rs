@@ -35,7 +35,6 @@ use decision_core::throttle::{self, Throttle};
 // lost or stalled in numbers): each written the first time and then at most once every 10 s,
 // with `suppressed`, how many were left out; the metrics count every one.
 static CHECK_FAILED: Throttle = Throttle::new(throttle::EVERY);
-static CHECK_RECOVERED: Throttle = Throttle::new(throttle::EVERY);
 static RATELIMIT_FAILED: Throttle = Throttle::new(throttle::EVERY);
 static UPSTREAM_FAILED: Throttle = Throttle::new(throttle::EVERY);
 static COMPLETE_FAILED: Throttle = Throttle::new(throttle::EVERY);
@@ -657,11 +656,8 @@ impl Shim {
             }
             Ok(r) => {
                 // the failures left out of the log, reported once Check answers again
-                if CHECK_FAILED.suppressed() > 0 && CHECK_RECOVERED.allow(clock::instant()).is_some() {
-                    let suppressed = CHECK_FAILED.take_suppressed();
-                    if suppressed > 0 {
-                        tracing::info!(suppressed, "ext_authz Check answers again");
-                    }
+                if let Some(suppressed) = CHECK_FAILED.recovered(clock::instant) {
+                    tracing::info!(suppressed, "ext_authz Check answers again");
                 }
                 let r = r.into_inner();
                 match r.http_response {

@@ -2,8 +2,8 @@
 //! outage, a flood of malformed requests, an unreachable upstream): the call site keeps a
 //! [`Throttle`], whose first occurrence is written at once and then at most one line per
 //! interval ([`EVERY`] in practice), each carrying `suppressed`, how many occurrences since the
-//! last line were left out (a call site may also report them as its condition ends:
-//! [`Throttle::take_suppressed`]). Metrics still count every occurrence. Used by the decision
+//! last line were left out (and those left out at the end of an outage are reported as its
+//! condition ends: [`Throttle::recovered`]). Metrics still count every occurrence. Used by the decision
 //! service and by portcullis-shim; time is an argument, as everywhere in this crate.
 
 use std::sync::OnceLock;
@@ -22,6 +22,8 @@ pub struct Throttle {
     origin: OnceLock<Instant>,
     /// microseconds after `origin` before which no line is written (0: any time)
     next: AtomicU64,
+    /// the same for the line [`Throttle::recovered`] allows
+    next_recovered: AtomicU64,
     /// occurrences left out since the last line
     suppressed: AtomicU64,
 }
@@ -33,28 +35,45 @@ impl Throttle {
             every: every.as_micros() as u64,
             origin: OnceLock::new(),
             next: AtomicU64::new(0),
+            next_recovered: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
         }
+    }
+
+    /// Whether `slot`'s interval has passed at `now`, starting the next one if so (one caller
+    /// wins when several race).
+    fn turn(&self, slot: &AtomicU64, now: Instant) -> bool {
+        let origin = *self.origin.get_or_init(|| now);
+        let at = u64::try_from(now.saturating_duration_since(origin).as_micros()).unwrap_or(u64::MAX);
+        let next = slot.load(Ordering::Relaxed);
+        at >= next
+            && slot
+                .compare_exchange(next, at.saturating_add(self.every).max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Whether the occurrence at `now` is written: `Some(suppressed)`, how many occurrences since
     /// the last line were left out, for the first one and then once per interval; `None`
     /// otherwise (and it is counted as left out). `now` comes from the caller's clock.
     pub fn allow(&self, now: Instant) -> Option<u64> {
-        let origin = *self.origin.get_or_init(|| now);
-        let at = u64::try_from(now.saturating_duration_since(origin).as_micros()).unwrap_or(u64::MAX);
-        let next = self.next.load(Ordering::Relaxed);
-        if at >= next
-            && self
-                .next
-                .compare_exchange(next, at.saturating_add(self.every).max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.turn(&self.next, now) {
             Some(self.suppressed.swap(0, Ordering::Relaxed))
         } else {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
             None
         }
+    }
+
+    /// On a success: `Some(n)` when `n > 0` occurrences were left out of the log since its last
+    /// line, so the line that says the condition ended can report them (taken: the next line
+    /// counts from zero); at most once per interval, should successes and failures interleave.
+    /// `None` otherwise. When nothing was left out this is one relaxed load, and `now` (the
+    /// caller's clock) is not read: cheap enough for every success on a hot path.
+    pub fn recovered(&self, now: impl FnOnce() -> Instant) -> Option<u64> {
+        if self.suppressed() == 0 || !self.turn(&self.next_recovered, now()) {
+            return None;
+        }
+        Some(self.take_suppressed()).filter(|&n| n > 0)
     }
 
     /// How many occurrences have been left out since the last line (a relaxed load: cheap
@@ -103,6 +122,21 @@ mod tests {
         assert_eq!(t.take_suppressed(), 2);
         assert_eq!((t.suppressed(), t.take_suppressed()), (0, 0));
         assert_eq!(t.allow(t0 + EVERY), Some(0), "taken counts are not reported twice");
+    }
+
+    #[test]
+    fn what_was_left_out_is_reported_once_on_recovery_and_at_most_once_an_interval() {
+        let t = Throttle::new(EVERY);
+        let t0 = t0();
+        assert_eq!(t.recovered(|| t0), None, "nothing failed");
+        assert_eq!(t.allow(t0), Some(0));
+        assert_eq!(t.recovered(|| t0), None, "the one failure was written");
+        assert_eq!((t.allow(t0), t.allow(t0)), (None, None));
+        assert_eq!(t.recovered(|| t0), Some(2));
+        assert_eq!(t.recovered(|| t0), None, "taken");
+        assert_eq!(t.allow(t0), None);
+        assert_eq!(t.recovered(|| t0 + Duration::from_secs(1)), None, "within the recovery line's interval");
+        assert_eq!(t.recovered(|| t0 + EVERY), Some(1));
     }
 
     #[test]

@@ -18,10 +18,8 @@ use crate::store::{Admission, Planned, Release, Store, StoreError, UpstreamState
 use decision_core::throttle::{self, Throttle};
 
 /// Every store call's failure, whichever path made it: logged the first time, then at most once
-/// an interval with how many were left out.
+/// an interval with how many were left out (and those left out, once calls succeed again).
 static FAILED: Throttle = Throttle::new(throttle::EVERY);
-/// The line that reports [`FAILED`]'s left-out failures once calls succeed again.
-static RECOVERED: Throttle = Throttle::new(throttle::EVERY);
 
 impl<S: Store> Engine<S> {
     /// Runs one store call under the store's timeout (`Timeout` past it) and the caller's
@@ -64,11 +62,8 @@ impl<S: Store> Engine<S> {
                     // failures left out of the log since its last line are reported as calls
                     // succeed again (at most once an interval, should successes and failures
                     // interleave), not only with the next outage's first line
-                    if FAILED.suppressed() > 0 && RECOVERED.allow(crate::clock::instant()).is_some() {
-                        let suppressed = FAILED.take_suppressed();
-                        if suppressed > 0 {
-                            tracing::info!(backend = self.store.backend(), suppressed, "store calls succeed again");
-                        }
+                    if let Some(suppressed) = FAILED.recovered(crate::clock::instant) {
+                        tracing::info!(backend = self.store.backend(), suppressed, "store calls succeed again");
                     }
                 }
                 Err(e) => {
