@@ -553,20 +553,9 @@ fn output(s: &SinkSettings) -> std::io::Result<Box<dyn Output>> {
             last_sync: clock::instant(),
         }),
         SinkSettings::RedisStream { url, ca_file, key, max_len } => {
-            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-                .map_err(|e| std::io::Error::other(e.to_string()))?
-                .set_tcp_settings(crate::store::redis::tcp_settings());
-            let client = match ca_file {
-                Some(ca) => {
-                    let pem = std::fs::read(ca)?;
-                    redis::Client::build_with_tls(
-                        info,
-                        redis::TlsCertificates { client_tls: None, root_cert: Some(pem) },
-                    )
-                }
-                None => redis::Client::open(info),
-            }
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let pem = ca_file.as_ref().map(std::fs::read).transpose()?;
+            let client =
+                crate::store::redis::client(url, pem.as_deref()).map_err(|e| std::io::Error::other(e.to_string()))?;
             Box::new(RedisStreamOut { client: Some(client), conn: None, key: key.clone(), max_len: *max_len })
         }
     })

@@ -55,23 +55,13 @@ impl Pool {
             StoreError::Unavailable(format!("invalid Redis URL {}: {e}", redacted(url)))
         };
         // rediss:// with a private CA; without one, rediss:// trusts the system's roots
-        let certs = match &s.ca_file {
-            Some(ca) => {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| StoreError::Unavailable(format!("cannot read {}: {e}", ca.display())))?;
-                Some(redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
-            }
+        let pem = match &s.ca_file {
+            Some(ca) => Some(
+                std::fs::read(ca).map_err(|e| StoreError::Unavailable(format!("cannot read {}: {e}", ca.display())))?,
+            ),
             None => None,
         };
-        let client = |url: &str| {
-            let info = redis::IntoConnectionInfo::into_connection_info(url)
-                .map_err(|e| invalid(url, e))?
-                .set_tcp_settings(tcp_settings());
-            match &certs {
-                Some(c) => redis::Client::build_with_tls(info, c.clone()).map_err(|e| invalid(url, e)),
-                None => redis::Client::open(info).map_err(|e| invalid(url, e)),
-            }
-        };
+        let client = |url: &str| super::settings::client(url, pem.as_deref()).map_err(|e| invalid(url, e));
         let connect_timeout = s.timeout.max(Duration::from_millis(250));
         let pool = s.pool_size.max(1);
         let mut single = None;
@@ -96,8 +86,8 @@ impl Pool {
                 .response_timeout(s.timeout)
                 .tcp_settings(tcp_settings())
                 .retries(2);
-            if let Some(c) = &certs {
-                builder = builder.certs(c.clone());
+            if let Some(pem) = &pem {
+                builder = builder.certs(redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) });
             }
             let cluster = builder.build().map_err(|e| invalid(&s.cluster[0], e))?;
             let config = redis::cluster::ClusterConfig::new()

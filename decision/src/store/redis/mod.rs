@@ -35,7 +35,7 @@ use decision_core::units::Micros;
 use self::connection::Pool;
 use self::plan::{Replies, decode};
 use self::scripts::Scripts;
-pub use self::settings::{RedisSettings, redacted, tcp_settings};
+pub use self::settings::{RedisSettings, client, redacted};
 pub use self::traffic::FREED_CHANNEL;
 
 /// The blocks index (a sorted set: address -> until), for the admin API's list.

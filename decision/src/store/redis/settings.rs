@@ -51,8 +51,21 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-/// The TCP options of every connection portcullis makes to Redis (the store's, and the audit
-/// trail's Redis stream sink): `TCP_NODELAY`. redis-rs leaves Nagle's algorithm on by default,
+/// A client for `url` as portcullis connects to Redis (the store, and the audit trail's Redis
+/// stream sink): `rediss://` trusting `ca_pem` (PEM CA certificates) instead of the system's
+/// roots when given, and [`tcp_settings`]. Errors: an invalid URL or certificate.
+pub fn client(url: &str, ca_pem: Option<&[u8]>) -> redis::RedisResult<redis::Client> {
+    let info = redis::IntoConnectionInfo::into_connection_info(url)?.set_tcp_settings(tcp_settings());
+    match ca_pem {
+        Some(pem) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates { client_tls: None, root_cert: Some(pem.to_vec()) },
+        ),
+        None => redis::Client::open(info),
+    }
+}
+
+/// The TCP options of every connection portcullis makes to Redis: `TCP_NODELAY`. redis-rs leaves Nagle's algorithm on by default,
 /// which holds a connection's next pipelined write back until Redis has acknowledged the
 /// previous one: up to a round trip, or a delayed ACK, on a real network.
 pub fn tcp_settings() -> redis::io::tcp::TcpSettings {
