@@ -43,19 +43,25 @@ static LEASE_GONE: Throttle = Throttle::new(throttle::EVERY);
 static STALLED: Throttle = Throttle::new(throttle::EVERY);
 
 /// A reply the shim makes itself after an allowed Check (a refusal by the ratelimit call, an
-/// upstream failure), as Envoy's encoder filters leave a local reply, last filter first: the
-/// ratelimit call's response headers (`rl`), then ext_authz's `response_headers_to_add` with
-/// their append actions (`authz_headers`).
+/// upstream failure), with the decision's headers as Envoy's local replies carry them
+/// ([`add_decided_headers`]).
 fn decided(
     mut resp: Response<ShimBody>,
     rl: &HeaderMap,
     authz_headers: &[proto::types::HeaderValueOption],
 ) -> Response<ShimBody> {
-    for (k, v) in rl {
-        resp.headers_mut().append(k, v.clone());
-    }
-    authz::apply_options(resp.headers_mut(), authz_headers);
+    add_decided_headers(resp.headers_mut(), rl, authz_headers);
     resp
+}
+
+/// Adds an allowed decision's response headers to a response to the client (the upstream's, or
+/// one the shim makes), as Envoy's encoder filters do, last filter first: the ratelimit call's
+/// (`rl`), then ext_authz's `response_headers_to_add` with their append actions.
+fn add_decided_headers(headers: &mut HeaderMap, rl: &HeaderMap, authz_headers: &[proto::types::HeaderValueOption]) {
+    for (k, v) in rl {
+        headers.append(k, v.clone());
+    }
+    authz::apply_options(headers, authz_headers);
 }
 
 /// Errors inside a response body.
@@ -734,12 +740,9 @@ impl Shim {
                     if r.overall_code == RlCode::OverLimit as i32 {
                         let mut resp = Response::new(full(r.raw_body));
                         *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-                        for (k, v) in &extra {
-                            resp.headers_mut().append(k, v.clone());
-                        }
                         resp.headers_mut().insert("x-envoy-ratelimited", HeaderValue::from_static("true"));
                         completion.set(429, false);
-                        return decided(resp, &HeaderMap::new(), &authz_headers);
+                        return decided(resp, &extra, &authz_headers);
                     }
                     for h in &r.request_headers_to_add {
                         if let (Ok(n), Ok(v)) =
@@ -877,19 +880,13 @@ impl Shim {
                 });
             }
             let (mut rparts, _) = up_resp.into_parts();
-            for (k, v) in &rl_headers {
-                rparts.headers.append(k, v.clone());
-            }
-            authz::apply_options(&mut rparts.headers, &authz_headers);
+            add_decided_headers(&mut rparts.headers, &rl_headers, &authz_headers);
             return Response::from_parts(rparts, full(Bytes::new()));
         }
 
         let (mut rparts, rbody) = up_resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
-        for (k, v) in &rl_headers {
-            rparts.headers.append(k, v.clone());
-        }
-        authz::apply_options(&mut rparts.headers, &authz_headers);
+        add_decided_headers(&mut rparts.headers, &rl_headers, &authz_headers);
         rparts.version = Version::HTTP_11;
         completion.set(status.as_u16(), status.is_server_error());
         let idle = cfg.limits.stream_idle_timeout;
